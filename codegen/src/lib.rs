@@ -1,0 +1,1 @@
+//! mixc codegen: lowers a validated `MixerSpec` to CUDA C++ via tera templates.

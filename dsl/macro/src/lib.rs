@@ -1,0 +1,1 @@
+//! `mixer!{}`: the .mix grammar checked at compile time.

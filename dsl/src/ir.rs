@@ -1,0 +1,598 @@
+//! The typed mixer IR: the single source of truth for codegen, the reference
+//! evaluator and the runtime. A `MixerSpec` is only ever built by validation
+//! (`crate::parse_str` / `crate::parse_file` / the `mixer!{}` macro), so every
+//! value here has already been checked: names resolve, types agree, families
+//! are consistent. It carries no spans, so a spec from a file and the same spec
+//! from the macro compare equal.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Storage type of q, k, v and the output. Accumulation is always f32 on the
+/// GPU and f64 in the reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F16,
+    Bf16,
+    F32,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+            DType::F32 => "f32",
+        }
+    }
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::F16 | DType::Bf16 => 2,
+            DType::F32 => 4,
+        }
+    }
+    pub fn parse(s: &str) -> Option<DType> {
+        match s {
+            "f16" => Some(DType::F16),
+            "bf16" => Some(DType::Bf16),
+            "f32" => Some(DType::F32),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Element type of an extra input tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ElemType {
+    F32,
+    I32,
+}
+
+/// One axis of an extra input tensor. Symbolic axes are bound at run time
+/// from the shape of q (batch, seq) and from the spec (heads, kv_heads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dim {
+    Batch,
+    Seq,
+    Heads,
+    KvHeads,
+    Fixed(u64),
+}
+
+/// What an extra input is for, inferred from where the spec uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputRole {
+    /// Segment / document ids, `i32[batch, seq]`, used by `segment(x)`.
+    SegmentIds,
+    /// Per-token decay gates gamma in (0, 1], `f32[batch, seq, heads]`, used by `gate(x)`.
+    Gate,
+    /// Convolution filter, `f32[heads, seq]`, used by `filter(x)`.
+    Filter,
+    /// A table indexed inside `bias` / `transform` expressions.
+    Table,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputDecl {
+    pub name: String,
+    pub elem: ElemType,
+    pub dims: Vec<Dim>,
+    pub role: InputRole,
+}
+
+/// Feature map applied to q (phi) or k (psi) before the dot product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureMap {
+    Identity,
+    /// `elu(x) + 1`, positive, as in Katharopoulos et al. linear attention.
+    Elu1,
+    Relu,
+}
+
+impl FeatureMap {
+    pub fn apply(self, x: f64) -> f64 {
+        match self {
+            FeatureMap::Identity => x,
+            FeatureMap::Elu1 => {
+                if x > 0.0 {
+                    x + 1.0
+                } else {
+                    x.exp()
+                }
+            }
+            FeatureMap::Relu => x.max(0.0),
+        }
+    }
+}
+
+/// How the raw pairwise weight is produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Score {
+    /// `scale * <phi(q_i), psi(k_j)>`.
+    Dot {
+        q_map: FeatureMap,
+        k_map: FeatureMap,
+        scale: f64,
+    },
+    /// Convolution family: `a(i, j) = filter[h, i - j]` (causal, `j <= i`).
+    Filter { input: String },
+}
+
+/// Scalar variables an expression may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Var {
+    /// Query position (global, 0-based).
+    I,
+    /// Key position (global, 0-based).
+    J,
+    /// Query head index.
+    H,
+    /// The score (after scale and bias); only inside `transform`.
+    S,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnOp {
+    Neg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BinOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    /// Integer remainder (both operands integer; result has the sign of the dividend, like C).
+    Rem,
+}
+
+/// Built-in scalar functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Func {
+    Exp,
+    Log,
+    Sqrt,
+    Tanh,
+    Abs,
+    Floor,
+    Min,
+    Max,
+    Pow,
+    Clamp,
+    /// ALiBi slope of head h: `2^(-8 (h + 1) / heads)` (heads a power of two;
+    /// otherwise the interpolation of Press et al. is used, see docs/language.md).
+    AlibiSlope,
+}
+
+impl Func {
+    pub fn name(self) -> &'static str {
+        match self {
+            Func::Exp => "exp",
+            Func::Log => "log",
+            Func::Sqrt => "sqrt",
+            Func::Tanh => "tanh",
+            Func::Abs => "abs",
+            Func::Floor => "floor",
+            Func::Min => "min",
+            Func::Max => "max",
+            Func::Pow => "pow",
+            Func::Clamp => "clamp",
+            Func::AlibiSlope => "alibi_slope",
+        }
+    }
+    pub fn arity(self) -> usize {
+        match self {
+            Func::Min | Func::Max | Func::Pow => 2,
+            Func::Clamp => 3,
+            _ => 1,
+        }
+    }
+    pub fn from_name(s: &str) -> Option<Func> {
+        Some(match s {
+            "exp" => Func::Exp,
+            "log" => Func::Log,
+            "sqrt" => Func::Sqrt,
+            "tanh" => Func::Tanh,
+            "abs" => Func::Abs,
+            "floor" => Func::Floor,
+            "min" => Func::Min,
+            "max" => Func::Max,
+            "pow" => Func::Pow,
+            "clamp" => Func::Clamp,
+            "alibi_slope" => Func::AlibiSlope,
+            _ => return None,
+        })
+    }
+}
+
+/// Scalar type of a checked expression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScalarType {
+    Int,
+    Float,
+}
+
+/// A type-checked scalar expression (bias, transform, per-head decay).
+/// Integers are exact (i64); any float operand makes the operation float.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Expr {
+    Int(i64),
+    Float(f64),
+    Var(Var),
+    Unary(UnOp, Box<Expr>),
+    Binary(BinOp, Box<Expr>, Box<Expr>),
+    Call(Func, Vec<Expr>),
+    /// `name[idx0][idx1]...`: an extra input read at integer indices, which
+    /// are clamped into range (so `table[h][i - j]` is always defined).
+    Index { input: String, indices: Vec<Expr> },
+}
+
+/// Everything an expression can read while it is evaluated.
+pub struct EvalEnv<'a> {
+    pub i: i64,
+    pub j: i64,
+    pub h: i64,
+    pub s: f64,
+    pub heads: u32,
+    /// Looks up `input[indices]` (indices already clamped by the caller's
+    /// tensor); returns the element as f64.
+    pub lookup: &'a dyn Fn(&str, &[i64]) -> f64,
+}
+
+/// A value during evaluation: keeps integers exact so `%` and indices work.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value {
+    Int(i64),
+    Float(f64),
+}
+
+impl Value {
+    pub fn as_f64(self) -> f64 {
+        match self {
+            Value::Int(v) => v as f64,
+            Value::Float(v) => v,
+        }
+    }
+    pub fn as_i64(self) -> i64 {
+        match self {
+            Value::Int(v) => v,
+            Value::Float(v) => v as i64,
+        }
+    }
+}
+
+/// ALiBi slope for head `h` of `heads` (Press et al., 2022), including the
+/// interpolation for head counts that are not powers of two.
+pub fn alibi_slope(h: i64, heads: u32) -> f64 {
+    let n = heads.max(1) as i64;
+    let closest = 1i64 << (63 - (n as u64).leading_zeros() as i64);
+    let base = |k: i64| 2f64.powf(-8.0 / k as f64);
+    if h < closest {
+        base(closest).powi((h + 1) as i32)
+    } else {
+        // Extra heads take every other slope of the next power of two.
+        let extra = h - closest;
+        base(2 * closest).powi((2 * extra + 1) as i32)
+    }
+}
+
+impl Expr {
+    /// Evaluates in f64 (integers exact). Division of two integers is float
+    /// division, as in the docs; `%` is integer remainder.
+    pub fn eval(&self, env: &EvalEnv<'_>) -> Value {
+        match self {
+            Expr::Int(v) => Value::Int(*v),
+            Expr::Float(v) => Value::Float(*v),
+            Expr::Var(Var::I) => Value::Int(env.i),
+            Expr::Var(Var::J) => Value::Int(env.j),
+            Expr::Var(Var::H) => Value::Int(env.h),
+            Expr::Var(Var::S) => Value::Float(env.s),
+            Expr::Unary(UnOp::Neg, a) => match a.eval(env) {
+                Value::Int(v) => Value::Int(-v),
+                Value::Float(v) => Value::Float(-v),
+            },
+            Expr::Binary(op, a, b) => {
+                let (a, b) = (a.eval(env), b.eval(env));
+                match (op, a, b) {
+                    (BinOp::Add, Value::Int(x), Value::Int(y)) => Value::Int(x.wrapping_add(y)),
+                    (BinOp::Sub, Value::Int(x), Value::Int(y)) => Value::Int(x.wrapping_sub(y)),
+                    (BinOp::Mul, Value::Int(x), Value::Int(y)) => Value::Int(x.wrapping_mul(y)),
+                    (BinOp::Rem, Value::Int(x), Value::Int(y)) => {
+                        Value::Int(if y == 0 { 0 } else { x.wrapping_rem(y) })
+                    }
+                    (BinOp::Add, x, y) => Value::Float(x.as_f64() + y.as_f64()),
+                    (BinOp::Sub, x, y) => Value::Float(x.as_f64() - y.as_f64()),
+                    (BinOp::Mul, x, y) => Value::Float(x.as_f64() * y.as_f64()),
+                    (BinOp::Div, x, y) => Value::Float(x.as_f64() / y.as_f64()),
+                    (BinOp::Rem, x, y) => Value::Float(x.as_f64() % y.as_f64()),
+                }
+            }
+            Expr::Call(f, args) => {
+                let v: Vec<Value> = args.iter().map(|a| a.eval(env)).collect();
+                let x = |k: usize| v[k].as_f64();
+                let all_int = v.iter().all(|a| matches!(a, Value::Int(_)));
+                match f {
+                    Func::Exp => Value::Float(x(0).exp()),
+                    Func::Log => Value::Float(x(0).ln()),
+                    Func::Sqrt => Value::Float(x(0).sqrt()),
+                    Func::Tanh => Value::Float(x(0).tanh()),
+                    Func::Abs => match v[0] {
+                        Value::Int(a) => Value::Int(a.wrapping_abs()),
+                        Value::Float(a) => Value::Float(a.abs()),
+                    },
+                    Func::Floor => Value::Float(x(0).floor()),
+                    Func::Min if all_int => Value::Int(v[0].as_i64().min(v[1].as_i64())),
+                    Func::Max if all_int => Value::Int(v[0].as_i64().max(v[1].as_i64())),
+                    Func::Min => Value::Float(x(0).min(x(1))),
+                    Func::Max => Value::Float(x(0).max(x(1))),
+                    Func::Pow => Value::Float(x(0).powf(x(1))),
+                    Func::Clamp if all_int => {
+                        let (a, lo, hi) = (v[0].as_i64(), v[1].as_i64(), v[2].as_i64());
+                        Value::Int(a.max(lo).min(hi))
+                    }
+                    Func::Clamp => Value::Float(x(0).max(x(1)).min(x(2))),
+                    Func::AlibiSlope => Value::Float(alibi_slope(v[0].as_i64(), env.heads)),
+                }
+            }
+            Expr::Index { input, indices } => {
+                let idx: Vec<i64> = indices.iter().map(|e| e.eval(env).as_i64()).collect();
+                Value::Float((env.lookup)(input, &idx))
+            }
+        }
+    }
+
+    /// Evaluates as f64 (convenience for float-typed expressions).
+    pub fn eval_f64(&self, env: &EvalEnv<'_>) -> f64 {
+        self.eval(env).as_f64()
+    }
+
+    /// Does this expression read `var`?
+    pub fn uses_var(&self, var: Var) -> bool {
+        match self {
+            Expr::Var(v) => *v == var,
+            Expr::Int(_) | Expr::Float(_) => false,
+            Expr::Unary(_, a) => a.uses_var(var),
+            Expr::Binary(_, a, b) => a.uses_var(var) || b.uses_var(var),
+            Expr::Call(_, args) => args.iter().any(|a| a.uses_var(var)),
+            Expr::Index { indices, .. } => indices.iter().any(|a| a.uses_var(var)),
+        }
+    }
+
+    /// Names of the extra inputs this expression reads.
+    pub fn inputs_read(&self, out: &mut Vec<String>) {
+        match self {
+            Expr::Index { input, indices } => {
+                if !out.contains(input) {
+                    out.push(input.clone());
+                }
+                indices.iter().for_each(|e| e.inputs_read(out));
+            }
+            Expr::Unary(_, a) => a.inputs_read(out),
+            Expr::Binary(_, a, b) => {
+                a.inputs_read(out);
+                b.inputs_read(out);
+            }
+            Expr::Call(_, args) => args.iter().for_each(|e| e.inputs_read(out)),
+            _ => {}
+        }
+    }
+}
+
+/// Which keys a query sees. Primitive predicates combine with `&&` / `||`;
+/// each primitive has a closed form for whole-block classification, which is
+/// what makes block skipping exact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mask {
+    /// Every key (no mask).
+    All,
+    /// `j <= i`.
+    Causal,
+    /// `|i - j| < size` (combine with `causal` for Mistral-style windows).
+    Window { size: u64 },
+    /// `j < prefix || j <= i`: bidirectional prefix, causal after it.
+    PrefixLm { prefix: u64 },
+    /// `seg[b, i] == seg[b, j]` for an `i32[batch, seq]` input.
+    Segment { input: String },
+    /// Block layout: with `bi = i / block`, `bj = j / block`:
+    /// `|bi - bj| < local || bj < global || bi < global`.
+    BlockSparse { block: u64, local: u64, global: u64 },
+    /// `(i - j) % rate == 0` (LongNet-style dilation; `rate >= 1`).
+    Dilated { rate: u64 },
+    And(Box<Mask>, Box<Mask>),
+    Or(Box<Mask>, Box<Mask>),
+}
+
+impl Mask {
+    /// Does query `i` see key `j`? `seg` returns the segment id of a
+    /// position for a named input (only called for `Segment`).
+    pub fn allows(&self, i: i64, j: i64, seg: &dyn Fn(&str, i64) -> i64) -> bool {
+        match self {
+            Mask::All => true,
+            Mask::Causal => j <= i,
+            Mask::Window { size } => (i - j).unsigned_abs() < *size,
+            Mask::PrefixLm { prefix } => j < *prefix as i64 || j <= i,
+            Mask::Segment { input } => seg(input, i) == seg(input, j),
+            Mask::BlockSparse {
+                block,
+                local,
+                global,
+            } => {
+                let b = *block as i64;
+                let (bi, bj) = (i / b, j / b);
+                (bi - bj).unsigned_abs() < *local || bj < *global as i64 || bi < *global as i64
+            }
+            Mask::Dilated { rate } => (i - j).rem_euclid(*rate as i64) == 0,
+            Mask::And(a, b) => a.allows(i, j, seg) && b.allows(i, j, seg),
+            Mask::Or(a, b) => a.allows(i, j, seg) || b.allows(i, j, seg),
+        }
+    }
+
+    /// True when every allowed pair has `j <= i` (needed by decay and the
+    /// chunkwise state form).
+    pub fn implies_causal(&self) -> bool {
+        match self {
+            Mask::Causal => true,
+            Mask::And(a, b) => a.implies_causal() || b.implies_causal(),
+            Mask::Or(a, b) => a.implies_causal() && b.implies_causal(),
+            _ => false,
+        }
+    }
+
+    /// Names of the segment-id inputs this mask reads.
+    pub fn segment_inputs(&self, out: &mut Vec<String>) {
+        match self {
+            Mask::Segment { input } if !out.contains(input) => out.push(input.clone()),
+            Mask::And(a, b) | Mask::Or(a, b) => {
+                a.segment_inputs(out);
+                b.segment_inputs(out);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Decay between key j and query i: `D(i, j) = prod_{l=j+1..i} gamma_l`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decay {
+    None,
+    /// Fixed gamma per head, an expression of `h` only (RetNet).
+    PerHead(Expr),
+    /// Per-token gate input `f32[batch, seq, heads]` holding gamma_l in (0, 1] (GLA, Mamba-2/SSD).
+    Gate { input: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Norm {
+    /// `y_i = sum_j exp(a - m_i) v_j / sum_j exp(a - m_i)`.
+    Softmax,
+    /// `y_i = sum_j a v_j / (sum_j a + eps)`.
+    Sum { eps: f64 },
+    /// `y_i = sum_j a v_j`.
+    None,
+}
+
+/// The family decides which kernel template and which CPU algorithm apply.
+/// Derived by validation, never written by users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    /// Softmax normalisation (FlashAttention-style online softmax).
+    Softmax,
+    /// Feature-map dot products, no decay, sum/none normalisation.
+    Linear,
+    /// Fixed per-head decay (RetNet).
+    Retention,
+    /// Per-token gated decay (GLA, Mamba-2/SSD).
+    Gated,
+    /// Long convolution with an input filter (Hyena, S4).
+    Convolution,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Softmax => "softmax",
+            Family::Linear => "linear",
+            Family::Retention => "retention",
+            Family::Gated => "gated",
+            Family::Convolution => "convolution",
+        }
+    }
+}
+
+/// A validated token-mixer specification.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MixerSpec {
+    pub name: String,
+    /// Query heads.
+    pub heads: u32,
+    /// Key/value heads; divides `heads` (GQA/MQA). Query head h reads kv head
+    /// `h / (heads / kv_heads)`.
+    pub kv_heads: u32,
+    /// d_k: width of q and k.
+    pub head_dim: u32,
+    /// d_v: width of v and of the output.
+    pub value_dim: u32,
+    pub dtype: DType,
+    /// Extra inputs, in declaration order.
+    pub inputs: Vec<InputDecl>,
+    pub score: Score,
+    /// Added to the score: `s = scale * <phi q, psi k> + bias`.
+    pub bias: Option<Expr>,
+    /// Applied to the biased score: `t = T(s)`.
+    pub transform: Option<Expr>,
+    pub mask: Mask,
+    pub decay: Decay,
+    pub norm: Norm,
+    pub family: Family,
+}
+
+impl MixerSpec {
+    /// Query heads per kv head.
+    pub fn group_size(&self) -> u32 {
+        self.heads / self.kv_heads
+    }
+    /// kv head read by query head `h`.
+    pub fn kv_head_of(&self, h: u32) -> u32 {
+        h / self.group_size()
+    }
+    pub fn input(&self, name: &str) -> Option<&InputDecl> {
+        self.inputs.iter().find(|d| d.name == name)
+    }
+    /// Concrete shape of an extra input for a run of `batch` sequences of length `seq`.
+    pub fn input_shape(&self, decl: &InputDecl, batch: usize, seq: usize) -> Vec<usize> {
+        decl.dims
+            .iter()
+            .map(|d| match d {
+                Dim::Batch => batch,
+                Dim::Seq => seq,
+                Dim::Heads => self.heads as usize,
+                Dim::KvHeads => self.kv_heads as usize,
+                Dim::Fixed(n) => *n as usize,
+            })
+            .collect()
+    }
+    /// Stable JSON of the spec (for hashing into cache keys).
+    pub fn canonical_json(&self) -> String {
+        serde_json::to_string(self).expect("MixerSpec serialises")
+    }
+    /// Named shapes of all tensors a run reads, `[batch, seq, heads, dim]` for
+    /// q/k/v (the output `o` is `[batch, seq, heads, value_dim]`).
+    pub fn tensor_shapes(&self, batch: usize, seq: usize) -> BTreeMap<String, Vec<usize>> {
+        let mut m = BTreeMap::new();
+        let (h, kvh) = (self.heads as usize, self.kv_heads as usize);
+        let (dk, dv) = (self.head_dim as usize, self.value_dim as usize);
+        // The convolution family reads only v (and its filter).
+        if matches!(self.score, Score::Dot { .. }) {
+            m.insert("q".into(), vec![batch, seq, h, dk]);
+            m.insert("k".into(), vec![batch, seq, kvh, dk]);
+        }
+        m.insert("v".into(), vec![batch, seq, kvh, dv]);
+        for d in &self.inputs {
+            m.insert(d.name.clone(), self.input_shape(d, batch, seq));
+        }
+        m
+    }
+}

@@ -1,0 +1,3 @@
+//! The mixc spec language.
+pub mod ir;
+pub use ir::*;

@@ -1,0 +1,10 @@
+//! mixc runtime: executes a validated `MixerSpec`.
+//!
+//! - `reference`: the f64 oracle, quadratic loops written for clarity.
+//! - `inputs` / `io`: seeded random inputs and safetensors files.
+//! - `cpu`: the blocked/ring CPU backend (the same block plan as the kernels).
+//! - `nvrtc`: NVRTC compilation with an on-disk cache (no GPU needed).
+
+pub mod tensor;
+
+pub use tensor::{ExtraTensor, MixerInputs, MixerOutput, Tensor};

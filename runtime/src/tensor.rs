@@ -1,0 +1,89 @@
+//! Host tensors and the input bundle of one mixer run. Storage is f32 (what
+//! safetensors files and the GPU upload path carry); the reference widens to
+//! f64 on read, the CPU backend computes in f32 or f64.
+
+use std::collections::BTreeMap;
+
+/// A dense row-major tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor<T> {
+    pub shape: Vec<usize>,
+    pub data: Vec<T>,
+}
+
+impl<T: Copy + Default> Tensor<T> {
+    pub fn zeros(shape: &[usize]) -> Self {
+        Tensor {
+            shape: shape.to_vec(),
+            data: vec![T::default(); shape.iter().product()],
+        }
+    }
+}
+
+impl<T> Tensor<T> {
+    pub fn new(shape: Vec<usize>, data: Vec<T>) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "shape does not match data");
+        Tensor { shape, data }
+    }
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+    /// Row-major flat offset of a full index.
+    #[inline]
+    pub fn offset(&self, idx: &[usize]) -> usize {
+        debug_assert_eq!(idx.len(), self.shape.len());
+        let mut off = 0;
+        for (i, (&x, &n)) in idx.iter().zip(&self.shape).enumerate() {
+            debug_assert!(x < n, "index {x} out of range {n} on axis {i}");
+            off = off * n + x;
+        }
+        off
+    }
+}
+
+/// An extra input (gates, segment ids, tables, filters).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExtraTensor {
+    F32(Tensor<f32>),
+    I32(Tensor<i32>),
+}
+
+impl ExtraTensor {
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            ExtraTensor::F32(t) => &t.shape,
+            ExtraTensor::I32(t) => &t.shape,
+        }
+    }
+    /// Element at `idx`, each index clamped into its axis (the language's
+    /// rule for table reads), widened to f64.
+    pub fn get_clamped(&self, idx: &[i64]) -> f64 {
+        let shape = self.shape();
+        let mut off = 0usize;
+        for (&x, &n) in idx.iter().zip(shape) {
+            let x = x.clamp(0, n as i64 - 1) as usize;
+            off = off * n + x;
+        }
+        match self {
+            ExtraTensor::F32(t) => t.data[off] as f64,
+            ExtraTensor::I32(t) => t.data[off] as f64,
+        }
+    }
+}
+
+/// Everything one run reads. q: `[batch, seq, heads, head_dim]`,
+/// k: `[batch, seq, kv_heads, head_dim]`, v: `[batch, seq, kv_heads, value_dim]`
+/// (q and k are empty `[batch, seq, heads|kv_heads, 0]`-free tensors with no
+/// data for the convolution family, which reads only v).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MixerInputs {
+    pub batch: usize,
+    pub seq: usize,
+    pub q: Tensor<f32>,
+    pub k: Tensor<f32>,
+    pub v: Tensor<f32>,
+    pub extra: BTreeMap<String, ExtraTensor>,
+}
+
+/// The output of a run: `[batch, seq, heads, value_dim]`.
+pub type MixerOutput<T> = Tensor<T>;
