@@ -8,3 +8,5 @@
 pub mod tensor;
 
 pub use tensor::{ExtraTensor, MixerInputs, MixerOutput, Tensor};
+pub mod error;
+pub use error::{Result, RuntimeError};
