@@ -1,1 +1,38 @@
-fn main() {}
+//! The `mixc` command line: check, gen, compile, run (and later tune, bench).
+//! Every command exits non-zero with a clear message on bad input.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod commands;
+mod report;
+
+#[derive(Parser)]
+#[command(name = "mixc", version, about = "Token-mixer specs compiled to tiled GPU kernels")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Parse and validate spec files; print diagnostics for the invalid ones.
+    Check(commands::check::Args),
+    /// Run a mixer on random or given inputs and report time and throughput.
+    Run(commands::run::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check(a) => commands::check::main(a),
+        Command::Run(a) => commands::run::main(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

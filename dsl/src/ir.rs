@@ -243,7 +243,10 @@ pub enum Expr {
     Call(Func, Vec<Expr>),
     /// `name[idx0][idx1]...`: an extra input read at integer indices, which
     /// are clamped into range (so `table[h][i - j]` is always defined).
-    Index { input: String, indices: Vec<Expr> },
+    Index {
+        input: String,
+        indices: Vec<Expr>,
+    },
 }
 
 /// Everything an expression can read while it is evaluated.
@@ -287,11 +290,12 @@ pub fn alibi_slope(h: i64, heads: u32) -> f64 {
     let closest = 1i64 << (63 - (n as u64).leading_zeros() as i64);
     let base = |k: i64| 2f64.powf(-8.0 / k as f64);
     if h < closest {
-        base(closest).powi((h + 1) as i32)
+        base(closest).powi(h.saturating_add(1) as i32)
     } else {
         // Extra heads take every other slope of the next power of two.
         let extra = h - closest;
-        base(2 * closest).powi((2 * extra + 1) as i32)
+        // Saturating: `h` can be any integer expression of the user's.
+        base(2 * closest).powi(extra.saturating_mul(2).saturating_add(1) as i32)
     }
 }
 
@@ -307,7 +311,8 @@ impl Expr {
             Expr::Var(Var::H) => Value::Int(env.h),
             Expr::Var(Var::S) => Value::Float(env.s),
             Expr::Unary(UnOp::Neg, a) => match a.eval(env) {
-                Value::Int(v) => Value::Int(-v),
+                // Wrapping like the other integer ops: never panic on i64::MIN.
+                Value::Int(v) => Value::Int(v.wrapping_neg()),
                 Value::Float(v) => Value::Float(-v),
             },
             Expr::Binary(op, a, b) => {
@@ -408,16 +413,28 @@ pub enum Mask {
     /// `j <= i`.
     Causal,
     /// `|i - j| < size` (combine with `causal` for Mistral-style windows).
-    Window { size: u64 },
+    Window {
+        size: u64,
+    },
     /// `j < prefix || j <= i`: bidirectional prefix, causal after it.
-    PrefixLm { prefix: u64 },
+    PrefixLm {
+        prefix: u64,
+    },
     /// `seg[b, i] == seg[b, j]` for an `i32[batch, seq]` input.
-    Segment { input: String },
+    Segment {
+        input: String,
+    },
     /// Block layout: with `bi = i / block`, `bj = j / block`:
     /// `|bi - bj| < local || bj < global || bi < global`.
-    BlockSparse { block: u64, local: u64, global: u64 },
+    BlockSparse {
+        block: u64,
+        local: u64,
+        global: u64,
+    },
     /// `(i - j) % rate == 0` (LongNet-style dilation; `rate >= 1`).
-    Dilated { rate: u64 },
+    Dilated {
+        rate: u64,
+    },
     And(Box<Mask>, Box<Mask>),
     Or(Box<Mask>, Box<Mask>),
 }
@@ -479,7 +496,9 @@ pub enum Decay {
     /// Fixed gamma per head, an expression of `h` only (RetNet).
     PerHead(Expr),
     /// Per-token gate input `f32[batch, seq, heads]` holding gamma_l in (0, 1] (GLA, Mamba-2/SSD).
-    Gate { input: String },
+    Gate {
+        input: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -20,6 +20,13 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// A tensor file that cannot be read as safetensors, or whose contents
+    /// do not fit the spec.
+    #[error("{path}: {problem}")]
+    BadFile { path: String, problem: String },
+    /// NVRTC is missing or a generated kernel failed to compile.
+    #[error(transparent)]
+    Nvrtc(#[from] crate::nvrtc::NvrtcError),
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

@@ -1,0 +1,281 @@
+//! `ir::Mask` -> three C expressions over the primitives of `templates/tile.cuh`:
+//!
+//! - the element predicate (`j in S(i)`), used only in Partial tiles;
+//! - the block class of a query range x key range (Skip / Partial / Full,
+//!   encoded 0 / 1 / 2 so `&&` is `min` and `||` is `max`), the device mirror
+//!   of [`crate::plan::classify`];
+//! - a key interval that contains every key any query of a range may see, so
+//!   the kernel's tile loop starts and stops at the right place (causal stops
+//!   at the diagonal, windows start late).
+//!
+//! Segment masks depend on data: the predicate compares the two ids, and the
+//! class reads a per-tile class the kernel computes from the ids of the tile
+//! (exact summary: skip when no key id lies in the query block's id range).
+
+use crate::CodegenError;
+use mixc_dsl::ir::Mask;
+
+/// C names the lowered expressions read.
+#[derive(Debug, Clone)]
+pub struct MaskNames<'a> {
+    /// Element positions (global).
+    pub i: &'a str,
+    pub j: &'a str,
+    /// Segment ids of i and j.
+    pub seg_i: &'a str,
+    pub seg_j: &'a str,
+    /// Inclusive global position ranges of a tile.
+    pub i0: &'a str,
+    pub i1: &'a str,
+    pub j0: &'a str,
+    pub j1: &'a str,
+    /// The data-dependent class of the segment primitive for the current tile.
+    pub seg_class: &'a str,
+}
+
+impl Default for MaskNames<'static> {
+    fn default() -> Self {
+        MaskNames {
+            i: "pos_i",
+            j: "pos_j",
+            seg_i: "seg_i",
+            seg_j: "seg_j",
+            i0: "i0",
+            i1: "i1",
+            j0: "j0",
+            j1: "j1",
+            seg_class: "seg_class",
+        }
+    }
+}
+
+/// A mask lowered for one template.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LoweredMask {
+    /// `bool`: does query i see key j.
+    pub predicate: String,
+    /// `int`: class of the tile `[i0, i1] x [j0, j1]`.
+    pub class: String,
+    /// `mixc::KeyRange`: keys `[lo, hi)` that may be visible to some query in `[i0, i1]`.
+    pub key_range: String,
+    /// The segment-id input, when the mask reads one.
+    pub segment_input: Option<String>,
+    /// Every tile is Full (no masking at all): lets templates drop mask code.
+    pub all: bool,
+}
+
+/// Sizes past the `int` range cover any sequence an `int` position can index.
+fn int_const(v: u64, _what: &str) -> Result<String, CodegenError> {
+    Ok(i32::try_from(v).unwrap_or(i32::MAX).to_string())
+}
+
+fn check_rates(m: &Mask) -> Result<(), CodegenError> {
+    match m {
+        Mask::Dilated { rate: 0 } => Err(CodegenError::Expr {
+            expr: "dilated(0)".into(),
+            reason: "dilation rate must be >= 1".into(),
+        }),
+        Mask::BlockSparse { block: 0, .. } => Err(CodegenError::Expr {
+            expr: "block_sparse(block = 0, ..)".into(),
+            reason: "block must be >= 1".into(),
+        }),
+        Mask::And(a, b) | Mask::Or(a, b) => check_rates(a).and(check_rates(b)),
+        _ => Ok(()),
+    }
+}
+
+pub fn lower_mask(
+    mask: &Mask,
+    n: &MaskNames<'_>,
+    spec_name: &str,
+) -> Result<LoweredMask, CodegenError> {
+    check_rates(mask)?;
+    let mut segs = Vec::new();
+    mask.segment_inputs(&mut segs);
+    if segs.len() > 1 {
+        return Err(CodegenError::Unsupported {
+            spec: spec_name.into(),
+            what: format!(
+                "masks over more than one segment input ({})",
+                segs.join(", ")
+            ),
+        });
+    }
+    Ok(LoweredMask {
+        predicate: predicate(mask, n)?,
+        class: class(mask, n)?,
+        key_range: key_range(mask, n)?,
+        segment_input: segs.pop(),
+        all: matches!(mask, Mask::All),
+    })
+}
+
+fn predicate(m: &Mask, n: &MaskNames<'_>) -> Result<String, CodegenError> {
+    let (i, j) = (n.i, n.j);
+    Ok(match m {
+        Mask::All => "true".into(),
+        Mask::Causal => format!("({j} <= {i})"),
+        Mask::Window { size } => format!("(abs({i} - {j}) < {})", int_const(*size, "window")?),
+        Mask::PrefixLm { prefix } => {
+            format!("({j} < {} || {j} <= {i})", int_const(*prefix, "prefix")?)
+        }
+        Mask::Segment { .. } => format!("({} == {})", n.seg_i, n.seg_j),
+        Mask::BlockSparse {
+            block,
+            local,
+            global,
+        } => format!(
+            "mixc::block_sparse_allows({i}, {j}, {}, {}, {})",
+            int_const(*block, "block")?,
+            int_const(*local, "local")?,
+            int_const(*global, "global")?
+        ),
+        Mask::Dilated { rate } => format!(
+            "(mixc::mod_floor({i} - {j}, {}) == 0)",
+            int_const(*rate, "dilation rate")?
+        ),
+        Mask::And(a, b) => format!("({} && {})", predicate(a, n)?, predicate(b, n)?),
+        Mask::Or(a, b) => format!("({} || {})", predicate(a, n)?, predicate(b, n)?),
+    })
+}
+
+fn class(m: &Mask, n: &MaskNames<'_>) -> Result<String, CodegenError> {
+    let r = format!("{}, {}, {}, {}", n.i0, n.i1, n.j0, n.j1);
+    Ok(match m {
+        Mask::All => "mixc::FULL".into(),
+        Mask::Causal => format!("mixc::class_causal({r})"),
+        Mask::Window { size } => {
+            format!("mixc::class_window({r}, {})", int_const(*size, "window")?)
+        }
+        Mask::PrefixLm { prefix } => {
+            format!(
+                "mixc::class_prefix_lm({r}, {})",
+                int_const(*prefix, "prefix")?
+            )
+        }
+        Mask::Segment { .. } => n.seg_class.to_string(),
+        Mask::BlockSparse {
+            block,
+            local,
+            global,
+        } => format!(
+            "mixc::class_block_sparse({r}, {}, {}, {})",
+            int_const(*block, "block")?,
+            int_const(*local, "local")?,
+            int_const(*global, "global")?
+        ),
+        Mask::Dilated { rate } => format!(
+            "mixc::class_dilated({r}, {})",
+            int_const(*rate, "dilation rate")?
+        ),
+        Mask::And(a, b) => format!("mixc::class_and({}, {})", class(a, n)?, class(b, n)?),
+        Mask::Or(a, b) => format!("mixc::class_or({}, {})", class(a, n)?, class(b, n)?),
+    })
+}
+
+fn key_range(m: &Mask, n: &MaskNames<'_>) -> Result<String, CodegenError> {
+    let (i0, i1) = (n.i0, n.i1);
+    Ok(match m {
+        Mask::Causal => format!("mixc::range_causal({i0}, {i1})"),
+        Mask::Window { size } => {
+            format!(
+                "mixc::range_window({i0}, {i1}, {})",
+                int_const(*size, "window")?
+            )
+        }
+        Mask::PrefixLm { prefix } => {
+            format!(
+                "mixc::range_prefix_lm({i0}, {i1}, {})",
+                int_const(*prefix, "prefix")?
+            )
+        }
+        Mask::BlockSparse {
+            block,
+            local,
+            global,
+        } => format!(
+            "mixc::range_block_sparse({i0}, {i1}, {}, {}, {})",
+            int_const(*block, "block")?,
+            int_const(*local, "local")?,
+            int_const(*global, "global")?
+        ),
+        // Data-dependent or unbounded: every key may be visible.
+        Mask::All | Mask::Segment { .. } | Mask::Dilated { .. } => "mixc::range_all()".into(),
+        Mask::And(a, b) => format!(
+            "mixc::range_intersect({}, {})",
+            key_range(a, n)?,
+            key_range(b, n)?
+        ),
+        Mask::Or(a, b) => format!(
+            "mixc::range_hull({}, {})",
+            key_range(a, n)?,
+            key_range(b, n)?
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn and(a: Mask, b: Mask) -> Mask {
+        Mask::And(Box::new(a), Box::new(b))
+    }
+    fn or(a: Mask, b: Mask) -> Mask {
+        Mask::Or(Box::new(a), Box::new(b))
+    }
+
+    #[test]
+    fn longnet_mask_lowers_compositionally() {
+        let m = and(
+            Mask::Causal,
+            or(Mask::Window { size: 512 }, Mask::Dilated { rate: 8 }),
+        );
+        let l = lower_mask(&m, &MaskNames::default(), "t").unwrap();
+        assert_eq!(
+            l.predicate,
+            "((pos_j <= pos_i) && ((abs(pos_i - pos_j) < 512) || (mixc::mod_floor(pos_i - pos_j, 8) == 0)))"
+        );
+        assert_eq!(
+            l.class,
+            "mixc::class_and(mixc::class_causal(i0, i1, j0, j1), \
+             mixc::class_or(mixc::class_window(i0, i1, j0, j1, 512), \
+             mixc::class_dilated(i0, i1, j0, j1, 8)))"
+        );
+        assert_eq!(
+            l.key_range,
+            "mixc::range_intersect(mixc::range_causal(i0, i1), \
+             mixc::range_hull(mixc::range_window(i0, i1, 512), mixc::range_all()))"
+        );
+        assert!(l.segment_input.is_none() && !l.all);
+    }
+
+    #[test]
+    fn segment_reads_the_run_time_class() {
+        let m = and(
+            Mask::Causal,
+            Mask::Segment {
+                input: "doc".into(),
+            },
+        );
+        let l = lower_mask(&m, &MaskNames::default(), "t").unwrap();
+        assert_eq!(l.segment_input.as_deref(), Some("doc"));
+        assert!(l.class.contains("seg_class") && l.predicate.contains("seg_i == seg_j"));
+        let two = and(
+            Mask::Segment { input: "a".into() },
+            Mask::Segment { input: "b".into() },
+        );
+        let e = lower_mask(&two, &MaskNames::default(), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than one segment input"), "{e}");
+    }
+
+    #[test]
+    fn huge_windows_saturate() {
+        let l = lower_mask(&Mask::Window { size: u64::MAX }, &MaskNames::default(), "t").unwrap();
+        assert!(l.predicate.contains(&i32::MAX.to_string()));
+        let e = lower_mask(&Mask::Dilated { rate: 0 }, &MaskNames::default(), "t");
+        assert!(e.is_err());
+    }
+}

@@ -1,0 +1,1612 @@
+//! Validation: the unchecked item list to a `MixerSpec`, or diagnostics.
+//!
+//! Every key is checked on its own first (so independent mistakes are all
+//! reported), then the cross-key rules run on whatever survived.
+
+use crate::diag::{Diagnostic, Diagnostics};
+use crate::ir::*;
+use crate::syntax::{InputItem, Item, KeyItem, RawDim, RawSpec};
+use proc_macro2::{Ident, Span};
+use syn::spanned::Spanned;
+
+/// Every key the language knows, in documentation order.
+pub const KEYS: &[&str] = &[
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "value_dim",
+    "dtype",
+    "score",
+    "scale",
+    "bias",
+    "transform",
+    "mask",
+    "decay",
+    "norm",
+];
+
+const MASKS: &[&str] = &[
+    "all",
+    "causal",
+    "window",
+    "prefix_lm",
+    "segment",
+    "block_sparse",
+    "dilated",
+];
+
+const FUNCS: &[&str] = &[
+    "exp",
+    "log",
+    "sqrt",
+    "tanh",
+    "abs",
+    "floor",
+    "min",
+    "max",
+    "pow",
+    "clamp",
+    "alibi_slope",
+];
+
+/// Largest accepted `heads` / `kv_heads` (far above any real model; keeps
+/// per-head checks and launch grids bounded).
+pub const MAX_HEADS: u64 = 65536;
+
+/// Largest accepted `head_dim` / `value_dim`: what one tile row can hold.
+pub const MAX_HEAD_DIM: u64 = 512;
+
+/// The closest candidate to `name`, if it is close enough to be a typo.
+pub(crate) fn suggest<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::jaro_winkler(name, c), c))
+        .filter(|(score, c)| *score >= 0.8 || (name.len() > 2 && strsim::levenshtein(name, c) <= 1))
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    suggest(name, candidates).map(|c| format!("did you mean `{c}`?"))
+}
+
+fn line_of(span: Span) -> usize {
+    span.start().line
+}
+
+/// Where an expression may appear; decides which variables and inputs it can read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ctx {
+    Bias,
+    Transform,
+    Decay,
+    Scale,
+}
+
+impl Ctx {
+    fn key(self) -> &'static str {
+        match self {
+            Ctx::Bias => "bias",
+            Ctx::Transform => "transform",
+            Ctx::Decay => "decay",
+            Ctx::Scale => "scale",
+        }
+    }
+    fn vars(self) -> &'static [&'static str] {
+        match self {
+            Ctx::Bias => &["i", "j", "h"],
+            Ctx::Transform => &["i", "j", "h", "s"],
+            Ctx::Decay => &["h"],
+            Ctx::Scale => &[],
+        }
+    }
+}
+
+const DECAY_HINT: &str = "a per-head decay is a constant expression of `h`; for a per-token decay declare `input g: f32[batch, seq, heads];` and write `decay = gate(g);`";
+
+/// A declared input while roles are being inferred.
+struct Decl {
+    name: String,
+    span: Span,
+    elem: ElemType,
+    dims: Vec<Dim>,
+    role: Option<(InputRole, Span)>,
+}
+
+/// One place an input is read, with the role that place implies.
+struct Use {
+    name: String,
+    span: Span,
+    role: InputRole,
+}
+
+fn role_name(r: InputRole) -> &'static str {
+    match r {
+        InputRole::SegmentIds => "segment ids (`segment(..)`)",
+        InputRole::Gate => "a decay gate (`gate(..)`)",
+        InputRole::Filter => "a convolution filter (`filter(..)`)",
+        InputRole::Table => "a table (indexed in `bias` / `transform`)",
+    }
+}
+
+fn role_shape(r: InputRole) -> &'static str {
+    match r {
+        InputRole::SegmentIds => "i32[batch, seq]",
+        InputRole::Gate => "f32[batch, seq, heads]",
+        InputRole::Filter => "f32[heads, seq]",
+        InputRole::Table => "f32[...]",
+    }
+}
+
+fn fmt_decl(elem: ElemType, dims: &[Dim]) -> String {
+    let e = match elem {
+        ElemType::F32 => "f32",
+        ElemType::I32 => "i32",
+    };
+    let d: Vec<String> = dims
+        .iter()
+        .map(|d| match d {
+            Dim::Batch => "batch".into(),
+            Dim::Seq => "seq".into(),
+            Dim::Heads => "heads".into(),
+            Dim::KvHeads => "kv_heads".into(),
+            Dim::Fixed(n) => n.to_string(),
+        })
+        .collect();
+    format!("{e}[{}]", d.join(", "))
+}
+
+/// Strips parentheses and invisible groups.
+fn peel(e: &syn::Expr) -> &syn::Expr {
+    match e {
+        syn::Expr::Paren(p) => peel(&p.expr),
+        syn::Expr::Group(g) => peel(&g.expr),
+        other => other,
+    }
+}
+
+/// The identifier an expression consists of, if it is a bare name.
+fn bare_ident(e: &syn::Expr) -> Option<&Ident> {
+    match peel(e) {
+        syn::Expr::Path(p) if p.qself.is_none() && p.attrs.is_empty() => p.path.get_ident(),
+        _ => None,
+    }
+}
+
+/// A call `name(args)` with a bare-name callee.
+fn as_call(e: &syn::Expr) -> Option<(&Ident, Vec<&syn::Expr>, Span)> {
+    match peel(e) {
+        syn::Expr::Call(c) => {
+            let f = bare_ident(&c.func)?;
+            Some((f, c.args.iter().collect(), c.span()))
+        }
+        _ => None,
+    }
+}
+
+/// Short source-like text of an expression for messages.
+fn show(e: &syn::Expr) -> String {
+    // The user's own spelling when the span knows it, else re-printed tokens.
+    // Inside a proc macro a joined span may cover only the first token, so
+    // the source text is trusted only when it spells the same tokens.
+    let printed = quote_expr(e);
+    let squash = |t: &str| t.split_whitespace().collect::<String>();
+    let s = match e.span().source_text() {
+        Some(t) if squash(&t) == squash(&printed) => {
+            t.split_whitespace().collect::<Vec<_>>().join(" ")
+        }
+        _ => printed,
+    };
+    if s.chars().count() > 32 {
+        format!("{}...", s.chars().take(32).collect::<String>())
+    } else {
+        s
+    }
+}
+
+fn quote_expr(e: &syn::Expr) -> String {
+    use quote::ToTokens;
+    e.to_token_stream()
+        .to_string()
+        .replace(" (", "(")
+        .replace("( ", "(")
+        .replace(" )", ")")
+        .replace(" ,", ",")
+        .replace(" [", "[")
+}
+
+struct Checker<'a> {
+    diags: &'a mut Diagnostics,
+    decls: Vec<Decl>,
+    uses: Vec<Use>,
+    /// Known once `heads` checked; used to evaluate per-head decay.
+    heads: Option<u32>,
+    /// Names whose item had a syntax error (already reported).
+    broken: Vec<String>,
+}
+
+impl Checker<'_> {
+    fn err(&mut self, span: Span, msg: impl Into<String>) {
+        self.diags.error(span, msg);
+    }
+    fn err_hint(&mut self, span: Span, msg: impl Into<String>, hint: impl Into<String>) {
+        self.diags.error_hint(span, msg, hint);
+    }
+    fn err_opt(&mut self, span: Span, msg: impl Into<String>, hint: Option<String>) {
+        let mut d = Diagnostic::new(span, msg);
+        d.hint = hint;
+        self.diags.push(d);
+    }
+
+    // ---------- literals ----------
+
+    /// Numbers take no Rust-style type suffix; `1e` lexes as `1` with suffix `e`.
+    fn bad_suffix(&mut self, span: Span, suffix: &str, digits: &str) {
+        if suffix.starts_with(['e', 'E']) {
+            self.err_hint(
+                span,
+                format!("malformed number `{digits}{suffix}`: the exponent has no digits"),
+                "write e.g. `1e-6` or `2.5e3`",
+            );
+        } else {
+            self.err_hint(
+                span,
+                format!("number suffix `{suffix}` is not allowed"),
+                format!("write `{digits}`"),
+            );
+        }
+    }
+
+    /// A non-negative integer literal (no suffix) for `what`.
+    fn uint(&mut self, e: &syn::Expr, what: &str) -> Option<u64> {
+        let ex = peel(e);
+        match ex {
+            syn::Expr::Lit(syn::ExprLit {
+                lit: syn::Lit::Int(l),
+                ..
+            }) => {
+                if !l.suffix().is_empty() {
+                    self.bad_suffix(l.span(), l.suffix(), l.base10_digits());
+                    return None;
+                }
+                match l.base10_parse::<u64>() {
+                    Ok(v) => Some(v),
+                    Err(_) => {
+                        self.err(
+                            l.span(),
+                            format!("integer `{}` is out of range for {what}", l),
+                        );
+                        None
+                    }
+                }
+            }
+            syn::Expr::Unary(syn::ExprUnary {
+                op: syn::UnOp::Neg(_),
+                ..
+            }) => {
+                self.err(
+                    ex.span(),
+                    format!("{what} must not be negative, found `{}`", show(ex)),
+                );
+                None
+            }
+            syn::Expr::Lit(syn::ExprLit {
+                lit: syn::Lit::Float(_),
+                ..
+            }) => {
+                self.err(
+                    ex.span(),
+                    format!("{what} must be an integer, found `{}`", show(ex)),
+                );
+                None
+            }
+            other => {
+                self.err(
+                    other.span(),
+                    format!(
+                        "expected an integer literal for {what}, found `{}`",
+                        show(other)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// An integer literal in `lo..=hi`.
+    fn uint_in(&mut self, e: &syn::Expr, what: &str, lo: u64, hi: u64) -> Option<u64> {
+        let v = self.uint(e, what)?;
+        if v < lo || v > hi {
+            let range = if hi >= u32::MAX as u64 {
+                format!("at least {lo}")
+            } else {
+                format!("between {lo} and {hi}")
+            };
+            self.err(peel(e).span(), format!("{what} must be {range}, found {v}"));
+            return None;
+        }
+        Some(v)
+    }
+
+    /// A positive finite number literal (int or float) for `what`.
+    fn positive_number(&mut self, e: &syn::Expr, what: &str) -> Option<f64> {
+        let ex = peel(e);
+        let v = match ex {
+            syn::Expr::Lit(syn::ExprLit {
+                lit: syn::Lit::Float(l),
+                ..
+            }) if l.suffix().is_empty() => l.base10_parse::<f64>().ok(),
+            syn::Expr::Lit(syn::ExprLit {
+                lit: syn::Lit::Int(l),
+                ..
+            }) if l.suffix().is_empty() => l.base10_parse::<u64>().ok().map(|v| v as f64),
+            _ => {
+                self.err(
+                    ex.span(),
+                    format!("expected a number for {what}, found `{}`", show(ex)),
+                );
+                return None;
+            }
+        };
+        match v {
+            Some(v) if v.is_finite() && v > 0.0 => Some(v),
+            _ => {
+                self.err(
+                    ex.span(),
+                    format!(
+                        "{what} must be a positive finite number, found `{}`",
+                        show(ex)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    // ---------- inputs ----------
+
+    fn declare(&mut self, it: &InputItem) {
+        let name = it.name.to_string();
+        if ["i", "j", "h", "s", "q", "k", "v", "o"].contains(&name.as_str()) {
+            self.err_hint(
+                it.name.span(),
+                format!("input name `{name}` is reserved"),
+                "`i`, `j`, `h`, `s` are expression variables and `q`, `k`, `v`, `o` the main tensors; pick another name",
+            );
+            self.broken.push(name);
+            return;
+        }
+        if let Some(first) = self.decls.iter().find(|d| d.name == name) {
+            let line = line_of(first.span);
+            self.err_hint(
+                it.name.span(),
+                format!("input `{name}` is declared twice"),
+                format!("first declared on line {line}"),
+            );
+            return;
+        }
+        let elem = match it.elem.to_string().as_str() {
+            "f32" => Some(ElemType::F32),
+            "i32" => Some(ElemType::I32),
+            other => {
+                let hint = if matches!(other, "f16" | "bf16" | "f64") {
+                    "extra inputs are `f32` (gates, filters, tables) or `i32` (segment ids)"
+                        .to_string()
+                } else {
+                    did_you_mean(other, ["f32", "i32"])
+                        .unwrap_or_else(|| "extra inputs are `f32` or `i32`".into())
+                };
+                self.err_hint(
+                    it.elem.span(),
+                    format!("unknown input element type `{other}`"),
+                    hint,
+                );
+                None
+            }
+        };
+        let mut dims = Vec::new();
+        let mut ok = true;
+        for d in &it.dims {
+            match d {
+                RawDim::Named(id) => match id.to_string().as_str() {
+                    "batch" => dims.push(Dim::Batch),
+                    "seq" => dims.push(Dim::Seq),
+                    "heads" => dims.push(Dim::Heads),
+                    "kv_heads" => dims.push(Dim::KvHeads),
+                    other => {
+                        ok = false;
+                        let hint = did_you_mean(other, ["batch", "seq", "heads", "kv_heads"])
+                            .unwrap_or_else(|| {
+                                "dims are `batch`, `seq`, `heads`, `kv_heads` or an integer".into()
+                            });
+                        self.err_hint(id.span(), format!("unknown dim `{other}`"), hint);
+                    }
+                },
+                RawDim::Fixed(lit) => {
+                    let e: syn::Expr = syn::Expr::Lit(syn::ExprLit {
+                        attrs: Vec::new(),
+                        lit: syn::Lit::new(lit.clone()),
+                    });
+                    match self.uint_in(&e, "a fixed dim", 1, u32::MAX as u64) {
+                        Some(n) => dims.push(Dim::Fixed(n)),
+                        None => ok = false,
+                    }
+                }
+            }
+        }
+        if let (Some(elem), true) = (elem, ok) {
+            self.decls.push(Decl {
+                name,
+                span: it.name.span(),
+                elem,
+                dims,
+                role: None,
+            });
+        } else {
+            // Already reported; its uses must not read as undeclared.
+            self.broken.push(name);
+        }
+    }
+
+    fn use_input(&mut self, name: &Ident, role: InputRole) {
+        self.uses.push(Use {
+            name: name.to_string(),
+            span: name.span(),
+            role,
+        });
+    }
+
+    /// Resolves every use against the declarations: existence, one role per
+    /// input, the shape each role needs, and unused declarations.
+    fn resolve_inputs(&mut self) -> Vec<InputDecl> {
+        let mut uses = std::mem::take(&mut self.uses);
+        // Roles are assigned in source order, so "used as X here but as Y
+        // on line N" always blames the later use.
+        uses.sort_by_key(|u| {
+            let p = u.span.start();
+            (p.line, p.column)
+        });
+        let mut suggested: Vec<String> = Vec::new();
+        for u in &uses {
+            if self.broken.contains(&u.name) {
+                continue;
+            }
+            let Some(idx) = self.decls.iter().position(|d| d.name == u.name) else {
+                let names: Vec<String> = self.decls.iter().map(|d| d.name.clone()).collect();
+                let close = suggest(&u.name, names.iter().map(String::as_str));
+                // A typo of a declared input: do not also call that one unused.
+                suggested.extend(close.map(str::to_string));
+                let hint = close
+                    .map(|c| format!("did you mean `{c}`?"))
+                    .unwrap_or_else(|| {
+                        format!("declare it: `input {}: {};`", u.name, role_shape(u.role))
+                    });
+                self.err_hint(u.span, format!("unknown input `{}`", u.name), hint);
+                continue;
+            };
+            let decl = &self.decls[idx];
+            if let Some((role, span)) = decl.role {
+                if role != u.role {
+                    let line = line_of(span);
+                    self.err_hint(
+                        u.span,
+                        format!(
+                            "input `{}` is used as {} here but as {} on line {line}",
+                            u.name,
+                            role_name(u.role),
+                            role_name(role)
+                        ),
+                        "an input has exactly one role; declare a separate input",
+                    );
+                }
+                continue;
+            }
+            let (elem, dims) = (decl.elem, decl.dims.clone());
+            let decl_span = decl.span;
+            let fits = match u.role {
+                InputRole::SegmentIds => elem == ElemType::I32 && dims == [Dim::Batch, Dim::Seq],
+                InputRole::Gate => {
+                    elem == ElemType::F32 && dims == [Dim::Batch, Dim::Seq, Dim::Heads]
+                }
+                InputRole::Filter => elem == ElemType::F32 && dims == [Dim::Heads, Dim::Seq],
+                InputRole::Table => elem == ElemType::F32,
+            };
+            if !fits {
+                self.err_hint(
+                    decl_span,
+                    format!(
+                        "input `{}` is used as {} (line {}) and must be `{}`, but is declared `{}`",
+                        u.name,
+                        role_name(u.role),
+                        line_of(u.span),
+                        role_shape(u.role),
+                        fmt_decl(elem, &dims)
+                    ),
+                    format!("declare it as `input {}: {};`", u.name, role_shape(u.role)),
+                );
+            }
+            self.decls[idx].role = Some((u.role, u.span));
+        }
+        let mut out = Vec::new();
+        let decls = std::mem::take(&mut self.decls);
+        for d in decls {
+            match d.role {
+                Some((role, _)) => out.push(InputDecl {
+                    name: d.name,
+                    elem: d.elem,
+                    dims: d.dims,
+                    role,
+                }),
+                None if suggested.contains(&d.name) => {}
+                None => self.err_hint(
+                    d.span,
+                    format!("input `{}` is declared but never used", d.name),
+                    "remove it, or read it in `bias`/`transform`, `mask = segment(..)`, `decay = gate(..)` or `score = filter(..)`",
+                ),
+            }
+        }
+        out
+    }
+
+    // ---------- scalar expressions ----------
+
+    /// Lowers and type-checks a scalar expression. Keeps going after an error
+    /// in one operand so sibling mistakes are reported too.
+    fn expr(&mut self, e: &syn::Expr, cx: Ctx) -> Option<(Expr, ScalarType)> {
+        use syn::Expr as E;
+        let key = cx.key();
+        match e {
+            E::Paren(p) => self.expr(&p.expr, cx),
+            E::Group(g) => self.expr(&g.expr, cx),
+            E::Lit(l) => self.literal(&l.lit),
+            E::Path(_) => {
+                let Some(id) = bare_ident(e) else {
+                    self.err(
+                        e.span(),
+                        format!("expected a variable, found path `{}`", show(e)),
+                    );
+                    return None;
+                };
+                self.var(id, cx)
+            }
+            E::Unary(u) => match u.op {
+                syn::UnOp::Neg(_) => {
+                    let (a, t) = self.expr(&u.expr, cx)?;
+                    Some((Expr::Unary(UnOp::Neg, Box::new(a)), t))
+                }
+                _ => {
+                    self.err_hint(
+                        u.span(),
+                        format!("unsupported operator in `{key}`"),
+                        "only unary `-` is allowed",
+                    );
+                    None
+                }
+            },
+            E::Binary(b) => {
+                use syn::BinOp as B;
+                let op = match b.op {
+                    B::Add(_) => Some(BinOp::Add),
+                    B::Sub(_) => Some(BinOp::Sub),
+                    B::Mul(_) => Some(BinOp::Mul),
+                    B::Div(_) => Some(BinOp::Div),
+                    B::Rem(_) => Some(BinOp::Rem),
+                    _ => None,
+                };
+                let l = self.expr(&b.left, cx);
+                let r = self.expr(&b.right, cx);
+                let Some(op) = op else {
+                    use quote::ToTokens;
+                    let sym = b.op.to_token_stream().to_string();
+                    let boolish = matches!(
+                        b.op,
+                        B::Eq(_)
+                            | B::Ne(_)
+                            | B::Lt(_)
+                            | B::Le(_)
+                            | B::Gt(_)
+                            | B::Ge(_)
+                            | B::And(_)
+                            | B::Or(_)
+                    );
+                    if boolish {
+                        self.err_hint(
+                            b.op.span(),
+                            format!("`{sym}` yields a bool, but `{key}` must be a number"),
+                            "comparisons and `&&`/`||` are only for masks; use `min`, `max`, `clamp` or `abs` in expressions",
+                        );
+                    } else {
+                        self.err_hint(
+                            b.op.span(),
+                            format!("operator `{sym}` is not supported in `{key}`"),
+                            "operators are `+`, `-`, `*`, `/` and `%`",
+                        );
+                    }
+                    return None;
+                };
+                let ((l, lt), (r, rt)) = (l?, r?);
+                let ty = match op {
+                    BinOp::Div => ScalarType::Float,
+                    BinOp::Rem => {
+                        if lt != ScalarType::Int || rt != ScalarType::Int {
+                            self.err_hint(
+                                b.op.span(),
+                                "`%` needs integer operands",
+                                "`%` is integer remainder; both sides must be integer expressions",
+                            );
+                            return None;
+                        }
+                        ScalarType::Int
+                    }
+                    _ if lt == ScalarType::Int && rt == ScalarType::Int => ScalarType::Int,
+                    _ => ScalarType::Float,
+                };
+                Some((Expr::Binary(op, Box::new(l), Box::new(r)), ty))
+            }
+            E::Call(c) => {
+                let Some(fid) = bare_ident(&c.func) else {
+                    self.err(
+                        c.func.span(),
+                        format!("expected a function name, found `{}`", show(&c.func)),
+                    );
+                    return None;
+                };
+                let fname = fid.to_string();
+                let args: Vec<Option<(Expr, ScalarType)>> =
+                    c.args.iter().map(|a| self.expr(a, cx)).collect();
+                let Some(f) = Func::from_name(&fname) else {
+                    let hint = did_you_mean(&fname, FUNCS.iter().copied())
+                        .unwrap_or_else(|| format!("functions are {}", list(FUNCS)));
+                    self.err_hint(fid.span(), format!("unknown function `{fname}`"), hint);
+                    return None;
+                };
+                if args.len() != f.arity() {
+                    let plural = if f.arity() == 1 { "" } else { "s" };
+                    self.err(
+                        c.span(),
+                        format!(
+                            "`{fname}` takes {} argument{plural}, found {}",
+                            f.arity(),
+                            args.len()
+                        ),
+                    );
+                    return None;
+                }
+                let args: Vec<(Expr, ScalarType)> = args.into_iter().collect::<Option<_>>()?;
+                let all_int = args.iter().all(|(_, t)| *t == ScalarType::Int);
+                if f == Func::AlibiSlope && !all_int {
+                    self.err_hint(
+                        c.args[0].span(),
+                        "`alibi_slope` takes a head index (an integer expression)",
+                        "write `alibi_slope(h)`",
+                    );
+                    return None;
+                }
+                let ty = match f {
+                    Func::Abs | Func::Min | Func::Max | Func::Clamp if all_int => ScalarType::Int,
+                    _ => ScalarType::Float,
+                };
+                Some((
+                    Expr::Call(f, args.into_iter().map(|(e, _)| e).collect()),
+                    ty,
+                ))
+            }
+            E::Index(_) => self.table_read(e, cx),
+            E::Cast(c) => {
+                self.err_hint(
+                    c.span(),
+                    format!("casts are not supported in `{key}`"),
+                    "integers convert to floats automatically when mixed with a float; `floor` rounds down",
+                );
+                None
+            }
+            other => {
+                self.err_hint(
+                    other.span(),
+                    format!("unsupported expression in `{key}`: `{}`", show(other)),
+                    "expressions use numbers, variables, `+ - * / %`, parentheses, function calls and `table[index]` reads",
+                );
+                None
+            }
+        }
+    }
+
+    fn literal(&mut self, lit: &syn::Lit) -> Option<(Expr, ScalarType)> {
+        match lit {
+            syn::Lit::Int(l) => {
+                if !l.suffix().is_empty() {
+                    self.bad_suffix(l.span(), l.suffix(), l.base10_digits());
+                    return None;
+                }
+                match l.base10_parse::<i64>() {
+                    Ok(v) => Some((Expr::Int(v), ScalarType::Int)),
+                    Err(_) => {
+                        self.err(l.span(), format!("integer `{l}` does not fit in 64 bits"));
+                        None
+                    }
+                }
+            }
+            syn::Lit::Float(l) => {
+                if !l.suffix().is_empty() {
+                    self.bad_suffix(l.span(), l.suffix(), l.base10_digits());
+                    return None;
+                }
+                match l.base10_parse::<f64>() {
+                    Ok(v) if v.is_finite() => Some((Expr::Float(v), ScalarType::Float)),
+                    _ => {
+                        self.err(l.span(), format!("float `{l}` is out of range"));
+                        None
+                    }
+                }
+            }
+            other => {
+                self.err(
+                    other.span(),
+                    "expected a number here, found a non-numeric literal",
+                );
+                None
+            }
+        }
+    }
+
+    fn var(&mut self, id: &Ident, cx: Ctx) -> Option<(Expr, ScalarType)> {
+        let name = id.to_string();
+        let key = cx.key();
+        let var = match name.as_str() {
+            "i" => Some((Var::I, ScalarType::Int)),
+            "j" => Some((Var::J, ScalarType::Int)),
+            "h" => Some((Var::H, ScalarType::Int)),
+            "s" => Some((Var::S, ScalarType::Float)),
+            _ => None,
+        };
+        if let Some((v, t)) = var {
+            if cx.vars().contains(&name.as_str()) {
+                return Some((Expr::Var(v), t));
+            }
+            match cx {
+                Ctx::Decay => self.err_hint(
+                    id.span(),
+                    format!("`decay` may not read `{name}`"),
+                    DECAY_HINT,
+                ),
+                Ctx::Scale => self.err_hint(
+                    id.span(),
+                    format!("`scale` must be a constant, but reads `{name}`"),
+                    "position- or head-dependent terms belong in `bias` or `transform`",
+                ),
+                _ => self.err_hint(
+                    id.span(),
+                    format!("`s` (the score) is only available in `transform`, not in `{key}`"),
+                    "`bias` is added to the score; use `transform = ...` to reshape it",
+                ),
+            }
+            return None;
+        }
+        if self.decls.iter().any(|d| d.name == name) {
+            // Counts as a (wrong) table read, so the input is not also "unused".
+            self.use_input(id, InputRole::Table);
+            self.err_hint(
+                id.span(),
+                format!("input `{name}` must be indexed to be read"),
+                format!("write `{name}[...]` with one index per dim"),
+            );
+            return None;
+        }
+        let mut cands: Vec<&str> = cx.vars().to_vec();
+        let names: Vec<String> = self.decls.iter().map(|d| d.name.clone()).collect();
+        cands.extend(names.iter().map(String::as_str));
+        let hint = suggest(&name, cands.iter().copied())
+            .map(|c| format!("did you mean `{c}`?"))
+            .or_else(|| match cx {
+                Ctx::Scale => Some("`scale` is a constant expression".to_string()),
+                _ => Some(format!("`{key}` can read {}", list(cx.vars()))),
+            });
+        self.err_opt(
+            id.span(),
+            format!("unknown variable `{name}` in `{key}`"),
+            hint,
+        );
+        None
+    }
+
+    fn table_read(&mut self, e: &syn::Expr, cx: Ctx) -> Option<(Expr, ScalarType)> {
+        // `t[a][b]` nests as Index(Index(t, a), b): unwind to the base name.
+        let mut idx_exprs = Vec::new();
+        let mut cur = e;
+        while let syn::Expr::Index(ix) = cur {
+            idx_exprs.push(&*ix.index);
+            cur = &ix.expr;
+        }
+        idx_exprs.reverse();
+        let Some(base) = bare_ident(cur) else {
+            self.err(
+                cur.span(),
+                format!("only inputs can be indexed, found `{}`", show(cur)),
+            );
+            return None;
+        };
+        let name = base.to_string();
+        if matches!(cx, Ctx::Decay | Ctx::Scale) {
+            self.use_input(base, InputRole::Table);
+            let hint = if cx == Ctx::Decay {
+                DECAY_HINT
+            } else {
+                "`scale` is a constant expression"
+            };
+            self.err_hint(
+                e.span(),
+                format!("`{}` may not read input tables", cx.key()),
+                hint,
+            );
+            return None;
+        }
+        let mut indices = Vec::new();
+        let mut ok = true;
+        for ie in &idx_exprs {
+            match self.expr(ie, cx) {
+                Some((x, ScalarType::Int)) => indices.push(x),
+                Some((_, ScalarType::Float)) => {
+                    ok = false;
+                    self.err_hint(
+                        ie.span(),
+                        format!("index of `{name}` must be an integer, found a float expression"),
+                        "indices are integer expressions of `i`, `j`, `h` and integer literals",
+                    );
+                }
+                None => ok = false,
+            }
+        }
+        self.use_input(base, InputRole::Table);
+        if let Some(d) = self.decls.iter().find(|d| d.name == name) {
+            if d.dims.len() != idx_exprs.len() {
+                let (want, got) = (d.dims.len(), idx_exprs.len());
+                let decl = fmt_decl(d.elem, &d.dims);
+                self.err_hint(
+                    e.span(),
+                    format!(
+                        "input `{name}` has {want} dim{} but is read with {got} ind{}",
+                        if want == 1 { "" } else { "s" },
+                        if got == 1 { "ex" } else { "ices" }
+                    ),
+                    format!("`{name}` is declared `{decl}`; write one `[index]` per dim"),
+                );
+                ok = false;
+            }
+        }
+        ok.then_some((
+            Expr::Index {
+                input: name,
+                indices,
+            },
+            ScalarType::Float,
+        ))
+    }
+
+    // ---------- keys ----------
+
+    fn dtype(&mut self, e: &syn::Expr) -> Option<DType> {
+        let names = ["f16", "bf16", "f32"];
+        match bare_ident(e) {
+            Some(id) => {
+                let s = id.to_string();
+                DType::parse(&s).or_else(|| {
+                    let hint = did_you_mean(&s, names)
+                        .unwrap_or_else(|| format!("dtypes are {}", list(&names)));
+                    self.err_hint(id.span(), format!("unknown dtype `{s}`"), hint);
+                    None
+                })
+            }
+            None => {
+                self.err_hint(
+                    e.span(),
+                    format!("expected a dtype, found `{}`", show(e)),
+                    format!("dtypes are {}", list(&names)),
+                );
+                None
+            }
+        }
+    }
+
+    fn feature_map(&mut self, e: &syn::Expr, want: &str) -> Option<FeatureMap> {
+        let bad = |me: &mut Self| {
+            me.err_hint(
+                e.span(),
+                format!("expected `{want}`, `elu1({want})` or `relu({want})`, found `{}`", show(e)),
+                "the score is `dot(Q, K)` with Q one of `q`, `elu1(q)`, `relu(q)` and K likewise with `k`",
+            );
+            None
+        };
+        if let Some(id) = bare_ident(e) {
+            return if id == want {
+                Some(FeatureMap::Identity)
+            } else {
+                bad(self)
+            };
+        }
+        let Some((f, args, _)) = as_call(e) else {
+            return bad(self);
+        };
+        let map = match f.to_string().as_str() {
+            "elu1" => FeatureMap::Elu1,
+            "relu" => FeatureMap::Relu,
+            other => {
+                let hint = did_you_mean(other, ["elu1", "relu"])
+                    .unwrap_or_else(|| "feature maps are `elu1` and `relu`".into());
+                self.err_hint(f.span(), format!("unknown feature map `{other}`"), hint);
+                return None;
+            }
+        };
+        match args.as_slice() {
+            [a] if bare_ident(a).is_some_and(|i| i == want) => Some(map),
+            _ => bad(self),
+        }
+    }
+
+    fn score(&mut self, e: &syn::Expr) -> Option<RawScore> {
+        let hint = "the score is `dot(q, k)` (optionally `elu1(..)`/`relu(..)` on each side) or `filter(NAME)`";
+        if let Some(id) = bare_ident(e) {
+            let s = id.to_string();
+            if s == "dot" || s == "filter" {
+                self.err_hint(id.span(), format!("`{s}` needs arguments"), hint);
+            } else {
+                let h = did_you_mean(&s, ["dot", "filter"]).unwrap_or_else(|| hint.into());
+                self.err_hint(id.span(), format!("unknown score `{s}`"), h);
+            }
+            return None;
+        }
+        let Some((f, args, span)) = as_call(e) else {
+            self.err_hint(
+                e.span(),
+                format!("expected a score, found `{}`", show(e)),
+                hint,
+            );
+            return None;
+        };
+        match f.to_string().as_str() {
+            "dot" => {
+                if args.len() != 2 {
+                    self.err_hint(
+                        span,
+                        format!("`dot` takes 2 arguments, found {}", args.len()),
+                        hint,
+                    );
+                    return None;
+                }
+                let q = self.feature_map(args[0], "q");
+                let k = self.feature_map(args[1], "k");
+                Some(RawScore::Dot(q?, k?))
+            }
+            "filter" => match args.as_slice() {
+                [a] => match bare_ident(a) {
+                    Some(id) => {
+                        self.use_input(id, InputRole::Filter);
+                        Some(RawScore::Filter(id.to_string(), span))
+                    }
+                    None => {
+                        self.err_hint(
+                            a.span(),
+                            "`filter` takes the name of an input",
+                            "write `filter(f)` with `input f: f32[heads, seq];`",
+                        );
+                        None
+                    }
+                },
+                _ => {
+                    self.err_hint(
+                        span,
+                        format!("`filter` takes 1 argument, found {}", args.len()),
+                        hint,
+                    );
+                    None
+                }
+            },
+            other => {
+                let h = did_you_mean(other, ["dot", "filter"]).unwrap_or_else(|| hint.into());
+                self.err_hint(f.span(), format!("unknown score `{other}`"), h);
+                None
+            }
+        }
+    }
+
+    fn mask(&mut self, e: &syn::Expr) -> Option<Mask> {
+        use syn::Expr as E;
+        let hint = || {
+            format!(
+                "masks are {}, combined with `&&`, `||` and parentheses",
+                list(MASKS)
+            )
+        };
+        match e {
+            E::Paren(p) => self.mask(&p.expr),
+            E::Group(g) => self.mask(&g.expr),
+            E::Binary(b) => {
+                let l = self.mask(&b.left);
+                let r = self.mask(&b.right);
+                match b.op {
+                    syn::BinOp::And(_) => Some(Mask::And(Box::new(l?), Box::new(r?))),
+                    syn::BinOp::Or(_) => Some(Mask::Or(Box::new(l?), Box::new(r?))),
+                    _ => {
+                        use quote::ToTokens;
+                        self.err_hint(
+                            b.op.span(),
+                            format!(
+                                "masks combine with `&&` and `||`, found `{}`",
+                                b.op.to_token_stream()
+                            ),
+                            hint(),
+                        );
+                        None
+                    }
+                }
+            }
+            E::Unary(u) => {
+                self.err_hint(
+                    u.span(),
+                    "masks cannot be negated or otherwise transformed",
+                    hint(),
+                );
+                None
+            }
+            E::Path(_) => {
+                let Some(id) = bare_ident(e) else {
+                    self.err_hint(
+                        e.span(),
+                        format!("expected a mask, found `{}`", show(e)),
+                        hint(),
+                    );
+                    return None;
+                };
+                match id.to_string().as_str() {
+                    "all" => Some(Mask::All),
+                    "causal" => Some(Mask::Causal),
+                    m @ ("window" | "prefix_lm" | "segment" | "dilated" | "block_sparse") => {
+                        let usage = mask_usage(m);
+                        self.err_hint(
+                            id.span(),
+                            format!("mask `{m}` needs arguments"),
+                            format!("write `{usage}`"),
+                        );
+                        None
+                    }
+                    other => {
+                        let h = did_you_mean(other, MASKS.iter().copied()).unwrap_or_else(hint);
+                        self.err_hint(id.span(), format!("unknown mask `{other}`"), h);
+                        None
+                    }
+                }
+            }
+            E::Call(_) => {
+                let Some((f, args, span)) = as_call(e) else {
+                    self.err_hint(
+                        e.span(),
+                        format!("expected a mask, found `{}`", show(e)),
+                        hint(),
+                    );
+                    return None;
+                };
+                let m = f.to_string();
+                let want_args = match m.as_str() {
+                    "all" | "causal" => 0,
+                    "block_sparse" => 3,
+                    "window" | "prefix_lm" | "segment" | "dilated" => 1,
+                    other => {
+                        let h = did_you_mean(other, MASKS.iter().copied()).unwrap_or_else(hint);
+                        self.err_hint(f.span(), format!("unknown mask `{other}`"), h);
+                        return None;
+                    }
+                };
+                if args.len() != want_args {
+                    let msg = if want_args == 0 {
+                        format!("mask `{m}` takes no arguments")
+                    } else {
+                        format!(
+                            "mask `{m}` takes {want_args} argument{}, found {}",
+                            if want_args == 1 { "" } else { "s" },
+                            args.len()
+                        )
+                    };
+                    let usage = mask_usage(&m);
+                    self.err_hint(span, msg, format!("write `{usage}`"));
+                    return None;
+                }
+                match m.as_str() {
+                    "window" => {
+                        let size = self.uint(args[0], "the window size")?;
+                        if size == 0 {
+                            self.err_hint(
+                                args[0].span(),
+                                "`window(0)` allows no key at all",
+                                "the window is `|i - j| < size`; use a size of at least 1",
+                            );
+                            return None;
+                        }
+                        Some(Mask::Window { size })
+                    }
+                    "prefix_lm" => Some(Mask::PrefixLm {
+                        prefix: self.uint(args[0], "the prefix length")?,
+                    }),
+                    "dilated" => {
+                        let rate = self.uint(args[0], "the dilation rate")?;
+                        if rate == 0 {
+                            self.err_hint(
+                                args[0].span(),
+                                "`dilated(0)` is undefined: the rate must be at least 1",
+                                "`dilated(r)` keeps keys with `(i - j) % r == 0`",
+                            );
+                            return None;
+                        }
+                        Some(Mask::Dilated { rate })
+                    }
+                    "segment" => match bare_ident(args[0]) {
+                        Some(id) => {
+                            self.use_input(id, InputRole::SegmentIds);
+                            Some(Mask::Segment {
+                                input: id.to_string(),
+                            })
+                        }
+                        None => {
+                            self.err_hint(
+                                args[0].span(),
+                                "`segment` takes the name of an input",
+                                "write `segment(doc)` with `input doc: i32[batch, seq];`",
+                            );
+                            None
+                        }
+                    },
+                    "block_sparse" => self.block_sparse(&args, span),
+                    _ => Some(if m == "all" { Mask::All } else { Mask::Causal }),
+                }
+            }
+            other => {
+                self.err_hint(
+                    other.span(),
+                    format!("expected a mask, found `{}`", show(other)),
+                    hint(),
+                );
+                None
+            }
+        }
+    }
+
+    fn block_sparse(&mut self, args: &[&syn::Expr], span: Span) -> Option<Mask> {
+        const NAMES: [&str; 3] = ["block", "local", "global"];
+        let usage = mask_usage("block_sparse");
+        let mut vals: [Option<u64>; 3] = [None; 3];
+        let mut ok = true;
+        for a in args {
+            let syn::Expr::Assign(asg) = peel(a) else {
+                self.err_hint(
+                    a.span(),
+                    "`block_sparse` takes named arguments",
+                    format!("write `{usage}`"),
+                );
+                ok = false;
+                continue;
+            };
+            let Some(id) = bare_ident(&asg.left) else {
+                self.err_hint(
+                    asg.left.span(),
+                    "expected an argument name",
+                    format!("write `{usage}`"),
+                );
+                ok = false;
+                continue;
+            };
+            let n = id.to_string();
+            let Some(slot) = NAMES.iter().position(|x| *x == n) else {
+                let h = did_you_mean(&n, NAMES).unwrap_or_else(|| format!("write `{usage}`"));
+                self.err_hint(
+                    id.span(),
+                    format!("unknown `block_sparse` argument `{n}`"),
+                    h,
+                );
+                ok = false;
+                continue;
+            };
+            if vals[slot].is_some() {
+                self.err(id.span(), format!("`{n}` is given twice"));
+                ok = false;
+                continue;
+            }
+            match self.uint(&asg.right, &format!("`{n}`")) {
+                Some(v) => vals[slot] = Some(v),
+                None => ok = false,
+            }
+        }
+        if !ok {
+            return None;
+        }
+        let missing: Vec<&str> = NAMES
+            .iter()
+            .zip(vals.iter())
+            .filter(|(_, v)| v.is_none())
+            .map(|(n, _)| *n)
+            .collect();
+        if !missing.is_empty() {
+            self.err_hint(
+                span,
+                format!("`block_sparse` is missing {}", list(&missing)),
+                format!("write `{usage}`"),
+            );
+            return None;
+        }
+        let (block, local, global) = (vals[0]?, vals[1]?, vals[2]?);
+        if block == 0 {
+            self.err(
+                args[0].span(),
+                "`block_sparse` block size must be at least 1, found 0",
+            );
+            return None;
+        }
+        if local == 0 && global == 0 {
+            self.err_hint(
+                span,
+                "`block_sparse` with `local = 0` and `global = 0` allows no key",
+                "`local = 1` keeps each query's own block",
+            );
+            return None;
+        }
+        Some(Mask::BlockSparse {
+            block,
+            local,
+            global,
+        })
+    }
+
+    fn norm(&mut self, e: &syn::Expr) -> Option<Norm> {
+        let names = ["softmax", "sum", "none"];
+        let hint = "norms are `softmax`, `sum`, `sum(eps = 1e-6)` and `none`";
+        if let Some(id) = bare_ident(e) {
+            return match id.to_string().as_str() {
+                "softmax" => Some(Norm::Softmax),
+                "sum" => Some(Norm::Sum { eps: 1e-6 }),
+                "none" => Some(Norm::None),
+                other => {
+                    let h = did_you_mean(other, names).unwrap_or_else(|| hint.into());
+                    self.err_hint(id.span(), format!("unknown norm `{other}`"), h);
+                    None
+                }
+            };
+        }
+        let Some((f, args, span)) = as_call(e) else {
+            self.err_hint(
+                e.span(),
+                format!("expected a norm, found `{}`", show(e)),
+                hint,
+            );
+            return None;
+        };
+        if f != "sum" {
+            let s = f.to_string();
+            if names.contains(&s.as_str()) {
+                self.err_hint(span, format!("norm `{s}` takes no arguments"), hint);
+            } else {
+                let h = did_you_mean(&s, names).unwrap_or_else(|| hint.into());
+                self.err_hint(f.span(), format!("unknown norm `{s}`"), h);
+            }
+            return None;
+        }
+        let [arg] = args.as_slice() else {
+            self.err_hint(span, "`sum` takes one argument, `eps = NUMBER`", hint);
+            return None;
+        };
+        match peel(arg) {
+            syn::Expr::Assign(a) if bare_ident(&a.left).is_some_and(|i| i == "eps") => {
+                let eps = self.positive_number(&a.right, "`eps`")?;
+                Some(Norm::Sum { eps })
+            }
+            other => {
+                self.err_hint(
+                    other.span(),
+                    "`sum` takes one argument, `eps = NUMBER`",
+                    "write `sum(eps = 1e-6)`",
+                );
+                None
+            }
+        }
+    }
+
+    fn decay(&mut self, e: &syn::Expr) -> Option<Decay> {
+        if let Some((f, args, span)) = as_call(e) {
+            if f == "gate" {
+                return match args.as_slice() {
+                    [a] => match bare_ident(a) {
+                        Some(id) => {
+                            self.use_input(id, InputRole::Gate);
+                            Some(Decay::Gate {
+                                input: id.to_string(),
+                            })
+                        }
+                        None => {
+                            self.err_hint(
+                                a.span(),
+                                "`gate` takes the name of an input",
+                                "write `gate(g)` with `input g: f32[batch, seq, heads];`",
+                            );
+                            None
+                        }
+                    },
+                    _ => {
+                        self.err_hint(
+                            span,
+                            format!("`gate` takes 1 argument, found {}", args.len()),
+                            "write `gate(g)` with `input g: f32[batch, seq, heads];`",
+                        );
+                        None
+                    }
+                };
+            }
+        }
+        let (x, _) = self.expr(e, Ctx::Decay)?;
+        // gamma must lie in (0, 1] for every head, or the recurrence blows up.
+        if let Some(heads) = self.heads {
+            let lookup = |_: &str, _: &[i64]| 0.0;
+            for h in 0..heads {
+                let env = EvalEnv {
+                    i: 0,
+                    j: 0,
+                    h: h as i64,
+                    s: 0.0,
+                    heads,
+                    lookup: &lookup,
+                };
+                let g = x.eval_f64(&env);
+                if !(g > 0.0 && g <= 1.0) {
+                    self.err_hint(
+                        e.span(),
+                        format!("decay evaluates to {g} for head {h}; it must lie in (0, 1]"),
+                        "gamma_h is the factor applied per step: e.g. `1.0 - pow(2.0, -5.0 - h)`",
+                    );
+                    return None;
+                }
+            }
+        }
+        Some(Decay::PerHead(x))
+    }
+
+    fn scale(&mut self, e: &syn::Expr) -> Option<f64> {
+        let (x, _) = self.expr(e, Ctx::Scale)?;
+        let lookup = |_: &str, _: &[i64]| 0.0;
+        let env = EvalEnv {
+            i: 0,
+            j: 0,
+            h: 0,
+            s: 0.0,
+            heads: self.heads.unwrap_or(1),
+            lookup: &lookup,
+        };
+        let v = x.eval_f64(&env);
+        if !(v.is_finite() && v > 0.0) {
+            self.err(
+                e.span(),
+                format!("`scale` must be a positive finite number, but evaluates to {v}"),
+            );
+            return None;
+        }
+        Some(v)
+    }
+}
+
+enum RawScore {
+    Dot(FeatureMap, FeatureMap),
+    Filter(String, Span),
+}
+
+fn mask_usage(m: &str) -> &'static str {
+    match m {
+        "window" => "window(SIZE)",
+        "prefix_lm" => "prefix_lm(LEN)",
+        "segment" => "segment(NAME)",
+        "dilated" => "dilated(RATE)",
+        "block_sparse" => "block_sparse(block = B, local = L, global = G)",
+        "all" => "all",
+        _ => "causal",
+    }
+}
+
+fn list(items: &[&str]) -> String {
+    let q: Vec<String> = items.iter().map(|s| format!("`{s}`")).collect();
+    match q.len() {
+        0 => "nothing".into(),
+        1 => q[0].clone(),
+        n => format!("{} and {}", q[..n - 1].join(", "), q[n - 1]),
+    }
+}
+
+/// Validates a parsed spec. Returns `None` iff at least one error was recorded.
+pub(crate) fn check(raw: RawSpec, diags: &mut Diagnostics) -> Option<MixerSpec> {
+    let errors_before = diags.len();
+    let mut ck = Checker {
+        diags,
+        decls: Vec::new(),
+        uses: Vec::new(),
+        heads: None,
+        broken: raw.broken.clone(),
+    };
+
+    // Inputs first: expressions need their dims wherever they are declared.
+    let mut keys: Vec<(&'static str, &KeyItem)> = Vec::new();
+    for item in &raw.items {
+        match item {
+            Item::Input(it) => ck.declare(it),
+            Item::Key(k) => {
+                let name = k.key.to_string();
+                let Some(known) = KEYS.iter().find(|x| **x == name) else {
+                    let hint = did_you_mean(&name, KEYS.iter().copied())
+                        .unwrap_or_else(|| format!("keys are {}", list(KEYS)));
+                    ck.err_hint(k.key.span(), format!("unknown key `{name}`"), hint);
+                    continue;
+                };
+                if let Some((_, first)) = keys.iter().find(|(n, _)| *n == *known) {
+                    let line = line_of(first.key.span());
+                    ck.err_hint(
+                        k.key.span(),
+                        format!("duplicate key `{name}`"),
+                        format!("`{name}` is already set on line {line}; remove one"),
+                    );
+                    continue;
+                }
+                keys.push((known, k));
+            }
+        }
+    }
+    let get = |n: &str| keys.iter().find(|(k, _)| *k == n).map(|(_, v)| *v);
+
+    let heads = get("heads").and_then(|k| ck.uint_in(&k.value, "`heads`", 1, MAX_HEADS));
+    ck.heads = heads.map(|h| h as u32);
+    let kv_heads = get("kv_heads").and_then(|k| ck.uint_in(&k.value, "`kv_heads`", 1, MAX_HEADS));
+    let head_dim =
+        get("head_dim").and_then(|k| ck.uint_in(&k.value, "`head_dim`", 1, MAX_HEAD_DIM));
+    let value_dim =
+        get("value_dim").and_then(|k| ck.uint_in(&k.value, "`value_dim`", 1, MAX_HEAD_DIM));
+    let dtype = get("dtype").map(|k| ck.dtype(&k.value));
+    let score = get("score").map(|k| ck.score(&k.value));
+    let scale = get("scale").map(|k| ck.scale(&k.value));
+    let bias = get("bias").map(|k| ck.expr(&k.value, Ctx::Bias));
+    let transform = get("transform").map(|k| ck.expr(&k.value, Ctx::Transform));
+    let mask = get("mask").map(|k| ck.mask(&k.value));
+    let decay = get("decay").map(|k| ck.decay(&k.value));
+    let norm = get("norm").map(|k| ck.norm(&k.value));
+    let inputs = ck.resolve_inputs();
+
+    for key in ["heads", "head_dim"] {
+        if get(key).is_none() && !raw.broken.iter().any(|b| b == key) {
+            let what = if key == "heads" {
+                "`heads = N;` (the number of query heads)"
+            } else {
+                "`head_dim = D;` (the width of q and k)"
+            };
+            ck.err_hint(
+                raw.name.span(),
+                format!("missing required key `{key}`"),
+                format!("add {what}"),
+            );
+        }
+    }
+
+    // Cross-key rules, on the values that checked out individually.
+    let span_of = |n: &str| get(n).map(|k| k.value.span());
+    if let (Some(h), Some(kv)) = (heads, kv_heads) {
+        if h % kv != 0 {
+            ck.err_hint(
+                span_of("kv_heads").unwrap_or_else(Span::call_site),
+                format!("`kv_heads` = {kv} does not divide `heads` = {h}"),
+                "each kv head serves `heads / kv_heads` query heads; pick a divisor of `heads`",
+            );
+        }
+    }
+    let mask_v = mask.clone().flatten().unwrap_or(Mask::All);
+    let norm_v = norm.flatten().unwrap_or(Norm::Softmax);
+    // A key that failed its own check is not blamed again by cross-key rules.
+    let is_broken = |k: &str| raw.broken.iter().any(|b| b == k);
+    let mask_ok = mask.as_ref().map_or(!is_broken("mask"), |m| m.is_some());
+    let norm_ok = norm.map_or(!is_broken("norm"), |n| n.is_some());
+    let causal_hint = |m: Option<&KeyItem>| match m {
+        Some(k) => format!("write `mask = causal && {};`", show(&k.value)),
+        None => "add `mask = causal;`".to_string(),
+    };
+    if let Some(Some(RawScore::Filter(_, fspan))) = &score {
+        let fspan = *fspan;
+        if mask_ok && !mask_v.implies_causal() {
+            ck.err_hint(
+                fspan,
+                "`filter` (a causal convolution) needs a causal mask",
+                causal_hint(get("mask")),
+            );
+        }
+        if norm_ok && norm_v == Norm::Softmax {
+            let at = span_of("norm").unwrap_or(fspan);
+            ck.err_hint(
+                at,
+                "`filter` cannot be combined with softmax normalisation",
+                "the convolution family sums `f[h, i - j] v_j` directly: use `norm = none;` (or `sum`)",
+            );
+        }
+        for key in ["bias", "transform", "decay", "scale"] {
+            if let Some(k) = get(key) {
+                ck.err_hint(
+                    k.key.span(),
+                    format!("`{key}` cannot be combined with `score = filter(..)`"),
+                    "the convolution weight is the filter tap itself; remove this key",
+                );
+            }
+        }
+    }
+    if let Some(Some(_)) = &decay {
+        let dspan = span_of("decay").unwrap_or_else(Span::call_site);
+        if mask_ok && !mask_v.implies_causal() {
+            ck.err_hint(
+                dspan,
+                "`decay` needs a causal mask (the decay product runs from key j to query i)",
+                causal_hint(get("mask")),
+            );
+        }
+        if norm_ok && norm_v == Norm::Softmax {
+            ck.err_hint(
+                dspan,
+                "`decay` with softmax normalisation is not supported",
+                "decayed families (retention, gated) use `norm = none;` or `norm = sum;`",
+            );
+        }
+    }
+
+    if ck.diags.len() > errors_before {
+        return None;
+    }
+
+    // Everything checked out: assemble, applying defaults.
+    let heads = heads? as u32;
+    let head_dim = head_dim? as u32;
+    let score = match score.flatten() {
+        Some(RawScore::Filter(input, _)) => Score::Filter { input },
+        Some(RawScore::Dot(q_map, k_map)) => Score::Dot {
+            q_map,
+            k_map,
+            scale: 0.0,
+        },
+        None => Score::Dot {
+            q_map: FeatureMap::Identity,
+            k_map: FeatureMap::Identity,
+            scale: 0.0,
+        },
+    };
+    let score = match score {
+        Score::Dot { q_map, k_map, .. } => Score::Dot {
+            q_map,
+            k_map,
+            scale: scale.flatten().unwrap_or(if norm_v == Norm::Softmax {
+                1.0 / (head_dim as f64).sqrt()
+            } else {
+                1.0
+            }),
+        },
+        f => f,
+    };
+    let decay = decay.flatten().unwrap_or(Decay::None);
+    let family = match (&score, norm_v, &decay) {
+        (Score::Filter { .. }, _, _) => Family::Convolution,
+        (_, Norm::Softmax, _) => Family::Softmax,
+        (_, _, Decay::PerHead(_)) => Family::Retention,
+        (_, _, Decay::Gate { .. }) => Family::Gated,
+        (_, _, Decay::None) => Family::Linear,
+    };
+    Some(MixerSpec {
+        name: raw.name.to_string(),
+        heads,
+        kv_heads: kv_heads.map(|v| v as u32).unwrap_or(heads),
+        head_dim,
+        value_dim: value_dim.map(|v| v as u32).unwrap_or(head_dim),
+        dtype: dtype.flatten().unwrap_or(DType::Bf16),
+        inputs,
+        score,
+        bias: bias.flatten().map(|(e, _)| e),
+        transform: transform.flatten().map(|(e, _)| e),
+        mask: mask_v,
+        decay,
+        norm: norm_v,
+        family,
+    })
+}

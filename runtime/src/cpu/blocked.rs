@@ -1,0 +1,427 @@
+//! The blocked quadratic path (softmax, and every linear-family mask the
+//! chunkwise form does not cover, and the convolution family as a blocked
+//! Toeplitz product): ring steps over key/value shards, tiles from the
+//! `BlockPlan`, online softmax per tile, exact merges of per-step partials.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use mixc_codegen::plan::{BlockClass, BlockPlan, ClassCounts, RowPlan};
+use mixc_dsl::ir::{Decay, Norm, Score};
+use rayon::prelude::*;
+
+use super::real::{axpy, scale, score_tile, transpose, Real};
+use super::{Ctx, RankOutput, RankStats};
+use crate::error::Result;
+use crate::ring::{Endpoint, RingSchedule};
+
+/// A key/value shard as it travels the ring: k (feature map applied) and v,
+/// laid out `[batch][kv_head][position][dim]` so a key tile is contiguous.
+pub(super) struct KvShard<T> {
+    ranges: Vec<Range<usize>>,
+    /// Local index of each range's first position.
+    offsets: Vec<usize>,
+    n: usize,
+    k: Vec<T>,
+    v: Vec<T>,
+}
+
+fn offsets(ranges: &[Range<usize>]) -> (Vec<usize>, usize) {
+    let mut acc = 0;
+    let offs = ranges
+        .iter()
+        .map(|r| {
+            let o = acc;
+            acc += r.len();
+            o
+        })
+        .collect();
+    (offs, acc)
+}
+
+impl<T: Real> KvShard<T> {
+    fn build(ctx: &Ctx<'_, T>, ranges: &[Range<usize>]) -> Self {
+        let (offs, n) = offsets(ranges);
+        let (b_, kvh_, dk, dv) = (ctx.batch, ctx.kv_heads, ctx.dk, ctx.dv);
+        let with_k = matches!(ctx.spec.score, Score::Dot { .. });
+        let mut k = vec![T::ZERO; if with_k { b_ * kvh_ * n * dk } else { 0 }];
+        let mut v = vec![T::ZERO; b_ * kvh_ * n * dv];
+        for b in 0..b_ {
+            for kvh in 0..kvh_ {
+                for (r, &off) in ranges.iter().zip(&offs) {
+                    for (t, pos) in r.clone().enumerate() {
+                        let local = ((b * kvh_ + kvh) * n) + off + t;
+                        if with_k {
+                            let src = ctx.inputs.k.offset(&[b, pos, kvh, 0]);
+                            for d in 0..dk {
+                                let x = ctx.inputs.k.data[src + d] as f64;
+                                k[local * dk + d] = T::from_f64(ctx.k_map.apply(x));
+                            }
+                        }
+                        let src = ctx.inputs.v.offset(&[b, pos, kvh, 0]);
+                        for d in 0..dv {
+                            v[local * dv + d] = T::from_f64(ctx.inputs.v.data[src + d] as f64);
+                        }
+                    }
+                }
+            }
+        }
+        KvShard {
+            ranges: ranges.to_vec(),
+            offsets: offs,
+            n,
+            k,
+            v,
+        }
+    }
+}
+
+/// A rank's running result for its queries, `[batch][head][position]`:
+/// unnormalised output `o`, row max `m` (softmax only) and row sum `l`.
+pub(super) struct Acc<T> {
+    pub o: Vec<T>,
+    pub m: Vec<T>,
+    pub l: Vec<T>,
+}
+
+/// One unit of parallel work: a query block of one (batch, head).
+struct Item<'s, T> {
+    b: usize,
+    h: usize,
+    qr: usize,
+    qb: usize,
+    o: &'s mut [T],
+    m: &'s mut [T],
+    l: &'s mut [T],
+}
+
+pub(super) fn rank_main<T: Real>(
+    ctx: &Ctx<'_, T>,
+    sched: &RingSchedule,
+    ep: Endpoint<Arc<KvShard<T>>>,
+) -> Result<RankOutput<T>> {
+    let r = ep.rank;
+    let q_ranges = sched.shard(r).to_vec();
+    let (_, nq) = offsets(&q_ranges);
+    let (bh, dv) = (ctx.batch * ctx.heads, ctx.dv);
+    let mut acc = Acc {
+        o: vec![T::ZERO; bh * nq * dv],
+        m: vec![T::NEG_INF; bh * nq],
+        l: vec![T::ZERO; bh * nq],
+    };
+    let mut stats = RankStats::default();
+    let mut held = Arc::new(KvShard::build(ctx, sched.shard(r)));
+    for step in 0..sched.ranks {
+        // Pass the shard on before computing with it, so the transfer overlaps
+        // the computation (double buffering: `held` and the one in flight).
+        if step + 1 < sched.ranks {
+            ep.send_next(Arc::clone(&held))?;
+        }
+        let plans: Vec<Vec<BlockPlan>> = q_ranges
+            .iter()
+            .map(|q| {
+                held.ranges
+                    .iter()
+                    .map(|k| BlockPlan::new(&ctx.spec.mask, ctx.tiling, q.clone(), k.clone()))
+                    .collect()
+            })
+            .collect();
+        // Without segment ids the plan is the same for every batch row.
+        let rows_to_check = if ctx.segs.first().is_some_and(|s| s.entries.is_empty()) {
+            ctx.batch.min(1)
+        } else {
+            ctx.batch
+        };
+        let empty =
+            (0..rows_to_check).all(|b| plans.iter().flatten().all(|p| p.is_empty(&ctx.segs[b])));
+        if empty {
+            stats.steps_skipped += 1;
+        } else {
+            stats.steps_computed += 1;
+            let s = step_compute(ctx, &plans, &held, &mut acc, nq);
+            stats.pairs += s.pairs;
+            stats.tiles.full += s.tiles.full;
+            stats.tiles.partial += s.tiles.partial;
+            stats.tiles.skip += s.tiles.skip;
+        }
+        if step + 1 < sched.ranks {
+            held = ep.recv()?;
+        }
+    }
+    let y = finalize(ctx, acc, nq);
+    Ok(RankOutput {
+        ranges: q_ranges,
+        y,
+        stats,
+    })
+}
+
+/// Normalised outputs `[batch][head][position][dv]` of a rank.
+/// Consumes the accumulator so the output reuses its buffer.
+fn finalize<T: Real>(ctx: &Ctx<'_, T>, acc: Acc<T>, nq: usize) -> Vec<T> {
+    let dv = ctx.dv;
+    let mut y = acc.o;
+    for (row, yr) in y.chunks_mut(dv).enumerate() {
+        let l = acc.l[row];
+        match ctx.spec.norm {
+            Norm::Softmax => {
+                // No visible key: m stays -inf and the row is exactly 0.
+                if acc.m[row] == T::NEG_INF || l == T::ZERO {
+                    yr.iter_mut().for_each(|x| *x = T::ZERO);
+                } else {
+                    scale(yr, T::ONE / l);
+                }
+            }
+            Norm::Sum { eps } => scale(yr, T::ONE / (l + T::from_f64(eps))),
+            Norm::None => {}
+        }
+    }
+    debug_assert_eq!(y.len(), ctx.batch * ctx.heads * nq * dv);
+    y
+}
+
+#[derive(Default)]
+struct StepStats {
+    pairs: u64,
+    tiles: ClassCounts,
+}
+
+fn step_compute<T: Real>(
+    ctx: &Ctx<'_, T>,
+    plans: &[Vec<BlockPlan>],
+    shard: &KvShard<T>,
+    acc: &mut Acc<T>,
+    nq: usize,
+) -> StepStats {
+    let dv = ctx.dv;
+    let mut items = Vec::new();
+    let per_bh = acc
+        .o
+        .chunks_mut(nq * dv)
+        .zip(acc.m.chunks_mut(nq))
+        .zip(acc.l.chunks_mut(nq));
+    for (bh, ((mut o, mut m), mut l)) in per_bh.enumerate() {
+        for (qr, row_plans) in plans.iter().enumerate() {
+            let plan = &row_plans[0];
+            for qb in 0..plan.num_query_blocks() {
+                let len = plan.query_block(qb).len();
+                let (o1, o2) = std::mem::take(&mut o).split_at_mut(len * dv);
+                let (m1, m2) = std::mem::take(&mut m).split_at_mut(len);
+                let (l1, l2) = std::mem::take(&mut l).split_at_mut(len);
+                (o, m, l) = (o2, m2, l2);
+                items.push(Item {
+                    b: bh / ctx.heads,
+                    h: bh % ctx.heads,
+                    qr,
+                    qb,
+                    o: o1,
+                    m: m1,
+                    l: l1,
+                });
+            }
+        }
+    }
+    ctx.pool.install(|| {
+        items
+            .into_par_iter()
+            .map(|it| compute_item(ctx, plans, shard, it))
+            .reduce(StepStats::default, |a, b| StepStats {
+                pairs: a.pairs + b.pairs,
+                tiles: ClassCounts {
+                    skip: a.tiles.skip + b.tiles.skip,
+                    full: a.tiles.full + b.tiles.full,
+                    partial: a.tiles.partial + b.tiles.partial,
+                },
+            })
+    })
+}
+
+/// Computes one query block's partial over the held shard, then merges it
+/// into the rank's accumulator exactly as partials from different ranks merge.
+fn compute_item<T: Real>(
+    ctx: &Ctx<'_, T>,
+    plans: &[Vec<BlockPlan>],
+    shard: &KvShard<T>,
+    it: Item<'_, T>,
+) -> StepStats {
+    let (b, h) = (it.b, it.h);
+    let segs = &ctx.segs[b];
+    let row_plans = &plans[it.qr];
+    let rows: Vec<RowPlan> = row_plans.iter().map(|p| p.row(it.qb, segs)).collect();
+    let mut stats = StepStats::default();
+    for r in &rows {
+        let c = r.counts();
+        stats.pairs += r.pairs_computed;
+        stats.tiles.full += c.full;
+        stats.tiles.partial += c.partial;
+        stats.tiles.skip += c.skip;
+    }
+    if rows.iter().all(|r| r.k_blocks.is_empty()) {
+        return stats;
+    }
+    let q = row_plans[0].query_block(it.qb);
+    let nrows = q.len();
+    let (dk, dv) = (ctx.dk, ctx.dv);
+    let kvh = ctx.spec.kv_head_of(h as u32) as usize;
+    let softmax = matches!(ctx.spec.norm, Norm::Softmax);
+
+    // The query tile, feature map and scale applied once.
+    let mut qbuf = vec![T::ZERO; nrows * dk];
+    if let Score::Dot { q_map, scale, .. } = &ctx.spec.score {
+        for (r, i) in q.clone().enumerate() {
+            let src = ctx.inputs.q.offset(&[b, i, h, 0]);
+            for d in 0..dk {
+                let x = q_map.apply(ctx.inputs.q.data[src + d] as f64) * scale;
+                qbuf[r * dk + d] = T::from_f64(x);
+            }
+        }
+    }
+    let mut po = vec![T::ZERO; nrows * dv];
+    let mut pm = vec![T::NEG_INF; nrows];
+    let mut pl = vec![T::ZERO; nrows];
+    let bn = ctx.tiling.block_n;
+    let mut srow = vec![T::ZERO; bn];
+    let mut valid = vec![true; bn];
+    // Scratch for the transposed key tile and the raw score tile.
+    let mut ktt = vec![T::ZERO; dk * bn];
+    let mut stile = vec![T::ZERO; nrows * bn];
+    let seg = |name: &str, pos: i64| ctx.inputs.extra[name].get_clamped(&[b as i64, pos]) as i64;
+    let bias = ctx.bias[h].as_ref();
+    let transform = ctx.transform[h].as_ref();
+
+    for ((row, plan), (&k_off, k_range)) in rows
+        .iter()
+        .zip(row_plans)
+        .zip(shard.offsets.iter().zip(&shard.ranges))
+    {
+        for (keys, class) in row.tiles(plan) {
+            let kn = keys.len();
+            let base = (b * ctx.kv_heads + kvh) * shard.n + k_off + keys.start - k_range.start;
+            let vt = &shard.v[base * dv..(base + kn) * dv];
+            let kt = if shard.k.is_empty() {
+                &[][..]
+            } else {
+                &shard.k[base * dk..(base + kn) * dk]
+            };
+            if !kt.is_empty() {
+                transpose(kt, kn, dk, &mut ktt);
+                score_tile(&qbuf, nrows, dk, &ktt, kn, &mut stile);
+            }
+            for r in 0..nrows {
+                let i = q.start + r;
+                let partial = class == BlockClass::Partial;
+                for c in 0..kn {
+                    let j = keys.start + c;
+                    valid[c] = !partial || ctx.spec.mask.allows(i as i64, j as i64, &seg);
+                    if !valid[c] {
+                        continue;
+                    }
+                    srow[c] = match &ctx.filter {
+                        Some(f) => f[h * ctx.filter_len + (i - j).min(ctx.filter_len - 1)],
+                        None => {
+                            let mut s = stile[r * kn + c];
+                            if bias.is_some() || transform.is_some() {
+                                let mut sf = s.to_f64();
+                                if let Some(e) = bias {
+                                    sf += e.eval_f64(i as i64, j as i64, 0.0);
+                                }
+                                if let Some(e) = transform {
+                                    sf = e.eval_f64(i as i64, j as i64, sf);
+                                }
+                                s = T::from_f64(sf);
+                            }
+                            if ctx.has_decay {
+                                s *= T::from_f64(ctx.decay(b, h, i, j));
+                            }
+                            s
+                        }
+                    };
+                }
+                let out = &mut po[r * dv..(r + 1) * dv];
+                if softmax {
+                    let mut mx = T::NEG_INF;
+                    for c in 0..kn {
+                        if valid[c] {
+                            mx = mx.max(srow[c]);
+                        }
+                    }
+                    if mx == T::NEG_INF {
+                        continue;
+                    }
+                    let m_new = pm[r].max(mx);
+                    let alpha = (pm[r] - m_new).exp();
+                    if alpha != T::ONE {
+                        scale(out, alpha);
+                        pl[r] *= alpha;
+                    }
+                    pm[r] = m_new;
+                    for c in 0..kn {
+                        if valid[c] {
+                            let p = (srow[c] - m_new).exp();
+                            pl[r] += p;
+                            axpy(out, p, &vt[c * dv..(c + 1) * dv]);
+                        }
+                    }
+                } else {
+                    for c in 0..kn {
+                        if valid[c] {
+                            pl[r] += srow[c];
+                            axpy(out, srow[c], &vt[c * dv..(c + 1) * dv]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    merge(softmax, &po, &pm, &pl, it.o, it.m, it.l, dv);
+    stats
+}
+
+/// Merges a partial `(po, pm, pl)` into `(o, m, l)`: the online-softmax merge
+/// for softmax (`m = max`, both sides rescaled by `e^(m_side - m)`), plain
+/// addition for sum / none.
+#[allow(clippy::too_many_arguments)]
+fn merge<T: Real>(
+    softmax: bool,
+    po: &[T],
+    pm: &[T],
+    pl: &[T],
+    o: &mut [T],
+    m: &mut [T],
+    l: &mut [T],
+    dv: usize,
+) {
+    for r in 0..pm.len() {
+        let (src, dst) = (&po[r * dv..(r + 1) * dv], &mut o[r * dv..(r + 1) * dv]);
+        if !softmax {
+            dst.iter_mut().zip(src).for_each(|(d, s)| *d += *s);
+            l[r] += pl[r];
+            continue;
+        }
+        if pm[r] == T::NEG_INF {
+            continue; // the partial saw no key
+        }
+        let m_new = m[r].max(pm[r]);
+        let (a1, a2) = ((m[r] - m_new).exp(), (pm[r] - m_new).exp());
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = *d * a1 + *s * a2;
+        }
+        l[r] = l[r] * a1 + pl[r] * a2;
+        m[r] = m_new;
+    }
+}
+
+impl<T: Real> Ctx<'_, T> {
+    /// `D(i, j)` for `j <= i` on the blocked path.
+    #[inline]
+    fn decay(&self, b: usize, h: usize, i: usize, j: usize) -> f64 {
+        match &self.spec.decay {
+            Decay::None => 1.0,
+            Decay::PerHead(_) => (self.log_gamma[h] * (i - j) as f64).exp(),
+            Decay::Gate { .. } => {
+                let c = &self.gate_cum[(b * self.heads + h) * self.seq..][..self.seq];
+                (c[i] - c[j]).exp()
+            }
+        }
+    }
+}

@@ -1,0 +1,508 @@
+//! The CPU backend: the same algorithm as the GPU path, executed by threads.
+//!
+//! The sequence is sharded over `R` ranks ([`crate::ring`]); each rank is a
+//! thread that owns its query shard. Two paths:
+//! - **blocked** (softmax, convolution, and linear-family masks other than
+//!   plain causal): at each of `R` ring steps a rank computes the partial of its
+//!   queries against the key/value shard it holds, tile by tile as the
+//!   [`BlockPlan`](mixc_codegen::plan::BlockPlan) says (Skip tiles and wholly
+//!   skipped steps cost nothing, Full tiles skip mask tests), then merges the
+//!   partial into its accumulator (online-softmax merge, or addition).
+//! - **chunkwise** (linear / retention / gated, causal mask, no bias or
+//!   transform): the chunkwise state form; only the `d_k x d_v` state travels
+//!   between ranks, in sequence order.
+//! - **global state** (the same families with `mask = all` and no decay): one
+//!   summed `d_k x d_v` state, all-reduced around the ring.
+//!
+//! Inside a rank, (batch, head, query block) work items run on a rayon pool of
+//! `threads` workers, so a single rank still uses every core. Memory is
+//! O(seq * d) overall: per-rank buffers are bounded by shard sizes, tiles by
+//! `block_m x block_n`; no `seq x seq` buffer exists anywhere.
+
+mod blocked;
+mod chunkwise;
+pub mod expr;
+pub mod real;
+
+use std::time::{Duration, Instant};
+
+use mixc_codegen::plan::{ClassCounts, SegmentSummaries, SegmentSummary, Tiling};
+use mixc_dsl::ir::{Decay, EvalEnv, Family, FeatureMap, Mask, MixerSpec, Norm, Score};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, RuntimeError};
+use crate::inputs::validate_inputs;
+pub use crate::ring::Sharding;
+use crate::ring::{endpoints, RingSchedule};
+use crate::tensor::{MixerInputs, Tensor};
+use expr::FastExpr;
+use real::Real;
+
+/// Arithmetic of a CPU run: f32 like the kernels, f64 to compare with the
+/// reference at tight tolerances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    F64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuConfig {
+    /// Simulated devices (ring ranks), each a thread.
+    pub ranks: usize,
+    pub sharding: Sharding,
+    pub block_m: usize,
+    pub block_n: usize,
+    /// Chunk length of the chunkwise state form.
+    pub chunk: usize,
+    /// Worker threads shared by all ranks.
+    pub threads: usize,
+    pub precision: Precision,
+}
+
+impl CpuConfig {
+    /// One rank, 64 x 64 tiles, chunks of 64, every core, f32; zigzag
+    /// sharding for causal masks (balanced when ranks are added), else contiguous.
+    pub fn default_for(spec: &MixerSpec, _seq: usize) -> Self {
+        CpuConfig {
+            ranks: 1,
+            sharding: if spec.mask.implies_causal() {
+                Sharding::Zigzag
+            } else {
+                Sharding::Contiguous
+            },
+            block_m: 64,
+            block_n: 64,
+            chunk: 64,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            precision: Precision::F32,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("block_m", self.block_m),
+            ("block_n", self.block_n),
+            ("chunk", self.chunk),
+            ("threads", self.threads),
+        ] {
+            if v == 0 {
+                return Err(RuntimeError::Invalid(format!(
+                    "CPU backend: {name} must be at least 1 (got 0)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which algorithm a spec runs with on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuPath {
+    Blocked,
+    Chunkwise,
+    /// Non-causal linear (`mask = all`, no decay): one summed state.
+    GlobalState,
+}
+
+/// The state forms apply to feature-map mixers whose weight factorises as
+/// `phi(q_i) . psi(k_j) * D(i, j)`: chunkwise under a causal mask, one global
+/// state under `all` (no decay then, as decay needs a causal mask).
+pub fn path_for(spec: &MixerSpec) -> CpuPath {
+    let linear = matches!(
+        spec.family,
+        Family::Linear | Family::Retention | Family::Gated
+    );
+    let factorises = linear
+        && matches!(spec.score, Score::Dot { .. })
+        && !matches!(spec.norm, Norm::Softmax)
+        && spec.bias.is_none()
+        && spec.transform.is_none();
+    match &spec.mask {
+        Mask::Causal if factorises => CpuPath::Chunkwise,
+        Mask::All if factorises && matches!(spec.decay, Decay::None) => CpuPath::GlobalState,
+        _ => CpuPath::Blocked,
+    }
+}
+
+/// The output of a CPU run, `[batch, seq, heads, value_dim]`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CpuOutput {
+    F32(Tensor<f32>),
+    F64(Tensor<f64>),
+}
+
+impl CpuOutput {
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            CpuOutput::F32(t) => &t.shape,
+            CpuOutput::F64(t) => &t.shape,
+        }
+    }
+    pub fn to_f64(&self) -> Tensor<f64> {
+        match self {
+            CpuOutput::F32(t) => {
+                Tensor::new(t.shape.clone(), t.data.iter().map(|&x| x as f64).collect())
+            }
+            CpuOutput::F64(t) => t.clone(),
+        }
+    }
+    pub fn to_f32(&self) -> Tensor<f32> {
+        match self {
+            CpuOutput::F32(t) => t.clone(),
+            CpuOutput::F64(t) => {
+                Tensor::new(t.shape.clone(), t.data.iter().map(|&x| x as f32).collect())
+            }
+        }
+    }
+}
+
+/// What a run did, for load-balance and skipping reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunStats {
+    pub path: CpuPath,
+    pub ranks: usize,
+    pub sharding: Sharding,
+    /// (i, j) pairs each rank computed, over all batches and heads: every pair
+    /// of every non-skipped tile on the blocked path; the intra-chunk
+    /// (causal) pairs on the chunkwise path, whose inter-chunk work is O(d^2).
+    pub pairs_per_rank: Vec<u64>,
+    /// Ring steps (blocked) or shard ranges (chunkwise) computed.
+    pub steps_computed: u64,
+    /// Ring steps whose tiles were all Skip, so nothing was computed.
+    pub steps_skipped: u64,
+    /// Tiles by class over all steps (blocked path): `skip` counts skipped
+    /// tiles inside the key-block runs, not those outside them.
+    pub tiles: ClassCounts,
+    pub elapsed: Duration,
+}
+
+impl RunStats {
+    /// Busiest rank's pairs over the mean (1.0 = perfectly balanced).
+    pub fn imbalance(&self) -> f64 {
+        let n = self.pairs_per_rank.len().max(1) as f64;
+        let mean = self.pairs_per_rank.iter().sum::<u64>() as f64 / n;
+        let max = self.pairs_per_rank.iter().copied().max().unwrap_or(0) as f64;
+        if mean == 0.0 {
+            1.0
+        } else {
+            max / mean
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuRun {
+    pub output: CpuOutput,
+    pub stats: RunStats,
+}
+
+/// Runs `spec` on `inputs` with the ring/blocked CPU algorithm.
+pub fn run(spec: &MixerSpec, inputs: &MixerInputs, cfg: &CpuConfig) -> Result<CpuRun> {
+    cfg.validate()?;
+    check_spec(spec)?;
+    validate_inputs(spec, inputs)?;
+    let sched = RingSchedule::new(inputs.seq, cfg.ranks, cfg.sharding)?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cfg.threads)
+        .thread_name(|i| format!("mixc-cpu-{i}"))
+        .build()
+        .map_err(|e| {
+            RuntimeError::Invalid(format!(
+                "CPU backend: cannot start {} threads: {e}",
+                cfg.threads
+            ))
+        })?;
+    let start = Instant::now();
+    let (output, mut stats) = match cfg.precision {
+        Precision::F32 => {
+            let (t, s) = run_typed::<f32>(spec, inputs, cfg, &sched, &pool)?;
+            (CpuOutput::F32(t), s)
+        }
+        Precision::F64 => {
+            let (t, s) = run_typed::<f64>(spec, inputs, cfg, &sched, &pool)?;
+            (CpuOutput::F64(t), s)
+        }
+    };
+    stats.elapsed = start.elapsed();
+    Ok(CpuRun { output, stats })
+}
+
+/// What validation guarantees for parsed specs but hand-built ones may break;
+/// checked so a bad spec is an error, not an out-of-range panic.
+fn check_spec(spec: &MixerSpec) -> Result<()> {
+    let bad = |m: String| Err(RuntimeError::Invalid(format!("mixer `{}`: {m}", spec.name)));
+    if spec.heads == 0 || spec.kv_heads == 0 || !spec.heads.is_multiple_of(spec.kv_heads) {
+        return bad(format!(
+            "kv_heads = {} must divide heads = {}",
+            spec.kv_heads, spec.heads
+        ));
+    }
+    let causal_only =
+        !matches!(spec.decay, Decay::None) || matches!(spec.score, Score::Filter { .. });
+    if causal_only && !spec.mask.implies_causal() {
+        return bad("decay and filter scores need a mask that implies causal".into());
+    }
+    let mut read = Vec::new();
+    for e in [&spec.bias, &spec.transform].into_iter().flatten() {
+        e.inputs_read(&mut read);
+    }
+    match &spec.decay {
+        Decay::PerHead(e) => e.inputs_read(&mut read),
+        Decay::Gate { input } => read.push(input.clone()),
+        Decay::None => {}
+    }
+    if let Score::Filter { input } = &spec.score {
+        read.push(input.clone());
+    }
+    spec.mask.segment_inputs(&mut read);
+    if let Some(name) = read.iter().find(|n| spec.input(n).is_none()) {
+        return bad(format!("reads input `{name}` that it does not declare"));
+    }
+    Ok(())
+}
+
+/// Read-only state shared by every rank of one run.
+pub(crate) struct Ctx<'a, T> {
+    spec: &'a MixerSpec,
+    inputs: &'a MixerInputs,
+    pool: &'a rayon::ThreadPool,
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    kv_heads: usize,
+    dk: usize,
+    dv: usize,
+    tiling: Tiling,
+    chunk: usize,
+    k_map: FeatureMap,
+    /// Bias / transform specialised per head.
+    bias: Vec<Option<FastExpr<'a>>>,
+    transform: Vec<Option<FastExpr<'a>>>,
+    /// Convolution filter `[heads][filter_len]` in compute precision.
+    filter: Option<Vec<T>>,
+    filter_len: usize,
+    has_decay: bool,
+    /// ln gamma per head (per-head decay).
+    log_gamma: Vec<f64>,
+    /// Inclusive prefix sums of ln gate, `[batch][head][seq]`, blocked path
+    /// only. Per-token scalars every rank may hold (on GPUs: an exclusive scan
+    /// of per-shard totals); f64 so differences stay exact over long sequences.
+    gate_cum: Vec<f64>,
+    /// Segment-id summaries per batch row, for classifying tiles.
+    segs: Vec<SegmentSummaries>,
+}
+
+/// A rank's share of the output and what it did.
+pub(crate) struct RankOutput<T> {
+    ranges: Vec<std::ops::Range<usize>>,
+    /// `[batch * heads][shard position][dv]`, normalised.
+    y: Vec<T>,
+    stats: RankStats,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RankStats {
+    pairs: u64,
+    steps_computed: u64,
+    steps_skipped: u64,
+    tiles: ClassCounts,
+}
+
+fn build_ctx<'a, T: Real>(
+    spec: &'a MixerSpec,
+    inputs: &'a MixerInputs,
+    cfg: &CpuConfig,
+    pool: &'a rayon::ThreadPool,
+    path: CpuPath,
+) -> Ctx<'a, T> {
+    let (batch, seq, heads) = (inputs.batch, inputs.seq, spec.heads as usize);
+    let per_head = |e: &Option<mixc_dsl::ir::Expr>| -> Vec<Option<FastExpr<'a>>> {
+        (0..heads)
+            .map(|h| e.as_ref().map(|e| FastExpr::new(e, h, spec.heads, inputs)))
+            .collect()
+    };
+    let (filter, filter_len) = match &spec.score {
+        Score::Filter { input } => {
+            let t = &inputs.extra[input.as_str()];
+            let len = t.shape().last().copied().unwrap_or(1).max(1);
+            let f = (0..heads)
+                .flat_map(|h| (0..len).map(move |x| (h, x)))
+                .map(|(h, x)| T::from_f64(t.get_clamped(&[h as i64, x as i64])))
+                .collect();
+            (Some(f), len)
+        }
+        Score::Dot { .. } => (None, 0),
+    };
+    let log_gamma = match &spec.decay {
+        Decay::PerHead(e) => (0..heads)
+            .map(|h| {
+                let lookup = |name: &str, idx: &[i64]| inputs.extra[name].get_clamped(idx);
+                let env = EvalEnv {
+                    i: 0,
+                    j: 0,
+                    h: h as i64,
+                    s: 0.0,
+                    heads: spec.heads,
+                    lookup: &lookup,
+                };
+                e.eval_f64(&env).ln()
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let gate_cum = match (&spec.decay, path) {
+        (Decay::Gate { input }, CpuPath::Blocked) => {
+            let g = &inputs.extra[input.as_str()];
+            let mut c = vec![0.0f64; batch * heads * seq];
+            for b in 0..batch {
+                for h in 0..heads {
+                    let row = &mut c[(b * heads + h) * seq..(b * heads + h + 1) * seq];
+                    let mut acc = 0.0;
+                    for (p, x) in row.iter_mut().enumerate() {
+                        acc += g.get_clamped(&[b as i64, p as i64, h as i64]).ln();
+                        *x = acc;
+                    }
+                }
+            }
+            c
+        }
+        _ => Vec::new(),
+    };
+    let mut seg_names = Vec::new();
+    spec.mask.segment_inputs(&mut seg_names);
+    let block = cfg.block_m.min(cfg.block_n);
+    let segs = (0..batch)
+        .map(|b| SegmentSummaries {
+            entries: seg_names
+                .iter()
+                .map(|name| {
+                    let t = &inputs.extra[name.as_str()];
+                    let ids = (0..seq).map(|p| t.get_clamped(&[b as i64, p as i64]) as i64);
+                    (name.clone(), SegmentSummary::new(ids, block))
+                })
+                .collect(),
+        })
+        .collect();
+    Ctx {
+        spec,
+        inputs,
+        pool,
+        batch,
+        seq,
+        heads,
+        kv_heads: spec.kv_heads as usize,
+        dk: spec.head_dim as usize,
+        dv: spec.value_dim as usize,
+        tiling: Tiling {
+            block_m: cfg.block_m,
+            block_n: cfg.block_n,
+        },
+        chunk: cfg.chunk,
+        k_map: match &spec.score {
+            Score::Dot { k_map, .. } => *k_map,
+            Score::Filter { .. } => FeatureMap::Identity,
+        },
+        bias: per_head(&spec.bias),
+        transform: per_head(&spec.transform),
+        filter,
+        filter_len,
+        has_decay: !matches!(spec.decay, Decay::None),
+        log_gamma,
+        gate_cum,
+        segs,
+    }
+}
+
+fn run_typed<T: Real>(
+    spec: &MixerSpec,
+    inputs: &MixerInputs,
+    cfg: &CpuConfig,
+    sched: &RingSchedule,
+    pool: &rayon::ThreadPool,
+) -> Result<(Tensor<T>, RunStats)> {
+    let path = path_for(spec);
+    let ctx = build_ctx::<T>(spec, inputs, cfg, pool, path);
+    let ranks = sched.ranks;
+    let outs: Vec<Result<RankOutput<T>>> = match path {
+        CpuPath::Blocked => {
+            let eps = endpoints(ranks);
+            std::thread::scope(|s| {
+                let hs: Vec<_> = eps
+                    .into_iter()
+                    .map(|ep| {
+                        let ctx = &ctx;
+                        s.spawn(move || blocked::rank_main(ctx, sched, ep))
+                    })
+                    .collect();
+                hs.into_iter().map(join_rank).collect()
+            })
+        }
+        CpuPath::Chunkwise => {
+            let eps = endpoints(ranks);
+            std::thread::scope(|s| {
+                let hs: Vec<_> = eps
+                    .into_iter()
+                    .map(|ep| {
+                        let ctx = &ctx;
+                        s.spawn(move || chunkwise::rank_main(ctx, sched, ep))
+                    })
+                    .collect();
+                hs.into_iter().map(join_rank).collect()
+            })
+        }
+        CpuPath::GlobalState => {
+            let eps = endpoints(ranks);
+            std::thread::scope(|s| {
+                let hs: Vec<_> = eps
+                    .into_iter()
+                    .map(|ep| {
+                        let ctx = &ctx;
+                        s.spawn(move || chunkwise::rank_main_global(ctx, sched, ep))
+                    })
+                    .collect();
+                hs.into_iter().map(join_rank).collect()
+            })
+        }
+    };
+    let (heads, dv) = (ctx.heads, ctx.dv);
+    let mut out = Tensor::<T>::zeros(&[inputs.batch, inputs.seq, heads, dv]);
+    let mut stats = RunStats {
+        path,
+        ranks,
+        sharding: sched.sharding,
+        pairs_per_rank: Vec::with_capacity(ranks),
+        steps_computed: 0,
+        steps_skipped: 0,
+        tiles: ClassCounts::default(),
+        elapsed: Duration::ZERO,
+    };
+    for o in outs {
+        let o = o?;
+        let n: usize = o.ranges.iter().map(|r| r.len()).sum();
+        for x in 0..inputs.batch * heads {
+            let (b, h) = (x / heads, x % heads);
+            for (t, pos) in o.ranges.iter().flat_map(|r| r.clone()).enumerate() {
+                let src = &o.y[(x * n + t) * dv..(x * n + t + 1) * dv];
+                let dst = out.offset(&[b, pos, h, 0]);
+                out.data[dst..dst + dv].copy_from_slice(src);
+            }
+        }
+        stats.pairs_per_rank.push(o.stats.pairs);
+        stats.steps_computed += o.stats.steps_computed;
+        stats.steps_skipped += o.stats.steps_skipped;
+        stats.tiles.full += o.stats.tiles.full;
+        stats.tiles.partial += o.stats.tiles.partial;
+        stats.tiles.skip += o.stats.tiles.skip;
+    }
+    Ok((out, stats))
+}
+
+fn join_rank<T>(
+    h: std::thread::ScopedJoinHandle<'_, Result<RankOutput<T>>>,
+) -> Result<RankOutput<T>> {
+    h.join()
+        .unwrap_or_else(|_| Err(RuntimeError::Invalid("a CPU rank thread panicked".into())))
+}

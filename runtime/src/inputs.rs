@@ -1,0 +1,319 @@
+//! Seeded random inputs for a spec, and the checks every input bundle must
+//! pass before anything computes on it (files, generated data, user code).
+//!
+//! Randomness: one ChaCha8 stream per tensor, selected by a hash of the
+//! tensor's name, so inputs are identical on every platform and adding an
+//! input to a spec does not change the values of the others for a seed.
+
+use std::collections::BTreeMap;
+
+use mixc_dsl::{Dim, ElemType, InputDecl, InputRole, MixerSpec, Score};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+
+use crate::error::{Result, RuntimeError};
+use crate::tensor::{ExtraTensor, MixerInputs, Tensor};
+
+/// The rng for one tensor: the seed picks the key, the name picks the stream.
+fn stream(seed: u64, name: &str) -> ChaCha8Rng {
+    // FNV-1a: a fixed, documented hash (std's hasher is not stable across releases).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(h);
+    rng
+}
+
+/// Standard normal samples rounded to f32 (so the f32 data and the f64
+/// reference read exactly the same numbers).
+fn normal_tensor(rng: &mut ChaCha8Rng, shape: Vec<usize>, scale: f64) -> Tensor<f32> {
+    let n = shape.iter().product();
+    let data = (0..n)
+        .map(|_| (rng.sample::<f64, _>(StandardNormal) * scale) as f32)
+        .collect();
+    Tensor::new(shape, data)
+}
+
+/// An empty tensor: what q and k are for the convolution family.
+pub fn empty_tensor() -> Tensor<f32> {
+    Tensor::new(vec![0], Vec::new())
+}
+
+/// Sorted document ids for one sequence: a few documents of random, ragged
+/// lengths (ids 0, 0, 0, 1, 1, 2, ...).
+fn document_ids(rng: &mut ChaCha8Rng, seq: usize) -> Vec<i32> {
+    if seq == 0 {
+        return Vec::new();
+    }
+    // 1..=4 documents; cut points are distinct positions in 1..seq.
+    let docs = rng.gen_range(1..=4usize).min(seq);
+    let mut cuts: Vec<usize> = (0..docs - 1).map(|_| rng.gen_range(1..seq)).collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    (0..seq)
+        .map(|p| cuts.iter().filter(|&&c| c <= p).count() as i32)
+        .collect()
+}
+
+fn random_extra(
+    spec: &MixerSpec,
+    decl: &InputDecl,
+    batch: usize,
+    seq: usize,
+    seed: u64,
+) -> ExtraTensor {
+    let shape = spec.input_shape(decl, batch, seq);
+    let n: usize = shape.iter().product();
+    let mut rng = stream(seed, &decl.name);
+    match (decl.role, decl.elem) {
+        (InputRole::SegmentIds, ElemType::I32) => {
+            // `[batch, seq]`: documents drawn independently per sequence.
+            let rows = n / seq.max(1);
+            let data = (0..rows)
+                .flat_map(|_| document_ids(&mut rng, seq))
+                .collect();
+            ExtraTensor::I32(Tensor::new(shape, data))
+        }
+        (InputRole::Gate, ElemType::F32) => {
+            // Close to 1 so decay spans many tokens yet stays visible in tests.
+            let data = (0..n).map(|_| rng.gen_range(0.9f32..1.0)).collect();
+            ExtraTensor::F32(Tensor::new(shape, data))
+        }
+        (InputRole::Filter, ElemType::F32) => {
+            // f[h, t]: normal, with an envelope decaying over a quarter of the
+            // sequence and a 1/sqrt(seq) scale, so sum_t |f| v stays O(1).
+            let len = *shape.last().unwrap_or(&1);
+            let width = (seq as f64 / 4.0).max(1.0);
+            let amp = 1.0 / (seq.max(1) as f64).sqrt();
+            let data = (0..n)
+                .map(|e| {
+                    let t = (e % len.max(1)) as f64;
+                    let x: f64 = rng.sample(StandardNormal);
+                    (x * amp * (-t / width).exp()) as f32
+                })
+                .collect();
+            ExtraTensor::F32(Tensor::new(shape, data))
+        }
+        (_, ElemType::F32) => ExtraTensor::F32(normal_tensor(&mut rng, shape, 0.5)),
+        // Integer tables: small non-negative values (they are usually indices).
+        (_, ElemType::I32) => {
+            let data = (0..n).map(|_| rng.gen_range(0..8)).collect();
+            ExtraTensor::I32(Tensor::new(shape, data))
+        }
+    }
+}
+
+/// Deterministic inputs for `spec`: q, k, v standard normal (q, k empty for
+/// the convolution family), gates in [0.9, 1), sorted ragged document ids,
+/// tables normal * 0.5, filters with a decaying envelope. The same
+/// `(spec, batch, seq, seed)` gives the same bits on every platform.
+pub fn random_inputs(spec: &MixerSpec, batch: usize, seq: usize, seed: u64) -> MixerInputs {
+    let shapes = spec.tensor_shapes(batch, seq);
+    let qkv = |name: &str| match shapes.get(name) {
+        Some(shape) => normal_tensor(&mut stream(seed, name), shape.clone(), 1.0),
+        None => empty_tensor(),
+    };
+    let (q, k, v) = (qkv("q"), qkv("k"), qkv("v"));
+    let extra: BTreeMap<String, ExtraTensor> = spec
+        .inputs
+        .iter()
+        .map(|d| (d.name.clone(), random_extra(spec, d, batch, seq, seed)))
+        .collect();
+    MixerInputs {
+        batch,
+        seq,
+        q,
+        k,
+        v,
+        extra,
+    }
+}
+
+/// The expected shape of a tensor with its axes named, for error messages:
+/// `[batch=2, seq=33, kv_heads=2, head_dim=16]`.
+pub fn describe_shape(spec: &MixerSpec, name: &str, batch: usize, seq: usize) -> String {
+    describe_axes(spec, name, &format!("batch={batch}"), &format!("seq={seq}"))
+}
+
+/// The expected shape before batch and seq are known:
+/// `[batch, seq, kv_heads=2, head_dim=16]`.
+pub fn describe_shape_symbolic(spec: &MixerSpec, name: &str) -> String {
+    describe_axes(spec, name, "batch", "seq")
+}
+
+fn describe_axes(spec: &MixerSpec, name: &str, batch: &str, seq: &str) -> String {
+    let (h, kvh) = (spec.heads, spec.kv_heads);
+    let (dk, dv) = (spec.head_dim, spec.value_dim);
+    let (batch, seq) = (batch.to_string(), seq.to_string());
+    let axes: Vec<String> = match name {
+        "q" => vec![batch, seq, format!("heads={h}"), format!("head_dim={dk}")],
+        "k" => vec![
+            batch,
+            seq,
+            format!("kv_heads={kvh}"),
+            format!("head_dim={dk}"),
+        ],
+        "v" => vec![
+            batch,
+            seq,
+            format!("kv_heads={kvh}"),
+            format!("value_dim={dv}"),
+        ],
+        "o" => vec![batch, seq, format!("heads={h}"), format!("value_dim={dv}")],
+        _ => match spec.input(name) {
+            Some(decl) => decl
+                .dims
+                .iter()
+                .map(|d| match d {
+                    Dim::Batch => batch.clone(),
+                    Dim::Seq => seq.clone(),
+                    Dim::Heads => format!("heads={h}"),
+                    Dim::KvHeads => format!("kv_heads={kvh}"),
+                    Dim::Fixed(n) => n.to_string(),
+                })
+                .collect(),
+            None => return "(not declared by the spec)".into(),
+        },
+    };
+    format!("[{}]", axes.join(", "))
+}
+
+fn bad(name: &str, problem: impl Into<String>) -> RuntimeError {
+    RuntimeError::BadInput {
+        name: name.to_string(),
+        problem: problem.into(),
+    }
+}
+
+fn check_shape<T>(
+    spec: &MixerSpec,
+    name: &str,
+    t: &Tensor<T>,
+    expected: &[usize],
+    inputs: &MixerInputs,
+) -> Result<()> {
+    if t.shape != expected {
+        return Err(bad(
+            name,
+            format!(
+                "expected shape {}, found {:?}",
+                describe_shape(spec, name, inputs.batch, inputs.seq),
+                t.shape
+            ),
+        ));
+    }
+    if t.data.len() != t.shape.iter().product::<usize>() {
+        return Err(bad(
+            name,
+            format!(
+                "holds {} elements but its shape {:?} needs {}",
+                t.data.len(),
+                t.shape,
+                t.shape.iter().product::<usize>()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_finite(name: &str, t: &Tensor<f32>) -> Result<()> {
+    match t.data.iter().position(|x| !x.is_finite()) {
+        Some(at) => Err(bad(
+            name,
+            format!("element {at} is {} (inputs must be finite)", t.data[at]),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Checks that `inputs` fits `spec`: every tensor present with exactly the
+/// shape `spec.tensor_shapes(batch, seq)` gives and the declared element
+/// type, no undeclared extras, finite values, gates in (0, 1].
+///
+/// Segment ids may be any i32 values in any order: the mask only compares
+/// them for equality. Sorted ids (packed documents) are what lets kernels skip
+/// whole blocks, so unsorted ids are correct but slow.
+pub fn validate_inputs(spec: &MixerSpec, inputs: &MixerInputs) -> Result<()> {
+    let shapes = spec.tensor_shapes(inputs.batch, inputs.seq);
+    for (name, t) in [("q", &inputs.q), ("k", &inputs.k), ("v", &inputs.v)] {
+        match shapes.get(name) {
+            Some(expected) => {
+                check_shape(spec, name, t, expected, inputs)?;
+                check_finite(name, t)?;
+            }
+            None if t.data.is_empty() => {}
+            None => {
+                return Err(bad(
+                    name,
+                    "the convolution family reads only v; pass an empty tensor",
+                ))
+            }
+        }
+    }
+    for decl in &spec.inputs {
+        let name = decl.name.as_str();
+        let t = inputs.extra.get(name).ok_or_else(|| {
+            bad(
+                name,
+                format!(
+                    "missing (the spec declares `input {name}` with shape {})",
+                    describe_shape(spec, name, inputs.batch, inputs.seq)
+                ),
+            )
+        })?;
+        let expected = &shapes[name];
+        match (decl.elem, t) {
+            (ElemType::F32, ExtraTensor::F32(t)) => {
+                check_shape(spec, name, t, expected, inputs)?;
+                check_finite(name, t)?;
+                if decl.role == InputRole::Gate {
+                    if let Some(at) = t.data.iter().position(|&g| !(g > 0.0 && g <= 1.0)) {
+                        return Err(bad(
+                            name,
+                            format!(
+                                "gate element {at} is {}; decay gates must lie in (0, 1]",
+                                t.data[at]
+                            ),
+                        ));
+                    }
+                }
+            }
+            (ElemType::I32, ExtraTensor::I32(t)) => check_shape(spec, name, t, expected, inputs)?,
+            (ElemType::F32, ExtraTensor::I32(_)) => {
+                return Err(bad(name, "declared f32 but holds i32 values"))
+            }
+            (ElemType::I32, ExtraTensor::F32(_)) => {
+                return Err(bad(name, "declared i32 but holds f32 values"))
+            }
+        }
+    }
+    if let Some(name) = inputs.extra.keys().find(|n| spec.input(n).is_none()) {
+        return Err(bad(
+            name,
+            format!("not declared by mixer `{}` (a typo?)", spec.name),
+        ));
+    }
+    // The convolution filter must cover every lag `i - j` in 0..seq.
+    if let Score::Filter { input } = &spec.score {
+        if let Some(len) = inputs
+            .extra
+            .get(input)
+            .and_then(|t| t.shape().last().copied())
+        {
+            if len < inputs.seq {
+                return Err(bad(
+                    input,
+                    format!(
+                        "filter has {len} taps but the sequence has {} positions",
+                        inputs.seq
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! Inputs and outputs as safetensors files, the format PyTorch and JAX users
+//! already have: tensors are found by name (`q`, `k`, `v`, each declared
+//! extra input, and `o` for the output).
+//!
+//! Loading is lenient about storage (f32, f16, bf16 and f64 floats are
+//! widened or narrowed to f32; i32 and i64 ids become i32) and strict about
+//! shape: every tensor must match the spec, and errors name the tensor and
+//! the expected shape with its symbolic axes filled in.
+
+use std::borrow::Cow;
+use std::io::Write;
+use std::path::Path;
+
+use mixc_dsl::{ElemType, MixerSpec, Score};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Result, RuntimeError};
+use crate::inputs::{describe_shape_symbolic, empty_tensor, validate_inputs};
+use crate::tensor::{ExtraTensor, MixerInputs, Tensor};
+
+fn bad_file(path: &Path, problem: impl Into<String>) -> RuntimeError {
+    RuntimeError::BadFile {
+        path: path.display().to_string(),
+        problem: problem.into(),
+    }
+}
+
+fn bad_input(path: &Path, name: &str, problem: impl Into<String>) -> RuntimeError {
+    RuntimeError::BadInput {
+        name: name.to_string(),
+        problem: format!("{} (in {})", problem.into(), path.display()),
+    }
+}
+
+/// Little-endian elements of `width` bytes (safetensors data need not be aligned).
+fn le_chunks<const N: usize>(bytes: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
+    bytes
+        .chunks_exact(N)
+        .map(|c| c.try_into().expect("chunks_exact yields N bytes"))
+}
+
+/// A float tensor of any supported storage type, as f32.
+fn read_f32(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Tensor<f32>> {
+    let bytes = view.data();
+    let data: Vec<f32> = match view.dtype() {
+        Dtype::F32 => le_chunks::<4>(bytes).map(f32::from_le_bytes).collect(),
+        Dtype::F16 => le_chunks::<2>(bytes)
+            .map(|b| half::f16::from_le_bytes(b).to_f32())
+            .collect(),
+        Dtype::BF16 => le_chunks::<2>(bytes)
+            .map(|b| half::bf16::from_le_bytes(b).to_f32())
+            .collect(),
+        Dtype::F64 => le_chunks::<8>(bytes)
+            .map(|b| f64::from_le_bytes(b) as f32)
+            .collect(),
+        other => {
+            return Err(bad_input(
+                path,
+                name,
+                format!("has dtype {other:?}; expected a float tensor (F32, F16, BF16 or F64)"),
+            ))
+        }
+    };
+    Ok(Tensor::new(view.shape().to_vec(), data))
+}
+
+/// An integer tensor (I32 or I64) as i32.
+fn read_i32(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Tensor<i32>> {
+    let bytes = view.data();
+    let data: Vec<i32> = match view.dtype() {
+        Dtype::I32 => le_chunks::<4>(bytes).map(i32::from_le_bytes).collect(),
+        Dtype::I64 => le_chunks::<8>(bytes)
+            .map(|b| {
+                let x = i64::from_le_bytes(b);
+                i32::try_from(x)
+                    .map_err(|_| bad_input(path, name, format!("value {x} does not fit in i32")))
+            })
+            .collect::<Result<_>>()?,
+        other => {
+            return Err(bad_input(
+                path,
+                name,
+                format!("has dtype {other:?}; expected an integer tensor (I32 or I64)"),
+            ))
+        }
+    };
+    Ok(Tensor::new(view.shape().to_vec(), data))
+}
+
+/// Reads the inputs of one run of `spec` from a safetensors file: `q`, `k`,
+/// `v` (only `v` for the convolution family) and every declared input, by
+/// name. Batch and sequence length come from `q` (or `v`); everything is then
+/// checked with [`validate_inputs`]. Other tensors in the file (such as a
+/// saved output `o`) are ignored.
+pub fn load_inputs(path: &Path, spec: &MixerSpec) -> Result<MixerInputs> {
+    let bytes = std::fs::read(path).map_err(|source| RuntimeError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let file = SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad_file(path, format!("not a valid safetensors file: {e}")))?;
+    let get = |name: &str| {
+        file.tensor(name).map_err(|_| {
+            let mut names: Vec<String> = file.names().into_iter().cloned().collect();
+            names.sort();
+            bad_input(
+                path,
+                name,
+                format!(
+                    "missing from the file (the file holds: {})",
+                    if names.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                ),
+            )
+        })
+    };
+
+    let dot = matches!(spec.score, Score::Dot { .. });
+    let lead = if dot { "q" } else { "v" };
+    let lead_view = get(lead)?;
+    let (batch, seq) = match lead_view.shape() {
+        [b, s, _, _] => (*b, *s),
+        other => {
+            return Err(bad_input(
+                path,
+                lead,
+                format!(
+                    "expected a rank-4 tensor {}, found shape {other:?}",
+                    describe_shape_symbolic(spec, lead)
+                ),
+            ))
+        }
+    };
+
+    let (q, k) = if dot {
+        (
+            read_f32(path, "q", &lead_view)?,
+            read_f32(path, "k", &get("k")?)?,
+        )
+    } else {
+        (empty_tensor(), empty_tensor())
+    };
+    let v = read_f32(path, "v", &get("v")?)?;
+    let mut extra = std::collections::BTreeMap::new();
+    for decl in &spec.inputs {
+        let view = get(&decl.name)?;
+        let t = match decl.elem {
+            ElemType::F32 => ExtraTensor::F32(read_f32(path, &decl.name, &view)?),
+            ElemType::I32 => ExtraTensor::I32(read_i32(path, &decl.name, &view)?),
+        };
+        extra.insert(decl.name.clone(), t);
+    }
+    let inputs = MixerInputs {
+        batch,
+        seq,
+        q,
+        k,
+        v,
+        extra,
+    };
+    validate_inputs(spec, &inputs).map_err(|e| match e {
+        RuntimeError::BadInput { name, problem } => bad_input(path, &name, problem),
+        other => other,
+    })?;
+    Ok(inputs)
+}
+
+/// One tensor to write: its safetensors dtype, shape and little-endian bytes.
+struct Owned {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl Owned {
+    fn f32(t: &Tensor<f32>) -> Self {
+        Owned {
+            dtype: Dtype::F32,
+            shape: t.shape.clone(),
+            bytes: t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+    fn i32(t: &Tensor<i32>) -> Self {
+        Owned {
+            dtype: Dtype::I32,
+            shape: t.shape.clone(),
+            bytes: t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+}
+
+impl safetensors::View for &Owned {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// Writes the output as `o` (F32, `[batch, seq, heads, value_dim]`) and, when
+/// given, the inputs under their own names, so the file can be fed back with
+/// `--inputs`. The file is written to a temporary sibling and renamed into
+/// place, so a failure never leaves a truncated file behind.
+pub fn save_tensors(path: &Path, inputs: Option<&MixerInputs>, output: &Tensor<f32>) -> Result<()> {
+    let mut tensors: Vec<(String, Owned)> = vec![("o".into(), Owned::f32(output))];
+    if let Some(inp) = inputs {
+        for (name, t) in [("q", &inp.q), ("k", &inp.k), ("v", &inp.v)] {
+            // q and k are empty for the convolution family: nothing to save.
+            if !t.data.is_empty() {
+                tensors.push((name.into(), Owned::f32(t)));
+            }
+        }
+        for (name, t) in &inp.extra {
+            let owned = match t {
+                ExtraTensor::F32(t) => Owned::f32(t),
+                ExtraTensor::I32(t) => Owned::i32(t),
+            };
+            tensors.push((name.clone(), owned));
+        }
+    }
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), &None)
+        .map_err(|e| bad_file(path, format!("cannot encode tensors: {e}")))?;
+
+    let io_err = |source| RuntimeError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err)?;
+    tmp.write_all(&bytes).map_err(io_err)?;
+    tmp.as_file().sync_all().map_err(io_err)?;
+    tmp.persist(path).map_err(|e| io_err(e.error))?;
+    Ok(())
+}

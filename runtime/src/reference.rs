@@ -1,0 +1,305 @@
+//! The f64 reference evaluator: the oracle every other executor (the CPU
+//! backend, the generated CUDA kernels, the ring runtime) is checked against.
+//!
+//! It is the template of `shared/TEMPLATE.md` written as the obvious loops,
+//! one query row at a time: for batch `b`, query head `h` (kv head
+//! `spec.kv_head_of(h)`), query `i` and key `j` (global, 0-based):
+//!
+//! ```text
+//! s = scale * sum_d phi(q[b,i,h,d]) * psi(k[b,j,kvh,d]) + bias(i, j, h)
+//! t = transform(s, i, j, h)                      (or s)
+//! a = t * D(i, j),  D(i, j) = prod_{l=j+1..i} gamma_l   (or 1 without decay)
+//! a = f[h, i - j]                                 (convolution family)
+//! ```
+//!
+//! over the keys the mask allows, then normalised (softmax / sum / none).
+//!
+//! **A query that sees no key outputs exactly 0**, for every norm (softmax
+//! would otherwise be 0/0 and sum would be 0/eps); its log-sum-exp is
+//! `-inf`. Kernels must do the same.
+//!
+//! Memory is O(seq) per row besides the output: no seq x seq matrix.
+
+use mixc_dsl::{Decay, EvalEnv, Expr, MixerSpec, Norm, Score};
+
+use crate::error::{Result, RuntimeError};
+use crate::inputs::validate_inputs;
+use crate::tensor::{MixerInputs, Tensor};
+
+/// The mixer output `[batch, seq, heads, value_dim]` in f64.
+pub fn evaluate(spec: &MixerSpec, inputs: &MixerInputs) -> Result<Tensor<f64>> {
+    let rows: Vec<usize> = (0..inputs.seq).collect();
+    Ok(run(spec, inputs, &rows)?.0)
+}
+
+/// The output for the listed query positions only:
+/// `[batch, rows.len(), heads, value_dim]`, row `r` being position `rows[r]`.
+/// Lets tests check long sequences on a sample of rows at O(rows * seq) cost.
+pub fn evaluate_rows(
+    spec: &MixerSpec,
+    inputs: &MixerInputs,
+    rows: &[usize],
+) -> Result<Tensor<f64>> {
+    Ok(run(spec, inputs, rows)?.0)
+}
+
+/// The output and, for softmax mixers, the natural-log log-sum-exp of each
+/// row's weights, `lse[b, i, h] = m + ln(sum_j exp(a_ij - m))`, shape
+/// `[batch, seq, heads]` (`-inf` for a row with no visible key). This is the
+/// statistic kernels emit so partial results can be merged later.
+pub fn evaluate_with_lse(
+    spec: &MixerSpec,
+    inputs: &MixerInputs,
+) -> Result<(Tensor<f64>, Tensor<f64>)> {
+    if !matches!(spec.norm, Norm::Softmax) {
+        return Err(RuntimeError::Invalid(format!(
+            "mixer `{}` does not use softmax normalisation, so it has no log-sum-exp",
+            spec.name
+        )));
+    }
+    let rows: Vec<usize> = (0..inputs.seq).collect();
+    run(spec, inputs, &rows)
+}
+
+/// Checks the reference's own preconditions, which validation guarantees for
+/// parsed specs but hand-built `MixerSpec` values may break; failing here
+/// beats indexing out of range later.
+fn check_spec(spec: &MixerSpec) -> Result<()> {
+    let invalid = |m: String| Err(RuntimeError::Invalid(format!("mixer `{}`: {m}", spec.name)));
+    if spec.kv_heads == 0 || !spec.heads.is_multiple_of(spec.kv_heads) {
+        return invalid(format!(
+            "kv_heads = {} must divide heads = {}",
+            spec.kv_heads, spec.heads
+        ));
+    }
+    let decays = !matches!(spec.decay, Decay::None);
+    let filters = matches!(spec.score, Score::Filter { .. });
+    if (decays || filters) && !spec.mask.implies_causal() {
+        return invalid(
+            "decay and filter scores are only defined for causal masks (j <= i)".into(),
+        );
+    }
+    let mut read = Vec::new();
+    for e in [&spec.bias, &spec.transform].into_iter().flatten() {
+        e.inputs_read(&mut read);
+    }
+    match &spec.decay {
+        Decay::PerHead(e) => e.inputs_read(&mut read),
+        Decay::Gate { input } => read.push(input.clone()),
+        Decay::None => {}
+    }
+    if let Score::Filter { input } = &spec.score {
+        read.push(input.clone());
+    }
+    spec.mask.segment_inputs(&mut read);
+    if let Some(name) = read.iter().find(|n| spec.input(n).is_none()) {
+        return invalid(format!("reads input `{name}` that it does not declare"));
+    }
+    Ok(())
+}
+
+/// Evaluates the listed rows; returns (output, lse). The lse is only
+/// meaningful for softmax and is left 0 otherwise.
+fn run(
+    spec: &MixerSpec,
+    inputs: &MixerInputs,
+    rows: &[usize],
+) -> Result<(Tensor<f64>, Tensor<f64>)> {
+    check_spec(spec)?;
+    validate_inputs(spec, inputs)?;
+    if let Some(&r) = rows.iter().find(|&&r| r >= inputs.seq) {
+        return Err(RuntimeError::Invalid(format!(
+            "row {r} requested but the sequence has {} positions",
+            inputs.seq
+        )));
+    }
+    let (batch, seq) = (inputs.batch, inputs.seq);
+    let (heads, dv) = (spec.heads as usize, spec.value_dim as usize);
+    let mut out = Tensor::<f64>::zeros(&[batch, rows.len(), heads, dv]);
+    let mut lse = Tensor::<f64>::zeros(&[batch, rows.len(), heads]);
+    // Per-row scratch, O(seq): the weight of each key (None = masked out) and
+    // the decay D(i, j).
+    let mut weights: Vec<Option<f64>> = vec![None; seq];
+    let mut decay = vec![1.0f64; seq];
+    let mut y = vec![0.0f64; dv];
+    for b in 0..batch {
+        for (r, &i) in rows.iter().enumerate() {
+            for h in 0..heads {
+                let kvh = spec.kv_head_of(h as u32) as usize;
+                fill_decay(spec, inputs, b, i, h, &mut decay);
+                row_weights(spec, inputs, b, i, h, &decay, &mut weights);
+                let row_lse = normalise(spec.norm, inputs, b, kvh, &weights, &mut y);
+                let o = out.offset(&[b, r, h, 0]);
+                out.data[o..o + dv].copy_from_slice(&y);
+                let l = lse.offset(&[b, r, h]);
+                lse.data[l] = row_lse;
+            }
+        }
+    }
+    Ok((out, lse))
+}
+
+/// `decay[j] = D(i, j) = prod_{l=j+1..i} gamma_l` for `j <= i`, built from
+/// `j = i` downwards so each entry costs one multiply. Entries `j > i` are
+/// unused (decay requires a causal mask).
+fn fill_decay(
+    spec: &MixerSpec,
+    inputs: &MixerInputs,
+    b: usize,
+    i: usize,
+    h: usize,
+    decay: &mut [f64],
+) {
+    let gamma_at: Box<dyn Fn(usize) -> f64 + '_> = match &spec.decay {
+        Decay::None => return,
+        Decay::PerHead(e) => {
+            let g = eval_expr(spec, inputs, e, 0, 0, h, 0.0);
+            Box::new(move |_| g)
+        }
+        Decay::Gate { input } => {
+            let gates = &inputs.extra[input];
+            Box::new(move |l| gates.get_clamped(&[b as i64, l as i64, h as i64]))
+        }
+    };
+    decay[i] = 1.0;
+    for j in (0..i).rev() {
+        decay[j] = decay[j + 1] * gamma_at(j + 1);
+    }
+}
+
+/// Evaluates a scalar expression at (i, j, h) with score `s`; tables are
+/// read with the language's clamped indexing.
+fn eval_expr(
+    spec: &MixerSpec,
+    inputs: &MixerInputs,
+    e: &Expr,
+    i: usize,
+    j: usize,
+    h: usize,
+    s: f64,
+) -> f64 {
+    // check_spec guarantees every name read is a declared (hence present) input.
+    let lookup = |name: &str, idx: &[i64]| inputs.extra[name].get_clamped(idx);
+    e.eval_f64(&EvalEnv {
+        i: i as i64,
+        j: j as i64,
+        h: h as i64,
+        s,
+        heads: spec.heads,
+        lookup: &lookup,
+    })
+}
+
+/// The weight `a(i, j)` of every key for one query row, `None` where the mask
+/// hides the key.
+fn row_weights(
+    spec: &MixerSpec,
+    inputs: &MixerInputs,
+    b: usize,
+    i: usize,
+    h: usize,
+    decay: &[f64],
+    weights: &mut [Option<f64>],
+) {
+    let seg = |name: &str, pos: i64| inputs.extra[name].get_clamped(&[b as i64, pos]) as i64;
+    let kvh = spec.kv_head_of(h as u32) as usize;
+    let dk = spec.head_dim as usize;
+    for (j, w) in weights.iter_mut().enumerate() {
+        *w = None;
+        if !spec.mask.allows(i as i64, j as i64, &seg) {
+            continue;
+        }
+        let a = match &spec.score {
+            Score::Filter { input } => {
+                inputs.extra[input].get_clamped(&[h as i64, i as i64 - j as i64])
+            }
+            Score::Dot {
+                q_map,
+                k_map,
+                scale,
+            } => {
+                let qo = inputs.q.offset(&[b, i, h, 0]);
+                let ko = inputs.k.offset(&[b, j, kvh, 0]);
+                let dot: f64 = (0..dk)
+                    .map(|d| {
+                        q_map.apply(inputs.q.data[qo + d] as f64)
+                            * k_map.apply(inputs.k.data[ko + d] as f64)
+                    })
+                    .sum();
+                let mut s = scale * dot;
+                if let Some(bias) = &spec.bias {
+                    s += eval_expr(spec, inputs, bias, i, j, h, 0.0);
+                }
+                let t = match &spec.transform {
+                    Some(tr) => eval_expr(spec, inputs, tr, i, j, h, s),
+                    None => s,
+                };
+                match spec.decay {
+                    Decay::None => t,
+                    _ => t * decay[j],
+                }
+            }
+        };
+        *w = Some(a);
+    }
+}
+
+/// Normalises one row into `y` (length value_dim); returns the row's
+/// log-sum-exp for softmax (0 for the other norms).
+fn normalise(
+    norm: Norm,
+    inputs: &MixerInputs,
+    b: usize,
+    kvh: usize,
+    weights: &[Option<f64>],
+    y: &mut [f64],
+) -> f64 {
+    y.iter_mut().for_each(|x| *x = 0.0);
+    let dv = y.len();
+    let v_row = |j: usize| {
+        let o = inputs.v.offset(&[b, j, kvh, 0]);
+        &inputs.v.data[o..o + dv]
+    };
+    let allowed = || {
+        weights
+            .iter()
+            .enumerate()
+            .filter_map(|(j, w)| w.map(|a| (j, a)))
+    };
+    // Weighted sum of values with per-key weights `f(a)`; returns sum of f(a).
+    let mut accumulate = |f: &dyn Fn(f64) -> f64| {
+        let mut total = 0.0;
+        for (j, a) in allowed() {
+            let w = f(a);
+            total += w;
+            for (yd, &vd) in y.iter_mut().zip(v_row(j)) {
+                *yd += w * vd as f64;
+            }
+        }
+        total
+    };
+    match norm {
+        Norm::Softmax => {
+            let m = allowed().map(|(_, a)| a).fold(f64::NEG_INFINITY, f64::max);
+            // No visible key (or every weight -inf): output 0, lse -inf.
+            if m == f64::NEG_INFINITY {
+                return f64::NEG_INFINITY;
+            }
+            let l = accumulate(&|a| (a - m).exp());
+            y.iter_mut().for_each(|x| *x /= l);
+            m + l.ln()
+        }
+        Norm::Sum { eps } => {
+            if allowed().next().is_none() {
+                return 0.0;
+            }
+            let l = accumulate(&|a| a);
+            y.iter_mut().for_each(|x| *x /= l + eps);
+            0.0
+        }
+        Norm::None => {
+            accumulate(&|a| a);
+            0.0
+        }
+    }
+}

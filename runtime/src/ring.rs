@@ -1,0 +1,312 @@
+//! Ring scheduling: how a sequence is sharded over `R` ranks, which key/value
+//! shard each rank holds at each step, and the mailboxes that carry shards
+//! (or chunkwise states) between rank threads.
+//!
+//! At step `s` rank `r` holds the shard first owned by rank `(r - s) mod R`:
+//! it computes against it, passes it to `r + 1` and receives the next one from
+//! `r - 1`. After `R` steps every query shard has met every key shard.
+
+use std::ops::Range;
+use std::sync::mpsc::{channel, Receiver, Sender};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, RuntimeError};
+
+/// How positions are dealt to ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sharding {
+    /// Rank `r` owns the `r`-th of `R` near-equal contiguous pieces.
+    Contiguous,
+    /// The sequence is cut into `2R` near-equal chunks; rank `r` owns chunks
+    /// `r` and `2R - 1 - r`, so under a causal mask every rank gets one cheap
+    /// (early) and one expensive (late) chunk: balanced work.
+    Zigzag,
+}
+
+impl Sharding {
+    pub fn parse(s: &str) -> Option<Sharding> {
+        match s {
+            "contiguous" => Some(Sharding::Contiguous),
+            "zigzag" => Some(Sharding::Zigzag),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Sharding::Contiguous => "contiguous",
+            Sharding::Zigzag => "zigzag",
+        }
+    }
+}
+
+/// `n` near-equal pieces of `0..len`; the first `len % n` get one more.
+fn split(len: usize, n: usize) -> Vec<Range<usize>> {
+    let (base, extra) = (len / n, len % n);
+    let mut start = 0;
+    (0..n)
+        .map(|p| {
+            let size = base + usize::from(p < extra);
+            let r = start..start + size;
+            start += size;
+            r
+        })
+        .collect()
+}
+
+/// The shards of a ring run and the order in which they travel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingSchedule {
+    pub seq: usize,
+    pub ranks: usize,
+    pub sharding: Sharding,
+    /// Position ranges owned by each rank, in increasing order, none empty.
+    pub shards: Vec<Vec<Range<usize>>>,
+}
+
+impl RingSchedule {
+    /// Errors when `ranks` is 0 or exceeds `seq` (a rank would own nothing).
+    pub fn new(seq: usize, ranks: usize, sharding: Sharding) -> Result<Self> {
+        if ranks == 0 {
+            return Err(RuntimeError::Invalid(
+                "ranks must be at least 1 (got 0)".into(),
+            ));
+        }
+        if ranks > seq {
+            return Err(RuntimeError::Invalid(format!(
+                "{ranks} ranks cannot share a sequence of {seq} positions: \
+                 every rank needs at least one (use --ranks <= {seq})"
+            )));
+        }
+        let shards = match sharding {
+            Sharding::Contiguous => split(seq, ranks).into_iter().map(|r| vec![r]).collect(),
+            Sharding::Zigzag => {
+                let chunks = split(seq, 2 * ranks);
+                (0..ranks)
+                    .map(|r| {
+                        let (early, late) = (chunks[r].clone(), chunks[2 * ranks - 1 - r].clone());
+                        // The last rank's two chunks touch: one range, one tiling.
+                        // With seq < 2R the late chunk may be empty; chunk r never is.
+                        if late.is_empty() {
+                            vec![early]
+                        } else if early.end == late.start {
+                            std::iter::once(early.start..late.end).collect()
+                        } else {
+                            vec![early, late]
+                        }
+                    })
+                    .collect()
+            }
+        };
+        Ok(RingSchedule {
+            seq,
+            ranks,
+            sharding,
+            shards,
+        })
+    }
+
+    /// The ranges owned by `rank`.
+    pub fn shard(&self, rank: usize) -> &[Range<usize>] {
+        &self.shards[rank]
+    }
+
+    /// Positions owned by `rank`.
+    pub fn shard_len(&self, rank: usize) -> usize {
+        self.shards[rank].iter().map(|r| r.len()).sum()
+    }
+
+    /// Whose shard `rank` holds at `step`.
+    pub fn held_at(&self, rank: usize, step: usize) -> usize {
+        (rank + self.ranks - step % self.ranks) % self.ranks
+    }
+
+    /// Every owned range with its owner, in sequence order: the path a
+    /// causal chunkwise state takes (rank to rank, possibly back again under
+    /// zigzag sharding).
+    pub fn ranges_in_order(&self) -> Vec<(Range<usize>, usize)> {
+        let mut all: Vec<(Range<usize>, usize)> = self
+            .shards
+            .iter()
+            .enumerate()
+            .flat_map(|(r, rs)| rs.iter().map(move |x| (x.clone(), r)))
+            .collect();
+        all.sort_by_key(|(x, _)| x.start);
+        all
+    }
+}
+
+/// One rank's end of the ring: senders to every other rank and its own inbox.
+pub struct Endpoint<M> {
+    pub rank: usize,
+    ranks: usize,
+    senders: Vec<Option<Sender<M>>>,
+    inbox: Receiver<M>,
+}
+
+/// Creates the endpoints of `ranks` ranks (index = rank). Endpoints hold no
+/// sender to themselves, so a rank whose peers have all finished sees a
+/// closed inbox instead of waiting forever.
+pub fn endpoints<M>(ranks: usize) -> Vec<Endpoint<M>> {
+    let (txs, rxs): (Vec<Sender<M>>, Vec<Receiver<M>>) = (0..ranks).map(|_| channel()).unzip();
+    rxs.into_iter()
+        .enumerate()
+        .map(|(rank, inbox)| Endpoint {
+            rank,
+            ranks,
+            senders: txs
+                .iter()
+                .enumerate()
+                .map(|(r, t)| (r != rank).then(|| t.clone()))
+                .collect(),
+            inbox,
+        })
+        .collect()
+}
+
+impl<M> Endpoint<M> {
+    /// Sends to rank `to` (not to oneself).
+    pub fn send_to(&self, to: usize, msg: M) -> Result<()> {
+        let tx = self.senders[to].as_ref().ok_or_else(|| {
+            RuntimeError::Invalid(format!("rank {} tried to send to itself", self.rank))
+        })?;
+        tx.send(msg)
+            .map_err(|_| RuntimeError::Invalid(format!("rank {to} left the ring early")))
+    }
+    /// Sends to the next rank in ring order.
+    pub fn send_next(&self, msg: M) -> Result<()> {
+        self.send_to((self.rank + 1) % self.ranks, msg)
+    }
+    /// Waits for the next message.
+    pub fn recv(&self) -> Result<M> {
+        self.inbox.recv().map_err(|_| {
+            RuntimeError::Invalid(format!(
+                "rank {}: its peers left the ring before sending",
+                self.rank
+            ))
+        })
+    }
+}
+
+/// Merges two normalised softmax partials of the same query rows, in the
+/// form kernels emit them: per row the output `o` over a key subset (already
+/// divided by its own sum) and `lse = m + ln l`. Rows are `o.len() / lse.len()`
+/// wide. The result is what one pass over both key subsets would give; a row
+/// that saw no key has `lse = -inf` and contributes nothing.
+pub fn merge_softmax_lse(o: &mut [f32], lse: &mut [f32], o2: &[f32], lse2: &[f32]) {
+    assert_eq!(o.len(), o2.len(), "partials of different shapes");
+    assert_eq!(lse.len(), lse2.len(), "partials of different shapes");
+    let width = o.len().checked_div(lse.len()).unwrap_or(0);
+    for r in 0..lse.len() {
+        let (a, b) = (lse[r], lse2[r]);
+        if b == f32::NEG_INFINITY {
+            continue;
+        }
+        let m = a.max(b);
+        let (wa, wb) = ((a - m).exp(), (b - m).exp());
+        let total = wa + wb;
+        let row = &mut o[r * width..(r + 1) * width];
+        for (x, y) in row.iter_mut().zip(&o2[r * width..(r + 1) * width]) {
+            *x = (*x * wa + *y * wb) / total;
+        }
+        lse[r] = m + total.ln();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_partition_the_sequence() {
+        for seq in [1usize, 5, 7, 37, 100, 130] {
+            for ranks in 1..=8usize.min(seq) {
+                for sharding in [Sharding::Contiguous, Sharding::Zigzag] {
+                    let s = RingSchedule::new(seq, ranks, sharding).unwrap();
+                    let mut seen = vec![0u8; seq];
+                    for r in 0..ranks {
+                        assert!(s.shard_len(r) > 0, "rank {r} of {ranks} owns nothing");
+                        for x in s.shard(r) {
+                            x.clone().for_each(|p| seen[p] += 1);
+                        }
+                    }
+                    assert!(seen.iter().all(|&c| c == 1), "{seq} {ranks} {sharding:?}");
+                    let lens: Vec<usize> = (0..ranks).map(|r| s.shard_len(r)).collect();
+                    let (lo, hi) = (lens.iter().min().unwrap(), lens.iter().max().unwrap());
+                    assert!(hi - lo <= 2, "uneven shards {lens:?}");
+                    // Each rank holds every shard exactly once over R steps.
+                    for r in 0..ranks {
+                        let mut held: Vec<usize> = (0..ranks).map(|st| s.held_at(r, st)).collect();
+                        assert_eq!(held[0], r);
+                        held.sort();
+                        assert_eq!(held, (0..ranks).collect::<Vec<_>>());
+                    }
+                }
+            }
+        }
+        let z = RingSchedule::new(16, 4, Sharding::Zigzag).unwrap();
+        assert_eq!(z.shard(0), &[0..2, 14..16]);
+        assert_eq!(z.shard(3).to_vec(), vec![(6..10)]);
+        let one = RingSchedule::new(9, 1, Sharding::Zigzag).unwrap();
+        assert_eq!(one.shard(0).to_vec(), vec![(0..9)]);
+    }
+
+    #[test]
+    fn bad_rank_counts_are_errors() {
+        let e = RingSchedule::new(10, 0, Sharding::Zigzag).unwrap_err();
+        assert!(e.to_string().contains("at least 1"), "{e}");
+        let e = RingSchedule::new(3, 4, Sharding::Contiguous).unwrap_err();
+        assert!(e.to_string().contains("4 ranks"), "{e}");
+    }
+
+    /// Softmax over keys 0..n split in two subsets, merged, equals the whole.
+    #[test]
+    fn lse_merge_equals_one_pass() {
+        let scores = [0.3f32, -1.2, 2.5, 0.0, 1.1, -0.4];
+        let values = [1.0f32, -2.0, 0.5, 3.0, -1.0, 2.0];
+        let partial = |keys: &[usize]| -> (f32, f32) {
+            if keys.is_empty() {
+                return (0.0, f32::NEG_INFINITY);
+            }
+            let m = keys
+                .iter()
+                .map(|&j| scores[j])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let l: f32 = keys.iter().map(|&j| (scores[j] - m).exp()).sum();
+            let o: f32 = keys
+                .iter()
+                .map(|&j| (scores[j] - m).exp() * values[j])
+                .sum();
+            (o / l, m + l.ln())
+        };
+        let (want_o, want_lse) = partial(&[0, 1, 2, 3, 4, 5]);
+        for split in [vec![], vec![2], vec![0, 5], vec![1, 3, 4]] {
+            let rest: Vec<usize> = (0..6).filter(|j| !split.contains(j)).collect();
+            let (o1, l1) = partial(&split);
+            let (o2, l2) = partial(&rest);
+            let (mut o, mut lse) = ([o1], [l1]);
+            merge_softmax_lse(&mut o, &mut lse, &[o2], &[l2]);
+            assert!(
+                (o[0] - want_o).abs() < 1e-6,
+                "{split:?}: {} vs {want_o}",
+                o[0]
+            );
+            assert!((lse[0] - want_lse).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn endpoints_pass_messages_around_the_ring() {
+        let eps = endpoints::<usize>(3);
+        std::thread::scope(|s| {
+            for ep in eps {
+                s.spawn(move || {
+                    ep.send_next(ep.rank).unwrap();
+                    assert_eq!(ep.recv().unwrap(), (ep.rank + 2) % 3);
+                    assert!(ep.send_to(ep.rank, 0).is_err());
+                });
+            }
+        });
+    }
+}

@@ -1,0 +1,353 @@
+{{ header -}}
+// FlashAttention-2 style forward pass on tensor cores: one CTA per
+// (query block, head, batch); each warp owns MF x 16 query rows. K/V tiles stream
+// through a {{ config.stages }}-stage cp.async pipeline; S = Q K^T and O += P V
+// run on mma.sync m16n8k16; the softmax is online, in registers, in base 2.
+// Key tiles the mask rules out are never loaded; Full tiles skip all mask
+// arithmetic; only Partial tiles (and the ragged last tile) test each pair.
+//
+// Partial results: the kernel computes query rows [q_begin, q_end) of the Q
+// buffer against keys [kv_begin, kv_end) of the K/V buffer; row r of a buffer
+// is at global position q_pos0 + r (queries) or k_pos0 + r (keys), so a ring
+// step, or one chunk of a zigzag shard, is one launch. It writes O normalised
+// over the visited keys and the row log-sum-exp, so partials over disjoint
+// key ranges merge exactly:
+// lse = logaddexp(lse1, lse2), o = o1 exp(lse1 - lse) + o2 exp(lse2 - lse).
+// A row that sees no key gets o = 0 and lse = -inf.
+{% include "tile.cuh" %}
+
+namespace {
+
+typedef {{ elem_type }} T;
+
+constexpr int HEADS = {{ heads }};
+constexpr int KV_HEADS = {{ kv_heads }};
+constexpr int GROUP = {{ group }};  // query heads per kv head (GQA)
+constexpr int D = {{ head_dim }};
+constexpr int DV = {{ value_dim }};
+constexpr int DP = {{ dp }};   // D padded to the mma k-step (16)
+constexpr int DVP = {{ dvp }};  // DV padded to 16
+constexpr int BLOCK_M = {{ config.block_m }};
+constexpr int BLOCK_N = {{ config.block_n }};
+constexpr int WARPS = {{ config.warps }};
+constexpr int STAGES = {{ config.stages }};
+constexpr int NTHREADS = WARPS * 32;
+// 16-row mma fragments per warp: K/V fragments loaded once serve all of them.
+constexpr int MF = BLOCK_M / (16 * WARPS);
+// Shared rows are padded by 16 bytes so the 8 row addresses of one ldmatrix
+// fall in 8 different bank groups.
+constexpr int SQ = DP + 8;
+constexpr int SK = DP + 8;
+constexpr int SV = DVP + 8;
+constexpr float SCALE = {{ scale }};
+constexpr float SCALE_LOG2 = SCALE * mixc::LOG2E;
+
+static_assert(BLOCK_M == 16 * WARPS * MF && MF >= 1, "each warp owns MF x 16 query rows");
+static_assert(BLOCK_N % 16 == 0 && DP % 16 == 0 && DVP % 16 == 0, "mma tiles are 16 wide");
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1) {{ kernel_name }}(
+{%- for p in params %}
+    {{ p.c_type }} {{ p.name }}{% if not loop.last %},{% endif %}  // {{ p.doc }}
+{%- endfor %}
+) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* sQ = reinterpret_cast<T*>(smem_raw);
+    T* sK = sQ + BLOCK_M * SQ;
+    T* sV = sK + STAGES * BLOCK_N * SK;
+    // Which tile each pipeline stage holds (-1: none) and its class.
+    __shared__ int stage_tile[STAGES];
+    __shared__ int stage_class[STAGES];
+
+    const int head = blockIdx.y;
+    const int batch_idx = blockIdx.z;
+    const int kv_head = head / GROUP;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, tq = lane % 4;  // mma fragment row group / column pair
+    const int m0 = q_begin + blockIdx.x * BLOCK_M;  // first query row of this CTA in the buffer
+    const int m_valid = min(BLOCK_M, q_end - m0);
+    if (m_valid <= 0) return;
+
+    const T* q_tile = q + ((size_t)batch_idx * q_rows + m0) * (HEADS * D) + (size_t)head * D;
+    const T* k_head = k + (size_t)batch_idx * kv_rows * (KV_HEADS * D) + (size_t)kv_head * D;
+    const T* v_head = v + (size_t)batch_idx * kv_rows * (KV_HEADS * DV) + (size_t)kv_head * DV;
+
+    // Global positions of this CTA's queries, inclusive.
+    const int i0 = q_pos0 + m0, i1 = q_pos0 + m0 + m_valid - 1;
+{%- for hv in hoisted %}
+    const {{ hv.c_type }} {{ hv.name }} = {{ hv.code }};  // per-head constant
+{%- endfor %}
+{%- if segment %}
+
+    // Segment ids: the query block's id range decides whole key tiles.
+    const int* seg_b = {{ segment }} + (size_t)batch_idx * seq_len;
+    __shared__ int q_seg_lo_s, q_seg_hi_s;
+    if (tid == 0) {
+        q_seg_lo_s = mixc::INT_HI;
+        q_seg_hi_s = mixc::INT_LO;
+    }
+    __syncthreads();
+    for (int r = tid; r < m_valid; r += NTHREADS) {
+        const int s_id = __ldg(seg_b + i0 + r);
+        atomicMin(&q_seg_lo_s, s_id);
+        atomicMax(&q_seg_hi_s, s_id);
+    }
+    __syncthreads();
+    const int q_seg_lo = q_seg_lo_s, q_seg_hi = q_seg_hi_s;
+    // Ids of the rows this thread holds: fragment f, rows g and g + 8.
+    int row_seg[MF][2];
+#pragma unroll
+    for (int f = 0; f < MF; ++f) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = warp * 16 * MF + f * 16 + g + r * 8;
+            row_seg[f][r] = row < m_valid ? __ldg(seg_b + i0 + row) : mixc::INT_LO;
+        }
+    }
+{%- endif %}
+
+    // Key tiles: tile t covers buffer rows [kv_begin + t * BLOCK_N, ...), clipped to kv_end.
+    // Visit only the tiles that can hold a visible key.
+    const mixc::KeyRange keys = {{ mask.key_range }};
+    const long long lo = mixc::lmax((long long)kv_begin, keys.lo - k_pos0);
+    const long long hi = mixc::lmin((long long)kv_end, keys.hi - k_pos0);
+    const int t_begin = (int)((lo - kv_begin) / BLOCK_N);
+    const int t_end = hi > lo ? (int)((hi - kv_begin + BLOCK_N - 1) / BLOCK_N) : t_begin;
+
+    // Class of tile t (uniform over the CTA; contains barriers for segment masks).
+    auto tile_class = [&](int t) -> int {
+        const int r0 = kv_begin + t * BLOCK_N;
+        const int n_valid = min(BLOCK_N, kv_end - r0);
+        const int j0 = k_pos0 + r0, j1 = j0 + n_valid - 1;
+{%- if segment %}
+        int any = 0, all = 1;
+        for (int c = tid; c < n_valid; c += NTHREADS) {
+            const int s_id = __ldg(seg_b + j0 + c);
+            any |= (s_id >= q_seg_lo && s_id <= q_seg_hi);
+            all &= (s_id == q_seg_lo && q_seg_lo == q_seg_hi);
+        }
+        any = __syncthreads_or(any);
+        all = __syncthreads_and(all);
+        const int seg_class = !any ? mixc::SKIP : (all ? mixc::FULL : mixc::PARTIAL);
+{%- endif %}
+        int cls = {{ mask.class }};
+        // Keys past kv_end in a ragged last tile must be masked out.
+        if (cls == mixc::FULL && n_valid < BLOCK_N) cls = mixc::PARTIAL;
+        return cls;
+    };
+    // First tile >= t that is not skipped (t_end when none).
+    auto next_tile = [&](int t, int& cls) -> int {
+        for (; t < t_end; ++t) {
+            cls = tile_class(t);
+            if (cls != mixc::SKIP) return t;
+        }
+        return t_end;
+    };
+
+    // Q stays in shared memory for the whole CTA (fragments are re-read per
+    // tile with ldmatrix, which keeps registers for the O accumulator).
+    mixc::load_tile_async<T, BLOCK_M, D, DP, SQ, NTHREADS>(sQ, q_tile, (size_t)HEADS * D, m_valid, q);
+
+    int load_class = mixc::SKIP;
+    int load_t = next_tile(t_begin, load_class);
+    int load_stage = 0;
+    // Issues the next non-skipped K/V tile into `load_stage`; always commits a
+    // group (possibly empty) so the wait count below stays uniform.
+    auto issue = [&]() {
+        if (load_t < t_end) {
+            const int r0 = kv_begin + load_t * BLOCK_N;
+            const int n_valid = min(BLOCK_N, kv_end - r0);
+            mixc::load_tile_async<T, BLOCK_N, D, DP, SK, NTHREADS>(
+                sK + load_stage * BLOCK_N * SK, k_head + (size_t)r0 * (KV_HEADS * D),
+                (size_t)KV_HEADS * D, n_valid, k);
+            mixc::load_tile_async<T, BLOCK_N, DV, DVP, SV, NTHREADS>(
+                sV + load_stage * BLOCK_N * SV, v_head + (size_t)r0 * (KV_HEADS * DV),
+                (size_t)KV_HEADS * DV, n_valid, v);
+            if (tid == 0) {
+                stage_tile[load_stage] = load_t;
+                stage_class[load_stage] = load_class;
+            }
+            load_t = next_tile(load_t + 1, load_class);
+        } else if (tid == 0) {
+            stage_tile[load_stage] = -1;
+        }
+        mixc::cp_async_commit();
+        load_stage = load_stage + 1 == STAGES ? 0 : load_stage + 1;
+    };
+
+    // Running row max (base-2 units), row sum and output accumulator for
+    // rows g and g + 8 of each of this warp's MF fragments.
+    float row_m[MF][2], row_l[MF][2];
+    float acc_o[MF][DVP / 8][4];
+#pragma unroll
+    for (int f = 0; f < MF; ++f) {
+        row_m[f][0] = row_m[f][1] = -mixc::inf();
+        row_l[f][0] = row_l[f][1] = 0.0f;
+#pragma unroll
+        for (int n = 0; n < DVP / 8; ++n) acc_o[f][n][0] = acc_o[f][n][1] = acc_o[f][n][2] = acc_o[f][n][3] = 0.0f;
+    }
+
+    const int warp_row = warp * 16 * MF;
+    for (int s = 0; s < STAGES - 1; ++s) issue();
+    for (int stage = 0;; stage = stage + 1 == STAGES ? 0 : stage + 1) {
+        issue();
+        mixc::cp_async_wait<STAGES - 1>();
+        __syncthreads();
+        const int t = stage_tile[stage];
+        if (t < 0) break;
+        const bool masked = stage_class[stage] != mixc::FULL;
+        const T* sKs = sK + stage * BLOCK_N * SK;
+        const T* sVs = sV + stage * BLOCK_N * SV;
+        const int r0 = kv_begin + t * BLOCK_N;
+
+        // S = Q K^T for this warp's MF x 16 rows x BLOCK_N keys.
+        float acc_s[MF][BLOCK_N / 8][4];
+#pragma unroll
+        for (int f = 0; f < MF; ++f) {
+#pragma unroll
+            for (int n = 0; n < BLOCK_N / 8; ++n) acc_s[f][n][0] = acc_s[f][n][1] = acc_s[f][n][2] = acc_s[f][n][3] = 0.0f;
+        }
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk) {
+            unsigned a[MF][4];
+#pragma unroll
+            for (int f = 0; f < MF; ++f)
+                mixc::ldmatrix_x4(a[f], sQ + (warp_row + f * 16 + (lane & 15)) * SQ + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+            for (int nb = 0; nb < BLOCK_N / 16; ++nb) {
+                // Matrices: keys +0..7 / +8..15 x dims +0..7 / +8..15 -> b0, b1 of two n-slices.
+                unsigned b[4];
+                const int mi = lane >> 3;
+                mixc::ldmatrix_x4(b, sKs + (nb * 16 + (lane & 7) + (mi >> 1) * 8) * SK + kk * 16 + (mi & 1) * 8);
+#pragma unroll
+                for (int f = 0; f < MF; ++f) {
+                    mixc::mma_16816<T>(acc_s[f][2 * nb], a[f], b[0], b[1]);
+                    mixc::mma_16816<T>(acc_s[f][2 * nb + 1], a[f], b[2], b[3]);
+                }
+            }
+        }
+
+        // Scores in base-2 units (scale{% if bias %}, bias{% endif %}{% if transform %}, transform{% endif %} fused), masked in Partial tiles.
+        float tile_max[MF][2];
+#pragma unroll
+        for (int f = 0; f < MF; ++f) {
+            tile_max[f][0] = tile_max[f][1] = -mixc::inf();
+#pragma unroll
+            for (int n = 0; n < BLOCK_N / 8; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int row = warp_row + f * 16 + g + (e >> 1) * 8;  // in the CTA
+                    const int col = n * 8 + tq * 2 + (e & 1);               // in the tile
+                    const int pos_i = i0 + row;
+                    const int pos_j = k_pos0 + r0 + col;
+{%- if score_expr %}
+                    float s = acc_s[f][n][e] * SCALE;
+{%- if bias %}
+                    s += {{ bias }};
+{%- endif %}
+{%- if transform %}
+                    s = {{ transform }};
+{%- endif %}
+                    float x = s * mixc::LOG2E;
+{%- else %}
+                    float x = acc_s[f][n][e] * SCALE_LOG2;
+{%- endif %}
+                    if (masked) {
+{%- if segment %}
+                        const int seg_i = row_seg[f][e >> 1];
+                        // Keys past kv_end (ragged tail) may lie past the id array.
+                        const int seg_j = r0 + col < kv_end ? __ldg(seg_b + pos_j) : mixc::INT_LO;
+{%- endif %}
+                        const bool visible = r0 + col < kv_end && {{ mask.predicate }};
+                        if (!visible) x = -mixc::inf();
+                    }
+                    acc_s[f][n][e] = x;
+                    tile_max[f][e >> 1] = fmaxf(tile_max[f][e >> 1], x);
+                }
+            }
+        }
+
+        // Online softmax: rescale what was accumulated to the new row max.
+#pragma unroll
+        for (int f = 0; f < MF; ++f) {
+            float row_ref[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float m_new = fmaxf(row_m[f][r], mixc::quad_max(tile_max[f][r]));
+                // A row with nothing visible yet keeps a finite reference (no inf - inf).
+                row_ref[r] = m_new == -mixc::inf() ? 0.0f : m_new;
+                const float alpha = exp2f(row_m[f][r] - row_ref[r]);
+                row_m[f][r] = m_new;
+                row_l[f][r] *= alpha;
+#pragma unroll
+                for (int n = 0; n < DVP / 8; ++n) {
+                    acc_o[f][n][2 * r] *= alpha;
+                    acc_o[f][n][2 * r + 1] *= alpha;
+                }
+            }
+#pragma unroll
+            for (int n = 0; n < BLOCK_N / 8; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float p = exp2f(acc_s[f][n][e] - row_ref[e >> 1]);
+                    acc_s[f][n][e] = p;
+                    row_l[f][e >> 1] += p;
+                }
+            }
+        }
+
+        // O += P V: the S accumulators are re-packed as A fragments in place.
+#pragma unroll
+        for (int kb = 0; kb < BLOCK_N / 16; ++kb) {
+            unsigned a[MF][4];
+#pragma unroll
+            for (int f = 0; f < MF; ++f) {
+                a[f][0] = mixc::pack2<T>(acc_s[f][2 * kb][0], acc_s[f][2 * kb][1]);
+                a[f][1] = mixc::pack2<T>(acc_s[f][2 * kb][2], acc_s[f][2 * kb][3]);
+                a[f][2] = mixc::pack2<T>(acc_s[f][2 * kb + 1][0], acc_s[f][2 * kb + 1][1]);
+                a[f][3] = mixc::pack2<T>(acc_s[f][2 * kb + 1][2], acc_s[f][2 * kb + 1][3]);
+            }
+#pragma unroll
+            for (int nb = 0; nb < DVP / 16; ++nb) {
+                // Transposed: keys +0..7 / +8..15 x value cols +0..7 / +8..15.
+                unsigned b[4];
+                const int mi = lane >> 3;
+                mixc::ldmatrix_x4_trans(b, sVs + (kb * 16 + (lane & 7) + (mi & 1) * 8) * SV + nb * 16 + (mi >> 1) * 8);
+#pragma unroll
+                for (int f = 0; f < MF; ++f) {
+                    mixc::mma_16816<T>(acc_o[f][2 * nb], a[f], b[0], b[1]);
+                    mixc::mma_16816<T>(acc_o[f][2 * nb + 1], a[f], b[2], b[3]);
+                }
+            }
+        }
+        // The stage is refilled by the next iteration's issue().
+        __syncthreads();
+    }
+    mixc::cp_async_wait<0>();
+
+    // Epilogue: O / l in the storage type, lse = ln(sum exp(score)) in f32.
+#pragma unroll
+    for (int f = 0; f < MF; ++f) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float l = mixc::quad_sum(row_l[f][r]);
+            const int row = warp_row + f * 16 + g + r * 8;
+            if (row >= m_valid) continue;
+            const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
+            T* o_row = o + (((size_t)batch_idx * q_rows + m0 + row) * HEADS + head) * DV;
+#pragma unroll
+            for (int n = 0; n < DVP / 8; ++n) {
+                const int col = n * 8 + tq * 2;
+                if (col < DV) {
+                    *reinterpret_cast<unsigned*>(o_row + col) =
+                        mixc::pack2<T>(acc_o[f][n][2 * r] * inv_l, acc_o[f][n][2 * r + 1] * inv_l);
+                }
+            }
+            if (tq == 0) {
+                lse[((size_t)batch_idx * HEADS + head) * q_rows + m0 + row] =
+                    l > 0.0f ? (row_m[f][r] + log2f(l)) * mixc::LN2 : -mixc::inf();
+            }
+        }
+    }
+}
