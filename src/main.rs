@@ -8,7 +8,11 @@ mod commands;
 mod report;
 
 #[derive(Parser)]
-#[command(name = "mixc", version, about = "Token-mixer specs compiled to tiled GPU kernels")]
+#[command(
+    name = "mixc",
+    version,
+    about = "Token-mixer specs compiled to tiled GPU kernels"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,6 +22,10 @@ struct Cli {
 enum Command {
     /// Parse and validate spec files; print diagnostics for the invalid ones.
     Check(commands::check::Args),
+    /// Print or write the CUDA source generated for a spec.
+    Gen(commands::gen::Args),
+    /// Compile a spec's kernels with NVRTC (cached) and report resource use.
+    Compile(commands::compile::Args),
     /// Run a mixer on random or given inputs and report time and throughput.
     Run(commands::run::Args),
 }
@@ -27,6 +35,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check(a) => commands::check::main(a),
         Command::Run(a) => commands::run::main(a),
+        Command::Gen(a) => commands::gen::main(a),
+        Command::Compile(a) => commands::compile::main(a),
     };
     match result {
         Ok(code) => code,

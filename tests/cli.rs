@@ -39,23 +39,37 @@ fn scratch(name: &str) -> PathBuf {
 #[test]
 fn check_accepts_every_example() {
     let files = examples();
-    assert!(files.len() >= 12, "expected at least 12 examples, found {}", files.len());
+    assert!(
+        files.len() >= 12,
+        "expected at least 12 examples, found {}",
+        files.len()
+    );
     let mut args = vec!["check"];
     let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
     args.extend(names.iter().map(String::as_str));
     let out = mixc(&args);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), files.len());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        files.len()
+    );
 }
 
 #[test]
 fn check_rejects_an_invalid_spec_with_a_located_diagnostic() {
     let bad = scratch("bad.mix");
-    std::fs::write(&bad, "mixer bad {\n    heads = 8;\n    head_dim = 64;\n    mask = causl;\n}\n").unwrap();
+    std::fs::write(
+        &bad,
+        "mixer bad {\n    heads = 8;\n    head_dim = 64;\n    mask = causl;\n}\n",
+    )
+    .unwrap();
     let out = mixc(&["check", bad.to_str().unwrap()]);
     assert!(!out.status.success());
     let t = text(&out);
-    assert!(t.contains("bad.mix:4:12"), "diagnostic lacks file:line:col: {t}");
+    assert!(
+        t.contains("bad.mix:4:12"),
+        "diagnostic lacks file:line:col: {t}"
+    );
     assert!(t.contains('^'), "diagnostic lacks a caret: {t}");
 }
 
@@ -64,4 +78,97 @@ fn check_reports_a_missing_file() {
     let out = mixc(&["check", "examples/does_not_exist.mix"]);
     assert!(!out.status.success());
     assert!(text(&out).contains("does_not_exist.mix"));
+}
+
+#[test]
+fn run_saves_an_output_with_the_documented_layout() {
+    let out_file = scratch("retention.safetensors");
+    let _ = std::fs::remove_file(&out_file);
+    let out = mixc(&[
+        "run",
+        "examples/retention_retnet.mix",
+        "--backend",
+        "reference",
+        "--seq",
+        "40",
+        "--batch",
+        "2",
+        "--save",
+        out_file.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // retention_retnet: heads 8, value_dim 128.
+    assert_eq!(v["output_shape"], serde_json::json!([2, 40, 8, 128]));
+    let bytes = std::fs::read(&out_file).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    assert_eq!(header["o"]["shape"], serde_json::json!([2, 40, 8, 128]));
+    assert_eq!(header["o"]["dtype"], "F32");
+    assert_eq!(header["q"]["shape"], serde_json::json!([2, 40, 8, 64]));
+
+    // The saved file feeds back in, and the CPU backend agrees with the reference on it.
+    let again = mixc(&[
+        "run",
+        "examples/retention_retnet.mix",
+        "--backend",
+        "cpu",
+        "--inputs",
+        out_file.to_str().unwrap(),
+        "--ranks",
+        "3",
+        "--check",
+    ]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(text(&again).contains("max relative error"));
+}
+
+#[test]
+fn run_rejects_a_wrong_shaped_inputs_file_naming_the_tensor() {
+    let f = scratch("gqa.safetensors");
+    let out = mixc(&[
+        "run",
+        "examples/full_attention.mix",
+        "--backend",
+        "reference",
+        "--seq",
+        "8",
+        "--save",
+        f.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    // full_attention has 16 heads; causal_gqa_llama3 wants k with 8 kv heads of width 128.
+    let bad = mixc(&[
+        "run",
+        "examples/causal_gqa_llama3.mix",
+        "--inputs",
+        f.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    let t = text(&bad);
+    assert!(
+        t.contains("`q`") || t.contains("`k`"),
+        "error does not name the tensor: {t}"
+    );
+    assert!(
+        t.contains("head_dim") || t.contains("128"),
+        "error lacks the expected shape: {t}"
+    );
+}
+
+#[test]
+fn run_rejects_more_ranks_than_positions() {
+    let out = mixc(&[
+        "run",
+        "examples/causal_gqa_llama3.mix",
+        "--backend",
+        "cpu",
+        "--seq",
+        "3",
+        "--ranks",
+        "5",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("ranks"));
 }

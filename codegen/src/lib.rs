@@ -44,9 +44,9 @@
 
 pub mod config;
 pub mod expr;
-mod lower_softmax;
 pub mod lower_chunkwise;
 pub mod lower_conv;
+mod lower_softmax;
 pub mod mask;
 
 pub use config::{Arch, KernelConfig, Target};
@@ -228,9 +228,18 @@ pub const TEMPLATES: &[(&str, &str)] = &[
         "softmax_simt.cu",
         include_str!("../../templates/softmax_simt.cu"),
     ),
-    ("chunkwise_common.cu", include_str!("../../templates/chunkwise_common.cu")),
-    ("chunkwise_mma.cu", include_str!("../../templates/chunkwise_mma.cu")),
-    ("chunkwise_simt.cu", include_str!("../../templates/chunkwise_simt.cu")),
+    (
+        "chunkwise_common.cu",
+        include_str!("../../templates/chunkwise_common.cu"),
+    ),
+    (
+        "chunkwise_mma.cu",
+        include_str!("../../templates/chunkwise_mma.cu"),
+    ),
+    (
+        "chunkwise_simt.cu",
+        include_str!("../../templates/chunkwise_simt.cu"),
+    ),
     ("conv_mma.cu", include_str!("../../templates/conv_mma.cu")),
     ("conv_simt.cu", include_str!("../../templates/conv_simt.cu")),
 ];

@@ -22,7 +22,11 @@ impl<T: Copy + Default> Tensor<T> {
 
 impl<T> Tensor<T> {
     pub fn new(shape: Vec<usize>, data: Vec<T>) -> Self {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "shape does not match data");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape does not match data"
+        );
         Tensor { shape, data }
     }
     pub fn numel(&self) -> usize {

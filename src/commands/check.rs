@@ -32,7 +32,10 @@ pub fn main(args: Args) -> Result<ExitCode> {
             Err(e) => {
                 failed += 1;
                 if args.json {
-                    println!("{}", json!({"file": shown.to_string(), "ok": false, "error": e.to_string()}));
+                    println!(
+                        "{}",
+                        json!({"file": shown.to_string(), "ok": false, "error": e.to_string()})
+                    );
                 } else {
                     eprintln!("{e}");
                 }

@@ -1,4 +1,6 @@
 pub mod check;
+pub mod compile;
+pub mod gen;
 pub mod run;
 
 use anyhow::Result;

@@ -1,5 +1,7 @@
 use crate::report;
 use anyhow::{bail, Context, Result};
+use mixc_runtime::cpu::{self, CpuConfig, Precision};
+use mixc_runtime::ring::Sharding;
 use mixc_runtime::{inputs, io, reference, MixerInputs, Tensor};
 use serde_json::json;
 use std::path::PathBuf;
@@ -39,10 +41,25 @@ pub struct Args {
     /// Write the output `o` ([batch, seq, heads, value_dim], f32) and the inputs to a safetensors file.
     #[arg(long)]
     save: Option<PathBuf>,
+    /// Ranks of the ring (CPU worker threads), each owning a shard of the sequence.
+    #[arg(long, default_value_t = 1)]
+    ranks: usize,
+    /// How the sequence is sharded over ranks (default: zigzag for causal masks).
+    #[arg(long, value_parser = ["contiguous", "zigzag"])]
+    sharding: Option<String>,
+    /// Compare against the f64 reference (on sampled query rows for long
+    /// sequences) and fail beyond the tolerance (f32: 2e-4 relative to max |ref|).
+    #[arg(long)]
+    check: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
 }
+
+/// Relative tolerance of `--check` for f32 compute (max |err| / max |ref|).
+const F32_TOLERANCE: f64 = 2e-4;
+/// Above this many query rows, `--check` compares a sample of rows.
+const CHECK_FULL_ROWS: usize = 2048;
 
 pub fn main(args: Args) -> Result<ExitCode> {
     let spec = super::load_spec(&args.file)?;
@@ -58,20 +75,73 @@ pub fn main(args: Args) -> Result<ExitCode> {
     };
     let backend = match args.backend {
         Backend::Reference => "reference",
-        other => bail!(
-            "backend `{}` is not available in this build yet; use --backend reference",
-            match other {
-                Backend::Auto => "auto",
-                Backend::Cpu => "cpu",
-                _ => "cuda",
-            }
+        // No CUDA launcher in this build yet: auto means the CPU backend.
+        Backend::Auto | Backend::Cpu => "cpu",
+        Backend::Cuda => bail!(
+            "the CUDA backend cannot launch kernels in this build yet; \
+             use --backend cpu (kernels can be generated and compiled with `mixc gen` / NVRTC)"
         ),
     };
+    if args.backend == Backend::Auto && !args.json {
+        eprintln!("backend auto: no CUDA launcher available, using the CPU backend");
+    }
 
     let start = Instant::now();
-    let out64 = reference::evaluate(&spec, &inputs)?;
+    let (output, pairs_per_rank) = if backend == "reference" {
+        let out64 = reference::evaluate(&spec, &inputs)?;
+        let out = Tensor::new(
+            out64.shape.clone(),
+            out64.data.iter().map(|&x| x as f32).collect(),
+        );
+        (out, None)
+    } else {
+        let mut cfg = CpuConfig::default_for(&spec, inputs.seq);
+        cfg.ranks = args.ranks;
+        if let Some(s) = &args.sharding {
+            cfg.sharding = if s == "zigzag" {
+                Sharding::Zigzag
+            } else {
+                Sharding::Contiguous
+            };
+        }
+        cfg.precision = Precision::F32;
+        let run = cpu::run(&spec, &inputs, &cfg)?;
+        (run.output.to_f32(), Some(run.stats.pairs_per_rank))
+    };
     let seconds = start.elapsed().as_secs_f64();
-    let output = Tensor::new(out64.shape.clone(), out64.data.iter().map(|&x| x as f32).collect());
+
+    let max_rel_error = if args.check {
+        let rows: Vec<usize> = if inputs.seq <= CHECK_FULL_ROWS {
+            (0..inputs.seq).collect()
+        } else {
+            // Evenly spread rows plus both ends, where masks change shape.
+            let n = 256;
+            let mut r: Vec<usize> = (0..n).map(|k| k * (inputs.seq - 1) / (n - 1)).collect();
+            r.dedup();
+            r
+        };
+        let want = reference::evaluate_rows(&spec, &inputs, &rows)?;
+        let (b, h, dv) = (inputs.batch, spec.heads as usize, spec.value_dim as usize);
+        let mut max_err = 0f64;
+        let mut max_ref = 0f64;
+        for bi in 0..b {
+            for (ri, &row) in rows.iter().enumerate() {
+                for x in 0..h * dv {
+                    let got = output.data[((bi * inputs.seq + row) * h) * dv + x] as f64;
+                    let w = want.data[((bi * rows.len() + ri) * h) * dv + x];
+                    max_err = max_err.max((got - w).abs());
+                    max_ref = max_ref.max(w.abs());
+                }
+            }
+        }
+        Some(if max_ref > 0.0 {
+            max_err / max_ref
+        } else {
+            max_err
+        })
+    } else {
+        None
+    };
 
     if let Some(path) = &args.save {
         io::save_tensors(path, Some(&inputs), &output)
@@ -86,6 +156,13 @@ pub fn main(args: Args) -> Result<ExitCode> {
         "seq": inputs.seq,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
+        "tflops": pairs_per_rank.as_ref().map(|p| {
+            p.iter().sum::<u64>() as f64 * report::flops_per_pair(&spec) / seconds / 1e12
+        }),
+        "pairs_per_rank": pairs_per_rank,
+        "input_bytes": input_bytes(&inputs),
+        "output_bytes": output.numel() * 4,
+        "max_rel_error": max_rel_error,
         "output_shape": output.shape,
         "peak_rss_bytes": report::peak_rss_bytes(),
         "saved": args.save.as_ref().map(|p| p.display().to_string()),
@@ -102,9 +179,25 @@ pub fn main(args: Args) -> Result<ExitCode> {
             seconds,
             tokens / seconds
         );
+        if let Some(e) = max_rel_error {
+            println!("check: max relative error {e:.3e} vs f64 reference (tolerance {F32_TOLERANCE:.0e})");
+        }
         if let Some(p) = &args.save {
             println!("wrote {}", p.display());
         }
     }
+    if max_rel_error.is_some_and(|e| !(e <= F32_TOLERANCE)) {
+        eprintln!("error: --check failed: relative error above {F32_TOLERANCE:.0e}");
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+fn input_bytes(inputs: &MixerInputs) -> usize {
+    let extra: usize = inputs
+        .extra
+        .values()
+        .map(|t| t.shape().iter().product::<usize>() * 4)
+        .sum();
+    (inputs.q.numel() + inputs.k.numel() + inputs.v.numel()) * 4 + extra
 }
