@@ -45,14 +45,19 @@ pub fn main(args: Args) -> Result<ExitCode> {
         );
     } else {
         println!(
-            "{} ({}) for {} {}: {} byte cubin, {} in {:.1} ms [{}]",
+            "{} ({}) for {} {}: {} byte cubin, {} {:.1} ms{} [{}]",
             spec.name,
             spec.family.name(),
             args.target.arch,
             g.target.dtype,
             compiled.cubin.len(),
-            if compiled.cache_hit { "cache hit" } else { "compiled" },
+            if compiled.cache_hit {
+                "cache hit (its cold compile took"
+            } else {
+                "compiled in"
+            },
             compiled.compile_ms,
+            if compiled.cache_hit { ")" } else { "" },
             g.config.describe()
         );
         for k in &kernels {

@@ -49,8 +49,14 @@ pub fn main(args: Args) -> Result<ExitCode> {
     let (_, g) = args.target.generate()?;
     match &args.output {
         Some(path) => {
-            std::fs::write(path, &g.source).with_context(|| format!("writing {}", path.display()))?;
-            eprintln!("wrote {} ({} bytes, template {})", path.display(), g.source.len(), g.template);
+            std::fs::write(path, &g.source)
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!(
+                "wrote {} ({} bytes, template {})",
+                path.display(),
+                g.source.len(),
+                g.template
+            );
         }
         None => print!("{}", g.source),
     }

@@ -186,7 +186,8 @@ pub fn main(args: Args) -> Result<ExitCode> {
             println!("wrote {}", p.display());
         }
     }
-    if max_rel_error.is_some_and(|e| !(e <= F32_TOLERANCE)) {
+    // NaN must fail too, hence not `e > tol`.
+    if max_rel_error.is_some_and(|e| e.is_nan() || e > F32_TOLERANCE) {
         eprintln!("error: --check failed: relative error above {F32_TOLERANCE:.0e}");
         return Ok(ExitCode::FAILURE);
     }
