@@ -427,44 +427,10 @@ fn run_typed<T: Real>(
     let ctx = build_ctx::<T>(spec, inputs, cfg, pool, path);
     let ranks = sched.ranks;
     let outs: Vec<Result<RankOutput<T>>> = match path {
-        CpuPath::Blocked => {
-            let eps = endpoints(ranks);
-            std::thread::scope(|s| {
-                let hs: Vec<_> = eps
-                    .into_iter()
-                    .map(|ep| {
-                        let ctx = &ctx;
-                        s.spawn(move || blocked::rank_main(ctx, sched, ep))
-                    })
-                    .collect();
-                hs.into_iter().map(join_rank).collect()
-            })
-        }
-        CpuPath::Chunkwise => {
-            let eps = endpoints(ranks);
-            std::thread::scope(|s| {
-                let hs: Vec<_> = eps
-                    .into_iter()
-                    .map(|ep| {
-                        let ctx = &ctx;
-                        s.spawn(move || chunkwise::rank_main(ctx, sched, ep))
-                    })
-                    .collect();
-                hs.into_iter().map(join_rank).collect()
-            })
-        }
+        CpuPath::Blocked => spawn_ranks(ranks, |ep| blocked::rank_main(&ctx, sched, ep)),
+        CpuPath::Chunkwise => spawn_ranks(ranks, |ep| chunkwise::rank_main(&ctx, sched, ep)),
         CpuPath::GlobalState => {
-            let eps = endpoints(ranks);
-            std::thread::scope(|s| {
-                let hs: Vec<_> = eps
-                    .into_iter()
-                    .map(|ep| {
-                        let ctx = &ctx;
-                        s.spawn(move || chunkwise::rank_main_global(ctx, sched, ep))
-                    })
-                    .collect();
-                hs.into_iter().map(join_rank).collect()
-            })
+            spawn_ranks(ranks, |ep| chunkwise::rank_main_global(&ctx, sched, ep))
         }
     };
     let (heads, dv) = (ctx.heads, ctx.dv);
@@ -498,6 +464,22 @@ fn run_typed<T: Real>(
         stats.tiles.skip += o.stats.tiles.skip;
     }
     Ok((out, stats))
+}
+
+/// Runs one scoped worker thread per rank, each with its ring endpoint, and
+/// collects their outputs in rank order.
+fn spawn_ranks<T: Send, M: Send, F>(ranks: usize, rank_main: F) -> Vec<Result<RankOutput<T>>>
+where
+    F: Fn(crate::ring::Endpoint<M>) -> Result<RankOutput<T>> + Sync,
+{
+    let rank_main = &rank_main;
+    std::thread::scope(|s| {
+        let hs: Vec<_> = endpoints(ranks)
+            .into_iter()
+            .map(|ep| s.spawn(move || rank_main(ep)))
+            .collect();
+        hs.into_iter().map(join_rank).collect()
+    })
 }
 
 fn join_rank<T>(
