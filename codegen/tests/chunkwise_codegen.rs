@@ -7,89 +7,28 @@ use mixc_codegen::lower_conv;
 use mixc_codegen::{generate, Arch, CodegenError, GridDim, KernelConfig, ParamRole, Target};
 use mixc_dsl::ir::*;
 
-fn spec(name: &str, family: Family) -> MixerSpec {
-    MixerSpec {
-        name: name.into(),
-        heads: 8,
-        kv_heads: 8,
-        head_dim: 64,
-        value_dim: 64,
-        dtype: DType::Bf16,
-        inputs: vec![],
-        score: Score::Dot {
-            q_map: FeatureMap::Identity,
-            k_map: FeatureMap::Identity,
-            scale: 1.0,
-        },
-        bias: None,
-        transform: None,
-        mask: Mask::Causal,
-        decay: Decay::None,
-        norm: Norm::None,
-        family,
-    }
+/// An example spec, parsed from `examples/` like users' specs are.
+fn example(name: &str) -> MixerSpec {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(format!("{name}.mix"));
+    mixc_dsl::parse_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn linear_elu() -> MixerSpec {
-    let mut s = spec("linear_elu", Family::Linear);
-    s.score = Score::Dot {
-        q_map: FeatureMap::Elu1,
-        k_map: FeatureMap::Elu1,
-        scale: 1.0,
-    };
-    s.norm = Norm::Sum { eps: 1e-6 };
-    s
+    example("linear_elu")
 }
 
 fn retention() -> MixerSpec {
-    let mut s = spec("retention_retnet", Family::Retention);
-    s.value_dim = 128;
-    s.score = Score::Dot {
-        q_map: FeatureMap::Identity,
-        k_map: FeatureMap::Identity,
-        scale: 0.125,
-    };
-    let pow = Expr::Call(
-        Func::Pow,
-        vec![
-            Expr::Float(2.0),
-            Expr::Binary(
-                BinOp::Sub,
-                Box::new(Expr::Float(-5.0)),
-                Box::new(Expr::Var(Var::H)),
-            ),
-        ],
-    );
-    s.decay = Decay::PerHead(Expr::Binary(
-        BinOp::Sub,
-        Box::new(Expr::Float(1.0)),
-        Box::new(pow),
-    ));
-    s
+    example("retention_retnet")
 }
 
 fn gated() -> MixerSpec {
-    let mut s = spec("gated_mamba2", Family::Gated);
-    s.inputs = vec![InputDecl {
-        name: "g".into(),
-        elem: ElemType::F32,
-        dims: vec![Dim::Batch, Dim::Seq, Dim::Heads],
-        role: InputRole::Gate,
-    }];
-    s.decay = Decay::Gate { input: "g".into() };
-    s
+    example("gated_mamba2")
 }
 
 fn conv() -> MixerSpec {
-    let mut s = spec("long_conv_hyena", Family::Convolution);
-    s.inputs = vec![InputDecl {
-        name: "f".into(),
-        elem: ElemType::F32,
-        dims: vec![Dim::Heads, Dim::Seq],
-        role: InputRole::Filter,
-    }];
-    s.score = Score::Filter { input: "f".into() };
-    s
+    example("long_conv_hyena")
 }
 
 fn sm90(dtype: DType) -> Target {

@@ -15,82 +15,24 @@ fn require_nvrtc() {
     }
 }
 
-fn spec(name: &str, family: Family) -> MixerSpec {
-    MixerSpec {
-        name: name.into(),
-        heads: 8,
-        kv_heads: 8,
-        head_dim: 64,
-        value_dim: 64,
-        dtype: DType::Bf16,
-        inputs: vec![],
-        score: Score::Dot {
-            q_map: FeatureMap::Identity,
-            k_map: FeatureMap::Identity,
-            scale: 1.0,
-        },
-        bias: None,
-        transform: None,
-        mask: Mask::Causal,
-        decay: Decay::None,
-        norm: Norm::None,
-        family,
-    }
-}
-
-/// `examples/linear_elu.mix`, `retention_retnet.mix`, `gated_mamba2.mix`,
-/// `long_conv_hyena.mix`, as the parser produces them.
+/// The chunkwise and convolution examples, parsed from `examples/`.
 fn examples() -> Vec<MixerSpec> {
-    let mut linear = spec("linear_elu", Family::Linear);
-    linear.score = Score::Dot {
-        q_map: FeatureMap::Elu1,
-        k_map: FeatureMap::Elu1,
-        scale: 1.0,
-    };
-    linear.norm = Norm::Sum { eps: 1e-6 };
-    let mut retention = spec("retention_retnet", Family::Retention);
-    retention.value_dim = 128;
-    retention.score = Score::Dot {
-        q_map: FeatureMap::Identity,
-        k_map: FeatureMap::Identity,
-        scale: 0.125,
-    };
-    let pow = Expr::Call(
-        Func::Pow,
-        vec![
-            Expr::Float(2.0),
-            Expr::Binary(
-                BinOp::Sub,
-                Box::new(Expr::Float(-5.0)),
-                Box::new(Expr::Var(Var::H)),
-            ),
-        ],
-    );
-    retention.decay = Decay::PerHead(Expr::Binary(
-        BinOp::Sub,
-        Box::new(Expr::Float(1.0)),
-        Box::new(pow),
-    ));
-    let mut gated = spec("gated_mamba2", Family::Gated);
-    gated.inputs = vec![InputDecl {
-        name: "g".into(),
-        elem: ElemType::F32,
-        dims: vec![Dim::Batch, Dim::Seq, Dim::Heads],
-        role: InputRole::Gate,
-    }];
-    gated.decay = Decay::Gate { input: "g".into() };
-    let mut conv = spec("long_conv_hyena", Family::Convolution);
-    conv.inputs = vec![InputDecl {
-        name: "f".into(),
-        elem: ElemType::F32,
-        dims: vec![Dim::Heads, Dim::Seq],
-        role: InputRole::Filter,
-    }];
-    conv.score = Score::Filter { input: "f".into() };
-    vec![linear, retention, gated, conv]
+    [
+        "linear_elu",
+        "retention_retnet",
+        "gated_mamba2",
+        "long_conv_hyena",
+    ]
+    .iter()
+    .map(|name| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples")
+            .join(format!("{name}.mix"));
+        mixc_dsl::parse_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    })
+    .collect()
 }
 
-/// Three or more tile configurations per family and dtype, besides the default.
 fn configs(spec: &MixerSpec, target: &Target) -> Vec<KernelConfig> {
     let base = KernelConfig::default_for(spec, target);
     let with = |kv: &str| base.with_overrides(&[kv]).unwrap();
