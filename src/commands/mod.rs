@@ -3,11 +3,63 @@ pub mod compile;
 pub mod gen;
 pub mod run;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use mixc_dsl::MixerSpec;
 use std::path::Path;
 
 /// Loads and validates a spec file; the error carries the rendered diagnostics.
 pub fn load_spec(path: &Path) -> Result<MixerSpec> {
     mixc_dsl::parse_file(path).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Shape keys a run may override (`--set heads=8`): the spec's arithmetic does
+/// not depend on them, only the tensor sizes do, so one spec file serves a
+/// small test and a model-sized run.
+pub const SHAPE_KEYS: &[&str] = &["heads", "kv_heads", "head_dim", "value_dim"];
+
+/// Applies `key=value` shape overrides and re-checks the constraints the
+/// validator enforces on them (kv_heads divides heads, all at least 1).
+pub fn apply_shape_overrides(spec: &mut MixerSpec, items: &[String]) -> Result<()> {
+    // A spec without `value_dim` has d_v = d_k; keep that tie unless both are set.
+    let tied = spec.value_dim == spec.head_dim;
+    let mut value_dim_set = false;
+    for item in items {
+        let (key, value) = item
+            .split_once('=')
+            .with_context(|| format!("--set `{item}`: expected KEY=VALUE, e.g. heads=8"))?;
+        let value: u32 = value.trim().parse().ok().filter(|&v| v >= 1).with_context(|| {
+            format!("--set `{item}`: the value must be an integer of at least 1")
+        })?;
+        match key.trim() {
+            "heads" => spec.heads = value,
+            "kv_heads" => spec.kv_heads = value,
+            "head_dim" => spec.head_dim = value,
+            "value_dim" => {
+                spec.value_dim = value;
+                value_dim_set = true;
+            }
+            other => bail!(
+                "--set `{item}`: unknown key `{other}`; the keys are {}",
+                SHAPE_KEYS.join(", ")
+            ),
+        }
+    }
+    if tied && !value_dim_set {
+        spec.value_dim = spec.head_dim;
+    }
+    let (max_heads, max_dim) = (mixc_dsl::MAX_HEADS, mixc_dsl::MAX_HEAD_DIM);
+    if u64::from(spec.heads.max(spec.kv_heads)) > max_heads {
+        bail!("after --set: heads and kv_heads must be at most {max_heads}");
+    }
+    if u64::from(spec.head_dim.max(spec.value_dim)) > max_dim {
+        bail!("after --set: head_dim and value_dim must be at most {max_dim}");
+    }
+    if !spec.heads.is_multiple_of(spec.kv_heads) {
+        bail!(
+            "after --set: kv_heads = {} must divide heads = {}",
+            spec.kv_heads,
+            spec.heads
+        );
+    }
+    Ok(())
 }

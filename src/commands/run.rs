@@ -1,5 +1,6 @@
 use crate::report;
 use anyhow::{bail, Context, Result};
+use mixc_dsl::{DType, MixerSpec};
 use mixc_runtime::cpu::{self, CpuConfig, Precision};
 use mixc_runtime::ring::Sharding;
 use mixc_runtime::{inputs, io, reference, MixerInputs, Tensor};
@@ -20,6 +21,106 @@ pub enum Backend {
     Cuda,
 }
 
+/// The backend a run actually uses, once `auto` is resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolved {
+    Reference,
+    Cpu,
+    Cuda,
+}
+
+impl Resolved {
+    pub fn name(self) -> &'static str {
+        match self {
+            Resolved::Reference => "reference",
+            Resolved::Cpu => "cpu",
+            Resolved::Cuda => "cuda",
+        }
+    }
+}
+
+/// Resolves `auto` (and checks `cuda` can run), with a one-line note on stderr
+/// saying what `auto` picked unless `quiet`.
+pub fn resolve_backend(backend: Backend, quiet: bool) -> Result<Resolved> {
+    Ok(match backend {
+        Backend::Reference => Resolved::Reference,
+        Backend::Cpu => Resolved::Cpu,
+        // No CUDA launcher in this build yet: auto means the CPU backend.
+        Backend::Auto => {
+            if !quiet {
+                eprintln!("backend auto: no CUDA launcher available, using the CPU backend");
+            }
+            Resolved::Cpu
+        }
+        Backend::Cuda => bail!(
+            "the CUDA backend cannot launch kernels in this build yet; \
+             use --backend cpu (kernels can be generated and compiled with `mixc gen` / NVRTC)"
+        ),
+    })
+}
+
+/// How to execute one run, whatever the backend.
+#[derive(Clone, Debug)]
+pub struct ExecOptions {
+    pub backend: Resolved,
+    /// Ring ranks (CPU worker threads or CUDA virtual ranks / devices).
+    pub ranks: usize,
+    /// `None`: zigzag for causal masks, else contiguous.
+    pub sharding: Option<Sharding>,
+    /// Storage type of q/k/v on the device (the CPU backend computes in f32).
+    pub dtype: DType,
+}
+
+/// The result of [`execute`]: the output, how long the computation took
+/// (excluding input generation and checking) and the work done.
+pub struct Execution {
+    pub output: Tensor<f32>,
+    pub seconds: f64,
+    /// Unmasked (query, key) pairs computed by each rank, where the backend counts them.
+    pub pairs_per_rank: Option<Vec<u64>>,
+}
+
+/// Runs `spec` on `inputs` with the chosen backend; shared by `run`, `tune` and `bench`.
+pub fn execute(spec: &MixerSpec, inputs: &MixerInputs, opts: &ExecOptions) -> Result<Execution> {
+    if opts.ranks == 0 {
+        bail!("--ranks must be at least 1");
+    }
+    let start = Instant::now();
+    let (output, pairs_per_rank) = match opts.backend {
+        Resolved::Reference => {
+            let out64 = reference::evaluate(spec, inputs)?;
+            let out = Tensor::new(
+                out64.shape.clone(),
+                out64.data.iter().map(|&x| x as f32).collect(),
+            );
+            (out, None)
+        }
+        Resolved::Cpu => {
+            let cfg = cpu_config(spec, inputs, opts);
+            let run = cpu::run(spec, inputs, &cfg)?;
+            (run.output.to_f32(), Some(run.stats.pairs_per_rank))
+        }
+        Resolved::Cuda => bail!("the CUDA backend cannot launch kernels in this build yet"),
+    };
+    Ok(Execution {
+        output,
+        seconds: start.elapsed().as_secs_f64(),
+        pairs_per_rank,
+    })
+}
+
+/// The CPU backend's configuration for a run: the heuristic default with the
+/// run's ranks and sharding.
+pub fn cpu_config(spec: &MixerSpec, inputs: &MixerInputs, opts: &ExecOptions) -> CpuConfig {
+    let mut cfg = CpuConfig::default_for(spec, inputs.seq);
+    cfg.ranks = opts.ranks;
+    if let Some(s) = opts.sharding {
+        cfg.sharding = s;
+    }
+    cfg.precision = Precision::F32;
+    cfg
+}
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Spec file (`.mix`).
@@ -35,6 +136,14 @@ pub struct Args {
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Override a shape of the spec for this run: heads, kv_heads, head_dim,
+    /// value_dim (repeatable), e.g. `--set heads=8 --set kv_heads=2`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Storage type of q, k, v (default: the spec's `dtype`). Random inputs are
+    /// rounded to it, so every backend and the reference see the same values.
+    #[arg(long, value_parser = ["f16", "bf16", "f32"])]
+    dtype: Option<String>,
     /// Read q, k, v and the declared inputs from a safetensors file.
     #[arg(long, conflicts_with_all = ["seq", "batch", "seed"])]
     inputs: Option<PathBuf>,
@@ -48,7 +157,8 @@ pub struct Args {
     #[arg(long, value_parser = ["contiguous", "zigzag"])]
     sharding: Option<String>,
     /// Compare against the f64 reference (on sampled query rows for long
-    /// sequences) and fail beyond the tolerance (f32: 2e-4 relative to max |ref|).
+    /// sequences) and fail beyond the tolerance of the compute type
+    /// (relative to max |ref|: f32 2e-4, f16 2e-3, bf16 1e-2).
     #[arg(long)]
     check: bool,
     /// Print one JSON object instead of text.
@@ -56,13 +166,27 @@ pub struct Args {
     json: bool,
 }
 
-/// Relative tolerance of `--check` for f32 compute (max |err| / max |ref|).
-const F32_TOLERANCE: f64 = 2e-4;
+/// Relative tolerance of `--check` (max |err| / max |ref|) for a backend
+/// computing with `compute` inputs: f32 accumulation throughout, but f16/bf16
+/// round the probabilities before the P·V product on tensor cores.
+pub fn check_tolerance(compute: DType) -> f64 {
+    match compute {
+        DType::F32 => 2e-4,
+        DType::F16 => 2e-3,
+        DType::Bf16 => 1e-2,
+    }
+}
+
 /// Above this many query rows, `--check` compares a sample of rows.
 const CHECK_FULL_ROWS: usize = 2048;
 
 pub fn main(args: Args) -> Result<ExitCode> {
-    let spec = super::load_spec(&args.file)?;
+    let mut spec = super::load_spec(&args.file)?;
+    super::apply_shape_overrides(&mut spec, &args.set)?;
+    let dtype = match &args.dtype {
+        Some(d) => DType::parse(d).context("unknown --dtype")?,
+        None => spec.dtype,
+    };
     let inputs: MixerInputs = match &args.inputs {
         Some(path) => io::load_inputs(path, &spec)?,
         None => {
@@ -70,99 +194,73 @@ pub fn main(args: Args) -> Result<ExitCode> {
             if seq == 0 || args.batch == 0 {
                 bail!("--seq and --batch must be at least 1");
             }
-            inputs::random_inputs(&spec, args.batch, seq, args.seed)
+            let mut inputs = inputs::random_inputs(&spec, args.batch, seq, args.seed);
+            round_inputs(&mut inputs, dtype);
+            inputs
         }
     };
-    let backend = match args.backend {
-        Backend::Reference => "reference",
-        // No CUDA launcher in this build yet: auto means the CPU backend.
-        Backend::Auto | Backend::Cpu => "cpu",
-        Backend::Cuda => bail!(
-            "the CUDA backend cannot launch kernels in this build yet; \
-             use --backend cpu (kernels can be generated and compiled with `mixc gen` / NVRTC)"
-        ),
-    };
-    if args.backend == Backend::Auto && !args.json {
-        eprintln!("backend auto: no CUDA launcher available, using the CPU backend");
-    }
-
-    let start = Instant::now();
-    let (output, pairs_per_rank) = if backend == "reference" {
-        let out64 = reference::evaluate(&spec, &inputs)?;
-        let out = Tensor::new(
-            out64.shape.clone(),
-            out64.data.iter().map(|&x| x as f32).collect(),
+    if args.ranks == 0 || args.ranks > inputs.seq {
+        bail!(
+            "--ranks {} must be between 1 and the sequence length {}",
+            args.ranks,
+            inputs.seq
         );
-        (out, None)
-    } else {
-        let mut cfg = CpuConfig::default_for(&spec, inputs.seq);
-        cfg.ranks = args.ranks;
-        if let Some(s) = &args.sharding {
-            cfg.sharding = if s == "zigzag" {
+    }
+    let opts = ExecOptions {
+        backend: resolve_backend(args.backend, args.json)?,
+        ranks: args.ranks,
+        sharding: args.sharding.as_deref().map(|s| {
+            if s == "zigzag" {
                 Sharding::Zigzag
             } else {
                 Sharding::Contiguous
-            };
-        }
-        cfg.precision = Precision::F32;
-        let run = cpu::run(&spec, &inputs, &cfg)?;
-        (run.output.to_f32(), Some(run.stats.pairs_per_rank))
-    };
-    let seconds = start.elapsed().as_secs_f64();
-
-    let max_rel_error = if args.check {
-        let rows: Vec<usize> = if inputs.seq <= CHECK_FULL_ROWS {
-            (0..inputs.seq).collect()
-        } else {
-            // Evenly spread rows plus both ends, where masks change shape.
-            let n = 256;
-            let mut r: Vec<usize> = (0..n).map(|k| k * (inputs.seq - 1) / (n - 1)).collect();
-            r.dedup();
-            r
-        };
-        let want = reference::evaluate_rows(&spec, &inputs, &rows)?;
-        let (b, h, dv) = (inputs.batch, spec.heads as usize, spec.value_dim as usize);
-        let mut max_err = 0f64;
-        let mut max_ref = 0f64;
-        for bi in 0..b {
-            for (ri, &row) in rows.iter().enumerate() {
-                for x in 0..h * dv {
-                    let got = output.data[((bi * inputs.seq + row) * h) * dv + x] as f64;
-                    let w = want.data[((bi * rows.len() + ri) * h) * dv + x];
-                    max_err = max_err.max((got - w).abs());
-                    max_ref = max_ref.max(w.abs());
-                }
             }
-        }
-        Some(if max_ref > 0.0 {
-            max_err / max_ref
-        } else {
-            max_err
-        })
+        }),
+        dtype,
+    };
+    let run = execute(&spec, &inputs, &opts)?;
+    let (output, seconds) = (&run.output, run.seconds);
+    // The CPU backend and the reference compute in f32 or better whatever the storage type.
+    let compute = if opts.backend == Resolved::Cuda {
+        dtype
+    } else {
+        DType::F32
+    };
+    let tolerance = check_tolerance(compute);
+    let max_rel_error = if args.check {
+        Some(check_against_reference(&spec, &inputs, output)?)
     } else {
         None
     };
 
     if let Some(path) = &args.save {
-        io::save_tensors(path, Some(&inputs), &output)
+        io::save_tensors(path, Some(&inputs), output)
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    let backend = opts.backend.name();
     let tokens = (inputs.batch * inputs.seq) as f64;
     let summary = json!({
         "spec": spec.name,
         "family": spec.family.name(),
         "backend": backend,
+        "dtype": dtype.name(),
         "batch": inputs.batch,
         "seq": inputs.seq,
+        "heads": spec.heads,
+        "kv_heads": spec.kv_heads,
+        "head_dim": spec.head_dim,
+        "value_dim": spec.value_dim,
+        "ranks": opts.ranks,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
-        "tflops": pairs_per_rank.as_ref().map(|p| {
+        "tflops": run.pairs_per_rank.as_ref().map(|p| {
             p.iter().sum::<u64>() as f64 * report::flops_per_pair(&spec) / seconds / 1e12
         }),
-        "pairs_per_rank": pairs_per_rank,
+        "pairs_per_rank": run.pairs_per_rank,
         "input_bytes": input_bytes(&inputs),
         "output_bytes": output.numel() * 4,
         "max_rel_error": max_rel_error,
+        "tolerance": args.check.then_some(tolerance),
         "output_shape": output.shape,
         "peak_rss_bytes": report::peak_rss_bytes(),
         "saved": args.save.as_ref().map(|p| p.display().to_string()),
@@ -180,21 +278,73 @@ pub fn main(args: Args) -> Result<ExitCode> {
             tokens / seconds
         );
         if let Some(e) = max_rel_error {
-            println!("check: max relative error {e:.3e} vs f64 reference (tolerance {F32_TOLERANCE:.0e})");
+            println!("check: max relative error {e:.3e} vs f64 reference (tolerance {tolerance:.0e})");
         }
         if let Some(p) = &args.save {
             println!("wrote {}", p.display());
         }
     }
     // NaN must fail too, hence not `e > tol`.
-    if max_rel_error.is_some_and(|e| e.is_nan() || e > F32_TOLERANCE) {
-        eprintln!("error: --check failed: relative error above {F32_TOLERANCE:.0e}");
+    if max_rel_error.is_some_and(|e| e.is_nan() || e > tolerance) {
+        eprintln!("error: --check failed: relative error above {tolerance:.0e}");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn input_bytes(inputs: &MixerInputs) -> usize {
+/// Max |out - ref| / max |ref| over all rows, or over 256 evenly spread rows
+/// (both ends included, where masks change shape) for long sequences.
+pub fn check_against_reference(
+    spec: &MixerSpec,
+    inputs: &MixerInputs,
+    output: &Tensor<f32>,
+) -> Result<f64> {
+    let rows: Vec<usize> = if inputs.seq <= CHECK_FULL_ROWS {
+        (0..inputs.seq).collect()
+    } else {
+        let n = 256;
+        let mut r: Vec<usize> = (0..n).map(|k| k * (inputs.seq - 1) / (n - 1)).collect();
+        r.dedup();
+        r
+    };
+    let want = reference::evaluate_rows(spec, inputs, &rows)?;
+    let (b, h, dv) = (inputs.batch, spec.heads as usize, spec.value_dim as usize);
+    let mut max_err = 0f64;
+    let mut max_ref = 0f64;
+    for bi in 0..b {
+        for (ri, &row) in rows.iter().enumerate() {
+            for x in 0..h * dv {
+                let got = output.data[((bi * inputs.seq + row) * h) * dv + x] as f64;
+                let w = want.data[((bi * rows.len() + ri) * h) * dv + x];
+                // NaN in the output must surface, so no f64::max here.
+                let err = (got - w).abs();
+                if err.is_nan() || err > max_err {
+                    max_err = err;
+                }
+                max_ref = max_ref.max(w.abs());
+            }
+        }
+    }
+    Ok(if max_ref > 0.0 {
+        max_err / max_ref
+    } else {
+        max_err
+    })
+}
+
+/// Rounds q, k, v to the storage type so all backends see identical values.
+pub fn round_inputs(inputs: &mut MixerInputs, dtype: DType) {
+    let round: fn(f32) -> f32 = match dtype {
+        DType::F32 => return,
+        DType::F16 => |x| half::f16::from_f32(x).to_f32(),
+        DType::Bf16 => |x| half::bf16::from_f32(x).to_f32(),
+    };
+    for t in [&mut inputs.q, &mut inputs.k, &mut inputs.v] {
+        t.data.iter_mut().for_each(|x| *x = round(*x));
+    }
+}
+
+pub fn input_bytes(inputs: &MixerInputs) -> usize {
     let extra: usize = inputs
         .extra
         .values()
