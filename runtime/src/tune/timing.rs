@@ -1,0 +1,223 @@
+//! Timing candidates: the [`Timer`] trait every backend implements, and the
+//! CPU backend's wall-clock timer.
+
+use super::{Candidate, Sample, TunedConfig};
+use crate::cpu::{self, CpuConfig};
+use crate::error::{Result, RuntimeError};
+use crate::inputs::random_inputs;
+use crate::reference;
+use crate::tensor::{MixerInputs, Tensor};
+use mixc_dsl::ir::MixerSpec;
+use std::time::{Duration, Instant};
+
+/// Measures candidates of one backend on one shape.
+///
+/// [`super::run_tuning`] calls `check` first and `time` only when the check
+/// passed, so a wrong kernel is never timed and can never win.
+pub trait Timer {
+    /// Runs `cand` once and compares its output with the f64 reference on a
+    /// sample of rows: `max |out - ref| / max |ref|`.
+    fn check(&mut self, cand: &Candidate) -> Result<f64>;
+    /// Warm-up runs, then timed repetitions on rotating inputs.
+    fn time(&mut self, cand: &Candidate) -> Result<Sample>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuTimerOptions {
+    /// Timed repetitions per candidate (the median is reported).
+    pub reps: usize,
+    /// Untimed runs before them (thread pool, page faults, caches).
+    pub warmup: usize,
+    /// Distinct random input sets the repetitions cycle through, so no run
+    /// finds the previous run's inputs in cache (fewer when memory is short).
+    pub rotations: usize,
+    /// Query rows compared with the reference.
+    pub check_rows: usize,
+    pub seed: u64,
+}
+
+impl Default for CpuTimerOptions {
+    fn default() -> Self {
+        CpuTimerOptions {
+            reps: 5,
+            warmup: 1,
+            rotations: 3,
+            check_rows: 8,
+            seed: 0,
+        }
+    }
+}
+
+/// Memory the rotated input sets may take together.
+const ROTATION_BYTES: usize = 512 << 20;
+
+/// Wall clock around [`cpu::run`], median of `reps`.
+pub struct CpuTimer {
+    spec: MixerSpec,
+    base: CpuConfig,
+    inputs: Vec<MixerInputs>,
+    rows: Vec<usize>,
+    reference: Tensor<f64>,
+    opts: CpuTimerOptions,
+    next: usize,
+}
+
+/// `n` rows spread evenly over `0..seq`, both ends included (masks change
+/// shape there).
+pub fn sample_rows(seq: usize, n: usize) -> Vec<usize> {
+    let n = n.clamp(1, seq.max(1));
+    if n == 1 {
+        return vec![seq.saturating_sub(1)];
+    }
+    let mut r: Vec<usize> = (0..n).map(|k| k * (seq - 1) / (n - 1)).collect();
+    r.dedup();
+    r
+}
+
+fn input_bytes(i: &MixerInputs) -> usize {
+    let extra: usize = i
+        .extra
+        .values()
+        .map(|t| t.shape().iter().product::<usize>() * 4)
+        .sum();
+    (i.q.numel() + i.k.numel() + i.v.numel()) * 4 + extra
+}
+
+impl CpuTimer {
+    /// Random inputs for `batch x seq` and the reference on the check rows.
+    /// `base` supplies what is not tuned (ranks, sharding, precision).
+    pub fn new(
+        spec: &MixerSpec,
+        base: CpuConfig,
+        batch: usize,
+        seq: usize,
+        opts: CpuTimerOptions,
+    ) -> Result<Self> {
+        if batch == 0 || seq == 0 {
+            return Err(RuntimeError::Invalid(
+                "tuning needs batch and seq of at least 1".into(),
+            ));
+        }
+        if opts.reps == 0 {
+            return Err(RuntimeError::Invalid(
+                "tuning needs at least one timed repetition".into(),
+            ));
+        }
+        let first = random_inputs(spec, batch, seq, opts.seed);
+        let sets = (ROTATION_BYTES / input_bytes(&first).max(1)).clamp(1, opts.rotations.max(1));
+        let mut inputs = vec![first];
+        for r in 1..sets {
+            inputs.push(random_inputs(
+                spec,
+                batch,
+                seq,
+                opts.seed.wrapping_add(r as u64),
+            ));
+        }
+        let rows = sample_rows(seq, opts.check_rows);
+        let reference = reference::evaluate_rows(spec, &inputs[0], &rows)?;
+        Ok(CpuTimer {
+            spec: spec.clone(),
+            base,
+            inputs,
+            rows,
+            reference,
+            opts,
+            next: 0,
+        })
+    }
+
+    fn config(&self, cand: &Candidate) -> Result<CpuConfig> {
+        match &cand.config {
+            TunedConfig::Cpu(t) => Ok(t.apply(&self.base)),
+            TunedConfig::Cuda(_) => Err(RuntimeError::Invalid(format!(
+                "candidate `{}` is a CUDA configuration; the CPU timer runs CPU ones",
+                cand.label
+            ))),
+        }
+    }
+
+    fn run_once(&mut self, cfg: &CpuConfig) -> Result<Duration> {
+        let inputs = &self.inputs[self.next % self.inputs.len()];
+        self.next += 1;
+        let t0 = Instant::now();
+        cpu::run(&self.spec, inputs, cfg)?;
+        Ok(t0.elapsed())
+    }
+}
+
+impl Timer for CpuTimer {
+    fn check(&mut self, cand: &Candidate) -> Result<f64> {
+        let cfg = self.config(cand)?;
+        let out = cpu::run(&self.spec, &self.inputs[0], &cfg)?.output.to_f64();
+        let [batch, seq, heads, dv] = out.shape[..] else {
+            return Err(RuntimeError::Invalid(format!(
+                "CPU output has shape {:?}, expected 4 axes",
+                out.shape
+            )));
+        };
+        let width = heads * dv;
+        let (mut max_err, mut max_ref) = (0f64, 0f64);
+        for b in 0..batch {
+            for (ri, &row) in self.rows.iter().enumerate() {
+                let got = &out.data[(b * seq + row) * width..][..width];
+                let want = &self.reference.data[(b * self.rows.len() + ri) * width..][..width];
+                for (g, w) in got.iter().zip(want) {
+                    // NaN propagates through max(), so compare explicitly.
+                    let e = (g - w).abs();
+                    if e.is_nan() {
+                        return Ok(f64::NAN);
+                    }
+                    max_err = max_err.max(e);
+                    max_ref = max_ref.max(w.abs());
+                }
+            }
+        }
+        Ok(if max_ref > 0.0 {
+            max_err / max_ref
+        } else {
+            max_err
+        })
+    }
+
+    fn time(&mut self, cand: &Candidate) -> Result<Sample> {
+        let cfg = self.config(cand)?;
+        for _ in 0..self.opts.warmup {
+            self.run_once(&cfg)?;
+        }
+        let mut times = Vec::with_capacity(self.opts.reps);
+        for _ in 0..self.opts.reps {
+            times.push(self.run_once(&cfg)?);
+        }
+        Sample::from_times(&times)
+            .ok_or_else(|| RuntimeError::Invalid("no timed repetitions".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_cover_both_ends() {
+        assert_eq!(sample_rows(100, 5), vec![0, 24, 49, 74, 99]);
+        assert_eq!(sample_rows(3, 8), vec![0, 1, 2]);
+        assert_eq!(sample_rows(1, 8), vec![0]);
+    }
+
+    #[test]
+    fn median_is_a_measured_value() {
+        let ms = |v: &[u64]| {
+            v.iter()
+                .map(|&x| Duration::from_millis(x))
+                .collect::<Vec<_>>()
+        };
+        let s = Sample::from_times(&ms(&[5, 1, 3, 9])).unwrap();
+        assert_eq!(
+            (s.median_ns, s.min_ns, s.max_ns, s.reps),
+            (3_000_000, 1_000_000, 9_000_000, 4)
+        );
+        assert_eq!(Sample::from_times(&ms(&[7])).unwrap().median_ns, 7_000_000);
+        assert!(Sample::from_times(&[]).is_none());
+    }
+}
