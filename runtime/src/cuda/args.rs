@@ -1,0 +1,362 @@
+//! Kernel arguments built from the generated signature
+//! ([`mixc_codegen::KernelInfo::params`]), never from hard-coded positions:
+//! when codegen adds, renames or reorders a parameter, the launcher either
+//! binds it by name/role or fails with an error naming it, instead of passing
+//! a wrong pointer. Host-only, so it is unit
+//! tested without a GPU.
+
+use std::collections::BTreeMap;
+
+use mixc_codegen::{KernelParam, ParamRole};
+
+use super::plan::PairLaunch;
+use crate::error::{Result, RuntimeError};
+
+/// One bound argument, in signature order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArgValue {
+    /// A device pointer (0 = null).
+    Ptr(u64),
+    /// An `int` scalar.
+    Int(i32),
+}
+
+/// What a launch provides. Buffers by parameter name (`Some(0)` is not used:
+/// `None` means "pass null", which the kernels accept for optional outputs
+/// and zero initial states); extra inputs by the spec's input name (the role
+/// carries it, so the `in_` prefix codegen adds does not matter); scalars by
+/// parameter name.
+#[derive(Debug, Clone, Default)]
+pub struct Bindings {
+    pub buffers: BTreeMap<String, Option<u64>>,
+    pub inputs: BTreeMap<String, u64>,
+    pub ints: BTreeMap<String, i64>,
+}
+
+impl Bindings {
+    pub fn buffer(&mut self, name: &str, ptr: u64) -> &mut Self {
+        self.buffers.insert(name.into(), Some(ptr));
+        self
+    }
+    pub fn null(&mut self, name: &str) -> &mut Self {
+        self.buffers.insert(name.into(), None);
+        self
+    }
+    pub fn input(&mut self, name: &str, ptr: u64) -> &mut Self {
+        self.inputs.insert(name.into(), ptr);
+        self
+    }
+    pub fn int(&mut self, name: &str, v: i64) -> &mut Self {
+        self.ints.insert(name.into(), v);
+        self
+    }
+}
+
+fn mismatch(kernel: &str, p: &KernelParam, what: String) -> RuntimeError {
+    RuntimeError::Invalid(format!(
+        "CUDA launcher: kernel `{kernel}` parameter `{}` ({}): {what}; the generated \
+         signature and the launcher disagree (a codegen change the launcher does not know)",
+        p.name, p.c_type
+    ))
+}
+
+/// What the softmax kernel gets for one launch (`pairs` of the ring): the
+/// query buffer (`q_rows` rows), the held key/value shard (`kv_rows` rows),
+/// the partial outputs, the extra inputs by name and the launch's ranges.
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_bindings(
+    inputs: &BTreeMap<String, u64>,
+    (q, k, v, o, lse): (u64, u64, u64, u64, u64),
+    l: &PairLaunch,
+    q_rows: usize,
+    kv_rows: usize,
+    seq: usize,
+) -> Bindings {
+    let mut b = Bindings {
+        inputs: inputs.clone(),
+        ..Bindings::default()
+    };
+    b.buffer("q", q).buffer("k", k).buffer("v", v);
+    b.buffer("o", o).buffer("lse", lse);
+    b.int("q_rows", q_rows as i64)
+        .int("q_begin", l.q_begin as i64)
+        .int("q_end", l.q_end as i64)
+        .int("kv_rows", kv_rows as i64)
+        .int("kv_begin", l.kv_begin as i64)
+        .int("kv_end", l.kv_end as i64)
+        .int("q_pos0", l.q_pos0)
+        .int("k_pos0", l.k_pos0)
+        .int("seq_len", seq as i64);
+    b
+}
+
+/// What the convolution kernel gets for one launch: the held value shard,
+/// the f32 accumulator of the launch's query range (its row 0 is position
+/// `l.q.start`), no storage-type output, and `accumulate = 1` (the
+/// accumulator starts at zero, so every step adds).
+pub fn conv_bindings(
+    inputs: &BTreeMap<String, u64>,
+    v: u64,
+    o_acc: u64,
+    l: &PairLaunch,
+    kv_rows: usize,
+    filter_len: usize,
+) -> Bindings {
+    let mut b = Bindings {
+        inputs: inputs.clone(),
+        ..Bindings::default()
+    };
+    b.buffer("v", v).null("o").buffer("o_acc", o_acc);
+    b.int("q_rows", l.q.len() as i64)
+        .int("kv_rows", kv_rows as i64)
+        .int("kv_begin", l.kv_begin as i64)
+        .int("kv_end", l.kv_end as i64)
+        .int("q_pos0", l.q.start as i64)
+        .int("k_pos0", l.k_pos0)
+        .int("seq_len", filter_len as i64)
+        .int("accumulate", 1);
+    b
+}
+
+/// Buffers of one chunkwise launch (a range of `rows` positions).
+#[derive(Debug, Clone, Default)]
+pub struct ChunkBuffers {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    /// The gate input's name and buffer (gated decay only).
+    pub gate: Option<(String, u64)>,
+    /// State / normaliser before the range (`None`: zero, the first range).
+    pub state_in: Option<u64>,
+    pub z_in: Option<u64>,
+    pub o: u64,
+    pub state_out: u64,
+    pub z_out: Option<u64>,
+}
+
+/// What the chunkwise kernel gets: normalised output written directly, no
+/// separate numerator / denominator partials.
+pub fn chunkwise_bindings(c: &ChunkBuffers, rows: usize) -> Bindings {
+    let mut b = Bindings::default();
+    b.buffer("q", c.q).buffer("k", c.k).buffer("v", c.v);
+    b.buffer("o", c.o).null("o_num").null("o_den");
+    b.buffer("state_out", c.state_out);
+    for (name, p) in [
+        ("state_in", c.state_in),
+        ("z_in", c.z_in),
+        ("z_out", c.z_out),
+    ] {
+        match p {
+            Some(p) => b.buffer(name, p),
+            None => b.null(name),
+        };
+    }
+    if let Some((name, p)) = &c.gate {
+        b.input(name, *p);
+    }
+    b.int("rows", rows as i64);
+    b
+}
+
+/// The argument list of `kernel` in signature order. Errors on a parameter
+/// with no binding, a pointer parameter bound to a scalar or the reverse,
+/// and an `int` that does not fit 32 bits.
+pub fn build_args(kernel: &str, params: &[KernelParam], b: &Bindings) -> Result<Vec<ArgValue>> {
+    params
+        .iter()
+        .map(|p| {
+            let is_ptr = p.c_type.contains('*');
+            match &p.role {
+                ParamRole::Scalar => {
+                    if is_ptr || p.c_type.trim() != "int" {
+                        return Err(mismatch(
+                            kernel,
+                            p,
+                            "a scalar the launcher only knows as `int`".into(),
+                        ));
+                    }
+                    let v = *b
+                        .ints
+                        .get(&p.name)
+                        .ok_or_else(|| mismatch(kernel, p, "no value for this scalar".into()))?;
+                    let v = i32::try_from(v).map_err(|_| {
+                        RuntimeError::Invalid(format!(
+                            "CUDA launcher: `{}` = {v} does not fit the kernel's 32-bit int \
+                             (sequence too long for one launch)",
+                            p.name
+                        ))
+                    })?;
+                    Ok(ArgValue::Int(v))
+                }
+                ParamRole::Input(name) => {
+                    if !is_ptr {
+                        return Err(mismatch(kernel, p, "an input that is not a pointer".into()));
+                    }
+                    b.inputs
+                        .get(name)
+                        .map(|&ptr| ArgValue::Ptr(ptr))
+                        .ok_or_else(|| mismatch(kernel, p, format!("input `{name}` not uploaded")))
+                }
+                _ => {
+                    if !is_ptr {
+                        return Err(mismatch(kernel, p, "a buffer role on a non-pointer".into()));
+                    }
+                    match b.buffers.get(&p.name) {
+                        Some(ptr) => Ok(ArgValue::Ptr(ptr.unwrap_or(0))),
+                        None => Err(mismatch(kernel, p, "no buffer bound to it".into())),
+                    }
+                }
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mixc_codegen::{generate_default, Arch, Target};
+    use mixc_dsl::ir::{DType, Family};
+
+    /// The bindings the launcher builds cover the generated signature of
+    /// every example, on both archs and in every dtype: a codegen change to
+    /// any family's parameters fails here, without a GPU.
+    #[test]
+    fn launcher_bindings_fit_every_example_kernel() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_none_or(|x| x != "mix") {
+                continue;
+            }
+            let spec = mixc_dsl::parse_file(&p).unwrap();
+            let inputs: BTreeMap<String, u64> = spec
+                .inputs
+                .iter()
+                .map(|d| (d.name.clone(), 0x1000))
+                .collect();
+            let l = PairLaunch {
+                q_index: 0,
+                q: 64..128,
+                k: 0..64,
+                q_begin: 0,
+                q_end: 64,
+                kv_begin: 0,
+                kv_end: 64,
+                q_pos0: 64,
+                k_pos0: 0,
+            };
+            for arch in Arch::ALL {
+                for dtype in [DType::F16, DType::Bf16, DType::F32] {
+                    let g = generate_default(&spec, &Target::new(arch, dtype))
+                        .unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+                    let k = &g.kernels[0];
+                    let b = match spec.family {
+                        Family::Softmax => {
+                            softmax_bindings(&inputs, (1, 2, 3, 4, 5), &l, 64, 64, 128)
+                        }
+                        Family::Convolution => conv_bindings(&inputs, 3, 6, &l, 64, 128),
+                        _ => {
+                            let gate = spec.inputs.first().map(|d| (d.name.clone(), 7));
+                            let c = ChunkBuffers {
+                                q: 1,
+                                k: 2,
+                                v: 3,
+                                gate,
+                                o: 4,
+                                state_out: 5,
+                                ..Default::default()
+                            };
+                            chunkwise_bindings(&c, 64)
+                        }
+                    };
+                    let args = build_args(&k.name, &k.params, &b)
+                        .unwrap_or_else(|e| panic!("{} {arch} {dtype:?}: {e}", spec.name));
+                    assert_eq!(args.len(), k.params.len());
+                    n += 1;
+                }
+            }
+        }
+        assert!(n >= 14 * 6, "{n} kernels checked");
+    }
+
+    fn spec(src: &str) -> mixc_dsl::ir::MixerSpec {
+        mixc_dsl::parse_str(src).expect("spec parses")
+    }
+
+    #[test]
+    fn softmax_args_follow_the_signature() {
+        let s = spec(
+            "mixer t { heads = 4; kv_heads = 2; head_dim = 64; dtype = bf16; \
+             input doc: i32[batch, seq]; score = dot(q, k); \
+             mask = causal && segment(doc); norm = softmax; }",
+        );
+        let g = generate_default(&s, &Target::new(Arch::Sm90, DType::Bf16)).unwrap();
+        let k = &g.kernels[0];
+        let mut b = Bindings::default();
+        b.buffer("q", 10)
+            .buffer("k", 20)
+            .buffer("v", 30)
+            .buffer("o", 40);
+        b.buffer("lse", 50).input("doc", 60);
+        for (i, n) in [
+            "q_rows", "q_begin", "q_end", "kv_rows", "kv_begin", "kv_end", "q_pos0", "k_pos0",
+            "seq_len",
+        ]
+        .iter()
+        .enumerate()
+        {
+            b.int(n, 100 + i as i64);
+        }
+        let args = build_args(&k.name, &k.params, &b).unwrap();
+        assert_eq!(args.len(), k.params.len());
+        assert_eq!(&args[..6], &[10, 20, 30, 40, 50, 60].map(ArgValue::Ptr));
+        assert_eq!(args[6], ArgValue::Int(100));
+        assert_eq!(*args.last().unwrap(), ArgValue::Int(108));
+
+        // A missing scalar names the parameter.
+        b.ints.remove("k_pos0");
+        let e = build_args(&k.name, &k.params, &b).unwrap_err().to_string();
+        assert!(e.contains("k_pos0") && e.contains("disagree"), "{e}");
+    }
+
+    #[test]
+    fn nulls_unknown_params_and_overflow() {
+        let s = spec(
+            "mixer t { heads = 2; head_dim = 16; dtype = f32; score = dot(elu1(q), elu1(k)); \
+             mask = causal; norm = sum(eps = 1e-6); }",
+        );
+        let g = generate_default(&s, &Target::new(Arch::Sm80, DType::F32)).unwrap();
+        let k = &g.kernels[0];
+        let mut b = Bindings::default();
+        b.buffer("q", 1).buffer("k", 2).buffer("v", 3);
+        b.null("state_in")
+            .null("z_in")
+            .buffer("o", 4)
+            .null("o_num")
+            .null("o_den");
+        b.buffer("state_out", 5).buffer("z_out", 6).int("rows", 7);
+        let args = build_args(&k.name, &k.params, &b).unwrap();
+        let ptrs: Vec<u64> = args
+            .iter()
+            .filter_map(|a| match a {
+                ArgValue::Ptr(p) => Some(*p),
+                ArgValue::Int(_) => None,
+            })
+            .collect();
+        assert_eq!(ptrs, vec![1, 2, 3, 0, 0, 4, 0, 0, 5, 6]);
+
+        // A parameter the launcher does not know is an error, not a skipped slot.
+        let mut params = k.params.clone();
+        params.insert(
+            3,
+            KernelParam::new("mystery", "float*", ParamRole::PartialOutput, ""),
+        );
+        let e = build_args(&k.name, &params, &b).unwrap_err().to_string();
+        assert!(e.contains("mystery"), "{e}");
+
+        b.int("rows", 1 << 40);
+        let e = build_args(&k.name, &k.params, &b).unwrap_err().to_string();
+        assert!(e.contains("32-bit"), "{e}");
+    }
+}

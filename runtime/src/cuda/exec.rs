@@ -1,0 +1,1103 @@
+//! Executes a run on the GPUs: compile and load ([`Backend::new`]), upload
+//! one input set ([`Backend::prepare`]), enqueue every launch of the ring
+//! ([`Backend::enqueue`], repeatable: the autotuner times it), download.
+//!
+//! Pairwise families (softmax, convolution): at ring step `s` rank `r`
+//! computes its queries against the shard it holds while the copy streams
+//! already carry that shard to rank `r + 1` (into the one of its two ring
+//! buffers nobody reads at step `s`); events order the two streams:
+//! - a send at step `s` waits until its source is filled (`ready`) and its
+//!   destination's previous readers are done (compute and send of step `s-1`);
+//! - a rank's compute at step `s` waits until its shard arrived.
+//!
+//! Softmax partials merge into an f32 accumulator with a small log-sum-exp
+//! merge kernel after each launch; convolution partials accumulate in f32 in
+//! the kernel itself. Chunkwise families pass the recurrent state (and the
+//! normaliser) from range to range in sequence order, copying it to the next
+//! owner's GPU when that differs.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::Instant;
+
+use cudarc::driver::{CudaEvent, CudaFunction, CudaSlice};
+use mixc_codegen::plan::Tiling;
+use mixc_codegen::{generate, Arch, GeneratedKernel, KernelConfig, KernelInfo, ParamRole, Target};
+use mixc_dsl::ir::{DType, Decay, Family, MixerSpec, Norm};
+
+use super::args::{
+    build_args, chunkwise_bindings, conv_bindings, softmax_bindings, ArgValue, ChunkBuffers,
+};
+use super::device::{decode, elem_bytes, enable_peer_access, encode, encode_i32, ptr, Gpu};
+use super::plan::{
+    check_int_sizes, device_of, gather_rows, pair_launches, scatter_rows, segment_summaries,
+    PairLaunch,
+};
+use super::{probe, CudaOptions, CudaRun};
+use crate::error::{Result, RuntimeError};
+use crate::inputs::validate_inputs;
+use crate::ring::{RingSchedule, Sharding};
+use crate::tensor::{ExtraTensor, MixerInputs, Tensor};
+
+/// The log-sum-exp merge of softmax partials and the accumulator reset.
+/// `rows` is the accumulator's row count; rows `[row_begin, row_end)` merge.
+const AUX_SOURCE: &str = r#"
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+namespace {
+__device__ __forceinline__ float mixc_ld(const float* p) { return *p; }
+__device__ __forceinline__ float mixc_ld(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float mixc_ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+// acc (o over the keys seen so far, normalised, and its row lse) absorbs a
+// partial over disjoint keys: lse = logaddexp(la, lb), o = (oa wa + ob wb) / (wa + wb).
+// A partial row with lse = -inf saw no key and changes nothing.
+template <typename T>
+__device__ void merge_lse(float* __restrict__ acc_o, float* __restrict__ acc_lse,
+                          const T* __restrict__ part_o, const float* __restrict__ part_lse,
+                          int batch, int rows, int heads, int dv, int row_begin, int row_end) {
+    const int span = row_end - row_begin;
+    if (span <= 0) return;
+    const long long n = (long long)batch * heads * span;
+    const float neg_inf = -__int_as_float(0x7f800000);
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const int r = row_begin + (int)(idx % span);
+        const long long bh = idx / span;
+        const int h = (int)(bh % heads), b = (int)(bh / heads);
+        const size_t li = ((size_t)b * heads + h) * rows + r;
+        const float lb = part_lse[li];
+        if (lb == neg_inf) continue;
+        const float la = acc_lse[li];
+        const float m = fmaxf(la, lb);
+        const float wa = expf(la - m), wb = expf(lb - m);
+        const float inv = 1.0f / (wa + wb);
+        const size_t oi = (((size_t)b * rows + r) * heads + h) * dv;
+        for (int c = 0; c < dv; ++c)
+            acc_o[oi + c] = (acc_o[oi + c] * wa + mixc_ld(part_o + oi + c) * wb) * inv;
+        acc_lse[li] = m + logf(wa + wb);
+    }
+}
+}  // namespace
+
+#define MIXC_MERGE(NAME, T)                                                                  \
+    extern "C" __global__ void NAME(float* __restrict__ acc_o, float* __restrict__ acc_lse, \
+                                    const T* __restrict__ part_o,                           \
+                                    const float* __restrict__ part_lse, int batch, int rows, \
+                                    int heads, int dv, int row_begin, int row_end) {         \
+        merge_lse<T>(acc_o, acc_lse, part_o, part_lse, batch, rows, heads, dv, row_begin,    \
+                     row_end);                                                              \
+    }
+MIXC_MERGE(mixc_merge_lse_f32, float)
+MIXC_MERGE(mixc_merge_lse_f16, __half)
+MIXC_MERGE(mixc_merge_lse_bf16, __nv_bfloat16)
+
+extern "C" __global__ void mixc_fill_neg_inf(float* __restrict__ p, int n) {
+    const float neg_inf = -__int_as_float(0x7f800000);
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        p[i] = neg_inf;
+}
+"#;
+
+/// Source of the merge / fill kernels (compiled once per arch, disk-cached).
+pub(crate) fn aux_source() -> &'static str {
+    AUX_SOURCE
+}
+
+/// Compiled and loaded kernels on the GPUs of a run.
+pub(crate) struct Backend {
+    pub gpus: Vec<Gpu>,
+    pub generated: GeneratedKernel,
+    pub spec: MixerSpec,
+    pub dtype: DType,
+    pub arch: Arch,
+}
+
+/// Waits for every stream before the buffers of a run are freed (also on
+/// error paths): declared after the buffers, so dropped before them.
+struct SyncGuard<'a>(&'a [Gpu]);
+
+impl Drop for SyncGuard<'_> {
+    fn drop(&mut self) {
+        for g in self.0 {
+            let _ = g.sync_all();
+        }
+    }
+}
+
+fn codegen_error(e: mixc_codegen::CodegenError) -> RuntimeError {
+    RuntimeError::Unsupported {
+        backend: "cuda",
+        what: format!("{e}; use --backend cpu"),
+    }
+}
+
+impl Backend {
+    /// Opens `devices` GPUs (all visible when `None`, never more than `ranks`),
+    /// generates the kernels for their arch and loads them on each.
+    pub fn new(
+        spec: &MixerSpec,
+        dtype: DType,
+        config: Option<KernelConfig>,
+        devices: Option<usize>,
+        ranks: usize,
+    ) -> Result<Backend> {
+        let info = probe()?;
+        let want = devices.unwrap_or(info.count);
+        if want == 0 || want > info.count {
+            return Err(RuntimeError::Invalid(format!(
+                "CUDA backend: asked for {want} GPUs, {} visible",
+                info.count
+            )));
+        }
+        let n = want.min(ranks.max(1));
+        let mut gpus = (0..n).map(Gpu::open).collect::<Result<Vec<_>>>()?;
+        let arch = gpus[0].arch;
+        if let Some(g) = gpus.iter().find(|g| g.arch != arch) {
+            return Err(RuntimeError::Invalid(format!(
+                "CUDA backend: GPU {} ({}) is {} but GPU 0 is {arch}; one ring needs one \
+                 architecture (limit the visible GPUs with CUDA_VISIBLE_DEVICES)",
+                g.ordinal, g.name, g.arch
+            )));
+        }
+        let target = Target::new(arch, dtype);
+        let cfg = config.unwrap_or_else(|| KernelConfig::default_for(spec, &target));
+        let generated = generate(spec, &target, &cfg).map_err(codegen_error)?;
+        if generated.kernels.len() != 1 {
+            return Err(RuntimeError::Invalid(format!(
+                "CUDA launcher: `{}` generated {} kernels; the launcher runs one per family",
+                spec.name,
+                generated.kernels.len()
+            )));
+        }
+        let module = crate::nvrtc::compile_generated(&generated)?;
+        let names: Vec<&str> = generated.kernels.iter().map(|k| k.name.as_str()).collect();
+        let softmax = spec.family == Family::Softmax;
+        let aux = if softmax {
+            Some(crate::nvrtc::compile("mixc_merge_lse", AUX_SOURCE, arch)?)
+        } else {
+            None
+        };
+        let merge_name = format!("mixc_merge_lse_{}", dtype.name());
+        for g in &mut gpus {
+            g.kernels = g.load(&module.cubin, &names)?;
+            for (f, info) in g.kernels.iter().zip(&generated.kernels) {
+                g.opt_in_smem(f, info)?;
+            }
+            if let Some(aux) = &aux {
+                let mut fs = g.load(&aux.cubin, &[&merge_name, "mixc_fill_neg_inf"])?;
+                g.fill = fs.pop();
+                g.merge = fs.pop();
+            }
+        }
+        if gpus.len() > 1 {
+            enable_peer_access(&gpus);
+        }
+        Ok(Backend {
+            gpus,
+            generated,
+            spec: spec.clone(),
+            dtype,
+            arch,
+        })
+    }
+
+    fn info(&self) -> &KernelInfo {
+        &self.generated.kernels[0]
+    }
+
+    fn has_role(&self, role: &ParamRole) -> bool {
+        self.info().params.iter().any(|p| &p.role == role)
+    }
+
+    /// Uploads `inputs` for a ring of `sched` and plans its launches.
+    fn prepare(&self, inputs: &MixerInputs, sched: &RingSchedule) -> Result<Job> {
+        validate_inputs(&self.spec, inputs)?;
+        check_int_sizes(inputs.batch, inputs.seq)?;
+        match self.spec.family {
+            Family::Softmax | Family::Convolution => {
+                self.prepare_pairwise(inputs, sched).map(Job::Pairwise)
+            }
+            Family::Linear | Family::Retention | Family::Gated => {
+                self.prepare_chunkwise(inputs, sched).map(Job::Chunkwise)
+            }
+        }
+    }
+
+    /// Full extra inputs (tables, segment ids, filters), indexed by global
+    /// position, on device `g`.
+    fn upload_full_inputs(
+        &self,
+        g: &Gpu,
+        inputs: &MixerInputs,
+    ) -> Result<BTreeMap<String, CudaSlice<u8>>> {
+        let mut out = BTreeMap::new();
+        for p in &self.info().params {
+            let ParamRole::Input(name) = &p.role else {
+                continue;
+            };
+            let t = inputs
+                .extra
+                .get(name)
+                .ok_or_else(|| RuntimeError::BadInput {
+                    name: name.clone(),
+                    problem: "missing".into(),
+                })?;
+            let as_int = p.c_type.contains("int");
+            out.insert(name.clone(), g.upload(&extra_bytes(t, as_int, None))?);
+        }
+        Ok(out)
+    }
+
+    fn prepare_pairwise(&self, inputs: &MixerInputs, sched: &RingSchedule) -> Result<PairJob> {
+        let spec = &self.spec;
+        let (b, seq) = (inputs.batch, inputs.seq);
+        let (h, kvh) = (spec.heads as usize, spec.kv_heads as usize);
+        let (dk, dv) = (spec.head_dim as usize, spec.value_dim as usize);
+        let e = elem_bytes(self.dtype);
+        let softmax = spec.family == Family::Softmax;
+        let with_k = self.has_role(&ParamRole::K);
+        let ranks = sched.ranks;
+        let cfg = self.generated.config;
+        let tiling = Tiling {
+            block_m: cfg.block_m.max(1) as usize,
+            block_n: cfg.block_n.max(1) as usize,
+        };
+        let segs = segment_summaries(spec, inputs, tiling);
+        let max_rows = (0..ranks).map(|r| sched.shard_len(r)).max().unwrap_or(0);
+        let kv_row_bytes = kvh * (if with_k { dk } else { 0 } + dv) * e;
+
+        // Memory per device, checked before anything is allocated.
+        let extra_bytes_total: usize = self
+            .info()
+            .params
+            .iter()
+            .filter_map(|p| match &p.role {
+                ParamRole::Input(n) => inputs
+                    .extra
+                    .get(n)
+                    .map(|t| t.shape().iter().product::<usize>() * 4),
+                _ => None,
+            })
+            .sum();
+        let mut need = vec![0usize; self.gpus.len()];
+        for (d, n) in need.iter_mut().enumerate() {
+            *n = extra_bytes_total;
+            for r in (0..ranks).filter(|&r| device_of(r, self.gpus.len()) == d) {
+                let nq = sched.shard_len(r);
+                let ring = if ranks > 1 {
+                    2 * b * max_rows * kv_row_bytes
+                } else {
+                    0
+                };
+                *n += b * nq * kv_row_bytes + ring;
+                *n += if softmax {
+                    b * nq * h * (dk * e + dv * 4 + dv * e) + 2 * b * h * nq * 4
+                } else {
+                    b * nq * h * dv * 4
+                };
+            }
+        }
+        for (g, n) in self.gpus.iter().zip(&need) {
+            g.check_fits(*n)?;
+        }
+
+        let dev_inputs = self
+            .gpus
+            .iter()
+            .map(|g| self.upload_full_inputs(g, inputs))
+            .collect::<Result<Vec<_>>>()?;
+        let mut rank_bufs = Vec::with_capacity(ranks);
+        let mut launches = Vec::with_capacity(ranks);
+        let mut pairs = Some(vec![0u64; ranks]);
+        for r in 0..ranks {
+            let dev = device_of(r, self.gpus.len());
+            let g = &self.gpus[dev];
+            let q_ranges = sched.shard(r).to_vec();
+            let nq = sched.shard_len(r);
+            let shard = |rows: usize| -> Result<Shard> {
+                Ok(Shard {
+                    k: if with_k {
+                        Some(g.zeros(b * rows * kvh * dk * e)?)
+                    } else {
+                        None
+                    },
+                    v: g.zeros(b * rows * kvh * dv * e)?,
+                })
+            };
+            let home = Shard {
+                k: if with_k {
+                    Some(g.upload(&encode(
+                        self.dtype,
+                        &gather_rows(&inputs.k.data, b, seq, kvh * dk, &q_ranges),
+                    ))?)
+                } else {
+                    None
+                },
+                v: g.upload(&encode(
+                    self.dtype,
+                    &gather_rows(&inputs.v.data, b, seq, kvh * dv, &q_ranges),
+                ))?,
+            };
+            let ring = if ranks > 1 {
+                vec![shard(max_rows)?, shard(max_rows)?]
+            } else {
+                Vec::new()
+            };
+            let acc = if softmax {
+                Acc::Softmax {
+                    q: g.upload(&encode(
+                        self.dtype,
+                        &gather_rows(&inputs.q.data, b, seq, h * dk, &q_ranges),
+                    ))?,
+                    o: g.zeros(b * nq * h * dv * 4)?,
+                    lse: g.zeros(b * h * nq * 4)?,
+                    part_o: g.zeros(b * nq * h * dv * e)?,
+                    part_lse: g.zeros(b * h * nq * 4)?,
+                }
+            } else {
+                Acc::Conv {
+                    o: q_ranges
+                        .iter()
+                        .map(|q| g.zeros(b * q.len() * h * dv * 4))
+                        .collect::<Result<_>>()?,
+                }
+            };
+            let mut per_step = Vec::with_capacity(ranks);
+            for step in 0..ranks {
+                let kv = sched.shard(sched.held_at(r, step));
+                let (ls, p) = pair_launches(&spec.mask, tiling, &segs, &q_ranges, kv);
+                pairs = match (pairs, p) {
+                    (Some(mut v), Some(p)) => {
+                        v[r] += p;
+                        Some(v)
+                    }
+                    _ => None,
+                };
+                per_step.push(ls);
+            }
+            launches.push(per_step);
+            rank_bufs.push(RankBufs {
+                dev,
+                q_ranges,
+                nq,
+                home,
+                ring,
+                acc,
+            });
+        }
+        Ok(PairJob {
+            batch: b,
+            seq,
+            ranks: rank_bufs,
+            launches,
+            dev_inputs,
+            sched: sched.clone(),
+            kv_row_bytes_k: kvh * dk * e,
+            kv_row_bytes_v: kvh * dv * e,
+            pairs,
+            filter_len: conv_filter_len(spec, inputs),
+        })
+    }
+
+    fn prepare_chunkwise(&self, inputs: &MixerInputs, sched: &RingSchedule) -> Result<ChunkJob> {
+        let spec = &self.spec;
+        let (b, seq) = (inputs.batch, inputs.seq);
+        let (h, kvh) = (spec.heads as usize, spec.kv_heads as usize);
+        let (dk, dv) = (spec.head_dim as usize, spec.value_dim as usize);
+        let e = elem_bytes(self.dtype);
+        let norm_sum = matches!(spec.norm, Norm::Sum { .. });
+        let gate = match &spec.decay {
+            Decay::Gate { input } => Some(input.clone()),
+            _ => None,
+        };
+        let ndev = self.gpus.len();
+        let order = sched.ranges_in_order();
+        let state_bytes = b * h * dk * dv * 4;
+        let z_bytes = b * h * dk * 4;
+        let mut need = vec![0usize; ndev];
+        let mut prev_dev = None;
+        for (range, owner) in &order {
+            let d = device_of(*owner, ndev);
+            let n = range.len();
+            need[d] += b * n * (h * dk + kvh * dk + kvh * dv + h * dv) * e + state_bytes + z_bytes;
+            need[d] += if gate.is_some() { b * n * h * 4 } else { 0 };
+            if prev_dev.is_some_and(|p| p != d) {
+                need[d] += state_bytes + z_bytes;
+            }
+            prev_dev = Some(d);
+        }
+        for (g, n) in self.gpus.iter().zip(&need) {
+            g.check_fits(*n)?;
+        }
+        let mut pieces = Vec::with_capacity(order.len());
+        let mut prev_dev = None;
+        for (range, owner) in order {
+            let dev = device_of(owner, ndev);
+            let g = &self.gpus[dev];
+            let rs = std::slice::from_ref(&range);
+            let up = |t: &Tensor<f32>, width: usize| {
+                g.upload(&encode(
+                    self.dtype,
+                    &gather_rows(&t.data, b, seq, width, rs),
+                ))
+            };
+            let gate_buf = match &gate {
+                Some(name) => {
+                    let t = inputs
+                        .extra
+                        .get(name)
+                        .ok_or_else(|| RuntimeError::BadInput {
+                            name: name.clone(),
+                            problem: "missing".into(),
+                        })?;
+                    Some(g.upload(&extra_bytes(t, false, Some((b, seq, range.clone()))))?)
+                }
+                None => None,
+            };
+            let copy_in = prev_dev.is_some_and(|p| p != dev);
+            pieces.push(Piece {
+                dev,
+                q: up(&inputs.q, h * dk)?,
+                k: up(&inputs.k, kvh * dk)?,
+                v: up(&inputs.v, kvh * dv)?,
+                gate: gate_buf,
+                o: g.zeros(b * range.len() * h * dv * e)?,
+                state: g.zeros(state_bytes)?,
+                z: if norm_sum {
+                    Some(g.zeros(z_bytes)?)
+                } else {
+                    None
+                },
+                state_in: if copy_in {
+                    Some(g.zeros(state_bytes)?)
+                } else {
+                    None
+                },
+                z_in: if copy_in && norm_sum {
+                    Some(g.zeros(z_bytes)?)
+                } else {
+                    None
+                },
+                range,
+            });
+            prev_dev = Some(dev);
+        }
+        Ok(ChunkJob {
+            batch: b,
+            seq,
+            pieces,
+            gate,
+        })
+    }
+
+    /// Enqueues every launch of one run of `job`; repeatable.
+    fn enqueue(&self, job: &mut Job) -> Result<()> {
+        // Start from a state where each GPU's two streams agree, so buffers
+        // the previous run read on one stream are not overwritten on the other.
+        for g in &self.gpus {
+            Gpu::wait(&g.copy, &Gpu::mark(&g.compute)?)?;
+            Gpu::wait(&g.compute, &Gpu::mark(&g.copy)?)?;
+        }
+        match job {
+            Job::Pairwise(j) => self.enqueue_pairwise(j)?,
+            Job::Chunkwise(j) => self.enqueue_chunkwise(j)?,
+        }
+        // Device 0's compute stream ends after all work (timing events go there).
+        let marks = self
+            .gpus
+            .iter()
+            .map(|g| Ok((Gpu::mark(&g.compute)?, Gpu::mark(&g.copy)?)))
+            .collect::<Result<Vec<_>>>()?;
+        for (a, c) in &marks {
+            Gpu::wait(&self.gpus[0].compute, a)?;
+            Gpu::wait(&self.gpus[0].compute, c)?;
+        }
+        Ok(())
+    }
+
+    fn enqueue_pairwise(&self, j: &mut PairJob) -> Result<()> {
+        let spec = &self.spec;
+        let info = self.info().clone();
+        let ranks = j.ranks.len();
+        let (b, h) = (j.batch, spec.heads as usize);
+        // Reset the accumulators.
+        for rb in &mut j.ranks {
+            let g = &self.gpus[rb.dev];
+            match &mut rb.acc {
+                Acc::Softmax { o, lse, .. } => {
+                    g.compute
+                        .memset_zeros(o)
+                        .map_err(|e| super::device::drv("clearing the accumulator", e))?;
+                    let n = b * h * rb.nq;
+                    let fill = aux(&g.fill)?;
+                    g.launch(
+                        fill,
+                        (blocks(n), 1, 1),
+                        256,
+                        0,
+                        &[ArgValue::Ptr(ptr(lse)), ArgValue::Int(n as i32)],
+                    )?;
+                }
+                Acc::Conv { o } => {
+                    for x in o {
+                        g.compute
+                            .memset_zeros(x)
+                            .map_err(|e| super::device::drv("clearing the accumulator", e))?;
+                    }
+                }
+            }
+        }
+        let mut ready: Vec<Option<CudaEvent>> = (0..ranks).map(|_| None).collect();
+        let mut computed: Vec<Option<CudaEvent>> = (0..ranks).map(|_| None).collect();
+        let mut sent: Vec<Option<CudaEvent>> = (0..ranks).map(|_| None).collect();
+        for step in 0..ranks {
+            // Phase 1: start passing the shard each rank holds to the next rank.
+            let mut next_ready: Vec<Option<CudaEvent>> = (0..ranks).map(|_| None).collect();
+            if step + 1 < ranks {
+                let prev_sent = std::mem::replace(&mut sent, (0..ranks).map(|_| None).collect());
+                for r in 0..ranks {
+                    let dst = (r + 1) % ranks;
+                    let rows = j.sched.shard_len(j.sched.held_at(r, step));
+                    let dst_gpu = &self.gpus[j.ranks[dst].dev];
+                    let copy = &dst_gpu.copy;
+                    for e in [&ready[r], &computed[dst], &prev_sent[dst]]
+                        .into_iter()
+                        .flatten()
+                    {
+                        Gpu::wait(copy, e)?;
+                    }
+                    let slot = (step + 1) % 2;
+                    let kb = j.batch * rows * j.kv_row_bytes_k;
+                    let vb = j.batch * rows * j.kv_row_bytes_v;
+                    let (src, dst_shard) = two_shards(&mut j.ranks, r, step, dst, slot)?;
+                    if let (Some(sk), Some(dk)) = (&src.k, &mut dst_shard.k) {
+                        copy_bytes(copy, sk, dk, kb)?;
+                    }
+                    copy_bytes(copy, &src.v, &mut dst_shard.v, vb)?;
+                    next_ready[dst] = Some(Gpu::mark(copy)?);
+                    sent[r] = Some(Gpu::mark(copy)?);
+                }
+            }
+            // Phase 2: compute against the held shard.
+            for r in 0..ranks {
+                let rb = &j.ranks[r];
+                let g = &self.gpus[rb.dev];
+                if let Some(e) = &ready[r] {
+                    Gpu::wait(&g.compute, e)?;
+                }
+                let held = if step == 0 {
+                    &rb.home
+                } else {
+                    &rb.ring[step % 2]
+                };
+                let kv_rows = j.sched.shard_len(j.sched.held_at(r, step));
+                for l in &j.launches[r][step] {
+                    self.launch_pair(g, &info, j, rb, held, kv_rows, l)?;
+                }
+                computed[r] = Some(Gpu::mark(&g.compute)?);
+            }
+            ready = next_ready;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_pair(
+        &self,
+        g: &Gpu,
+        info: &KernelInfo,
+        j: &PairJob,
+        rb: &RankBufs,
+        held: &Shard,
+        kv_rows: usize,
+        l: &PairLaunch,
+    ) -> Result<()> {
+        let spec = &self.spec;
+        let (b, h, dv) = (j.batch, spec.heads as usize, spec.value_dim as usize);
+        let inputs: BTreeMap<String, u64> = j.dev_inputs[rb.dev]
+            .iter()
+            .map(|(n, buf)| (n.clone(), ptr(buf)))
+            .collect();
+        let k = held.k.as_ref().map_or(0, ptr);
+        let f = &g.kernels[0];
+        match &rb.acc {
+            Acc::Softmax {
+                q,
+                o,
+                lse,
+                part_o,
+                part_lse,
+            } => {
+                let bufs = (ptr(q), k, ptr(&held.v), ptr(part_o), ptr(part_lse));
+                let bind = softmax_bindings(&inputs, bufs, l, rb.nq, kv_rows, j.seq);
+                let args = build_args(&info.name, &info.params, &bind)?;
+                let rows = (l.q_end - l.q_begin) as u32;
+                g.launch(
+                    f,
+                    grid(info, b, rows, h),
+                    info.threads_per_block,
+                    info.dynamic_smem_bytes,
+                    &args,
+                )?;
+                let n = b * h * (l.q_end - l.q_begin);
+                let merge = aux(&g.merge)?;
+                let margs = [
+                    ArgValue::Ptr(ptr(o)),
+                    ArgValue::Ptr(ptr(lse)),
+                    ArgValue::Ptr(ptr(part_o)),
+                    ArgValue::Ptr(ptr(part_lse)),
+                    ArgValue::Int(b as i32),
+                    ArgValue::Int(rb.nq as i32),
+                    ArgValue::Int(h as i32),
+                    ArgValue::Int(dv as i32),
+                    ArgValue::Int(l.q_begin as i32),
+                    ArgValue::Int(l.q_end as i32),
+                ];
+                g.launch(merge, (blocks(n), 1, 1), 256, 0, &margs)
+            }
+            Acc::Conv { o } => {
+                let bind = conv_bindings(
+                    &inputs,
+                    ptr(&held.v),
+                    ptr(&o[l.q_index]),
+                    l,
+                    kv_rows,
+                    j.filter_len,
+                );
+                let args = build_args(&info.name, &info.params, &bind)?;
+                g.launch(
+                    f,
+                    grid(info, b, l.q.len() as u32, h),
+                    info.threads_per_block,
+                    info.dynamic_smem_bytes,
+                    &args,
+                )
+            }
+        }
+    }
+
+    fn enqueue_chunkwise(&self, j: &mut ChunkJob) -> Result<()> {
+        let info = self.info().clone();
+        let h = self.spec.heads as usize;
+        for i in 0..j.pieces.len() {
+            let (before, rest) = j.pieces.split_at_mut(i);
+            let p = &mut rest[0];
+            let g = &self.gpus[p.dev];
+            let prev = before.last();
+            // State before this range: none for the first, else the previous
+            // range's, copied over when it lives on another GPU.
+            let (state_in, z_in) = match prev {
+                None => (None, None),
+                Some(prev) if prev.dev == p.dev => {
+                    (Some(ptr(&prev.state)), prev.z.as_ref().map(ptr))
+                }
+                Some(prev) => {
+                    let s = p
+                        .state_in
+                        .as_mut()
+                        .ok_or_else(|| internal("state buffer"))?;
+                    let bytes = prev.state.len();
+                    copy_bytes(&g.compute, &prev.state, s, bytes)?;
+                    if let (Some(pz), Some(z)) = (&prev.z, p.z_in.as_mut()) {
+                        copy_bytes(&g.compute, pz, z, pz.len())?;
+                    }
+                    (Some(ptr(s)), p.z_in.as_ref().map(ptr))
+                }
+            };
+            let bufs = ChunkBuffers {
+                q: ptr(&p.q),
+                k: ptr(&p.k),
+                v: ptr(&p.v),
+                gate: j.gate.clone().zip(p.gate.as_ref().map(ptr)),
+                state_in,
+                z_in,
+                o: ptr(&p.o),
+                state_out: ptr(&p.state),
+                z_out: p.z.as_ref().map(ptr),
+            };
+            let bind = chunkwise_bindings(&bufs, p.range.len());
+            let args = build_args(&info.name, &info.params, &bind)?;
+            let f = &g.kernels[0];
+            g.launch(
+                f,
+                grid(&info, j.batch, p.range.len() as u32, h),
+                info.threads_per_block,
+                info.dynamic_smem_bytes,
+                &args,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Downloads the output of the last run of `job`.
+    fn collect(&self, job: &Job) -> Result<Tensor<f32>> {
+        for g in &self.gpus {
+            g.sync_all()?;
+        }
+        let spec = &self.spec;
+        let (h, dv) = (spec.heads as usize, spec.value_dim as usize);
+        let w = h * dv;
+        let (b, seq) = match job {
+            Job::Pairwise(j) => (j.batch, j.seq),
+            Job::Chunkwise(j) => (j.batch, j.seq),
+        };
+        let mut out = Tensor::<f32>::zeros(&[b, seq, h, dv]);
+        // Scatters `[b, rows, w]` buffer rows (ranges placed at offsets) into `out`.
+        let mut scatter = |data: &[f32], rows: usize, ranges: &[Range<usize>]| {
+            scatter_rows(&mut out.data, data, b, seq, w, rows, ranges)
+        };
+        match job {
+            Job::Pairwise(j) => {
+                for rb in &j.ranks {
+                    let g = &self.gpus[rb.dev];
+                    match &rb.acc {
+                        Acc::Softmax { o, .. } => {
+                            let bytes = g.download(o, b * rb.nq * w * 4)?;
+                            scatter(&decode(DType::F32, &bytes), rb.nq, &rb.q_ranges);
+                        }
+                        Acc::Conv { o } => {
+                            for (x, q) in o.iter().zip(&rb.q_ranges) {
+                                let bytes = g.download(x, b * q.len() * w * 4)?;
+                                scatter(
+                                    &decode(DType::F32, &bytes),
+                                    q.len(),
+                                    std::slice::from_ref(q),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            Job::Chunkwise(j) => {
+                for p in &j.pieces {
+                    let g = &self.gpus[p.dev];
+                    let bytes = g.download(&p.o, b * p.range.len() * w * elem_bytes(self.dtype))?;
+                    scatter(
+                        &decode(self.dtype, &bytes),
+                        p.range.len(),
+                        std::slice::from_ref(&p.range),
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn internal(what: &str) -> RuntimeError {
+    RuntimeError::Invalid(format!("CUDA backend internal error: {what} missing"))
+}
+
+fn aux(f: &Option<CudaFunction>) -> Result<&CudaFunction> {
+    f.as_ref().ok_or_else(|| internal("merge kernel"))
+}
+
+/// Blocks of 256 threads for a grid-stride loop over `n` items.
+fn blocks(n: usize) -> u32 {
+    n.div_ceil(256).clamp(1, 1 << 16) as u32
+}
+
+fn grid(info: &KernelInfo, batch: usize, rows: u32, heads: usize) -> (u32, u32, u32) {
+    let e = |d: &mixc_codegen::GridDim| d.eval(batch as u32, rows, heads as u32);
+    (e(&info.grid[0]), e(&info.grid[1]), e(&info.grid[2]))
+}
+
+/// Filter length of a convolution spec: the filter input's last axis (the
+/// kernels' `seq_len` for this family).
+fn conv_filter_len(spec: &MixerSpec, inputs: &MixerInputs) -> usize {
+    match &spec.score {
+        mixc_dsl::ir::Score::Filter { input } => inputs
+            .extra
+            .get(input)
+            .and_then(|t| t.shape().last().copied())
+            .unwrap_or(inputs.seq),
+        _ => inputs.seq,
+    }
+}
+
+/// Copies the first `bytes` of `src` into `dst` on `stream` (a peer copy
+/// when they live on different GPUs).
+fn copy_bytes(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    src: &CudaSlice<u8>,
+    dst: &mut CudaSlice<u8>,
+    bytes: usize,
+) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    let s = src.slice(0..bytes);
+    let mut d = dst.slice_mut(0..bytes);
+    stream
+        .memcpy_dtod(&s, &mut d)
+        .map_err(|e| super::device::drv("copying a shard between ranks", e))
+}
+
+/// The shard rank `r` holds at `step` and rank `dst`'s ring buffer `slot`
+/// (distinct buffers: `slot` is never the one `dst` reads at `step`).
+fn two_shards(
+    ranks: &mut [RankBufs],
+    r: usize,
+    step: usize,
+    dst: usize,
+    slot: usize,
+) -> Result<(&Shard, &mut Shard)> {
+    // Only a ring of one rank would send to itself, and it has no transfers.
+    if r == dst {
+        return Err(internal("a distinct destination rank"));
+    }
+    let (a, b) = if r < dst {
+        let (lo, hi) = ranks.split_at_mut(dst);
+        (&lo[r], &mut hi[0])
+    } else {
+        let (lo, hi) = ranks.split_at_mut(r);
+        (&hi[0], &mut lo[dst])
+    };
+    let src = if step == 0 {
+        &a.home
+    } else {
+        &a.ring[step % 2]
+    };
+    Ok((src, &mut b.ring[slot]))
+}
+
+/// An extra input as device bytes: i32 or f32 as the kernel parameter says,
+/// optionally only positions `range` of a `[batch, seq, ...]` tensor.
+fn extra_bytes(
+    t: &ExtraTensor,
+    as_int: bool,
+    rows: Option<(usize, usize, Range<usize>)>,
+) -> Vec<u8> {
+    let f32s: Vec<f32>;
+    let i32s: Vec<i32>;
+    let (fdata, idata): (Option<&[f32]>, Option<&[i32]>) = match t {
+        ExtraTensor::F32(x) => (Some(&x.data), None),
+        ExtraTensor::I32(x) => (None, Some(&x.data)),
+    };
+    let slice_rows = |n: usize| -> Option<(usize, usize, usize, Range<usize>)> {
+        let (b, seq, r) = rows.clone()?;
+        Some((b, seq, n / (b * seq).max(1), r))
+    };
+    if as_int {
+        i32s = match (idata, fdata) {
+            (Some(d), _) => d.to_vec(),
+            (None, Some(d)) => d.iter().map(|&x| x as i32).collect(),
+            _ => Vec::new(),
+        };
+        let v = match slice_rows(i32s.len()) {
+            Some((b, seq, w, r)) => {
+                let mut out = Vec::with_capacity(b * r.len() * w);
+                for bi in 0..b {
+                    out.extend_from_slice(&i32s[(bi * seq + r.start) * w..(bi * seq + r.end) * w]);
+                }
+                out
+            }
+            None => i32s,
+        };
+        encode_i32(&v)
+    } else {
+        f32s = match (fdata, idata) {
+            (Some(d), _) => d.to_vec(),
+            (None, Some(d)) => d.iter().map(|&x| x as f32).collect(),
+            _ => Vec::new(),
+        };
+        let v = match slice_rows(f32s.len()) {
+            Some((b, seq, w, r)) => gather_rows(&f32s, b, seq, w, &[r]),
+            None => f32s,
+        };
+        encode(DType::F32, &v)
+    }
+}
+
+/// A key/value shard on a GPU, `[batch, rows, kv_heads, d]` (k absent for
+/// the convolution family).
+struct Shard {
+    k: Option<CudaSlice<u8>>,
+    v: CudaSlice<u8>,
+}
+
+// One per rank: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Acc {
+    /// Queries, f32 accumulator (normalised o and lse) and the partial one launch writes.
+    Softmax {
+        q: CudaSlice<u8>,
+        o: CudaSlice<u8>,
+        lse: CudaSlice<u8>,
+        part_o: CudaSlice<u8>,
+        part_lse: CudaSlice<u8>,
+    },
+    /// f32 accumulator per query range.
+    Conv { o: Vec<CudaSlice<u8>> },
+}
+
+struct RankBufs {
+    dev: usize,
+    q_ranges: Vec<Range<usize>>,
+    nq: usize,
+    home: Shard,
+    /// Two ring buffers (R > 1): the one held and the one being filled.
+    ring: Vec<Shard>,
+    acc: Acc,
+}
+
+struct PairJob {
+    batch: usize,
+    seq: usize,
+    ranks: Vec<RankBufs>,
+    /// `[rank][step]`.
+    launches: Vec<Vec<Vec<PairLaunch>>>,
+    /// Extra inputs per device, by input name.
+    dev_inputs: Vec<BTreeMap<String, CudaSlice<u8>>>,
+    sched: RingSchedule,
+    kv_row_bytes_k: usize,
+    kv_row_bytes_v: usize,
+    pairs: Option<Vec<u64>>,
+    filter_len: usize,
+}
+
+struct Piece {
+    dev: usize,
+    range: Range<usize>,
+    q: CudaSlice<u8>,
+    k: CudaSlice<u8>,
+    v: CudaSlice<u8>,
+    gate: Option<CudaSlice<u8>>,
+    o: CudaSlice<u8>,
+    state: CudaSlice<u8>,
+    z: Option<CudaSlice<u8>>,
+    /// Where the previous range's state lands when it lives on another GPU.
+    state_in: Option<CudaSlice<u8>>,
+    z_in: Option<CudaSlice<u8>>,
+}
+
+struct ChunkJob {
+    batch: usize,
+    seq: usize,
+    pieces: Vec<Piece>,
+    gate: Option<String>,
+}
+
+enum Job {
+    Pairwise(PairJob),
+    Chunkwise(ChunkJob),
+}
+
+/// `mixc run --backend cuda`: one run of `spec` on `inputs`.
+pub(crate) fn run(spec: &MixerSpec, inputs: &MixerInputs, opts: &CudaOptions) -> Result<CudaRun> {
+    let start = Instant::now();
+    let sched = RingSchedule::new(inputs.seq, opts.ranks, opts.sharding)?;
+    let backend = Backend::new(spec, opts.dtype, opts.config, opts.devices, opts.ranks)?;
+    let mut job = backend.prepare(inputs, &sched)?;
+    let _guard = SyncGuard(&backend.gpus);
+    let t0 = backend.gpus[0].timing_mark()?;
+    backend.enqueue(&mut job)?;
+    let t1 = backend.gpus[0].timing_mark()?;
+    let output = backend.collect(&job)?;
+    let kernel_ms = t0
+        .elapsed_ms(&t1)
+        .map_err(|e| super::device::drv("reading the timing events", e))?;
+    let pairs_per_rank = match &job {
+        Job::Pairwise(j) => j.pairs.clone(),
+        Job::Chunkwise(_) => None,
+    };
+    Ok(CudaRun {
+        output,
+        seconds: start.elapsed().as_secs_f64(),
+        kernel_seconds: kernel_ms as f64 / 1e3,
+        pairs_per_rank,
+        devices: backend.gpus.len(),
+        config: backend.generated.config,
+        arch: backend.arch,
+    })
+}
+
+/// [`super::time_config`]: one rank on GPU 0, CUDA events around each run.
+pub(crate) fn time(
+    spec: &MixerSpec,
+    inputs: &[MixerInputs],
+    dtype: DType,
+    cfg: &KernelConfig,
+    warmup: usize,
+    reps: usize,
+) -> Result<Vec<f64>> {
+    let first = inputs
+        .first()
+        .ok_or_else(|| RuntimeError::Invalid("time_config: no input sets given".into()))?;
+    let sched = RingSchedule::new(first.seq, 1, Sharding::Contiguous)?;
+    let backend = Backend::new(spec, dtype, Some(*cfg), Some(1), 1)?;
+    let mut jobs = inputs
+        .iter()
+        .map(|x| backend.prepare(x, &sched))
+        .collect::<Result<Vec<_>>>()?;
+    let _guard = SyncGuard(&backend.gpus);
+    let n = jobs.len();
+    for i in 0..warmup {
+        backend.enqueue(&mut jobs[i % n])?;
+    }
+    let g = &backend.gpus[0];
+    let mut times = Vec::with_capacity(reps);
+    for i in 0..reps {
+        let t0 = g.timing_mark()?;
+        backend.enqueue(&mut jobs[(warmup + i) % n])?;
+        let t1 = g.timing_mark()?;
+        let ms = t0
+            .elapsed_ms(&t1)
+            .map_err(|e| super::device::drv("reading the timing events", e))?;
+        times.push(ms as f64 / 1e3);
+    }
+    Ok(times)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_inputs_convert_and_slice() {
+        // A gate [batch 2, seq 4, heads 2]: value = 100 b + 10 pos + h.
+        let data: Vec<f32> = (0..2)
+            .flat_map(|b| {
+                (0..4).flat_map(move |s| (0..2).map(move |h| (100 * b + 10 * s + h) as f32))
+            })
+            .collect();
+        let t = ExtraTensor::F32(Tensor::new(vec![2, 4, 2], data));
+        let got = decode(DType::F32, &extra_bytes(&t, false, Some((2, 4, 1..3))));
+        assert_eq!(got, [10.0, 11.0, 20.0, 21.0, 110.0, 111.0, 120.0, 121.0]);
+        // Whole tensors keep every element; int parameters get i32 bytes.
+        assert_eq!(extra_bytes(&t, false, None).len(), 16 * 4);
+        let ids = ExtraTensor::I32(Tensor::new(vec![1, 3], vec![0, 7, -1]));
+        assert_eq!(extra_bytes(&ids, true, None), encode_i32(&[0, 7, -1]));
+        assert_eq!(
+            extra_bytes(&ids, false, None),
+            encode(DType::F32, &[0.0, 7.0, -1.0])
+        );
+    }
+
+    #[test]
+    fn launch_shapes() {
+        assert_eq!(blocks(1), 1);
+        assert_eq!(blocks(257), 2);
+        assert_eq!(blocks(usize::MAX / 2), 1 << 16);
+        let spec = mixc_dsl::parse_str(
+            "mixer t { heads = 4; head_dim = 64; dtype = bf16; score = dot(q, k); \
+             mask = causal; norm = softmax; }",
+        )
+        .unwrap();
+        let g =
+            mixc_codegen::generate_default(&spec, &Target::new(Arch::Sm90, DType::Bf16)).unwrap();
+        let info = &g.kernels[0];
+        let bm = g.config.block_m;
+        assert_eq!(grid(info, 2, 3 * bm + 1, 4), (4, 4, 2));
+    }
+
+    /// The merge kernel's source names the kernels the backend loads.
+    #[test]
+    fn aux_source_defines_the_loaded_kernels() {
+        for d in [DType::F32, DType::F16, DType::Bf16] {
+            assert!(AUX_SOURCE.contains(&format!("MIXC_MERGE(mixc_merge_lse_{}", d.name())));
+        }
+        assert!(AUX_SOURCE.contains("void mixc_fill_neg_inf("));
+    }
+}

@@ -1,0 +1,229 @@
+//! The CUDA backend: runs the kernels `mixc_codegen` generates, compiled by
+//! NVRTC (cubin, disk-cached), on one or more GPUs, in ring order.
+//!
+//! - [`probe`]: is a GPU usable? Never panics: the driver library is looked
+//!   for before cudarc touches it, and a panic inside cudarc is caught.
+//! - [`run`] / [`run_with_config`]: one mixer run. The sequence is sharded
+//!   over `R` ranks exactly as [`crate::ring`] says; ranks are dealt
+//!   round-robin onto the visible GPUs ([`plan::device_of`]), so `R` virtual
+//!   ranks on one GPU and one rank per GPU are the same code path. Softmax and
+//!   convolution ranks pass key/value shards around the ring (peer copies on
+//!   a copy stream, double buffers, events) and merge partials (log-sum-exp
+//!   merge kernel, or f32 accumulation); linear/retention/gated ranks pass the
+//!   recurrent state in sequence order. See `docs/cuda.md`.
+//! - [`time_config`]: CUDA-event timing of one kernel configuration, for the
+//!   autotuner.
+//! - [`dist`]: torchrun-style environment of a multi-process run.
+//!
+//! Host-side pieces (argument binding, launch planning) live in [`args`] and
+//! [`plan`] and are tested without a GPU.
+
+pub mod args;
+mod device;
+pub mod dist;
+mod exec;
+pub mod plan;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use mixc_codegen::{Arch, KernelConfig};
+use mixc_dsl::ir::{DType, MixerSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, RuntimeError};
+use crate::ring::Sharding;
+use crate::tensor::{MixerInputs, Tensor};
+
+/// Oldest driver API the backend accepts (CUDA 12.0). The kernels are
+/// NVRTC cubins for sm_80 / sm_90; a driver older than the NVRTC that built
+/// them may refuse to load them, which [`run`] reports with both versions.
+pub const MIN_DRIVER_VERSION: i32 = 12000;
+
+/// What [`probe`] found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// Device 0's name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub name: String,
+    /// Device 0's compute capability (major, minor).
+    pub compute_capability: (i32, i32),
+    /// Device 0's memory in bytes (total, free now).
+    pub total_memory: usize,
+    pub free_memory: usize,
+    /// Driver API version as the driver reports it (e.g. 13000 for 13.0).
+    pub driver_version: i32,
+    /// Visible CUDA devices.
+    pub count: usize,
+}
+
+impl DeviceInfo {
+    /// One line for `mixc` output: name, capability, memory, driver, count.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} (sm_{}{}, {:.1} GiB, driver {}), {} device{}",
+            self.name,
+            self.compute_capability.0,
+            self.compute_capability.1,
+            self.total_memory as f64 / (1u64 << 30) as f64,
+            driver_version_string(self.driver_version),
+            self.count,
+            if self.count == 1 { "" } else { "s" }
+        )
+    }
+}
+
+/// `13000` -> `13.0`.
+pub fn driver_version_string(v: i32) -> String {
+    format!("{}.{}", v / 1000, (v % 1000) / 10)
+}
+
+/// The error every "no usable GPU" case returns, with what to do instead.
+pub(crate) fn no_gpu(why: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Invalid(format!(
+        "CUDA backend unavailable: {why}; use --backend cpu (or --backend auto, which falls \
+         back to the CPU backend)"
+    ))
+}
+
+/// The kernels' architecture for a compute capability: sm_90 for 9.x,
+/// sm_80 for 8.x (an sm_80 cubin runs on 8.6 / 8.9). Older GPUs lack the
+/// bf16 tensor-core instructions; newer majors cannot load these cubins.
+pub fn arch_for(cc: (i32, i32)) -> Result<Arch> {
+    match cc.0 {
+        9 => Ok(Arch::Sm90),
+        8 => Ok(Arch::Sm80),
+        m if m < 8 => Err(no_gpu(format!(
+            "compute capability {}.{} is below 8.0; the kernels need sm_80 or newer \
+             (bf16 tensor-core mma)",
+            cc.0, cc.1
+        ))),
+        _ => Err(no_gpu(format!(
+            "compute capability {}.{}: this build compiles cubins for sm_80 and sm_90 only, \
+             which do not load on a newer major architecture",
+            cc.0, cc.1
+        ))),
+    }
+}
+
+/// Is a GPU usable? `Err` says why not (no driver library, driver too old,
+/// no device, an unsupported compute capability); never panics.
+pub fn probe() -> Result<DeviceInfo> {
+    catch_unwind(AssertUnwindSafe(device::probe_devices))
+        .unwrap_or_else(|_| Err(no_gpu("the CUDA driver library failed while loading")))
+}
+
+/// How a CUDA run is set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CudaOptions {
+    /// Ring ranks (virtual ranks, dealt round-robin onto the devices).
+    pub ranks: usize,
+    pub sharding: Sharding,
+    /// Storage type of q, k, v and the output on the device.
+    pub dtype: DType,
+    /// Tile configuration; `None`: `KernelConfig::default_for`.
+    pub config: Option<KernelConfig>,
+    /// Devices to use, at most the visible count; `None`: all visible.
+    pub devices: Option<usize>,
+}
+
+impl CudaOptions {
+    /// One rank, the spec's dtype, zigzag sharding for causal masks.
+    pub fn default_for(spec: &MixerSpec) -> Self {
+        CudaOptions {
+            ranks: 1,
+            sharding: if spec.mask.implies_causal() {
+                Sharding::Zigzag
+            } else {
+                Sharding::Contiguous
+            },
+            dtype: spec.dtype,
+            config: None,
+            devices: None,
+        }
+    }
+}
+
+/// The result of a CUDA run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CudaRun {
+    /// `[batch, seq, heads, value_dim]`.
+    pub output: Tensor<f32>,
+    /// Host wall time of the run (uploads, launches, download), in seconds.
+    pub seconds: f64,
+    /// GPU time of the launches only (CUDA events on device 0), in seconds.
+    pub kernel_seconds: f64,
+    /// (query, key) pairs of the tiles each rank computed, when counted.
+    pub pairs_per_rank: Option<Vec<u64>>,
+    /// Devices used and the configuration the kernels ran with.
+    pub devices: usize,
+    pub config: KernelConfig,
+    pub arch: Arch,
+}
+
+/// Runs `spec` on `inputs` with the default tile configuration.
+pub fn run(spec: &MixerSpec, inputs: &MixerInputs, opts: &CudaOptions) -> Result<CudaRun> {
+    run_with_config(spec, inputs, opts)
+}
+
+/// Runs `spec` on `inputs` with `opts.config` (the autotuner's candidates
+/// are checked through this).
+pub fn run_with_config(
+    spec: &MixerSpec,
+    inputs: &MixerInputs,
+    opts: &CudaOptions,
+) -> Result<CudaRun> {
+    dist::require_single_process()?;
+    guarded(|| exec::run(spec, inputs, opts))
+}
+
+/// Times one configuration: `warmup` untimed runs, then `reps` runs timed
+/// with CUDA events around the launches, cycling through `inputs` (several
+/// input sets, uploaded once, so no run finds the previous one's data in
+/// L2). One rank on device 0. Returns seconds per repetition.
+pub fn time_config(
+    spec: &MixerSpec,
+    inputs: &[MixerInputs],
+    dtype: DType,
+    cfg: &KernelConfig,
+    warmup: usize,
+    reps: usize,
+) -> Result<Vec<f64>> {
+    guarded(|| exec::time(spec, inputs, dtype, cfg, warmup, reps))
+}
+
+/// cudarc panics on a missing library or symbol; turn that into an error.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        Err(RuntimeError::Invalid(format!(
+            "CUDA backend failed inside the driver bindings: {msg}; use --backend cpu"
+        )))
+    })
+}
+
+/// CUDA source of the backend's own helper kernels (the log-sum-exp merge of
+/// softmax partials and an accumulator reset), compiled with NVRTC at run time.
+pub fn helper_kernels_source() -> &'static str {
+    exec::aux_source()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arch_from_capability() {
+        assert_eq!(arch_for((9, 0)).unwrap(), Arch::Sm90);
+        assert_eq!(arch_for((8, 9)).unwrap(), Arch::Sm80);
+        assert_eq!(arch_for((8, 0)).unwrap(), Arch::Sm80);
+        let e = arch_for((7, 5)).unwrap_err().to_string();
+        assert!(e.contains("7.5") && e.contains("--backend cpu"), "{e}");
+        let e = arch_for((10, 0)).unwrap_err().to_string();
+        assert!(e.contains("10.0"), "{e}");
+        assert_eq!(driver_version_string(13000), "13.0");
+        assert_eq!(driver_version_string(12080), "12.8");
+    }
+}

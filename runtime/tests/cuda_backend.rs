@@ -1,0 +1,400 @@
+//! The CUDA backend.
+//!
+//! Without a GPU: `probe` and `run` fail with a clear message (never a
+//! panic), and the backend's own helper kernels compile with NVRTC (needs
+//! `scripts/install-cuda.sh`, like the other NVRTC tests).
+//!
+//! With a GPU (`probe()` succeeds): every example spec at sequence lengths
+//! 1, 7, 33, 100, 257 and 1024, batch 2, 1 and 4 virtual ranks, contiguous
+//! and zigzag sharding, against the f64 reference within the dtype's
+//! tolerance; plus f32 (SIMT kernels) and f16 runs, timing, several GPUs
+//! when present. Without one, each GPU test prints `SKIPPED: no GPU: ...`
+//! and passes. `scripts/gpu-check.sh` runs this binary on a GPU machine.
+//!
+//! Examples are found at `MIXC_EXAMPLES_DIR`, else `<crate>/../examples`,
+//! else `./examples` (the test binary may run from a copy of the repository).
+
+use std::path::{Path, PathBuf};
+
+use mixc_dsl::ir::{DType, MixerSpec};
+use mixc_runtime::cuda::{self, CudaOptions, DeviceInfo};
+use mixc_runtime::inputs::random_inputs;
+use mixc_runtime::ring::Sharding;
+use mixc_runtime::{nvrtc, reference, MixerInputs, Tensor};
+
+/// Every example file; a test below exists for each (checked).
+const EXAMPLES: [&str; 14] = [
+    "alibi_bloom",
+    "block_sparse_bigbird",
+    "causal_gqa_llama3",
+    "dilated_longnet",
+    "document_mask",
+    "full_attention",
+    "gated_mamba2",
+    "linear_elu",
+    "long_conv_hyena",
+    "prefix_lm",
+    "relative_bias_t5",
+    "retention_retnet",
+    "sliding_window_mistral",
+    "softcap_window_gemma2",
+];
+
+const SEQS: [usize; 6] = [1, 7, 33, 100, 257, 1024];
+const BATCH: usize = 2;
+
+fn examples_dir() -> PathBuf {
+    let candidates = [
+        std::env::var_os("MIXC_EXAMPLES_DIR").map(PathBuf::from),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")),
+        Some(PathBuf::from("examples")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|p| p.join("full_attention.mix").is_file())
+        .expect("examples/ not found: set MIXC_EXAMPLES_DIR")
+}
+
+fn example(name: &str) -> MixerSpec {
+    let p = examples_dir().join(format!("{name}.mix"));
+    mixc_dsl::parse_file(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// `Some(info)` when a GPU is usable, else prints why the test skips.
+fn gpu(test: &str) -> Option<DeviceInfo> {
+    match cuda::probe() {
+        Ok(info) => {
+            eprintln!("{test}: GPU {}", info.describe());
+            Some(info)
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: no GPU: {test}: {e}");
+            None
+        }
+    }
+}
+
+/// `--check`'s tolerance per storage type (relative to max |ref|), as in
+/// `mixc run` (src/commands/run.rs, `check_tolerance`).
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 2e-4,
+        DType::F16 => 2e-3,
+        DType::Bf16 => 1e-2,
+    }
+}
+
+/// q, k, v rounded to the storage type, as `mixc run` does, so the
+/// reference sees the values the GPU sees.
+fn inputs_for(spec: &MixerSpec, seq: usize, dtype: DType) -> MixerInputs {
+    let mut x = random_inputs(spec, BATCH, seq, 11);
+    let round: fn(f32) -> f32 = match dtype {
+        DType::F32 => |v| v,
+        DType::F16 => |v| half::f16::from_f32(v).to_f32(),
+        DType::Bf16 => |v| half::bf16::from_f32(v).to_f32(),
+    };
+    for t in [&mut x.q, &mut x.k, &mut x.v] {
+        t.data.iter_mut().for_each(|v| *v = round(*v));
+    }
+    x
+}
+
+/// max |got - want| / max |want| (NaN propagates).
+fn rel_error(got: &Tensor<f32>, want: &Tensor<f64>) -> f64 {
+    assert_eq!(got.shape, want.shape, "output shape");
+    let mut max_err = 0f64;
+    let mut max_ref = 0f64;
+    for (&g, &w) in got.data.iter().zip(&want.data) {
+        let e = (g as f64 - w).abs();
+        if e.is_nan() || e > max_err {
+            max_err = e;
+        }
+        max_ref = max_ref.max(w.abs());
+    }
+    if max_ref > 0.0 {
+        max_err / max_ref
+    } else {
+        max_err
+    }
+}
+
+fn opts(ranks: usize, sharding: Sharding, dtype: DType) -> CudaOptions {
+    CudaOptions {
+        ranks,
+        sharding,
+        dtype,
+        config: None,
+        devices: None,
+    }
+}
+
+/// Runs and checks one configuration; returns the error for the report.
+fn check_run(spec: &MixerSpec, x: &MixerInputs, want: &Tensor<f64>, o: &CudaOptions) -> f64 {
+    let run = cuda::run(spec, x, o).unwrap_or_else(|e| {
+        panic!(
+            "{} seq {} R {} {:?} {:?}: {e}",
+            spec.name, x.seq, o.ranks, o.sharding, o.dtype
+        )
+    });
+    let err = rel_error(&run.output, want);
+    eprintln!(
+        "{} {} seq {} R {} {:<10} err {err:.2e} ({} GPU(s), {:.3} ms kernels)",
+        spec.name,
+        o.dtype.name(),
+        x.seq,
+        o.ranks,
+        o.sharding.name(),
+        run.devices,
+        run.kernel_seconds * 1e3
+    );
+    assert!(
+        !err.is_nan() && err <= tolerance(o.dtype),
+        "{} {} seq {} R {} {:?}: relative error {err:.3e} above {:.0e}",
+        spec.name,
+        o.dtype.name(),
+        x.seq,
+        o.ranks,
+        o.sharding,
+        tolerance(o.dtype)
+    );
+    err
+}
+
+/// The main matrix for one example, plus f32 (SIMT) and f16 spot checks.
+fn check_example(name: &str) {
+    let Some(_) = gpu(name) else { return };
+    let spec = example(name);
+    for seq in SEQS {
+        let x = inputs_for(&spec, seq, spec.dtype);
+        let want = reference::evaluate(&spec, &x).expect("reference");
+        for ranks in [1usize, 4] {
+            if ranks > seq {
+                continue;
+            }
+            for sharding in [Sharding::Contiguous, Sharding::Zigzag] {
+                check_run(&spec, &x, &want, &opts(ranks, sharding, spec.dtype));
+            }
+        }
+    }
+    for (dtype, seq, ranks, sharding) in [
+        (DType::F32, 100, 1, Sharding::Contiguous),
+        (DType::F32, 100, 3, Sharding::Zigzag),
+        (DType::F16, 257, 2, Sharding::Zigzag),
+    ] {
+        let x = inputs_for(&spec, seq, dtype);
+        let want = reference::evaluate(&spec, &x).expect("reference");
+        check_run(&spec, &x, &want, &opts(ranks, sharding, dtype));
+    }
+}
+
+macro_rules! example_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                check_example(stringify!($name));
+            }
+        )*
+        /// The list above names every example file.
+        #[test]
+        fn every_example_has_a_gpu_test() {
+            let tested = [$(stringify!($name)),*];
+            let mut files: Vec<String> = std::fs::read_dir(examples_dir())
+                .unwrap()
+                .filter_map(|e| {
+                    let p = e.unwrap().path();
+                    (p.extension()? == "mix").then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
+                })
+                .collect();
+            files.sort();
+            assert_eq!(files, tested.to_vec(), "examples without a GPU test (or tests without an example)");
+            assert_eq!(tested.to_vec(), EXAMPLES.to_vec());
+        }
+    };
+}
+
+example_tests!(
+    alibi_bloom,
+    block_sparse_bigbird,
+    causal_gqa_llama3,
+    dilated_longnet,
+    document_mask,
+    full_attention,
+    gated_mamba2,
+    linear_elu,
+    long_conv_hyena,
+    prefix_lm,
+    relative_bias_t5,
+    retention_retnet,
+    sliding_window_mistral,
+    softcap_window_gemma2,
+);
+
+/// No GPU: a clear error naming the driver or GPU and the way out; with
+/// one: a sane description.
+#[test]
+fn probe_explains_itself() {
+    match cuda::probe() {
+        Ok(info) => {
+            assert!(info.count >= 1);
+            assert!(info.compute_capability.0 >= 8, "{info:?}");
+            assert!(info.total_memory > 0);
+            eprintln!("probe: {}", info.describe());
+        }
+        Err(e) => {
+            let m = e.to_string();
+            assert!(m.contains("GPU") || m.contains("driver"), "{m}");
+            assert!(m.contains("--backend cpu"), "{m}");
+            eprintln!("probe (expected without a GPU): {m}");
+        }
+    }
+}
+
+/// Without a GPU, a run and a timing request fail with the probe's message.
+#[test]
+fn run_without_gpu_is_a_clear_error() {
+    if cuda::probe().is_ok() {
+        eprintln!("SKIPPED: a GPU is present, the no-GPU error cannot be observed");
+        return;
+    }
+    let spec = example("causal_gqa_llama3");
+    let x = inputs_for(&spec, 8, spec.dtype);
+    let e = cuda::run(&spec, &x, &CudaOptions::default_for(&spec))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("CUDA backend unavailable") && e.contains("--backend cpu"),
+        "{e}"
+    );
+    let cfg = mixc_codegen::KernelConfig::default_for(
+        &spec,
+        &mixc_codegen::Target::new(mixc_codegen::Arch::Sm90, spec.dtype),
+    );
+    let e = cuda::time_config(&spec, &[x], spec.dtype, &cfg, 1, 2)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("CUDA backend unavailable"), "{e}");
+}
+
+/// The merge / reset kernels the backend adds compile for both archs.
+#[test]
+fn helper_kernels_compile_with_nvrtc() {
+    if let Err(e) = nvrtc::nvrtc_info() {
+        panic!("this test compiles with NVRTC, which is not available: {e}");
+    }
+    for arch in mixc_codegen::Arch::ALL {
+        let m = nvrtc::compile("mixc_merge_lse", cuda::helper_kernels_source(), arch)
+            .unwrap_or_else(|e| panic!("{arch}: {e}"));
+        assert!(!m.cubin.is_empty());
+        for f in [
+            "mixc_merge_lse_f32",
+            "mixc_merge_lse_f16",
+            "mixc_merge_lse_bf16",
+            "mixc_fill_neg_inf",
+        ] {
+            let r = m
+                .resources_of(f)
+                .unwrap_or_else(|| panic!("{arch}: no `{f}` in the ptxas report:\n{}", m.log));
+            assert_eq!(r.spill_stores, 0, "{arch} {f}");
+        }
+    }
+}
+
+/// A family/mask combination the kernels do not implement is an error that
+/// points to the CPU backend (with a GPU: the codegen's reason).
+#[test]
+fn unsupported_spec_is_a_clear_error() {
+    let spec = mixc_dsl::parse_str(
+        "mixer bidir_linear { heads = 2; head_dim = 16; dtype = f32; \
+         score = dot(elu1(q), elu1(k)); mask = all; norm = sum(eps = 1e-6); }",
+    )
+    .unwrap();
+    let x = inputs_for(&spec, 16, DType::F32);
+    let e = cuda::run(&spec, &x, &CudaOptions::default_for(&spec))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--backend cpu"), "{e}");
+    if cuda::probe().is_ok() {
+        assert!(e.contains("causal"), "{e}");
+    }
+}
+
+/// CUDA-event timing returns one positive time per repetition.
+#[test]
+fn time_config_times_every_rep() {
+    let Some(_) = gpu("time_config_times_every_rep") else {
+        return;
+    };
+    let spec = example("causal_gqa_llama3");
+    let target = mixc_codegen::Target::new(
+        cuda::arch_for(cuda::probe().unwrap().compute_capability).unwrap(),
+        spec.dtype,
+    );
+    let xs: Vec<MixerInputs> = (0..3).map(|s| random_inputs(&spec, 1, 2048, s)).collect();
+    for cfg in mixc_codegen::candidate_configs(&spec, &target)
+        .iter()
+        .take(2)
+    {
+        let t = cuda::time_config(&spec, &xs, spec.dtype, cfg, 1, 4).unwrap();
+        assert_eq!(t.len(), 4);
+        assert!(t.iter().all(|&s| s > 0.0 && s < 10.0), "{t:?}");
+        eprintln!("{}: {:?}", cfg.describe(), t);
+    }
+}
+
+/// The ring over several GPUs (one rank per GPU, then more ranks than GPUs)
+/// gives the single-GPU result; skipped with fewer than two GPUs.
+#[test]
+fn multi_gpu_ring_matches_reference() {
+    let Some(info) = gpu("multi_gpu_ring_matches_reference") else {
+        return;
+    };
+    if info.count < 2 {
+        eprintln!("SKIPPED: one GPU only: multi_gpu_ring_matches_reference");
+        return;
+    }
+    for name in ["causal_gqa_llama3", "long_conv_hyena", "gated_mamba2"] {
+        let spec = example(name);
+        let x = inputs_for(&spec, 257, spec.dtype);
+        let want = reference::evaluate(&spec, &x).unwrap();
+        for ranks in [2, info.count, 2 * info.count + 1] {
+            let mut o = opts(ranks, Sharding::Zigzag, spec.dtype);
+            o.devices = Some(info.count.min(ranks));
+            check_run(&spec, &x, &want, &o);
+        }
+    }
+}
+
+/// The number of ranks and the sharding change the result only by rounding.
+#[test]
+fn ranks_and_sharding_agree() {
+    let Some(_) = gpu("ranks_and_sharding_agree") else {
+        return;
+    };
+    let spec = example("document_mask");
+    let x = inputs_for(&spec, 300, DType::F32);
+    let base = cuda::run(&spec, &x, &opts(1, Sharding::Contiguous, DType::F32))
+        .unwrap()
+        .output;
+    let scale = base
+        .data
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()))
+        .max(1e-30);
+    for (ranks, sharding) in [
+        (2, Sharding::Zigzag),
+        (5, Sharding::Contiguous),
+        (8, Sharding::Zigzag),
+    ] {
+        let o = cuda::run(&spec, &x, &opts(ranks, sharding, DType::F32))
+            .unwrap()
+            .output;
+        let d = o
+            .data
+            .iter()
+            .zip(&base.data)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(d / scale < 1e-5, "R {ranks} {sharding:?}: {d}");
+    }
+}
