@@ -1,4 +1,4 @@
-//! The `mixc` command line: check, gen, compile, run (and later tune, bench).
+//! The `mixc` command line: check, gen, compile, run, tune, bench.
 //! Every command exits non-zero with a clear message on bad input.
 
 use clap::{Parser, Subcommand};
@@ -28,13 +28,27 @@ enum Command {
     Compile(commands::compile::Args),
     /// Run a mixer on random or given inputs and report time and throughput.
     Run(commands::run::Args),
+    /// Time a spec's tile configurations, print the best and cache the winner.
+    Tune(commands::tune::Args),
+    /// Time specs over a grid of sequence lengths and dtypes (median of reps).
+    Bench(commands::bench::Args),
 }
 
 fn main() -> ExitCode {
+    // `mixc ... | head` closes stdout early; die quietly like other Unix tools
+    // instead of panicking in `println!` (Rust ignores SIGPIPE by default).
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of one signal before any
+    // thread is spawned.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check(a) => commands::check::main(a),
         Command::Run(a) => commands::run::main(a),
+        Command::Tune(a) => commands::tune::main(a),
+        Command::Bench(a) => commands::bench::main(a),
         Command::Gen(a) => commands::gen::main(a),
         Command::Compile(a) => commands::compile::main(a),
     };

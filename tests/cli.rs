@@ -172,3 +172,86 @@ fn run_rejects_more_ranks_than_positions() {
     assert!(!out.status.success());
     assert!(text(&out).contains("ranks"));
 }
+
+fn run_json(args: &[&str]) -> serde_json::Value {
+    let out = mixc(args);
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn run_set_overrides_shapes_and_keeps_the_check_passing() {
+    let v = run_json(&[
+        "run",
+        "examples/sliding_window_mistral.mix",
+        "--backend",
+        "cpu",
+        "--seq",
+        "100",
+        "--set",
+        "heads=4",
+        "--set",
+        "kv_heads=2",
+        "--set",
+        "head_dim=32",
+        "--check",
+        "--json",
+    ]);
+    // d_v follows d_k when the spec does not set it.
+    assert_eq!(v["output_shape"], serde_json::json!([1, 100, 4, 32]));
+    assert_eq!(v["kv_heads"], 2);
+    assert!(v["max_rel_error"].as_f64().unwrap() < 2e-4);
+}
+
+#[test]
+fn run_set_rejects_bad_overrides() {
+    for (set, needle) in [
+        ("heads=6", "must divide"),
+        ("heads=0", "at least 1"),
+        ("depth=3", "unknown key `depth`"),
+        ("heads", "KEY=VALUE"),
+        ("head_dim=4096", "at most"),
+    ] {
+        let out = mixc(&[
+            "run",
+            "examples/causal_gqa_llama3.mix",
+            "--backend",
+            "cpu",
+            "--seq",
+            "8",
+            "--set",
+            set,
+        ]);
+        assert!(!out.status.success(), "--set {set} was accepted");
+        assert!(text(&out).contains(needle), "--set {set}: {}", text(&out));
+    }
+}
+
+#[test]
+fn run_dtype_rounds_the_inputs_that_every_backend_sees() {
+    let run = |dtype: &str| {
+        run_json(&[
+            "run",
+            "examples/full_attention.mix",
+            "--backend",
+            "cpu",
+            "--seq",
+            "33",
+            "--set",
+            "heads=2",
+            "--dtype",
+            dtype,
+            "--check",
+            "--json",
+        ])
+    };
+    let (bf16, f32) = (run("bf16"), run("f32"));
+    assert_eq!(bf16["dtype"], "bf16");
+    assert_eq!(f32["dtype"], "f32");
+    // The reference sees the rounded inputs too, so the CPU backend (f32 compute)
+    // still meets the f32 tolerance.
+    for v in [&bf16, &f32] {
+        assert!(v["max_rel_error"].as_f64().unwrap() < 2e-4, "{v}");
+        assert_eq!(v["tolerance"].as_f64().unwrap(), 2e-4);
+    }
+}

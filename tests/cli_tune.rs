@@ -199,3 +199,36 @@ fn bad_arguments_and_cuda_without_a_gpu_fail_clearly() {
     assert!(t.contains("--backend cpu"), "{t}");
     assert!(!t.contains("panicked"), "{t}");
 }
+
+#[test]
+fn run_uses_the_tuned_choice_and_falls_back_with_a_warning() {
+    let cache = cache_dir("run_reuse");
+    let run = |cache: &Path| {
+        mixc(
+            cache,
+            &["run", RETNET, "--backend", "cpu", "--seq", "120", "--check", "--json"],
+        )
+    };
+    // No entry yet: the default, silently.
+    let before = json_of(&run(&cache));
+    assert_eq!(before["config_source"], "default", "{before}");
+
+    let tuned = tune_json(&cache, RETNET, &[]);
+    let path = PathBuf::from(tuned["cache_path"].as_str().unwrap());
+    // seq 120 falls in the bucket tuned at seq 128: the run reuses the entry.
+    let after = json_of(&run(&cache));
+    let source = after["config_source"].as_str().unwrap();
+    assert!(
+        source.starts_with("tuned") && source.contains(path.file_name().unwrap().to_str().unwrap()),
+        "{after}"
+    );
+    assert!(after["max_rel_error"].as_f64().unwrap() < 2e-4);
+
+    // A corrupt entry: a warning, the default, and still a correct result.
+    std::fs::write(&path, "not json").unwrap();
+    let out = run(&cache);
+    let t = text(&out);
+    let v = json_of(&out);
+    assert_eq!(v["config_source"], "default");
+    assert!(t.contains("warning:") && t.contains("mixc tune"), "{t}");
+}

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use mixc_dsl::{Dim, ElemType, InputDecl, InputRole, MixerSpec, Score};
+use mixc_dsl::{DType, Dim, ElemType, InputDecl, InputRole, MixerSpec, Score};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -316,4 +316,17 @@ pub fn validate_inputs(spec: &MixerSpec, inputs: &MixerInputs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Rounds q, k and v to the storage type `dtype` (kept in f32), so every
+/// backend and the f64 reference see exactly the values a GPU run stores.
+pub fn round_to_dtype(inputs: &mut MixerInputs, dtype: DType) {
+    let round: fn(f32) -> f32 = match dtype {
+        DType::F32 => return,
+        DType::F16 => |x| half::f16::from_f32(x).to_f32(),
+        DType::Bf16 => |x| half::bf16::from_f32(x).to_f32(),
+    };
+    for t in [&mut inputs.q, &mut inputs.k, &mut inputs.v] {
+        t.data.iter_mut().for_each(|x| *x = round(*x));
+    }
 }

@@ -303,3 +303,16 @@ fn normalise(
         }
     }
 }
+
+/// Accepted `max |out - ref| / max |ref|` of a backend computing with
+/// `compute` inputs, against this reference on the same (rounded) inputs:
+/// f32 accumulation throughout, but f16/bf16 kernels round the softmax
+/// probabilities (and partial outputs) before the P·V tensor-core product.
+/// Used by `mixc run --check`, the autotuner's candidate check and the GPU tests.
+pub fn check_tolerance(compute: mixc_dsl::DType) -> f64 {
+    match compute {
+        mixc_dsl::DType::F32 => 2e-4,
+        mixc_dsl::DType::F16 => 2e-3,
+        mixc_dsl::DType::Bf16 => 1e-2,
+    }
+}

@@ -75,28 +75,16 @@ fn gpu(test: &str) -> Option<DeviceInfo> {
     }
 }
 
-/// `--check`'s tolerance per storage type (relative to max |ref|), as in
-/// `mixc run` (src/commands/run.rs, `check_tolerance`).
+/// `--check`'s tolerance per storage type, shared with `mixc run`.
 fn tolerance(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 2e-4,
-        DType::F16 => 2e-3,
-        DType::Bf16 => 1e-2,
-    }
+    mixc_runtime::reference::check_tolerance(dtype)
 }
 
 /// q, k, v rounded to the storage type, as `mixc run` does, so the
 /// reference sees the values the GPU sees.
 fn inputs_for(spec: &MixerSpec, seq: usize, dtype: DType) -> MixerInputs {
     let mut x = random_inputs(spec, BATCH, seq, 11);
-    let round: fn(f32) -> f32 = match dtype {
-        DType::F32 => |v| v,
-        DType::F16 => |v| half::f16::from_f32(v).to_f32(),
-        DType::Bf16 => |v| half::bf16::from_f32(v).to_f32(),
-    };
-    for t in [&mut x.q, &mut x.k, &mut x.v] {
-        t.data.iter_mut().for_each(|v| *v = round(*v));
-    }
+    mixc_runtime::inputs::round_to_dtype(&mut x, dtype);
     x
 }
 

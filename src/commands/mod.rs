@@ -1,7 +1,9 @@
+pub mod bench;
 pub mod check;
 pub mod compile;
 pub mod gen;
 pub mod run;
+pub mod tune;
 
 use anyhow::{bail, Context, Result};
 use mixc_dsl::MixerSpec;
@@ -20,9 +22,11 @@ pub const SHAPE_KEYS: &[&str] = &["heads", "kv_heads", "head_dim", "value_dim"];
 /// Applies `key=value` shape overrides and re-checks the constraints the
 /// validator enforces on them (kv_heads divides heads, all at least 1).
 pub fn apply_shape_overrides(spec: &mut MixerSpec, items: &[String]) -> Result<()> {
-    // A spec without `value_dim` has d_v = d_k; keep that tie unless both are set.
-    let tied = spec.value_dim == spec.head_dim;
-    let mut value_dim_set = false;
+    // A spec without `value_dim` has d_v = d_k, one without `kv_heads` has one
+    // kv head per query head; keep those ties unless both sides are set.
+    let dims_tied = spec.value_dim == spec.head_dim;
+    let heads_tied = spec.kv_heads == spec.heads;
+    let (mut value_dim_set, mut kv_heads_set) = (false, false);
     for item in items {
         let (key, value) = item
             .split_once('=')
@@ -32,7 +36,10 @@ pub fn apply_shape_overrides(spec: &mut MixerSpec, items: &[String]) -> Result<(
         })?;
         match key.trim() {
             "heads" => spec.heads = value,
-            "kv_heads" => spec.kv_heads = value,
+            "kv_heads" => {
+                spec.kv_heads = value;
+                kv_heads_set = true;
+            }
             "head_dim" => spec.head_dim = value,
             "value_dim" => {
                 spec.value_dim = value;
@@ -44,8 +51,11 @@ pub fn apply_shape_overrides(spec: &mut MixerSpec, items: &[String]) -> Result<(
             ),
         }
     }
-    if tied && !value_dim_set {
+    if dims_tied && !value_dim_set {
         spec.value_dim = spec.head_dim;
+    }
+    if heads_tied && !kv_heads_set {
+        spec.kv_heads = spec.heads;
     }
     let (max_heads, max_dim) = (mixc_dsl::MAX_HEADS, mixc_dsl::MAX_HEAD_DIM);
     if u64::from(spec.heads.max(spec.kv_heads)) > max_heads {

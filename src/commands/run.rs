@@ -3,7 +3,7 @@ use anyhow::{bail, Context, Result};
 use mixc_dsl::{DType, MixerSpec};
 use mixc_runtime::cpu::{self, CpuConfig, Precision};
 use mixc_runtime::ring::Sharding;
-use mixc_runtime::{inputs, io, reference, MixerInputs, Tensor};
+use mixc_runtime::{inputs, io, reference, tune, MixerInputs, Tensor};
 use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,17 +45,28 @@ pub fn resolve_backend(backend: Backend, quiet: bool) -> Result<Resolved> {
     Ok(match backend {
         Backend::Reference => Resolved::Reference,
         Backend::Cpu => Resolved::Cpu,
-        // No CUDA launcher in this build yet: auto means the CPU backend.
-        Backend::Auto => {
-            if !quiet {
-                eprintln!("backend auto: no CUDA launcher available, using the CPU backend");
+        // auto: CUDA when a GPU is usable, else the CPU backend, saying which and why.
+        Backend::Auto => match mixc_runtime::cuda::probe() {
+            Ok(info) => {
+                if !quiet {
+                    eprintln!("backend auto: using CUDA on {}", info.describe());
+                }
+                Resolved::Cuda
             }
-            Resolved::Cpu
+            Err(e) => {
+                if !quiet {
+                    // The probe's reason without its advice, which is what auto does.
+                    let e = e.to_string();
+                    let why = e.split("; use --backend").next().unwrap_or(&e);
+                    eprintln!("backend auto: using the CPU backend ({why})");
+                }
+                Resolved::Cpu
+            }
+        },
+        Backend::Cuda => {
+            mixc_runtime::cuda::probe()?;
+            Resolved::Cuda
         }
-        Backend::Cuda => bail!(
-            "the CUDA backend cannot launch kernels in this build yet; \
-             use --backend cpu (kernels can be generated and compiled with `mixc gen` / NVRTC)"
-        ),
     })
 }
 
@@ -75,50 +86,121 @@ pub struct ExecOptions {
 /// (excluding input generation and checking) and the work done.
 pub struct Execution {
     pub output: Tensor<f32>,
+    /// Compute time: CPU wall clock, or GPU time of the launches (CUDA events).
     pub seconds: f64,
+    /// Wall time of the whole call (CUDA: compile or cache lookup, uploads, download).
+    pub wall_seconds: f64,
     /// Unmasked (query, key) pairs computed by each rank, where the backend counts them.
     pub pairs_per_rank: Option<Vec<u64>>,
+    /// The tile configuration used and where it came from (tuning cache or default).
+    pub config: String,
+    pub config_source: String,
 }
 
 /// Runs `spec` on `inputs` with the chosen backend; shared by `run`, `tune` and `bench`.
+/// The tile configuration comes from the tuning cache (`mixc tune`) when it
+/// holds an entry for this spec, shape bucket, dtype and device, else from
+/// the documented heuristic default; an unusable entry gives a warning.
 pub fn execute(spec: &MixerSpec, inputs: &MixerInputs, opts: &ExecOptions) -> Result<Execution> {
     if opts.ranks == 0 {
         bail!("--ranks must be at least 1");
     }
     let start = Instant::now();
-    let (output, pairs_per_rank) = match opts.backend {
+    let mut seconds = None;
+    let (output, pairs_per_rank, config, source) = match opts.backend {
         Resolved::Reference => {
             let out64 = reference::evaluate(spec, inputs)?;
             let out = Tensor::new(
                 out64.shape.clone(),
                 out64.data.iter().map(|&x| x as f32).collect(),
             );
-            (out, None)
+            (out, None, "f64 reference".to_string(), tune::Source::Default { note: None })
         }
         Resolved::Cpu => {
-            let cfg = cpu_config(spec, inputs, opts);
+            let (cfg, source) = cpu_config(spec, inputs, opts);
             let run = cpu::run(spec, inputs, &cfg)?;
-            (run.output.to_f32(), Some(run.stats.pairs_per_rank))
+            let desc = format!(
+                "block {}x{}, chunk {}, {} threads",
+                cfg.block_m, cfg.block_n, cfg.chunk, cfg.threads
+            );
+            (run.output.into_f32(), Some(run.stats.pairs_per_rank), desc, source)
         }
-        Resolved::Cuda => bail!("the CUDA backend cannot launch kernels in this build yet"),
+        Resolved::Cuda => {
+            let mut cfg = mixc_runtime::cuda::CudaOptions::default_for(spec);
+            cfg.ranks = opts.ranks;
+            cfg.dtype = opts.dtype;
+            if let Some(s) = opts.sharding {
+                cfg.sharding = s;
+            }
+            let source = match cuda_tuned_config(spec, inputs, opts.dtype) {
+                Some((kc, source)) => {
+                    cfg.config = Some(kc);
+                    source
+                }
+                None => tune::Source::Default { note: None },
+            };
+            let run = mixc_runtime::cuda::run(spec, inputs, &cfg)?;
+            seconds = Some(run.kernel_seconds);
+            (run.output, run.pairs_per_rank, run.config.describe(), source)
+        }
+    };
+    let wall_seconds = start.elapsed().as_secs_f64();
+    let config_source = match source {
+        tune::Source::Cached { path } => format!("tuned ({})", path.display()),
+        tune::Source::Default { note } => {
+            if let Some(note) = note {
+                eprintln!("warning: {note}");
+            }
+            "default".to_string()
+        }
     };
     Ok(Execution {
         output,
-        seconds: start.elapsed().as_secs_f64(),
+        seconds: seconds.unwrap_or(wall_seconds),
+        wall_seconds,
         pairs_per_rank,
+        config,
+        config_source,
     })
 }
 
-/// The CPU backend's configuration for a run: the heuristic default with the
-/// run's ranks and sharding.
-pub fn cpu_config(spec: &MixerSpec, inputs: &MixerInputs, opts: &ExecOptions) -> CpuConfig {
-    let mut cfg = CpuConfig::default_for(spec, inputs.seq);
+/// The CPU backend's configuration for a run: the tuned (or default) tiles
+/// with the run's ranks and sharding. All ranks share this one value.
+pub fn cpu_config(
+    spec: &MixerSpec,
+    inputs: &MixerInputs,
+    opts: &ExecOptions,
+) -> (CpuConfig, tune::Source) {
+    let cache = tune::TuneCache::from_env();
+    let choice = tune::cpu_config_in(cache.as_ref(), spec, inputs.batch, inputs.seq, opts.dtype);
+    let mut cfg = choice.config;
     cfg.ranks = opts.ranks;
     if let Some(s) = opts.sharding {
         cfg.sharding = s;
     }
     cfg.precision = Precision::F32;
-    cfg
+    (cfg, choice.source)
+}
+
+/// The tuned kernel configuration for GPU 0, if the device can be described;
+/// otherwise the launcher's default (`None`).
+fn cuda_tuned_config(
+    spec: &MixerSpec,
+    inputs: &MixerInputs,
+    dtype: DType,
+) -> Option<(mixc_codegen::KernelConfig, tune::Source)> {
+    let device = tune::DeviceInfo::cuda(0).ok()?;
+    let cc = device.compute_capability?;
+    let arch = mixc_runtime::cuda::arch_for((cc as i32 / 10, cc as i32 % 10)).ok()?;
+    let target = mixc_codegen::Target::new(arch, dtype);
+    Some(tune::cuda_config_in(
+        tune::TuneCache::from_env().as_ref(),
+        spec,
+        &target,
+        inputs.batch,
+        inputs.seq,
+        device,
+    ))
 }
 
 #[derive(clap::Args)]
@@ -150,7 +232,8 @@ pub struct Args {
     /// Write the output `o` ([batch, seq, heads, value_dim], f32) and the inputs to a safetensors file.
     #[arg(long)]
     save: Option<PathBuf>,
-    /// Ranks of the ring (CPU worker threads), each owning a shard of the sequence.
+    /// Ranks of the ring, each owning a shard of the sequence (CPU: worker
+    /// threads; CUDA: virtual ranks dealt round-robin onto the visible GPUs).
     #[arg(long, default_value_t = 1)]
     ranks: usize,
     /// How the sequence is sharded over ranks (default: zigzag for causal masks).
@@ -166,16 +249,7 @@ pub struct Args {
     json: bool,
 }
 
-/// Relative tolerance of `--check` (max |err| / max |ref|) for a backend
-/// computing with `compute` inputs: f32 accumulation throughout, but f16/bf16
-/// round the probabilities before the P·V product on tensor cores.
-pub fn check_tolerance(compute: DType) -> f64 {
-    match compute {
-        DType::F32 => 2e-4,
-        DType::F16 => 2e-3,
-        DType::Bf16 => 1e-2,
-    }
-}
+pub use mixc_runtime::reference::check_tolerance;
 
 /// Above this many query rows, `--check` compares a sample of rows.
 const CHECK_FULL_ROWS: usize = 2048;
@@ -195,7 +269,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
                 bail!("--seq and --batch must be at least 1");
             }
             let mut inputs = inputs::random_inputs(&spec, args.batch, seq, args.seed);
-            round_inputs(&mut inputs, dtype);
+            inputs::round_to_dtype(&mut inputs, dtype);
             inputs
         }
     };
@@ -252,6 +326,9 @@ pub fn main(args: Args) -> Result<ExitCode> {
         "value_dim": spec.value_dim,
         "ranks": opts.ranks,
         "seconds": seconds,
+        "wall_seconds": run.wall_seconds,
+        "config": run.config,
+        "config_source": run.config_source,
         "tokens_per_s": tokens / seconds,
         "tflops": run.pairs_per_rank.as_ref().map(|p| {
             p.iter().sum::<u64>() as f64 * report::flops_per_pair(&spec) / seconds / 1e12
@@ -277,6 +354,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
             seconds,
             tokens / seconds
         );
+        println!("config: {} ({})", run.config, run.config_source);
         if let Some(e) = max_rel_error {
             println!("check: max relative error {e:.3e} vs f64 reference (tolerance {tolerance:.0e})");
         }
@@ -330,18 +408,6 @@ pub fn check_against_reference(
     } else {
         max_err
     })
-}
-
-/// Rounds q, k, v to the storage type so all backends see identical values.
-pub fn round_inputs(inputs: &mut MixerInputs, dtype: DType) {
-    let round: fn(f32) -> f32 = match dtype {
-        DType::F32 => return,
-        DType::F16 => |x| half::f16::from_f32(x).to_f32(),
-        DType::Bf16 => |x| half::bf16::from_f32(x).to_f32(),
-    };
-    for t in [&mut inputs.q, &mut inputs.k, &mut inputs.v] {
-        t.data.iter_mut().for_each(|x| *x = round(*x));
-    }
 }
 
 pub fn input_bytes(inputs: &MixerInputs) -> usize {

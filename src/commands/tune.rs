@@ -4,14 +4,14 @@
 
 use anyhow::{anyhow, bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use mixc_codegen::{Arch, Target};
+use mixc_codegen::Target;
 use mixc_dsl::ir::DType;
 use mixc_dsl::MixerSpec;
 use mixc_runtime::compile_cache::CompileCache;
 use mixc_runtime::cpu::CpuConfig;
 use mixc_runtime::tune::cache::{Loaded, TuneEntry};
 use mixc_runtime::tune::{
-    self, prune, space, Candidate, CpuTimer, CpuTimerOptions, DeviceInfo, Outcome, Progress, Timer,
+    self, prune, space, Candidate, CpuTimer, CpuTimerOptions, CudaTimer, DeviceInfo, Outcome, Progress, Timer,
     TuneCache, TuneKey, TuneOptions,
 };
 use serde_json::json;
@@ -136,11 +136,8 @@ pub fn main(args: Args) -> Result<ExitCode> {
         }
         Backend::Cuda => {
             let cc = device.compute_capability.unwrap_or(0);
-            let arch = match cc {
-                90.. => Arch::Sm90,
-                80..=89 => Arch::Sm80,
-                _ => bail!("GPU compute capability {cc}: mixc kernels need sm_80 or newer"),
-            };
+            // The launcher's own mapping, so the tuned kernel is the one `run` loads.
+            let arch = mixc_runtime::cuda::arch_for((cc as i32 / 10, cc as i32 % 10))?;
             let target = Target::new(arch, dtype);
             let space = space::cuda_candidates(&spec, &target);
             let report =
@@ -153,7 +150,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
                     report.summary()
                 );
             }
-            let timer = cuda_timer(&spec, &target, args.batch, args.seq)?;
+            let timer = cuda_timer(&spec, dtype, &args)?;
             (
                 report.kept_candidates(),
                 report.pruned_with_reasons(),
@@ -173,7 +170,11 @@ pub fn main(args: Args) -> Result<ExitCode> {
     );
     let opts = TuneOptions {
         budget: Some(Duration::from_secs_f64(args.budget)),
-        ..TuneOptions::default()
+        // The CPU backend computes in f32 whatever the storage type; kernels in `dtype`.
+        tolerance: mixc_runtime::reference::check_tolerance(match args.backend {
+            Backend::Cpu => DType::F32,
+            Backend::Cuda => dtype,
+        }),
     };
     let report = tune::run_tuning(
         candidates,
@@ -269,19 +270,17 @@ pub fn main(args: Args) -> Result<ExitCode> {
 /// (with reasons), and its timer.
 type Prepared = (Vec<Candidate>, Vec<(Candidate, String)>, Box<dyn Timer>);
 
-/// The CUDA-events timer. The CUDA launcher is not part of this build yet,
-/// so tuning on CUDA stops here with a clear message (after pruning, which
-/// needs no GPU).
-fn cuda_timer(
-    _spec: &MixerSpec,
-    _target: &Target,
-    _batch: usize,
-    _seq: usize,
-) -> Result<Box<dyn Timer>> {
-    bail!(
-        "the CUDA backend is not available in this build (no CUDA launcher to time kernels); \
-         `--backend cpu` tunes the CPU backend"
-    )
+/// The CUDA-events timer on GPU 0, with the same warm-up, repetitions and
+/// input seed as the CPU timer.
+fn cuda_timer(spec: &MixerSpec, dtype: DType, args: &Args) -> Result<Box<dyn Timer>> {
+    let opts = CpuTimerOptions {
+        reps: args.reps,
+        seed: args.seed,
+        ..CpuTimerOptions::default()
+    };
+    Ok(Box::new(CudaTimer::new(
+        spec, dtype, args.batch, args.seq, opts,
+    )?))
 }
 
 fn outcome_text(o: &Outcome) -> String {

@@ -25,7 +25,7 @@ pub mod timing;
 
 pub use cache::{DeviceInfo, TuneCache, TuneEntry, TuneKey};
 pub use lookup::{cpu_config_for, cpu_config_in, cuda_config_in, CpuChoice, Source};
-pub use timing::{CpuTimer, CpuTimerOptions, Timer};
+pub use timing::{CpuTimer, CpuTimerOptions, CudaTimer, Timer};
 
 use crate::cpu::CpuConfig;
 use mixc_codegen::KernelConfig;

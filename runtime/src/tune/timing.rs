@@ -150,34 +150,7 @@ impl Timer for CpuTimer {
     fn check(&mut self, cand: &Candidate) -> Result<f64> {
         let cfg = self.config(cand)?;
         let out = cpu::run(&self.spec, &self.inputs[0], &cfg)?.output.to_f64();
-        let [batch, seq, heads, dv] = out.shape[..] else {
-            return Err(RuntimeError::Invalid(format!(
-                "CPU output has shape {:?}, expected 4 axes",
-                out.shape
-            )));
-        };
-        let width = heads * dv;
-        let (mut max_err, mut max_ref) = (0f64, 0f64);
-        for b in 0..batch {
-            for (ri, &row) in self.rows.iter().enumerate() {
-                let got = &out.data[(b * seq + row) * width..][..width];
-                let want = &self.reference.data[(b * self.rows.len() + ri) * width..][..width];
-                for (g, w) in got.iter().zip(want) {
-                    // NaN propagates through max(), so compare explicitly.
-                    let e = (g - w).abs();
-                    if e.is_nan() {
-                        return Ok(f64::NAN);
-                    }
-                    max_err = max_err.max(e);
-                    max_ref = max_ref.max(w.abs());
-                }
-            }
-        }
-        Ok(if max_ref > 0.0 {
-            max_err / max_ref
-        } else {
-            max_err
-        })
+        Ok(rows_error(&out, &self.reference, &self.rows))
     }
 
     fn time(&mut self, cand: &Candidate) -> Result<Sample> {
@@ -189,6 +162,121 @@ impl Timer for CpuTimer {
         for _ in 0..self.opts.reps {
             times.push(self.run_once(&cfg)?);
         }
+        Sample::from_times(&times)
+            .ok_or_else(|| RuntimeError::Invalid("no timed repetitions".into()))
+    }
+}
+
+/// Max |out - ref| / max |ref| over the sampled `rows` (the reference holds
+/// only those rows); NaN anywhere gives NaN, so a broken kernel never wins.
+fn rows_error(out: &Tensor<f64>, reference: &Tensor<f64>, rows: &[usize]) -> f64 {
+    let [batch, seq, heads, dv] = out.shape[..] else {
+        return f64::NAN;
+    };
+    let width = heads * dv;
+    let (mut max_err, mut max_ref) = (0f64, 0f64);
+    for b in 0..batch {
+        for (ri, &row) in rows.iter().enumerate() {
+            let got = &out.data[(b * seq + row) * width..][..width];
+            let want = &reference.data[(b * rows.len() + ri) * width..][..width];
+            for (g, w) in got.iter().zip(want) {
+                // NaN propagates through max(), so compare explicitly.
+                let e = (g - w).abs();
+                if e.is_nan() {
+                    return f64::NAN;
+                }
+                max_err = max_err.max(e);
+                max_ref = max_ref.max(w.abs());
+            }
+        }
+    }
+    if max_ref > 0.0 {
+        max_err / max_ref
+    } else {
+        max_err
+    }
+}
+
+/// Times kernel configurations on GPU 0 with CUDA events
+/// ([`crate::cuda::time_config`]): warm-up, then `reps` launches cycling
+/// through several input sets uploaded once, so no repetition finds the
+/// previous one's data in L2. Each candidate first runs once through the
+/// full launcher ([`crate::cuda::run_with_config`]) and is compared with the
+/// f64 reference on sampled rows.
+pub struct CudaTimer {
+    spec: MixerSpec,
+    dtype: mixc_dsl::ir::DType,
+    inputs: Vec<MixerInputs>,
+    rows: Vec<usize>,
+    reference: Tensor<f64>,
+    opts: CpuTimerOptions,
+}
+
+impl CudaTimer {
+    pub fn new(
+        spec: &MixerSpec,
+        dtype: mixc_dsl::ir::DType,
+        batch: usize,
+        seq: usize,
+        opts: CpuTimerOptions,
+    ) -> Result<Self> {
+        if batch == 0 || seq == 0 || opts.reps == 0 {
+            return Err(RuntimeError::Invalid(
+                "tuning needs batch, seq and reps of at least 1".into(),
+            ));
+        }
+        // GPU memory is larger than L2 by far: a few sets suffice to defeat it.
+        let sets = opts.rotations.max(2);
+        let mut inputs = Vec::with_capacity(sets);
+        for r in 0..sets {
+            let mut i = random_inputs(spec, batch, seq, opts.seed.wrapping_add(r as u64));
+            crate::inputs::round_to_dtype(&mut i, dtype);
+            inputs.push(i);
+        }
+        let rows = sample_rows(seq, opts.check_rows);
+        let reference = reference::evaluate_rows(spec, &inputs[0], &rows)?;
+        Ok(CudaTimer {
+            spec: spec.clone(),
+            dtype,
+            inputs,
+            rows,
+            reference,
+            opts,
+        })
+    }
+
+    fn config<'a>(&self, cand: &'a Candidate) -> Result<&'a mixc_codegen::KernelConfig> {
+        match &cand.config {
+            TunedConfig::Cuda(c) => Ok(c),
+            TunedConfig::Cpu(_) => Err(RuntimeError::Invalid(format!(
+                "candidate `{}` is a CPU configuration; the CUDA timer runs kernel ones",
+                cand.label
+            ))),
+        }
+    }
+}
+
+impl Timer for CudaTimer {
+    fn check(&mut self, cand: &Candidate) -> Result<f64> {
+        let mut opts = crate::cuda::CudaOptions::default_for(&self.spec);
+        opts.dtype = self.dtype;
+        opts.config = Some(self.config(cand)?.clone());
+        let out = crate::cuda::run_with_config(&self.spec, &self.inputs[0], &opts)?.output;
+        let out = Tensor::new(out.shape, out.data.iter().map(|&x| x as f64).collect());
+        Ok(rows_error(&out, &self.reference, &self.rows))
+    }
+
+    fn time(&mut self, cand: &Candidate) -> Result<Sample> {
+        let cfg = self.config(cand)?.clone();
+        let secs = crate::cuda::time_config(
+            &self.spec,
+            &self.inputs,
+            self.dtype,
+            &cfg,
+            self.opts.warmup.max(1),
+            self.opts.reps,
+        )?;
+        let times: Vec<Duration> = secs.iter().map(|&s| Duration::from_secs_f64(s)).collect();
         Sample::from_times(&times)
             .ok_or_else(|| RuntimeError::Invalid("no timed repetitions".into()))
     }
