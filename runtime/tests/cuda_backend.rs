@@ -275,16 +275,15 @@ fn helper_kernels_compile_with_nvrtc() {
         let m = nvrtc::compile("mixc_merge_lse", cuda::helper_kernels_source(), arch)
             .unwrap_or_else(|e| panic!("{arch}: {e}"));
         assert!(!m.cubin.is_empty());
-        for f in [
-            "mixc_merge_lse_f32",
-            "mixc_merge_lse_f16",
-            "mixc_merge_lse_bf16",
-            "mixc_fill_neg_inf",
-        ] {
-            let r = m
-                .resources_of(f)
-                .unwrap_or_else(|| panic!("{arch}: no `{f}` in the ptxas report:\n{}", m.log));
-            assert_eq!(r.spill_stores, 0, "{arch} {f}");
+        // Exactly the names the backend loads, for every storage type.
+        for dtype in [DType::F32, DType::F16, DType::Bf16] {
+            for f in cuda::helper_kernel_names(dtype) {
+                let r = m
+                    .resources_of(&f)
+                    .unwrap_or_else(|| panic!("{arch}: no `{f}` in the ptxas report:\n{}", m.log));
+                assert_eq!(r.spill_stores, 0, "{arch} {f}");
+                assert_eq!(r.stack_frame, 0, "{arch} {f}: local-memory stack frame");
+            }
         }
     }
 }
@@ -384,5 +383,54 @@ fn ranks_and_sharding_agree() {
             .zip(&base.data)
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(d / scale < 1e-5, "R {ranks} {sharding:?}: {d}");
+    }
+}
+
+/// What `Gpu::opt_in_smem` checks before the first launch, on the cubins the
+/// backend compiles for every example (default configuration, the spec's
+/// dtype, both archs): static + dynamic shared memory within the arch's
+/// opt-in limit (H100: 227 KB, A100: 163 KB) and a legal block size. A
+/// kernel that fails this would fail on its first launch on that GPU.
+#[test]
+fn example_kernels_fit_the_launch_limits() {
+    if let Err(e) = nvrtc::nvrtc_info() {
+        panic!("this test compiles with NVRTC, which is not available: {e}");
+    }
+    for name in EXAMPLES {
+        let spec = example(name);
+        for arch in mixc_codegen::Arch::ALL {
+            let target = mixc_codegen::Target::new(arch, spec.dtype);
+            let g = mixc_codegen::generate_default(&spec, &target)
+                .unwrap_or_else(|e| panic!("{name} {arch}: {e}"));
+            let m = nvrtc::compile_generated(&g).unwrap_or_else(|e| panic!("{name} {arch}: {e}"));
+            let limit = match arch {
+                mixc_codegen::Arch::Sm90 => 227 * 1024,
+                _ => 163 * 1024,
+            };
+            for k in &g.kernels {
+                let r = m
+                    .resources_of(&k.name)
+                    .unwrap_or_else(|| panic!("{name} {arch}: no `{}` in the report", k.name));
+                let total = r.smem_bytes + k.dynamic_smem_bytes;
+                assert!(
+                    total <= limit,
+                    "{name} {arch}: {} static + {} dynamic bytes of shared memory > {limit}",
+                    r.smem_bytes,
+                    k.dynamic_smem_bytes
+                );
+                assert!(
+                    (32..=1024).contains(&k.threads_per_block) && k.threads_per_block % 32 == 0,
+                    "{name} {arch}: {} threads per block",
+                    k.threads_per_block
+                );
+                // 64K registers per SM: the block must fit one SM.
+                assert!(
+                    r.registers * k.threads_per_block <= 65_536,
+                    "{name} {arch}: {} registers x {} threads",
+                    r.registers,
+                    k.threads_per_block
+                );
+            }
+        }
     }
 }

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use mixc_codegen::{KernelParam, ParamRole};
+use mixc_codegen::{GridDim, KernelInfo, KernelParam, ParamRole};
 
 use super::plan::PairLaunch;
 use crate::error::{Result, RuntimeError};
@@ -158,6 +158,193 @@ pub fn chunkwise_bindings(c: &ChunkBuffers, rows: usize) -> Bindings {
     b
 }
 
+/// Which loaded function a [`HostLaunch`] runs: the generated kernel, or one
+/// of the backend's helpers (`mixc_merge_lse_<dtype>`, `mixc_fill_neg_inf`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelId {
+    Main,
+    Merge,
+    FillNegInf,
+}
+
+/// Threads per block of the helper kernels (grid-stride loops).
+pub const HELPER_THREADS: u32 = 256;
+
+/// One launch, fully decided on the host: the GPU path hands it to the driver
+/// and the host twin (tests) executes it on emulated memory, so both run the
+/// same grid and the same argument values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostLaunch {
+    pub kernel: KernelId,
+    pub grid: (u32, u32, u32),
+    pub threads: u32,
+    pub smem: u32,
+    pub args: Vec<ArgValue>,
+}
+
+/// The generated kernel's grid for a launch computing `rows` query rows
+/// (the launch's own rows, never the whole sequence). Errors beyond the
+/// hardware's limits (x < 2^31, y and z <= 65535) instead of failing at launch.
+pub fn grid(info: &KernelInfo, batch: usize, rows: usize, heads: usize) -> Result<(u32, u32, u32)> {
+    let too_big = |what: &str, n: usize| {
+        RuntimeError::Invalid(format!(
+            "CUDA launcher: {what} = {n} is beyond one launch of `{}`; use --backend cpu",
+            info.name
+        ))
+    };
+    let b = u32::try_from(batch).map_err(|_| too_big("batch", batch))?;
+    let r = u32::try_from(rows).map_err(|_| too_big("rows", rows))?;
+    let h = u32::try_from(heads).map_err(|_| too_big("heads", heads))?;
+    let e = |d: &GridDim| d.eval(b, r, h);
+    let g = (e(&info.grid[0]), e(&info.grid[1]), e(&info.grid[2]));
+    if g.0 > i32::MAX as u32 || g.1 > 65_535 || g.2 > 65_535 {
+        return Err(RuntimeError::Invalid(format!(
+            "CUDA launcher: grid {g:?} of `{}` exceeds the launch limits (x < 2^31, y and z at \
+             most 65535); lower --batch or use --backend cpu",
+            info.name
+        )));
+    }
+    Ok(g)
+}
+
+/// Blocks of [`HELPER_THREADS`] threads for a grid-stride loop over `n` items.
+pub fn helper_blocks(n: usize) -> u32 {
+    n.div_ceil(HELPER_THREADS as usize).clamp(1, 1 << 16) as u32
+}
+
+fn int32(name: &str, v: usize) -> Result<ArgValue> {
+    i32::try_from(v).map(ArgValue::Int).map_err(|_| {
+        RuntimeError::Invalid(format!(
+            "CUDA launcher: helper argument `{name}` = {v} does not fit a 32-bit int"
+        ))
+    })
+}
+
+/// `mixc_fill_neg_inf(p, n)`: the log-sum-exp accumulator's reset.
+pub fn fill_neg_inf_launch(p: u64, n: usize) -> Result<HostLaunch> {
+    Ok(HostLaunch {
+        kernel: KernelId::FillNegInf,
+        grid: (helper_blocks(n), 1, 1),
+        threads: HELPER_THREADS,
+        smem: 0,
+        args: vec![ArgValue::Ptr(p), int32("n", n)?],
+    })
+}
+
+/// Device buffers of one softmax rank: its queries, the key/value shard it
+/// holds, the partial one launch writes (storage-type `o`, f32 `lse`) and the
+/// f32 accumulator the merge kernel folds partials into.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SoftmaxBuffers {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub part_o: u64,
+    pub part_lse: u64,
+    pub acc_o: u64,
+    pub acc_lse: u64,
+}
+
+/// Sizes of one pairwise launch: `q_rows` rows in the rank's query (or
+/// accumulator) buffer, `kv_rows` rows in the held shard; `seq_len` is what
+/// the kernel's `seq_len` gets (the global length for softmax, the filter
+/// length for convolution).
+#[derive(Debug, Clone, Copy)]
+pub struct PairShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub value_dim: usize,
+    pub q_rows: usize,
+    pub kv_rows: usize,
+    pub seq_len: usize,
+}
+
+/// The two launches of one softmax (query range, key range) pair: the kernel
+/// writing the partial over the launch's rows, then the merge of exactly those
+/// rows into the accumulator.
+pub fn softmax_pair(
+    info: &KernelInfo,
+    inputs: &BTreeMap<String, u64>,
+    bufs: &SoftmaxBuffers,
+    l: &PairLaunch,
+    s: &PairShape,
+) -> Result<[HostLaunch; 2]> {
+    let bind = softmax_bindings(
+        inputs,
+        (bufs.q, bufs.k, bufs.v, bufs.part_o, bufs.part_lse),
+        l,
+        s.q_rows,
+        s.kv_rows,
+        s.seq_len,
+    );
+    let rows = l.q_end - l.q_begin;
+    let main = HostLaunch {
+        kernel: KernelId::Main,
+        grid: grid(info, s.batch, rows, s.heads)?,
+        threads: info.threads_per_block,
+        smem: info.dynamic_smem_bytes,
+        args: build_args(&info.name, &info.params, &bind)?,
+    };
+    // Signature of `mixc_merge_lse_*` in exec.rs's helper source.
+    let merge = HostLaunch {
+        kernel: KernelId::Merge,
+        grid: (helper_blocks(s.batch * s.heads * rows), 1, 1),
+        threads: HELPER_THREADS,
+        smem: 0,
+        args: vec![
+            ArgValue::Ptr(bufs.acc_o),
+            ArgValue::Ptr(bufs.acc_lse),
+            ArgValue::Ptr(bufs.part_o),
+            ArgValue::Ptr(bufs.part_lse),
+            int32("batch", s.batch)?,
+            int32("rows", s.q_rows)?,
+            int32("heads", s.heads)?,
+            int32("dv", s.value_dim)?,
+            int32("row_begin", l.q_begin)?,
+            int32("row_end", l.q_end)?,
+        ],
+    };
+    Ok([main, merge])
+}
+
+/// The convolution launch of one (query range, key range) pair, adding into
+/// the query range's own f32 accumulator `o_acc` (`s.q_rows` = the range's length).
+pub fn conv_pair(
+    info: &KernelInfo,
+    inputs: &BTreeMap<String, u64>,
+    v: u64,
+    o_acc: u64,
+    l: &PairLaunch,
+    s: &PairShape,
+) -> Result<HostLaunch> {
+    let bind = conv_bindings(inputs, v, o_acc, l, s.kv_rows, s.seq_len);
+    Ok(HostLaunch {
+        kernel: KernelId::Main,
+        grid: grid(info, s.batch, l.q.len(), s.heads)?,
+        threads: info.threads_per_block,
+        smem: info.dynamic_smem_bytes,
+        args: build_args(&info.name, &info.params, &bind)?,
+    })
+}
+
+/// The chunkwise launch over one range of `rows` positions.
+pub fn chunk_launch(
+    info: &KernelInfo,
+    c: &ChunkBuffers,
+    rows: usize,
+    batch: usize,
+    heads: usize,
+) -> Result<HostLaunch> {
+    let bind = chunkwise_bindings(c, rows);
+    Ok(HostLaunch {
+        kernel: KernelId::Main,
+        grid: grid(info, batch, rows, heads)?,
+        threads: info.threads_per_block,
+        smem: info.dynamic_smem_bytes,
+        args: build_args(&info.name, &info.params, &bind)?,
+    })
+}
+
 /// The argument list of `kernel` in signature order. Errors on a parameter
 /// with no binding, a pointer parameter bound to a scalar or the reverse,
 /// and an `int` that does not fit 32 bits.
@@ -278,6 +465,28 @@ mod tests {
             }
         }
         assert!(n >= 14 * 6, "{n} kernels checked");
+    }
+
+    #[test]
+    fn launch_shapes_and_limits() {
+        assert_eq!(helper_blocks(0), 1);
+        assert_eq!(helper_blocks(1), 1);
+        assert_eq!(helper_blocks(257), 2);
+        assert_eq!(helper_blocks(usize::MAX / 2), 1 << 16);
+        let s = spec(
+            "mixer t { heads = 4; head_dim = 64; dtype = bf16; score = dot(q, k); \
+             mask = causal; norm = softmax; }",
+        );
+        let g = generate_default(&s, &Target::new(Arch::Sm90, DType::Bf16)).unwrap();
+        let info = &g.kernels[0];
+        let bm = g.config.block_m as usize;
+        // The grid covers the launch's rows (not the sequence): x = ceil(rows / block_m).
+        assert_eq!(grid(info, 2, 3 * bm + 1, 4).unwrap(), (4, 4, 2));
+        assert_eq!(grid(info, 2, 0, 4).unwrap().0, 0);
+        let e = grid(info, 70_000, bm, 4).unwrap_err().to_string();
+        assert!(e.contains("65535"), "{e}");
+        assert!(grid(info, 1, 1usize << 40, 4).is_err());
+        assert!(fill_neg_inf_launch(8, 1usize << 33).is_err());
     }
 
     fn spec(src: &str) -> mixc_dsl::ir::MixerSpec {

@@ -121,10 +121,10 @@ pub(crate) struct Gpu {
 
 impl Gpu {
     pub fn open(ordinal: usize) -> Result<Gpu> {
-        let ctx =
-            CudaContext::new(ordinal).map_err(|e| drv(&format!("opening GPU {ordinal}"), e))?;
-        // Explicit synchronisation (see the module comment).
-        unsafe { ctx.disable_event_tracking() };
+        // The process-wide context (event tracking already off): a context
+        // made per run would be torn down and rebuilt, with its modules and
+        // peer mappings, on every run of the autotuner.
+        let ctx = context(ordinal).map_err(|e| drv(&format!("opening GPU {ordinal}"), e))?;
         let cc = ctx
             .compute_capability()
             .map_err(|e| drv("reading the compute capability", e))?;
@@ -171,23 +171,53 @@ impl Gpu {
             .collect()
     }
 
-    /// Opts `f` into `bytes` of dynamic shared memory when above the 48 KB default.
+    /// Readies `f` for launches described by `info`: sets
+    /// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` to the launch's
+    /// dynamic size (always, not only above 48 KB: the 48 KB default limit
+    /// counts the kernel's static `__shared__` arrays too), and checks the
+    /// block size and the static + dynamic total against what the compiled
+    /// function and the GPU allow, so a misfit is a clear error, not a
+    /// launch failure deep in a ring.
     pub fn opt_in_smem(&self, f: &CudaFunction, info: &KernelInfo) -> Result<()> {
-        if !info.needs_smem_opt_in {
-            return Ok(());
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| drv("binding the context", e))?;
+        let func_attr = |a: sys::CUfunction_attribute| -> Result<i64> {
+            let mut v = 0i32;
+            unsafe { sys::cuFuncGetAttribute(&mut v, a, f.cu_function()) }
+                .result()
+                .map_err(|e| drv("reading a kernel attribute", e))?;
+            Ok(i64::from(v))
+        };
+        let max_threads =
+            func_attr(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)?;
+        if i64::from(info.threads_per_block) > max_threads {
+            return Err(RuntimeError::Invalid(format!(
+                "CUDA: kernel `{}` is launched with {} threads per block but its compiled \
+                 form allows {max_threads} (registers); pick another tile configuration or use \
+                 --backend cpu",
+                info.name, info.threads_per_block
+            )));
         }
+        let static_smem =
+            func_attr(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
         let max = self
             .ctx
             .attribute(
                 sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             )
             .map_err(|e| drv("reading the shared-memory limit", e))?;
-        if info.dynamic_smem_bytes as i64 > max as i64 {
+        let total = i64::from(info.dynamic_smem_bytes) + static_smem;
+        if total > i64::from(max) {
             return Err(RuntimeError::Invalid(format!(
-                "CUDA: kernel `{}` needs {} bytes of shared memory per block, GPU {} ({}) allows \
-                 {max}; pick a smaller tile configuration or use --backend cpu",
+                "CUDA: kernel `{}` needs {} bytes of dynamic + {static_smem} bytes of static \
+                 shared memory per block, GPU {} ({}) allows {max}; pick a smaller tile \
+                 configuration or use --backend cpu",
                 info.name, info.dynamic_smem_bytes, self.ordinal, self.name
             )));
+        }
+        if info.dynamic_smem_bytes == 0 {
+            return Ok(());
         }
         f.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

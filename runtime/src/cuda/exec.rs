@@ -21,17 +21,17 @@ use std::ops::Range;
 use std::time::Instant;
 
 use cudarc::driver::{CudaEvent, CudaFunction, CudaSlice};
-use mixc_codegen::plan::Tiling;
 use mixc_codegen::{generate, Arch, GeneratedKernel, KernelConfig, KernelInfo, ParamRole, Target};
 use mixc_dsl::ir::{DType, Decay, Family, MixerSpec, Norm};
 
 use super::args::{
-    build_args, chunkwise_bindings, conv_bindings, softmax_bindings, ArgValue, ChunkBuffers,
+    chunk_launch, conv_pair, fill_neg_inf_launch, softmax_pair, ChunkBuffers, HostLaunch, KernelId,
+    PairShape, SoftmaxBuffers,
 };
 use super::device::{decode, elem_bytes, enable_peer_access, encode, encode_i32, ptr, Gpu};
 use super::plan::{
-    check_int_sizes, device_of, gather_rows, pair_launches, scatter_rows, segment_summaries,
-    PairLaunch,
+    check_int_sizes, device_of, gather_rows, held_slot, pair_launches, ring_fill_slot,
+    scatter_rows, segment_summaries, tiling_of, PairLaunch,
 };
 use super::{probe, CudaOptions, CudaRun};
 use crate::error::{Result, RuntimeError};
@@ -178,14 +178,14 @@ impl Backend {
         } else {
             None
         };
-        let merge_name = format!("mixc_merge_lse_{}", dtype.name());
+        let [merge_name, fill_name] = super::helper_kernel_names(dtype);
         for g in &mut gpus {
             g.kernels = g.load(&module.cubin, &names)?;
             for (f, info) in g.kernels.iter().zip(&generated.kernels) {
                 g.opt_in_smem(f, info)?;
             }
             if let Some(aux) = &aux {
-                let mut fs = g.load(&aux.cubin, &[&merge_name, "mixc_fill_neg_inf"])?;
+                let mut fs = g.load(&aux.cubin, &[&merge_name, &fill_name])?;
                 g.fill = fs.pop();
                 g.merge = fs.pop();
             }
@@ -243,7 +243,7 @@ impl Backend {
                     name: name.clone(),
                     problem: "missing".into(),
                 })?;
-            let as_int = p.c_type.contains("int");
+            let as_int = input_is_int(&p.name, &p.c_type)?;
             out.insert(name.clone(), g.upload(&extra_bytes(t, as_int, None))?);
         }
         Ok(out)
@@ -259,10 +259,7 @@ impl Backend {
         let with_k = self.has_role(&ParamRole::K);
         let ranks = sched.ranks;
         let cfg = self.generated.config;
-        let tiling = Tiling {
-            block_m: cfg.block_m.max(1) as usize,
-            block_n: cfg.block_n.max(1) as usize,
-        };
+        let tiling = tiling_of(&cfg);
         let segs = segment_summaries(spec, inputs, tiling);
         let max_rows = (0..ranks).map(|r| sched.shard_len(r)).max().unwrap_or(0);
         let kv_row_bytes = kvh * (if with_k { dk } else { 0 } + dv) * e;
@@ -493,11 +490,20 @@ impl Backend {
 
     /// Enqueues every launch of one run of `job`; repeatable.
     fn enqueue(&self, job: &mut Job) -> Result<()> {
-        // Start from a state where each GPU's two streams agree, so buffers
-        // the previous run read on one stream are not overwritten on the other.
+        // Start from a point every stream of every GPU agrees on: uploads and
+        // clears (compute streams) precede the first ring copies, and a
+        // repeated run (the autotuner) overwrites no buffer the previous run
+        // still reads, including shards a neighbour GPU's copy stream reads.
+        let marks = self
+            .gpus
+            .iter()
+            .map(|g| Ok([Gpu::mark(&g.compute)?, Gpu::mark(&g.copy)?]))
+            .collect::<Result<Vec<_>>>()?;
         for g in &self.gpus {
-            Gpu::wait(&g.copy, &Gpu::mark(&g.compute)?)?;
-            Gpu::wait(&g.compute, &Gpu::mark(&g.copy)?)?;
+            for e in marks.iter().flatten() {
+                Gpu::wait(&g.compute, e)?;
+                Gpu::wait(&g.copy, e)?;
+            }
         }
         match job {
             Job::Pairwise(j) => self.enqueue_pairwise(j)?,
@@ -529,15 +535,7 @@ impl Backend {
                     g.compute
                         .memset_zeros(o)
                         .map_err(|e| super::device::drv("clearing the accumulator", e))?;
-                    let n = b * h * rb.nq;
-                    let fill = aux(&g.fill)?;
-                    g.launch(
-                        fill,
-                        (blocks(n), 1, 1),
-                        256,
-                        0,
-                        &[ArgValue::Ptr(ptr(lse)), ArgValue::Int(n as i32)],
-                    )?;
+                    self.run_launch(g, &fill_neg_inf_launch(ptr(lse), b * h * rb.nq)?)?;
                 }
                 Acc::Conv { o } => {
                     for x in o {
@@ -567,7 +565,7 @@ impl Backend {
                     {
                         Gpu::wait(copy, e)?;
                     }
-                    let slot = (step + 1) % 2;
+                    let slot = ring_fill_slot(step);
                     let kb = j.batch * rows * j.kv_row_bytes_k;
                     let vb = j.batch * rows * j.kv_row_bytes_v;
                     let (src, dst_shard) = two_shards(&mut j.ranks, r, step, dst, slot)?;
@@ -586,10 +584,9 @@ impl Backend {
                 if let Some(e) = &ready[r] {
                     Gpu::wait(&g.compute, e)?;
                 }
-                let held = if step == 0 {
-                    &rb.home
-                } else {
-                    &rb.ring[step % 2]
+                let held = match held_slot(step) {
+                    None => &rb.home,
+                    Some(s) => &rb.ring[s],
                 };
                 let kv_rows = j.sched.shard_len(j.sched.held_at(r, step));
                 for l in &j.launches[r][step] {
@@ -620,7 +617,14 @@ impl Backend {
             .map(|(n, buf)| (n.clone(), ptr(buf)))
             .collect();
         let k = held.k.as_ref().map_or(0, ptr);
-        let f = &g.kernels[0];
+        let shape = PairShape {
+            batch: b,
+            heads: h,
+            value_dim: dv,
+            q_rows: rb.nq,
+            kv_rows,
+            seq_len: j.seq,
+        };
         match &rb.acc {
             Acc::Softmax {
                 q,
@@ -629,52 +633,40 @@ impl Backend {
                 part_o,
                 part_lse,
             } => {
-                let bufs = (ptr(q), k, ptr(&held.v), ptr(part_o), ptr(part_lse));
-                let bind = softmax_bindings(&inputs, bufs, l, rb.nq, kv_rows, j.seq);
-                let args = build_args(&info.name, &info.params, &bind)?;
-                let rows = (l.q_end - l.q_begin) as u32;
-                g.launch(
-                    f,
-                    grid(info, b, rows, h),
-                    info.threads_per_block,
-                    info.dynamic_smem_bytes,
-                    &args,
-                )?;
-                let n = b * h * (l.q_end - l.q_begin);
-                let merge = aux(&g.merge)?;
-                let margs = [
-                    ArgValue::Ptr(ptr(o)),
-                    ArgValue::Ptr(ptr(lse)),
-                    ArgValue::Ptr(ptr(part_o)),
-                    ArgValue::Ptr(ptr(part_lse)),
-                    ArgValue::Int(b as i32),
-                    ArgValue::Int(rb.nq as i32),
-                    ArgValue::Int(h as i32),
-                    ArgValue::Int(dv as i32),
-                    ArgValue::Int(l.q_begin as i32),
-                    ArgValue::Int(l.q_end as i32),
-                ];
-                g.launch(merge, (blocks(n), 1, 1), 256, 0, &margs)
+                let bufs = SoftmaxBuffers {
+                    q: ptr(q),
+                    k,
+                    v: ptr(&held.v),
+                    part_o: ptr(part_o),
+                    part_lse: ptr(part_lse),
+                    acc_o: ptr(o),
+                    acc_lse: ptr(lse),
+                };
+                for x in softmax_pair(info, &inputs, &bufs, l, &shape)? {
+                    self.run_launch(g, &x)?;
+                }
+                Ok(())
             }
             Acc::Conv { o } => {
-                let bind = conv_bindings(
-                    &inputs,
-                    ptr(&held.v),
-                    ptr(&o[l.q_index]),
-                    l,
-                    kv_rows,
-                    j.filter_len,
-                );
-                let args = build_args(&info.name, &info.params, &bind)?;
-                g.launch(
-                    f,
-                    grid(info, b, l.q.len() as u32, h),
-                    info.threads_per_block,
-                    info.dynamic_smem_bytes,
-                    &args,
-                )
+                let shape = PairShape {
+                    q_rows: l.q.len(),
+                    seq_len: j.filter_len,
+                    ..shape
+                };
+                let x = conv_pair(info, &inputs, ptr(&held.v), ptr(&o[l.q_index]), l, &shape)?;
+                self.run_launch(g, &x)
             }
         }
+    }
+
+    /// Hands a host-planned launch to the driver on `g`'s compute stream.
+    fn run_launch(&self, g: &Gpu, x: &HostLaunch) -> Result<()> {
+        let f = match x.kernel {
+            KernelId::Main => g.kernels.first().ok_or_else(|| internal("kernel"))?,
+            KernelId::Merge => aux(&g.merge)?,
+            KernelId::FillNegInf => aux(&g.fill)?,
+        };
+        g.launch(f, x.grid, x.threads, x.smem, &x.args)
     }
 
     fn enqueue_chunkwise(&self, j: &mut ChunkJob) -> Result<()> {
@@ -697,6 +689,10 @@ impl Backend {
                         .state_in
                         .as_mut()
                         .ok_or_else(|| internal("state buffer"))?;
+                    // The previous range's launch is on its GPU's compute
+                    // stream: order the copy after it explicitly (cudarc's
+                    // peer copy happens to wait too, but that is its detail).
+                    Gpu::wait(&g.compute, &Gpu::mark(&self.gpus[prev.dev].compute)?)?;
                     let bytes = prev.state.len();
                     copy_bytes(&g.compute, &prev.state, s, bytes)?;
                     if let (Some(pz), Some(z)) = (&prev.z, p.z_in.as_mut()) {
@@ -716,16 +712,7 @@ impl Backend {
                 state_out: ptr(&p.state),
                 z_out: p.z.as_ref().map(ptr),
             };
-            let bind = chunkwise_bindings(&bufs, p.range.len());
-            let args = build_args(&info.name, &info.params, &bind)?;
-            let f = &g.kernels[0];
-            g.launch(
-                f,
-                grid(&info, j.batch, p.range.len() as u32, h),
-                info.threads_per_block,
-                info.dynamic_smem_bytes,
-                &args,
-            )?;
+            self.run_launch(g, &chunk_launch(&info, &bufs, p.range.len(), j.batch, h)?)?;
         }
         Ok(())
     }
@@ -793,16 +780,6 @@ fn aux(f: &Option<CudaFunction>) -> Result<&CudaFunction> {
     f.as_ref().ok_or_else(|| internal("merge kernel"))
 }
 
-/// Blocks of 256 threads for a grid-stride loop over `n` items.
-fn blocks(n: usize) -> u32 {
-    n.div_ceil(256).clamp(1, 1 << 16) as u32
-}
-
-fn grid(info: &KernelInfo, batch: usize, rows: u32, heads: usize) -> (u32, u32, u32) {
-    let e = |d: &mixc_codegen::GridDim| d.eval(batch as u32, rows, heads as u32);
-    (e(&info.grid[0]), e(&info.grid[1]), e(&info.grid[2]))
-}
-
 /// Filter length of a convolution spec: the filter input's last axis (the
 /// kernels' `seq_len` for this family).
 fn conv_filter_len(spec: &MixerSpec, inputs: &MixerInputs) -> usize {
@@ -854,17 +831,34 @@ fn two_shards(
         let (lo, hi) = ranks.split_at_mut(r);
         (&hi[0], &mut lo[dst])
     };
-    let src = if step == 0 {
-        &a.home
-    } else {
-        &a.ring[step % 2]
+    let src = match held_slot(step) {
+        None => &a.home,
+        Some(s) => &a.ring[s],
     };
     Ok((src, &mut b.ring[slot]))
 }
 
+/// Whether an extra-input parameter is `const int*` (else `const float*`),
+/// from its C type; anything else is an error rather than bytes of the
+/// wrong width.
+pub(super) fn input_is_int(name: &str, c_type: &str) -> Result<bool> {
+    let base: Vec<&str> = c_type
+        .split(|c: char| c.is_whitespace() || c == '*')
+        .filter(|w| !w.is_empty() && *w != "const" && *w != "__restrict__")
+        .collect();
+    match base.as_slice() {
+        ["int"] | ["int32_t"] => Ok(true),
+        ["float"] => Ok(false),
+        _ => Err(RuntimeError::Invalid(format!(
+            "CUDA launcher: extra input `{name}` has C type `{c_type}`; the launcher uploads \
+             `const int*` or `const float*` only"
+        ))),
+    }
+}
+
 /// An extra input as device bytes: i32 or f32 as the kernel parameter says,
 /// optionally only positions `range` of a `[batch, seq, ...]` tensor.
-fn extra_bytes(
+pub(super) fn extra_bytes(
     t: &ExtraTensor,
     as_int: bool,
     rows: Option<(usize, usize, Range<usize>)>,
@@ -1025,6 +1019,16 @@ pub(crate) fn time(
     let first = inputs
         .first()
         .ok_or_else(|| RuntimeError::Invalid("time_config: no input sets given".into()))?;
+    // One schedule serves every set, so they must share one shape.
+    if let Some(x) = inputs
+        .iter()
+        .find(|x| (x.batch, x.seq) != (first.batch, first.seq))
+    {
+        return Err(RuntimeError::Invalid(format!(
+            "time_config: input sets differ in shape (batch {} x seq {} vs {} x {})",
+            first.batch, first.seq, x.batch, x.seq
+        )));
+    }
     let sched = RingSchedule::new(first.seq, 1, Sharding::Contiguous)?;
     let backend = Backend::new(spec, dtype, Some(*cfg), Some(1), 1)?;
     let mut jobs = inputs
@@ -1067,29 +1071,15 @@ mod tests {
         assert_eq!(got, [10.0, 11.0, 20.0, 21.0, 110.0, 111.0, 120.0, 121.0]);
         // Whole tensors keep every element; int parameters get i32 bytes.
         assert_eq!(extra_bytes(&t, false, None).len(), 16 * 4);
+        assert!(input_is_int("doc", "const int* __restrict__").unwrap());
+        assert!(!input_is_int("rel", "const float* __restrict__").unwrap());
+        assert!(input_is_int("x", "const __half* __restrict__").is_err());
         let ids = ExtraTensor::I32(Tensor::new(vec![1, 3], vec![0, 7, -1]));
         assert_eq!(extra_bytes(&ids, true, None), encode_i32(&[0, 7, -1]));
         assert_eq!(
             extra_bytes(&ids, false, None),
             encode(DType::F32, &[0.0, 7.0, -1.0])
         );
-    }
-
-    #[test]
-    fn launch_shapes() {
-        assert_eq!(blocks(1), 1);
-        assert_eq!(blocks(257), 2);
-        assert_eq!(blocks(usize::MAX / 2), 1 << 16);
-        let spec = mixc_dsl::parse_str(
-            "mixer t { heads = 4; head_dim = 64; dtype = bf16; score = dot(q, k); \
-             mask = causal; norm = softmax; }",
-        )
-        .unwrap();
-        let g =
-            mixc_codegen::generate_default(&spec, &Target::new(Arch::Sm90, DType::Bf16)).unwrap();
-        let info = &g.kernels[0];
-        let bm = g.config.block_m;
-        assert_eq!(grid(info, 2, 3 * bm + 1, 4), (4, 4, 2));
     }
 
     /// The merge kernel's source names the kernels the backend loads.

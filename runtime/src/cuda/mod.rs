@@ -23,6 +23,8 @@ mod device;
 pub mod dist;
 mod exec;
 pub mod plan;
+#[cfg(test)]
+mod twin;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -208,6 +210,15 @@ fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// softmax partials and an accumulator reset), compiled with NVRTC at run time.
 pub fn helper_kernels_source() -> &'static str {
     exec::aux_source()
+}
+
+/// The helper kernels a softmax run loads for storage type `dtype`: the
+/// merge of that type's partials and the accumulator reset.
+pub fn helper_kernel_names(dtype: DType) -> [String; 2] {
+    [
+        format!("mixc_merge_lse_{}", dtype.name()),
+        "mixc_fill_neg_inf".to_string(),
+    ]
 }
 
 #[cfg(test)]

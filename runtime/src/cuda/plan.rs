@@ -107,6 +107,16 @@ pub fn pair_launches(
     (out, pairs)
 }
 
+/// The block sizes the launch planning uses for a kernel configuration (the
+/// same tiles the kernels skip by, so a skipped launch is one the kernel
+/// would have found empty).
+pub fn tiling_of(cfg: &mixc_codegen::KernelConfig) -> Tiling {
+    Tiling {
+        block_m: cfg.block_m.max(1) as usize,
+        block_n: cfg.block_n.max(1) as usize,
+    }
+}
+
 /// Segment-id summaries per batch row for the plan's `segment` tests (one
 /// empty summary when the mask reads no segment ids, so the plan is computed
 /// once rather than per batch row).
@@ -133,6 +143,20 @@ pub fn segment_summaries(
                 .collect(),
         })
         .collect()
+}
+
+/// Which of a rank's key/value buffers holds the shard it computes with at
+/// ring `step`: its own shard (`None`) at step 0, else ring buffer
+/// `Some(step % 2)`, filled during step `step - 1` (see [`ring_fill_slot`]).
+pub fn held_slot(step: usize) -> Option<usize> {
+    (step > 0).then_some(step % 2)
+}
+
+/// The ring buffer of rank `r + 1` that rank `r`'s held shard is copied into
+/// during `step`: the one `r + 1` reads at `step + 1`, never the one it reads
+/// at `step`.
+pub fn ring_fill_slot(step: usize) -> usize {
+    (step + 1) % 2
 }
 
 /// The device a rank runs on: ranks are dealt round-robin, so `R` virtual
@@ -198,7 +222,6 @@ pub fn check_int_sizes(batch: usize, seq: usize) -> Result<()> {
 mod tests {
     use super::*;
     use crate::ring::{RingSchedule, Sharding};
-    use mixc_dsl::ir::MixerSpec;
 
     #[test]
     fn placement_and_gather() {
@@ -301,6 +324,17 @@ mod tests {
     }
 
     #[test]
+    fn double_buffer_slots_alternate() {
+        for step in 0..6 {
+            // What is filled during `step` is what is held at `step + 1`...
+            assert_eq!(held_slot(step + 1), Some(ring_fill_slot(step)));
+            // ...and never the buffer read during `step`.
+            assert_ne!(held_slot(step), Some(ring_fill_slot(step)));
+        }
+        assert_eq!(held_slot(0), None);
+    }
+
+    #[test]
     fn ranks_deal_round_robin() {
         assert_eq!(
             (0..5).map(|r| device_of(r, 2)).collect::<Vec<_>>(),
@@ -314,272 +348,6 @@ mod tests {
             .contains("32-bit"));
     }
 
-    /// Host twin of `mixc_merge_lse_*` (same index formulas as the CUDA source
-    /// in exec.rs): acc `[batch, rows, heads, dv]` / lse `[batch, heads, rows]`
-    /// absorbs a partial over rows `[row_begin, row_end)`.
-    #[allow(clippy::too_many_arguments)]
-    fn merge_rows(
-        acc_o: &mut [f32],
-        acc_lse: &mut [f32],
-        part_o: &[f32],
-        part_lse: &[f32],
-        (batch, rows, heads, dv): (usize, usize, usize, usize),
-        row_begin: usize,
-        row_end: usize,
-    ) {
-        let span = row_end - row_begin;
-        for idx in 0..batch * heads * span {
-            let r = row_begin + idx % span;
-            let bh = idx / span;
-            let (h, b) = (bh % heads, bh / heads);
-            let li = (b * heads + h) * rows + r;
-            let lb = part_lse[li];
-            if lb == f32::NEG_INFINITY {
-                continue;
-            }
-            let la = acc_lse[li];
-            let m = la.max(lb);
-            let (wa, wb) = ((la - m).exp(), (lb - m).exp());
-            let oi = ((b * rows + r) * heads + h) * dv;
-            for c in 0..dv {
-                acc_o[oi + c] = (acc_o[oi + c] * wa + part_o[oi + c] * wb) / (wa + wb);
-            }
-            acc_lse[li] = m + (wa + wb).ln();
-        }
-    }
-
-    /// The softmax kernel's contract on the host (dot score, mask, no bias):
-    /// rows `[q_begin, q_end)` of `q` (`[batch, nq, heads, d]`) against keys
-    /// `[kv_begin, kv_end)` of `k` / `v` (`[batch, nk, kv_heads, d]`); writes
-    /// normalised `o` and natural-log `lse` for those rows only.
-    #[allow(clippy::too_many_arguments)]
-    fn softmax_launch(
-        spec: &MixerSpec,
-        l: &PairLaunch,
-        (batch, nq, nk): (usize, usize, usize),
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        o: &mut [f32],
-        lse: &mut [f32],
-    ) {
-        let (h_, kvh, d) = (
-            spec.heads as usize,
-            spec.kv_heads as usize,
-            spec.head_dim as usize,
-        );
-        let scale = match &spec.score {
-            mixc_dsl::ir::Score::Dot { scale, .. } => *scale as f32,
-            _ => unreachable!(),
-        };
-        for b in 0..batch {
-            for h in 0..h_ {
-                let g = h / (h_ / kvh);
-                for r in l.q_begin..l.q_end {
-                    let i = l.q_pos0 + r as i64;
-                    let qr = &q[((b * nq + r) * h_ + h) * d..][..d];
-                    let mut scores = Vec::new();
-                    for c in l.kv_begin..l.kv_end {
-                        let j = l.k_pos0 + c as i64;
-                        if spec.mask.allows(i, j, &|_, _| 0) {
-                            let kr = &k[((b * nk + c) * kvh + g) * d..][..d];
-                            let s: f32 = qr.iter().zip(kr).map(|(a, b)| a * b).sum();
-                            scores.push((c, s * scale));
-                        }
-                    }
-                    let oi = ((b * nq + r) * h_ + h) * d;
-                    let li = (b * h_ + h) * nq + r;
-                    if scores.is_empty() {
-                        o[oi..oi + d].iter_mut().for_each(|x| *x = 0.0);
-                        lse[li] = f32::NEG_INFINITY;
-                        continue;
-                    }
-                    let m = scores.iter().map(|x| x.1).fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0;
-                    let mut acc = vec![0.0f32; d];
-                    for &(c, s) in &scores {
-                        let w = (s - m).exp();
-                        sum += w;
-                        let vr = &v[((b * nk + c) * kvh + g) * d..][..d];
-                        acc.iter_mut().zip(vr).for_each(|(a, x)| *a += w * x);
-                    }
-                    for (x, a) in o[oi..oi + d].iter_mut().zip(&acc) {
-                        *x = a / sum;
-                    }
-                    lse[li] = m + sum.ln();
-                }
-            }
-        }
-    }
-
-    /// The whole softmax ring exactly as the CUDA backend lays it out (shard
-    /// buffers from `gather_rows`, launches from `pair_launches`, the merge
-    /// kernel's indexing, `scatter_rows`), with the kernel replaced by its
-    /// host contract, equals the f64 reference: the host pieces of the
-    /// backend are right whatever the GPU does.
-    #[test]
-    fn host_twin_of_the_softmax_ring_matches_the_reference() {
-        for mask in [
-            "causal",
-            "all",
-            "causal && window(5)",
-            "prefix_lm(3)",
-            "dilated(2)",
-        ] {
-            let spec = mixc_dsl::parse_str(&format!(
-                "mixer t {{ heads = 4; kv_heads = 2; head_dim = 8; dtype = f32; \
-                 score = dot(q, k); mask = {mask}; norm = softmax; }}"
-            ))
-            .unwrap();
-            let d = 8;
-            for seq in [1usize, 7, 19] {
-                let x = crate::inputs::random_inputs(&spec, 2, seq, 3);
-                let want = crate::reference::evaluate(&spec, &x).unwrap();
-                for ranks in [1usize, 2, 3, 4] {
-                    if ranks > seq {
-                        continue;
-                    }
-                    for sharding in [Sharding::Contiguous, Sharding::Zigzag] {
-                        let s = RingSchedule::new(seq, ranks, sharding).unwrap();
-                        let tiling = Tiling {
-                            block_m: 4,
-                            block_n: 4,
-                        };
-                        let segs = [SegmentSummaries::default()];
-                        let mut out = vec![0.0f32; 2 * seq * 4 * d];
-                        for r in 0..ranks {
-                            let qr = s.shard(r);
-                            let nq = s.shard_len(r);
-                            let q = gather_rows(&x.q.data, 2, seq, 4 * d, qr);
-                            let mut acc_o = vec![0.0f32; 2 * nq * 4 * d];
-                            let mut acc_lse = vec![f32::NEG_INFINITY; 2 * 4 * nq];
-                            let mut part_o = vec![f32::NAN; acc_o.len()];
-                            let mut part_lse = vec![f32::NAN; acc_lse.len()];
-                            for step in 0..ranks {
-                                let kv = s.shard(s.held_at(r, step));
-                                let nk = s.shard_len(s.held_at(r, step));
-                                let k = gather_rows(&x.k.data, 2, seq, 2 * d, kv);
-                                let v = gather_rows(&x.v.data, 2, seq, 2 * d, kv);
-                                let (ls, _) = pair_launches(&spec.mask, tiling, &segs, qr, kv);
-                                for l in &ls {
-                                    softmax_launch(
-                                        &spec,
-                                        l,
-                                        (2, nq, nk),
-                                        &q,
-                                        &k,
-                                        &v,
-                                        &mut part_o,
-                                        &mut part_lse,
-                                    );
-                                    merge_rows(
-                                        &mut acc_o,
-                                        &mut acc_lse,
-                                        &part_o,
-                                        &part_lse,
-                                        (2, nq, 4, d),
-                                        l.q_begin,
-                                        l.q_end,
-                                    );
-                                }
-                            }
-                            scatter_rows(&mut out, &acc_o, 2, seq, 4 * d, nq, qr);
-                        }
-                        let err = out
-                            .iter()
-                            .zip(&want.data)
-                            .map(|(a, b)| (*a as f64 - b).abs())
-                            .fold(0.0, f64::max);
-                        assert!(err < 1e-5, "{mask} seq {seq} R {ranks} {sharding:?}: {err}");
-                    }
-                }
-            }
-        }
-    }
-
-    /// The convolution ring's bookkeeping (per-query-range f32 accumulators,
-    /// `q_pos0` = range start, `k_pos0` from the shard placement) with the
-    /// kernel's contract on the host equals the reference.
-    #[test]
-    fn host_twin_of_the_conv_ring_matches_the_reference() {
-        let spec = mixc_dsl::parse_str(
-            "mixer c { heads = 2; head_dim = 4; dtype = f32; input f: f32[heads, seq]; \
-             score = filter(f); mask = causal; norm = none; }",
-        )
-        .unwrap();
-        let (h_, dv) = (2usize, 4usize);
-        for seq in [1usize, 6, 23] {
-            let x = crate::inputs::random_inputs(&spec, 2, seq, 5);
-            let want = crate::reference::evaluate(&spec, &x).unwrap();
-            let f = match &x.extra["f"] {
-                crate::tensor::ExtraTensor::F32(t) => t.data.clone(),
-                _ => unreachable!(),
-            };
-            for ranks in [1usize, 2, 4] {
-                if ranks > seq {
-                    continue;
-                }
-                for sharding in [Sharding::Contiguous, Sharding::Zigzag] {
-                    let s = RingSchedule::new(seq, ranks, sharding).unwrap();
-                    let tiling = Tiling {
-                        block_m: 4,
-                        block_n: 4,
-                    };
-                    let segs = [SegmentSummaries::default()];
-                    let mut out = vec![0.0f32; 2 * seq * h_ * dv];
-                    for r in 0..ranks {
-                        let qr = s.shard(r);
-                        let mut accs: Vec<Vec<f32>> = qr
-                            .iter()
-                            .map(|q| vec![0.0; 2 * q.len() * h_ * dv])
-                            .collect();
-                        for step in 0..ranks {
-                            let kv = s.shard(s.held_at(r, step));
-                            let nk = s.shard_len(s.held_at(r, step));
-                            let v = gather_rows(&x.v.data, 2, seq, h_ * dv, kv);
-                            let (ls, _) = pair_launches(&spec.mask, tiling, &segs, qr, kv);
-                            for l in &ls {
-                                let acc = &mut accs[l.q_index];
-                                let (q_rows, q_pos0) = (l.q.len(), l.q.start as i64);
-                                for b in 0..2 {
-                                    for i in 0..q_rows {
-                                        for h in 0..h_ {
-                                            for c in l.kv_begin..l.kv_end {
-                                                let lag = q_pos0 + i as i64 - (l.k_pos0 + c as i64);
-                                                if !(0..seq as i64).contains(&lag) {
-                                                    continue;
-                                                }
-                                                let w = f[h * seq + lag as usize];
-                                                for col in 0..dv {
-                                                    acc[((b * q_rows + i) * h_ + h) * dv + col] +=
-                                                        w * v[((b * nk + c) * h_ + h) * dv + col];
-                                                }
-                                            }
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                        for (a, q) in accs.iter().zip(qr) {
-                            scatter_rows(
-                                &mut out,
-                                a,
-                                2,
-                                seq,
-                                h_ * dv,
-                                q.len(),
-                                std::slice::from_ref(q),
-                            );
-                        }
-                    }
-                    let err = out
-                        .iter()
-                        .zip(&want.data)
-                        .map(|(a, b)| (*a as f64 - b).abs())
-                        .fold(0.0, f64::max);
-                    assert!(err < 1e-4, "seq {seq} R {ranks} {sharding:?}: {err}");
-                }
-            }
-        }
-    }
+    // The host twins of whole rings (softmax, convolution, chunkwise) are in
+    // `twin.rs`: they drive the launch functions of `args.rs`, not copies.
 }

@@ -260,14 +260,14 @@ impl Timer for CudaTimer {
     fn check(&mut self, cand: &Candidate) -> Result<f64> {
         let mut opts = crate::cuda::CudaOptions::default_for(&self.spec);
         opts.dtype = self.dtype;
-        opts.config = Some(self.config(cand)?.clone());
+        opts.config = Some(*self.config(cand)?);
         let out = crate::cuda::run_with_config(&self.spec, &self.inputs[0], &opts)?.output;
         let out = Tensor::new(out.shape, out.data.iter().map(|&x| x as f64).collect());
         Ok(rows_error(&out, &self.reference, &self.rows))
     }
 
     fn time(&mut self, cand: &Candidate) -> Result<Sample> {
-        let cfg = self.config(cand)?.clone();
+        let cfg = *self.config(cand)?;
         let secs = crate::cuda::time_config(
             &self.spec,
             &self.inputs,

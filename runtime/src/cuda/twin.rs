@@ -1,0 +1,1040 @@
+//! Host twin of the CUDA backend (tests only): the backend's own host code
+//! (shard placement, launch planning, [`HostLaunch`]es with their grids and
+//! argument lists built from the generated signatures, input encoding,
+//! extra-input slicing, state chaining, download scatter) runs against
+//! emulated device memory, and each kernel is replaced by a host emulation of
+//! its documented contract that reads its arguments *by the generated
+//! parameter names* and walks the launch's grid the way the CUDA source does.
+//! The result must equal the f64 reference. A wrong binding, offset, stride,
+//! grid or merge range changes the result or reads outside a buffer (which
+//! panics here, where a GPU would read garbage); `wrong_launches_are_caught`
+//! checks that such mutations are in fact detected.
+//!
+//! What it cannot check: the CUDA kernels themselves (their tiling, mma
+//! fragments, pipelines), the driver calls, stream/event ordering and peer
+//! copies. Those need a GPU (`tests/cuda_backend.rs`).
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use mixc_codegen::{generate, Arch, GeneratedKernel, GridDim, KernelConfig, ParamRole, Target};
+use mixc_dsl::ir::{DType, Decay, Dim, ElemType, EvalEnv, Family, MixerSpec, Norm, Score};
+
+use super::args::{
+    chunk_launch, conv_pair, fill_neg_inf_launch, softmax_pair, ArgValue, ChunkBuffers, HostLaunch,
+    KernelId, PairShape, SoftmaxBuffers, HELPER_THREADS,
+};
+use super::device::{decode, elem_bytes, encode};
+use super::exec::{extra_bytes, input_is_int};
+use super::plan::{
+    device_of, gather_rows, held_slot, pair_launches, ring_fill_slot, scatter_rows,
+    segment_summaries, tiling_of,
+};
+use crate::ring::{RingSchedule, Sharding};
+use crate::tensor::{MixerInputs, Tensor};
+
+/// Emulated device memory. Buffer `i` starts at address `(i + 1) << 32`, so
+/// every pointer names its buffer and an offset; an access outside the
+/// buffer (or through null) panics.
+#[derive(Default)]
+struct Mem {
+    bufs: Vec<Vec<u8>>,
+}
+
+const POISON: u8 = 0xff; // NaN in f32, f16 and bf16 alike
+
+impl Mem {
+    fn alloc(&mut self, bytes: Vec<u8>) -> u64 {
+        self.bufs.push(bytes);
+        (self.bufs.len() as u64) << 32
+    }
+    /// A buffer of `n` bytes holding NaNs: whatever a kernel should have
+    /// written and did not shows up in the result.
+    fn poisoned(&mut self, n: usize) -> u64 {
+        self.alloc(vec![POISON; n])
+    }
+    fn at(&self, addr: u64, byte: usize, len: usize) -> (usize, usize) {
+        assert!(addr != 0, "access through a null pointer");
+        let (id, off) = (
+            (addr >> 32) as usize - 1,
+            (addr & 0xffff_ffff) as usize + byte,
+        );
+        let n = self.bufs[id].len();
+        assert!(
+            off + len <= n,
+            "access at byte {off}..{} of a {n}-byte buffer",
+            off + len
+        );
+        (id, off)
+    }
+    fn rd(&self, dt: DType, addr: u64, idx: usize) -> f32 {
+        let eb = elem_bytes(dt);
+        let (id, off) = self.at(addr, idx * eb, eb);
+        decode(dt, &self.bufs[id][off..off + eb])[0]
+    }
+    fn rd_i32(&self, addr: u64, idx: usize) -> i32 {
+        let (id, off) = self.at(addr, idx * 4, 4);
+        i32::from_le_bytes(self.bufs[id][off..off + 4].try_into().unwrap())
+    }
+    fn wr(&mut self, dt: DType, addr: u64, idx: usize, x: f32) {
+        let eb = elem_bytes(dt);
+        let (id, off) = self.at(addr, idx * eb, eb);
+        self.bufs[id][off..off + eb].copy_from_slice(&encode(dt, &[x]));
+    }
+    fn bytes(&self, addr: u64, len: usize) -> Vec<u8> {
+        let (id, off) = self.at(addr, 0, len);
+        self.bufs[id][off..off + len].to_vec()
+    }
+    fn copy(&mut self, src: u64, dst: u64, len: usize) {
+        let b = self.bytes(src, len);
+        let (id, off) = self.at(dst, 0, len);
+        self.bufs[id][off..off + len].copy_from_slice(&b);
+    }
+}
+
+/// A launch's arguments looked up by the generated parameter names.
+struct Args<'a> {
+    g: &'a GeneratedKernel,
+    vals: &'a [ArgValue],
+}
+
+impl Args<'_> {
+    fn find(&self, pred: impl Fn(&mixc_codegen::KernelParam) -> bool, what: &str) -> ArgValue {
+        let params = &self.g.kernels[0].params;
+        assert_eq!(params.len(), self.vals.len(), "argument count");
+        let i = params
+            .iter()
+            .position(pred)
+            .unwrap_or_else(|| panic!("no parameter {what}"));
+        self.vals[i]
+    }
+    fn int(&self, name: &str) -> i64 {
+        match self.find(|p| p.name == name, name) {
+            ArgValue::Int(v) => v as i64,
+            ArgValue::Ptr(_) => panic!("`{name}` is a pointer"),
+        }
+    }
+    fn ptr(&self, name: &str) -> u64 {
+        match self.find(|p| p.name == name, name) {
+            ArgValue::Ptr(v) => v,
+            ArgValue::Int(_) => panic!("`{name}` is an int"),
+        }
+    }
+    fn has(&self, name: &str) -> bool {
+        self.g.kernels[0].params.iter().any(|p| p.name == name)
+    }
+    fn opt(&self, name: &str) -> u64 {
+        if self.has(name) {
+            self.ptr(name)
+        } else {
+            0
+        }
+    }
+    fn input(&self, name: &str) -> u64 {
+        match self.find(|p| p.role == ParamRole::Input(name.into()), name) {
+            ArgValue::Ptr(v) => v,
+            ArgValue::Int(_) => panic!("input `{name}` is an int"),
+        }
+    }
+}
+
+fn usize_of(v: i64, what: &str) -> usize {
+    usize::try_from(v).unwrap_or_else(|_| panic!("`{what}` = {v} is negative"))
+}
+
+/// Query rows per CTA, read from the kernel's own grid description.
+fn block_m(g: &GeneratedKernel) -> usize {
+    match g.kernels[0].grid[0] {
+        GridDim::QueryBlocks { block } => block as usize,
+        ref d => panic!("grid x is {d:?}, not query blocks"),
+    }
+}
+
+fn score_maps(spec: &MixerSpec) -> (mixc_dsl::ir::FeatureMap, mixc_dsl::ir::FeatureMap, f64) {
+    match &spec.score {
+        Score::Dot {
+            q_map,
+            k_map,
+            scale,
+        } => (*q_map, *k_map, *scale),
+        Score::Filter { .. } => panic!("not a dot score"),
+    }
+}
+
+/// The softmax kernels' contract (softmax.cu / softmax_simt.cu): CTA
+/// (x, head, batch) computes buffer rows `q_begin + x * BLOCK_M ..` (clipped
+/// to `q_end`) against keys `[kv_begin, kv_end)`; writes `o` (storage type)
+/// normalised over the visible keys and the natural-log `lse`.
+fn softmax_kernel(mem: &mut Mem, spec: &MixerSpec, g: &GeneratedKernel, dt: DType, x: &HostLaunch) {
+    let a = Args { g, vals: &x.args };
+    let (h_, kvh, d, dv) = (
+        spec.heads as usize,
+        spec.kv_heads as usize,
+        spec.head_dim as usize,
+        spec.value_dim as usize,
+    );
+    let (q, k, v, o, lse) = (a.ptr("q"), a.ptr("k"), a.ptr("v"), a.ptr("o"), a.ptr("lse"));
+    let q_rows = usize_of(a.int("q_rows"), "q_rows");
+    let kv_rows = usize_of(a.int("kv_rows"), "kv_rows");
+    let (q_begin, q_end) = (a.int("q_begin"), a.int("q_end"));
+    let (kv_begin, kv_end) = (a.int("kv_begin"), a.int("kv_end"));
+    let (q_pos0, k_pos0, seq_len) = (a.int("q_pos0"), a.int("k_pos0"), a.int("seq_len"));
+    assert!(
+        0 <= q_begin && q_end as usize <= q_rows,
+        "query rows outside the buffer"
+    );
+    assert!(
+        0 <= kv_begin && kv_end as usize <= kv_rows,
+        "key rows outside the buffer"
+    );
+    let (q_map, k_map, scale) = score_maps(spec);
+    let bm = block_m(g);
+    let mut segs = Vec::new();
+    spec.mask.segment_inputs(&mut segs);
+    let (gx, gy, gz) = x.grid;
+    for b in 0..gz as usize {
+        // Segment ids and tables are read where the kernel reads them: full
+        // tensors indexed by global position, `seq_len` per sequence.
+        let seg = |name: &str, pos: i64| -> i64 {
+            assert!(
+                (0..seq_len).contains(&pos),
+                "segment id read at position {pos}"
+            );
+            mem.rd_i32(a.input(name), b * seq_len as usize + pos as usize) as i64
+        };
+        let lookup = |name: &str, idx: &[i64]| -> f64 {
+            let decl = spec.input(name).expect("declared input");
+            let mut off = 0usize;
+            for (ix, dim) in idx.iter().zip(&decl.dims) {
+                let n = match dim {
+                    Dim::Batch => gz as usize,
+                    Dim::Seq => seq_len as usize,
+                    Dim::Heads => h_,
+                    Dim::KvHeads => kvh,
+                    Dim::Fixed(n) => *n as usize,
+                };
+                off = off * n + (*ix).clamp(0, n as i64 - 1) as usize;
+            }
+            match decl.elem {
+                ElemType::F32 => mem.rd(DType::F32, a.input(name), off) as f64,
+                ElemType::I32 => mem.rd_i32(a.input(name), off) as f64,
+            }
+        };
+        let mut writes = Vec::new();
+        for head in 0..gy as usize {
+            let kv_head = head / (h_ / kvh);
+            for bx in 0..gx as usize {
+                let m0 = q_begin as usize + bx * bm;
+                for r in m0..(m0 + bm).min(q_end as usize) {
+                    let i = q_pos0 + r as i64;
+                    let qr: Vec<f64> = (0..d)
+                        .map(|c| {
+                            q_map
+                                .apply(mem.rd(dt, q, ((b * q_rows + r) * h_ + head) * d + c) as f64)
+                        })
+                        .collect();
+                    let mut scores = Vec::new();
+                    for c in kv_begin as usize..kv_end as usize {
+                        let j = k_pos0 + c as i64;
+                        if !spec.mask.allows(i, j, &seg) {
+                            continue;
+                        }
+                        let dot: f64 = (0..d)
+                            .map(|e| {
+                                qr[e]
+                                    * k_map.apply(mem.rd(
+                                        dt,
+                                        k,
+                                        ((b * kv_rows + c) * kvh + kv_head) * d + e,
+                                    ) as f64)
+                            })
+                            .sum();
+                        let mut s = dot * scale;
+                        let env = |s: f64| EvalEnv {
+                            i,
+                            j,
+                            h: head as i64,
+                            s,
+                            heads: spec.heads,
+                            lookup: &lookup,
+                        };
+                        if let Some(bias) = &spec.bias {
+                            s += bias.eval_f64(&env(s));
+                        }
+                        if let Some(t) = &spec.transform {
+                            s = t.eval_f64(&env(s));
+                        }
+                        scores.push((c, s));
+                    }
+                    let oi = ((b * q_rows + r) * h_ + head) * dv;
+                    let li = (b * h_ + head) * q_rows + r;
+                    if scores.is_empty() {
+                        writes.push((oi, vec![0.0; dv], li, f32::NEG_INFINITY));
+                        continue;
+                    }
+                    let m = scores.iter().map(|s| s.1).fold(f64::NEG_INFINITY, f64::max);
+                    let mut sum = 0.0;
+                    let mut acc = vec![0.0f64; dv];
+                    for &(c, s) in &scores {
+                        let w = (s - m).exp();
+                        sum += w;
+                        for (col, ac) in acc.iter_mut().enumerate() {
+                            *ac += w
+                                * mem.rd(dt, v, ((b * kv_rows + c) * kvh + kv_head) * dv + col)
+                                    as f64;
+                        }
+                    }
+                    let out = acc.iter().map(|x| (x / sum) as f32).collect();
+                    writes.push((oi, out, li, (m + sum.ln()) as f32));
+                }
+            }
+        }
+        for (oi, out, li, l) in writes {
+            for (c, x) in out.into_iter().enumerate() {
+                mem.wr(dt, o, oi + c, x);
+            }
+            mem.wr(DType::F32, lse, li, l);
+        }
+    }
+}
+
+/// `mixc_merge_lse_<dtype>` (exec.rs's helper source), argument by argument.
+fn merge_kernel(mem: &mut Mem, dt: DType, x: &HostLaunch) {
+    let p = |i: usize| match x.args[i] {
+        ArgValue::Ptr(p) => p,
+        ArgValue::Int(_) => panic!("merge argument {i} is not a pointer"),
+    };
+    let n = |i: usize| match x.args[i] {
+        ArgValue::Int(v) => v as usize,
+        ArgValue::Ptr(_) => panic!("merge argument {i} is not an int"),
+    };
+    assert_eq!(x.args.len(), 10);
+    assert!(x.grid.0 >= 1 && x.threads == HELPER_THREADS);
+    let (acc_o, acc_lse, part_o, part_lse) = (p(0), p(1), p(2), p(3));
+    let (batch, rows, heads, dv, rb, re) = (n(4), n(5), n(6), n(7), n(8), n(9));
+    for b in 0..batch {
+        for h in 0..heads {
+            for r in rb..re {
+                let li = (b * heads + h) * rows + r;
+                let lb = mem.rd(DType::F32, part_lse, li);
+                if lb == f32::NEG_INFINITY {
+                    continue;
+                }
+                let la = mem.rd(DType::F32, acc_lse, li);
+                let m = la.max(lb);
+                let (wa, wb) = ((la - m).exp(), (lb - m).exp());
+                let oi = ((b * rows + r) * heads + h) * dv;
+                for c in 0..dv {
+                    let y = (mem.rd(DType::F32, acc_o, oi + c) * wa
+                        + mem.rd(dt, part_o, oi + c) * wb)
+                        / (wa + wb);
+                    mem.wr(DType::F32, acc_o, oi + c, y);
+                }
+                mem.wr(DType::F32, acc_lse, li, m + (wa + wb).ln());
+            }
+        }
+    }
+}
+
+/// conv_simt.cu / conv_mma.cu: CTA (x, head * dv_blocks + n, batch) computes
+/// accumulator rows `x * BLOCK_M ..` (clipped to `q_rows`), row `i` being
+/// position `q_pos0 + i`, from keys `[kv_begin, kv_end)` at `k_pos0 + j`.
+fn conv_kernel(mem: &mut Mem, spec: &MixerSpec, g: &GeneratedKernel, dt: DType, x: &HostLaunch) {
+    let a = Args { g, vals: &x.args };
+    let Score::Filter { input } = &spec.score else {
+        panic!("not a convolution")
+    };
+    let (h_, kvh, dv) = (
+        spec.heads as usize,
+        spec.kv_heads as usize,
+        spec.value_dim as usize,
+    );
+    let (v, filt, o, o_acc) = (a.ptr("v"), a.input(input), a.ptr("o"), a.ptr("o_acc"));
+    let q_rows = usize_of(a.int("q_rows"), "q_rows");
+    let kv_rows = usize_of(a.int("kv_rows"), "kv_rows");
+    let (kv_begin, kv_end) = (a.int("kv_begin"), a.int("kv_end"));
+    assert!(
+        0 <= kv_begin && kv_end as usize <= kv_rows,
+        "key rows outside the buffer"
+    );
+    let (q_pos0, k_pos0) = (a.int("q_pos0"), a.int("k_pos0"));
+    let flen = a.int("seq_len");
+    let accumulate = a.int("accumulate") != 0;
+    let bm = block_m(g);
+    let (gx, gy, gz) = x.grid;
+    assert_eq!(gy as usize % h_, 0, "grid y is heads x value-dim blocks");
+    let dvb = gy as usize / h_;
+    for b in 0..gz as usize {
+        for by in (0..gy as usize).step_by(dvb) {
+            let h = by / dvb;
+            for bx in 0..gx as usize {
+                for i in bx * bm..((bx + 1) * bm).min(q_rows) {
+                    for col in 0..dv {
+                        let mut y = 0f64;
+                        for j in kv_begin..kv_end {
+                            let lag = q_pos0 + i as i64 - (k_pos0 + j);
+                            if !(0..flen).contains(&lag) {
+                                continue;
+                            }
+                            let f =
+                                mem.rd(DType::F32, filt, h * flen as usize + lag as usize) as f64;
+                            let vj = mem.rd(
+                                dt,
+                                v,
+                                ((b * kv_rows + j as usize) * kvh + h / (h_ / kvh)) * dv + col,
+                            );
+                            y += f * vj as f64;
+                        }
+                        let off = ((b * q_rows + i) * h_ + h) * dv + col;
+                        let mut y = y as f32;
+                        if o_acc != 0 {
+                            if accumulate {
+                                y += mem.rd(DType::F32, o_acc, off);
+                            }
+                            mem.wr(DType::F32, o_acc, off, y);
+                        }
+                        if o != 0 {
+                            mem.wr(dt, o, off, y);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// chunkwise_*.cu: CTA (n, head, batch) runs the recurrence over the launch's
+/// `rows` tokens from `state_in` (null: zero), writing `o` and `state_out`.
+/// S_t = gamma_t S_{t-1} + psi(k_t) v_t^T, o_t = scale phi(q_t) S_t
+/// (divided by scale phi(q_t) z_t + eps for sum normalisation).
+fn chunk_kernel(mem: &mut Mem, spec: &MixerSpec, g: &GeneratedKernel, dt: DType, x: &HostLaunch) {
+    let a = Args { g, vals: &x.args };
+    let (h_, kvh, dk, dv) = (
+        spec.heads as usize,
+        spec.kv_heads as usize,
+        spec.head_dim as usize,
+        spec.value_dim as usize,
+    );
+    let (q_map, k_map, scale) = score_maps(spec);
+    let (q, k, v, o) = (a.ptr("q"), a.ptr("k"), a.ptr("v"), a.ptr("o"));
+    let (s_in, s_out) = (a.ptr("state_in"), a.ptr("state_out"));
+    let (z_in, z_out) = (a.opt("z_in"), a.opt("z_out"));
+    assert_eq!(a.opt("o_num"), 0);
+    assert_eq!(a.opt("o_den"), 0);
+    let rows = usize_of(a.int("rows"), "rows");
+    let (gx, gy, gz) = x.grid;
+    assert!(gx >= 1, "no value-dim block launched");
+    for b in 0..gz as usize {
+        for h in 0..gy as usize {
+            let bh = b * h_ + h;
+            let kh = h / (h_ / kvh);
+            let mut st: Vec<f64> = (0..dk * dv)
+                .map(|i| {
+                    if s_in != 0 {
+                        mem.rd(DType::F32, s_in, bh * dk * dv + i) as f64
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mut z: Vec<f64> = (0..dk)
+                .map(|i| {
+                    if z_in != 0 {
+                        mem.rd(DType::F32, z_in, bh * dk + i) as f64
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            for t in 0..rows {
+                let gamma = match &spec.decay {
+                    Decay::None => 1.0,
+                    Decay::PerHead(e) => e.eval_f64(&EvalEnv {
+                        i: 0,
+                        j: 0,
+                        h: h as i64,
+                        s: 0.0,
+                        heads: spec.heads,
+                        lookup: &|_, _| panic!("a per-head decay reads no input"),
+                    }),
+                    Decay::Gate { input } => {
+                        mem.rd(DType::F32, a.input(input), (b * rows + t) * h_ + h) as f64
+                    }
+                };
+                let kt: Vec<f64> = (0..dk)
+                    .map(|d| {
+                        k_map.apply(mem.rd(dt, k, ((b * rows + t) * kvh + kh) * dk + d) as f64)
+                    })
+                    .collect();
+                let qt: Vec<f64> = (0..dk)
+                    .map(|d| q_map.apply(mem.rd(dt, q, ((b * rows + t) * h_ + h) * dk + d) as f64))
+                    .collect();
+                let vt: Vec<f64> = (0..dv)
+                    .map(|c| mem.rd(dt, v, ((b * rows + t) * kvh + kh) * dv + c) as f64)
+                    .collect();
+                for d in 0..dk {
+                    z[d] = gamma * z[d] + kt[d];
+                    for c in 0..dv {
+                        st[d * dv + c] = gamma * st[d * dv + c] + kt[d] * vt[c];
+                    }
+                }
+                let den: f64 = scale * (0..dk).map(|d| qt[d] * z[d]).sum::<f64>();
+                for c in 0..dv {
+                    let num = scale * (0..dk).map(|d| qt[d] * st[d * dv + c]).sum::<f64>();
+                    let y = match spec.norm {
+                        Norm::Sum { eps } => num / (den + eps),
+                        _ => num,
+                    };
+                    mem.wr(dt, o, ((b * rows + t) * h_ + h) * dv + c, y as f32);
+                }
+            }
+            for (i, s) in st.iter().enumerate() {
+                mem.wr(DType::F32, s_out, bh * dk * dv + i, *s as f32);
+            }
+            if z_out != 0 {
+                for (i, s) in z.iter().enumerate() {
+                    mem.wr(DType::F32, z_out, bh * dk + i, *s as f32);
+                }
+            }
+        }
+    }
+}
+
+/// Changes a launch before it runs (the mutation tests); identity otherwise.
+type Mutate<'a> = &'a dyn Fn(&mut HostLaunch, &GeneratedKernel);
+type Mutation = Box<dyn Fn(&mut HostLaunch, &GeneratedKernel)>;
+
+struct Twin<'a> {
+    spec: &'a MixerSpec,
+    g: GeneratedKernel,
+    dt: DType,
+    mem: Mem,
+    mutate: Mutate<'a>,
+}
+
+impl Twin<'_> {
+    fn exec(&mut self, mut x: HostLaunch) {
+        (self.mutate)(&mut x, &self.g);
+        if x.grid.0 == 0 || x.grid.1 == 0 || x.grid.2 == 0 {
+            return; // Gpu::launch skips empty grids too
+        }
+        match (x.kernel, self.spec.family) {
+            (KernelId::FillNegInf, _) => {
+                let (ArgValue::Ptr(p), ArgValue::Int(n)) = (x.args[0], x.args[1]) else {
+                    panic!("fill arguments")
+                };
+                for i in 0..n as usize {
+                    self.mem.wr(DType::F32, p, i, f32::NEG_INFINITY);
+                }
+            }
+            (KernelId::Merge, _) => merge_kernel(&mut self.mem, self.dt, &x),
+            (KernelId::Main, Family::Softmax) => {
+                softmax_kernel(&mut self.mem, self.spec, &self.g, self.dt, &x)
+            }
+            (KernelId::Main, Family::Convolution) => {
+                conv_kernel(&mut self.mem, self.spec, &self.g, self.dt, &x)
+            }
+            (KernelId::Main, _) => chunk_kernel(&mut self.mem, self.spec, &self.g, self.dt, &x),
+        }
+    }
+
+    /// Full extra inputs by name, as `Backend::upload_full_inputs` uploads them.
+    fn full_inputs(&mut self, x: &MixerInputs) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for p in self.g.kernels[0].params.clone() {
+            if let ParamRole::Input(name) = &p.role {
+                let as_int = input_is_int(&p.name, &p.c_type).unwrap();
+                let bytes = extra_bytes(&x.extra[name], as_int, None);
+                out.insert(name.clone(), self.mem.alloc(bytes));
+            }
+        }
+        out
+    }
+
+    /// The pairwise ring exactly as `Backend::prepare_pairwise` lays it out
+    /// and `enqueue_pairwise` steps it (shards passed to rank + 1 into the
+    /// double buffer, prefix copies of `batch * rows` rows).
+    fn pairwise(&mut self, x: &MixerInputs, sched: &RingSchedule) -> Tensor<f32> {
+        let spec = self.spec;
+        let (b, seq) = (x.batch, x.seq);
+        let (h, kvh) = (spec.heads as usize, spec.kv_heads as usize);
+        let (dk, dv) = (spec.head_dim as usize, spec.value_dim as usize);
+        let e = elem_bytes(self.dt);
+        let info = self.g.kernels[0].clone();
+        let softmax = spec.family == Family::Softmax;
+        let with_k = info.params.iter().any(|p| p.role == ParamRole::K);
+        let tiling = tiling_of(&self.g.config);
+        let segs = segment_summaries(spec, x, tiling);
+        let inputs = self.full_inputs(x);
+        let ranks = sched.ranks;
+        let max_rows = (0..ranks).map(|r| sched.shard_len(r)).max().unwrap();
+        let enc = |t: &Tensor<f32>, w: usize, rs: &[Range<usize>]| {
+            encode(self.dt, &gather_rows(&t.data, b, seq, w, rs))
+        };
+        // Per rank: home (k, v), two poisoned ring buffers, queries, accumulators.
+        struct Rank {
+            home: (u64, u64),
+            ring: [(u64, u64); 2],
+            q: u64,
+            acc_o: u64,
+            acc_lse: u64,
+            part_o: u64,
+            part_lse: u64,
+            conv: Vec<u64>,
+        }
+        let mut rk = Vec::new();
+        for r in 0..ranks {
+            let qr = sched.shard(r);
+            let nq = sched.shard_len(r);
+            let home_k = if with_k {
+                self.mem.alloc(enc(&x.k, kvh * dk, qr))
+            } else {
+                0
+            };
+            let home_v = self.mem.alloc(enc(&x.v, kvh * dv, qr));
+            let mut ring = [(0, 0); 2];
+            for slot in &mut ring {
+                let k = if with_k {
+                    self.mem.poisoned(b * max_rows * kvh * dk * e)
+                } else {
+                    0
+                };
+                *slot = (k, self.mem.poisoned(b * max_rows * kvh * dv * e));
+            }
+            // The convolution family reads no queries (and has none).
+            let q = if softmax {
+                self.mem.alloc(enc(&x.q, h * dk, qr))
+            } else {
+                0
+            };
+            rk.push(Rank {
+                home: (home_k, home_v),
+                ring,
+                q,
+                acc_o: self.mem.alloc(vec![0; b * nq * h * dv * 4]),
+                acc_lse: self.mem.poisoned(b * h * nq * 4),
+                part_o: self.mem.poisoned(b * nq * h * dv * e),
+                part_lse: self.mem.poisoned(b * h * nq * 4),
+                conv: qr
+                    .iter()
+                    .map(|q| self.mem.alloc(vec![0; b * q.len() * h * dv * 4]))
+                    .collect(),
+            });
+        }
+        if softmax {
+            for (r, x) in rk.iter().enumerate() {
+                let l = fill_neg_inf_launch(x.acc_lse, b * h * sched.shard_len(r)).unwrap();
+                self.exec(l);
+            }
+        }
+        let held = |rk: &[Rank], r: usize, step: usize| match held_slot(step) {
+            None => rk[r].home,
+            Some(s) => rk[r].ring[s],
+        };
+        for step in 0..ranks {
+            if step + 1 < ranks {
+                for r in 0..ranks {
+                    let dst = (r + 1) % ranks;
+                    let rows = sched.shard_len(sched.held_at(r, step));
+                    let (src, to) = (held(&rk, r, step), rk[dst].ring[ring_fill_slot(step)]);
+                    if with_k {
+                        self.mem.copy(src.0, to.0, b * rows * kvh * dk * e);
+                    }
+                    self.mem.copy(src.1, to.1, b * rows * kvh * dv * e);
+                }
+            }
+            for r in 0..ranks {
+                let kv = sched.shard(sched.held_at(r, step));
+                let kv_rows = sched.shard_len(sched.held_at(r, step));
+                let (hk, hv) = held(&rk, r, step);
+                let (ls, _) = pair_launches(&spec.mask, tiling, &segs, sched.shard(r), kv);
+                let shape = PairShape {
+                    batch: b,
+                    heads: h,
+                    value_dim: dv,
+                    q_rows: sched.shard_len(r),
+                    kv_rows,
+                    seq_len: seq,
+                };
+                for l in &ls {
+                    let rr = &rk[r];
+                    if softmax {
+                        let bufs = SoftmaxBuffers {
+                            q: rr.q,
+                            k: hk,
+                            v: hv,
+                            part_o: rr.part_o,
+                            part_lse: rr.part_lse,
+                            acc_o: rr.acc_o,
+                            acc_lse: rr.acc_lse,
+                        };
+                        for x in softmax_pair(&info, &inputs, &bufs, l, &shape).unwrap() {
+                            self.exec(x);
+                        }
+                    } else {
+                        let flen = x
+                            .extra
+                            .values()
+                            .next()
+                            .unwrap()
+                            .shape()
+                            .last()
+                            .copied()
+                            .unwrap();
+                        let shape = PairShape {
+                            q_rows: l.q.len(),
+                            seq_len: flen,
+                            ..shape
+                        };
+                        let launch =
+                            conv_pair(&info, &inputs, hv, rr.conv[l.q_index], l, &shape).unwrap();
+                        self.exec(launch);
+                    }
+                }
+            }
+        }
+        let w = h * dv;
+        let mut out = Tensor::<f32>::zeros(&[b, seq, h, dv]);
+        for (r, x) in rk.iter().enumerate() {
+            let qr = sched.shard(r);
+            if softmax {
+                let nq = sched.shard_len(r);
+                let d = decode(DType::F32, &self.mem.bytes(x.acc_o, b * nq * w * 4));
+                scatter_rows(&mut out.data, &d, b, seq, w, nq, qr);
+            } else {
+                for (buf, q) in x.conv.iter().zip(qr) {
+                    let d = decode(DType::F32, &self.mem.bytes(*buf, b * q.len() * w * 4));
+                    scatter_rows(
+                        &mut out.data,
+                        &d,
+                        b,
+                        seq,
+                        w,
+                        q.len(),
+                        std::slice::from_ref(q),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// The chunkwise chain as `prepare_chunkwise` / `enqueue_chunkwise` run
+    /// it over `devices` GPUs: ranges in sequence order, the state read in
+    /// place on the same GPU or copied into the range's own `state_in`.
+    fn chunkwise(&mut self, x: &MixerInputs, sched: &RingSchedule, devices: usize) -> Tensor<f32> {
+        let spec = self.spec;
+        let (b, seq) = (x.batch, x.seq);
+        let (h, kvh) = (spec.heads as usize, spec.kv_heads as usize);
+        let (dk, dv) = (spec.head_dim as usize, spec.value_dim as usize);
+        let e = elem_bytes(self.dt);
+        let info = self.g.kernels[0].clone();
+        let norm_sum = matches!(spec.norm, Norm::Sum { .. });
+        let gate = match &spec.decay {
+            Decay::Gate { input } => Some(input.clone()),
+            _ => None,
+        };
+        let (sb, zb) = (b * h * dk * dv * 4, b * h * dk * 4);
+        let mut out = Tensor::<f32>::zeros(&[b, seq, h, dv]);
+        // (device, state, z) of the previous range.
+        let mut prev: Option<(usize, u64, u64)> = None;
+        for (range, owner) in sched.ranges_in_order() {
+            let dev = device_of(owner, devices);
+            let rs = std::slice::from_ref(&range);
+            let n = range.len();
+            let up =
+                |t: &Tensor<f32>, w: usize| encode(self.dt, &gather_rows(&t.data, b, seq, w, rs));
+            let (q, k, v) = (up(&x.q, h * dk), up(&x.k, kvh * dk), up(&x.v, kvh * dv));
+            let (q, k, v) = (self.mem.alloc(q), self.mem.alloc(k), self.mem.alloc(v));
+            let gate_buf = gate.as_ref().map(|name| {
+                let bytes = extra_bytes(&x.extra[name], false, Some((b, seq, range.clone())));
+                (name.clone(), self.mem.alloc(bytes))
+            });
+            let o = self.mem.poisoned(b * n * h * dv * e);
+            let state = self.mem.poisoned(sb);
+            let z = norm_sum.then(|| self.mem.poisoned(zb));
+            let (state_in, z_in) = match prev {
+                None => (None, None),
+                Some((pd, ps, pz)) if pd == dev => (Some(ps), z.map(|_| pz)),
+                Some((_, ps, pz)) => {
+                    let s = self.mem.poisoned(sb);
+                    self.mem.copy(ps, s, sb);
+                    let zi = z.map(|_| {
+                        let zi = self.mem.poisoned(zb);
+                        self.mem.copy(pz, zi, zb);
+                        zi
+                    });
+                    (Some(s), zi)
+                }
+            };
+            let bufs = ChunkBuffers {
+                q,
+                k,
+                v,
+                gate: gate_buf,
+                state_in,
+                z_in,
+                o,
+                state_out: state,
+                z_out: z,
+            };
+            self.exec(chunk_launch(&info, &bufs, n, b, h).unwrap());
+            let d = decode(self.dt, &self.mem.bytes(o, b * n * h * dv * e));
+            scatter_rows(&mut out.data, &d, b, seq, h * dv, n, rs);
+            prev = Some((dev, state, z.unwrap_or(0)));
+        }
+        out
+    }
+}
+
+/// Runs `spec` through the twin on `devices` emulated GPUs (which only the
+/// chunkwise chain's state copies depend on), with `mutate` applied to every
+/// launch.
+fn run_twin(
+    spec: &MixerSpec,
+    x: &MixerInputs,
+    dt: DType,
+    ranks: usize,
+    sharding: Sharding,
+    devices: usize,
+    mutate: Mutate<'_>,
+) -> Tensor<f32> {
+    let target = Target::new(Arch::Sm90, dt);
+    let cfg = KernelConfig::default_for(spec, &target);
+    let mut g = generate(spec, &target, &cfg).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+    // Small query blocks (the emulation reads them from the grid) so short
+    // sequences still spread over several CTAs; the planning tiles follow.
+    if let GridDim::QueryBlocks { block } = &mut g.kernels[0].grid[0] {
+        *block = 4;
+        g.config.block_m = 4;
+        g.config.block_n = 4;
+    }
+    let sched = RingSchedule::new(x.seq, ranks, sharding).unwrap();
+    let mut t = Twin {
+        spec,
+        g,
+        dt,
+        mem: Mem::default(),
+        mutate,
+    };
+    match spec.family {
+        Family::Softmax | Family::Convolution => t.pairwise(x, &sched),
+        _ => t.chunkwise(x, &sched, devices),
+    }
+}
+
+fn max_rel_err(got: &Tensor<f32>, want: &Tensor<f64>) -> f64 {
+    let scale = want
+        .data
+        .iter()
+        .fold(0f64, |m, w| m.max(w.abs()))
+        .max(1e-12);
+    got.data
+        .iter()
+        .zip(&want.data)
+        .map(|(g, w)| {
+            let e = (*g as f64 - w).abs();
+            if e.is_nan() {
+                f64::INFINITY
+            } else {
+                e
+            }
+        })
+        .fold(0.0, f64::max)
+        / scale
+}
+
+fn parse(src: &str) -> MixerSpec {
+    mixc_dsl::parse_str(src).unwrap_or_else(|e| panic!("{src}: {e}"))
+}
+
+fn no_mutation(_: &mut HostLaunch, _: &GeneratedKernel) {}
+
+/// Checks every (seq, ranks, sharding) of `spec` in `dt` against the reference.
+fn check_spec(spec: &MixerSpec, dt: DType, seqs: &[usize], tol: f64) -> usize {
+    let mut n = 0;
+    for &seq in seqs {
+        let mut x = crate::inputs::random_inputs(spec, 2, seq, 7 + seq as u64);
+        crate::inputs::round_to_dtype(&mut x, dt);
+        let want = crate::reference::evaluate(spec, &x).unwrap();
+        for ranks in 1..=4usize.min(seq) {
+            for sharding in [Sharding::Contiguous, Sharding::Zigzag] {
+                for devices in [1, 2] {
+                    let chunk = !matches!(spec.family, Family::Softmax | Family::Convolution);
+                    if devices == 2 && !chunk {
+                        continue; // pairwise layout does not depend on the device count
+                    }
+                    let got = run_twin(spec, &x, dt, ranks, sharding, devices, &no_mutation);
+                    let err = max_rel_err(&got, &want);
+                    assert!(
+                        err <= tol,
+                        "{} {dt:?} seq {seq} R {ranks} {sharding:?} {devices} dev: error {err:.2e}",
+                        spec.name
+                    );
+                    n += 1;
+                }
+            }
+        }
+    }
+    n
+}
+
+const SOFTMAX_SPECS: [&str; 9] = [
+    "mixer gqa { heads = 4; kv_heads = 2; head_dim = 16; dtype = f32; score = dot(q, k); mask = causal; norm = softmax; }",
+    "mixer full { heads = 2; head_dim = 16; dtype = f32; score = dot(q, k); mask = all; norm = softmax; }",
+    "mixer doc { heads = 2; head_dim = 16; dtype = f32; input doc: i32[batch, seq]; score = dot(q, k); mask = causal && segment(doc); norm = softmax; }",
+    "mixer alibi { heads = 4; head_dim = 16; dtype = f32; score = dot(q, k); bias = -alibi_slope(h) * (i - j); mask = causal; norm = softmax; }",
+    "mixer rel { heads = 2; head_dim = 16; dtype = f32; input rel: f32[heads, 8]; score = dot(q, k); bias = rel[h][min(abs(i - j), 7)]; mask = all; norm = softmax; }",
+    "mixer cap { heads = 2; head_dim = 16; dtype = f32; score = dot(q, k); transform = 5.0 * tanh(s / 5.0); mask = causal && window(5); norm = softmax; }",
+    "mixer plm { heads = 2; head_dim = 16; dtype = f32; score = dot(q, k); mask = prefix_lm(6); norm = softmax; }",
+    "mixer dil { heads = 2; head_dim = 16; dtype = f32; score = dot(q, k); mask = causal && (window(4) || dilated(3)); norm = softmax; }",
+    "mixer bs { heads = 2; head_dim = 16; dtype = f32; score = dot(q, k); mask = block_sparse(block = 4, local = 1, global = 1); norm = softmax; }",
+];
+
+/// Every softmax feature the launcher passes positions for (causal, GQA,
+/// segment ids, position biases, a seq-indexed table, windows, prefix,
+/// dilation, block sparsity) over 1..4 ranks, both shardings, ragged
+/// lengths (7, 19 and 30 split unevenly into 2R zigzag chunks).
+#[test]
+fn softmax_rings_match_the_reference() {
+    let mut n = 0;
+    for src in SOFTMAX_SPECS {
+        n += check_spec(&parse(src), DType::F32, &[1, 7, 19, 30], 1e-5);
+    }
+    assert!(n > 200, "{n} runs");
+}
+
+/// Storage-type encoding on the way in and the storage-type partial `o` the
+/// merge reads: bf16 and f16 runs within their rounding.
+#[test]
+fn softmax_rings_in_half_precision() {
+    let s = parse(SOFTMAX_SPECS[2]);
+    check_spec(&s, DType::Bf16, &[19], 2e-2);
+    check_spec(&s, DType::F16, &[19], 4e-3);
+}
+
+#[test]
+fn conv_rings_match_the_reference() {
+    let s = parse(
+        "mixer hy { heads = 2; head_dim = 8; dtype = f32; input f: f32[heads, seq]; \
+         score = filter(f); mask = causal; norm = none; }",
+    );
+    check_spec(&s, DType::F32, &[1, 7, 19, 30], 1e-5);
+    check_spec(&s, DType::Bf16, &[19], 2e-2);
+}
+
+/// The three chunkwise kinds (sum-normalised feature maps, per-head decay
+/// with value_dim != head_dim, per-token gate sliced per range), with the
+/// state chained in sequence order on one GPU and copied across two.
+#[test]
+fn chunkwise_chains_match_the_reference() {
+    for src in [
+        "mixer lin { heads = 2; head_dim = 16; dtype = f32; score = dot(elu1(q), elu1(k)); mask = causal; norm = sum(eps = 1e-6); }",
+        "mixer ret { heads = 2; head_dim = 16; value_dim = 32; dtype = f32; score = dot(q, k); scale = 0.25; decay = 1.0 - pow(2.0, -2.0 - h); mask = causal; norm = none; }",
+        "mixer gat { heads = 2; head_dim = 16; dtype = f32; input g: f32[batch, seq, heads]; score = dot(q, k); scale = 1.0; decay = gate(g); mask = causal; norm = none; }",
+    ] {
+        check_spec(&parse(src), DType::F32, &[1, 7, 19, 30], 1e-4);
+    }
+}
+
+/// The twin is only worth something if it notices a wrong launch: every
+/// mutation below (an off-by-one position, offset, range end or row count,
+/// a pointer one element off, a grid one block short, a merge range cut
+/// short) must change the result or read out of bounds.
+#[test]
+fn wrong_launches_are_caught() {
+    fn bump(name: &'static str, by: i32) -> Mutation {
+        Box::new(move |x, g| {
+            if x.kernel != KernelId::Main {
+                return;
+            }
+            let i = g.kernels[0]
+                .params
+                .iter()
+                .position(|p| p.name == name)
+                .unwrap();
+            match &mut x.args[i] {
+                ArgValue::Int(v) => *v += by,
+                ArgValue::Ptr(p) => *p += by as u64,
+            }
+        })
+    }
+    let grid_short: Mutation = Box::new(|x, _| {
+        if x.kernel == KernelId::Main && x.grid.0 > 1 {
+            x.grid.0 -= 1;
+        }
+    });
+    let merge_short: Mutation = Box::new(|x, _| {
+        if x.kernel == KernelId::Merge {
+            if let ArgValue::Int(v) = &mut x.args[9] {
+                *v -= 1;
+            }
+        }
+    });
+    let softmax = parse(SOFTMAX_SPECS[2]);
+    let conv = parse(
+        "mixer hy { heads = 2; head_dim = 8; dtype = f32; input f: f32[heads, seq]; \
+         score = filter(f); mask = causal; norm = none; }",
+    );
+    let chunk = parse(
+        "mixer gat { heads = 2; head_dim = 16; dtype = f32; input g: f32[batch, seq, heads]; \
+         score = dot(q, k); scale = 1.0; decay = gate(g); mask = causal; norm = none; }",
+    );
+    let mut cases: Vec<(&MixerSpec, String, Mutation)> = Vec::new();
+    for (n, by) in [
+        ("q_pos0", 1),
+        ("k_pos0", -1),
+        ("q_begin", 1),
+        ("q_end", -1),
+        ("kv_begin", 1),
+        ("kv_end", -1),
+        ("q_rows", 1),
+        ("kv_rows", -1),
+        ("seq_len", 1),
+        ("k", 4),
+    ] {
+        cases.push((&softmax, format!("softmax {n} {by:+}"), bump(n, by)));
+    }
+    cases.push((&softmax, "softmax grid x - 1".into(), grid_short));
+    cases.push((&softmax, "merge row_end - 1".into(), merge_short));
+    for (n, by) in [
+        ("q_pos0", 1),
+        ("k_pos0", 1),
+        ("kv_end", -1),
+        ("q_rows", -1),
+        ("kv_rows", 1),
+        ("seq_len", -1),
+    ] {
+        cases.push((&conv, format!("conv {n} {by:+}"), bump(n, by)));
+    }
+    for (n, by) in [("rows", -1), ("state_in", 4), ("in_g", 4)] {
+        cases.push((&chunk, format!("chunkwise {n} {by:+}"), bump(n, by)));
+    }
+    // Quiet the expected out-of-bounds panics of the emulation.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let mut missed = Vec::new();
+    for (spec, what, m) in &cases {
+        let seq = 19;
+        let x = crate::inputs::random_inputs(spec, 2, seq, 3);
+        let want = crate::reference::evaluate(spec, &x).unwrap();
+        // Caught when either ring notices (a mutation may not apply to both:
+        // the grid one is only possible where a launch has several blocks).
+        let caught = [(3, Sharding::Zigzag), (2, Sharding::Contiguous)]
+            .iter()
+            .any(|&(r, sh)| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    max_rel_err(&run_twin(spec, &x, DType::F32, r, sh, 2, m.as_ref()), &want)
+                }))
+                .map_or(true, |err| err > 1e-3)
+            });
+        if !caught {
+            missed.push(what.clone());
+        }
+    }
+    std::panic::set_hook(hook);
+    assert!(
+        missed.is_empty(),
+        "mutations the twin did not notice: {missed:?}"
+    );
+}
