@@ -10,7 +10,8 @@ use mixc_codegen::plan::{BlockClass, BlockPlan, ClassCounts, RowPlan};
 use mixc_dsl::ir::{Decay, Norm, Score};
 use rayon::prelude::*;
 
-use super::real::{axpy, scale, score_tile, transpose, Real};
+use super::microkernel::{col_sums_add, gemm_tn, softmax_cols, Mat, MatMut};
+use super::real::{scale, Real};
 use super::{Ctx, RankOutput, RankStats};
 use crate::error::Result;
 use crate::ring::{Endpoint, RingSchedule};
@@ -40,31 +41,56 @@ fn offsets(ranges: &[Range<usize>]) -> (Vec<usize>, usize) {
 }
 
 impl<T: Real> KvShard<T> {
+    /// Gathers the shard's keys and values. Keys are stored tile by tile,
+    /// each `block_n`-key tile transposed (`d_k x kn`, in the same slots the
+    /// tile's rows would occupy), so the score product reads a contiguous
+    /// `Kᵀ` tile; packed once here, reused by every query block and every
+    /// query head of the kv group, on every rank the shard visits.
     fn build(ctx: &Ctx<'_, T>, ranges: &[Range<usize>]) -> Self {
         let (offs, n) = offsets(ranges);
         let (b_, kvh_, dk, dv) = (ctx.batch, ctx.kv_heads, ctx.dk, ctx.dv);
+        let bn = ctx.tiling.block_n;
         let with_k = matches!(ctx.spec.score, Score::Dot { .. });
         let mut k = vec![T::ZERO; if with_k { b_ * kvh_ * n * dk } else { 0 }];
         let mut v = vec![T::ZERO; b_ * kvh_ * n * dv];
-        for b in 0..b_ {
-            for kvh in 0..kvh_ {
-                for (r, &off) in ranges.iter().zip(&offs) {
-                    for (t, pos) in r.clone().enumerate() {
-                        let local = ((b * kvh_ + kvh) * n) + off + t;
-                        if with_k {
-                            let src = ctx.inputs.k.offset(&[b, pos, kvh, 0]);
-                            for d in 0..dk {
-                                let x = ctx.inputs.k.data[src + d] as f64;
-                                k[local * dk + d] = T::from_f64(ctx.k_map.apply(x));
-                            }
-                        }
-                        let src = ctx.inputs.v.offset(&[b, pos, kvh, 0]);
-                        for d in 0..dv {
-                            v[local * dv + d] = T::from_f64(ctx.inputs.v.data[src + d] as f64);
+        // One (batch, kv head) per task: `kh` / `vh` are its `n x d` blocks.
+        let fill = |x: usize, kh: &mut [T], vh: &mut [T]| {
+            let (b, kvh) = (x / kvh_, x % kvh_);
+            for (r, &off) in ranges.iter().zip(&offs) {
+                for (t, pos) in r.clone().enumerate() {
+                    let src = ctx.inputs.v.offset(&[b, pos, kvh, 0]);
+                    let row = &ctx.inputs.v.data[src..src + dv];
+                    for (x, &y) in vh[(off + t) * dv..(off + t + 1) * dv].iter_mut().zip(row) {
+                        *x = T::from_f64(y as f64);
+                    }
+                }
+                if kh.is_empty() {
+                    continue;
+                }
+                for t0 in (0..r.len()).step_by(bn) {
+                    let kn = bn.min(r.len() - t0);
+                    let tile = &mut kh[(off + t0) * dk..(off + t0 + kn) * dk];
+                    for c in 0..kn {
+                        let src = ctx.inputs.k.offset(&[b, r.start + t0 + c, kvh, 0]);
+                        let row = &ctx.inputs.k.data[src..src + dk];
+                        for (d, &y) in row.iter().enumerate() {
+                            tile[d * kn + c] = T::from_f64(ctx.k_map.apply(y as f64));
                         }
                     }
                 }
             }
+        };
+        if n > 0 {
+            ctx.pool.install(|| {
+                let vs = v.par_chunks_mut(n * dv).enumerate();
+                if with_k {
+                    k.par_chunks_mut(n * dk)
+                        .zip(vs)
+                        .for_each(|(kh, (x, vh))| fill(x, kh, vh));
+                } else {
+                    vs.for_each(|(x, vh)| fill(x, &mut [], vh));
+                }
+            });
         }
         KvShard {
             ranges: ranges.to_vec(),
@@ -105,9 +131,9 @@ pub(super) fn rank_main<T: Real>(
     let (_, nq) = offsets(&q_ranges);
     let (bh, dv) = (ctx.batch * ctx.heads, ctx.dv);
     let mut acc = Acc {
-        o: vec![T::ZERO; bh * nq * dv],
+        o: written(bh * nq * dv, T::ZERO),
         m: vec![T::NEG_INF; bh * nq],
-        l: vec![T::ZERO; bh * nq],
+        l: written(bh * nq, T::ZERO),
     };
     let mut stats = RankStats::default();
     let mut held = Arc::new(KvShard::build(ctx, sched.shard(r)));
@@ -154,6 +180,15 @@ pub(super) fn rank_main<T: Real>(
         y,
         stats,
     })
+}
+
+/// A vector of `len` copies of `x`, written now. `vec![0.0; n]` maps
+/// zero pages lazily, and the workers' first read-then-write of each page
+/// then costs a copy-on-write fault with a TLB shootdown across threads.
+pub(super) fn written<T: Copy>(len: usize, x: T) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    v.resize(len, x);
+    v
 }
 
 /// Normalised outputs `[batch][head][position][dv]` of a rank.
@@ -224,7 +259,9 @@ fn step_compute<T: Real>(
     ctx.pool.install(|| {
         items
             .into_par_iter()
-            .map(|it| compute_item(ctx, plans, shard, it))
+            .map_init(Scratch::default, |scratch, it| {
+                compute_item(ctx, plans, shard, it, scratch)
+            })
             .reduce(StepStats::default, |a, b| StepStats {
                 pairs: a.pairs + b.pairs,
                 tiles: ClassCounts {
@@ -236,6 +273,38 @@ fn step_compute<T: Real>(
     })
 }
 
+/// Per-worker buffers of [`compute_item`], reused across items so the hot
+/// loop never allocates.
+struct Scratch<T> {
+    /// The query tile, feature map and scale applied, transposed: `d_k x block_m`.
+    q: Vec<T>,
+    /// The partial over the held shard: output, row max, row sum.
+    po: Vec<T>,
+    pm: Vec<T>,
+    pl: Vec<T>,
+    /// Scores, then probabilities, of one tile, transposed: `block_n x block_m`.
+    s: Vec<T>,
+}
+
+impl<T> Default for Scratch<T> {
+    fn default() -> Self {
+        Scratch {
+            q: Vec::new(),
+            po: Vec::new(),
+            pm: Vec::new(),
+            pl: Vec::new(),
+            s: Vec::new(),
+        }
+    }
+}
+
+/// `v` resized to `len` and filled with `x`.
+fn reset<T: Copy>(v: &mut Vec<T>, len: usize, x: T) -> &mut [T] {
+    v.clear();
+    v.resize(len, x);
+    v
+}
+
 /// Computes one query block's partial over the held shard, then merges it
 /// into the rank's accumulator exactly as partials from different ranks merge.
 fn compute_item<T: Real>(
@@ -243,6 +312,7 @@ fn compute_item<T: Real>(
     plans: &[Vec<BlockPlan>],
     shard: &KvShard<T>,
     it: Item<'_, T>,
+    scratch: &mut Scratch<T>,
 ) -> StepStats {
     let (b, h) = (it.b, it.h);
     let segs = &ctx.segs[b];
@@ -265,29 +335,29 @@ fn compute_item<T: Real>(
     let kvh = ctx.spec.kv_head_of(h as u32) as usize;
     let softmax = matches!(ctx.spec.norm, Norm::Softmax);
 
-    // The query tile, feature map and scale applied once.
-    let mut qbuf = vec![T::ZERO; nrows * dk];
+    // The query tile, feature map and scale applied once, transposed
+    // (`d_k x rows`) so that each tile's scores come out transposed too:
+    // `Sᵀ = K Qᵀ` puts queries on the contiguous axis, where the softmax is
+    // plain vector arithmetic and `Pᵀ` is the operand `O += P V` wants.
+    let qt = reset(&mut scratch.q, dk * nrows, T::ZERO);
     if let Score::Dot { q_map, scale, .. } = &ctx.spec.score {
         for (r, i) in q.clone().enumerate() {
             let src = ctx.inputs.q.offset(&[b, i, h, 0]);
-            for d in 0..dk {
-                let x = q_map.apply(ctx.inputs.q.data[src + d] as f64) * scale;
-                qbuf[r * dk + d] = T::from_f64(x);
+            for (d, &x) in ctx.inputs.q.data[src..src + dk].iter().enumerate() {
+                qt[d * nrows + r] = T::from_f64(q_map.apply(x as f64) * scale);
             }
         }
     }
-    let mut po = vec![T::ZERO; nrows * dv];
-    let mut pm = vec![T::NEG_INF; nrows];
-    let mut pl = vec![T::ZERO; nrows];
-    let bn = ctx.tiling.block_n;
-    let mut srow = vec![T::ZERO; bn];
-    let mut valid = vec![true; bn];
-    // Scratch for the transposed key tile and the raw score tile.
-    let mut ktt = vec![T::ZERO; dk * bn];
-    let mut stile = vec![T::ZERO; nrows * bn];
-    let seg = |name: &str, pos: i64| ctx.inputs.extra[name].get_clamped(&[b as i64, pos]) as i64;
-    let bias = ctx.bias[h].as_ref();
-    let transform = ctx.transform[h].as_ref();
+    let qt = &*qt;
+    let po = reset(&mut scratch.po, nrows * dv, T::ZERO);
+    let pm = reset(&mut scratch.pm, nrows, T::NEG_INF);
+    let pl = reset(&mut scratch.pl, nrows, T::ZERO);
+    let stile = reset(&mut scratch.s, ctx.tiling.block_n * nrows, T::ZERO);
+    // Tiles with nothing but `q . k` scores need no per-pair pass when Full.
+    let plain = ctx.filter.is_none()
+        && ctx.bias[h].is_none()
+        && ctx.transform[h].is_none()
+        && !ctx.has_decay;
 
     for ((row, plan), (&k_off, k_range)) in rows
         .iter()
@@ -298,83 +368,88 @@ fn compute_item<T: Real>(
             let kn = keys.len();
             let base = (b * ctx.kv_heads + kvh) * shard.n + k_off + keys.start - k_range.start;
             let vt = &shard.v[base * dv..(base + kn) * dv];
-            let kt = if shard.k.is_empty() {
-                &[][..]
+            // Sᵀ: `kn x rows`.
+            let st = &mut stile[..kn * nrows];
+            if !shard.k.is_empty() {
+                let kt = &shard.k[base * dk..(base + kn) * dk];
+                gemm_tn(
+                    Mat::dense(kt, dk, kn),
+                    Mat::dense(qt, dk, nrows),
+                    MatMut::dense(st, kn, nrows),
+                    false,
+                );
+            }
+            if !plain || class == BlockClass::Partial {
+                pair_pass(ctx, b, h, q.start, &keys, class, softmax, st);
+            }
+            if softmax {
+                softmax_cols(st, kn, pm, pl, po);
             } else {
-                &shard.k[base * dk..(base + kn) * dk]
-            };
-            if !kt.is_empty() {
-                transpose(kt, kn, dk, &mut ktt);
-                score_tile(&qbuf, nrows, dk, &ktt, kn, &mut stile);
+                col_sums_add(st, pl);
             }
-            for r in 0..nrows {
-                let i = q.start + r;
-                let partial = class == BlockClass::Partial;
-                for c in 0..kn {
-                    let j = keys.start + c;
-                    valid[c] = !partial || ctx.spec.mask.allows(i as i64, j as i64, &seg);
-                    if !valid[c] {
-                        continue;
-                    }
-                    srow[c] = match &ctx.filter {
-                        Some(f) => f[h * ctx.filter_len + (i - j).min(ctx.filter_len - 1)],
-                        None => {
-                            let mut s = stile[r * kn + c];
-                            if bias.is_some() || transform.is_some() {
-                                let mut sf = s.to_f64();
-                                if let Some(e) = bias {
-                                    sf += e.eval_f64(i as i64, j as i64, 0.0);
-                                }
-                                if let Some(e) = transform {
-                                    sf = e.eval_f64(i as i64, j as i64, sf);
-                                }
-                                s = T::from_f64(sf);
-                            }
-                            if ctx.has_decay {
-                                s *= T::from_f64(ctx.decay(b, h, i, j));
-                            }
-                            s
-                        }
-                    };
-                }
-                let out = &mut po[r * dv..(r + 1) * dv];
-                if softmax {
-                    let mut mx = T::NEG_INF;
-                    for c in 0..kn {
-                        if valid[c] {
-                            mx = mx.max(srow[c]);
-                        }
-                    }
-                    if mx == T::NEG_INF {
-                        continue;
-                    }
-                    let m_new = pm[r].max(mx);
-                    let alpha = (pm[r] - m_new).exp();
-                    if alpha != T::ONE {
-                        scale(out, alpha);
-                        pl[r] *= alpha;
-                    }
-                    pm[r] = m_new;
-                    for c in 0..kn {
-                        if valid[c] {
-                            let p = (srow[c] - m_new).exp();
-                            pl[r] += p;
-                            axpy(out, p, &vt[c * dv..(c + 1) * dv]);
-                        }
-                    }
-                } else {
-                    for c in 0..kn {
-                        if valid[c] {
-                            pl[r] += srow[c];
-                            axpy(out, srow[c], &vt[c * dv..(c + 1) * dv]);
-                        }
-                    }
-                }
-            }
+            gemm_tn(
+                Mat::dense(st, kn, nrows),
+                Mat::dense(vt, kn, dv),
+                MatMut::dense(po, nrows, dv),
+                true,
+            );
         }
     }
-    merge(softmax, &po, &pm, &pl, it.o, it.m, it.l, dv);
+    merge(softmax, po, pm, pl, it.o, it.m, it.l, dv);
     stats
+}
+
+/// The per-pair part of a tile's transposed scores `st` (`keys x rows`,
+/// holding `q . k` for dot scores): masked pairs become `-inf` under softmax
+/// (so `e^s = 0`) and 0 otherwise (so they add nothing); filter scores, bias,
+/// transform and decay are applied to the rest. Only Partial tiles and specs
+/// with a bias, transform, decay or filter come here.
+#[allow(clippy::too_many_arguments)]
+fn pair_pass<T: Real>(
+    ctx: &Ctx<'_, T>,
+    b: usize,
+    h: usize,
+    q0: usize,
+    keys: &Range<usize>,
+    class: BlockClass,
+    softmax: bool,
+    st: &mut [T],
+) {
+    let rows = st.len() / keys.len();
+    let masked = if softmax { T::NEG_INF } else { T::ZERO };
+    let partial = class == BlockClass::Partial;
+    let seg = |name: &str, pos: i64| ctx.inputs.extra[name].get_clamped(&[b as i64, pos]) as i64;
+    let bias = ctx.bias[h].as_ref();
+    let transform = ctx.transform[h].as_ref();
+    for (srow, j) in st.chunks_exact_mut(rows).zip(keys.clone()) {
+        for (r, x) in srow.iter_mut().enumerate() {
+            let i = q0 + r;
+            if partial && !ctx.spec.mask.allows(i as i64, j as i64, &seg) {
+                *x = masked;
+                continue;
+            }
+            *x = match &ctx.filter {
+                Some(f) => f[h * ctx.filter_len + (i - j).min(ctx.filter_len - 1)],
+                None => {
+                    let mut v = *x;
+                    if bias.is_some() || transform.is_some() {
+                        let mut sf = v.to_f64();
+                        if let Some(e) = bias {
+                            sf += e.eval_f64(i as i64, j as i64, 0.0);
+                        }
+                        if let Some(e) = transform {
+                            sf = e.eval_f64(i as i64, j as i64, sf);
+                        }
+                        v = T::from_f64(sf);
+                    }
+                    if ctx.has_decay {
+                        v *= T::from_f64(ctx.decay(b, h, i, j));
+                    }
+                    v
+                }
+            };
+        }
+    }
 }
 
 /// Merges a partial `(po, pm, pl)` into `(o, m, l)`: the online-softmax merge
@@ -423,5 +498,27 @@ impl<T: Real> Ctx<'_, T> {
                 (c[i] - c[j]).exp()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{run, CpuConfig};
+    use crate::inputs::random_inputs;
+
+    /// Zero-width heads (possible only in hand-built specs) are a clear
+    /// error, not a panic in the tile kernels.
+    #[test]
+    fn zero_width_heads_are_rejected() {
+        let src = "mixer m { heads = 2; head_dim = 8; score = dot(q, k); mask = causal; norm = softmax; }";
+        let spec = mixc_dsl::parse_str(src).expect("valid spec");
+        let inputs = random_inputs(&spec, 1, 16, 0);
+        for (dk, dv) in [(0, 8), (8, 0)] {
+            let mut s = spec.clone();
+            (s.head_dim, s.value_dim) = (dk, dv);
+            let err = run(&s, &inputs, &CpuConfig::default_for(&s, 16)).unwrap_err();
+            assert!(err.to_string().contains("must be at least 1"), "{err}");
+        }
+        assert!(run(&spec, &inputs, &CpuConfig::default_for(&spec, 16)).is_ok());
     }
 }

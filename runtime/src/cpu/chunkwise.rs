@@ -13,7 +13,9 @@ use mixc_codegen::plan::chunks;
 use mixc_dsl::ir::{Decay, Norm, Score};
 use rayon::prelude::*;
 
-use super::real::{axpy, dot, scale, Real};
+use super::blocked::written;
+use super::microkernel::{gemm, row_sum, Mat, MatMut};
+use super::real::{axpy, dot, scale, transpose, Real};
 use super::{Ctx, RankOutput, RankStats};
 use crate::error::{Result, RuntimeError};
 use crate::ring::{Endpoint, RingSchedule};
@@ -45,14 +47,16 @@ pub(super) fn rank_main<T: Real>(
 ) -> Result<RankOutput<T>> {
     let order = sched.ranges_in_order();
     let mut stats = RankStats::default();
-    let mut y_all = Vec::new();
     let ranges = sched.shard(ep.rank).to_vec();
     let bh = ctx.batch * ctx.heads;
     let (dk, dv) = (ctx.dk, ctx.dv);
+    // Laid out as the blocked path does: `[bh][position in shard order][dv]`.
+    let n: usize = ranges.iter().map(|r| r.len()).sum();
+    let mut y_all = written(bh * n * dv, T::ZERO);
+    let mut off = 0;
     // A state this rank sent to itself (zigzag: the two middle chunks are adjacent).
     let mut kept: Option<PrefixState<T>> = None;
     let mut early: Vec<PrefixState<T>> = Vec::new();
-    let mut per_range: Vec<Vec<T>> = Vec::new();
     for range in &ranges {
         let mut locals: Vec<Local<T>> = ctx.pool.install(|| {
             (0..bh)
@@ -116,19 +120,8 @@ pub(super) fn rank_main<T: Real>(
                 ep.send_to(owner, next)?;
             }
         }
-        per_range.push(finish(ctx, &locals, range.len()));
-    }
-    // Lay out as the blocked path does: `[bh][position in shard order][dv]`.
-    let n: usize = ranges.iter().map(|r| r.len()).sum();
-    y_all.resize(bh * n * dv, T::ZERO);
-    let mut off = 0;
-    for (range, y) in ranges.iter().zip(&per_range) {
-        let len = range.len();
-        for x in 0..bh {
-            let dst = &mut y_all[(x * n + off) * dv..(x * n + off + len) * dv];
-            dst.copy_from_slice(&y[x * len * dv..(x + 1) * len * dv]);
-        }
-        off += len;
+        finish(ctx, &locals, range.len(), &mut y_all, n, off);
+        off += range.len();
     }
     Ok(RankOutput {
         ranges,
@@ -169,6 +162,10 @@ fn log_gamma<T: Real>(ctx: &Ctx<'_, T>, b: usize, h: usize, pos: usize) -> f64 {
 
 /// Everything one (batch, head) can compute on `range` without the prefix:
 /// intra-chunk products, inter-chunk state within the range, the range state.
+/// Per chunk `c` (rows `t`, keys `u`, all matrix products):
+/// `O_c = (w Q_c) S + (Q_c K_cᵀ ⊙ D) V_c`, then `S = d_c S + K_cᵀ (w' V_c)`,
+/// with `w`, `w'`, `D`, `d_c` the decays from the chunk start, to the chunk
+/// end, between pairs, and across the chunk (all 1 without decay).
 fn local_pass<T: Real>(ctx: &Ctx<'_, T>, b: usize, h: usize, range: Range<usize>) -> Local<T> {
     let (dk, dv, n) = (ctx.dk, ctx.dv, range.len());
     let kvh = ctx.spec.kv_head_of(h as u32) as usize;
@@ -180,76 +177,146 @@ fn local_pass<T: Real>(ctx: &Ctx<'_, T>, b: usize, h: usize, range: Range<usize>
     else {
         unreachable!("the chunkwise path is only chosen for dot scores");
     };
+    // Queries stay for the prefix pass; keys and values are gathered chunk
+    // by chunk (below), so a range holds no full-length copy of them.
     let mut q = vec![T::ZERO; n * dk];
-    let mut k = vec![T::ZERO; n * dk];
-    let mut v = vec![T::ZERO; n * dv];
     let mut cl = vec![0.0f64; n + 1];
     for (t, pos) in range.clone().enumerate() {
-        let (qo, ko) = (
-            ctx.inputs.q.offset(&[b, pos, h, 0]),
-            ctx.inputs.k.offset(&[b, pos, kvh, 0]),
-        );
-        for d in 0..dk {
-            q[t * dk + d] = T::from_f64(q_map.apply(ctx.inputs.q.data[qo + d] as f64) * qk_scale);
-            k[t * dk + d] = T::from_f64(k_map.apply(ctx.inputs.k.data[ko + d] as f64));
-        }
-        let vo = ctx.inputs.v.offset(&[b, pos, kvh, 0]);
-        for d in 0..dv {
-            v[t * dv + d] = T::from_f64(ctx.inputs.v.data[vo + d] as f64);
+        let qo = ctx.inputs.q.offset(&[b, pos, h, 0]);
+        for (x, &src) in q[t * dk..(t + 1) * dk]
+            .iter_mut()
+            .zip(&ctx.inputs.q.data[qo..qo + dk])
+        {
+            *x = T::from_f64(q_map.apply(src as f64) * qk_scale);
         }
         cl[t + 1] = cl[t] + log_gamma(ctx, b, h, pos);
     }
+    let gather = |c: &Range<usize>, kc: &mut [T], vc: &mut [T]| {
+        for (u, pos) in c.clone().map(|t| range.start + t).enumerate() {
+            let (ko, vo) = (
+                ctx.inputs.k.offset(&[b, pos, kvh, 0]),
+                ctx.inputs.v.offset(&[b, pos, kvh, 0]),
+            );
+            for (x, &src) in kc[u * dk..(u + 1) * dk]
+                .iter_mut()
+                .zip(&ctx.inputs.k.data[ko..ko + dk])
+            {
+                *x = T::from_f64(k_map.apply(src as f64));
+            }
+            for (x, &src) in vc[u * dv..(u + 1) * dv]
+                .iter_mut()
+                .zip(&ctx.inputs.v.data[vo..vo + dv])
+            {
+                *x = T::from_f64(src as f64);
+            }
+        }
+    };
     let decays = ctx.has_decay;
-    let mut o = vec![T::ZERO; n * dv];
-    let mut l = vec![T::ZERO; n];
+    // A fixed per-head gamma makes the pair decay a power of the distance:
+    // one table instead of an `exp` per pair.
+    let powers: Option<Vec<T>> = match &ctx.spec.decay {
+        Decay::PerHead(_) => Some(
+            (0..ctx.chunk.min(n.max(1)))
+                .map(|x| T::from_f64((ctx.log_gamma[h] * x as f64).exp()))
+                .collect(),
+        ),
+        _ => None,
+    };
+    let pair_decay = |t: usize, u: usize| match &powers {
+        Some(p) => p[t - u],
+        None => T::from_f64((cl[t + 1] - cl[u + 1]).exp()),
+    };
+    // Products accumulate into `o` and `l`: written now, not lazily zeroed
+    // (see `written`).
+    let mut o = written(n * dv, T::ZERO);
+    let mut l = written(n, T::ZERO);
     let mut s = vec![T::ZERO; dk * dv];
     let mut z = vec![T::ZERO; dk];
     let mut pairs = 0u64;
+    let cmax = ctx.chunk.min(n);
+    // Chunk scratch: K, V, Kᵀ, the pair matrix, decayed queries and values.
+    let (mut kbuf, mut vbuf) = (vec![T::ZERO; cmax * dk], vec![T::ZERO; cmax * dv]);
+    let mut kt = vec![T::ZERO; dk * cmax];
+    let mut a = vec![T::ZERO; cmax * cmax];
+    let mut qw = vec![T::ZERO; cmax * dk];
+    let mut vw = vec![T::ZERO; cmax * dv];
     for c in chunks(0..n, ctx.chunk) {
-        let c0 = c.start;
-        for t in c.clone() {
-            let qt = &q[t * dk..(t + 1) * dk];
-            let ot = &mut o[t * dv..(t + 1) * dv];
-            // Earlier chunks of this range, through the state.
-            if c0 > 0 {
-                let w = if decays {
-                    T::from_f64((cl[t + 1] - cl[c0]).exp())
-                } else {
-                    T::ONE
-                };
-                for d in 0..dk {
-                    axpy(ot, w * qt[d], &s[d * dv..(d + 1) * dv]);
+        let (c0, nc) = (c.start, c.len());
+        let qc = &q[c0 * dk..c.end * dk];
+        let (kc, vc) = (&mut kbuf[..nc * dk], &mut vbuf[..nc * dv]);
+        gather(&c, kc, vc);
+        let (kc, vc) = (&*kc, &*vc);
+        let oc = &mut o[c0 * dv..c.end * dv];
+        let lc = &mut l[c.clone()];
+        // Earlier chunks of this range, through the state.
+        if c0 > 0 {
+            let qw = &mut qw[..nc * dk];
+            qw.copy_from_slice(qc);
+            if decays {
+                for (t, row) in qw.chunks_exact_mut(dk).enumerate() {
+                    scale(row, T::from_f64((cl[c0 + t + 1] - cl[c0]).exp()));
                 }
-                l[t] += w * dot(qt, &z);
             }
-            // This chunk, directly.
-            for u in c0..=t {
-                let mut a = dot(qt, &k[u * dk..(u + 1) * dk]);
-                if decays {
-                    a *= T::from_f64((cl[t + 1] - cl[u + 1]).exp());
-                }
-                l[t] += a;
-                axpy(ot, a, &v[u * dv..(u + 1) * dv]);
+            gemm(
+                Mat::dense(qw, nc, dk),
+                Mat::dense(&s, dk, dv),
+                MatMut::dense(oc, nc, dv),
+                true,
+            );
+            for (lt, row) in lc.iter_mut().zip(qw.chunks_exact(dk)) {
+                *lt += dot(row, &z);
             }
-            pairs += (t - c0 + 1) as u64;
         }
+        // This chunk, directly: causal, decayed pair weights.
+        let kt = &mut kt[..dk * nc];
+        transpose(kc, nc, dk, kt);
+        let a = &mut a[..nc * nc];
+        gemm(
+            Mat::dense(qc, nc, dk),
+            Mat::dense(kt, dk, nc),
+            MatMut::dense(a, nc, nc),
+            false,
+        );
+        for (t, row) in a.chunks_exact_mut(nc).enumerate() {
+            row[t + 1..].fill(T::ZERO);
+            if decays {
+                for (u, x) in row[..=t].iter_mut().enumerate() {
+                    *x *= pair_decay(c0 + t, c0 + u);
+                }
+            }
+            lc[t] += row_sum(row);
+        }
+        gemm(
+            Mat::dense(a, nc, nc),
+            Mat::dense(vc, nc, dv),
+            MatMut::dense(oc, nc, dv),
+            true,
+        );
+        pairs += (nc * (nc + 1) / 2) as u64;
         // Fold the chunk into the state, decayed to the chunk's last position.
+        let vw = &mut vw[..nc * dv];
+        vw.copy_from_slice(vc);
         if decays {
-            scale(&mut s, T::from_f64((cl[c.end] - cl[c0]).exp()));
-            scale(&mut z, T::from_f64((cl[c.end] - cl[c0]).exp()));
+            let across = T::from_f64((cl[c.end] - cl[c0]).exp());
+            scale(&mut s, across);
+            scale(&mut z, across);
+            for (u, row) in vw.chunks_exact_mut(dv).enumerate() {
+                scale(row, T::from_f64((cl[c.end] - cl[c0 + u + 1]).exp()));
+            }
         }
-        for u in c.clone() {
+        gemm(
+            Mat::dense(kt, dk, nc),
+            Mat::dense(vw, nc, dv),
+            MatMut::dense(&mut s, dk, dv),
+            true,
+        );
+        for (u, krow) in kc.chunks_exact(dk).enumerate() {
             let w = if decays {
-                T::from_f64((cl[c.end] - cl[u + 1]).exp())
+                T::from_f64((cl[c.end] - cl[c0 + u + 1]).exp())
             } else {
                 T::ONE
             };
-            let vu = &v[u * dv..(u + 1) * dv];
-            for d in 0..dk {
-                let kd = w * k[u * dk + d];
-                axpy(&mut s[d * dv..(d + 1) * dv], kd, vu);
-                z[d] += kd;
-            }
+            axpy(&mut z, w, krow);
         }
     }
     Local {
@@ -263,41 +330,53 @@ fn local_pass<T: Real>(ctx: &Ctx<'_, T>, b: usize, h: usize, range: Range<usize>
     }
 }
 
-/// Adds the contribution of every position before the range.
+/// Adds the contribution of every position before the range:
+/// `o += (w Q) S_prefix`, `l += (w Q) z_prefix`, `w_t` the decay from the
+/// range start to `t`. Rows go in chunks so the scratch stays small.
 fn apply_prefix<T: Real>(ctx: &Ctx<'_, T>, loc: &mut Local<T>, ps: &[T], pz: &[T]) {
-    let (dk, dv) = (ctx.dk, ctx.dv);
-    for t in 0..loc.l.len() {
-        let w = if ctx.has_decay {
-            T::from_f64(loc.cl[t + 1].exp())
-        } else {
-            T::ONE
-        };
-        let qt = &loc.q[t * dk..(t + 1) * dk];
-        let ot = &mut loc.o[t * dv..(t + 1) * dv];
-        for d in 0..dk {
-            axpy(ot, w * qt[d], &ps[d * dv..(d + 1) * dv]);
+    let (dk, dv, n) = (ctx.dk, ctx.dv, loc.l.len());
+    let mut qw = vec![T::ZERO; ctx.chunk.min(n) * dk];
+    for c in chunks(0..n, ctx.chunk) {
+        let nc = c.len();
+        let qw = &mut qw[..nc * dk];
+        qw.copy_from_slice(&loc.q[c.start * dk..c.end * dk]);
+        if ctx.has_decay {
+            for (t, row) in c.clone().zip(qw.chunks_exact_mut(dk)) {
+                scale(row, T::from_f64(loc.cl[t + 1].exp()));
+            }
         }
-        loc.l[t] += w * dot(qt, pz);
+        gemm(
+            Mat::dense(qw, nc, dk),
+            Mat::dense(ps, dk, dv),
+            MatMut::dense(&mut loc.o[c.start * dv..c.end * dv], nc, dv),
+            true,
+        );
+        for (lt, row) in loc.l[c].iter_mut().zip(qw.chunks_exact(dk)) {
+            *lt += dot(row, pz);
+        }
     }
 }
 
-/// Normalised outputs of one range, `[bh][position][dv]`.
-fn finish<T: Real>(ctx: &Ctx<'_, T>, locals: &[Local<T>], n: usize) -> Vec<T> {
+/// Writes the normalised outputs of one range (`len` positions at shard
+/// offset `off`) into the rank's `[bh][n][dv]` output.
+fn finish<T: Real>(
+    ctx: &Ctx<'_, T>,
+    locals: &[Local<T>],
+    len: usize,
+    y: &mut [T],
+    n: usize,
+    off: usize,
+) {
     let dv = ctx.dv;
-    let mut y = Vec::with_capacity(locals.len() * n * dv);
-    for loc in locals {
-        for t in 0..n {
-            let row = &loc.o[t * dv..(t + 1) * dv];
-            match ctx.spec.norm {
-                Norm::Sum { eps } => {
-                    let inv = T::ONE / (loc.l[t] + T::from_f64(eps));
-                    y.extend(row.iter().map(|&x| x * inv));
-                }
-                _ => y.extend_from_slice(row),
+    for (x, loc) in locals.iter().enumerate() {
+        let dst = &mut y[(x * n + off) * dv..(x * n + off + len) * dv];
+        dst.copy_from_slice(&loc.o[..len * dv]);
+        if let Norm::Sum { eps } = ctx.spec.norm {
+            for (row, &l) in dst.chunks_exact_mut(dv).zip(&loc.l) {
+                scale(row, T::ONE / (l + T::from_f64(eps)));
             }
         }
     }
-    y
 }
 
 /// Non-causal linear mixers (`mask = all`, no decay): every query reads the
@@ -321,6 +400,8 @@ pub(super) fn rank_main_global<T: Real>(
         unreachable!("the state path is only chosen for dot scores");
     };
     let positions = || ranges.iter().flat_map(|r| r.clone());
+    // Positions go in chunks: `S += K_cᵀ V_c` as one product per chunk.
+    let step = ctx.chunk.min(n.max(1));
     let states: Vec<(Vec<T>, Vec<T>)> = ctx.pool.install(|| {
         (0..bh)
             .into_par_iter()
@@ -329,20 +410,31 @@ pub(super) fn rank_main_global<T: Real>(
                 let kvh = ctx.spec.kv_head_of(h as u32) as usize;
                 let mut s = vec![T::ZERO; dk * dv];
                 let mut z = vec![T::ZERO; dk];
-                let mut v = vec![T::ZERO; dv];
-                for pos in positions() {
-                    let (ko, vo) = (
-                        ctx.inputs.k.offset(&[b, pos, kvh, 0]),
-                        ctx.inputs.v.offset(&[b, pos, kvh, 0]),
+                let mut kt = vec![T::ZERO; dk * step];
+                let mut v = vec![T::ZERO; step * dv];
+                let all: Vec<usize> = positions().collect();
+                for ch in all.chunks(step) {
+                    let nc = ch.len();
+                    for (u, &pos) in ch.iter().enumerate() {
+                        let (ko, vo) = (
+                            ctx.inputs.k.offset(&[b, pos, kvh, 0]),
+                            ctx.inputs.v.offset(&[b, pos, kvh, 0]),
+                        );
+                        for (d, x) in v[u * dv..(u + 1) * dv].iter_mut().enumerate() {
+                            *x = T::from_f64(ctx.inputs.v.data[vo + d] as f64);
+                        }
+                        for (d, zd) in z.iter_mut().enumerate() {
+                            let kd = T::from_f64(k_map.apply(ctx.inputs.k.data[ko + d] as f64));
+                            kt[d * nc + u] = kd;
+                            *zd += kd;
+                        }
+                    }
+                    gemm(
+                        Mat::dense(&kt[..dk * nc], dk, nc),
+                        Mat::dense(&v[..nc * dv], nc, dv),
+                        MatMut::dense(&mut s, dk, dv),
+                        true,
                     );
-                    for (d, x) in v.iter_mut().enumerate() {
-                        *x = T::from_f64(ctx.inputs.v.data[vo + d] as f64);
-                    }
-                    for d in 0..dk {
-                        let kd = T::from_f64(k_map.apply(ctx.inputs.k.data[ko + d] as f64));
-                        axpy(&mut s[d * dv..(d + 1) * dv], kd, &v);
-                        z[d] += kd;
-                    }
                 }
                 (s, z)
             })
@@ -373,19 +465,27 @@ pub(super) fn rank_main_global<T: Real>(
                 &total.s[x * dk * dv..(x + 1) * dk * dv],
                 &total.z[x * dk..(x + 1) * dk],
             );
-            let mut q = vec![T::ZERO; dk];
-            for (t, pos) in positions().enumerate() {
-                let qo = ctx.inputs.q.offset(&[b, pos, h, 0]);
-                for (d, x) in q.iter_mut().enumerate() {
-                    *x = T::from_f64(q_map.apply(ctx.inputs.q.data[qo + d] as f64) * qk_scale);
+            let all: Vec<usize> = positions().collect();
+            let mut q = vec![T::ZERO; step * dk];
+            for (ch, yc) in all.chunks(step).zip(yx.chunks_mut(step * dv)) {
+                let nc = ch.len();
+                for (t, &pos) in ch.iter().enumerate() {
+                    let qo = ctx.inputs.q.offset(&[b, pos, h, 0]);
+                    for (d, x) in q[t * dk..(t + 1) * dk].iter_mut().enumerate() {
+                        *x = T::from_f64(q_map.apply(ctx.inputs.q.data[qo + d] as f64) * qk_scale);
+                    }
                 }
-                let row = &mut yx[t * dv..(t + 1) * dv];
-                for d in 0..dk {
-                    axpy(row, q[d], &s[d * dv..(d + 1) * dv]);
-                }
+                gemm(
+                    Mat::dense(&q[..nc * dk], nc, dk),
+                    Mat::dense(s, dk, dv),
+                    MatMut::dense(yc, nc, dv),
+                    false,
+                );
                 if let Norm::Sum { eps } = ctx.spec.norm {
-                    let inv = T::ONE / (dot(&q, z) + T::from_f64(eps));
-                    row.iter_mut().for_each(|x| *x *= inv);
+                    for (row, qt) in yc.chunks_exact_mut(dv).zip(q.chunks_exact(dk)) {
+                        let inv = T::ONE / (dot(qt, z) + T::from_f64(eps));
+                        row.iter_mut().for_each(|x| *x *= inv);
+                    }
                 }
             }
         })

@@ -22,6 +22,7 @@
 mod blocked;
 mod chunkwise;
 pub mod expr;
+mod microkernel;
 pub mod real;
 
 use std::time::{Duration, Instant};
@@ -149,6 +150,14 @@ impl CpuOutput {
             CpuOutput::F64(t) => t.clone(),
         }
     }
+    /// The output as f32 without copying an f32 output (a 1M-token output is
+    /// gigabytes; a clone would count against the run's peak memory).
+    pub fn into_f32(self) -> Tensor<f32> {
+        match self {
+            CpuOutput::F32(t) => t,
+            other => other.to_f32(),
+        }
+    }
     pub fn to_f32(&self) -> Tensor<f32> {
         match self {
             CpuOutput::F32(t) => t.clone(),
@@ -238,6 +247,13 @@ fn check_spec(spec: &MixerSpec) -> Result<()> {
         return bad(format!(
             "kv_heads = {} must divide heads = {}",
             spec.kv_heads, spec.heads
+        ));
+    }
+    // The tile kernels split rows by these widths.
+    if spec.head_dim == 0 || spec.value_dim == 0 {
+        return bad(format!(
+            "head_dim = {} and value_dim = {} must be at least 1",
+            spec.head_dim, spec.value_dim
         ));
     }
     let causal_only =

@@ -28,7 +28,16 @@ pub trait Real:
     fn from_f64(x: f64) -> Self;
     fn to_f64(self) -> f64;
     fn exp(self) -> Self;
+    /// `e^x` for the softmax inner loop, branch-free so it vectorises: a
+    /// polynomial for f32 (relative error ~2e-7, far inside the 2e-4 check),
+    /// the exact `exp` for f64 (compared with the reference at 1e-10).
+    /// Returns 0 for `x = -inf` (masked scores). `FMA`: fuse the polynomial's
+    /// multiply-adds (only where the CPU has FMA).
+    fn exp_fast<const FMA: bool>(self) -> Self;
     fn max(self, o: Self) -> Self;
+    /// `self * a + b`, fused (one rounding); only used where the CPU has FMA,
+    /// since without it `mul_add` is a slow library call.
+    fn mul_add(self, a: Self, b: Self) -> Self;
 }
 
 impl Real for f32 {
@@ -47,9 +56,17 @@ impl Real for f32 {
     fn exp(self) -> Self {
         f32::exp(self)
     }
+    #[inline(always)]
+    fn exp_fast<const FMA: bool>(self) -> Self {
+        exp_f32::<FMA>(self)
+    }
     #[inline]
     fn max(self, o: Self) -> Self {
         f32::max(self, o)
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f32::mul_add(self, a, b)
     }
 }
 
@@ -69,9 +86,60 @@ impl Real for f64 {
     fn exp(self) -> Self {
         f64::exp(self)
     }
+    #[inline(always)]
+    fn exp_fast<const FMA: bool>(self) -> Self {
+        f64::exp(self)
+    }
     #[inline]
     fn max(self, o: Self) -> Self {
         f64::max(self, o)
+    }
+    #[inline(always)]
+    fn mul_add(self, a: Self, b: Self) -> Self {
+        f64::mul_add(self, a, b)
+    }
+}
+
+/// `e^x` in f32 without a library call: `x = n ln2 + r` with `|r| <= ln2 / 2`
+/// (ln2 split in two so `r` is exact), `e^r` by its Taylor series to degree 7
+/// (truncation < 5e-9), and `2^n` built in the exponent bits. Below -87.3
+/// (where `e^x` is subnormal) the result is 0, which also covers `-inf`;
+/// above 88 it saturates at `e^88` (softmax only asks for `x <= 0`).
+#[inline(always)]
+pub fn exp_f32<const FMA: bool>(x: f32) -> f32 {
+    let madd = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { a * b + c };
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln2 = LN2_HI + LN2_LO with LN2_HI exact in few bits, so n * LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const LO: f32 = -87.3;
+    const HI: f32 = 88.0;
+    // Adding 1.5 * 2^23 rounds to an integer in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(LO, HI);
+    // `k`'s low mantissa bits hold `n`; shifting them into the exponent field
+    // builds 2^n without a float-to-int conversion (which would not vectorise).
+    let k = madd(xc, LOG2E, ROUND);
+    let n = k - ROUND;
+    let r = madd(-n, LN2_LO, madd(-n, LN2_HI, xc));
+    let mut p = 1.0 / 5040.0;
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = madd(p, r, c);
+    }
+    // ROUND's own bits vanish in the shift (its low 9 bits are 0).
+    let two_n = f32::from_bits(k.to_bits().wrapping_add(127) << 23);
+    if x < LO {
+        0.0
+    } else {
+        p * two_n
     }
 }
 
@@ -113,82 +181,11 @@ pub fn scale<T: Real>(y: &mut [T], a: T) {
     }
 }
 
-/// `s[r][c] = sum_d q[r][d] * kt[d][c]` for a `rows x cols` score tile, with
-/// `q` row-major `rows x dk` and `kt` the key tile transposed (`dk x cols`).
-/// A 4 x 8 register block: each loaded key vector feeds four query rows, and
-/// the accumulators stay in registers over the whole `d` loop (the
-/// outer-product form of the kernels' `mma`).
-pub fn score_tile<T: Real>(q: &[T], rows: usize, dk: usize, kt: &[T], cols: usize, s: &mut [T]) {
-    debug_assert!(q.len() >= rows * dk && kt.len() >= dk * cols && s.len() >= rows * cols);
-    const R: usize = 4;
-    const C: usize = 8;
-    let mut r = 0;
-    while r + R <= rows {
-        let qs: [&[T]; R] = std::array::from_fn(|x| &q[(r + x) * dk..(r + x + 1) * dk]);
-        let mut c = 0;
-        while c + C <= cols {
-            let mut acc = [[T::ZERO; C]; R];
-            for (d, krow) in kt.chunks_exact(cols).take(dk).enumerate() {
-                let kv: &[T; C] = krow[c..c + C].try_into().expect("C columns");
-                for x in 0..R {
-                    let qx = qs[x][d];
-                    for l in 0..C {
-                        acc[x][l] += qx * kv[l];
-                    }
-                }
-            }
-            for (x, a) in acc.iter().enumerate() {
-                s[(r + x) * cols + c..(r + x) * cols + c + C].copy_from_slice(a);
-            }
-            c += C;
-        }
-        for cc in c..cols {
-            for (x, qx) in qs.iter().enumerate() {
-                s[(r + x) * cols + cc] = (0..dk).map(|d| qx[d] * kt[d * cols + cc]).sum();
-            }
-        }
-        r += R;
-    }
-    for rr in r..rows {
-        let qr = &q[rr * dk..(rr + 1) * dk];
-        for cc in 0..cols {
-            s[rr * cols + cc] = (0..dk).map(|d| qr[d] * kt[d * cols + cc]).sum();
-        }
-    }
-}
-
 /// Transposes a `rows x cols` row-major tile into `out` (`cols x rows`).
 pub fn transpose<T: Real>(a: &[T], rows: usize, cols: usize, out: &mut [T]) {
     for r in 0..rows {
         for c in 0..cols {
             out[c * rows + r] = a[r * cols + c];
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn score_tile_matches_plain_dots() {
-        for (rows, cols, dk) in [(1, 1, 1), (4, 8, 16), (7, 13, 5), (9, 17, 33)] {
-            let q: Vec<f64> = (0..rows * dk)
-                .map(|x| ((x * 37) % 11) as f64 - 5.0)
-                .collect();
-            let k: Vec<f64> = (0..cols * dk)
-                .map(|x| ((x * 53) % 7) as f64 - 3.0)
-                .collect();
-            let mut kt = vec![0.0; cols * dk];
-            transpose(&k, cols, dk, &mut kt);
-            let mut s = vec![0.0; rows * cols];
-            score_tile(&q, rows, dk, &kt, cols, &mut s);
-            for r in 0..rows {
-                for c in 0..cols {
-                    let want = dot(&q[r * dk..(r + 1) * dk], &k[c * dk..(c + 1) * dk]);
-                    assert_eq!(s[r * cols + c], want, "{rows}x{cols}x{dk} at ({r},{c})");
-                }
-            }
         }
     }
 }

@@ -1,0 +1,843 @@
+//! The tile operations the CPU paths spend their time in: a register-blocked
+//! matrix product (`Sᵀ = K Qᵀ`, `O += P V`, state updates) and the
+//! online-softmax update of a score tile. Each is compiled three times: for
+//! AVX-512, for AVX2 + FMA, and for baseline x86-64 / other targets (f32
+//! products by hand with intrinsics, the rest generic). The variant is chosen
+//! at run time because the binary is built for a baseline CPU and carried to
+//! other machines (`-C target-cpu=native` would make it crash where the build
+//! machine's extensions are missing).
+
+use std::sync::OnceLock;
+
+use super::real::Real;
+
+/// The vector extensions a variant is compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+/// The best variant the running CPU supports (detected once).
+pub fn detected_isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let fma = is_x86_feature_detected!("fma");
+            if fma && is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if fma && is_x86_feature_detected!("avx2") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    })
+}
+
+/// Every variant this CPU can run (for tests that compare them).
+#[cfg(test)]
+pub fn supported_isas() -> Vec<Isa> {
+    match detected_isa() {
+        Isa::Avx512 => vec![Isa::Avx512, Isa::Avx2, Isa::Portable],
+        Isa::Avx2 => vec![Isa::Avx2, Isa::Portable],
+        Isa::Portable => vec![Isa::Portable],
+    }
+}
+
+/// A row-major matrix view: element `(r, c)` at `data[r * ld + c]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Mat<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub ld: usize,
+}
+
+/// A mutable row-major matrix view.
+#[derive(Debug)]
+pub struct MatMut<'a, T> {
+    pub data: &'a mut [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub ld: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    /// A dense `rows x cols` matrix (`ld = cols`).
+    pub fn dense(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            ld: cols,
+        }
+    }
+}
+
+impl<'a, T> MatMut<'a, T> {
+    pub fn dense(data: &'a mut [T], rows: usize, cols: usize) -> Self {
+        MatMut {
+            data,
+            rows,
+            cols,
+            ld: cols,
+        }
+    }
+}
+
+/// True when every element of a `rows x cols` view with stride `ld` lies in
+/// a slice of length `len`.
+fn fits(len: usize, rows: usize, cols: usize, ld: usize) -> bool {
+    rows == 0 || cols == 0 || (cols <= ld && (rows - 1) * ld + cols <= len)
+}
+
+/// `c = a b`, or `c += a b` with `accumulate`.
+///
+/// # Panics
+/// When the shapes disagree or a view does not fit its slice (a bug in the
+/// caller; checked once here so the inner loops need no bounds checks).
+pub fn gemm<T: Real>(a: Mat<'_, T>, b: Mat<'_, T>, c: MatMut<'_, T>, accumulate: bool) {
+    gemm_on(detected_isa(), false, a, b, c, accumulate)
+}
+
+/// `c = atᵀ b` (or `+=`), `at` holding `a` transposed (`k x m`). The fast
+/// form: the kernel broadcasts `R` consecutive elements of one row of `at`.
+pub fn gemm_tn<T: Real>(at: Mat<'_, T>, b: Mat<'_, T>, c: MatMut<'_, T>, accumulate: bool) {
+    gemm_on(detected_isa(), true, at, b, c, accumulate)
+}
+
+/// [`gemm`] (`ta = false`) or [`gemm_tn`] (`ta = true`) on the variant given
+/// (one of [`supported_isas`]).
+pub fn gemm_on<T: Real>(
+    isa: Isa,
+    ta: bool,
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    c: MatMut<'_, T>,
+    accumulate: bool,
+) {
+    let (m, k) = if ta {
+        (a.cols, a.rows)
+    } else {
+        (a.rows, a.cols)
+    };
+    assert!(
+        k == b.rows && c.rows == m && c.cols == b.cols,
+        "gemm shapes: a {}x{}{}, b {}x{}, c {}x{}",
+        a.rows,
+        a.cols,
+        if ta { " (transposed)" } else { "" },
+        b.rows,
+        b.cols,
+        c.rows,
+        c.cols
+    );
+    assert!(
+        fits(a.data.len(), a.rows, a.cols, a.ld),
+        "gemm: a out of range"
+    );
+    assert!(
+        fits(b.data.len(), b.rows, b.cols, b.ld),
+        "gemm: b out of range"
+    );
+    assert!(
+        fits(c.data.len(), c.rows, c.cols, c.ld),
+        "gemm: c out of range"
+    );
+    let g = Gemm {
+        a: a.data.as_ptr(),
+        lda: a.ld,
+        b: b.data.as_ptr(),
+        ldb: b.ld,
+        c: c.data.as_mut_ptr(),
+        ldc: c.ld,
+        m,
+        n: b.cols,
+        k,
+        accumulate,
+    };
+    // SAFETY: the views were checked above to lie inside their slices, `c`
+    // is borrowed mutably (so it aliases neither input), and each variant
+    // runs only on a CPU that reported its features.
+    unsafe {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(g32) = g.as_f32() {
+            match (isa, ta) {
+                (Isa::Avx512, false) => return x86::gemm_f32_avx512::<false>(&g32),
+                (Isa::Avx512, true) => return x86::gemm_f32_avx512::<true>(&g32),
+                (Isa::Avx2, false) => return x86::gemm_f32_avx2::<false>(&g32),
+                (Isa::Avx2, true) => return x86::gemm_f32_avx2::<true>(&g32),
+                (Isa::Portable, _) => {}
+            }
+        }
+        match (isa, ta) {
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512 | Isa::Avx2, false) => gemm_fma::<T, false>(&g),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512 | Isa::Avx2, true) => gemm_fma::<T, true>(&g),
+            (_, false) => gemm_blocks::<T, 4, 4, false, false>(&g),
+            (_, true) => gemm_blocks::<T, 4, 4, false, true>(&g),
+        }
+    }
+}
+
+/// Raw operands of one product, validated by [`gemm_on`]: `a(i, p)` is
+/// `a[i * lda + p]`, or `a[p * lda + i]` in the transposed form.
+struct Gemm<T> {
+    a: *const T,
+    lda: usize,
+    b: *const T,
+    ldb: usize,
+    c: *mut T,
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+}
+
+impl<T: 'static> Gemm<T> {
+    /// The same operands typed as f32 when `T` is f32 (the precision the
+    /// hand-vectorised kernels are written for).
+    #[cfg(target_arch = "x86_64")]
+    fn as_f32(&self) -> Option<Gemm<f32>> {
+        (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then_some(Gemm {
+            a: self.a as *const f32,
+            lda: self.lda,
+            b: self.b as *const f32,
+            ldb: self.ldb,
+            c: self.c as *mut f32,
+            ldc: self.ldc,
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            accumulate: self.accumulate,
+        })
+    }
+}
+
+/// The generic loop with FMA enabled (f64 on x86-64).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemm_fma<T: Real, const TA: bool>(g: &Gemm<T>) {
+    gemm_blocks::<T, 4, 4, true, TA>(g)
+}
+
+/// Splits `c` into an `R x C`-blocked main part and the ragged edges, which
+/// reuse the same loop with 1-wide blocks.
+#[inline(always)]
+unsafe fn gemm_blocks<T: Real, const R: usize, const C: usize, const FMA: bool, const TA: bool>(
+    g: &Gemm<T>,
+) {
+    let (m_main, n_main) = (g.m / R * R, g.n / C * C);
+    block::<T, R, C, FMA, TA>(g, 0..m_main, 0..n_main);
+    block::<T, R, 1, FMA, TA>(g, 0..m_main, n_main..g.n);
+    block::<T, 1, C, FMA, TA>(g, m_main..g.m, 0..n_main);
+    block::<T, 1, 1, FMA, TA>(g, m_main..g.m, n_main..g.n);
+}
+
+/// The address of `a(i, p)`.
+#[inline(always)]
+unsafe fn a_at<T, const TA: bool>(g: &Gemm<T>, i: usize, p: usize) -> *const T {
+    if TA {
+        g.a.add(p * g.lda + i)
+    } else {
+        g.a.add(i * g.lda + p)
+    }
+}
+
+/// The register-blocked loop over `rows x cols` (multiples of `R`, `C`): an
+/// `R x C` accumulator over the whole `k` loop, each row piece of `b` feeding
+/// `R` rows of `a` (the outer-product form of `mma`). Portable; the f32
+/// kernels below are the fast ones.
+#[inline(always)]
+unsafe fn block<T: Real, const R: usize, const C: usize, const FMA: bool, const TA: bool>(
+    g: &Gemm<T>,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) {
+    for i in rows.step_by(R) {
+        for j in cols.clone().step_by(C) {
+            let mut acc = [[T::ZERO; C]; R];
+            for p in 0..g.k {
+                let bv: [T; C] = std::ptr::read_unaligned(g.b.add(p * g.ldb + j) as *const [T; C]);
+                for (x, accx) in acc.iter_mut().enumerate() {
+                    let av = *a_at::<T, TA>(g, i + x, p);
+                    for l in 0..C {
+                        accx[l] = if FMA {
+                            av.mul_add(bv[l], accx[l])
+                        } else {
+                            av * bv[l] + accx[l]
+                        };
+                    }
+                }
+            }
+            for (x, accx) in acc.iter().enumerate() {
+                let crow = g.c.add((i + x) * g.ldc + j);
+                for (l, &v) in accx.iter().enumerate() {
+                    if g.accumulate {
+                        *crow.add(l) += v;
+                    } else {
+                        *crow.add(l) = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// f32 products written with intrinsics: the autovectorised generic loop
+/// keeps its accumulators in memory, these keep them in registers. Shapes:
+/// `R` rows x `V` vectors of columns, `R` broadcasts of `a` per loaded row
+/// piece of `b`; ragged columns take narrower (AVX2) or masked (AVX-512) steps.
+/// With `TA` the `R` broadcasts are consecutive floats of one row of `aᵀ`,
+/// addressed from one pointer by constant offsets.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{a_at, Gemm};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn gemm_f32_avx512<const TA: bool>(g: &Gemm<f32>) {
+        const R: usize = 8;
+        let m_main = g.m / R * R;
+        let mut j = 0;
+        while j + 32 <= g.n {
+            for i in (0..m_main).step_by(R) {
+                tile512::<R, 2, TA>(g, i, j, 0xffff);
+            }
+            for i in m_main..g.m {
+                tile512::<1, 2, TA>(g, i, j, 0xffff);
+            }
+            j += 32;
+        }
+        while j < g.n {
+            let w = (g.n - j).min(16);
+            let mask: __mmask16 = if w == 16 { 0xffff } else { (1u16 << w) - 1 };
+            for i in (0..m_main).step_by(R) {
+                tile512::<R, 1, TA>(g, i, j, mask);
+            }
+            for i in m_main..g.m {
+                tile512::<1, 1, TA>(g, i, j, mask);
+            }
+            j += 16;
+        }
+    }
+
+    /// `R x 16 V` block at `(i, j)`; `mask` selects the live columns of the
+    /// last vector (all of them except at the ragged edge).
+    #[inline(always)]
+    unsafe fn tile512<const R: usize, const V: usize, const TA: bool>(
+        g: &Gemm<f32>,
+        i: usize,
+        j: usize,
+        mask: __mmask16,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        let full: __mmask16 = 0xffff;
+        let lane_mask = |v: usize| if v + 1 == V { mask } else { full };
+        for p in 0..g.k {
+            let brow = g.b.add(p * g.ldb + j);
+            let mut bv = [_mm512_setzero_ps(); V];
+            for (v, b) in bv.iter_mut().enumerate() {
+                *b = _mm512_maskz_loadu_ps(lane_mask(v), brow.add(16 * v));
+            }
+            for (x, accx) in acc.iter_mut().enumerate() {
+                let a = _mm512_set1_ps(*a_at::<f32, TA>(g, i + x, p));
+                for v in 0..V {
+                    accx[v] = _mm512_fmadd_ps(a, bv[v], accx[v]);
+                }
+            }
+        }
+        for (x, accx) in acc.iter().enumerate() {
+            let crow = g.c.add((i + x) * g.ldc + j);
+            for (v, &a) in accx.iter().enumerate() {
+                let (m, ptr) = (lane_mask(v), crow.add(16 * v));
+                let out = if g.accumulate {
+                    _mm512_add_ps(_mm512_maskz_loadu_ps(m, ptr), a)
+                } else {
+                    a
+                };
+                _mm512_mask_storeu_ps(ptr, m, out);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemm_f32_avx2<const TA: bool>(g: &Gemm<f32>) {
+        const R: usize = 4;
+        let m_main = g.m / R * R;
+        let mut j = 0;
+        while j + 16 <= g.n {
+            for i in (0..m_main).step_by(R) {
+                tile256::<R, 2, TA>(g, i, j);
+            }
+            for i in m_main..g.m {
+                tile256::<1, 2, TA>(g, i, j);
+            }
+            j += 16;
+        }
+        if j + 8 <= g.n {
+            for i in (0..m_main).step_by(R) {
+                tile256::<R, 1, TA>(g, i, j);
+            }
+            for i in m_main..g.m {
+                tile256::<1, 1, TA>(g, i, j);
+            }
+            j += 8;
+        }
+        if j < g.n {
+            super::block::<f32, 1, 1, true, TA>(g, 0..g.m, j..g.n);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tile256<const R: usize, const V: usize, const TA: bool>(
+        g: &Gemm<f32>,
+        i: usize,
+        j: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        for p in 0..g.k {
+            let brow = g.b.add(p * g.ldb + j);
+            let mut bv = [_mm256_setzero_ps(); V];
+            for (v, b) in bv.iter_mut().enumerate() {
+                *b = _mm256_loadu_ps(brow.add(8 * v));
+            }
+            for (x, accx) in acc.iter_mut().enumerate() {
+                let a = _mm256_set1_ps(*a_at::<f32, TA>(g, i + x, p));
+                for v in 0..V {
+                    accx[v] = _mm256_fmadd_ps(a, bv[v], accx[v]);
+                }
+            }
+        }
+        for (x, accx) in acc.iter().enumerate() {
+            let crow = g.c.add((i + x) * g.ldc + j);
+            for (v, &a) in accx.iter().enumerate() {
+                let ptr = crow.add(8 * v);
+                let out = if g.accumulate {
+                    _mm256_add_ps(_mm256_loadu_ps(ptr), a)
+                } else {
+                    a
+                };
+                _mm256_storeu_ps(ptr, out);
+            }
+        }
+    }
+}
+
+/// The online-softmax update of one transposed score tile: `st` is
+/// `kn x rows` (key `c`, query `r` at `st[c * rows + r]`, masked pairs
+/// `-inf`), `m`/`l` the running max and sum per query and `o` the `rows x dv`
+/// unnormalised output. Per query: `m' = max(m, max_c s)`, `o *= e^(m - m')`,
+/// `l = l e^(m - m') + sum_c e^(s - m')`, and `st` becomes `p = e^(s - m')`,
+/// ready for `o += pᵀᵀ v` ([`gemm_tn`]). A query with no finite score keeps its
+/// state and gets `p = 0`. Queries run along the contiguous axis, so every
+/// step is a plain vector operation (no horizontal reductions).
+pub fn softmax_cols<T: Real>(st: &mut [T], kn: usize, m: &mut [T], l: &mut [T], o: &mut [T]) {
+    softmax_cols_on(detected_isa(), st, kn, m, l, o)
+}
+
+/// [`softmax_cols`] with the variant given.
+pub fn softmax_cols_on<T: Real>(
+    isa: Isa,
+    st: &mut [T],
+    kn: usize,
+    m: &mut [T],
+    l: &mut [T],
+    o: &mut [T],
+) {
+    let rows = m.len();
+    assert!(
+        l.len() == rows && st.len() >= rows * kn && rows > 0 && o.len().is_multiple_of(rows),
+        "softmax_cols: {rows} queries, {} sums, {} scores, {} outputs",
+        l.len(),
+        st.len(),
+        o.len()
+    );
+    let st = &mut st[..rows * kn];
+    // SAFETY: a variant runs only on a CPU that reported its features.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => softmax_avx512(st, kn, m, l, o),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => softmax_avx2(st, kn, m, l, o),
+            _ => softmax_body::<T, false>(st, kn, m, l, o),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn softmax_avx512<T: Real>(st: &mut [T], kn: usize, m: &mut [T], l: &mut [T], o: &mut [T]) {
+    softmax_body::<T, true>(st, kn, m, l, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_avx2<T: Real>(st: &mut [T], kn: usize, m: &mut [T], l: &mut [T], o: &mut [T]) {
+    softmax_body::<T, true>(st, kn, m, l, o)
+}
+
+/// Queries per step: a fixed width the compiler maps onto vector registers.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn softmax_body<T: Real, const FMA: bool>(
+    st: &mut [T],
+    kn: usize,
+    m: &mut [T],
+    l: &mut [T],
+    o: &mut [T],
+) {
+    let rows = m.len();
+    let main = rows / LANES * LANES;
+    for r0 in (0..main).step_by(LANES) {
+        softmax_lanes::<T, FMA, LANES>(st, kn, rows, r0, m, l, o);
+    }
+    for r0 in main..rows {
+        softmax_lanes::<T, FMA, 1>(st, kn, rows, r0, m, l, o);
+    }
+}
+
+/// [`softmax_cols`] for queries `r0 .. r0 + W`.
+#[inline(always)]
+fn softmax_lanes<T: Real, const FMA: bool, const W: usize>(
+    st: &mut [T],
+    kn: usize,
+    rows: usize,
+    r0: usize,
+    m: &mut [T],
+    l: &mut [T],
+    o: &mut [T],
+) {
+    let lanes = |c: usize| r0 + c * rows..r0 + c * rows + W;
+    let mut mx = [T::NEG_INF; W];
+    for c in 0..kn {
+        for (a, &x) in mx.iter_mut().zip(&st[lanes(c)]) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    let (mut m_new, mut shift, mut alpha) = ([T::ZERO; W], [T::ZERO; W], [T::ONE; W]);
+    for q in 0..W {
+        let (old, x) = (m[r0 + q], mx[q]);
+        m_new[q] = if x > old { x } else { old };
+        // Nothing seen yet: subtract 0 so masked scores give e^-inf = 0, not NaN.
+        shift[q] = if m_new[q] == T::NEG_INF {
+            T::ZERO
+        } else {
+            m_new[q]
+        };
+        alpha[q] = (old - shift[q]).exp_fast::<FMA>();
+    }
+    let mut sum = [T::ZERO; W];
+    for c in 0..kn {
+        for ((x, s), &sh) in st[lanes(c)].iter_mut().zip(&mut sum).zip(&shift) {
+            *x = (*x - sh).exp_fast::<FMA>();
+            *s += *x;
+        }
+    }
+    let dv = o.len() / rows;
+    for q in 0..W {
+        let r = r0 + q;
+        if mx[q] == T::NEG_INF {
+            continue; // no finite score: keep the state (and p is 0)
+        }
+        if alpha[q] != T::ONE {
+            o[r * dv..(r + 1) * dv]
+                .iter_mut()
+                .for_each(|x| *x *= alpha[q]);
+            l[r] *= alpha[q];
+        }
+        l[r] += sum[q];
+        m[r] = m_new[q];
+    }
+}
+
+/// `sum[r] += sum_c st[c][r]` over a `kn x rows` transposed tile.
+#[inline]
+pub fn col_sums_add<T: Real>(st: &[T], sum: &mut [T]) {
+    for row in st.chunks_exact(sum.len()) {
+        sum.iter_mut().zip(row).for_each(|(s, &x)| *s += x);
+    }
+}
+
+/// Sum of a row with independent accumulators (a single running sum would
+/// be a serial chain the compiler may not reorder).
+#[inline]
+pub fn row_sum<T: Real>(row: &[T]) -> T {
+    let mut acc = [T::ZERO; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail: T = chunks.remainder().iter().copied().sum();
+    for ch in chunks {
+        for (a, &x) in acc.iter_mut().zip(ch) {
+            *a += x;
+        }
+    }
+    acc.iter().fold(tail, |s, &a| s + a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f64], b: &[f64], m: usize, n: usize, k: usize) -> Vec<f64> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+            }
+        }
+        c
+    }
+
+    fn fill(n: usize, seed: usize) -> Vec<f64> {
+        (0..n)
+            .map(|x| ((x * 37 + seed * 11) % 23) as f64 / 7.0 - 1.5)
+            .collect()
+    }
+
+    /// Every variant, both precisions, plain and transposed `a`, ragged
+    /// shapes around the block sizes, strided views and accumulation agree
+    /// with a plain triple loop (f64 to 1e-12: only the summation order and
+    /// FMA rounding differ).
+    #[test]
+    fn gemm_matches_naive_on_every_variant() {
+        let shapes = [
+            (1, 1, 1),
+            (4, 16, 8),
+            (7, 13, 5),
+            (9, 33, 17),
+            (64, 64, 128),
+            (13, 70, 3),
+        ];
+        for isa in supported_isas() {
+            for &(m, n, k) in &shapes {
+                let (a, b) = (fill(m * k, 1), fill(k * n, 2));
+                let want = naive(&a, &b, m, n, k);
+                // f64, a and c embedded in wider rows (ld > cols), accumulate onto 1.
+                let (lda, ldc) = (k + 3, n + 5);
+                let mut aw = vec![f64::NAN; m * lda];
+                for i in 0..m {
+                    aw[i * lda..i * lda + k].copy_from_slice(&a[i * k..(i + 1) * k]);
+                }
+                let mut c = vec![1.0; m * ldc];
+                gemm_on(
+                    isa,
+                    false,
+                    Mat {
+                        data: &aw,
+                        rows: m,
+                        cols: k,
+                        ld: lda,
+                    },
+                    Mat::dense(&b, k, n),
+                    MatMut {
+                        data: &mut c,
+                        rows: m,
+                        cols: n,
+                        ld: ldc,
+                    },
+                    true,
+                );
+                for i in 0..m {
+                    for j in 0..n {
+                        let got = c[i * ldc + j];
+                        assert!(
+                            (got - 1.0 - want[i * n + j]).abs() < 1e-12,
+                            "{isa:?} f64 {m}x{n}x{k} ({i},{j})"
+                        );
+                    }
+                    // Columns past `cols` are untouched.
+                    assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|&x| x == 1.0));
+                }
+                // f32, dense, overwrite (c starts as garbage).
+                let (a32, b32): (Vec<f32>, Vec<f32>) = (
+                    a.iter().map(|&x| x as f32).collect(),
+                    b.iter().map(|&x| x as f32).collect(),
+                );
+                let mut c32 = vec![f32::NAN; m * n];
+                gemm_on(
+                    isa,
+                    false,
+                    Mat::dense(&a32, m, k),
+                    Mat::dense(&b32, k, n),
+                    MatMut::dense(&mut c32, m, n),
+                    false,
+                );
+                for (x, (&got, &w)) in c32.iter().zip(&want).enumerate() {
+                    assert!(
+                        (got as f64 - w).abs() < 1e-4 * (1.0 + w.abs()),
+                        "{isa:?} f32 {m}x{n}x{k} at {x}: {got} vs {w}"
+                    );
+                }
+                // Transposed `a` (k x m, stride m + 2), both precisions, overwrite.
+                let ldt = m + 2;
+                let mut at = vec![f64::NAN; k * ldt];
+                for i in 0..m {
+                    for p in 0..k {
+                        at[p * ldt + i] = a[i * k + p];
+                    }
+                }
+                let at32: Vec<f32> = at.iter().map(|&x| x as f32).collect();
+                let (mut c, mut c32) = (vec![f64::NAN; m * n], vec![f32::NAN; m * n]);
+                gemm_on(
+                    isa,
+                    true,
+                    Mat {
+                        data: &at,
+                        rows: k,
+                        cols: m,
+                        ld: ldt,
+                    },
+                    Mat::dense(&b, k, n),
+                    MatMut::dense(&mut c, m, n),
+                    false,
+                );
+                gemm_on(
+                    isa,
+                    true,
+                    Mat {
+                        data: &at32,
+                        rows: k,
+                        cols: m,
+                        ld: ldt,
+                    },
+                    Mat::dense(&b32, k, n),
+                    MatMut::dense(&mut c32, m, n),
+                    false,
+                );
+                for x in 0..m * n {
+                    assert!(
+                        (c[x] - want[x]).abs() < 1e-12,
+                        "{isa:?} f64 tn {m}x{n}x{k} at {x}"
+                    );
+                    assert!(
+                        (c32[x] as f64 - want[x]).abs() < 1e-4 * (1.0 + want[x].abs()),
+                        "{isa:?} f32 tn {m}x{n}x{k} at {x}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "gemm shapes")]
+    fn gemm_rejects_mismatched_shapes() {
+        let x = [0.0f32; 6];
+        let mut c = [0.0f32; 4];
+        gemm(
+            Mat::dense(&x, 2, 3),
+            Mat::dense(&x, 2, 3),
+            MatMut::dense(&mut c, 2, 2),
+            false,
+        );
+    }
+
+    #[test]
+    fn exp_fast_is_accurate_and_zero_below_range() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x <= 10.0 {
+            let (got, want) = (exp_f32_ref(x), (x as f64).exp());
+            worst = worst.max((got as f64 - want).abs() / want);
+            x += 0.0137;
+        }
+        assert!(worst < 5e-7, "worst relative error {worst:e}");
+        assert_eq!(f32::NEG_INFINITY.exp_fast::<false>(), 0.0);
+        assert_eq!((-200.0f32).exp_fast::<false>(), 0.0);
+        assert_eq!(0.0f32.exp_fast::<false>(), 1.0);
+    }
+
+    fn exp_f32_ref(x: f32) -> f32 {
+        x.exp_fast::<false>()
+    }
+
+    /// The tile update equals the definition: feeding each query's scores in
+    /// two tiles gives the same (m, l, o) as one softmax over all of them,
+    /// including a query whose first tile is entirely masked.
+    #[test]
+    fn softmax_cols_matches_the_definition() {
+        let (rows, kn, dv) = (21, 37, 3);
+        for isa in supported_isas() {
+            // score(c, r) over 2 kn keys; query 5 sees nothing in the first tile.
+            let score = |c: usize, r: usize| {
+                if (c * 7 + r) % 11 == 3 || (r == 5 && c < kn) {
+                    f64::NEG_INFINITY
+                } else {
+                    ((c * 17 + r * 5) % 29) as f64 / 5.0 - 3.0
+                }
+            };
+            let v: Vec<f64> = (0..2 * kn * dv)
+                .map(|x| ((x * 7) % 13) as f64 - 6.0)
+                .collect();
+            let (mut m, mut l, mut o) = (
+                vec![f64::NEG_INFINITY; rows],
+                vec![0.0; rows],
+                vec![0.0; rows * dv],
+            );
+            for t in 0..2 {
+                let mut st: Vec<f64> = (0..kn)
+                    .flat_map(|c| (0..rows).map(move |r| (t * kn + c, r)))
+                    .map(|(c, r)| score(c, r))
+                    .collect();
+                softmax_cols_on(isa, &mut st, kn, &mut m, &mut l, &mut o);
+                if t == 0 {
+                    assert!(m[5] == f64::NEG_INFINITY && (0..kn).all(|c| st[c * rows + 5] == 0.0));
+                }
+                gemm_on(
+                    isa,
+                    true,
+                    Mat::dense(&st, kn, rows),
+                    Mat::dense(&v[t * kn * dv..], kn, dv),
+                    MatMut::dense(&mut o, rows, dv),
+                    true,
+                );
+            }
+            for r in 0..rows {
+                let s: Vec<f64> = (0..2 * kn).map(|c| score(c, r)).collect();
+                let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = s.iter().map(|&x| (x - mx).exp()).collect();
+                let sum: f64 = w.iter().sum();
+                assert!(
+                    (m[r] - mx).abs() < 1e-12 && (l[r] - sum).abs() < 1e-9 * sum,
+                    "{isa:?} query {r}"
+                );
+                for d in 0..dv {
+                    let want: f64 = (0..2 * kn).map(|c| w[c] * v[c * dv + d]).sum();
+                    assert!(
+                        (o[r * dv + d] - want).abs() < 1e-9 * (1.0 + want.abs()),
+                        "{isa:?} ({r},{d})"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_all_masked_query_keeps_its_state() {
+        let mut st = vec![f32::NEG_INFINITY; 8];
+        let (mut m, mut l, mut o) = ([1.5f32], [2.0f32], [3.0f32, 4.0]);
+        softmax_cols(&mut st, 8, &mut m, &mut l, &mut o);
+        assert_eq!((m, l, o), ([1.5], [2.0], [3.0, 4.0]));
+        assert!(st.iter().all(|&p| p == 0.0));
+    }
+
+    #[test]
+    fn col_sums_add_sums_down_columns() {
+        let st: Vec<f32> = (0..12).map(|x| x as f32).collect(); // 4 x 3
+        let mut sum = [1.0f32; 3];
+        col_sums_add(&st, &mut sum);
+        assert_eq!(sum, [1.0 + 18.0, 1.0 + 22.0, 1.0 + 26.0]);
+    }
+
+    #[test]
+    fn row_sum_adds_every_element() {
+        let x: Vec<f32> = (0..37).map(|x| x as f32).collect();
+        assert_eq!(row_sum(&x), (0..37).sum::<i32>() as f32);
+    }
+}
