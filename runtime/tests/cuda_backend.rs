@@ -10,6 +10,8 @@
 //! tolerance; plus f32 (SIMT kernels) and f16 runs, timing, several GPUs
 //! when present. Without one, each GPU test prints `SKIPPED: no GPU: ...`
 //! and passes. `scripts/gpu-check.sh` runs this binary on a GPU machine.
+//! With two GPUs and libnccl, `multi_process_ring_matches_reference` spawns
+//! this binary twice as the ranks of a torchrun-style run.
 //!
 //! Examples are found at `MIXC_EXAMPLES_DIR`, else `<crate>/../examples`,
 //! else `./examples` (the test binary may run from a copy of the repository).
@@ -431,6 +433,86 @@ fn example_kernels_fit_the_launch_limits() {
                     k.threads_per_block
                 );
             }
+        }
+    }
+}
+
+/// One rank of `multi_process_ring_matches_reference`: does nothing unless
+/// that test spawned this binary with `MIXC_DIST_CHILD=<example>` and the
+/// torchrun variables; rank 0 checks the gathered output.
+#[test]
+fn multi_process_child() {
+    let Ok(name) = std::env::var("MIXC_DIST_CHILD") else {
+        return;
+    };
+    let spec = example(&name);
+    let x = inputs_for(&spec, 257, spec.dtype);
+    let run = cuda::run(&spec, &x, &opts(1, Sharding::Zigzag, spec.dtype))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let (rank, world) = run
+        .dist_rank
+        .expect("WORLD_SIZE > 1 makes a multi-process run");
+    assert_eq!(world, 2);
+    if rank == 0 {
+        let want = reference::evaluate(&spec, &x).unwrap();
+        let err = rel_error(&run.output, &want);
+        eprintln!("{name}: 2 processes, relative error {err:.2e}");
+        assert!(err <= tolerance(spec.dtype), "{name}: error {err:.3e}");
+    }
+}
+
+/// The ring across two processes (one GPU each, NCCL), started like
+/// torchrun: this test binary is spawned twice as `multi_process_child`.
+/// Skipped with fewer than two GPUs or without libnccl.
+#[test]
+fn multi_process_ring_matches_reference() {
+    let test = "multi_process_ring_matches_reference";
+    let Some(info) = gpu(test) else {
+        return;
+    };
+    if info.count < 2 {
+        eprintln!("SKIPPED: one GPU only: {test}");
+        return;
+    }
+    if let Err(e) = cuda::nccl_available() {
+        eprintln!("SKIPPED: no NCCL: {test}: {e}");
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    for name in ["causal_gqa_llama3", "long_conv_hyena", "gated_mamba2"] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let children: Vec<_> = (0..2)
+            .map(|rank| {
+                std::process::Command::new(&exe)
+                    .args(["--exact", "multi_process_child", "--nocapture"])
+                    .env("MIXC_DIST_CHILD", name)
+                    .env("RANK", rank.to_string())
+                    .env("LOCAL_RANK", rank.to_string())
+                    .env("WORLD_SIZE", "2")
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", port.to_string())
+                    .env("MIXC_DIST_TIMEOUT", "120")
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for (rank, c) in children.into_iter().enumerate() {
+            let out = c.wait_with_output().unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            eprintln!("--- {name} rank {rank}:\n{text}");
+            assert!(out.status.success(), "{name} rank {rank} failed");
+            // The child test must have run (not been filtered away).
+            assert!(text.contains("1 passed"), "{name} rank {rank}: {text}");
         }
     }
 }

@@ -133,25 +133,28 @@ fn codegen_error(e: mixc_codegen::CodegenError) -> RuntimeError {
 }
 
 impl Backend {
-    /// Opens `devices` GPUs (all visible when `None`, never more than `ranks`),
-    /// generates the kernels for their arch and loads them on each.
+    /// Opens `devices` GPUs from ordinal `first` on (all visible when `None`,
+    /// never more than `ranks`), generates the kernels for their arch and
+    /// loads them on each.
     pub fn new(
         spec: &MixerSpec,
         dtype: DType,
         config: Option<KernelConfig>,
-        devices: Option<usize>,
+        (first, devices): (usize, Option<usize>),
         ranks: usize,
     ) -> Result<Backend> {
         let info = probe()?;
-        let want = devices.unwrap_or(info.count);
-        if want == 0 || want > info.count {
+        let want = devices.unwrap_or(info.count.saturating_sub(first));
+        if want == 0 || first + want > info.count {
             return Err(RuntimeError::Invalid(format!(
-                "CUDA backend: asked for {want} GPUs, {} visible",
+                "CUDA backend: asked for {want} GPU(s) from GPU {first} on, {} visible",
                 info.count
             )));
         }
         let n = want.min(ranks.max(1));
-        let mut gpus = (0..n).map(Gpu::open).collect::<Result<Vec<_>>>()?;
+        let mut gpus = (first..first + n)
+            .map(Gpu::open)
+            .collect::<Result<Vec<_>>>()?;
         let arch = gpus[0].arch;
         if let Some(g) = gpus.iter().find(|g| g.arch != arch) {
             return Err(RuntimeError::Invalid(format!(
@@ -202,7 +205,7 @@ impl Backend {
         })
     }
 
-    fn info(&self) -> &KernelInfo {
+    pub(super) fn info(&self) -> &KernelInfo {
         &self.generated.kernels[0]
     }
 
@@ -366,7 +369,7 @@ impl Backend {
                 let (ls, p) = pair_launches(&spec.mask, tiling, &segs, &q_ranges, kv);
                 pairs = match (pairs, p) {
                     (Some(mut v), Some(p)) => {
-                        v[r] += p;
+                        v[r] += p * super::rank::pair_scale(spec, b, segs.len());
                         Some(v)
                     }
                     _ => None,
@@ -660,7 +663,7 @@ impl Backend {
     }
 
     /// Hands a host-planned launch to the driver on `g`'s compute stream.
-    fn run_launch(&self, g: &Gpu, x: &HostLaunch) -> Result<()> {
+    pub(super) fn run_launch(&self, g: &Gpu, x: &HostLaunch) -> Result<()> {
         let f = match x.kernel {
             KernelId::Main => g.kernels.first().ok_or_else(|| internal("kernel"))?,
             KernelId::Merge => aux(&g.merge)?,
@@ -782,7 +785,7 @@ fn aux(f: &Option<CudaFunction>) -> Result<&CudaFunction> {
 
 /// Filter length of a convolution spec: the filter input's last axis (the
 /// kernels' `seq_len` for this family).
-fn conv_filter_len(spec: &MixerSpec, inputs: &MixerInputs) -> usize {
+pub(super) fn conv_filter_len(spec: &MixerSpec, inputs: &MixerInputs) -> usize {
     match &spec.score {
         mixc_dsl::ir::Score::Filter { input } => inputs
             .extra
@@ -982,7 +985,7 @@ enum Job {
 pub(crate) fn run(spec: &MixerSpec, inputs: &MixerInputs, opts: &CudaOptions) -> Result<CudaRun> {
     let start = Instant::now();
     let sched = RingSchedule::new(inputs.seq, opts.ranks, opts.sharding)?;
-    let backend = Backend::new(spec, opts.dtype, opts.config, opts.devices, opts.ranks)?;
+    let backend = Backend::new(spec, opts.dtype, opts.config, (0, opts.devices), opts.ranks)?;
     let mut job = backend.prepare(inputs, &sched)?;
     let _guard = SyncGuard(&backend.gpus);
     let t0 = backend.gpus[0].timing_mark()?;
@@ -1004,6 +1007,7 @@ pub(crate) fn run(spec: &MixerSpec, inputs: &MixerInputs, opts: &CudaOptions) ->
         devices: backend.gpus.len(),
         config: backend.generated.config,
         arch: backend.arch,
+        dist_rank: None,
     })
 }
 
@@ -1030,7 +1034,7 @@ pub(crate) fn time(
         )));
     }
     let sched = RingSchedule::new(first.seq, 1, Sharding::Contiguous)?;
-    let backend = Backend::new(spec, dtype, Some(*cfg), Some(1), 1)?;
+    let backend = Backend::new(spec, dtype, Some(*cfg), (0, Some(1)), 1)?;
     let mut jobs = inputs
         .iter()
         .map(|x| backend.prepare(x, &sched))

@@ -13,7 +13,10 @@
 //!   recurrent state in sequence order. See `docs/cuda.md`.
 //! - [`time_config`]: CUDA-event timing of one kernel configuration, for the
 //!   autotuner.
-//! - [`dist`]: torchrun-style environment of a multi-process run.
+//! - [`dist`]: torchrun-style environment of a multi-process run; with
+//!   `WORLD_SIZE > 1`, [`run`] runs this process's rank of a ring across
+//!   processes (NCCL send/recv, `rank.rs` / `nccl.rs`) and rank 0 returns
+//!   the whole output.
 //!
 //! Host-side pieces (argument binding, launch planning) live in [`args`] and
 //! [`plan`] and are tested without a GPU.
@@ -22,7 +25,9 @@ pub mod args;
 mod device;
 pub mod dist;
 mod exec;
+mod nccl;
 pub mod plan;
+mod rank;
 #[cfg(test)]
 mod twin;
 
@@ -153,12 +158,17 @@ pub struct CudaRun {
     pub seconds: f64,
     /// GPU time of the launches only (CUDA events on device 0), in seconds.
     pub kernel_seconds: f64,
-    /// (query, key) pairs of the tiles each rank computed, when counted.
+    /// (batch row, head, query, key) pairs of the tiles each rank computed,
+    /// when counted (as the CPU backend counts them).
     pub pairs_per_rank: Option<Vec<u64>>,
     /// Devices used and the configuration the kernels ran with.
     pub devices: usize,
     pub config: KernelConfig,
     pub arch: Arch,
+    /// `(RANK, WORLD_SIZE)` of a multi-process run (`None`: one process).
+    /// Rank 0's `output` is the whole output; another rank's holds only its
+    /// own rows (zero elsewhere), so only rank 0 should check or save it.
+    pub dist_rank: Option<(usize, usize)>,
 }
 
 /// Runs `spec` on `inputs` with the default tile configuration.
@@ -173,8 +183,10 @@ pub fn run_with_config(
     inputs: &MixerInputs,
     opts: &CudaOptions,
 ) -> Result<CudaRun> {
-    dist::require_single_process()?;
-    guarded(|| exec::run(spec, inputs, opts))
+    match dist::DistEnv::from_env()? {
+        Some(env) if env.world_size > 1 => guarded(|| nccl::run_process(spec, inputs, opts, &env)),
+        _ => guarded(|| exec::run(spec, inputs, opts)),
+    }
 }
 
 /// Times one configuration: `warmup` untimed runs, then `reps` runs timed
@@ -190,6 +202,12 @@ pub fn time_config(
     reps: usize,
 ) -> Result<Vec<f64>> {
     guarded(|| exec::time(spec, inputs, dtype, cfg, warmup, reps))
+}
+
+/// Whether libnccl (needed by a multi-process run) can be loaded; `Err`
+/// says what to install. Never panics.
+pub fn nccl_available() -> Result<()> {
+    nccl::nccl_available()
 }
 
 /// cudarc panics on a missing library or symbol; turn that into an error.

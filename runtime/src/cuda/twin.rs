@@ -30,6 +30,7 @@ use super::plan::{
     device_of, gather_rows, held_slot, pair_launches, ring_fill_slot, scatter_rows,
     segment_summaries, tiling_of,
 };
+use super::rank::{assemble, run_rank, RankIo, RankJob, Transfer};
 use crate::ring::{RingSchedule, Sharding};
 use crate::tensor::{MixerInputs, Tensor};
 
@@ -787,6 +788,21 @@ impl Twin<'_> {
     }
 }
 
+/// The generated kernel the twin emulates, with small query blocks (the
+/// emulation reads them from the grid) so short sequences still spread over
+/// several CTAs; the planning tiles follow.
+fn twin_kernel(spec: &MixerSpec, dt: DType) -> GeneratedKernel {
+    let target = Target::new(Arch::Sm90, dt);
+    let cfg = KernelConfig::default_for(spec, &target);
+    let mut g = generate(spec, &target, &cfg).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+    if let GridDim::QueryBlocks { block } = &mut g.kernels[0].grid[0] {
+        *block = 4;
+        g.config.block_m = 4;
+        g.config.block_n = 4;
+    }
+    g
+}
+
 /// Runs `spec` through the twin on `devices` emulated GPUs (which only the
 /// chunkwise chain's state copies depend on), with `mutate` applied to every
 /// launch.
@@ -799,16 +815,7 @@ fn run_twin(
     devices: usize,
     mutate: Mutate<'_>,
 ) -> Tensor<f32> {
-    let target = Target::new(Arch::Sm90, dt);
-    let cfg = KernelConfig::default_for(spec, &target);
-    let mut g = generate(spec, &target, &cfg).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
-    // Small query blocks (the emulation reads them from the grid) so short
-    // sequences still spread over several CTAs; the planning tiles follow.
-    if let GridDim::QueryBlocks { block } = &mut g.kernels[0].grid[0] {
-        *block = 4;
-        g.config.block_m = 4;
-        g.config.block_n = 4;
-    }
+    let g = twin_kernel(spec, dt);
     let sched = RingSchedule::new(x.seq, ranks, sharding).unwrap();
     let mut t = Twin {
         spec,
@@ -1037,4 +1044,241 @@ fn wrong_launches_are_caught() {
         missed.is_empty(),
         "mutations the twin did not notice: {missed:?}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// The multi-process ring (`rank.rs`) on the twin: each rank is a thread with
+// its own emulated memory (its process's GPU), and channels stand for NCCL.
+// The schedule code is the one the GPU runs; only `RankIo` differs.
+
+/// How a twin transport misbehaves (to show the tests notice).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fault {
+    None,
+    /// `await_transfers` does nothing: launches read a buffer before it arrived.
+    NoAwait,
+    /// Every transfer carries its first half only.
+    HalfSends,
+    /// Receives land at once, as early as a GPU could write them: correct
+    /// only while the buffer being filled is never one a launch still reads.
+    EarlyLanding,
+}
+
+struct TwinRank<'a> {
+    twin: Twin<'a>,
+    /// `tx[to]` / `rx[from]`: one channel per ordered pair of ranks, so
+    /// messages from different ranks cannot be confused.
+    tx: Vec<std::sync::mpsc::Sender<Vec<u8>>>,
+    rx: Vec<Option<std::sync::mpsc::Receiver<Vec<u8>>>>,
+    /// Receives started but not visible to launches yet: (from, address, bytes).
+    pending: Vec<(usize, u64, usize)>,
+    fault: Fault,
+}
+
+impl TwinRank<'_> {
+    fn land(&mut self) -> crate::error::Result<()> {
+        for (from, addr, n) in std::mem::take(&mut self.pending) {
+            let rx = self.rx[from].as_ref().expect("no channel from self");
+            let got = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("a rank waited 30 s for a transfer (deadlock?)");
+            assert!(got.len() <= n, "received {} bytes into {n}", got.len());
+            let (id, off) = self.twin.mem.at(addr, 0, got.len());
+            self.twin.mem.bufs[id][off..off + got.len()].copy_from_slice(&got);
+        }
+        Ok(())
+    }
+}
+
+impl RankIo for TwinRank<'_> {
+    type Buf = u64;
+    fn upload(&mut self, bytes: &[u8]) -> crate::error::Result<u64> {
+        Ok(self.twin.mem.alloc(bytes.to_vec()))
+    }
+    fn zeros(&mut self, bytes: usize) -> crate::error::Result<u64> {
+        Ok(self.twin.mem.alloc(vec![0; bytes.max(1)]))
+    }
+    fn addr(&self, b: u64) -> u64 {
+        b
+    }
+    fn launch(&mut self, x: &HostLaunch) -> crate::error::Result<()> {
+        self.twin.exec(x.clone());
+        Ok(())
+    }
+    fn download(&mut self, b: u64, bytes: usize) -> crate::error::Result<Vec<u8>> {
+        self.land()?;
+        Ok(self.twin.mem.bytes(b, bytes))
+    }
+    fn check_fits(&self, _bytes: usize) -> crate::error::Result<()> {
+        Ok(())
+    }
+    fn sendrecv(
+        &mut self,
+        send: Transfer<'_, u64>,
+        recv: Transfer<'_, u64>,
+    ) -> crate::error::Result<()> {
+        // Sends read their sources now (after the launches so far); the
+        // receives land at the next await.
+        if let Some((to, list)) = send {
+            for &(b, n) in list {
+                let n = if self.fault == Fault::HalfSends {
+                    n / 2
+                } else {
+                    n
+                };
+                self.tx[to].send(self.twin.mem.bytes(b, n)).unwrap();
+            }
+        }
+        if let Some((from, list)) = recv {
+            for &(b, n) in list {
+                self.pending.push((from, b, n));
+            }
+        }
+        if self.fault == Fault::EarlyLanding {
+            self.land()?;
+        }
+        Ok(())
+    }
+    fn await_transfers(&mut self) -> crate::error::Result<()> {
+        if self.fault == Fault::NoAwait {
+            return Ok(());
+        }
+        self.land()
+    }
+}
+
+/// `world` ranks as threads, each running `rank::run_rank` on its own
+/// twin, the rows assembled as rank 0 does.
+fn run_multi_process(
+    spec: &MixerSpec,
+    x: &MixerInputs,
+    dt: DType,
+    world: usize,
+    sharding: Sharding,
+    fault: Fault,
+) -> Tensor<f32> {
+    let g = twin_kernel(spec, dt);
+    let sched = RingSchedule::new(x.seq, world, sharding).unwrap();
+    let mut txs: Vec<Vec<_>> = (0..world).map(|_| Vec::new()).collect();
+    let mut rxs: Vec<Vec<_>> = (0..world)
+        .map(|_| (0..world).map(|_| None).collect())
+        .collect();
+    for (from, tx) in txs.iter_mut().enumerate() {
+        for (to, rx_to) in rxs.iter_mut().enumerate() {
+            let (t, r) = std::sync::mpsc::channel();
+            tx.push(t);
+            if from != to {
+                rx_to[from] = Some(r);
+            }
+        }
+    }
+    let parts: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let hs: Vec<_> = txs
+            .into_iter()
+            .zip(rxs)
+            .enumerate()
+            .map(|(rank, (tx, rx))| {
+                let (g, sched) = (&g, &sched);
+                s.spawn(move || {
+                    let mut io = TwinRank {
+                        twin: Twin {
+                            spec,
+                            g: g.clone(),
+                            dt,
+                            mem: Mem::default(),
+                            mutate: &no_mutation,
+                        },
+                        tx,
+                        rx,
+                        pending: Vec::new(),
+                        fault,
+                    };
+                    let job = RankJob {
+                        spec,
+                        info: &g.kernels[0],
+                        config: g.config,
+                        dtype: dt,
+                        inputs: x,
+                        sched,
+                        rank,
+                    };
+                    run_rank(&mut io, &job).unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assemble(spec, &sched, x.batch, &parts).unwrap()
+}
+
+/// The cross-process ring (every family, 2..4 processes, both shardings,
+/// ragged lengths) equals the f64 reference.
+#[test]
+fn multi_process_rings_match_the_reference() {
+    let conv = "mixer hy { heads = 2; head_dim = 8; dtype = f32; input f: f32[heads, seq]; \
+                score = filter(f); mask = causal; norm = none; }";
+    let chunk = [
+        "mixer lin { heads = 2; head_dim = 16; dtype = f32; score = dot(elu1(q), elu1(k)); mask = causal; norm = sum(eps = 1e-6); }",
+        "mixer ret { heads = 2; head_dim = 16; value_dim = 32; dtype = f32; score = dot(q, k); scale = 0.25; decay = 1.0 - pow(2.0, -2.0 - h); mask = causal; norm = none; }",
+        "mixer gat { heads = 2; head_dim = 16; dtype = f32; input g: f32[batch, seq, heads]; score = dot(q, k); scale = 1.0; decay = gate(g); mask = causal; norm = none; }",
+    ];
+    let mut cases: Vec<(&str, f64)> = SOFTMAX_SPECS.iter().map(|s| (*s, 1e-5)).collect();
+    cases.push((conv, 1e-5));
+    cases.extend(chunk.iter().map(|s| (*s, 1e-4)));
+    let mut n = 0;
+    for (src, tol) in cases {
+        let spec = parse(src);
+        for seq in [7, 19, 30] {
+            let x = crate::inputs::random_inputs(&spec, 2, seq, 11 + seq as u64);
+            let want = crate::reference::evaluate(&spec, &x).unwrap();
+            for world in 2..=4 {
+                for sharding in [Sharding::Contiguous, Sharding::Zigzag] {
+                    // Receives landing at the await or at once (a GPU may
+                    // complete them anywhere in between) give one result.
+                    for fault in [Fault::None, Fault::EarlyLanding] {
+                        let got = run_multi_process(&spec, &x, DType::F32, world, sharding, fault);
+                        let err = max_rel_err(&got, &want);
+                        assert!(
+                            err <= tol,
+                            "{} seq {seq} world {world} {sharding:?} {fault:?}: error {err:.2e}",
+                            spec.name
+                        );
+                        n += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(n >= 13 * 3 * 3 * 2 * 2, "{n} runs");
+    // Half precision: storage-type shards travel and the partials merge.
+    let s = parse(SOFTMAX_SPECS[2]);
+    let mut x = crate::inputs::random_inputs(&s, 2, 19, 5);
+    crate::inputs::round_to_dtype(&mut x, DType::Bf16);
+    let want = crate::reference::evaluate(&s, &x).unwrap();
+    let got = run_multi_process(&s, &x, DType::Bf16, 3, Sharding::Zigzag, Fault::None);
+    assert!(max_rel_err(&got, &want) <= 2e-2);
+}
+
+/// A transport that lets launches run before their shard arrived, or cuts
+/// transfers short, gives a wrong result: the test above can fail.
+#[test]
+fn multi_process_twin_notices_transport_faults() {
+    let softmax = parse(SOFTMAX_SPECS[0]);
+    let chunk = parse(
+        "mixer ret { heads = 2; head_dim = 16; dtype = f32; score = dot(q, k); scale = 0.25; \
+         decay = 1.0 - pow(2.0, -2.0 - h); mask = causal; norm = none; }",
+    );
+    for spec in [&softmax, &chunk] {
+        let x = crate::inputs::random_inputs(spec, 2, 30, 9);
+        let want = crate::reference::evaluate(spec, &x).unwrap();
+        for fault in [Fault::NoAwait, Fault::HalfSends] {
+            let got = run_multi_process(spec, &x, DType::F32, 3, Sharding::Zigzag, fault);
+            let err = max_rel_err(&got, &want);
+            assert!(
+                err > 1e-3,
+                "{} {fault:?} went unnoticed ({err:.2e})",
+                spec.name
+            );
+        }
+    }
 }
