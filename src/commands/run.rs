@@ -95,6 +95,9 @@ pub struct Execution {
     /// The tile configuration used and where it came from (tuning cache or default).
     pub config: String,
     pub config_source: String,
+    /// `(rank, world)` of a multi-process CUDA run (`WORLD_SIZE > 1`); only
+    /// rank 0 holds the whole output.
+    pub dist_rank: Option<(usize, usize)>,
 }
 
 /// Runs `spec` on `inputs` with the chosen backend; shared by `run`, `tune` and `bench`.
@@ -107,6 +110,7 @@ pub fn execute(spec: &MixerSpec, inputs: &MixerInputs, opts: &ExecOptions) -> Re
     }
     let start = Instant::now();
     let mut seconds = None;
+    let mut dist_rank = None;
     let (output, pairs_per_rank, config, source) = match opts.backend {
         Resolved::Reference => {
             let out64 = reference::evaluate(spec, inputs)?;
@@ -141,6 +145,7 @@ pub fn execute(spec: &MixerSpec, inputs: &MixerInputs, opts: &ExecOptions) -> Re
             };
             let run = mixc_runtime::cuda::run(spec, inputs, &cfg)?;
             seconds = Some(run.kernel_seconds);
+            dist_rank = run.dist_rank;
             (run.output, run.pairs_per_rank, run.config.describe(), source)
         }
     };
@@ -161,6 +166,7 @@ pub fn execute(spec: &MixerSpec, inputs: &MixerInputs, opts: &ExecOptions) -> Re
         pairs_per_rank,
         config,
         config_source,
+        dist_rank,
     })
 }
 
@@ -293,6 +299,11 @@ pub fn main(args: Args) -> Result<ExitCode> {
         dtype,
     };
     let run = execute(&spec, &inputs, &opts)?;
+    if run.dist_rank.is_some_and(|(rank, _)| rank != 0) {
+        // This rank's rows went to rank 0, which checks, saves and reports;
+        // the backend already printed this rank's one-line summary.
+        return Ok(ExitCode::SUCCESS);
+    }
     let (output, seconds) = (&run.output, run.seconds);
     // The CPU backend and the reference compute in f32 or better whatever the storage type.
     let compute = if opts.backend == Resolved::Cuda {
