@@ -1,0 +1,675 @@
+//! `mixc bench`: times specs over a grid of sequence lengths and dtypes.
+//!
+//! Each point (spec, L, dtype) gets fresh seeded inputs, `--warmup` untimed
+//! runs, then `--reps` timed runs of [`run::execute`]; the table reports the
+//! median. On CUDA the time is the GPU time of the launches (CUDA events),
+//! on the other backends the wall time of the computation. Useful TFLOP/s counts only unmasked (query, key) pairs, counted
+//! exactly from the mask (so masked variants and partially masked tiles are
+//! not flattered), times [`report::flops_per_pair`].
+
+use super::run::{self, Backend, ExecOptions, Resolved};
+use crate::report;
+use anyhow::{bail, Context, Result};
+use mixc_codegen::plan::{BlockClass, BlockPlan, SegmentSummaries, SegmentSummary, Tiling};
+use mixc_dsl::{DType, MixerSpec};
+use mixc_runtime::ring::Sharding;
+use mixc_runtime::{inputs, MixerInputs};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Spec files (`.mix`).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Sequence lengths, comma-separated; `k` means 1024 (e.g. `1k,4k,16k`).
+    #[arg(long, required_unless_present = "inputs", value_delimiter = ',', value_parser = parse_seq)]
+    seq: Vec<usize>,
+    /// Time on the q, k, v and declared inputs of this safetensors file (as
+    /// `mixc run --inputs`) instead of random ones; batch and L come from it.
+    /// Lets a peer (PyTorch) and mixc run on the same data.
+    #[arg(long, conflicts_with_all = ["seq", "batch", "seed"])]
+    inputs: Option<PathBuf>,
+    /// Storage types of q, k, v, comma-separated (default: each spec's `dtype`).
+    #[arg(long, value_delimiter = ',', value_parser = ["f16", "bf16", "f32"])]
+    dtype: Vec<String>,
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: Backend,
+    /// Batch size.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Override a shape of every spec: heads, kv_heads, head_dim, value_dim
+    /// (repeatable), e.g. `--set heads=8 --set head_dim=128`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Ranks of the ring (CPU worker threads or CUDA virtual ranks).
+    #[arg(long, default_value_t = 1)]
+    ranks: usize,
+    /// How the sequence is sharded over ranks (default: zigzag for causal masks).
+    #[arg(long, value_parser = ["contiguous", "zigzag"])]
+    sharding: Option<String>,
+    /// Timed repetitions per point (the table shows their median).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Untimed runs before the timed ones (thread pools, kernel loading, caches).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Stop repeating a point once its timed runs add up to this many seconds
+    /// (at least one timed run is always made).
+    #[arg(long, value_name = "SECONDS")]
+    max_time: Option<f64>,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Compare the first run of every point with the f64 reference (sampled
+    /// rows for long sequences) and fail beyond the `mixc run --check` tolerance.
+    #[arg(long)]
+    check: bool,
+    /// Record a failing point (e.g. out of memory) in its row and go on with
+    /// the others; the exit status is still a failure.
+    #[arg(long)]
+    keep_going: bool,
+    /// Print one JSON document instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Also write the JSON document to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// `4096`, `4k` (= 4096) or `1m` (= 1048576).
+fn parse_seq(s: &str) -> std::result::Result<usize, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let (digits, mult) = match t.strip_suffix('k') {
+        Some(d) => (d, 1024),
+        None => match t.strip_suffix('m') {
+            Some(d) => (d, 1024 * 1024),
+            None => (t.as_str(), 1),
+        },
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|&n| n >= 1)
+        .ok_or_else(|| format!("`{s}` is not a sequence length (e.g. 4096 or 4k)"))
+}
+
+/// One measured point of the grid.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub spec: String,
+    pub file: String,
+    pub family: String,
+    pub backend: String,
+    pub dtype: String,
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub value_dim: u32,
+    pub ranks: usize,
+    /// Timed runs actually made (fewer than `--reps` under `--max-time`).
+    pub reps: usize,
+    /// What `median_s` measures: `cuda-events` (GPU time of the launches) or
+    /// `wall` (the computation, host clock).
+    pub clock: String,
+    /// Tile configuration used, and whether it came from the tuning cache.
+    pub config: Option<String>,
+    pub config_source: Option<String>,
+    pub median_s: Option<f64>,
+    pub min_s: Option<f64>,
+    pub max_s: Option<f64>,
+    pub times_s: Vec<f64>,
+    /// Median host wall time of the whole execution (on CUDA: with module
+    /// loading, uploads and download).
+    pub wall_median_s: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+    /// Unmasked (query, key) pairs over batch and heads.
+    pub useful_pairs: u64,
+    pub useful_tflops: Option<f64>,
+    /// Pairs the backend computed (whole non-skipped tiles), where it counts them.
+    pub computed_pairs: Option<u64>,
+    pub input_bytes: usize,
+    pub output_bytes: usize,
+    /// Peak resident memory of this point (the high-water mark is reset before
+    /// each point where Linux allows it, see `peak_rss_is_per_point`).
+    pub peak_rss_bytes: Option<u64>,
+    pub peak_rss_is_per_point: bool,
+    pub max_rel_error: Option<f64>,
+    pub tolerance: Option<f64>,
+    pub error: Option<String>,
+}
+
+/// Resets this process's peak-RSS high-water mark (`VmHWM`), so each point
+/// reports its own peak rather than the largest so far. Linux >= 4.0.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        0.5 * (sorted[n / 2 - 1] + sorted[n / 2])
+    }
+}
+
+/// Unmasked (query, key) pairs of one head over the batch, counted exactly:
+/// the block plan classifies 64 x 64 tiles, `Full` tiles count whole and only
+/// `Partial` ones test the mask per pair, so a causal count costs O(L * 64)
+/// mask tests, not O(L^2). Query blocks are split over threads for masks
+/// (like `dilated`) whose tiles are mostly `Partial`.
+pub fn useful_pairs_per_head(spec: &MixerSpec, inputs: &MixerInputs) -> u64 {
+    let seq = inputs.seq;
+    let mut seg_names = Vec::new();
+    spec.mask.segment_inputs(&mut seg_names);
+    let tiling = Tiling {
+        block_m: 64,
+        block_n: 64,
+    };
+    let plan = BlockPlan::new(&spec.mask, tiling, 0..seq, 0..seq);
+    // Without segment ids every batch row has the same pairs: count one.
+    let rows = if seg_names.is_empty() {
+        1
+    } else {
+        inputs.batch
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut total = 0u64;
+    for b in 0..rows {
+        let ids: Vec<(String, Vec<i64>)> = seg_names
+            .iter()
+            .filter_map(|name| {
+                let t = inputs.extra.get(name.as_str())?;
+                let ids = (0..seq)
+                    .map(|p| t.get_clamped(&[b as i64, p as i64]) as i64)
+                    .collect();
+                Some((name.clone(), ids))
+            })
+            .collect();
+        let summaries = SegmentSummaries {
+            entries: ids
+                .iter()
+                .map(|(n, v)| (n.clone(), SegmentSummary::new(v.iter().copied(), 64)))
+                .collect(),
+        };
+        let seg = |name: &str, p: i64| -> i64 {
+            ids.iter()
+                .find(|(n, _)| n == name)
+                .map_or(0, |(_, v)| v[p as usize])
+        };
+        let count_blocks = |qbs: std::ops::Range<usize>| -> u64 {
+            let mut n = 0u64;
+            for qb in qbs {
+                let row = plan.row(qb, &summaries);
+                for (keys, class) in row.tiles(&plan) {
+                    n += match class {
+                        BlockClass::Full => (row.q.len() * keys.len()) as u64,
+                        BlockClass::Partial => row
+                            .q
+                            .clone()
+                            .map(|i| {
+                                keys.clone()
+                                    .filter(|&j| spec.mask.allows(i as i64, j as i64, &seg))
+                                    .count() as u64
+                            })
+                            .sum(),
+                        BlockClass::Skip => 0,
+                    };
+                }
+            }
+            n
+        };
+        let nqb = plan.num_query_blocks();
+        total += if threads <= 1 || nqb < 64 {
+            count_blocks(0..nqb)
+        } else {
+            // Interleaved chunks so causal rows (cheap first, dear last) balance.
+            let chunks: Vec<Vec<usize>> = (0..threads)
+                .map(|t| (t..nqb).step_by(threads).collect())
+                .collect();
+            std::thread::scope(|s| {
+                let handles: Vec<_> = chunks
+                    .iter()
+                    .map(|c| {
+                        let count_blocks = &count_blocks;
+                        s.spawn(move || c.iter().map(|&qb| count_blocks(qb..qb + 1)).sum::<u64>())
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("pair-counting thread panicked"))
+                    .sum()
+            })
+        };
+    }
+    if seg_names.is_empty() {
+        total * inputs.batch as u64
+    } else {
+        total
+    }
+}
+
+/// Fixed settings of a bench run, shared by every point.
+struct Plan {
+    backend: Resolved,
+    opts_base: ExecOptions,
+    reps: usize,
+    warmup: usize,
+    max_time: Option<f64>,
+    batch: usize,
+    check: bool,
+}
+
+/// Where a point's inputs come from.
+enum Source<'a> {
+    Random { seq: usize, seed: u64 },
+    File(&'a std::path::Path),
+}
+
+/// Measures one (spec, L, dtype) point; `Err` for failures of the run itself
+/// (the caller decides whether to go on).
+fn measure(
+    plan: &Plan,
+    file: &str,
+    spec: &MixerSpec,
+    source: &Source,
+    dtype: DType,
+) -> Result<Row> {
+    let per_point = reset_peak_rss();
+    let mut inputs = match *source {
+        Source::Random { seq, seed } => inputs::random_inputs(spec, plan.batch, seq, seed),
+        Source::File(path) => mixc_runtime::io::load_inputs(path, spec)?,
+    };
+    mixc_runtime::inputs::round_to_dtype(&mut inputs, dtype);
+    let (batch, seq) = (inputs.batch, inputs.seq);
+    if plan.opts_base.ranks > seq {
+        bail!(
+            "--ranks {} is more than the sequence length {seq}",
+            plan.opts_base.ranks
+        );
+    }
+    let opts = ExecOptions {
+        dtype,
+        ..plan.opts_base.clone()
+    };
+    let mut max_rel_error = None;
+    let mut computed_pairs = None;
+    let mut output_bytes = 0;
+    let mut first = true;
+    let mut config = None;
+    let mut after_first = |exec: &run::Execution| -> Result<()> {
+        if first {
+            first = false;
+            output_bytes = exec.output.numel() * 4;
+            config = Some((exec.config.clone(), exec.config_source.clone()));
+            computed_pairs = exec.pairs_per_rank.as_ref().map(|p| p.iter().sum());
+            if plan.check {
+                max_rel_error = Some(run::check_against_reference(spec, &inputs, &exec.output)?);
+            }
+        }
+        Ok(())
+    };
+    for _ in 0..plan.warmup {
+        let exec = run::execute(spec, &inputs, &opts)?;
+        after_first(&exec)?;
+    }
+    let mut times = Vec::with_capacity(plan.reps);
+    let mut wall = Vec::with_capacity(plan.reps);
+    let started = Instant::now();
+    for _ in 0..plan.reps.max(1) {
+        // `seconds` is compute time (CUDA: GPU time of the launches, which a
+        // peer such as PyTorch also reports without uploads or module loading).
+        let exec = run::execute(spec, &inputs, &opts)?;
+        after_first(&exec)?;
+        times.push(exec.seconds);
+        wall.push(exec.wall_seconds);
+        if plan
+            .max_time
+            .is_some_and(|t| started.elapsed().as_secs_f64() >= t)
+        {
+            break;
+        }
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let med = median(&sorted);
+    wall.sort_by(f64::total_cmp);
+    let useful_pairs = useful_pairs_per_head(spec, &inputs) * u64::from(spec.heads);
+    // The CPU backend and the reference compute in f32 or better whatever the storage type.
+    let compute = if plan.backend == Resolved::Cuda {
+        dtype
+    } else {
+        DType::F32
+    };
+    Ok(Row {
+        reps: times.len(),
+        clock: clock(plan.backend).to_string(),
+        config: config.as_ref().map(|c| c.0.clone()),
+        config_source: config.map(|c| c.1),
+        median_s: Some(med),
+        wall_median_s: Some(median(&wall)),
+        min_s: sorted.first().copied(),
+        max_s: sorted.last().copied(),
+        times_s: times,
+        tokens_per_s: Some((batch * seq) as f64 / med),
+        useful_pairs,
+        useful_tflops: Some(useful_pairs as f64 * report::flops_per_pair(spec) / med / 1e12),
+        computed_pairs,
+        input_bytes: run::input_bytes(&inputs),
+        output_bytes,
+        peak_rss_bytes: report::peak_rss_bytes(),
+        peak_rss_is_per_point: per_point,
+        max_rel_error,
+        tolerance: plan.check.then(|| run::check_tolerance(compute)),
+        error: None,
+        batch,
+        ..empty_row(plan, file, spec, seq, dtype)
+    })
+}
+
+fn empty_row(plan: &Plan, file: &str, spec: &MixerSpec, seq: usize, dtype: DType) -> Row {
+    Row {
+        spec: spec.name.clone(),
+        file: file.to_string(),
+        family: spec.family.name().to_string(),
+        backend: plan.backend.name().to_string(),
+        dtype: dtype.name().to_string(),
+        batch: plan.batch,
+        seq,
+        heads: spec.heads,
+        kv_heads: spec.kv_heads,
+        head_dim: spec.head_dim,
+        value_dim: spec.value_dim,
+        ranks: plan.opts_base.ranks,
+        reps: 0,
+        clock: clock(plan.backend).to_string(),
+        config: None,
+        config_source: None,
+        median_s: None,
+        wall_median_s: None,
+        min_s: None,
+        max_s: None,
+        times_s: Vec::new(),
+        tokens_per_s: None,
+        useful_pairs: 0,
+        useful_tflops: None,
+        computed_pairs: None,
+        input_bytes: 0,
+        output_bytes: 0,
+        peak_rss_bytes: None,
+        peak_rss_is_per_point: false,
+        max_rel_error: None,
+        tolerance: None,
+        error: None,
+    }
+}
+
+fn clock(backend: Resolved) -> &'static str {
+    if backend == Resolved::Cuda {
+        "cuda-events"
+    } else {
+        "wall"
+    }
+}
+
+fn fmt_time(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.3} s")
+    } else if s >= 1e-3 {
+        format!("{:.3} ms", s * 1e3)
+    } else {
+        format!("{:.1} us", s * 1e6)
+    }
+}
+
+const HEADER: &str = "| spec | L | dtype | backend | ranks | median | tokens/s | useful TFLOP/s | peak RSS | check |\n\
+                      | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |";
+
+/// One markdown table row (the table is valid markdown, so it can be pasted).
+fn table_line(r: &Row) -> String {
+    let check = match (r.max_rel_error, r.tolerance) {
+        (Some(e), Some(t)) if e <= t => format!("ok {e:.1e}"),
+        (Some(e), _) => format!("FAIL {e:.1e}"),
+        _ => "-".into(),
+    };
+    match &r.error {
+        Some(e) => format!(
+            "| {} | {} | {} | {} | {} | error: {e} | | | | |",
+            r.spec, r.seq, r.dtype, r.backend, r.ranks
+        ),
+        None => format!(
+            "| {} | {} | {} | {} | {} | {} | {:.0} | {:.4} | {} | {check} |",
+            r.spec,
+            r.seq,
+            r.dtype,
+            r.backend,
+            r.ranks,
+            r.median_s.map_or("-".into(), fmt_time),
+            r.tokens_per_s.unwrap_or(0.0),
+            r.useful_tflops.unwrap_or(0.0),
+            r.peak_rss_bytes
+                .map_or("-".into(), |b| format!("{:.0} MiB", b as f64 / 1048576.0)),
+        ),
+    }
+}
+
+pub fn main(args: Args) -> Result<ExitCode> {
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if args.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    if args.max_time.is_some_and(|t| t.is_nan() || t <= 0.0) {
+        bail!("--max-time must be a positive number of seconds");
+    }
+    if args.ranks == 0 {
+        bail!("--ranks must be at least 1");
+    }
+    if let Some(&min_seq) = args.seq.iter().min() {
+        if args.ranks > min_seq {
+            bail!(
+                "--ranks {} must be between 1 and the shortest --seq {min_seq}",
+                args.ranks
+            );
+        }
+    }
+    // Load every spec first: a typo in the last file should not cost a long run.
+    let mut specs = Vec::new();
+    for file in &args.files {
+        let mut spec = super::load_spec(file)?;
+        super::apply_shape_overrides(&mut spec, &args.set)
+            .with_context(|| format!("{}", file.display()))?;
+        specs.push((file.display().to_string(), spec));
+    }
+    let dtypes: Vec<Option<DType>> = if args.dtype.is_empty() {
+        vec![None]
+    } else {
+        args.dtype
+            .iter()
+            .map(|d| DType::parse(d).map(Some).context("unknown --dtype"))
+            .collect::<Result<_>>()?
+    };
+    let backend = run::resolve_backend(args.backend, args.json)?;
+    let plan = Plan {
+        backend,
+        opts_base: ExecOptions {
+            backend,
+            ranks: args.ranks,
+            sharding: args.sharding.as_deref().map(|s| {
+                if s == "zigzag" {
+                    Sharding::Zigzag
+                } else {
+                    Sharding::Contiguous
+                }
+            }),
+            dtype: DType::F32,
+        },
+        reps: args.reps,
+        warmup: args.warmup,
+        max_time: args.max_time,
+        batch: args.batch,
+        check: args.check,
+    };
+
+    if !args.json {
+        println!("{HEADER}");
+    }
+    let mut rows = Vec::new();
+    let mut failed = false;
+    // With --inputs the file decides L (0 in rows that fail before reading it).
+    let sources: Vec<(usize, Source)> = match &args.inputs {
+        Some(path) => vec![(0, Source::File(path))],
+        None => args
+            .seq
+            .iter()
+            .map(|&seq| {
+                let seed = args.seed;
+                (seq, Source::Random { seq, seed })
+            })
+            .collect(),
+    };
+    for (file, spec) in &specs {
+        for (seq, source) in &sources {
+            let seq = *seq;
+            for dtype in &dtypes {
+                let dtype = dtype.unwrap_or(spec.dtype);
+                let row = match measure(&plan, file, spec, source, dtype) {
+                    Ok(row) => row,
+                    Err(e) if args.keep_going => Row {
+                        error: Some(format!("{e:#}")),
+                        ..empty_row(&plan, file, spec, seq, dtype)
+                    },
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("{} at L = {seq}, {}", spec.name, dtype.name())
+                        })
+                    }
+                };
+                let bad_check = row
+                    .max_rel_error
+                    .zip(row.tolerance)
+                    .is_some_and(|(e, t)| e.is_nan() || e > t);
+                failed |= row.error.is_some() || bad_check;
+                if !args.json {
+                    println!("{}", table_line(&row));
+                }
+                rows.push(row);
+            }
+        }
+    }
+
+    let doc = serde_json::json!({
+        "mixc_version": env!("CARGO_PKG_VERSION"),
+        "backend": backend.name(),
+        "batch": args.batch,
+        "ranks": args.ranks,
+        "reps": args.reps,
+        "warmup": args.warmup,
+        "seed": args.seed,
+        "rows": rows,
+    });
+    if let Some(path) = &args.out {
+        let text = serde_json::to_string_pretty(&doc)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.json {
+        println!("{doc}");
+    } else if let Some(path) = &args.out {
+        println!("wrote {}", path.display());
+    }
+    if failed {
+        eprintln!("error: some points failed (see the table's error / check columns)");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(src: &str) -> MixerSpec {
+        mixc_dsl::parse_str(src).expect("valid spec")
+    }
+
+    /// Brute-force count over all pairs, the definition the fast count must match.
+    fn brute(spec: &MixerSpec, inputs: &MixerInputs) -> u64 {
+        let mut names = Vec::new();
+        spec.mask.segment_inputs(&mut names);
+        let mut n = 0u64;
+        for b in 0..inputs.batch {
+            let seg = |name: &str, p: i64| inputs.extra[name].get_clamped(&[b as i64, p]) as i64;
+            for i in 0..inputs.seq as i64 {
+                for j in 0..inputs.seq as i64 {
+                    n += u64::from(spec.mask.allows(i, j, &seg));
+                }
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn useful_pairs_match_brute_force_for_every_mask_kind() {
+        let masks = [
+            "all",
+            "causal",
+            "causal && window(37)",
+            "prefix_lm(50)",
+            "block_sparse(block = 16, local = 2, global = 1)",
+            "causal && (window(20) || dilated(3))",
+        ];
+        for m in masks {
+            let s = spec(&format!(
+                "mixer m {{ heads = 2; head_dim = 8; score = dot(q, k); mask = {m}; norm = softmax; }}"
+            ));
+            // 203: not a multiple of the 64-wide tiles, so ragged tiles are covered.
+            let inputs = inputs::random_inputs(&s, 2, 203, 1);
+            assert_eq!(
+                useful_pairs_per_head(&s, &inputs),
+                brute(&s, &inputs),
+                "mask {m}"
+            );
+        }
+        // Causal has a closed form too.
+        let s = spec("mixer c { heads = 1; head_dim = 8; score = dot(q, k); mask = causal; norm = softmax; }");
+        let inputs = inputs::random_inputs(&s, 1, 4096, 0);
+        assert_eq!(useful_pairs_per_head(&s, &inputs), 4096 * 4097 / 2);
+    }
+
+    #[test]
+    fn useful_pairs_use_each_batch_rows_segments() {
+        let s = spec(
+            "mixer d { heads = 1; head_dim = 8; input doc: i32[batch, seq]; score = dot(q, k); \
+             mask = causal && segment(doc); norm = softmax; }",
+        );
+        let inputs = inputs::random_inputs(&s, 3, 300, 7);
+        let fast = useful_pairs_per_head(&s, &inputs);
+        assert_eq!(fast, brute(&s, &inputs));
+        // Documents cut the causal triangle, so fewer pairs than plain causal.
+        assert!(fast < 3 * 300 * 301 / 2, "{fast}");
+    }
+
+    #[test]
+    fn seq_lengths_parse_with_suffixes_and_reject_junk() {
+        assert_eq!(parse_seq("4096"), Ok(4096));
+        assert_eq!(parse_seq("4k"), Ok(4096));
+        assert_eq!(parse_seq("64K"), Ok(65536));
+        assert_eq!(parse_seq("1m"), Ok(1 << 20));
+        for bad in ["", "0", "k", "-4", "4x", "1.5k"] {
+            assert!(parse_seq(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[1.0, 2.0, 9.0]), 2.0);
+        assert_eq!(median(&[1.0, 2.0, 4.0, 9.0]), 3.0);
+    }
+}
