@@ -1,15 +1,10 @@
 //! End-to-end tests of the `mixc` binary: exit codes, diagnostics, files.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn mixc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mixc"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("mixc runs")
-}
+
+mod common;
+use common::{mixc, text};
 
 fn examples() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
@@ -22,18 +17,8 @@ fn examples() -> Vec<PathBuf> {
     v
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    common::scratch("cli", name)
 }
 
 #[test]

@@ -2,29 +2,14 @@
 //! `--check`, `--out`, `--inputs`, `--keep-going`, `--max-time`, and clear
 //! errors for bad input (never a panic).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
+use std::process::Output;
 
-fn mixc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mixc"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("mixc runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+mod common;
+use common::{mixc, text};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli_bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    common::scratch("cli_bench", name)
 }
 
 fn json(o: &Output) -> serde_json::Value {

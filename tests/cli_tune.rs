@@ -5,23 +5,13 @@
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+mod common;
+use common::text;
 
 fn mixc(cache: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mixc"))
-        .args(args)
-        .env("MIXC_CACHE_DIR", cache)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("mixc runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    common::mixc_env(args, &[("MIXC_CACHE_DIR", cache)])
 }
 
 fn json_of(o: &Output) -> Value {

@@ -5,7 +5,7 @@
 
 use mixc_dsl::ir::{DType, MixerSpec};
 use mixc_runtime::cpu::CpuConfig;
-use mixc_runtime::tune::cache::{self, Loaded, TopRow, MIXC_VERSION};
+use mixc_runtime::tune::cache::{self, Loaded, TopRow, FORMAT, MIXC_VERSION};
 use mixc_runtime::tune::{
     cpu_config_in, CpuTiles, DeviceInfo, Source, TuneCache, TuneEntry, TuneKey, TunedConfig,
 };
@@ -44,6 +44,7 @@ fn entry(key: TuneKey, block_m: usize) -> TuneEntry {
         timed: 2,
         pruned: 0,
         top: vec![TopRow {
+            rank: 1,
             label: format!("block {block_m}x32"),
             config: TunedConfig::Cpu(tiles),
             is_default: false,
@@ -167,7 +168,7 @@ fn a_corrupt_entry_is_reported_and_replaced() {
     // Valid JSON with the right version but missing fields is corrupt too.
     std::fs::write(
         c.path(&k),
-        format!("{{\"format\": 1, \"mixc_version\": \"{MIXC_VERSION}\"}}"),
+        format!("{{\"format\": {FORMAT}, \"mixc_version\": \"{MIXC_VERSION}\"}}"),
     )
     .unwrap();
     assert!(matches!(c.load(&k), Loaded::Invalid(m) if m.contains("corrupt")));

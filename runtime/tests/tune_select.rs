@@ -237,3 +237,24 @@ fn cpu_tuning_finds_a_correct_config_no_slower_than_the_default() {
         assert!(sample.min_ns > 0 && sample.min_ns <= sample.median_ns);
     }
 }
+
+#[test]
+fn the_stored_table_keeps_the_default_row_with_its_true_rank() {
+    // The default is slowest of five; a top-2 table still shows it, ranked 5th.
+    let cands: Vec<Candidate> = (0..5).map(|i| cand(i, 16 << i, 64, i == 0)).collect();
+    let medians: HashMap<usize, u64> = [(0, 900), (1, 100), (2, 200), (3, 300), (4, 400)].into();
+    let mut t = Scripted {
+        median: medians,
+        ..Default::default()
+    };
+    let report = run(cands, &mut t, TuneOptions::default());
+    let spec = mixc_dsl::parse_str("mixer m { heads = 2; head_dim = 8; mask = causal; }").unwrap();
+    let key = tune::TuneKey::new(&spec, 1, 64, spec.dtype, tune::DeviceInfo::cpu());
+    let entry = tune::TuneEntry::from_report(key, 1, 64, &report, 2).unwrap();
+    let rows: Vec<(usize, usize, bool)> = entry
+        .top
+        .iter()
+        .map(|r| (r.rank, (r.median_s * 1e9).round() as usize, r.is_default))
+        .collect();
+    assert_eq!(rows, vec![(1, 100, false), (2, 200, false), (5, 900, true)]);
+}

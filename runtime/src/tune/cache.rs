@@ -20,7 +20,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Layout version of the JSON entries.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 /// The mixc version (every crate of the workspace shares it).
 pub const MIXC_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -189,6 +189,9 @@ impl TuneKey {
 /// One row of the stored table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TopRow {
+    /// Place among the timed candidates, 1 = chosen (the default's row may
+    /// follow the top rows with its own, lower rank).
+    pub rank: usize,
     pub label: String,
     pub config: TunedConfig,
     pub is_default: bool,
@@ -199,7 +202,7 @@ pub struct TopRow {
 }
 
 impl TopRow {
-    fn of(r: &CandidateResult) -> Option<TopRow> {
+    fn of(rank: usize, r: &CandidateResult) -> Option<TopRow> {
         let Outcome::Timed {
             sample,
             check_error,
@@ -208,6 +211,7 @@ impl TopRow {
             return None;
         };
         Some(TopRow {
+            rank,
             label: r.candidate.label.clone(),
             config: r.candidate.config,
             is_default: r.candidate.is_default,
@@ -269,10 +273,13 @@ impl TuneEntry {
             candidates: report.results.len(),
             timed: report.timed,
             pruned: report.count(|o| matches!(o, Outcome::Pruned { .. })),
+            // The top rows, plus the default's row wherever it ranked: the
+            // table is read as "how much better than the default".
             top: ranked
                 .iter()
-                .take(top_n.max(1))
-                .filter_map(|r| TopRow::of(r))
+                .enumerate()
+                .filter(|(i, r)| *i < top_n.max(1) || r.candidate.is_default)
+                .filter_map(|(i, r)| TopRow::of(i + 1, r))
                 .collect(),
         })
     }
