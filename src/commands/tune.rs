@@ -335,13 +335,13 @@ fn print_table(entry: &TuneEntry) {
         "{:>4}  {:<width$}  {:>10}  {:>10}  {:>10}  {:>9}",
         "rank", "configuration", "median ms", "min ms", "vs default", "check err"
     );
-    for (i, r) in entry.top.iter().enumerate() {
+    for r in &entry.top {
         let speedup = entry
             .default_median_s
             .map_or("-".into(), |d| format!("{:.2}x", d / r.median_s.max(1e-12)));
         println!(
             "{:>4}  {:<width$}  {:>10.3}  {:>10.3}  {:>10}  {:>9.1e}{}",
-            i + 1,
+            r.rank,
             r.label,
             r.median_s * 1e3,
             r.min_s * 1e3,
