@@ -1,3 +1,4 @@
+{% import "macros.cu" as m %}
 {{ header -}}
 // family parameters: q_map={{ q_map }} k_map={{ k_map }} decay={{ decay }} norm={{ norm }}
 //   head_dim padded to {{ dk_pad }}; {{ dv_blocks }} value-dim block(s) of {{ block_dv }}
@@ -12,18 +13,7 @@
 // the inter-chunk product. One CTA per (value-dim block, head, batch).
 // Launch: grid ({{ dv_blocks }}, heads, batch), block {{ num_threads }} threads,
 // {{ smem_bytes }} bytes of dynamic shared memory.
-{% include "tile.cuh" %}
-{% include "chunkwise_common.cu" %}
-
-namespace {
-using namespace mixc;
-using namespace mixc_cw;
-
-typedef {{ elem_type }} T;
-
-constexpr int HEADS = {{ heads }};
-constexpr int KV_HEADS = {{ kv_heads }};
-constexpr int KV_GROUP = HEADS / KV_HEADS;
+{% include "linear_prelude.cu" -%}
 constexpr int DK = {{ head_dim }};
 constexpr int DKP = {{ dk_pad }};
 constexpr int DV = {{ value_dim }};
@@ -60,27 +50,11 @@ __constant__ float LOG2_GAMMA[HEADS] = { {{ log2_gammas }} };
 {%- endif %}
 {%- if q_map != "identity" %}
 
-__device__ __forceinline__ float phi_q(float x) {
-{%- if q_map == "elu1" %}
-    return x > 0.f ? x + 1.f : expf(x);
-{%- elif q_map == "relu" %}
-    return fmaxf(x, 0.f);
-{%- else %}
-    return x;
-{%- endif %}
-}
+{{ m::feature_map(name="phi_q", map=q_map) }}
 {%- endif %}
 {%- if k_map != "identity" %}
 
-__device__ __forceinline__ float psi_k(float x) {
-{%- if k_map == "elu1" %}
-    return x > 0.f ? x + 1.f : expf(x);
-{%- elif k_map == "relu" %}
-    return fmaxf(x, 0.f);
-{%- else %}
-    return x;
-{%- endif %}
-}
+{{ m::feature_map(name="psi_k", map=k_map) }}
 {%- endif %}
 
 // Issues the cp.async copies of one chunk's Q, K rows and V columns
@@ -131,12 +105,7 @@ __device__ __forceinline__ void store_state(T* st_s, const float (&acc)[S_ITERS]
 // excludes `scale`. Every output pointer may be null; o = o_num / (o_den + eps)
 // for sum normalisation, o = o_num otherwise, and o_num / o_den are the
 // additive partials for a runtime that merges per-shard results instead.
-extern "C" __global__ void __launch_bounds__(NT) {{ kernel_name }}(
-{%- for p in params %}
-    {{ p.c_type }} {{ p.name }}{% if not loop.last %},{% endif %}  // {{ p.doc }}
-{%- endfor %}
-) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+{{ m::kernel_entry(name=kernel_name, params=params, bounds="NT") }}
     T* q_s = reinterpret_cast<T*>(smem_raw);   // [STAGES][CHUNK][QS]
     T* k_s = q_s + STAGES * CHUNK * QS;        // [STAGES][CHUNK][QS]
     T* v_s = k_s + STAGES * CHUNK * QS;        // [STAGES][CHUNK][VS]

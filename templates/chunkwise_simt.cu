@@ -1,3 +1,4 @@
+{% import "macros.cu" as m %}
 {{ header -}}
 // family parameters: q_map={{ q_map }} k_map={{ k_map }} decay={{ decay }} norm={{ norm }}
 //   {{ dv_blocks }} value-dim block(s) of {{ block_dv }}
@@ -11,18 +12,7 @@
 // S (d_k x block_dv, f32, excluding `scale`) lives in shared memory.
 // Launch: grid ({{ dv_blocks }}, heads, batch), block {{ num_threads }} threads,
 // {{ smem_bytes }} bytes of dynamic shared memory.
-{% include "tile.cuh" %}
-{% include "chunkwise_common.cu" %}
-
-namespace {
-using namespace mixc;
-using namespace mixc_cw;
-
-typedef {{ elem_type }} T;
-
-constexpr int HEADS = {{ heads }};
-constexpr int KV_HEADS = {{ kv_heads }};
-constexpr int KV_GROUP = HEADS / KV_HEADS;
+{% include "linear_prelude.cu" -%}
 constexpr int DK = {{ head_dim }};
 constexpr int DV = {{ value_dim }};
 constexpr int CHUNK = {{ config.chunk }};
@@ -45,34 +35,17 @@ static_assert(SMEM_BYTES == {{ smem_bytes }}, "shared-memory layout disagrees wi
 __constant__ float LOG2_GAMMA[HEADS] = { {{ log2_gammas }} };
 {%- endif %}
 {% if q_map != "identity" -%}
-__device__ __forceinline__ float phi_q(float x) {
-{%- if q_map == "elu1" %}
-    return x > 0.f ? x + 1.f : expf(x);
-{%- else %}
-    return fmaxf(x, 0.f);
-{%- endif %}
-}
+{{ m::feature_map(name="phi_q", map=q_map) }}
 {%- endif %}
 {%- if k_map != "identity" %}
 
-__device__ __forceinline__ float psi_k(float x) {
-{%- if k_map == "elu1" %}
-    return x > 0.f ? x + 1.f : expf(x);
-{%- else %}
-    return fmaxf(x, 0.f);
-{%- endif %}
-}
+{{ m::feature_map(name="psi_k", map=k_map) }}
 {%- endif %}
 
 } // namespace
 
 // Same arguments and outputs as the tensor-core variant (chunkwise_mma.cu).
-extern "C" __global__ void __launch_bounds__(NT) {{ kernel_name }}(
-{%- for p in params %}
-    {{ p.c_type }} {{ p.name }}{% if not loop.last %},{% endif %}  // {{ p.doc }}
-{%- endfor %}
-) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+{{ m::kernel_entry(name=kernel_name, params=params, bounds="NT") }}
     float* q_s = reinterpret_cast<float*>(smem_raw);  // [CHUNK][QS] phi(q)
     float* k_s = q_s + CHUNK * QS;                    // [CHUNK][QS] psi(k)
     float* v_s = k_s + CHUNK * QS;                    // [CHUNK][BDV]

@@ -1,3 +1,4 @@
+{% import "macros.cu" as m %}
 {{ header -}}
 // Long convolution y_i = sum_{j <= i} f[h, i - j] v_j as a blockwise Toeplitz
 // product on tensor cores. One CTA per (query block, head x value-dim block,
@@ -16,23 +17,7 @@
 // (accumulate = 1) and the last step may also write o.
 // Launch: grid (ceil(q_rows / {{ config.block_m }}), heads * {{ dv_blocks }}, batch), block {{ num_threads }}
 // threads, {{ smem_bytes }} bytes of dynamic shared memory.
-{% include "tile.cuh" %}
-{% include "chunkwise_common.cu" %}
-
-namespace {
-using namespace mixc;
-using namespace mixc_cw;
-
-typedef {{ elem_type }} T;
-
-constexpr int HEADS = {{ heads }};
-constexpr int KV_HEADS = {{ kv_heads }};
-constexpr int KV_GROUP = HEADS / KV_HEADS;
-constexpr int DV = {{ value_dim }};
-constexpr int BLOCK_M = {{ config.block_m }};
-constexpr int BLOCK_N = {{ config.block_n }};
-constexpr int BDV = {{ block_dv }};
-constexpr int DV_BLOCKS = {{ dv_blocks }};
+{% include "conv_prelude.cu" -%}
 constexpr int NUM_WARPS = {{ config.warps }};
 constexpr int NT = NUM_WARPS * 32;
 constexpr int STAGES = {{ config.stages }};
@@ -71,24 +56,14 @@ __device__ __forceinline__ void load_block(T* vs, float* fs, const T* __restrict
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(NT) {{ kernel_name }}(
-{%- for p in params %}
-    {{ p.c_type }} {{ p.name }}{% if not loop.last %},{% endif %}  // {{ p.doc }}
-{%- endfor %}
-) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+{{ m::kernel_entry(name=kernel_name, params=params, bounds="NT") }}
     T* v_s = reinterpret_cast<T*>(smem_raw);                       // [STAGES][BLOCK_N][VS]
     float* f_s = reinterpret_cast<float*>(v_s + STAGES * BLOCK_N * VS);  // [STAGES][FS]
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t4 = lane & 3;
     const int warp_m = warp % WARPS_M, wc = (warp / WARPS_M) * WN;  // first row tile / column of this warp
-    const int i0 = blockIdx.x * BLOCK_M;
-    const int h = blockIdx.y / DV_BLOCKS, n0 = (blockIdx.y % DV_BLOCKS) * BDV;
-    const int b = blockIdx.z, kvh = h / KV_GROUP;
-    const int filter_len = seq_len;
-    const int i_end = min(q_rows, i0 + BLOCK_M);
-    const float* filt = {{ filter_param }};
+{{- m::conv_block(filter=filter_param) }}
 
     // Keys with 0 <= (q_pos0 + i) - (k_pos0 + j) < filter_len for some query
     // row i of this block (the causal key range, as in plan::key_hull).

@@ -1,3 +1,4 @@
+{% import "macros.cu" as m %}
 {{ header -}}
 // Long convolution y_i = sum_{j <= i} f[h, i - j] v_j, blockwise Toeplitz,
 // f32 SIMT path (no tensor cores): the same tiling, key range, arguments and
@@ -7,23 +8,7 @@
 // which is the whole causal mask.
 // Launch: grid (ceil(q_rows / {{ config.block_m }}), heads * {{ dv_blocks }}, batch), block {{ num_threads }}
 // threads, {{ smem_bytes }} bytes of dynamic shared memory.
-{% include "tile.cuh" %}
-{% include "chunkwise_common.cu" %}
-
-namespace {
-using namespace mixc;
-using namespace mixc_cw;
-
-typedef {{ elem_type }} T;
-
-constexpr int HEADS = {{ heads }};
-constexpr int KV_HEADS = {{ kv_heads }};
-constexpr int KV_GROUP = HEADS / KV_HEADS;
-constexpr int DV = {{ value_dim }};
-constexpr int BLOCK_M = {{ config.block_m }};
-constexpr int BLOCK_N = {{ config.block_n }};
-constexpr int BDV = {{ block_dv }};
-constexpr int DV_BLOCKS = {{ dv_blocks }};
+{% include "conv_prelude.cu" -%}
 constexpr int NT = {{ config.warps }} * 32;
 constexpr int ROW_GROUPS = NT / BDV;                  // threads sharing a column
 constexpr int ROWS_PER_THREAD = BLOCK_M / ROW_GROUPS;
@@ -34,22 +19,12 @@ static_assert(NT % BDV == 0 && BLOCK_M % ROW_GROUPS == 0, "thread layout");
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(NT) {{ kernel_name }}(
-{%- for p in params %}
-    {{ p.c_type }} {{ p.name }}{% if not loop.last %},{% endif %}  // {{ p.doc }}
-{%- endfor %}
-) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+{{ m::kernel_entry(name=kernel_name, params=params, bounds="NT") }}
     float* vs = reinterpret_cast<float*>(smem_raw);  // [BLOCK_N][BDV]
     float* fs = vs + BLOCK_N * BDV;                  // [FS]
 
     const int tid = threadIdx.x;
-    const int i0 = blockIdx.x * BLOCK_M;
-    const int h = blockIdx.y / DV_BLOCKS, n0 = (blockIdx.y % DV_BLOCKS) * BDV;
-    const int b = blockIdx.z, kvh = h / KV_GROUP;
-    const int filter_len = seq_len;
-    const int i_end = min(q_rows, i0 + BLOCK_M);
-    const float* filt = {{ filter_param }};
+{{- m::conv_block(filter=filter_param) }}
     const int tc = tid % BDV, tr = tid / BDV;  // column, first row of this thread
 
     // The causal key range of this query block (as in conv_mma.cu / plan::key_hull).

@@ -1,3 +1,4 @@
+{% import "macros.cu" as m %}
 {{ header -}}
 // FlashAttention-2 style forward pass on tensor cores: one CTA per
 // (query block, head, batch); each warp owns MF x 16 query rows. K/V tiles stream
@@ -47,12 +48,7 @@ static_assert(BLOCK_N % 16 == 0 && DP % 16 == 0 && DVP % 16 == 0, "mma tiles are
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(NTHREADS, 1) {{ kernel_name }}(
-{%- for p in params %}
-    {{ p.c_type }} {{ p.name }}{% if not loop.last %},{% endif %}  // {{ p.doc }}
-{%- endfor %}
-) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
+{{ m::kernel_entry(name=kernel_name, params=params, bounds="NTHREADS, 1") }}
     T* sQ = reinterpret_cast<T*>(smem_raw);
     T* sK = sQ + BLOCK_M * SQ;
     T* sV = sK + STAGES * BLOCK_N * SK;
@@ -65,36 +61,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) {{ kernel_name }}(
     const int kv_head = head / GROUP;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int g = lane / 4, tq = lane % 4;  // mma fragment row group / column pair
-    const int m0 = q_begin + blockIdx.x * BLOCK_M;  // first query row of this CTA in the buffer
-    const int m_valid = min(BLOCK_M, q_end - m0);
-    if (m_valid <= 0) return;
-
-    const T* q_tile = q + ((size_t)batch_idx * q_rows + m0) * (HEADS * D) + (size_t)head * D;
-    const T* k_head = k + (size_t)batch_idx * kv_rows * (KV_HEADS * D) + (size_t)kv_head * D;
-    const T* v_head = v + (size_t)batch_idx * kv_rows * (KV_HEADS * DV) + (size_t)kv_head * DV;
-
-    // Global positions of this CTA's queries, inclusive.
-    const int i0 = q_pos0 + m0, i1 = q_pos0 + m0 + m_valid - 1;
-{%- for hv in hoisted %}
-    const {{ hv.c_type }} {{ hv.name }} = {{ hv.code }};  // per-head constant
-{%- endfor %}
+{{- m::softmax_query_block(t="T", hoisted=hoisted, segment=segment, notes=true) }}
 {%- if segment %}
-
-    // Segment ids: the query block's id range decides whole key tiles.
-    const int* seg_b = {{ segment }} + (size_t)batch_idx * seq_len;
-    __shared__ int q_seg_lo_s, q_seg_hi_s;
-    if (tid == 0) {
-        q_seg_lo_s = mixc::INT_HI;
-        q_seg_hi_s = mixc::INT_LO;
-    }
-    __syncthreads();
-    for (int r = tid; r < m_valid; r += NTHREADS) {
-        const int s_id = __ldg(seg_b + i0 + r);
-        atomicMin(&q_seg_lo_s, s_id);
-        atomicMax(&q_seg_hi_s, s_id);
-    }
-    __syncthreads();
-    const int q_seg_lo = q_seg_lo_s, q_seg_hi = q_seg_hi_s;
     // Ids of the rows this thread holds: fragment f, rows g and g + 8.
     int row_seg[MF][2];
 #pragma unroll
@@ -107,43 +75,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) {{ kernel_name }}(
     }
 {%- endif %}
 
-    // Key tiles: tile t covers buffer rows [kv_begin + t * BLOCK_N, ...), clipped to kv_end.
-    // Visit only the tiles that can hold a visible key.
-    const mixc::KeyRange keys = {{ mask.key_range }};
-    const long long lo = mixc::lmax((long long)kv_begin, keys.lo - k_pos0);
-    const long long hi = mixc::lmin((long long)kv_end, keys.hi - k_pos0);
-    const int t_begin = (int)((lo - kv_begin) / BLOCK_N);
-    const int t_end = hi > lo ? (int)((hi - kv_begin + BLOCK_N - 1) / BLOCK_N) : t_begin;
-
-    // Class of tile t (uniform over the CTA; contains barriers for segment masks).
-    auto tile_class = [&](int t) -> int {
-        const int r0 = kv_begin + t * BLOCK_N;
-        const int n_valid = min(BLOCK_N, kv_end - r0);
-        const int j0 = k_pos0 + r0, j1 = j0 + n_valid - 1;
-{%- if segment %}
-        int any = 0, all = 1;
-        for (int c = tid; c < n_valid; c += NTHREADS) {
-            const int s_id = __ldg(seg_b + j0 + c);
-            any |= (s_id >= q_seg_lo && s_id <= q_seg_hi);
-            all &= (s_id == q_seg_lo && q_seg_lo == q_seg_hi);
-        }
-        any = __syncthreads_or(any);
-        all = __syncthreads_and(all);
-        const int seg_class = !any ? mixc::SKIP : (all ? mixc::FULL : mixc::PARTIAL);
-{%- endif %}
-        int cls = {{ mask.class }};
-        // Keys past kv_end in a ragged last tile must be masked out.
-        if (cls == mixc::FULL && n_valid < BLOCK_N) cls = mixc::PARTIAL;
-        return cls;
-    };
-    // First tile >= t that is not skipped (t_end when none).
-    auto next_tile = [&](int t, int& cls) -> int {
-        for (; t < t_end; ++t) {
-            cls = tile_class(t);
-            if (cls != mixc::SKIP) return t;
-        }
-        return t_end;
-    };
+{{- m::softmax_key_tiles(mask=mask, segment=segment, notes=true) }}
 
     // Q stays in shared memory for the whole CTA (fragments are re-read per
     // tile with ldmatrix, which keeps registers for the O accumulator).
@@ -241,27 +173,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) {{ kernel_name }}(
                     const int col = n * 8 + tq * 2 + (e & 1);               // in the tile
                     const int pos_i = i0 + row;
                     const int pos_j = k_pos0 + r0 + col;
-{%- if score_expr %}
-                    float s = acc_s[f][n][e] * SCALE;
-{%- if bias %}
-                    s += {{ bias }};
-{%- endif %}
-{%- if transform %}
-                    s = {{ transform }};
-{%- endif %}
-                    float x = s * mixc::LOG2E;
-{%- else %}
-                    float x = acc_s[f][n][e] * SCALE_LOG2;
-{%- endif %}
-                    if (masked) {
-{%- if segment %}
-                        const int seg_i = row_seg[f][e >> 1];
-                        // Keys past kv_end (ragged tail) may lie past the id array.
-                        const int seg_j = r0 + col < kv_end ? __ldg(seg_b + pos_j) : mixc::INT_LO;
-{%- endif %}
-                        const bool visible = r0 + col < kv_end && {{ mask.predicate }};
-                        if (!visible) x = -mixc::inf();
-                    }
+{{- m::softmax_score(dot="acc_s[f][n][e]", x="x", in_bounds="r0 + col < kv_end", score_expr=score_expr, bias=bias,
+                     transform=transform, mask=mask, segment=segment, seg_i="const int seg_i = row_seg[f][e >> 1];",
+                     notes=true) | indent(prefix="        ") }}
                     acc_s[f][n][e] = x;
                     tile_max[f][e >> 1] = fmaxf(tile_max[f][e >> 1], x);
                 }

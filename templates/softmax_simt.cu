@@ -1,3 +1,4 @@
+{% import "macros.cu" as m %}
 {{ header -}}
 // f32 softmax forward on CUDA cores (no tensor cores), so every spec has a
 // path. Same contract as softmax.cu: one CTA per (query block, head, batch),
@@ -32,12 +33,7 @@ static_assert(BLOCK_N % TPR == 0 && 32 % TPR == 0, "a row's lanes split the key 
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(NTHREADS, 1) {{ kernel_name }}(
-{%- for p in params %}
-    {{ p.c_type }} {{ p.name }}{% if not loop.last %},{% endif %}  // {{ p.doc }}
-{%- endfor %}
-) {
-    extern __shared__ __align__(16) float smem_f32[];
+{{ m::kernel_entry(name=kernel_name, params=params, bounds="NTHREADS, 1", smem="float smem_f32") }}
     float* sQ = smem_f32;
     float* sK = sQ + BLOCK_M * SQ;
     float* sV = sK + BLOCK_N * SQ;
@@ -48,69 +44,12 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) {{ kernel_name }}(
     const int kv_head = head / GROUP;
     const int tid = threadIdx.x;
     const int row = tid / TPR, part = tid % TPR;
-    const int m0 = q_begin + blockIdx.x * BLOCK_M;  // first query row of this CTA in the buffer
-    const int m_valid = min(BLOCK_M, q_end - m0);
-    if (m_valid <= 0) return;
-
-    const float* q_tile = q + ((size_t)batch_idx * q_rows + m0) * (HEADS * D) + (size_t)head * D;
-    const float* k_head = k + (size_t)batch_idx * kv_rows * (KV_HEADS * D) + (size_t)kv_head * D;
-    const float* v_head = v + (size_t)batch_idx * kv_rows * (KV_HEADS * DV) + (size_t)kv_head * DV;
-
-    const int i0 = q_pos0 + m0, i1 = q_pos0 + m0 + m_valid - 1;
-{%- for hv in hoisted %}
-    const {{ hv.c_type }} {{ hv.name }} = {{ hv.code }};  // per-head constant
-{%- endfor %}
+{{- m::softmax_query_block(t="float", hoisted=hoisted, segment=segment) }}
 {%- if segment %}
-
-    const int* seg_b = {{ segment }} + (size_t)batch_idx * seq_len;
-    __shared__ int q_seg_lo_s, q_seg_hi_s;
-    if (tid == 0) {
-        q_seg_lo_s = mixc::INT_HI;
-        q_seg_hi_s = mixc::INT_LO;
-    }
-    __syncthreads();
-    for (int r = tid; r < m_valid; r += NTHREADS) {
-        const int s_id = __ldg(seg_b + i0 + r);
-        atomicMin(&q_seg_lo_s, s_id);
-        atomicMax(&q_seg_hi_s, s_id);
-    }
-    __syncthreads();
-    const int q_seg_lo = q_seg_lo_s, q_seg_hi = q_seg_hi_s;
     const int seg_i = row < m_valid ? __ldg(seg_b + i0 + row) : mixc::INT_LO;
 {%- endif %}
 
-    const mixc::KeyRange keys = {{ mask.key_range }};
-    const long long lo = mixc::lmax((long long)kv_begin, keys.lo - k_pos0);
-    const long long hi = mixc::lmin((long long)kv_end, keys.hi - k_pos0);
-    const int t_begin = (int)((lo - kv_begin) / BLOCK_N);
-    const int t_end = hi > lo ? (int)((hi - kv_begin + BLOCK_N - 1) / BLOCK_N) : t_begin;
-
-    auto tile_class = [&](int t) -> int {
-        const int r0 = kv_begin + t * BLOCK_N;
-        const int n_valid = min(BLOCK_N, kv_end - r0);
-        const int j0 = k_pos0 + r0, j1 = j0 + n_valid - 1;
-{%- if segment %}
-        int any = 0, all = 1;
-        for (int c = tid; c < n_valid; c += NTHREADS) {
-            const int s_id = __ldg(seg_b + j0 + c);
-            any |= (s_id >= q_seg_lo && s_id <= q_seg_hi);
-            all &= (s_id == q_seg_lo && q_seg_lo == q_seg_hi);
-        }
-        any = __syncthreads_or(any);
-        all = __syncthreads_and(all);
-        const int seg_class = !any ? mixc::SKIP : (all ? mixc::FULL : mixc::PARTIAL);
-{%- endif %}
-        int cls = {{ mask.class }};
-        if (cls == mixc::FULL && n_valid < BLOCK_N) cls = mixc::PARTIAL;
-        return cls;
-    };
-    auto next_tile = [&](int t, int& cls) -> int {
-        for (; t < t_end; ++t) {
-            cls = tile_class(t);
-            if (cls != mixc::SKIP) return t;
-        }
-        return t_end;
-    };
+{{- m::softmax_key_tiles(mask=mask, segment=segment) }}
 
     for (int idx = tid; idx < BLOCK_M * D; idx += NTHREADS) {
         const int r = idx / D, c = idx % D;
@@ -148,25 +87,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) {{ kernel_name }}(
             for (int d = 0; d < D; ++d) dot = fmaf(sQ[row * SQ + d], sK[col * SQ + d], dot);
             const int pos_i = i0 + row;
             const int pos_j = k_pos0 + r0 + col;
-{%- if score_expr %}
-            float s = dot * SCALE;
-{%- if bias %}
-            s += {{ bias }};
-{%- endif %}
-{%- if transform %}
-            s = {{ transform }};
-{%- endif %}
-            float xv = s * mixc::LOG2E;
-{%- else %}
-            float xv = dot * SCALE_LOG2;
-{%- endif %}
-            if (masked) {
-{%- if segment %}
-                const int seg_j = col < n_valid ? __ldg(seg_b + pos_j) : mixc::INT_LO;
-{%- endif %}
-                const bool visible = col < n_valid && {{ mask.predicate }};
-                if (!visible) xv = -mixc::inf();
-            }
+{{- m::softmax_score(dot="dot", x="xv", in_bounds="col < n_valid", score_expr=score_expr, bias=bias,
+                     transform=transform, mask=mask, segment=segment) }}
             x[u] = xv;
             tile_max = fmaxf(tile_max, xv);
         }

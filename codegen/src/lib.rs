@@ -30,9 +30,9 @@
 //!    validate `cfg` (start from [`KernelConfig::validate_common`]), start a
 //!    context with [`base_context`] (kernel name, element type, header
 //!    comment, spec constants), add family keys, build the parameter list
-//!    (`Vec<KernelParam>`; templates print the signature from it via
-//!    `{% for p in params %}`), call [`render`], and describe the launch in a
-//!    [`KernelInfo`].
+//!    (`Vec<KernelParam>`; templates print the signature from it with the
+//!    `kernel_entry` macro of `templates/macros.cu`), call [`render`], and
+//!    describe the launch in a [`KernelInfo`].
 //! 3. Add the match arm in [`generate`], the family to [`supported_families`],
 //!    its defaults to [`KernelConfig::default_for`] and its alternatives to
 //!    [`KernelConfig::alternatives`]; `runtime/tests/nvrtc_compile.rs` then
@@ -40,7 +40,9 @@
 //!
 //! Templates may `{% include "tile.cuh" %}` (tera inlines it) so the source
 //! handed to NVRTC is one self-contained string that only needs the CUDA
-//! headers (`cuda_fp16.h`, `cuda_bf16.h`) on the include path.
+//! headers (`cuda_fp16.h`, `cuda_bf16.h`) on the include path. Code that
+//! several templates print goes in a tera macro (`templates/macros.cu`) or an
+//! included partial (`linear_prelude.cu`, `conv_prelude.cu`), not a copy.
 
 pub mod config;
 pub mod expr;
@@ -223,6 +225,18 @@ pub const TEMPLATES: &[(&str, &str)] = &[
     ("mask.cuh", include_str!("../../templates/mask.cuh")),
     ("scalar.cuh", include_str!("../../templates/scalar.cuh")),
     ("tile.cuh", include_str!("../../templates/tile.cuh")),
+    // Tera macros (`{% import "macros.cu" as m %}`) and the partials that open
+    // the chunkwise / convolution templates: shared so each piece of CUDA is
+    // written once.
+    ("macros.cu", include_str!("../../templates/macros.cu")),
+    (
+        "linear_prelude.cu",
+        include_str!("../../templates/linear_prelude.cu"),
+    ),
+    (
+        "conv_prelude.cu",
+        include_str!("../../templates/conv_prelude.cu"),
+    ),
     ("softmax.cu", include_str!("../../templates/softmax.cu")),
     (
         "softmax_simt.cu",
