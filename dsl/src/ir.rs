@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::{Add, Div, Mul, Neg, Rem, Sub};
 
 /// Storage type of q, k, v and the output. Accumulation is always f32 on the
 /// GPU and f64 in the reference.
@@ -261,6 +262,21 @@ pub struct EvalEnv<'a> {
     pub lookup: &'a dyn Fn(&str, &[i64]) -> f64,
 }
 
+impl<'a> EvalEnv<'a> {
+    /// The environment of a head-only evaluation (per-head decay, constant
+    /// folding): `i = j = 0`, `s = 0`.
+    pub fn for_head(h: i64, heads: u32, lookup: &'a dyn Fn(&str, &[i64]) -> f64) -> Self {
+        EvalEnv {
+            i: 0,
+            j: 0,
+            h,
+            s: 0.0,
+            heads,
+            lookup,
+        }
+    }
+}
+
 /// A value during evaluation: keeps integers exact so `%` and indices work.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Value {
@@ -281,6 +297,12 @@ impl Value {
             Value::Float(v) => v as i64,
         }
     }
+    pub fn scalar_type(self) -> ScalarType {
+        match self {
+            Value::Int(_) => ScalarType::Int,
+            Value::Float(_) => ScalarType::Float,
+        }
+    }
 }
 
 /// ALiBi slope for head `h` of `heads` (Press et al., 2022), including the
@@ -299,6 +321,235 @@ pub fn alibi_slope(h: i64, heads: u32) -> f64 {
     }
 }
 
+/// Float arithmetic the expression semantics are written over: `f64` for
+/// `Expr::eval` (the reference), `f32` or `f64` for the CPU backend's lane
+/// programs. Every method is the plain std operation of the type.
+pub trait ExprFloat:
+    Copy
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Rem<Output = Self>
+    + Neg<Output = Self>
+{
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+    /// `x as Self` (nearest).
+    fn from_i64(x: i64) -> Self;
+    /// `self as i64` (truncating, saturating, NaN -> 0): how a float index reads.
+    fn to_i64(self) -> i64;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn tanh(self) -> Self;
+    fn abs(self) -> Self;
+    fn floor(self) -> Self;
+    fn min(self, o: Self) -> Self;
+    fn max(self, o: Self) -> Self;
+    fn powf(self, o: Self) -> Self;
+}
+
+macro_rules! impl_expr_float {
+    ($t:ty) => {
+        impl ExprFloat for $t {
+            #[inline(always)]
+            fn from_f64(x: f64) -> Self {
+                x as $t
+            }
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline(always)]
+            fn from_i64(x: i64) -> Self {
+                x as $t
+            }
+            #[inline(always)]
+            fn to_i64(self) -> i64 {
+                self as i64
+            }
+            #[inline(always)]
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            #[inline(always)]
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            #[inline(always)]
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            #[inline(always)]
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
+            }
+            #[inline(always)]
+            fn abs(self) -> Self {
+                <$t>::abs(self)
+            }
+            #[inline(always)]
+            fn floor(self) -> Self {
+                <$t>::floor(self)
+            }
+            #[inline(always)]
+            fn min(self, o: Self) -> Self {
+                <$t>::min(self, o)
+            }
+            #[inline(always)]
+            fn max(self, o: Self) -> Self {
+                <$t>::max(self, o)
+            }
+            #[inline(always)]
+            fn powf(self, o: Self) -> Self {
+                <$t>::powf(self, o)
+            }
+        }
+    };
+}
+impl_expr_float!(f32);
+impl_expr_float!(f64);
+
+// The semantics of each operator, defined once: `Expr::eval` and the CPU
+// backend's lane programs both call these. Integers are exact and wrap;
+// any float operand makes the operation float.
+
+impl UnOp {
+    #[inline(always)]
+    pub fn apply_int(self, a: i64) -> i64 {
+        match self {
+            // Wrapping like the other integer ops: never panic on i64::MIN.
+            UnOp::Neg => a.wrapping_neg(),
+        }
+    }
+    #[inline(always)]
+    pub fn apply_float<F: ExprFloat>(self, a: F) -> F {
+        match self {
+            UnOp::Neg => -a,
+        }
+    }
+}
+
+impl BinOp {
+    /// Type of `a op b`: integer when both are, except `/` (always float).
+    pub fn result_type(self, a: ScalarType, b: ScalarType) -> ScalarType {
+        match (self, a, b) {
+            (BinOp::Div, _, _) => ScalarType::Float,
+            (_, ScalarType::Int, ScalarType::Int) => ScalarType::Int,
+            _ => ScalarType::Float,
+        }
+    }
+    /// Integer semantics (wrapping; `x % 0 = 0`). Only called where
+    /// [`BinOp::result_type`] is `Int`, so `/` never reaches it; it divides
+    /// as floats and truncates, should a caller ask anyway.
+    #[inline(always)]
+    pub fn apply_int(self, x: i64, y: i64) -> i64 {
+        match self {
+            BinOp::Add => x.wrapping_add(y),
+            BinOp::Sub => x.wrapping_sub(y),
+            BinOp::Mul => x.wrapping_mul(y),
+            BinOp::Rem => {
+                if y == 0 {
+                    0
+                } else {
+                    x.wrapping_rem(y)
+                }
+            }
+            BinOp::Div => (x as f64 / y as f64) as i64,
+        }
+    }
+    #[inline(always)]
+    pub fn apply_float<F: ExprFloat>(self, x: F, y: F) -> F {
+        match self {
+            BinOp::Add => x + y,
+            BinOp::Sub => x - y,
+            BinOp::Mul => x * y,
+            BinOp::Div => x / y,
+            BinOp::Rem => x % y,
+        }
+    }
+    /// `a op b` on dynamically typed values.
+    pub fn apply(self, a: Value, b: Value) -> Value {
+        match (self.result_type(a.scalar_type(), b.scalar_type()), a, b) {
+            (ScalarType::Int, Value::Int(x), Value::Int(y)) => Value::Int(self.apply_int(x, y)),
+            _ => Value::Float(self.apply_float(a.as_f64(), b.as_f64())),
+        }
+    }
+}
+
+impl Func {
+    /// Does the function keep integer arguments integer? (`abs`, `min`,
+    /// `max`, `clamp`; every other function returns a float.)
+    pub fn keeps_int(self) -> bool {
+        matches!(self, Func::Abs | Func::Min | Func::Max | Func::Clamp)
+    }
+    /// Result type for arguments of types `args`.
+    pub fn result_type(self, args: &[ScalarType]) -> ScalarType {
+        if self.keeps_int() && args.iter().all(|t| *t == ScalarType::Int) {
+            ScalarType::Int
+        } else {
+            ScalarType::Float
+        }
+    }
+    /// Integer semantics, for the functions that [`Func::keeps_int`];
+    /// `None` for the others. `args` has [`Func::arity`] elements.
+    #[inline(always)]
+    pub fn apply_int(self, args: &[i64]) -> Option<i64> {
+        Some(match self {
+            Func::Abs => args[0].wrapping_abs(),
+            Func::Min => args[0].min(args[1]),
+            Func::Max => args[0].max(args[1]),
+            Func::Clamp => args[0].max(args[1]).min(args[2]),
+            _ => return None,
+        })
+    }
+    /// Float semantics (`args` has [`Func::arity`] elements). `alibi_slope`
+    /// reads its argument as an integer head index (see [`alibi_slope`]).
+    #[inline(always)]
+    pub fn apply_float<F: ExprFloat>(self, args: &[F], heads: u32) -> F {
+        let x = |k: usize| args[k];
+        match self {
+            Func::Exp => x(0).exp(),
+            Func::Log => x(0).ln(),
+            Func::Sqrt => x(0).sqrt(),
+            Func::Tanh => x(0).tanh(),
+            Func::Abs => x(0).abs(),
+            Func::Floor => x(0).floor(),
+            Func::Min => x(0).min(x(1)),
+            Func::Max => x(0).max(x(1)),
+            Func::Pow => x(0).powf(x(1)),
+            Func::Clamp => x(0).max(x(1)).min(x(2)),
+            Func::AlibiSlope => F::from_f64(alibi_slope(x(0).to_i64(), heads)),
+        }
+    }
+    /// `f(args)` on dynamically typed values.
+    pub fn apply(self, args: &[Value], heads: u32) -> Value {
+        const MAX_ARITY: usize = 3;
+        // Validation fixes the arity; extra arguments are never read.
+        let args = &args[..args.len().min(MAX_ARITY)];
+        if args.iter().all(|a| matches!(a, Value::Int(_))) {
+            let mut ints = [0i64; MAX_ARITY];
+            for (d, a) in ints.iter_mut().zip(args) {
+                *d = a.as_i64();
+            }
+            if let Some(r) = self.apply_int(&ints[..args.len()]) {
+                return Value::Int(r);
+            }
+            if self == Func::AlibiSlope {
+                // Read the index exactly (a float detour would round huge ones).
+                return Value::Float(alibi_slope(ints[0], heads));
+            }
+        }
+        let mut fs = [0f64; MAX_ARITY];
+        for (d, a) in fs.iter_mut().zip(args) {
+            *d = a.as_f64();
+        }
+        Value::Float(self.apply_float(&fs[..args.len()], heads))
+    }
+}
+
 impl Expr {
     /// Evaluates in f64 (integers exact). Division of two integers is float
     /// division, as in the docs; `%` is integer remainder.
@@ -310,57 +561,32 @@ impl Expr {
             Expr::Var(Var::J) => Value::Int(env.j),
             Expr::Var(Var::H) => Value::Int(env.h),
             Expr::Var(Var::S) => Value::Float(env.s),
-            Expr::Unary(UnOp::Neg, a) => match a.eval(env) {
-                // Wrapping like the other integer ops: never panic on i64::MIN.
-                Value::Int(v) => Value::Int(v.wrapping_neg()),
-                Value::Float(v) => Value::Float(-v),
+            Expr::Unary(op, a) => match a.eval(env) {
+                Value::Int(v) => Value::Int(op.apply_int(v)),
+                Value::Float(v) => Value::Float(op.apply_float(v)),
             },
-            Expr::Binary(op, a, b) => {
-                let (a, b) = (a.eval(env), b.eval(env));
-                match (op, a, b) {
-                    (BinOp::Add, Value::Int(x), Value::Int(y)) => Value::Int(x.wrapping_add(y)),
-                    (BinOp::Sub, Value::Int(x), Value::Int(y)) => Value::Int(x.wrapping_sub(y)),
-                    (BinOp::Mul, Value::Int(x), Value::Int(y)) => Value::Int(x.wrapping_mul(y)),
-                    (BinOp::Rem, Value::Int(x), Value::Int(y)) => {
-                        Value::Int(if y == 0 { 0 } else { x.wrapping_rem(y) })
-                    }
-                    (BinOp::Add, x, y) => Value::Float(x.as_f64() + y.as_f64()),
-                    (BinOp::Sub, x, y) => Value::Float(x.as_f64() - y.as_f64()),
-                    (BinOp::Mul, x, y) => Value::Float(x.as_f64() * y.as_f64()),
-                    (BinOp::Div, x, y) => Value::Float(x.as_f64() / y.as_f64()),
-                    (BinOp::Rem, x, y) => Value::Float(x.as_f64() % y.as_f64()),
-                }
-            }
+            Expr::Binary(op, a, b) => op.apply(a.eval(env), b.eval(env)),
             Expr::Call(f, args) => {
                 let v: Vec<Value> = args.iter().map(|a| a.eval(env)).collect();
-                let x = |k: usize| v[k].as_f64();
-                let all_int = v.iter().all(|a| matches!(a, Value::Int(_)));
-                match f {
-                    Func::Exp => Value::Float(x(0).exp()),
-                    Func::Log => Value::Float(x(0).ln()),
-                    Func::Sqrt => Value::Float(x(0).sqrt()),
-                    Func::Tanh => Value::Float(x(0).tanh()),
-                    Func::Abs => match v[0] {
-                        Value::Int(a) => Value::Int(a.wrapping_abs()),
-                        Value::Float(a) => Value::Float(a.abs()),
-                    },
-                    Func::Floor => Value::Float(x(0).floor()),
-                    Func::Min if all_int => Value::Int(v[0].as_i64().min(v[1].as_i64())),
-                    Func::Max if all_int => Value::Int(v[0].as_i64().max(v[1].as_i64())),
-                    Func::Min => Value::Float(x(0).min(x(1))),
-                    Func::Max => Value::Float(x(0).max(x(1))),
-                    Func::Pow => Value::Float(x(0).powf(x(1))),
-                    Func::Clamp if all_int => {
-                        let (a, lo, hi) = (v[0].as_i64(), v[1].as_i64(), v[2].as_i64());
-                        Value::Int(a.max(lo).min(hi))
-                    }
-                    Func::Clamp => Value::Float(x(0).max(x(1)).min(x(2))),
-                    Func::AlibiSlope => Value::Float(alibi_slope(v[0].as_i64(), env.heads)),
-                }
+                f.apply(&v, env.heads)
             }
             Expr::Index { input, indices } => {
                 let idx: Vec<i64> = indices.iter().map(|e| e.eval(env).as_i64()).collect();
                 Value::Float((env.lookup)(input, &idx))
+            }
+        }
+    }
+
+    /// The type of the value [`Expr::eval`] returns (table reads are float).
+    pub fn scalar_type(&self) -> ScalarType {
+        match self {
+            Expr::Int(_) | Expr::Var(Var::I | Var::J | Var::H) => ScalarType::Int,
+            Expr::Float(_) | Expr::Var(Var::S) | Expr::Index { .. } => ScalarType::Float,
+            Expr::Unary(_, a) => a.scalar_type(),
+            Expr::Binary(op, a, b) => op.result_type(a.scalar_type(), b.scalar_type()),
+            Expr::Call(f, args) => {
+                let ts: Vec<ScalarType> = args.iter().map(Expr::scalar_type).collect();
+                f.result_type(&ts)
             }
         }
     }
@@ -613,5 +839,98 @@ impl MixerSpec {
             m.insert(d.name.clone(), self.input_shape(d, batch, seq));
         }
         m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_eval(e: &Expr, i: i64, j: i64, s: f64) -> Value {
+        let lookup = |_: &str, idx: &[i64]| idx.iter().sum::<i64>() as f64 * 0.5;
+        e.eval(&EvalEnv {
+            i,
+            j,
+            h: 3,
+            s,
+            heads: 8,
+            lookup: &lookup,
+        })
+    }
+
+    /// `scalar_type` predicts the variant `eval` returns, for every operator
+    /// and function over int and float operands (the CPU backend compiles
+    /// typed registers from it).
+    #[test]
+    fn scalar_type_matches_eval() {
+        let leaves = [
+            Expr::Int(-7),
+            Expr::Float(2.5),
+            Expr::Var(Var::I),
+            Expr::Var(Var::S),
+            Expr::Index {
+                input: "t".into(),
+                indices: vec![Expr::Var(Var::J)],
+            },
+        ];
+        let mut exprs: Vec<Expr> = leaves.to_vec();
+        for a in &leaves {
+            exprs.push(Expr::Unary(UnOp::Neg, Box::new(a.clone())));
+            for b in &leaves {
+                for op in [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div, BinOp::Rem] {
+                    exprs.push(Expr::Binary(op, Box::new(a.clone()), Box::new(b.clone())));
+                }
+                for f in [Func::Min, Func::Max, Func::Pow] {
+                    exprs.push(Expr::Call(f, vec![a.clone(), b.clone()]));
+                }
+                exprs.push(Expr::Call(
+                    Func::Clamp,
+                    vec![a.clone(), b.clone(), a.clone()],
+                ));
+            }
+            for f in [
+                Func::Exp,
+                Func::Log,
+                Func::Sqrt,
+                Func::Tanh,
+                Func::Abs,
+                Func::Floor,
+                Func::AlibiSlope,
+            ] {
+                exprs.push(Expr::Call(f, vec![a.clone()]));
+            }
+        }
+        for e in &exprs {
+            let v = env_eval(e, 5, 2, 1.25);
+            assert_eq!(v.scalar_type(), e.scalar_type(), "{e:?} -> {v:?}");
+        }
+    }
+
+    /// The integer edge cases never panic and keep the documented results.
+    #[test]
+    fn integer_semantics_wrap_and_never_panic() {
+        assert_eq!(UnOp::Neg.apply_int(i64::MIN), i64::MIN);
+        assert_eq!(BinOp::Rem.apply_int(7, 0), 0);
+        assert_eq!(BinOp::Rem.apply_int(-7, 3), -1);
+        assert_eq!(BinOp::Rem.apply_int(i64::MIN, -1), 0);
+        assert_eq!(BinOp::Add.apply_int(i64::MAX, 1), i64::MIN);
+        assert_eq!(Func::Abs.apply_int(&[i64::MIN]), Some(i64::MIN));
+        assert_eq!(Func::Clamp.apply_int(&[9, -1, 4]), Some(4));
+        assert_eq!(Func::Exp.apply_int(&[1]), None);
+        // Integer `/` is float division.
+        assert_eq!(
+            BinOp::Div.apply(Value::Int(7), Value::Int(2)),
+            Value::Float(3.5)
+        );
+        // Float semantics are the same in f32 and f64.
+        assert_eq!(Func::Clamp.apply_float(&[5.0f32, -1.0, 2.0], 8), 2.0);
+        assert_eq!(Func::AlibiSlope.apply_float(&[0.0f64], 8), 0.5);
+        assert_eq!(
+            Func::AlibiSlope.apply(&[Value::Int(0)], 8),
+            Value::Float(0.5)
+        );
+        // Extra arguments of a hand-built call are ignored, not a panic.
+        let v = [Value::Int(1), Value::Int(2), Value::Int(3), Value::Int(4)];
+        assert_eq!(Func::Min.apply(&v, 8), Value::Int(1));
     }
 }

@@ -10,6 +10,7 @@ use mixc_codegen::plan::{BlockClass, BlockPlan, ClassCounts, RowPlan};
 use mixc_dsl::ir::{Decay, Norm, Score};
 use rayon::prelude::*;
 
+use super::expr::ExprScratch;
 use super::microkernel::{col_sums_add, gemm_tn, softmax_cols, Mat, MatMut};
 use super::real::{scale, Real};
 use super::{Ctx, RankOutput, RankStats};
@@ -284,6 +285,8 @@ struct Scratch<T> {
     pl: Vec<T>,
     /// Scores, then probabilities, of one tile, transposed: `block_n x block_m`.
     s: Vec<T>,
+    /// Registers of the bias / transform lane programs.
+    lanes: ExprScratch<T>,
 }
 
 impl<T> Default for Scratch<T> {
@@ -294,6 +297,7 @@ impl<T> Default for Scratch<T> {
             pm: Vec::new(),
             pl: Vec::new(),
             s: Vec::new(),
+            lanes: ExprScratch::default(),
         }
     }
 }
@@ -380,7 +384,17 @@ fn compute_item<T: Real>(
                 );
             }
             if !plain || class == BlockClass::Partial {
-                pair_pass(ctx, b, h, q.start, &keys, class, softmax, st);
+                pair_pass(
+                    ctx,
+                    b,
+                    h,
+                    q.start,
+                    &keys,
+                    class,
+                    softmax,
+                    st,
+                    &mut scratch.lanes,
+                );
             }
             if softmax {
                 softmax_cols(st, kn, pm, pl, po);
@@ -414,6 +428,7 @@ fn pair_pass<T: Real>(
     class: BlockClass,
     softmax: bool,
     st: &mut [T],
+    lanes: &mut ExprScratch<T>,
 ) {
     let rows = st.len() / keys.len();
     let masked = if softmax { T::NEG_INF } else { T::ZERO };
@@ -421,33 +436,37 @@ fn pair_pass<T: Real>(
     let seg = |name: &str, pos: i64| ctx.inputs.extra[name].get_clamped(&[b as i64, pos]) as i64;
     let bias = ctx.bias[h].as_ref();
     let transform = ctx.transform[h].as_ref();
+    // Filter scores replace `q . k` and take no bias / transform.
+    let scored = ctx.filter.is_none() && (bias.is_some() || transform.is_some());
+    // What is left per pair once bias / transform are applied row-wise.
+    let per_pair = partial || ctx.filter.is_some() || ctx.has_decay;
     for (srow, j) in st.chunks_exact_mut(rows).zip(keys.clone()) {
+        if scored {
+            // One key, a row of queries `i = q0 + lane`: the compiled
+            // programs run over the whole row at once. Masked lanes are
+            // computed too (cheaper than gathering) and overwritten below.
+            let (i0, j) = (q0 as i64, j as i64);
+            if let Some(e) = bias {
+                e.add_to(i0, j, srow, lanes);
+            }
+            if let Some(e) = transform {
+                e.apply_to(i0, j, srow, lanes);
+            }
+        }
+        if !per_pair {
+            continue;
+        }
         for (r, x) in srow.iter_mut().enumerate() {
             let i = q0 + r;
             if partial && !ctx.spec.mask.allows(i as i64, j as i64, &seg) {
                 *x = masked;
                 continue;
             }
-            *x = match &ctx.filter {
-                Some(f) => f[h * ctx.filter_len + (i - j).min(ctx.filter_len - 1)],
-                None => {
-                    let mut v = *x;
-                    if bias.is_some() || transform.is_some() {
-                        let mut sf = v.to_f64();
-                        if let Some(e) = bias {
-                            sf += e.eval_f64(i as i64, j as i64, 0.0);
-                        }
-                        if let Some(e) = transform {
-                            sf = e.eval_f64(i as i64, j as i64, sf);
-                        }
-                        v = T::from_f64(sf);
-                    }
-                    if ctx.has_decay {
-                        v *= T::from_f64(ctx.decay(b, h, i, j));
-                    }
-                    v
-                }
-            };
+            if let Some(f) = &ctx.filter {
+                *x = f[h * ctx.filter_len + (i - j).min(ctx.filter_len - 1)];
+            } else if ctx.has_decay {
+                *x *= T::from_f64(ctx.decay(b, h, i, j));
+            }
         }
     }
 }

@@ -4,37 +4,32 @@
 
 use std::fmt::Debug;
 use std::iter::Sum;
-use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Sub};
+use std::ops::{AddAssign, MulAssign};
 
+use mixc_dsl::ir::ExprFloat;
+
+/// The std semantics (`from_f64`, `exp`, `max`, ... and those of every
+/// expression function) come from [`ExprFloat`], the trait the spec IR's
+/// evaluator is written over, so the CPU backend cannot drift from it.
 pub trait Real:
-    Copy
-    + Debug
-    + Default
-    + PartialOrd
-    + Send
-    + Sync
-    + Add<Output = Self>
-    + Sub<Output = Self>
-    + Mul<Output = Self>
-    + Div<Output = Self>
-    + AddAssign
-    + MulAssign
-    + Sum
-    + 'static
+    ExprFloat + Debug + Default + Send + Sync + AddAssign + MulAssign + Sum + 'static
 {
     const ZERO: Self;
     const ONE: Self;
     const NEG_INF: Self;
-    fn from_f64(x: f64) -> Self;
-    fn to_f64(self) -> f64;
-    fn exp(self) -> Self;
     /// `e^x` for the softmax inner loop, branch-free so it vectorises: a
     /// polynomial for f32 (relative error ~2e-7, far inside the 2e-4 check),
     /// the exact `exp` for f64 (compared with the reference at 1e-10).
     /// Returns 0 for `x = -inf` (masked scores). `FMA`: fuse the polynomial's
     /// multiply-adds (only where the CPU has FMA).
     fn exp_fast<const FMA: bool>(self) -> Self;
-    fn max(self, o: Self) -> Self;
+    /// `e^x` for bias / transform programs: over the whole range (`inf`
+    /// above ~88.7, 0 where the result would be subnormal) from the same
+    /// polynomial for f32; the exact `exp` for f64.
+    fn exp_expr(self) -> Self;
+    /// `tanh` for bias / transform programs: branch-free, relative error
+    /// below 1e-6 for f32 (softcaps call it once per score); exact for f64.
+    fn tanh_expr(self) -> Self;
     /// `self * a + b`, fused (one rounding); only used where the CPU has FMA,
     /// since without it `mul_add` is a slow library call.
     fn mul_add(self, a: Self, b: Self) -> Self;
@@ -44,25 +39,22 @@ impl Real for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NEG_INF: Self = f32::NEG_INFINITY;
-    #[inline]
-    fn from_f64(x: f64) -> Self {
-        x as f32
-    }
-    #[inline]
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    #[inline]
-    fn exp(self) -> Self {
-        f32::exp(self)
-    }
     #[inline(always)]
     fn exp_fast<const FMA: bool>(self) -> Self {
         exp_f32::<FMA>(self)
     }
-    #[inline]
-    fn max(self, o: Self) -> Self {
-        f32::max(self, o)
+    #[inline(always)]
+    fn exp_expr(self) -> Self {
+        // ln(f32::MAX) = 88.72: beyond it e^x overflows, as libm's does.
+        if self > 88.72 {
+            f32::INFINITY
+        } else {
+            exp_f32::<false>(self)
+        }
+    }
+    #[inline(always)]
+    fn tanh_expr(self) -> Self {
+        tanh_f32(self)
     }
     #[inline(always)]
     fn mul_add(self, a: Self, b: Self) -> Self {
@@ -74,30 +66,53 @@ impl Real for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
     const NEG_INF: Self = f64::NEG_INFINITY;
-    #[inline]
-    fn from_f64(x: f64) -> Self {
-        x
-    }
-    #[inline]
-    fn to_f64(self) -> f64 {
-        self
-    }
-    #[inline]
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
     #[inline(always)]
     fn exp_fast<const FMA: bool>(self) -> Self {
         f64::exp(self)
     }
-    #[inline]
-    fn max(self, o: Self) -> Self {
-        f64::max(self, o)
+    #[inline(always)]
+    fn exp_expr(self) -> Self {
+        f64::exp(self)
+    }
+    #[inline(always)]
+    fn tanh_expr(self) -> Self {
+        f64::tanh(self)
     }
     #[inline(always)]
     fn mul_add(self, a: Self, b: Self) -> Self {
         f64::mul_add(self, a, b)
     }
+}
+
+/// `tanh` in f32 without a library call, branch-free (both halves are
+/// computed and one selected) so loops over it vectorise. Below |x| = 0.35
+/// the odd Taylor series to x^13 (truncation < 1e-9 relative; the exp form
+/// would cancel there); above, `1 - 2 / (e^2|x| + 1)` with [`exp_f32`]
+/// (relative error < 5e-7), the argument capped at 10 where tanh rounds to 1.
+/// NaN stays NaN; +-inf give +-1.
+#[inline(always)]
+pub fn tanh_f32(x: f32) -> f32 {
+    let a = x.abs();
+    let a2 = a * a;
+    // tanh x = x - x^3/3 + 2x^5/15 - 17x^7/315 + 62x^9/2835 - ...
+    let mut p = 21_844.0 / 6_081_075.0;
+    for c in [
+        -1_382.0 / 155_925.0,
+        62.0 / 2_835.0,
+        -17.0 / 315.0,
+        2.0 / 15.0,
+        -1.0 / 3.0,
+        1.0,
+    ] {
+        p = p * a2 + c;
+    }
+    let small = p * a;
+    let e = exp_f32::<false>(2.0 * a.min(10.0));
+    let large = 1.0 - 2.0 / (e + 1.0);
+    let t = if a < 0.35 { small } else { large };
+    // `a.min(10.0)` turns NaN into 10; keep NaN in.
+    let t = if a.is_nan() { a } else { t };
+    t.copysign(x)
 }
 
 /// `e^x` in f32 without a library call: `x = n ln2 + r` with `|r| <= ln2 / 2`
