@@ -2,7 +2,6 @@
 
 use std::path::{Path, PathBuf};
 
-
 mod common;
 use common::{mixc, text};
 

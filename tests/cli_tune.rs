@@ -196,7 +196,16 @@ fn run_uses_the_tuned_choice_and_falls_back_with_a_warning() {
     let run = |cache: &Path| {
         mixc(
             cache,
-            &["run", RETNET, "--backend", "cpu", "--seq", "120", "--check", "--json"],
+            &[
+                "run",
+                RETNET,
+                "--backend",
+                "cpu",
+                "--seq",
+                "120",
+                "--check",
+                "--json",
+            ],
         )
     };
     // No entry yet: the default, silently.

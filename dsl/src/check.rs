@@ -1345,15 +1345,7 @@ impl Checker<'_> {
         if let Some(heads) = self.heads {
             let lookup = |_: &str, _: &[i64]| 0.0;
             for h in 0..heads {
-                let env = EvalEnv {
-                    i: 0,
-                    j: 0,
-                    h: h as i64,
-                    s: 0.0,
-                    heads,
-                    lookup: &lookup,
-                };
-                let g = x.eval_f64(&env);
+                let g = x.eval_f64(&EvalEnv::for_head(h as i64, heads, &lookup));
                 if !(g > 0.0 && g <= 1.0) {
                     self.err_hint(
                         e.span(),

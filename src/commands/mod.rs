@@ -31,9 +31,14 @@ pub fn apply_shape_overrides(spec: &mut MixerSpec, items: &[String]) -> Result<(
         let (key, value) = item
             .split_once('=')
             .with_context(|| format!("--set `{item}`: expected KEY=VALUE, e.g. heads=8"))?;
-        let value: u32 = value.trim().parse().ok().filter(|&v| v >= 1).with_context(|| {
-            format!("--set `{item}`: the value must be an integer of at least 1")
-        })?;
+        let value: u32 = value
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&v| v >= 1)
+            .with_context(|| {
+                format!("--set `{item}`: the value must be an integer of at least 1")
+            })?;
         match key.trim() {
             "heads" => spec.heads = value,
             "kv_heads" => {

@@ -118,7 +118,12 @@ pub fn execute(spec: &MixerSpec, inputs: &MixerInputs, opts: &ExecOptions) -> Re
                 out64.shape.clone(),
                 out64.data.iter().map(|&x| x as f32).collect(),
             );
-            (out, None, "f64 reference".to_string(), tune::Source::Default { note: None })
+            (
+                out,
+                None,
+                "f64 reference".to_string(),
+                tune::Source::Default { note: None },
+            )
         }
         Resolved::Cpu => {
             let (cfg, source) = cpu_config(spec, inputs, opts);
@@ -127,7 +132,12 @@ pub fn execute(spec: &MixerSpec, inputs: &MixerInputs, opts: &ExecOptions) -> Re
                 "block {}x{}, chunk {}, {} threads",
                 cfg.block_m, cfg.block_n, cfg.chunk, cfg.threads
             );
-            (run.output.into_f32(), Some(run.stats.pairs_per_rank), desc, source)
+            (
+                run.output.into_f32(),
+                Some(run.stats.pairs_per_rank),
+                desc,
+                source,
+            )
         }
         Resolved::Cuda => {
             let mut cfg = mixc_runtime::cuda::CudaOptions::default_for(spec);
@@ -146,7 +156,12 @@ pub fn execute(spec: &MixerSpec, inputs: &MixerInputs, opts: &ExecOptions) -> Re
             let run = mixc_runtime::cuda::run(spec, inputs, &cfg)?;
             seconds = Some(run.kernel_seconds);
             dist_rank = run.dist_rank;
-            (run.output, run.pairs_per_rank, run.config.describe(), source)
+            (
+                run.output,
+                run.pairs_per_rank,
+                run.config.describe(),
+                source,
+            )
         }
     };
     let wall_seconds = start.elapsed().as_secs_f64();
@@ -367,7 +382,9 @@ pub fn main(args: Args) -> Result<ExitCode> {
         );
         println!("config: {} ({})", run.config, run.config_source);
         if let Some(e) = max_rel_error {
-            println!("check: max relative error {e:.3e} vs f64 reference (tolerance {tolerance:.0e})");
+            println!(
+                "check: max relative error {e:.3e} vs f64 reference (tolerance {tolerance:.0e})"
+            );
         }
         if let Some(p) = &args.save {
             println!("wrote {}", p.display());

@@ -11,8 +11,8 @@ use mixc_runtime::compile_cache::CompileCache;
 use mixc_runtime::cpu::CpuConfig;
 use mixc_runtime::tune::cache::{Loaded, TuneEntry};
 use mixc_runtime::tune::{
-    self, prune, space, Candidate, CpuTimer, CpuTimerOptions, CudaTimer, DeviceInfo, Outcome, Progress, Timer,
-    TuneCache, TuneKey, TuneOptions,
+    self, prune, space, Candidate, CpuTimer, CpuTimerOptions, CudaTimer, DeviceInfo, Outcome,
+    Progress, Timer, TuneCache, TuneKey, TuneOptions,
 };
 use serde_json::json;
 use std::io::IsTerminal;

@@ -356,15 +356,8 @@ fn build_ctx<'a, T: Real>(
         Decay::PerHead(e) => (0..heads)
             .map(|h| {
                 let lookup = |name: &str, idx: &[i64]| inputs.extra[name].get_clamped(idx);
-                let env = EvalEnv {
-                    i: 0,
-                    j: 0,
-                    h: h as i64,
-                    s: 0.0,
-                    heads: spec.heads,
-                    lookup: &lookup,
-                };
-                e.eval_f64(&env).ln()
+                e.eval_f64(&EvalEnv::for_head(h as i64, spec.heads, &lookup))
+                    .ln()
             })
             .collect(),
         _ => Vec::new(),
