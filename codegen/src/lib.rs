@@ -298,6 +298,40 @@ pub fn render(template: &str, ctx: &tera::Context) -> Result<String, CodegenErro
 }
 
 /// C type of a storage dtype.
+/// The error for a configuration that cannot run on `arch`, with the reason.
+pub(crate) fn does_not_fit(spec: &MixerSpec, arch: Arch, reason: String) -> CodegenError {
+    CodegenError::ConfigDoesNotFit {
+        spec: spec.name.clone(),
+        arch: arch.name().into(),
+        reason,
+    }
+}
+
+/// The tensor-core kernels move rows in 16-byte vectors (`cp.async`,
+/// `ldmatrix`), so every listed width must be a multiple of 8 half-precision
+/// elements; the f32 SIMT kernels take any width.
+pub(crate) fn require_16_byte_rows(
+    spec: &MixerSpec,
+    target: &Target,
+    widths: &[(&str, u32)],
+) -> Result<(), CodegenError> {
+    if widths.iter().all(|(_, w)| w.is_multiple_of(8)) {
+        return Ok(());
+    }
+    let names: Vec<String> = widths.iter().map(|(n, w)| format!("{n}={w}")).collect();
+    Err(does_not_fit(
+        spec,
+        target.arch,
+        format!(
+            "{}: the {} kernel copies 16-byte rows, so {} must be multiples of 8 \
+             (use dtype f32 for the SIMT kernel)",
+            names.join(" / "),
+            target.dtype,
+            if widths.len() == 1 { "it" } else { "all" }
+        ),
+    ))
+}
+
 pub fn c_elem_type(dtype: DType) -> &'static str {
     match dtype {
         DType::F16 => "__half",

@@ -15,8 +15,9 @@
 use crate::config::round_up;
 use crate::expr::float_literal;
 use crate::{
-    base_context, c_elem_type, kernel_name, render, Arch, CodegenError, GeneratedKernel, GridDim,
-    KernelConfig, KernelInfo, KernelParam, ParamRole, Target,
+    base_context, c_elem_type, does_not_fit, kernel_name, render, require_16_byte_rows, Arch,
+    CodegenError, GeneratedKernel, GridDim, KernelConfig, KernelInfo, KernelParam, ParamRole,
+    Target,
 };
 use mixc_dsl::ir::{Decay, EvalEnv, FeatureMap, Mask, MixerSpec, Norm, Score};
 
@@ -119,14 +120,6 @@ fn unsupported(spec: &MixerSpec, what: impl Into<String>) -> CodegenError {
     }
 }
 
-fn does_not_fit(spec: &MixerSpec, arch: Arch, reason: String) -> CodegenError {
-    CodegenError::ConfigDoesNotFit {
-        spec: spec.name.clone(),
-        arch: arch.name().into(),
-        reason,
-    }
-}
-
 fn map_name(m: FeatureMap) -> &'static str {
     match m {
         FeatureMap::Identity => "identity",
@@ -208,17 +201,11 @@ pub fn shape(
                 cfg.stages
             )));
         }
-        if !spec.head_dim.is_multiple_of(8) || !spec.value_dim.is_multiple_of(8) {
-            return Err(does_not_fit(
-                spec,
-                arch,
-                format!(
-                    "head_dim={} / value_dim={}: the {} kernel copies 16-byte rows, so both must be \
-                     multiples of 8 (use dtype f32 for the SIMT kernel)",
-                    spec.head_dim, spec.value_dim, target.dtype
-                ),
-            ));
-        }
+        require_16_byte_rows(
+            spec,
+            target,
+            &[("head_dim", spec.head_dim), ("value_dim", spec.value_dim)],
+        )?;
         smem_bytes_mma(
             dk_pad,
             block_dv,

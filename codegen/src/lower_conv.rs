@@ -8,8 +8,9 @@
 
 use crate::config::round_up;
 use crate::{
-    base_context, c_elem_type, kernel_name, render, Arch, CodegenError, GeneratedKernel, GridDim,
-    KernelConfig, KernelInfo, KernelParam, ParamRole, Target,
+    base_context, c_elem_type, does_not_fit, kernel_name, render, require_16_byte_rows, Arch,
+    CodegenError, GeneratedKernel, GridDim, KernelConfig, KernelInfo, KernelParam, ParamRole,
+    Target,
 };
 use mixc_dsl::ir::{Decay, Mask, MixerSpec, Norm, Score};
 use std::ops::Range;
@@ -90,14 +91,6 @@ pub fn default_config(spec: &MixerSpec, target: &Target) -> KernelConfig {
     }
 }
 
-fn does_not_fit(spec: &MixerSpec, arch: Arch, reason: String) -> CodegenError {
-    CodegenError::ConfigDoesNotFit {
-        spec: spec.name.clone(),
-        arch: arch.name().into(),
-        reason,
-    }
-}
-
 /// Validates `cfg` for this spec/target and derives the tile shape.
 pub fn shape(
     spec: &MixerSpec,
@@ -131,17 +124,7 @@ pub fn shape(
                 ),
             ));
         }
-        if !spec.value_dim.is_multiple_of(8) {
-            return Err(does_not_fit(
-                spec,
-                arch,
-                format!(
-                    "value_dim={}: the {} kernel copies 16-byte rows, so it must be a multiple of 8 \
-                     (use dtype f32 for the SIMT kernel)",
-                    spec.value_dim, target.dtype
-                ),
-            ));
-        }
+        require_16_byte_rows(spec, target, &[("value_dim", spec.value_dim)])?;
         smem_bytes_mma(block_dv, cfg, target.dtype.size_bytes() as u32)
     } else {
         if cfg.stages != 1 {

@@ -5,8 +5,9 @@ use crate::config::round_up;
 use crate::expr::{lower_expr, Hoisted, LowerEnv};
 use crate::mask::{lower_mask, MaskNames};
 use crate::{
-    base_context, c_elem_type, kernel_name, render, Arch, CodegenError, GeneratedKernel, GridDim,
-    KernelConfig, KernelInfo, KernelParam, ParamRole, Target,
+    base_context, c_elem_type, does_not_fit, kernel_name, render, require_16_byte_rows, Arch,
+    CodegenError, GeneratedKernel, GridDim, KernelConfig, KernelInfo, KernelParam, ParamRole,
+    Target,
 };
 use mixc_dsl::ir::{ElemType, FeatureMap, InputRole, MixerSpec, Norm, Score};
 
@@ -23,14 +24,6 @@ pub fn smem_bytes_mma(head_dim: u32, value_dim: u32, cfg: &KernelConfig, elem_by
 pub fn smem_bytes_simt(head_dim: u32, value_dim: u32, cfg: &KernelConfig) -> u32 {
     let (sq, sv) = (head_dim + 1, value_dim + 1);
     4 * (cfg.block_m * sq + cfg.block_n * sq + cfg.block_n * sv + cfg.block_m * (cfg.block_n + 1))
-}
-
-fn does_not_fit(spec: &MixerSpec, arch: Arch, reason: String) -> CodegenError {
-    CodegenError::ConfigDoesNotFit {
-        spec: spec.name.clone(),
-        arch: arch.name().into(),
-        reason,
-    }
 }
 
 pub(crate) fn lower(
@@ -84,17 +77,11 @@ pub(crate) fn lower(
                 ),
             ));
         }
-        if !spec.head_dim.is_multiple_of(8) || !spec.value_dim.is_multiple_of(8) {
-            return Err(does_not_fit(
-                spec,
-                arch,
-                format!(
-                    "head_dim={} / value_dim={}: the {} kernel loads 16-byte rows, so both must be \
-                     multiples of 8 (use dtype f32 for the SIMT kernel)",
-                    spec.head_dim, spec.value_dim, target.dtype
-                ),
-            ));
-        }
+        require_16_byte_rows(
+            spec,
+            target,
+            &[("head_dim", spec.head_dim), ("value_dim", spec.value_dim)],
+        )?;
         smem_bytes_mma(
             spec.head_dim,
             spec.value_dim,
