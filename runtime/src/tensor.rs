@@ -89,5 +89,17 @@ pub struct MixerInputs {
     pub extra: BTreeMap<String, ExtraTensor>,
 }
 
+impl MixerInputs {
+    /// The declared extra input `name`, or a `BadInput` error naming it.
+    pub fn extra_input(&self, name: &str) -> crate::error::Result<&ExtraTensor> {
+        self.extra
+            .get(name)
+            .ok_or_else(|| crate::error::RuntimeError::BadInput {
+                name: name.to_string(),
+                problem: "missing".into(),
+            })
+    }
+}
+
 /// The output of a run: `[batch, seq, heads, value_dim]`.
 pub type MixerOutput<T> = Tensor<T>;

@@ -239,13 +239,7 @@ impl Backend {
             let ParamRole::Input(name) = &p.role else {
                 continue;
             };
-            let t = inputs
-                .extra
-                .get(name)
-                .ok_or_else(|| RuntimeError::BadInput {
-                    name: name.clone(),
-                    problem: "missing".into(),
-                })?;
+            let t = inputs.extra_input(name)?;
             let as_int = input_is_int(&p.name, &p.c_type)?;
             out.insert(name.clone(), g.upload(&extra_bytes(t, as_int, None))?);
         }
@@ -444,13 +438,7 @@ impl Backend {
             };
             let gate_buf = match &gate {
                 Some(name) => {
-                    let t = inputs
-                        .extra
-                        .get(name)
-                        .ok_or_else(|| RuntimeError::BadInput {
-                            name: name.clone(),
-                            problem: "missing".into(),
-                        })?;
+                    let t = inputs.extra_input(name)?;
                     Some(g.upload(&extra_bytes(t, false, Some((b, seq, range.clone()))))?)
                 }
                 None => None,

@@ -174,14 +174,7 @@ fn upload_extras<I: RankIo>(io: &mut I, job: &RankJob) -> Result<BTreeMap<String
         let ParamRole::Input(name) = &p.role else {
             continue;
         };
-        let t = job
-            .inputs
-            .extra
-            .get(name)
-            .ok_or_else(|| RuntimeError::BadInput {
-                name: name.clone(),
-                problem: "missing".into(),
-            })?;
+        let t = job.inputs.extra_input(name)?;
         let buf = io.upload(&extra_bytes(t, input_is_int(&p.name, &p.c_type)?, None))?;
         out.insert(name.clone(), io.addr(buf));
     }
@@ -423,10 +416,7 @@ fn chunkwise<I: RankIo>(io: &mut I, job: &RankJob) -> Result<Vec<f32>> {
         let (q, k, v) = (up(&x.q, h * dk)?, up(&x.k, kvh * dk)?, up(&x.v, kvh * dv)?);
         let gate_buf = match &gate {
             Some(name) => {
-                let t = x.extra.get(name).ok_or_else(|| RuntimeError::BadInput {
-                    name: name.clone(),
-                    problem: "missing".into(),
-                })?;
+                let t = x.extra_input(name)?;
                 let buf = io.upload(&extra_bytes(t, false, Some((b, seq, range.clone()))))?;
                 Some((name.clone(), io.addr(buf)))
             }
