@@ -302,15 +302,16 @@ pub fn compile_with_cache(
         loaded.toolkit.include_dir.display()
     ));
     let t0 = Instant::now();
-    let (cubin, log) = compile_raw(name, source, &all_options).map_err(|e| match e {
-        RawError::Compile(log) => NvrtcError::Compile {
-            name: name.into(),
-            arch: arch.name().into(),
-            excerpt: source_excerpt(&log, source, name),
-            log,
-        },
-        RawError::Api(call, reason) => NvrtcError::Api { call, reason },
-    })?;
+    let (cubin, log) =
+        compile_raw(name, source, &all_options, Output::Cubin).map_err(|e| match e {
+            RawError::Compile(log) => NvrtcError::Compile {
+                name: name.into(),
+                arch: arch.name().into(),
+                excerpt: source_excerpt(&log, source, name),
+                log,
+            },
+            RawError::Api(call, reason) => NvrtcError::Api { call, reason },
+        })?;
     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
     let resources = parse_resource_report(&log);
     let cache_note = cache.and_then(|c| {
@@ -344,6 +345,41 @@ enum RawError {
     Api(&'static str, String),
 }
 
+/// What [`compile_raw`] returns: a CUBIN (real arch) or PTX text (virtual arch).
+#[derive(Clone, Copy)]
+enum Output {
+    Cubin,
+    Ptx,
+}
+
+/// Compiles `source` to PTX for the virtual architecture of `arch`
+/// (`compute_80` / `compute_90`), uncached: the PTX simulator's input
+/// (`cuda::ptxsim`), which executes exactly what NVRTC lowered the kernel to.
+pub fn compile_ptx(name: &str, source: &str, arch: Arch) -> Result<String, NvrtcError> {
+    let loaded = load()?;
+    let options = vec![
+        format!(
+            "--gpu-architecture={}",
+            arch.name().replace("sm_", "compute_")
+        ),
+        "--std=c++17".into(),
+        "--device-as-default-execution-space".into(),
+        format!("--include-path={}", loaded.toolkit.include_dir.display()),
+    ];
+    let (ptx, _log) = compile_raw(name, source, &options, Output::Ptx).map_err(|e| match e {
+        RawError::Compile(log) => NvrtcError::Compile {
+            name: name.into(),
+            arch: arch.name().into(),
+            excerpt: source_excerpt(&log, source, name),
+            log,
+        },
+        RawError::Api(call, reason) => NvrtcError::Api { call, reason },
+    })?;
+    Ok(String::from_utf8_lossy(&ptx)
+        .trim_end_matches('\0')
+        .to_string())
+}
+
 fn c_chars_to_string(v: &[std::ffi::c_char]) -> String {
     let bytes: Vec<u8> = v.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
     String::from_utf8_lossy(&bytes).into_owned()
@@ -353,6 +389,7 @@ fn compile_raw(
     name: &str,
     source: &str,
     options: &[String],
+    output: Output,
 ) -> Result<(Vec<u8>, String), RawError> {
     let src = CString::new(source)
         .map_err(|_| RawError::Api("create", "source contains a NUL byte".into()))?;
@@ -370,14 +407,21 @@ fn compile_raw(
             Err(_) => Err(RawError::Compile(log)),
             Ok(()) => {
                 let mut size = 0usize;
-                match sys::nvrtcGetCUBINSize(prog, &mut size).result() {
-                    Err(e) => Err(RawError::Api("nvrtcGetCUBINSize", e.to_string())),
+                let sized = match output {
+                    Output::Cubin => sys::nvrtcGetCUBINSize(prog, &mut size),
+                    Output::Ptx => sys::nvrtcGetPTXSize(prog, &mut size),
+                };
+                match sized.result() {
+                    Err(e) => Err(RawError::Api("nvrtcGet*Size", e.to_string())),
                     Ok(()) => {
                         let mut buf = vec![0u8; size];
-                        sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast())
-                            .result()
+                        let got = match output {
+                            Output::Cubin => sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast()),
+                            Output::Ptx => sys::nvrtcGetPTX(prog, buf.as_mut_ptr().cast()),
+                        };
+                        got.result()
                             .map(|()| (buf, log))
-                            .map_err(|e| RawError::Api("nvrtcGetCUBIN", e.to_string()))
+                            .map_err(|e| RawError::Api("nvrtcGetCUBIN/PTX", e.to_string()))
                     }
                 }
             }

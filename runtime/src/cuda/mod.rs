@@ -27,6 +27,8 @@ pub mod dist;
 mod exec;
 mod nccl;
 pub mod plan;
+#[cfg(test)]
+mod ptxsim;
 mod rank;
 #[cfg(test)]
 mod twin;

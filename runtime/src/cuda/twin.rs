@@ -30,6 +30,7 @@ use super::plan::{
     device_of, gather_rows, held_slot, pair_launches, ring_fill_slot, scatter_rows,
     segment_summaries, tiling_of,
 };
+use super::ptxsim::{GlobalMemory, LaunchStats, Module};
 use super::rank::{assemble, run_rank, RankIo, RankJob, Transfer};
 use crate::ring::{RingSchedule, Sharding};
 use crate::tensor::{MixerInputs, Tensor};
@@ -55,18 +56,29 @@ impl Mem {
         self.alloc(vec![POISON; n])
     }
     fn at(&self, addr: u64, byte: usize, len: usize) -> (usize, usize) {
-        assert!(addr != 0, "access through a null pointer");
-        let (id, off) = (
-            (addr >> 32) as usize - 1,
-            (addr & 0xffff_ffff) as usize + byte,
-        );
-        let n = self.bufs[id].len();
-        assert!(
-            off + len <= n,
-            "access at byte {off}..{} of a {n}-byte buffer",
-            off + len
-        );
-        (id, off)
+        self.checked(addr + byte as u64, len)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+    /// Buffer index and offset of `len` bytes at `addr`, or why not.
+    fn checked(&self, addr: u64, len: usize) -> Result<(usize, usize), String> {
+        let id = (addr >> 32) as usize;
+        if id == 0 {
+            return Err(format!(
+                "access through a null or unmapped pointer {addr:#x}"
+            ));
+        }
+        let Some(buf) = self.bufs.get(id - 1) else {
+            return Err(format!("access through unmapped pointer {addr:#x}"));
+        };
+        let off = (addr & 0xffff_ffff) as usize;
+        if off + len > buf.len() {
+            return Err(format!(
+                "access at byte {off}..{} of a {}-byte buffer",
+                off + len,
+                buf.len()
+            ));
+        }
+        Ok((id - 1, off))
     }
     fn rd(&self, dt: DType, addr: u64, idx: usize) -> f32 {
         let eb = elem_bytes(dt);
@@ -511,6 +523,73 @@ struct Twin<'a> {
     dt: DType,
     mem: Mem,
     mutate: Mutate<'a>,
+    /// When set, kernels run as NVRTC's PTX in the simulator instead of
+    /// their host emulations.
+    sim: Option<Sim>,
+}
+
+/// The PTX of the generated kernel and of the backend's helpers.
+struct Sim {
+    main: Module,
+    helpers: Module,
+    helper_names: [String; 2],
+    stats: LaunchStats,
+}
+
+impl Sim {
+    fn new(g: &GeneratedKernel, dt: DType) -> Sim {
+        let ptx = |name: &str, src: &str| {
+            let text = crate::nvrtc::compile_ptx(name, src, g.target.arch)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            Module::parse(&text).unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        Sim {
+            main: ptx(&g.kernels[0].name, &g.source),
+            helpers: ptx("mixc_helpers", super::helper_kernels_source()),
+            helper_names: super::helper_kernel_names(dt),
+            stats: LaunchStats::default(),
+        }
+    }
+
+    fn launch(&mut self, mem: &mut Mem, g: &GeneratedKernel, x: &HostLaunch) {
+        let (module, name) = match x.kernel {
+            KernelId::Main => (&self.main, g.kernels[0].name.as_str()),
+            KernelId::Merge => (&self.helpers, self.helper_names[0].as_str()),
+            KernelId::FillNegInf => (&self.helpers, self.helper_names[1].as_str()),
+        };
+        let params: Vec<u64> = x
+            .args
+            .iter()
+            .map(|a| match *a {
+                ArgValue::Ptr(p) => p,
+                ArgValue::Int(v) => v as u32 as u64,
+            })
+            .collect();
+        let st = module
+            .launch(mem, name, x.grid, (x.threads, 1, 1), x.smem, &params)
+            .unwrap_or_else(|e| panic!("{name} grid {:?}: {e}", x.grid));
+        self.stats.ctas += st.ctas;
+        self.stats.instructions += st.instructions;
+        self.stats.mma += st.mma;
+        self.stats.barriers += st.barriers;
+        self.stats.smem_bytes = self.stats.smem_bytes.max(st.smem_bytes);
+    }
+}
+
+impl GlobalMemory for Mem {
+    fn read(&self, addr: u64, out: &mut [u8]) -> Result<(), String> {
+        let (id, off) = self.checked(addr, out.len())?;
+        out.copy_from_slice(&self.bufs[id][off..off + out.len()]);
+        Ok(())
+    }
+    fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), String> {
+        let (id, off) = self.checked(addr, data.len())?;
+        self.bufs[id][off..off + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn alloc(&mut self, data: Vec<u8>) -> u64 {
+        Mem::alloc(self, data)
+    }
 }
 
 impl Twin<'_> {
@@ -518,6 +597,10 @@ impl Twin<'_> {
         (self.mutate)(&mut x, &self.g);
         if x.grid.0 == 0 || x.grid.1 == 0 || x.grid.2 == 0 {
             return; // Gpu::launch skips empty grids too
+        }
+        if let Some(sim) = &mut self.sim {
+            sim.launch(&mut self.mem, &self.g, &x);
+            return;
         }
         match (x.kernel, self.spec.family) {
             (KernelId::FillNegInf, _) => {
@@ -823,6 +906,7 @@ fn run_twin(
         dt,
         mem: Mem::default(),
         mutate,
+        sim: None,
     };
     match spec.family {
         Family::Softmax | Family::Convolution => t.pairwise(x, &sched),
@@ -1187,6 +1271,7 @@ fn run_multi_process(
                             dt,
                             mem: Mem::default(),
                             mutate: &no_mutation,
+                            sim: None,
                         },
                         tx,
                         rx,
@@ -1280,5 +1365,111 @@ fn multi_process_twin_notices_transport_faults() {
                 spec.name
             );
         }
+    }
+}
+
+// ---- the generated kernels themselves, as PTX in the simulator ----------------
+
+/// An example spec with its head counts cut to `heads` (keeping the GQA
+/// ratio's shape: `kv_heads` 1 when the example groups heads), so a
+/// simulated run stays small.
+fn example(name: &str, heads: u32) -> MixerSpec {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(format!("{name}.mix"));
+    let mut s = mixc_dsl::parse_file(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let grouped = s.kv_heads < s.heads;
+    s.heads = heads;
+    s.kv_heads = if grouped { heads / 2 } else { heads };
+    s
+}
+
+/// Runs `spec` with the real generated kernel (config `cfg`, default when
+/// `None`) through the twin's launcher code, the kernels executing as PTX.
+fn run_sim(
+    spec: &MixerSpec,
+    x: &MixerInputs,
+    dt: DType,
+    cfg: Option<KernelConfig>,
+    ranks: usize,
+    sharding: Sharding,
+) -> (Tensor<f32>, LaunchStats) {
+    let target = Target::new(Arch::Sm80, dt);
+    let cfg = cfg.unwrap_or_else(|| KernelConfig::default_for(spec, &target));
+    let g = generate(spec, &target, &cfg).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+    let sim = Sim::new(&g, dt);
+    let sched = RingSchedule::new(x.seq, ranks, sharding).unwrap();
+    let mut t = Twin {
+        spec,
+        g,
+        dt,
+        mem: Mem::default(),
+        mutate: &no_mutation,
+        sim: Some(sim),
+    };
+    let out = match spec.family {
+        Family::Softmax | Family::Convolution => t.pairwise(x, &sched),
+        _ => t.chunkwise(x, &sched, 1),
+    };
+    (out, t.sim.unwrap().stats)
+}
+
+const EXAMPLES: [&str; 14] = [
+    "alibi_bloom",
+    "block_sparse_bigbird",
+    "causal_gqa_llama3",
+    "dilated_longnet",
+    "document_mask",
+    "full_attention",
+    "gated_mamba2",
+    "linear_elu",
+    "long_conv_hyena",
+    "prefix_lm",
+    "relative_bias_t5",
+    "retention_retnet",
+    "sliding_window_mistral",
+    "softcap_window_gemma2",
+];
+
+/// Runs `spec` in the simulator for each (seq, ranks, sharding) and checks
+/// the result against the f64 reference within `tol`.
+fn check_sim(
+    spec: &MixerSpec,
+    dt: DType,
+    cfg: Option<KernelConfig>,
+    runs: &[(usize, usize, Sharding)],
+    tol: f64,
+) {
+    for &(seq, ranks, sharding) in runs {
+        let mut x = crate::inputs::random_inputs(spec, 1, seq, 11 + seq as u64);
+        crate::inputs::round_to_dtype(&mut x, dt);
+        let want = crate::reference::evaluate(spec, &x).unwrap();
+        let t0 = std::time::Instant::now();
+        let (got, st) = run_sim(spec, &x, dt, cfg.clone(), ranks, sharding);
+        let err = max_rel_err(&got, &want);
+        eprintln!(
+            "{} {dt:?} seq {seq} R {ranks} {sharding:?}: {} CTAs, {} instructions, {} mma, err {err:.2e} ({:.1?})",
+            spec.name, st.ctas, st.instructions, st.mma, t0.elapsed()
+        );
+        assert!(st.ctas > 0, "nothing ran");
+        assert!(
+            err <= tol,
+            "{} {dt:?} seq {seq} R {ranks} {sharding:?}: error {err:.2e} > {tol:.0e}",
+            spec.name
+        );
+    }
+}
+
+#[test]
+fn sim_examples_match_the_reference() {
+    for name in EXAMPLES {
+        let spec = example(name, 2);
+        check_sim(
+            &spec,
+            DType::Bf16,
+            None,
+            &[(200, 1, Sharding::Contiguous), (133, 2, Sharding::Zigzag)],
+            1e-2,
+        );
     }
 }
