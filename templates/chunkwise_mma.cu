@@ -167,9 +167,8 @@ __device__ __forceinline__ void store_state(T* st_s, const float (&acc)[S_ITERS]
         }
         cp_async_commit();
         if (STAGES == 2) cp_async_wait<1>(); else cp_async_wait<0>();
-        __syncthreads();
-
 {%- if q_map != "identity" or k_map != "identity" %}
+        __syncthreads();  // the feature maps read other threads' copies
         // Feature maps, applied once per element on load; rows past the end
         // and padded columns stay 0 (phi(0) may be 1).
         for (int i = tid; i < CHUNK * DK; i += NT) {
@@ -210,7 +209,7 @@ __device__ __forceinline__ void store_state(T* st_s, const float (&acc)[S_ITERS]
 {%- elif decay == "per_head" %}
         for (int r = tid; r < CHUNK; r += NT) cum_s[r] = (float)min(r + 1, L - t0) * LOG2_GAMMA[h];
 {%- endif %}
-        __syncthreads();
+        __syncthreads();  // this chunk's copies (and maps, cum) are visible
 
 {%- if has_decay %}
         const float cum_last = cum_s[CHUNK - 1];
@@ -414,8 +413,8 @@ __device__ __forceinline__ void store_state(T* st_s, const float (&acc)[S_ITERS]
                 }
     }
 {%- if norm_sum %}
+    // z_s was last written before the loop's final barrier, each thread its own d.
     if (z_out != nullptr && blockIdx.x == 0) {
-        __syncthreads();
         for (int d = tid; d < DK; d += NT) z_out[bh * DK + d] = z_s[d];
     }
 {%- endif %}

@@ -1397,6 +1397,18 @@ fn run_sim(
     let target = Target::new(Arch::Sm80, dt);
     let cfg = cfg.unwrap_or_else(|| KernelConfig::default_for(spec, &target));
     let g = generate(spec, &target, &cfg).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+    run_sim_kernel(spec, g, x, dt, ranks, sharding)
+}
+
+/// [`run_sim`] with the generated kernel given (possibly edited).
+fn run_sim_kernel(
+    spec: &MixerSpec,
+    g: GeneratedKernel,
+    x: &MixerInputs,
+    dt: DType,
+    ranks: usize,
+    sharding: Sharding,
+) -> (Tensor<f32>, LaunchStats) {
     let sim = Sim::new(&g, dt);
     let sched = RingSchedule::new(x.seq, ranks, sharding).unwrap();
     let mut t = Twin {
@@ -1472,4 +1484,139 @@ fn sim_examples_match_the_reference() {
             1e-2,
         );
     }
+}
+
+/// Masks at lengths where their tiles classify as skipped, partial and full
+/// (windows, dilation, block sparsity, prefix, segments) and every bias /
+/// transform kind, over 1 and 3 ranks.
+#[test]
+fn sim_masks_skip_and_match_the_reference() {
+    for src in [
+        "mixer win { heads = 2; head_dim = 64; score = dot(q, k); mask = causal && window(70); norm = softmax; }",
+        "mixer dil { heads = 2; head_dim = 64; score = dot(q, k); mask = causal && (window(40) || dilated(3)); norm = softmax; }",
+        "mixer bs { heads = 2; head_dim = 64; score = dot(q, k); mask = block_sparse(block = 64, local = 1, global = 1); norm = softmax; }",
+        "mixer plm { heads = 2; head_dim = 64; score = dot(q, k); mask = prefix_lm(90); norm = softmax; }",
+        "mixer doc { heads = 2; head_dim = 64; input doc: i32[batch, seq]; score = dot(q, k); mask = causal && segment(doc); norm = softmax; }",
+        "mixer cap { heads = 2; head_dim = 64; score = dot(q, k); transform = 5.0 * tanh(s / 5.0); mask = causal && window(100); norm = softmax; }",
+        "mixer rel { heads = 2; head_dim = 64; input rel: f32[heads, 8]; score = dot(q, k); bias = rel[h][min(abs(i - j), 7)]; mask = all; norm = softmax; }",
+        "mixer gqa { heads = 4; kv_heads = 1; head_dim = 128; score = dot(q, k); bias = -alibi_slope(h) * (i - j); mask = causal; norm = softmax; }",
+    ] {
+        let spec = parse(src);
+        check_sim(
+            &spec,
+            DType::Bf16,
+            None,
+            &[(300, 1, Sharding::Contiguous), (257, 3, Sharding::Zigzag)],
+            1e-2,
+        );
+    }
+}
+
+/// The f16 tensor-core kernels and the f32 (SIMT) kernels of every family.
+#[test]
+fn sim_other_dtypes_match_the_reference() {
+    for name in ["causal_gqa_llama3", "document_mask", "retention_retnet", "linear_elu", "long_conv_hyena"] {
+        let spec = example(name, 2);
+        check_sim(&spec, DType::F16, None, &[(150, 2, Sharding::Zigzag)], 2e-3);
+    }
+    for name in ["causal_gqa_llama3", "softcap_window_gemma2", "gated_mamba2", "linear_elu", "long_conv_hyena"] {
+        let spec = example(name, 2);
+        check_sim(&spec, DType::F32, None, &[(150, 2, Sharding::Zigzag)], 2e-4);
+    }
+}
+
+/// Every tile configuration the CUDA tuner may pick, for one spec of each
+/// kernel template: a config that generates must also compute correctly.
+#[test]
+fn sim_every_tuning_candidate_matches_the_reference() {
+    for name in ["causal_gqa_llama3", "retention_retnet", "long_conv_hyena"] {
+        let spec = example(name, 2);
+        let target = Target::new(Arch::Sm80, DType::Bf16);
+        let space = crate::tune::space::cuda_candidates(&spec, &target);
+        assert!(space.candidates.len() > 1, "{name}: one candidate");
+        for c in &space.candidates {
+            let crate::tune::TunedConfig::Cuda(cfg) = c.config else {
+                panic!("not a CUDA config")
+            };
+            eprintln!("{name}: {}", c.label);
+            check_sim(&spec, DType::Bf16, Some(cfg), &[(150, 1, Sharding::Contiguous)], 1e-2);
+        }
+    }
+}
+
+
+/// The simulator is only worth something if it notices missing
+/// synchronisation: deleting any one `__syncthreads()` or `cp.async` wait
+/// from a generated kernel must be reported (a race, a read of an
+/// in-flight copy) or change the result. The only statements allowed to
+/// go unnoticed are the final drains, listed with why.
+#[test]
+fn sim_notices_every_missing_barrier_and_wait() {
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let mut report = Vec::new();
+    for name in ["causal_gqa_llama3", "retention_retnet", "linear_elu", "long_conv_hyena"] {
+        let spec = example(name, 2);
+        let dt = DType::Bf16;
+        let target = Target::new(Arch::Sm80, dt);
+        let g = generate(&spec, &target, &KernelConfig::default_for(&spec, &target)).unwrap();
+        let mut x = crate::inputs::random_inputs(&spec, 1, 150, 21);
+        crate::inputs::round_to_dtype(&mut x, dt);
+        let want = crate::reference::evaluate(&spec, &x).unwrap();
+        let ptx = |src: &str| crate::nvrtc::compile_ptx(name, src, Arch::Sm80).unwrap();
+        let original = ptx(&g.source);
+        let mut sites: Vec<(usize, usize)> = ["__syncthreads();", "cp_async_wait<"]
+            .iter()
+            .flat_map(|pat| {
+                g.source.match_indices(pat).map(|(at, _)| {
+                    let at = if g.source[..at].ends_with("mixc::") { at - 6 } else { at };
+                    (at, at + g.source[at..].find(';').unwrap() + 1)
+                })
+            })
+            .collect();
+        sites.sort();
+        assert!(sites.len() >= 3, "{name}: {} sync sites", sites.len());
+        let last_drain = sites.iter().rposition(|&(a, e)| g.source[a..e].ends_with("cp_async_wait<0>();"));
+        for (k, &(at, end)) in sites.iter().enumerate() {
+            let line = g.source[..at].lines().count();
+            let stmt = g.source[at..end].to_string();
+            let mut m = g.clone();
+            m.source.replace_range(at..end, "{}");
+            if ptx(&m.source) == original {
+                report.push(format!("{name} line {line} `{stmt}`: dead code here (same PTX)"));
+                continue;
+            }
+            let final_drain = Some(k) == last_drain;
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_sim_kernel(&spec, m, &x, dt, 1, Sharding::Contiguous).0
+            }));
+            let verdict = match run {
+                Err(e) => {
+                    let msg = e
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .unwrap_or_else(|| "panic".into());
+                    format!("caught: {}", msg.lines().next().unwrap_or(""))
+                }
+                Ok(out) => {
+                    let err = max_rel_err(&out, &want);
+                    if err > 1e-2 {
+                        format!("caught: error {err:.2e}")
+                    } else if final_drain {
+                        // After the loop only empty groups are outstanding (the
+                        // simulator fails a thread that exits with copies in
+                        // flight), so this drain is insurance, not a need.
+                        format!("final drain of empty groups (error {err:.2e})")
+                    } else {
+                        format!("SURVIVED (error {err:.2e})")
+                    }
+                }
+            };
+            report.push(format!("{name} line {line} `{stmt}`: {verdict}"));
+        }
+    }
+    std::panic::set_hook(quiet);
+    eprintln!("{}", report.join("\n"));
+    let survived: Vec<&String> = report.iter().filter(|r| r.contains("SURVIVED")).collect();
+    assert!(survived.is_empty(), "not noticed:\n{survived:#?}");
 }
