@@ -10,9 +10,11 @@
 //! panics here, where a GPU would read garbage); `wrong_launches_are_caught`
 //! checks that such mutations are in fact detected.
 //!
-//! What it cannot check: the CUDA kernels themselves (their tiling, mma
-//! fragments, pipelines), the driver calls, stream/event ordering and peer
-//! copies. Those need a GPU (`tests/cuda_backend.rs`).
+//! The `sim_*` tests replace the emulations by the kernels themselves:
+//! NVRTC's PTX of the generated source executed by [`super::ptxsim`]
+//! (tiling, mma fragments, `cp.async` pipelines, races). What neither
+//! checks: the driver calls, stream/event ordering and peer copies; those
+//! need a GPU (`tests/cuda_backend.rs`).
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -1385,7 +1387,8 @@ fn example(name: &str, heads: u32) -> MixerSpec {
 }
 
 /// Runs `spec` with the real generated kernel (config `cfg`, default when
-/// `None`) through the twin's launcher code, the kernels executing as PTX.
+/// `None`; sm_90 target, whose source equals sm_80's) through the twin's
+/// launcher code, the kernels executing as PTX.
 fn run_sim(
     spec: &MixerSpec,
     x: &MixerInputs,
@@ -1394,7 +1397,7 @@ fn run_sim(
     ranks: usize,
     sharding: Sharding,
 ) -> (Tensor<f32>, LaunchStats) {
-    let target = Target::new(Arch::Sm80, dt);
+    let target = Target::new(Arch::Sm90, dt);
     let cfg = cfg.unwrap_or_else(|| KernelConfig::default_for(spec, &target));
     let g = generate(spec, &target, &cfg).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
     run_sim_kernel(spec, g, x, dt, ranks, sharding)

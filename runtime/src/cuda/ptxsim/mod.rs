@@ -587,3 +587,6 @@ impl Module {
         self.kernels.iter().find(|k| k.name == name)
     }
 }
+
+#[cfg(test)]
+mod tests;
