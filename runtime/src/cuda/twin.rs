@@ -1460,7 +1460,7 @@ fn check_sim(
         crate::inputs::round_to_dtype(&mut x, dt);
         let want = crate::reference::evaluate(spec, &x).unwrap();
         let t0 = std::time::Instant::now();
-        let (got, st) = run_sim(spec, &x, dt, cfg.clone(), ranks, sharding);
+        let (got, st) = run_sim(spec, &x, dt, cfg, ranks, sharding);
         let err = max_rel_err(&got, &want);
         eprintln!(
             "{} {dt:?} seq {seq} R {ranks} {sharding:?}: {} CTAs, {} instructions, {} mma, err {err:.2e} ({:.1?})",
@@ -1518,11 +1518,23 @@ fn sim_masks_skip_and_match_the_reference() {
 /// The f16 tensor-core kernels and the f32 (SIMT) kernels of every family.
 #[test]
 fn sim_other_dtypes_match_the_reference() {
-    for name in ["causal_gqa_llama3", "document_mask", "retention_retnet", "linear_elu", "long_conv_hyena"] {
+    for name in [
+        "causal_gqa_llama3",
+        "document_mask",
+        "retention_retnet",
+        "linear_elu",
+        "long_conv_hyena",
+    ] {
         let spec = example(name, 2);
         check_sim(&spec, DType::F16, None, &[(150, 2, Sharding::Zigzag)], 2e-3);
     }
-    for name in ["causal_gqa_llama3", "softcap_window_gemma2", "gated_mamba2", "linear_elu", "long_conv_hyena"] {
+    for name in [
+        "causal_gqa_llama3",
+        "softcap_window_gemma2",
+        "gated_mamba2",
+        "linear_elu",
+        "long_conv_hyena",
+    ] {
         let spec = example(name, 2);
         check_sim(&spec, DType::F32, None, &[(150, 2, Sharding::Zigzag)], 2e-4);
     }
@@ -1542,11 +1554,16 @@ fn sim_every_tuning_candidate_matches_the_reference() {
                 panic!("not a CUDA config")
             };
             eprintln!("{name}: {}", c.label);
-            check_sim(&spec, DType::Bf16, Some(cfg), &[(150, 1, Sharding::Contiguous)], 1e-2);
+            check_sim(
+                &spec,
+                DType::Bf16,
+                Some(cfg),
+                &[(150, 1, Sharding::Contiguous)],
+                1e-2,
+            );
         }
     }
 }
-
 
 /// The simulator is only worth something if it notices missing
 /// synchronisation: deleting any one `__syncthreads()` or `cp.async` wait
@@ -1558,7 +1575,12 @@ fn sim_notices_every_missing_barrier_and_wait() {
     let quiet = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let mut report = Vec::new();
-    for name in ["causal_gqa_llama3", "retention_retnet", "linear_elu", "long_conv_hyena"] {
+    for name in [
+        "causal_gqa_llama3",
+        "retention_retnet",
+        "linear_elu",
+        "long_conv_hyena",
+    ] {
         let spec = example(name, 2);
         let dt = DType::Bf16;
         let target = Target::new(Arch::Sm80, dt);
@@ -1572,21 +1594,29 @@ fn sim_notices_every_missing_barrier_and_wait() {
             .iter()
             .flat_map(|pat| {
                 g.source.match_indices(pat).map(|(at, _)| {
-                    let at = if g.source[..at].ends_with("mixc::") { at - 6 } else { at };
+                    let at = if g.source[..at].ends_with("mixc::") {
+                        at - 6
+                    } else {
+                        at
+                    };
                     (at, at + g.source[at..].find(';').unwrap() + 1)
                 })
             })
             .collect();
         sites.sort();
         assert!(sites.len() >= 3, "{name}: {} sync sites", sites.len());
-        let last_drain = sites.iter().rposition(|&(a, e)| g.source[a..e].ends_with("cp_async_wait<0>();"));
+        let last_drain = sites
+            .iter()
+            .rposition(|&(a, e)| g.source[a..e].ends_with("cp_async_wait<0>();"));
         for (k, &(at, end)) in sites.iter().enumerate() {
             let line = g.source[..at].lines().count();
             let stmt = g.source[at..end].to_string();
             let mut m = g.clone();
             m.source.replace_range(at..end, "{}");
             if ptx(&m.source) == original {
-                report.push(format!("{name} line {line} `{stmt}`: dead code here (same PTX)"));
+                report.push(format!(
+                    "{name} line {line} `{stmt}`: dead code here (same PTX)"
+                ));
                 continue;
             }
             let final_drain = Some(k) == last_drain;

@@ -60,21 +60,30 @@ struct Thread {
 }
 
 /// Last writer/reader of a shared byte within barrier interval `*_epoch`,
-/// and the thread whose `cp.async` is still bringing it in.
+/// and the thread whose `cp.async` is still bringing it in. `w_wsync` /
+/// `r_wsync` are the `bar.warp.sync` counts of the writer's / readers' warp
+/// at the access, so a warp barrier orders accesses within its warp;
+/// `r_warp` is the warp of all readers (`NONE`: readers in several warps).
 #[derive(Clone, Copy)]
 struct Meta {
     w_epoch: u32,
     writer: u32,
+    w_wsync: u32,
     r_epoch: u32,
     reader: u32,
+    r_warp: u32,
+    r_wsync: u32,
     inflight: u32,
 }
 
 const FRESH: Meta = Meta {
     w_epoch: 0,
     writer: NONE,
+    w_wsync: 0,
     r_epoch: 0,
     reader: NONE,
+    r_warp: NONE,
+    r_wsync: 0,
     inflight: NONE,
 };
 
@@ -89,6 +98,8 @@ struct Cta<'a> {
     smem: Vec<u8>,
     meta: Vec<Meta>,
     epoch: u32,
+    /// `bar.warp.sync`s completed by each warp.
+    wsync: Vec<u32>,
     stats: LaunchStats,
     smem_hi: usize,
 }
@@ -152,6 +163,18 @@ impl TowardZero for f32 {
         } else {
             self.next_up()
         }
+    }
+}
+
+/// An integer to f32, rounded once in the given direction (nearest even by default).
+fn int_to_f32(x: i128, r: Option<Round>) -> f32 {
+    let n = x as f32;
+    let back = n as i128; // exact: |x| < 2^64
+    match r {
+        Some(Round::Rz) if back.abs() > x.abs() => n.next_toward_zero(),
+        Some(Round::Rm) if back > x => n.next_down(),
+        Some(Round::Rp) if back < x => n.next_up(),
+        _ => n,
     }
 }
 
@@ -263,6 +286,7 @@ impl Module {
                         smem: vec![0xff; smem_size],
                         meta: vec![FRESH; smem_size],
                         epoch: 1,
+                        wsync: vec![0; (block.0 * block.1 * block.2).div_ceil(32) as usize],
                         stats: LaunchStats::default(),
                         smem_hi: 0,
                     };
@@ -387,6 +411,37 @@ impl Cta<'_> {
         let kernel = self.kernel;
         let code = &kernel.code;
         let inst = &code[threads[live[0]].pc];
+        // `bar.sync a{, b}` / `bar.red.op d, a, ...`: threads at different
+        // barrier ids, or at a barrier and a reduction, never meet.
+        let id_of = |cta: &Self, t: &Thread, ii: &Inst| {
+            let k = if matches!(ii.op.kind, Kind::BarRed(_)) {
+                1
+            } else {
+                0
+            };
+            ii.ops.get(k).map_or(0, |o| cta.src(t, o, Ty::U32))
+        };
+        let id0 = id_of(self, &threads[live[0]], inst);
+        for &i in live {
+            let ii = &code[threads[i].pc];
+            if ii.op.kind != inst.op.kind || id_of(self, &threads[i], ii) != id0 {
+                let at = |j: usize| {
+                    format!(
+                        "`{}` at line {}",
+                        code[threads[j].pc].op.text, code[threads[j].pc].line
+                    )
+                };
+                return Err(self.err(
+                    Some(&threads[i]),
+                    ii,
+                    format!(
+                        "deadlock: threads wait at different barriers ({} and {})",
+                        at(live[0]),
+                        at(i)
+                    ),
+                ));
+            }
+        }
         if let Kind::BarRed(op) = inst.op.kind {
             // `bar.red.op d, barrier, {count,} p`: every thread gets the reduction.
             let mut acc: u64 = match op {
@@ -395,13 +450,6 @@ impl Cta<'_> {
             };
             for &i in live {
                 let ii = &code[threads[i].pc];
-                if ii.op.kind != inst.op.kind {
-                    return Err(self.err(
-                        Some(&threads[i]),
-                        ii,
-                        "threads meet at different barrier reductions",
-                    ));
-                }
                 let p = self.src(&threads[i], ii.ops.last().unwrap(), Ty::Pred) & 1;
                 acc = match op {
                     RedOp::And => acc & p,
@@ -430,8 +478,8 @@ impl Cta<'_> {
         let code = &kernel.code;
         loop {
             let Some(inst) = code.get(t.pc) else {
-                self.finish(id, t);
-                return Ok(());
+                let last = code.last().expect("a kernel with no instructions");
+                return self.finish(t, last);
             };
             t.steps += 1;
             self.stats.instructions += 1;
@@ -457,10 +505,7 @@ impl Cta<'_> {
                     t.pc = target;
                     continue;
                 }
-                Kind::Ret | Kind::Exit => {
-                    self.finish(id, t);
-                    return Ok(());
-                }
+                Kind::Ret | Kind::Exit => return self.finish(t, inst),
                 _ => self.exec(id, t, inst)?,
             }
             t.pc += 1;
@@ -468,16 +513,25 @@ impl Cta<'_> {
     }
 
     /// A thread ends: its outstanding copies still land.
-    fn finish(&mut self, id: u32, t: &mut Thread) {
-        let mut all: Vec<Copy> = t.groups.drain(..).flatten().collect();
-        all.append(&mut t.open);
-        for c in all {
-            self.land(id, c);
+    /// A thread ends. Exiting with copies still in flight is an error: the
+    /// kernel forgot a `cp.async.wait_group` (empty groups do not count).
+    fn finish(&mut self, t: &mut Thread, inst: &Inst) -> Result<(), SimError> {
+        let pending = t.groups.iter().map(Vec::len).sum::<usize>() + t.open.len();
+        if pending > 0 {
+            return Err(self.terr(
+                t,
+                inst,
+                format!(
+                    "exits with {pending} cp.async copies in flight (missing cp.async.wait_group)"
+                ),
+            ));
         }
         t.state = State::Done;
+        Ok(())
     }
 
     fn land(&mut self, id: u32, c: Copy) {
+        let ws = self.wsync[(id / 32) as usize];
         for (k, &b) in c.data.iter().enumerate() {
             let a = c.dst + k;
             self.smem[a] = b;
@@ -485,7 +539,14 @@ impl Cta<'_> {
             m.inflight = NONE;
             m.w_epoch = self.epoch;
             m.writer = id;
+            m.w_wsync = ws;
         }
+    }
+
+    /// Whether an access by thread `id` is ordered after one by a thread of
+    /// `warp` made when that warp had passed `count` warp barriers.
+    fn warp_ordered(&self, id: u32, warp: u32, count: u32) -> bool {
+        warp == id / 32 && self.wsync[warp as usize] > count
     }
 
     // ---- operands -------------------------------------------------------
@@ -581,7 +642,7 @@ impl Cta<'_> {
                 inst,
                 format!(
                     "shared access at byte {a:#x}..{:#x} outside the {} bytes of shared memory",
-                    a + len as u64,
+                    a.wrapping_add(len as u64),
                     self.smem.len()
                 ),
             ));
@@ -610,7 +671,10 @@ impl Cta<'_> {
                     ),
                 ));
             }
-            if m.w_epoch == self.epoch && m.writer != id {
+            if m.w_epoch == self.epoch
+                && m.writer != id
+                && !self.warp_ordered(id, m.writer / 32, m.w_wsync)
+            {
                 return Err(self.err(
                     Some(t),
                     inst,
@@ -620,13 +684,19 @@ impl Cta<'_> {
                     ),
                 ));
             }
+            let (warp, ws) = (id / 32, self.wsync[(id / 32) as usize]);
             let m = &mut self.meta[k];
             if m.r_epoch == self.epoch && m.reader != id {
                 m.reader = MANY;
+                if m.r_warp != warp {
+                    m.r_warp = NONE;
+                }
             } else {
                 m.r_epoch = self.epoch;
                 m.reader = id;
+                m.r_warp = warp;
             }
+            m.r_wsync = ws;
         }
         self.smem_hi = self.smem_hi.max(at + len);
         let mut b = [0u8; 8];
@@ -656,7 +726,10 @@ impl Cta<'_> {
                     ),
                 ));
             }
-            if m.w_epoch == self.epoch && m.writer != id {
+            if m.w_epoch == self.epoch
+                && m.writer != id
+                && !self.warp_ordered(id, m.writer / 32, m.w_wsync)
+            {
                 return Err(self.err(
                     Some(t),
                     inst,
@@ -666,7 +739,10 @@ impl Cta<'_> {
                     ),
                 ));
             }
-            if m.r_epoch == self.epoch && m.reader != id {
+            if m.r_epoch == self.epoch
+                && m.reader != id
+                && !self.warp_ordered(id, m.r_warp, m.r_wsync)
+            {
                 let who = if m.reader == MANY {
                     "other threads".to_string()
                 } else {
@@ -694,9 +770,11 @@ impl Cta<'_> {
     ) -> Result<(), SimError> {
         let at = self.smem_check_write(id, t, inst, a, bytes.len())?;
         self.smem[at..at + bytes.len()].copy_from_slice(bytes);
+        let ws = self.wsync[(id / 32) as usize];
         for m in &mut self.meta[at..at + bytes.len()] {
             m.w_epoch = self.epoch;
             m.writer = id;
+            m.w_wsync = ws;
         }
         self.smem_hi = self.smem_hi.max(at + bytes.len());
         Ok(())
@@ -733,16 +811,11 @@ impl Cta<'_> {
         inst: &Inst,
         space: Space,
         a: u64,
-        v: u64,
-        len: usize,
+        bytes: &[u8],
     ) -> Result<(), SimError> {
-        let b = v.to_le_bytes();
         match space {
-            Space::Shared => self.smem_write(id, t, inst, a, &b[..len]),
-            Space::Global => self
-                .mem
-                .write(a, &b[..len])
-                .map_err(|e| self.terr(t, inst, e)),
+            Space::Shared => self.smem_write(id, t, inst, a, bytes),
+            Space::Global => self.mem.write(a, bytes).map_err(|e| self.terr(t, inst, e)),
             _ => Err(self.terr(t, inst, "store to an unsupported state space")),
         }
     }
@@ -980,21 +1053,26 @@ impl Cta<'_> {
             }
             Kind::Setp(cmp) => {
                 let (a, b) = (s(self, 1, ty), s(self, 2, ty));
-                let mut p = compare(cmp, ty, a, b);
-                if ops.len() == 4 {
+                let r = compare(cmp, ty, a, b);
+                // `setp.cmp.bop p|q, a, b, c`: p = r bop c, q = !r bop c.
+                let combine = |x: bool| -> bool {
+                    if ops.len() != 4 {
+                        return x;
+                    }
                     let c = s(self, 3, Ty::Pred) & 1 == 1;
-                    p = if op.text.contains(".and") {
-                        p && c
+                    if op.text.contains(".and") {
+                        x && c
                     } else if op.text.contains(".or") {
-                        p || c
+                        x || c
                     } else {
-                        p ^ c
-                    };
-                }
+                        x ^ c
+                    }
+                };
+                let (p, q) = (combine(r), combine(!r));
                 match &ops[0] {
                     Operand::Vec(v) => {
                         self.set(t, &v[0], Ty::Pred, p as u64);
-                        self.set(t, &v[1], Ty::Pred, (!p) as u64);
+                        self.set(t, &v[1], Ty::Pred, q as u64);
                     }
                     d => self.set(t, d, Ty::Pred, p as u64),
                 }
@@ -1027,6 +1105,20 @@ impl Cta<'_> {
                     let Operand::Param(p) = **b else {
                         return Err(self.terr(t, inst, "ld.param of a non-parameter"));
                     };
+                    let size = match self.kernel.params[p as usize].1 {
+                        0 => 8,
+                        n => n.min(8) as i64,
+                    };
+                    if *off < 0 || *off + eb as i64 > size {
+                        return Err(self.terr(
+                            t,
+                            inst,
+                            format!(
+                                "ld.param of bytes {off}..{} of a {size}-byte parameter",
+                                *off + eb as i64
+                            ),
+                        ));
+                    }
                     let v = self.params[p as usize] >> (8 * *off as u32);
                     self.set(t, dsts[0], ty, v);
                     return Ok(());
@@ -1060,7 +1152,8 @@ impl Cta<'_> {
                     o => vec![self.src(t, o, ty)],
                 };
                 for (k, v) in vals.into_iter().enumerate() {
-                    self.store(id, t, inst, space, a + (k * eb) as u64, v, eb)?;
+                    let at = a + (k * eb) as u64;
+                    self.store(id, t, inst, space, at, &v.to_le_bytes()[..eb])?;
                 }
             }
             Kind::CpAsync => {
@@ -1248,11 +1341,16 @@ impl Cta<'_> {
             }
             (true, false) => {
                 let x = if st.signed() {
-                    sext(raw, st.bits()) as f64
+                    sext(raw, st.bits()) as i128
                 } else {
-                    (raw & mask(st.bits())) as f64
+                    (raw & mask(st.bits())) as i128
                 };
-                fset(dt, x, op.round)
+                if dt == Ty::F32 {
+                    // Directly: via f64, 64-bit integers would round twice.
+                    int_to_f32(x, op.round).to_bits() as u64
+                } else {
+                    fset(dt, x as f64, op.round)
+                }
             }
             (false, true) => {
                 let x = round_integral(fget(st, raw), op.round.or(Some(Round::Rzi)));
@@ -1293,7 +1391,8 @@ impl Cta<'_> {
         let lane_of = |i: usize| i % 32;
         let op = &inst.op;
         match op.kind {
-            Kind::BarWarp => {}
+            // Orders the warp's shared-memory accesses before it with those after.
+            Kind::BarWarp => self.wsync[lanes[0] / 32] += 1,
             Kind::Shfl(mode) => {
                 // shfl.sync.mode.b32 d[|p], a, b, c, membermask
                 let mut vals = [None; 32];
@@ -1303,7 +1402,7 @@ impl Cta<'_> {
                 for &i in lanes {
                     let t = &threads[i];
                     let lane = lane_of(i) as i64;
-                    let b = self.src(t, &inst.ops[2], Ty::U32) as i64;
+                    let b = (self.src(t, &inst.ops[2], Ty::U32) & 0x1f) as i64;
                     let c = self.src(t, &inst.ops[3], Ty::U32) as i64;
                     let member = self.src(t, &inst.ops[4], Ty::U32) as u32;
                     let seg = (c >> 8) & 0x1f;
@@ -1438,6 +1537,9 @@ impl Cta<'_> {
             regs(&inst.ops[2]),
             regs(&inst.ops[3]),
         );
+        if a.len() != k / 4 || b.len() != k / 8 || c.len() != 4 || d.len() != 4 {
+            return Err(self.err(None, inst, "mma operand counts do not match its shape"));
+        }
         let mut am = [[0f32; 16]; 16];
         let mut bm = [[0f32; 8]; 16];
         let mut cm = [[0f32; 8]; 16];
@@ -1463,9 +1565,6 @@ impl Cta<'_> {
                 let v = f32::from_bits(self.src(t, o, Ty::F32) as u32);
                 cm[g + 8 * (r / 2)][2 * q + (r % 2)] = v;
             }
-        }
-        if a.len() != k / 4 || b.len() != k / 8 || c.len() != 4 || d.len() != 4 {
-            return Err(self.err(None, inst, "mma operand counts do not match its shape"));
         }
         let mut dm = [[0f32; 8]; 16];
         for (row, drow) in dm.iter_mut().enumerate() {

@@ -13,9 +13,10 @@
 //! waiting reads stale data. Shared memory starts as NaN and every byte
 //! records its last writer and reader per barrier interval: a read of
 //! another thread's write, or a write over another thread's read or write,
-//! with no barrier in between, is reported as a race; so is any access to
-//! bytes a `cp.async` still has in flight. Shared and global accesses are
-//! bounds-checked.
+//! with no barrier in between, is reported as a race (`bar.warp.sync`
+//! orders only the accesses of its own warp); so is any access to bytes a
+//! `cp.async` still has in flight. Threads waiting at different barrier ids
+//! are a deadlock. Shared and global accesses are bounds-checked.
 //!
 //! What it does not model: timing, memory ordering beyond barriers, the
 //! exact error of `.approx` instructions (computed exactly here).
@@ -536,6 +537,65 @@ impl Op {
             mma_k: if has("m16n8k8") { 8 } else { 16 },
             text: opcode.to_string(),
         })
+    }
+}
+
+impl Op {
+    /// The fewest operands the simulator reads for this instruction (a
+    /// malformed instruction is a parse error, not a panic at run time).
+    fn min_operands(&self) -> usize {
+        match self.kind {
+            Kind::Ret
+            | Kind::Exit
+            | Kind::Fence
+            | Kind::Bar
+            | Kind::BarWarp
+            | Kind::CpAsyncCommit
+            | Kind::CpAsyncWaitAll => 0,
+            Kind::Bra | Kind::CpAsyncWait => 1,
+            Kind::Cvt if matches!(self.ty, Ty::Bf16x2 | Ty::F16x2) => 3,
+            Kind::Abs
+            | Kind::Neg
+            | Kind::Not
+            | Kind::Popc
+            | Kind::Clz
+            | Kind::Mov
+            | Kind::Cvt
+            | Kind::Cvta { .. }
+            | Kind::Ld(_)
+            | Kind::St(_)
+            | Kind::Ex2
+            | Kind::Lg2
+            | Kind::Rcp
+            | Kind::Sqrt
+            | Kind::Rsqrt
+            | Kind::Tanh
+            | Kind::Sin
+            | Kind::Cos
+            | Kind::Ldmatrix
+            | Kind::Vote(_)
+            | Kind::Red(..) => 2,
+            Kind::Add
+            | Kind::Sub
+            | Kind::Mul
+            | Kind::Div
+            | Kind::Rem
+            | Kind::Min
+            | Kind::Max
+            | Kind::And
+            | Kind::Or
+            | Kind::Xor
+            | Kind::Shl
+            | Kind::Shr
+            | Kind::Copysign
+            | Kind::Setp(_)
+            | Kind::CpAsync
+            | Kind::BarRed(_) => 3,
+            Kind::Atom(_, AtomOp::Cas) => 4,
+            Kind::Atom(..) => 3,
+            Kind::Mad | Kind::Fma | Kind::Selp | Kind::Bfe | Kind::Mma => 4,
+            Kind::Bfi | Kind::Shfl(_) => 5,
+        }
     }
 }
 

@@ -538,6 +538,13 @@ impl Parser {
                 return Err(self.err(format!("expected `,` or `;` after an operand of {opcode}")));
             }
         }
+        let need = op.min_operands();
+        if ops.len() < need {
+            return Err(SimError::parse(
+                line,
+                format!("`{opcode}` takes {need} operands, found {}", ops.len()),
+            ));
+        }
         for (k, w) in label_names {
             f.label_refs.push((at, k, w, line));
         }

@@ -309,10 +309,16 @@ fn integer_arithmetic_64_bit() {
             ("mul.wide.s32 %rd10, %r2, %r1;", U64(-21i64 as u64)),
             ("mul.wide.u32 %rd10, %r2, %r1;", U64(0xffff_fffd * 7)),
             ("mul.wide.s32 %rd10, %r2, -2;", U64(6)),
-            ("mad.wide.s32 %rd10, %r2, %r1, %rd20;", U64(0x1_0000_0005 - 21)),
+            (
+                "mad.wide.s32 %rd10, %r2, %r1, %rd20;",
+                U64(0x1_0000_0005 - 21),
+            ),
             ("mul.lo.u64 %rd10, %rd20, %rd20;", U64(0xa_0000_0019)),
             ("add.s64 %rd10, %rd20, -6;", U64(0xffff_ffff)),
-            ("sub.s64 %rd10, 0, %rd20;", U64(0x1_0000_0005u64.wrapping_neg())),
+            (
+                "sub.s64 %rd10, 0, %rd20;",
+                U64(0x1_0000_0005u64.wrapping_neg()),
+            ),
             ("shr.s64 %rd10, %rd21, 1;", U64(-4i64 as u64)),
             ("shr.u64 %rd10, %rd21, 1;", U64(0x7fff_ffff_ffff_fffc)),
             ("shl.b64 %rd10, %rd20, 4;", U64(0x10_0000_0050)),
@@ -401,13 +407,25 @@ fn float_arithmetic_and_conversions() {
             ("div.rn.f32 %f10, %f8, 0f40400000;", F32(third)),
             ("fma.rn.f32 %f10, %f1, %f2, %f4;", F32(0.25)),
             // (1+2^-12)^2 - (1+2^-11) = 2^-24 fused; 0 with a rounded product.
-            ("fma.rn.f32 %f10, %f5, %f5, %f6;", F32(f32::from_bits(0x3380_0000))),
-            ("mul.rn.f32 %f11, %f5, %f5;\n\tadd.rn.f32 %f10, %f11, %f6;", F32(0.0)),
+            (
+                "fma.rn.f32 %f10, %f5, %f5, %f6;",
+                F32(f32::from_bits(0x3380_0000)),
+            ),
+            (
+                "mul.rn.f32 %f11, %f5, %f5;\n\tadd.rn.f32 %f10, %f11, %f6;",
+                F32(0.0),
+            ),
             // 1 + 2^-24 is a tie: nearest even, or directed.
             ("add.f32 %f10, %f8, %f7;", F32(1.0)),
             ("add.rz.f32 %f10, %f8, %f7;", F32(1.0)),
-            ("add.rp.f32 %f10, %f8, %f7;", F32(f32::from_bits(0x3f80_0001))),
-            ("add.rm.f32 %f10, 0fBF800000, 0fB3800000;", F32(f32::from_bits(0xbf80_0001))),
+            (
+                "add.rp.f32 %f10, %f8, %f7;",
+                F32(f32::from_bits(0x3f80_0001)),
+            ),
+            (
+                "add.rm.f32 %f10, 0fBF800000, 0fB3800000;",
+                F32(f32::from_bits(0xbf80_0001)),
+            ),
             ("ex2.approx.f32 %f10, 0f40400000;", F32(8.0)),
             ("ex2.approx.ftz.f32 %f10, 0fBF800000;", F32(0.5)),
             ("lg2.approx.f32 %f10, 0f41000000;", F32(3.0)),
@@ -431,8 +449,14 @@ fn float_arithmetic_and_conversions() {
             ("cvt.rn.f32.s32 %f10, %r2;", F32(-3.0)),
             ("cvt.rn.f32.u32 %f10, %r2;", F32(4_294_967_296.0)),
             // 2^60 + 2^36 + 1 rounds up to 2^60 + 2^37 (not via f64, which ties down).
-            ("cvt.rn.f32.u64 %f10, %rd22;", F32(f32::from_bits(0x5d80_0001))),
-            ("cvt.rn.f32.s64 %f10, %rd23;", F32(f32::from_bits(0xdd80_0001))),
+            (
+                "cvt.rn.f32.u64 %f10, %rd22;",
+                F32(f32::from_bits(0x5d80_0001)),
+            ),
+            (
+                "cvt.rn.f32.s64 %f10, %rd23;",
+                F32(f32::from_bits(0xdd80_0001)),
+            ),
             ("cvt.rzi.f32.f32 %f10, %f2;", F32(-2.0)),
             ("cvt.rni.f32.f32 %f10, %f2;", F32(-2.0)),
             ("cvt.rmi.f32.f32 %f10, %f2;", F32(-3.0)),
@@ -443,9 +467,15 @@ fn float_arithmetic_and_conversions() {
             ("cvt.f32.bf16 %f10, %rs5;", F32(1.5)),
             ("cvt.f32.f16 %f10, %rs6;", F32(1.5)),
             // 1 + 2^-24 + 2^-25 in f64.
-            ("cvt.rn.f32.f64 %f10, %fd1;", F32(f32::from_bits(0x3f80_0001))),
+            (
+                "cvt.rn.f32.f64 %f10, %fd1;",
+                F32(f32::from_bits(0x3f80_0001)),
+            ),
             ("cvt.rz.f32.f64 %f10, %fd1;", F32(1.0)),
-            ("add.f64 %fd2, %fd1, %fd1;\n\tcvt.rn.f32.f64 %f10, %fd2;", F32(f32::from_bits(0x4000_0001))),
+            (
+                "add.f64 %fd2, %fd1, %fd1;\n\tcvt.rn.f32.f64 %f10, %fd2;",
+                F32(f32::from_bits(0x4000_0001)),
+            ),
             ("selp.f32 %f10, %f1, %f2, %p2;", F32(-2.5)),
             ("mov.b32 %f10, 0x3f800000;", F32(1.0)),
         ],
@@ -623,4 +653,1670 @@ fn inline_asm_scopes_shadow_registers() {
     let out = mem.out(3);
     ok(&src, &mut mem, 1, 1, 0, &[out]);
     assert_eq!(mem.u32s(out), [0, 1, 42]);
+}
+
+// ---- special registers -----------------------------------------------------
+
+#[test]
+fn special_registers_over_a_3d_grid_of_3d_blocks() {
+    let body = "\
+\tmov.u32 %r1, %tid.x;
+\tmov.u32 %r2, %tid.y;
+\tmov.u32 %r3, %tid.z;
+\tshl.b32 %r20, %r2, 8;
+\tshl.b32 %r21, %r3, 16;
+\tor.b32 %r22, %r1, %r20;
+\tor.b32 %r40, %r22, %r21;
+\tmov.u32 %r4, %ctaid.x;
+\tmov.u32 %r5, %ctaid.y;
+\tmov.u32 %r6, %ctaid.z;
+\tshl.b32 %r20, %r5, 8;
+\tshl.b32 %r21, %r6, 16;
+\tor.b32 %r22, %r4, %r20;
+\tor.b32 %r41, %r22, %r21;
+\tmov.u32 %r11, %ntid.x;
+\tmov.u32 %r12, %ntid.y;
+\tmov.u32 %r13, %ntid.z;
+\tshl.b32 %r20, %r12, 8;
+\tshl.b32 %r21, %r13, 16;
+\tor.b32 %r22, %r11, %r20;
+\tor.b32 %r42, %r22, %r21;
+\tmov.u32 %r7, %nctaid.x;
+\tmov.u32 %r8, %nctaid.y;
+\tmov.u32 %r9, %nctaid.z;
+\tshl.b32 %r20, %r8, 8;
+\tshl.b32 %r21, %r9, 16;
+\tor.b32 %r22, %r7, %r20;
+\tor.b32 %r43, %r22, %r21;
+\tmad.lo.u32 %r30, %r6, %r8, %r5;
+\tmad.lo.u32 %r30, %r30, %r7, %r4;
+\tmul.lo.u32 %r31, %r11, %r12;
+\tmul.lo.u32 %r31, %r31, %r13;
+\tmad.lo.u32 %r32, %r3, %r12, %r2;
+\tmad.lo.u32 %r32, %r32, %r11, %r1;
+\tmad.lo.u32 %r33, %r30, %r31, %r32;
+\tmul.wide.u32 %rd10, %r33, 16;
+\tadd.s64 %rd11, %rd1, %rd10;
+\tst.global.v4.u32 [%rd11], {%r40, %r41, %r42, %r43};
+";
+    let src = module("", 1, body);
+    let (grid, block) = ((3u32, 2u32, 2u32), (4u32, 2u32, 3u32));
+    let nthreads = (grid.0 * grid.1 * grid.2 * block.0 * block.1 * block.2) as usize;
+    let mut mem = Mem::default();
+    let out = mem.out(4 * nthreads);
+    let st = launch(&src, &mut mem, grid, block, 0, &[out]).unwrap();
+    assert_eq!(st.ctas, 12);
+    let got = mem.u32s(out);
+    let pack = |x: u32, y: u32, z: u32| x | y << 8 | z << 16;
+    let mut gid = 0;
+    for cz in 0..grid.2 {
+        for cy in 0..grid.1 {
+            for cx in 0..grid.0 {
+                for tz in 0..block.2 {
+                    for ty in 0..block.1 {
+                        for tx in 0..block.0 {
+                            let want = [
+                                pack(tx, ty, tz),
+                                pack(cx, cy, cz),
+                                pack(block.0, block.1, block.2),
+                                pack(grid.0, grid.1, grid.2),
+                            ];
+                            assert_eq!(got[4 * gid..4 * gid + 4], want, "thread {gid}");
+                            gid += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(gid, nthreads);
+}
+
+#[test]
+fn global_thread_ids_lane_and_warp_ids() {
+    // Blocks of 80 threads: two full warps and a partial one.
+    let body = format!(
+        "{}\tmov.u32 %r1, %laneid;\n\tmov.u32 %r2, %warpid;\n\tshl.b32 %r3, %r2, 8;\n\
+         \tor.b32 %r4, %r1, %r3;\n\tst.global.u32 [%rd40], %r93;\n\tst.global.u32 [%rd40+4], %r4;\n",
+        thread_slot(2)
+    );
+    let src = module("", 1, &body);
+    let mut mem = Mem::default();
+    let (grid, block) = (5u32, 80u32);
+    let out = mem.out(2 * (grid * block) as usize);
+    let st = ok(&src, &mut mem, grid, block, 0, &[out]);
+    assert_eq!(st.ctas, 5);
+    let got = mem.u32s(out);
+    for g in 0..grid * block {
+        let t = g % block;
+        assert_eq!(got[2 * g as usize], g);
+        assert_eq!(
+            got[2 * g as usize + 1],
+            (t % 32) | (t / 32) << 8,
+            "thread {g}"
+        );
+    }
+}
+
+// ---- memory spaces -----------------------------------------------------------
+
+#[test]
+fn params_vectors_bytes_and_cvta() {
+    let src = format!(
+        "{HEADER}.visible .entry k(.param .u64 k_param_0, .param .u64 k_param_1, .param .u64 k_param_2, \
+         .param .u32 k_param_3, .param .f32 k_param_4)\n{{\n{REGS}\
+\tld.param.u64 %rd1, [k_param_0];
+\tld.param.u64 %rd2, [k_param_1];
+\tld.param.u64 %rd3, [k_param_2];
+\tld.param.u32 %r1, [k_param_3];
+\tld.param.f32 %f1, [k_param_4];
+\tld.param.u32 %r9, [k_param_0+4];
+\tcvta.to.global.u64 %rd4, %rd1;
+\tcvta.to.global.u64 %rd5, %rd2;
+\tmov.u32 %r2, %tid.x;
+\tmul.wide.u32 %rd6, %r2, 16;
+\tadd.s64 %rd7, %rd4, %rd6;
+\tadd.s64 %rd8, %rd5, %rd6;
+\tld.global.v2.u32 {{%r3, %r4}}, [%rd7];
+\tmul.lo.u32 %r5, %r3, %r1;
+\tadd.s32 %r6, %r4, %r9;
+\tst.global.v2.u32 [%rd8], {{%r5, %r6}};
+\tld.global.nc.v2.f32 {{%f2, %f3}}, [%rd7+8];
+\tmul.f32 %f4, %f2, %f1;
+\tmul.f32 %f5, %f3, %f1;
+\tst.global.v2.f32 [%rd8+8], {{%f4, %f5}};
+\tld.global.u8 %rs1, [%rd7+1];
+\tld.global.u16 %rs2, [%rd7+6];
+\tmul.wide.u32 %rd9, %r2, 4;
+\tadd.s64 %rd10, %rd3, %rd9;
+\tst.global.u8 [%rd10], %rs1;
+\tst.global.u8 [%rd10+1], 0x7f;
+\tst.global.u16 [%rd10+2], %rs2;
+\tret;
+}}
+"
+    );
+    let mut mem = Mem::default();
+    let n = 4usize;
+    let mut input = Vec::new();
+    for t in 0..n as u32 {
+        input.extend_from_slice(&(0x0102_0304 * (t + 1)).to_le_bytes());
+        input.extend_from_slice(&(0xa0b0_c0d0u32 + t).to_le_bytes());
+        input.extend_from_slice(&(t as f32 + 0.5).to_le_bytes());
+        input.extend_from_slice(&(-(t as f32)).to_le_bytes());
+    }
+    let inp = mem.add(input.clone());
+    let out = mem.out(4 * n);
+    let out2 = mem.out(n);
+    let scale = 3u32;
+    let fscale = 2.0f32;
+    ok(
+        &src,
+        &mut mem,
+        1,
+        n as u32,
+        0,
+        &[inp, out, out2, scale as u64, fscale.to_bits() as u64],
+    );
+    let got = mem.u32s(out);
+    let got2 = mem.bytes(out2).to_vec();
+    for t in 0..n {
+        let w = |k: usize| {
+            u32::from_le_bytes(
+                input[16 * t + 4 * k..16 * t + 4 * k + 4]
+                    .try_into()
+                    .unwrap(),
+            )
+        };
+        assert_eq!(got[4 * t], w(0).wrapping_mul(scale));
+        // `ld.param.u32 [k_param_0+4]`: the upper half of the pointer (buffer 1).
+        assert_eq!(got[4 * t + 1], w(1).wrapping_add(1));
+        assert_eq!(
+            f32::from_bits(got[4 * t + 2]),
+            f32::from_bits(w(2)) * fscale
+        );
+        assert_eq!(
+            f32::from_bits(got[4 * t + 3]),
+            f32::from_bits(w(3)) * fscale
+        );
+        assert_eq!(got2[4 * t], input[16 * t + 1]);
+        assert_eq!(got2[4 * t + 1], 0x7f);
+        assert_eq!(got2[4 * t + 2..4 * t + 4], input[16 * t + 6..16 * t + 8]);
+    }
+}
+
+#[test]
+fn module_global_and_const_variables_with_initialisers() {
+    let vars = "\
+.global .align 4 .u32 gtab[4] = {10, 20, 30, 40};
+.const .align 4 .f32 cval = 0f40490FDB;
+.global .align 8 .u64 gscalar = 0x123456789;
+.const .align 4 .s32 cneg[2] = {-5, 6};
+";
+    let body = "\
+\tld.global.u32 %r1, [gtab+8];
+\tmov.u64 %rd10, gtab;
+\tld.global.u32 %r2, [%rd10+12];
+\tld.const.f32 %f1, [cval];
+\tld.global.u64 %rd11, [gscalar];
+\tld.const.s32 %r3, [cneg];
+\tld.const.s32 %r4, [cneg+4];
+\tmov.u32 %r5, 99;
+\tst.global.u32 [gtab+4], %r5;
+\tst.global.u32 [%rd1], %r1;
+\tst.global.u32 [%rd1+4], %r2;
+\tst.global.f32 [%rd1+8], %f1;
+\tst.global.u64 [%rd1+16], %rd11;
+\tst.global.u32 [%rd1+24], %r3;
+\tst.global.u32 [%rd1+28], %r4;
+";
+    let src = module(vars, 1, body);
+    let mut mem = Mem::default();
+    let out = mem.out(8);
+    ok(&src, &mut mem, 1, 1, 0, &[out]);
+    let got = mem.u32s(out);
+    assert_eq!(got[0], 30);
+    assert_eq!(got[1], 40);
+    assert_eq!(got[2], 0x4049_0fdb);
+    assert_eq!(got[4] as u64 | (got[5] as u64) << 32, 0x1_2345_6789);
+    assert_eq!(got[6], -5i32 as u32);
+    assert_eq!(got[7], 6);
+    // The variables became buffers (in declaration order, after `out`);
+    // the store reached gtab.
+    assert_eq!(mem.bufs.len(), 5);
+    assert_eq!(mem.u32s(2 << 32), [10, 99, 30, 40]);
+    assert_eq!(mem.u32s(3 << 32), [0x4049_0fdb]);
+}
+
+#[test]
+fn dynamic_shared_memory_follows_the_static_arrays() {
+    let vars = "\
+.shared .align 4 .b8 s_a[20];
+.extern .shared .align 16 .b8 dyn[];
+";
+    let body = "\
+\t.shared .align 8 .b8 s_local[12];
+\tmov.u32 %r1, s_a;
+\tmov.u32 %r2, s_local;
+\tmov.u32 %r3, dyn;
+\tst.global.u32 [%rd1], %r1;
+\tst.global.u32 [%rd1+4], %r2;
+\tst.global.u32 [%rd1+8], %r3;
+\tmov.u32 %r4, 0x01020304;
+\tst.shared.u32 [dyn+60], %r4;
+\tst.shared.u32 [s_a+16], %r4;
+\tst.shared.u32 [s_local+8], %r4;
+\tld.shared.u32 %r5, [dyn+60];
+\tst.global.u32 [%rd1+12], %r5;
+\tld.shared.u32 %r6, [dyn];
+\tst.global.u32 [%rd1+16], %r6;
+";
+    let src = module(vars, 1, body);
+    let mut mem = Mem::default();
+    let out = mem.out(5);
+    let st = ok(&src, &mut mem, 1, 1, 64, &[out]);
+    let got = mem.u32s(out);
+    let (a, local, dynamic) = (got[0], got[1], got[2]);
+    assert_eq!(local % 8, 0, "s_local keeps its alignment");
+    assert!(
+        a + 20 <= local || local + 12 <= a,
+        "static arrays overlap: {got:?}"
+    );
+    assert_eq!(dynamic % 16, 0, "dynamic shared memory is 16-byte aligned");
+    assert!(
+        dynamic >= a + 20 && dynamic >= local + 12,
+        "dyn overlaps a static array: {got:?}"
+    );
+    assert_eq!(got[3], 0x0102_0304);
+    assert_eq!(got[4], u32::MAX, "shared memory starts as 0xff bytes (NaN)");
+    assert_eq!(st.smem_bytes, dynamic as usize + 64);
+
+    // One byte past the dynamic allocation is outside shared memory.
+    let bad = module(
+        vars,
+        1,
+        "\tmov.u32 %r4, 1;\n\tst.shared.u32 [dyn+64], %r4;\n",
+    );
+    let e = fails(&bad, &mut mem, 1, 1, 64, &[out]);
+    assert_msg(&e, "outside");
+    assert_eq!(e.line, line_of(&bad, "st.shared.u32 [dyn+64]"));
+}
+
+#[test]
+fn shared_loads_and_stores_of_every_width() {
+    let vars = ".shared .align 8 .b8 sbuf[512];\n";
+    // Thread t stores t * 0x0001_0001_0001_0001 as u64 at 8t, a u16 and a
+    // u8 in a second area, then reads its neighbour's after a barrier.
+    let body = "\
+\tmov.u32 %r1, %tid.x;
+\tmov.u32 %r2, sbuf;
+\tcvt.u64.u32 %rd10, %r1;
+\tmul.lo.u64 %rd11, %rd10, 0x0001000100010001;
+\tshl.b32 %r3, %r1, 3;
+\tadd.s32 %r4, %r2, %r3;
+\tst.shared.u64 [%r4], %rd11;
+\tshl.b32 %r5, %r1, 2;
+\tadd.s32 %r6, %r2, %r5;
+\tcvt.u16.u32 %rs1, %r1;
+\tst.shared.u16 [%r6+256], %rs1;
+\tst.shared.u8 [%r6+258], %rs1;
+\tst.shared.u8 [%r6+259], 0x5a;
+\tbar.sync 0;
+\tadd.s32 %r7, %r1, 1;
+\tand.b32 %r7, %r7, 31;
+\tshl.b32 %r8, %r7, 3;
+\tadd.s32 %r9, %r2, %r8;
+\tld.shared.v2.u32 {%r10, %r11}, [%r9];
+\tld.shared.u16 %rs2, [%r9+2];
+\tshl.b32 %r12, %r7, 2;
+\tadd.s32 %r13, %r2, %r12;
+\tld.shared.u32 %r14, [%r13+256];
+\tcvt.u32.u16 %r15, %rs2;
+\tmul.wide.u32 %rd12, %r1, 16;
+\tadd.s64 %rd13, %rd1, %rd12;
+\tst.global.v4.u32 [%rd13], {%r10, %r11, %r15, %r14};
+";
+    let src = module(vars, 1, body);
+    let mut mem = Mem::default();
+    let out = mem.out(4 * 32);
+    let st = ok(&src, &mut mem, 1, 32, 0, &[out]);
+    assert_eq!(st.barriers, 1);
+    let got = mem.u32s(out);
+    for t in 0..32u32 {
+        let u = (t + 1) % 32;
+        let w = u | u << 16;
+        // u16 at bytes 0..2, the low byte of u at byte 2, 0x5a at byte 3.
+        let want = [w, w, u, (u & 0xffff) | (u & 0xff) << 16 | 0x5a << 24];
+        assert_eq!(got[4 * t as usize..4 * t as usize + 4], want, "thread {t}");
+    }
+}
+
+// ---- warp collectives ----------------------------------------------------------
+
+#[test]
+fn shfl_modes_with_clamps_segments_and_predicates() {
+    // Two warps; lane value v = 1000 + 10 * tid.
+    let mut body = String::from(
+        "\tmov.u32 %r1, %tid.x;
+\tand.b32 %r2, %r1, 31;
+\tmad.lo.u32 %r3, %r1, 10, 1000;
+\tshfl.sync.bfly.b32 %r4|%p1, %r3, 5, 0x1f, -1;
+\tshfl.sync.up.b32 %r5|%p2, %r3, 3, 0, -1;
+\tshfl.sync.down.b32 %r6|%p3, %r3, 3, 0x1f, -1;
+\tsub.s32 %r7, 31, %r2;
+\tshfl.sync.idx.b32 %r8|%p4, %r3, %r7, 0x1f, 0xffffffff;
+\tshfl.sync.down.b32 %r9|%p5, %r3, 2, 0x181f, -1;
+\tshfl.sync.idx.b32 %r10|%p6, %r3, 2, 0x181f, -1;
+\tshfl.sync.up.b32 %r11|%p7, %r3, 1, 0x1800, -1;
+\tshfl.sync.bfly.b32 %r12, %r3, 16, 0x1f, -1;
+\tshfl.sync.idx.b32 %r13, %r3, 37, 0x1f, -1;
+\tshfl.sync.bfly.b32 %r14, %r3, 33, 0x1f, -1;
+",
+    );
+    for k in 1..=7 {
+        body += &format!("\tselp.u32 %r{}, 1, 0, %p{k};\n", 20 + k);
+    }
+    body += &thread_slot(17);
+    body += &store_words(
+        "%rd40",
+        &[
+            "%r4", "%r21", "%r5", "%r22", "%r6", "%r23", "%r8", "%r24", "%r9", "%r25", "%r10",
+            "%r26", "%r11", "%r27", "%r12", "%r13", "%r14",
+        ],
+    );
+    let src = module("", 1, &body);
+    let mut mem = Mem::default();
+    let out = mem.out(17 * 64);
+    ok(&src, &mut mem, 1, 64, 0, &[out]);
+    let got = mem.u32s(out);
+    for t in 0..64u32 {
+        let (wb, l) = (t & !31, t & 31);
+        let v = |lane: u32| 1000 + 10 * (wb + lane);
+        let pick = |ok: bool, lane: u32| if ok { [v(lane), 1] } else { [v(l), 0] };
+        let want: Vec<u32> = [
+            pick(true, l ^ 5),
+            pick(l >= 3, l.wrapping_sub(3)),
+            pick(l + 3 <= 31, l + 3),
+            pick(true, 31 - l),
+            // Width 8 (c = 0x181f): segments of 8 lanes.
+            pick((l & 7) + 2 <= 7, l + 2),
+            pick(true, (l & !7) | 2),
+            // Width 8 up (c = 0x1800).
+            pick(l & 7 >= 1, l.wrapping_sub(1)),
+        ]
+        .concat()
+        .into_iter()
+        // b is taken mod 32: idx 37 reads lane 5, bfly 33 lane l ^ 1.
+        .chain([v(l ^ 16), v(5), v(l ^ 1)])
+        .collect();
+        assert_eq!(
+            got[17 * t as usize..17 * t as usize + 17],
+            want[..],
+            "thread {t}"
+        );
+    }
+}
+
+#[test]
+fn shfl_within_a_partial_member_mask() {
+    // Lanes 16..31 exit; the rest shuffle within mask 0xffff.
+    let body = "\
+\tmov.u32 %r1, %tid.x;
+\tsetp.ge.u32 %p1, %r1, 16;
+\t@%p1 ret;
+\tmul.lo.u32 %r2, %r1, 3;
+\tshfl.sync.bfly.b32 %r3, %r2, 1, 0x1f, 0xffff;
+\tmul.wide.u32 %rd10, %r1, 4;
+\tadd.s64 %rd11, %rd1, %rd10;
+\tst.global.u32 [%rd11], %r3;
+";
+    let src = module("", 1, body);
+    let mut mem = Mem::default();
+    let out = mem.out(32);
+    ok(&src, &mut mem, 1, 32, 0, &[out]);
+    let got = mem.u32s(out);
+    for t in 0..32u32 {
+        let want = if t < 16 { 3 * (t ^ 1) } else { SENTINEL };
+        assert_eq!(got[t as usize], want, "lane {t}");
+    }
+    // Reading an exited lane is an error.
+    let bad = body.replace("bfly.b32 %r3, %r2, 1,", "bfly.b32 %r3, %r2, 16,");
+    let bad = module("", 1, &bad);
+    let e = fails(&bad, &mut mem, 1, 32, 0, &[out]);
+    assert_eq!(e.line, line_of(&bad, "shfl.sync"));
+}
+
+#[test]
+fn vote_ballot_any_all() {
+    let body = format!(
+        "\tmov.u32 %r1, %tid.x;
+\trem.u32 %r2, %r1, 3;
+\tsetp.eq.u32 %p1, %r2, 0;
+\tvote.sync.ballot.b32 %r3, %p1, -1;
+\tsetp.eq.u32 %p2, %r1, 40;
+\tvote.sync.any.pred %p3, %p2, -1;
+\tsetp.lt.u32 %p4, %r1, 100;
+\tvote.sync.all.pred %p5, %p4, -1;
+\tvote.sync.all.pred %p6, %p1, -1;
+\tvote.sync.ballot.b32 %r4, !%p1, -1;
+\tselp.u32 %r5, 1, 0, %p3;
+\tselp.u32 %r6, 1, 0, %p5;
+\tselp.u32 %r7, 1, 0, %p6;
+{}{}",
+        thread_slot(5),
+        store_words("%rd40", &["%r3", "%r5", "%r6", "%r7", "%r4"])
+    );
+    let src = module("", 1, &body);
+    let mut mem = Mem::default();
+    let out = mem.out(5 * 64);
+    ok(&src, &mut mem, 1, 64, 0, &[out]);
+    let got = mem.u32s(out);
+    for t in 0..64u32 {
+        let wb = t & !31;
+        let ballot: u32 = (0..32).filter(|l| (wb + l) % 3 == 0).map(|l| 1 << l).sum();
+        let any = (wb..wb + 32).contains(&40) as u32;
+        assert_eq!(
+            got[5 * t as usize..5 * t as usize + 5],
+            [ballot, any, 1, 0, !ballot],
+            "thread {t}"
+        );
+    }
+}
+
+/// Element (row r, column c) of 8x8 matrix m in the ldmatrix test: the
+/// shared tile holds 32 rows of 8 b16 values, row i = [8i, 8i + 8).
+fn ldm_elem(row_of: &dyn Fn(usize, usize) -> usize, m: usize, r: usize, c: usize) -> u32 {
+    (row_of(m, r) * 8 + c) as u32
+}
+
+#[test]
+fn ldmatrix_fragments_follow_the_ptx_layout() {
+    let vars = ".shared .align 16 .b8 tile[512];\n";
+    // Thread l writes tile row l = [8l, 8l + 8); %r4 = &row l, %r23 = &row 31 - l.
+    let mut body = String::from(
+        "\tmov.u32 %r1, %tid.x;
+\tmov.u32 %r2, tile;
+\tshl.b32 %r3, %r1, 4;
+\tadd.s32 %r4, %r2, %r3;
+\tshl.b32 %r5, %r1, 3;
+\tadd.s32 %r6, %r5, 1;
+\tshl.b32 %r6, %r6, 16;
+\tor.b32 %r6, %r6, %r5;
+\tadd.s32 %r7, %r6, 0x20002;
+\tadd.s32 %r8, %r7, 0x20002;
+\tadd.s32 %r9, %r8, 0x20002;
+\tst.shared.v4.u32 [%r4], {%r6, %r7, %r8, %r9};
+\tbar.sync 0;
+\tsub.s32 %r24, 31, %r1;
+\tshl.b32 %r24, %r24, 4;
+\tadd.s32 %r23, %r2, %r24;
+\tsetp.lt.u32 %p1, %r1, 16;
+\tselp.u32 %r20, %r4, 0xfff0, %p1;
+\tsetp.lt.u32 %p2, %r1, 8;
+\tselp.u32 %r22, %r4, 0x7, %p2;
+\tldmatrix.sync.aligned.m8n8.x4.shared.b16 {%r10, %r11, %r12, %r13}, [%r4];
+\tldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%r14, %r15, %r16, %r17}, [%r4];
+\tldmatrix.sync.aligned.m8n8.x2.shared.b16 {%r18, %r19}, [%r20];
+\tldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%r30, %r31}, [%r20];
+\tldmatrix.sync.aligned.m8n8.x1.shared.b16 {%r32}, [%r22];
+\tldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%r21}, [%r22];
+\tldmatrix.sync.aligned.m8n8.x4.shared.b16 {%r33, %r34, %r35, %r36}, [%r23];
+\tldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%r37, %r38, %r39, %r40}, [%r23];
+",
+    );
+    let regs = [
+        "%r10", "%r11", "%r12", "%r13", "%r14", "%r15", "%r16", "%r17", "%r18", "%r19", "%r30",
+        "%r31", "%r32", "%r21", "%r33", "%r34", "%r35", "%r36", "%r37", "%r38", "%r39", "%r40",
+    ];
+    body += &thread_slot(regs.len() as u32);
+    body += &store_words("%rd40", &regs);
+    let src = module(vars, 1, &body);
+    let mut mem = Mem::default();
+    let out = mem.out(regs.len() * 32);
+    ok(&src, &mut mem, 1, 32, 0, &[out]);
+    let got = mem.u32s(out);
+    let direct = |m: usize, r: usize| 8 * m + r;
+    let reversed = |m: usize, r: usize| 31 - (8 * m + r);
+    for l in 0..32usize {
+        // Lane l: row l / 4, columns 2 (l % 4) and + 1 (low half first);
+        // .trans: the transposed element.
+        let frag = |row_of: &dyn Fn(usize, usize) -> usize, m: usize, trans: bool| {
+            let (g, c) = (l / 4, 2 * (l % 4));
+            let (lo, hi) = if trans {
+                (ldm_elem(row_of, m, c, g), ldm_elem(row_of, m, c + 1, g))
+            } else {
+                (ldm_elem(row_of, m, g, c), ldm_elem(row_of, m, g, c + 1))
+            };
+            lo | hi << 16
+        };
+        let mut want = Vec::new();
+        for trans in [false, true] {
+            want.extend((0..4).map(|m| frag(&direct, m, trans)));
+        }
+        want.extend((0..2).map(|m| frag(&direct, m, false)));
+        want.extend((0..2).map(|m| frag(&direct, m, true)));
+        want.push(frag(&direct, 0, false));
+        want.push(frag(&direct, 0, true));
+        for trans in [false, true] {
+            want.extend((0..4).map(|m| frag(&reversed, m, trans)));
+        }
+        let n = regs.len();
+        assert_eq!(got[n * l..n * l + n], want[..], "lane {l}");
+    }
+}
+
+/// The A (16 x k), B (k x 8) and C (16 x 8) of the mma tests: small
+/// multiples of 1/2, exact in bf16 and f16, products exact in f32.
+type Matrix = Vec<Vec<f32>>;
+
+fn mma_operands(k: usize) -> (Matrix, Matrix, Matrix) {
+    let a = (0..16)
+        .map(|i| {
+            (0..k)
+                .map(|kk| (((i * 3 + kk * 5) % 7) as f32 - 3.0) * 0.5)
+                .collect()
+        })
+        .collect();
+    let b = (0..k)
+        .map(|kk| {
+            (0..8)
+                .map(|j| ((kk * 2 + j * 3) % 5) as f32 - 2.0)
+                .collect()
+        })
+        .collect();
+    let c = (0..16)
+        .map(|i| (0..8).map(|j| i as f32 - 2.0 * j as f32 + 0.25).collect())
+        .collect();
+    (a, b, c)
+}
+
+fn matmul_add(a: &[Vec<f32>], b: &[Vec<f32>], c: &[Vec<f32>]) -> Vec<f32> {
+    let mut d = Vec::new();
+    for i in 0..16 {
+        for j in 0..8 {
+            let mut acc = c[i][j] as f64;
+            for (kk, brow) in b.iter().enumerate() {
+                acc += a[i][kk] as f64 * brow[j] as f64;
+            }
+            d.push(acc as f32);
+        }
+    }
+    d
+}
+
+fn half_bits(x: f32, bf: bool) -> [u8; 2] {
+    if bf {
+        bf16::from_f32(x).to_bits().to_le_bytes()
+    } else {
+        f16::from_f32(x).to_bits().to_le_bytes()
+    }
+}
+
+/// mma.sync m16n8k{k} with each lane loading its fragments from global
+/// memory per the PTX ISA layout: A row-major, B as B^T row-major (so a
+/// fragment's two k values are adjacent), C and D row-major f32.
+fn mma_from_global(k: usize, bf: bool) {
+    let ty = if bf { "bf16" } else { "f16" };
+    let row8 = 8 * k * 2; // bytes of 8 rows of A (and of B^T... 8 rows of k)
+    let (a_regs, b_regs, extra_loads) = if k == 16 {
+        (
+            "{%r10, %r11, %r12, %r13}",
+            "{%r14, %r15}",
+            format!(
+                "\tld.global.u32 %r12, [%rd11+16];\n\tld.global.u32 %r13, [%rd11+{}];\n\
+                 \tld.global.u32 %r15, [%rd12+16];\n",
+                row8 + 16
+            ),
+        )
+    } else {
+        ("{%r10, %r11}", "{%r14}", String::new())
+    };
+    let body = format!(
+        "\tmov.u32 %r1, %tid.x;
+\tshr.u32 %r2, %r1, 2;
+\tand.b32 %r3, %r1, 3;
+\tshl.b32 %r5, %r3, 1;
+\tmad.lo.u32 %r6, %r2, {k}, %r5;
+\tmul.wide.u32 %rd10, %r6, 2;
+\tadd.s64 %rd11, %rd1, %rd10;
+\tadd.s64 %rd12, %rd2, %rd10;
+\tld.global.u32 %r10, [%rd11];
+\tld.global.u32 %r11, [%rd11+{row8}];
+\tld.global.u32 %r14, [%rd12];
+{extra_loads}\tmad.lo.u32 %r7, %r2, 8, %r5;
+\tmul.wide.u32 %rd13, %r7, 4;
+\tadd.s64 %rd14, %rd3, %rd13;
+\tld.global.v2.f32 {{%f1, %f2}}, [%rd14];
+\tld.global.v2.f32 {{%f3, %f4}}, [%rd14+256];
+\tmma.sync.aligned.m16n8k{k}.row.col.f32.{ty}.{ty}.f32 {{%f5, %f6, %f7, %f8}}, {a_regs}, {b_regs}, {{%f1, %f2, %f3, %f4}};
+\tadd.s64 %rd15, %rd4, %rd13;
+\tst.global.v2.f32 [%rd15], {{%f5, %f6}};
+\tst.global.v2.f32 [%rd15+256], {{%f7, %f8}};
+"
+    );
+    let src = module("", 4, &body);
+    let (a, b, c) = mma_operands(k);
+    let mut mem = Mem::default();
+    let a_buf = mem.add(a.iter().flatten().flat_map(|&x| half_bits(x, bf)).collect());
+    let bt: Vec<u8> = (0..8)
+        .flat_map(|j| (0..k).map(move |kk| (kk, j)))
+        .flat_map(|(kk, j)| half_bits(b[kk][j], bf))
+        .collect();
+    let b_buf = mem.add(bt);
+    let c_buf = mem.floats(&c.concat());
+    let d_buf = mem.out(16 * 8);
+    let st = ok(&src, &mut mem, 1, 32, 0, &[a_buf, b_buf, c_buf, d_buf]);
+    assert_eq!(st.mma, 1);
+    let want = matmul_add(&a, &b, &c);
+    let got = mem.f32s(d_buf);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "D[{}][{}] (m16n8k{k} {ty})", i / 8, i % 8);
+    }
+}
+
+#[test]
+fn mma_m16n8k16_bf16() {
+    mma_from_global(16, true);
+}
+
+#[test]
+fn mma_m16n8k16_f16() {
+    mma_from_global(16, false);
+}
+
+#[test]
+fn mma_m16n8k8_bf16() {
+    mma_from_global(8, true);
+}
+
+#[test]
+fn cp_async_then_ldmatrix_feeds_mma() {
+    // The usual pipeline: A (16x16 row-major) and B (16x8 row-major, k x n)
+    // copied to shared memory by cp.async, A fragments by ldmatrix.x4, B
+    // fragments by ldmatrix.x2.trans.
+    let vars = ".extern .shared .align 16 .b8 smem[];\n";
+    let body = "\
+\tmov.u32 %r1, %tid.x;
+\tmov.u32 %r2, smem;
+\tshl.b32 %r3, %r1, 4;
+\tadd.s32 %r4, %r2, %r3;
+\tcvt.u64.u32 %rd10, %r3;
+\tadd.s64 %rd11, %rd1, %rd10;
+\tcp.async.cg.shared.global [%r4], [%rd11], 16;
+\tsetp.lt.u32 %p1, %r1, 16;
+\t@!%p1 bra $L__no_b;
+\tadd.s64 %rd12, %rd2, %rd10;
+\tcp.async.cg.shared.global [%r4+512], [%rd12], 16;
+$L__no_b:
+\tcp.async.commit_group;
+\tcp.async.wait_group 0;
+\tbar.sync 0;
+\tand.b32 %r5, %r1, 15;
+\tshr.u32 %r6, %r1, 4;
+\tshl.b32 %r7, %r5, 5;
+\tshl.b32 %r8, %r6, 4;
+\tadd.s32 %r9, %r7, %r8;
+\tadd.s32 %r9, %r9, %r2;
+\tldmatrix.sync.aligned.m8n8.x4.shared.b16 {%r10, %r11, %r12, %r13}, [%r9];
+\tshl.b32 %r14, %r5, 4;
+\tadd.s32 %r14, %r14, %r2;
+\tldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%r15, %r16}, [%r14+512];
+\tmov.f32 %f1, 0f00000000;
+\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f5, %f6, %f7, %f8}, {%r10, %r11, %r12, %r13}, {%r15, %r16}, {%f1, %f1, %f1, %f1};
+\tshr.u32 %r17, %r1, 2;
+\tand.b32 %r18, %r1, 3;
+\tshl.b32 %r18, %r18, 1;
+\tmad.lo.u32 %r19, %r17, 8, %r18;
+\tmul.wide.u32 %rd13, %r19, 4;
+\tadd.s64 %rd14, %rd3, %rd13;
+\tst.global.v2.f32 [%rd14], {%f5, %f6};
+\tst.global.v2.f32 [%rd14+256], {%f7, %f8};
+";
+    let src = module(vars, 3, body);
+    let (a, b, _) = mma_operands(16);
+    let zero = vec![vec![0.0f32; 8]; 16];
+    let mut mem = Mem::default();
+    let a_buf = mem.add(
+        a.iter()
+            .flatten()
+            .flat_map(|&x| half_bits(x, true))
+            .collect(),
+    );
+    let b_buf = mem.add(
+        b.iter()
+            .flatten()
+            .flat_map(|&x| half_bits(x, true))
+            .collect(),
+    );
+    let d_buf = mem.out(16 * 8);
+    let st = ok(&src, &mut mem, 1, 32, 768, &[a_buf, b_buf, d_buf]);
+    assert_eq!((st.mma, st.barriers), (1, 1));
+    assert_eq!(mem.f32s(d_buf), matmul_add(&a, &b, &zero));
+}
+
+// ---- barriers and races ------------------------------------------------------------
+
+const SBUF: &str = ".shared .align 4 .b8 sbuf[256];\n";
+
+/// 64 threads: thread t writes sbuf[t] = t, then `sync`, then reads
+/// sbuf[(t + shift) % 64] into out[t]; `after` runs last (with %r8 = the
+/// value read, %r4 = &sbuf[t]).
+fn exchange(sync: &str, shift: u32, after: &str) -> String {
+    let body = format!(
+        "\tmov.u32 %r1, %tid.x;
+\tmov.u32 %r2, sbuf;
+\tshl.b32 %r3, %r1, 2;
+\tadd.s32 %r4, %r2, %r3;
+\tst.shared.u32 [%r4], %r1;
+\t{sync}
+\tadd.s32 %r5, %r1, {shift};
+\tand.b32 %r5, %r5, 63;
+\tshl.b32 %r6, %r5, 2;
+\tadd.s32 %r7, %r2, %r6;
+\tld.shared.u32 %r8, [%r7];
+{}\tst.global.u32 [%rd40], %r8;
+{after}",
+        thread_slot(1)
+    );
+    module(SBUF, 1, &body)
+}
+
+#[test]
+fn barrier_orders_shared_memory_between_threads() {
+    let src = exchange("bar.sync 0;", 1, "");
+    let mut mem = Mem::default();
+    let out = mem.out(128);
+    let st = ok(&src, &mut mem, 2, 64, 0, &[out]);
+    assert_eq!(st.barriers, 2, "one barrier per CTA");
+    let got = mem.u32s(out);
+    for g in 0..128u32 {
+        assert_eq!(got[g as usize], (g % 64 + 1) % 64);
+    }
+    // `barrier.sync` and plain `bar.sync` with a thread count are barriers too.
+    let src = exchange("barrier.sync 0;", 1, "");
+    ok(&src, &mut mem, 1, 64, 0, &[out]);
+}
+
+#[test]
+fn missing_barrier_is_a_race() {
+    let mut mem = Mem::default();
+    let out = mem.out(64);
+    // Thread 0 reads sbuf[1] before thread 1 writes it: write-after-read.
+    let src = exchange("", 1, "");
+    let e = fails(&src, &mut mem, 1, 64, 0, &[out]);
+    assert_msg(&e, "race");
+    assert_msg(&e, "read by thread 0");
+    assert_eq!(e.line, line_of(&src, "st.shared.u32 [%r4], %r1;"));
+    // Thread 1 reads sbuf[0], written by thread 0: read-after-write.
+    let src = exchange("", 63, "");
+    let e = fails(&src, &mut mem, 1, 64, 0, &[out]);
+    assert_msg(&e, "race");
+    assert_msg(&e, "written by thread 0");
+    assert_eq!(e.line, line_of(&src, "ld.shared.u32 %r8"));
+}
+
+#[test]
+fn write_after_read_needs_a_barrier() {
+    let mut mem = Mem::default();
+    let out = mem.out(64);
+    // Everyone overwrites its own slot with its neighbour's value.
+    let src = exchange("bar.sync 0;", 1, "\tst.shared.u32 [%r4], %r8;\n");
+    let e = fails(&src, &mut mem, 1, 64, 0, &[out]);
+    assert_msg(&e, "race");
+    assert_msg(&e, "read by thread 0");
+    assert_eq!(e.line, line_of(&src, "st.shared.u32 [%r4], %r8;"));
+    let src = exchange(
+        "bar.sync 0;",
+        1,
+        "\tbar.sync 0;\n\tst.shared.u32 [%r4], %r8;\n\tbar.sync 0;\n\tld.shared.u32 %r9, [%r7];\n\
+         \tst.global.u32 [%rd40], %r9;\n",
+    );
+    ok(&src, &mut mem, 1, 64, 0, &[out]);
+    let got = mem.u32s(out);
+    for t in 0..64u32 {
+        assert_eq!(got[t as usize], (t + 2) % 64, "rotated twice");
+    }
+}
+
+#[test]
+fn reads_by_many_threads_then_a_write() {
+    let body = |sync: &str| {
+        format!(
+            "\tmov.u32 %r1, %tid.x;
+\tmov.u32 %r2, 5;
+\tsetp.eq.u32 %p1, %r1, 0;
+\t@%p1 st.shared.u32 [sbuf], %r2;
+\tbar.sync 0;
+\tld.shared.u32 %r3, [sbuf];
+\t{sync}
+\tsetp.eq.u32 %p2, %r1, 63;
+\t@%p2 st.shared.u32 [sbuf], %r1;
+{}\tst.global.u32 [%rd40], %r3;
+",
+            thread_slot(1)
+        )
+    };
+    let mut mem = Mem::default();
+    let out = mem.out(64);
+    let src = module(SBUF, 1, &body("bar.sync 0;"));
+    ok(&src, &mut mem, 1, 64, 0, &[out]);
+    assert!(mem.u32s(out).iter().all(|&v| v == 5));
+    let src = module(SBUF, 1, &body(""));
+    let e = fails(&src, &mut mem, 1, 64, 0, &[out]);
+    assert_msg(&e, "race");
+    assert_msg(&e, "read by other threads");
+}
+
+#[test]
+fn two_threads_writing_one_byte_is_a_race() {
+    let body = "\tmov.u32 %r1, %tid.x;\n\tst.shared.u8 [sbuf+3], %r1;\n";
+    let src = module(SBUF, 1, body);
+    let mut mem = Mem::default();
+    let e = fails(&src, &mut mem, 1, 2, 0, &[0]);
+    assert_msg(&e, "race");
+    assert_msg(&e, "also written by thread 0");
+    assert_msg(&e, "thread (1,0,0)");
+    // One thread writing and reading its own bytes needs no barrier.
+    let body = "\tst.shared.u32 [sbuf], 7;\n\tld.shared.u32 %r2, [sbuf];\n\
+                \tst.shared.u32 [sbuf], %r2;\n\tst.global.u32 [%rd1], %r2;\n";
+    let src = module(SBUF, 1, body);
+    let out = mem.out(1);
+    ok(&src, &mut mem, 1, 1, 0, &[out]);
+    assert_eq!(mem.u32s(out), [7]);
+}
+
+#[test]
+fn syncwarp_orders_shared_memory_within_a_warp_only() {
+    let mut mem = Mem::default();
+    let out = mem.out(64);
+    // Neighbour in the same warp: (t & ~31) | ((t + 1) & 31).
+    let within = |sync: &str| {
+        let body = format!(
+            "\tmov.u32 %r1, %tid.x;
+\tmov.u32 %r2, sbuf;
+\tshl.b32 %r3, %r1, 2;
+\tadd.s32 %r4, %r2, %r3;
+\tst.shared.u32 [%r4], %r1;
+\t{sync}
+\tadd.s32 %r5, %r1, 1;
+\tand.b32 %r5, %r5, 31;
+\tand.b32 %r6, %r1, 32;
+\tor.b32 %r5, %r5, %r6;
+\tshl.b32 %r6, %r5, 2;
+\tadd.s32 %r7, %r2, %r6;
+\tld.shared.u32 %r8, [%r7];
+\t{sync}
+\tst.shared.u32 [%r4], %r8;
+{}\tst.global.u32 [%rd40], %r8;
+",
+            thread_slot(1)
+        );
+        module(SBUF, 1, &body)
+    };
+    ok(&within("bar.warp.sync -1;"), &mut mem, 1, 64, 0, &[out]);
+    let got = mem.u32s(out);
+    for t in 0..64u32 {
+        assert_eq!(got[t as usize], (t & !31) | ((t + 1) & 31));
+    }
+    let e = fails(&within(""), &mut mem, 1, 64, 0, &[out]);
+    assert_msg(&e, "race");
+    // Across warps a warp barrier orders nothing.
+    let e = fails(
+        &exchange("bar.warp.sync -1;", 32, ""),
+        &mut mem,
+        1,
+        64,
+        0,
+        &[out],
+    );
+    assert_msg(&e, "race");
+}
+
+#[test]
+fn bar_red_reductions() {
+    let body = format!(
+        "\tmov.u32 %r1, %tid.x;
+\tsetp.eq.u32 %p1, %r1, 5;
+\tbar.red.or.pred %p2, 0, %p1;
+\tsetp.gt.u32 %p3, %r1, 1000;
+\tbar.red.or.pred %p4, 0, %p3;
+\tbar.red.and.pred %p5, 0, !%p3;
+\tbar.red.and.pred %p6, 0, !%p1;
+\trem.u32 %r2, %r1, 3;
+\tsetp.eq.u32 %p7, %r2, 0;
+\tbar.red.popc.u32 %r3, 0, %p7;
+\tbarrier.red.or.pred %p8, 0, %p1;
+\tselp.u32 %r4, 1, 0, %p2;
+\tselp.u32 %r5, 1, 0, %p4;
+\tselp.u32 %r6, 1, 0, %p5;
+\tselp.u32 %r7, 1, 0, %p6;
+\tselp.u32 %r8, 1, 0, %p8;
+{}{}",
+        thread_slot(6),
+        store_words("%rd40", &["%r4", "%r5", "%r6", "%r7", "%r3", "%r8"])
+    );
+    let src = module("", 1, &body);
+    let mut mem = Mem::default();
+    let out = mem.out(6 * 70);
+    let st = ok(&src, &mut mem, 1, 70, 0, &[out]);
+    assert_eq!(st.barriers, 6);
+    let got = mem.u32s(out);
+    let popc = (0..70).filter(|t| t % 3 == 0).count() as u32;
+    for t in 0..70usize {
+        assert_eq!(got[6 * t..6 * t + 6], [1, 0, 1, 0, popc, 1], "thread {t}");
+    }
+}
+
+#[test]
+fn threads_that_exit_do_not_block_a_barrier() {
+    let body = format!(
+        "\tmov.u32 %r1, %tid.x;
+\tsetp.ge.u32 %p1, %r1, 40;
+\t@%p1 ret;
+\tbar.sync 0;
+{}\tst.global.u32 [%rd40], %r1;
+",
+        thread_slot(1)
+    );
+    let src = module("", 1, &body);
+    let mut mem = Mem::default();
+    let out = mem.out(64);
+    ok(&src, &mut mem, 1, 64, 0, &[out]);
+    let got = mem.u32s(out);
+    for t in 0..64u32 {
+        assert_eq!(got[t as usize], if t < 40 { t } else { SENTINEL });
+    }
+}
+
+#[test]
+fn deadlocks_and_divergent_collectives_are_errors() {
+    let mut mem = Mem::default();
+    let cases = [
+        // Half a warp at a barrier, the other half at a shuffle.
+        (
+            32,
+            "\tmov.u32 %r1, %tid.x;
+\tsetp.lt.u32 %p1, %r1, 16;
+\t@%p1 bra $L__a;
+\tshfl.sync.bfly.b32 %r2, %r1, 1, 0x1f, -1;
+\tbra.uni $L__end;
+$L__a:
+\tbar.sync 0;
+$L__end:
+",
+        ),
+        // Two halves of a warp at different shuffles.
+        (
+            32,
+            "\tmov.u32 %r1, %tid.x;
+\tsetp.lt.u32 %p1, %r1, 16;
+\t@%p1 bra $L__a;
+\tshfl.sync.bfly.b32 %r2, %r1, 1, 0x1f, -1;
+\tbra.uni $L__end;
+$L__a:
+\tshfl.sync.bfly.b32 %r2, %r1, 2, 0x1f, -1;
+$L__end:
+",
+        ),
+        // Warp 0 loops at barrier 0; warp 1 passes it once, shuffles and
+        // waits at barrier 1.
+        (
+            64,
+            "\tmov.u32 %r1, %tid.x;
+\tmov.u32 %r3, 0;
+\tsetp.ge.u32 %p1, %r1, 32;
+$L__loop:
+\tbar.sync 0;
+\t@%p1 bra $L__other;
+\tadd.s32 %r3, %r3, 1;
+\tsetp.lt.u32 %p2, %r3, 2;
+\t@%p2 bra $L__loop;
+\tbra.uni $L__end;
+$L__other:
+\tshfl.sync.bfly.b32 %r2, %r1, 1, 0x1f, -1;
+\tbar.sync 1;
+$L__end:
+",
+        ),
+        // Warps at different named barriers.
+        (
+            64,
+            "\tmov.u32 %r1, %tid.x;
+\tsetp.lt.u32 %p1, %r1, 32;
+\t@%p1 bra $L__a;
+\tbar.sync 1;
+\tbra.uni $L__end;
+$L__a:
+\tbar.sync 0;
+$L__end:
+",
+        ),
+        // A barrier and a barrier reduction.
+        (
+            64,
+            "\tmov.u32 %r1, %tid.x;
+\tsetp.lt.u32 %p1, %r1, 32;
+\t@%p1 bra $L__a;
+\tbar.red.or.pred %p2, 0, %p1;
+\tbra.uni $L__end;
+$L__a:
+\tbar.sync 0;
+$L__end:
+",
+        ),
+        // ldmatrix with half the warp gone.
+        (
+            32,
+            "\tmov.u32 %r1, %tid.x;
+\tsetp.lt.u32 %p1, %r1, 16;
+\t@%p1 ret;
+\tmov.u32 %r2, sbuf;
+\tldmatrix.sync.aligned.m8n8.x1.shared.b16 {%r3}, [%r2];
+",
+        ),
+    ];
+    for (i, (threads, body)) in cases.into_iter().enumerate() {
+        let src = module(SBUF, 1, body);
+        let Err(e) = launch(&src, &mut mem, (1, 1, 1), (threads, 1, 1), 0, &[0]) else {
+            panic!("case {i}: expected an error from\n{body}");
+        };
+        assert!(e.line > 0, "{e}");
+        assert!(
+            e.msg.contains("deadlock")
+                || e.msg.contains("inactive lanes")
+                || e.msg.contains("barrier"),
+            "{e}\n{body}"
+        );
+    }
+}
+
+#[test]
+fn one_barrier_id_met_at_two_instructions() {
+    // PTX barriers are named by id, not by instruction.
+    let body = format!(
+        "\tmov.u32 %r1, %tid.x;
+\tst.shared.u32 [sbuf], %r1;
+\tsetp.eq.u32 %p1, %r1, 0;
+\t@%p1 bra $L__a;
+\tbar.sync 0;
+\tbra.uni $L__end;
+$L__a:
+\tst.shared.u32 [sbuf], %r1;
+\tbar.sync 0;
+$L__end:
+\tld.shared.u32 %r2, [sbuf];
+{}\tst.global.u32 [%rd40], %r2;
+",
+        thread_slot(1)
+    );
+    let src = module(
+        SBUF,
+        1,
+        &body.replace("\tst.shared.u32 [sbuf], %r1;\n\tsetp", "\tsetp"),
+    );
+    let mut mem = Mem::default();
+    let out = mem.out(64);
+    let st = ok(&src, &mut mem, 1, 64, 0, &[out]);
+    assert_eq!(st.barriers, 1);
+    assert!(mem.u32s(out).iter().all(|&v| v == 0));
+}
+
+// ---- cp.async ---------------------------------------------------------------------------
+
+const CP_VARS: &str = ".shared .align 16 .b8 sbuf[256];\n";
+
+/// Thread t: %r4 = &sbuf[16 t] (shared), %rd11 = in + 16 t.
+const CP_SETUP: &str = "\tmov.u32 %r1, %tid.x;
+\tmov.u32 %r2, sbuf;
+\tshl.b32 %r3, %r1, 4;
+\tadd.s32 %r4, %r2, %r3;
+\tcvt.u64.u32 %rd10, %r3;
+\tadd.s64 %rd11, %rd1, %rd10;
+";
+
+#[test]
+fn cp_async_lands_at_wait_group() {
+    // Eight threads copy 16 bytes each, wait, sync, and read their
+    // neighbour's 16 bytes.
+    let body = format!(
+        "{CP_SETUP}\tcp.async.cg.shared.global [%r4], [%rd11], 16;
+\tcp.async.commit_group;
+\tcp.async.wait_group 0;
+\tbar.sync 0;
+\tadd.s32 %r5, %r1, 1;
+\tand.b32 %r5, %r5, 7;
+\tshl.b32 %r6, %r5, 4;
+\tadd.s32 %r7, %r2, %r6;
+\tld.shared.v4.u32 {{%r10, %r11, %r12, %r13}}, [%r7];
+\tmul.wide.u32 %rd12, %r1, 16;
+\tadd.s64 %rd13, %rd2, %rd12;
+\tst.global.v4.u32 [%rd13], {{%r10, %r11, %r12, %r13}};
+"
+    );
+    let src = module(CP_VARS, 2, &body);
+    let mut mem = Mem::default();
+    let input: Vec<u32> = (0..32).map(|i| i * 3 + 1).collect();
+    let inp = mem.words(&input);
+    let out = mem.out(32);
+    ok(&src, &mut mem, 1, 8, 0, &[inp, out]);
+    let got = mem.u32s(out);
+    for t in 0..8 {
+        let u = (t + 1) % 8;
+        assert_eq!(got[4 * t..4 * t + 4], input[4 * u..4 * u + 4], "thread {t}");
+    }
+    // cp.async.wait_all and the .ca (4- and 8-byte) forms work the same.
+    let body = format!(
+        "{CP_SETUP}\tcp.async.ca.shared.global [%r4], [%rd11], 4;
+\tcp.async.ca.shared.global [%r4+8], [%rd11+8], 8;
+\tcp.async.wait_all;
+\tld.shared.u32 %r10, [%r4];
+\tld.shared.v2.u32 {{%r11, %r12}}, [%r4+8];
+\tld.shared.u32 %r13, [%r4+4];
+\tmul.wide.u32 %rd12, %r1, 16;
+\tadd.s64 %rd13, %rd2, %rd12;
+\tst.global.v4.u32 [%rd13], {{%r10, %r11, %r12, %r13}};
+"
+    );
+    let src = module(CP_VARS, 2, &body);
+    let out = mem.out(32);
+    ok(&src, &mut mem, 1, 8, 0, &[inp, out]);
+    let got = mem.u32s(out);
+    for t in 0..8 {
+        let i = &input[4 * t..4 * t + 4];
+        assert_eq!(
+            got[4 * t..4 * t + 4],
+            [i[0], i[2], i[3], u32::MAX],
+            "thread {t}"
+        );
+    }
+}
+
+#[test]
+fn reading_a_cp_async_destination_before_the_wait_is_an_error() {
+    let mut mem = Mem::default();
+    let inp = mem.words(&[7; 32]);
+    let out = mem.out(32);
+    // The issuing thread itself, before its wait_group.
+    let body = format!(
+        "{CP_SETUP}\tcp.async.cg.shared.global [%r4], [%rd11], 16;
+\tcp.async.commit_group;
+\tld.shared.u32 %r10, [%r4+12];
+\tcp.async.wait_group 0;
+"
+    );
+    let src = module(CP_VARS, 2, &body);
+    let e = fails(&src, &mut mem, 1, 8, 0, &[inp, out]);
+    assert_msg(&e, "in flight");
+    assert_eq!(e.line, line_of(&src, "ld.shared.u32 %r10"));
+    // Another thread after a barrier, the issuer never having waited.
+    let body = format!(
+        "{CP_SETUP}\tcp.async.cg.shared.global [%r4], [%rd11], 16;
+\tcp.async.commit_group;
+\tbar.sync 0;
+\tld.shared.u32 %r10, [sbuf+16];
+\tcp.async.wait_group 0;
+"
+    );
+    let src = module(CP_VARS, 2, &body);
+    let e = fails(&src, &mut mem, 1, 8, 0, &[inp, out]);
+    assert_msg(&e, "in flight");
+    // Overwriting bytes in flight.
+    let body = format!(
+        "{CP_SETUP}\tcp.async.cg.shared.global [%r4], [%rd11], 16;
+\tst.shared.u32 [%r4], %r1;
+\tcp.async.wait_all;
+"
+    );
+    let src = module(CP_VARS, 2, &body);
+    let e = fails(&src, &mut mem, 1, 8, 0, &[inp, out]);
+    assert_msg(&e, "in flight");
+}
+
+#[test]
+fn wait_group_n_leaves_the_newest_n_groups_in_flight() {
+    let mut mem = Mem::default();
+    let inp = mem.words(&(0..64).collect::<Vec<u32>>());
+    let out = mem.out(2);
+    let body = |second_read: &str| {
+        format!(
+            "\tmov.u32 %r2, sbuf;
+\tcp.async.cg.shared.global [%r2], [%rd1], 16;
+\tcp.async.commit_group;
+\tcp.async.cg.shared.global [%r2+16], [%rd1+16], 16;
+\tcp.async.commit_group;
+\tcp.async.wait_group 1;
+\tld.shared.u32 %r10, [%r2+4];
+\tst.global.u32 [%rd2], %r10;
+{second_read}"
+        )
+    };
+    let src = module(CP_VARS, 2, &body("\tld.shared.u32 %r11, [%r2+16];\n"));
+    let e = fails(&src, &mut mem, 1, 1, 0, &[inp, out]);
+    assert_msg(&e, "in flight");
+    assert_eq!(e.line, line_of(&src, "ld.shared.u32 %r11"));
+    assert_eq!(mem.u32s(out)[0], 1, "the older group landed");
+    let src = module(
+        CP_VARS,
+        2,
+        &body("\tcp.async.wait_group 0;\n\tld.shared.u32 %r11, [%r2+20];\n\tst.global.u32 [%rd2+4], %r11;\n"),
+    );
+    ok(&src, &mut mem, 1, 1, 0, &[inp, out]);
+    assert_eq!(mem.u32s(out), [1, 5]);
+}
+
+#[test]
+fn cp_async_src_size_zero_fills() {
+    let mut mem = Mem::default();
+    // Thread t copies from in + 16 t; the last thread's 16 bytes would
+    // reach past the end of `in`, its first 8 do not.
+    let input: Vec<u32> = (0..30).map(|i| 0x100 + i).collect();
+    let inp = mem.words(&input);
+    let out = mem.out(4 * 8);
+    let body = "\tmov.u32 %r1, %tid.x;
+\tmov.u32 %r2, sbuf;
+\tshl.b32 %r3, %r1, 4;
+\tadd.s32 %r4, %r2, %r3;
+\tmul.wide.u32 %rd10, %r1, 16;
+\tadd.s64 %rd11, %rd1, %rd10;
+\tmov.u32 %r9, 8;
+\tcp.async.cg.shared.global [%r4], [%rd11], 16, %r9;
+\tcp.async.commit_group;
+\tcp.async.wait_group 0;
+\tld.shared.v4.u32 {%r10, %r11, %r12, %r13}, [%r4];
+\tmul.wide.u32 %rd12, %r1, 16;
+\tadd.s64 %rd13, %rd2, %rd12;
+\tst.global.v4.u32 [%rd13], {%r10, %r11, %r12, %r13};
+";
+    let src = module(CP_VARS, 2, body);
+    ok(&src, &mut mem, 1, 8, 0, &[inp, out]);
+    let got = mem.u32s(out);
+    for t in 0..8 {
+        assert_eq!(
+            got[4 * t..4 * t + 4],
+            [input[4 * t], input[4 * t + 1], 0, 0],
+            "thread {t}"
+        );
+    }
+    // An immediate src-size of 4.
+    let src = module(CP_VARS, 2, &body.replace("16, %r9;", "16, 4;"));
+    ok(&src, &mut mem, 1, 8, 0, &[inp, out]);
+    let got = mem.u32s(out);
+    for t in 0..8 {
+        assert_eq!(got[4 * t..4 * t + 4], [input[4 * t], 0, 0, 0], "thread {t}");
+    }
+    // src-size 0 reads nothing: an invalid, misaligned source is fine.
+    let src = module(
+        CP_VARS,
+        2,
+        &body
+            .replace("add.s64 %rd11, %rd1, %rd10;", "mov.u64 %rd11, 0x1235;")
+            .replace("16, %r9;", "16, 0;"),
+    );
+    ok(&src, &mut mem, 1, 8, 0, &[inp, out]);
+    assert!(mem.u32s(out).iter().all(|&w| w == 0));
+    // The ignore-src predicate form: true reads nothing, false copies.
+    let pred = body
+        .replace("mov.u32 %r9, 8;", "setp.eq.u32 %p1, %r1, 7;")
+        .replace("16, %r9;", "16, %p1;");
+    let src = module(CP_VARS, 2, &pred);
+    ok(&src, &mut mem, 1, 8, 0, &[inp, out]);
+    let got = mem.u32s(out);
+    assert_eq!(got[..28], input[..28]);
+    assert_eq!(got[28..], [0, 0, 0, 0]);
+    // A src-size that is not a valid source still fails when it is read.
+    let src = module(
+        CP_VARS,
+        2,
+        &body.replace("mov.u32 %r9, 8;", "mov.u32 %r9, 12;"),
+    );
+    let e = fails(&src, &mut mem, 1, 8, 0, &[inp, out]);
+    assert_msg(&e, "outside");
+}
+
+// ---- bounds ---------------------------------------------------------------------------
+
+#[test]
+fn out_of_bounds_and_misaligned_accesses_are_errors() {
+    let mut mem = Mem::default();
+    let buf = mem.words(&[1, 2, 3, 4]);
+    let cases: &[(&str, &str, &str)] = &[
+        ("\tst.shared.u32 [sbuf+256], %r1;\n", "st.shared", "outside"),
+        ("\tld.shared.u32 %r2, [sbuf+256];\n", "ld.shared", "outside"),
+        (
+            "\tmov.u32 %r3, -4;\n\tld.shared.u32 %r2, [%r3];\n",
+            "ld.shared",
+            "outside",
+        ),
+        (
+            "\tmov.u64 %rd3, -4;\n\tst.shared.u32 [%rd3], %r1;\n",
+            "st.shared",
+            "outside",
+        ),
+        ("\tld.global.u32 %r2, [%rd1+16];\n", "ld.global", "outside"),
+        ("\tst.global.u32 [%rd1+-4], %r1;\n", "st.global", "unmapped"),
+        (
+            "\tmov.u64 %rd3, 0;\n\tld.global.u32 %r2, [%rd3];\n",
+            "ld.global",
+            "unmapped",
+        ),
+        (
+            "\tld.global.v2.u32 {%r2, %r3}, [%rd1+4];\n",
+            "ld.global",
+            "misaligned",
+        ),
+        (
+            "\tst.global.v4.u32 [%rd1+8], {%r1, %r1, %r1, %r1};\n",
+            "st.global",
+            "misaligned",
+        ),
+        (
+            "\tld.global.u32 %r2, [%rd1+2];\n",
+            "ld.global",
+            "misaligned",
+        ),
+        (
+            "\tld.global.v4.u32 {%r2, %r3, %r4, %r5}, [%rd1+16];\n",
+            "ld.global",
+            "outside",
+        ),
+        (
+            "\tmov.u32 %r3, sbuf;\n\tadd.s32 %r3, %r3, 8;\n\
+             \tldmatrix.sync.aligned.m8n8.x1.shared.b16 {%r2}, [%r3];\n",
+            "ldmatrix",
+            "aligned",
+        ),
+        (
+            "\tmov.u32 %r3, sbuf;\n\tadd.s32 %r3, %r3, 256;\n\
+             \tldmatrix.sync.aligned.m8n8.x1.shared.b16 {%r2}, [%r3];\n",
+            "ldmatrix",
+            "outside",
+        ),
+        (
+            "\tmov.u32 %r3, sbuf;\n\tcp.async.cg.shared.global [%r3+256], [%rd1], 16;\n",
+            "cp.async",
+            "outside",
+        ),
+        (
+            "\tmov.u32 %r3, sbuf;\n\tcp.async.cg.shared.global [%r3+8], [%rd1], 16;\n",
+            "cp.async",
+            "misaligned",
+        ),
+        (
+            "\tmov.u32 %r3, sbuf;\n\tcp.async.cg.shared.global [%r3], [%rd1+8], 16;\n",
+            "cp.async",
+            "misaligned",
+        ),
+        ("\tdiv.u32 %r2, %r1, 0;\n", "div.u32", "division by zero"),
+    ];
+    for (body, at, what) in cases {
+        let body = format!("\tmov.u32 %r1, %tid.x;\n{body}");
+        let src = module(SBUF, 1, &body);
+        let e = fails(&src, &mut mem, 1, 32, 0, &[buf]);
+        assert_msg(&e, what);
+        assert_eq!(e.line, line_of(&src, at), "{e}");
+    }
+}
+
+// ---- parse and launch errors -----------------------------------------------------------
+
+fn parse_err(src: &str) -> SimError {
+    match Module::parse(src) {
+        Ok(_) => panic!("expected a parse error from\n{src}"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn parse_errors_name_their_line() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("\tfoo.bar.u32 %r1, %r2;\n", "foo.bar", "not supported"),
+        ("\tld.u32 %r1, [%rd1];\n", "ld.u32", "generic"),
+        ("\tst.u32 [%rd1], %r1;\n", "st.u32", "generic"),
+        ("\tadd.s32 %r1, %r2, %q7;\n", "%q7", "unknown name `%q7`"),
+        ("\t@%q1 bra $L__x;\n", "@%q1", "unknown predicate"),
+        ("\tbra.uni $L__nowhere;\n", "$L__nowhere", "unknown label"),
+        (
+            "\t.local .align 4 .b8 stack[16];\n",
+            ".local",
+            "not supported",
+        ),
+        (
+            "\tsetp.foo.s32 %p1, %r1, %r2;\n",
+            "setp.foo",
+            "not supported",
+        ),
+        (
+            "\tmov.u32 %r1, # 3;\n",
+            "mov.u32 %r1, #",
+            "unexpected character",
+        ),
+        (
+            "\tadd.s32 %r1, %r2 %r3;\n",
+            "add.s32 %r1, %r2 %r3",
+            "expected `,`",
+        ),
+        ("\tadd.s32 %r1, %r2;\n", "add.s32 %r1, %r2;", "operand"),
+        ("\tbra.uni;\n", "bra.uni;", "operand"),
+        (
+            "\tshfl.sync.bfly.b32 %r1, %r2, 1;\n",
+            "shfl.sync",
+            "operand",
+        ),
+        (
+            "\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1};\n",
+            "mma.sync",
+            "operand",
+        ),
+    ];
+    for (body, at, what) in cases {
+        let src = module("", 1, body);
+        let e = parse_err(&src);
+        assert!(e.line > 0, "{e}");
+        assert_eq!(e.line, line_of(&src, at), "{e}\n{src}");
+        assert_msg(&e, what);
+    }
+}
+
+#[test]
+fn unsupported_module_constructs_are_parse_errors() {
+    let func =
+        format!("{HEADER}.visible .func (.param .b32 ret) f(.param .b32 a)\n{{\n\tret;\n}}\n");
+    let e = parse_err(&func);
+    assert_msg(&e, ".func");
+    assert_eq!(e.line, line_of(&func, ".func"));
+    let func = format!("{HEADER}.func f()\n{{\n\tret;\n}}\n");
+    let e = parse_err(&func);
+    assert_msg(&e, ".func");
+    assert_eq!(e.line, line_of(&func, ".func"));
+    let comment = format!("{HEADER}/* never closed\n.visible .entry k()\n{{\n}}\n");
+    let e = parse_err(&comment);
+    assert_msg(&e, "unterminated comment");
+    let array_param =
+        format!("{HEADER}.visible .entry k(.param .align 4 .b8 k_param_0[16])\n{{\n\tret;\n}}\n");
+    let e = parse_err(&array_param);
+    assert_eq!(e.line, line_of(&array_param, ".entry"));
+    let truncated = format!("{HEADER}.visible .entry k(.param .u64 k_param_0)\n{{\n\tret;\n");
+    parse_err(&truncated);
+    let bad_top = format!("{HEADER}.visible .entry k()\n{{\n\tret;\n}}\nbogus;\n");
+    let e = parse_err(&bad_top);
+    assert_eq!(e.line, line_of(&bad_top, "bogus"));
+}
+
+#[test]
+fn launch_errors() {
+    let src = module("", 2, "");
+    let m = parse(&src);
+    let mut mem = Mem::default();
+    let e = m
+        .launch(&mut mem, "nope", (1, 1, 1), (1, 1, 1), 0, &[0, 0])
+        .unwrap_err();
+    assert_msg(&e, "no kernel `nope`");
+    let e = m
+        .launch(&mut mem, "k", (1, 1, 1), (1, 1, 1), 0, &[0])
+        .unwrap_err();
+    assert_msg(&e, "takes 2 parameters");
+    // ld.param past a parameter's bytes.
+    let src = module("", 1, "\tld.param.u32 %r1, [k_param_0+8];\n");
+    let e = fails(&src, &mut mem, 1, 1, 0, &[0]);
+    assert_eq!(e.line, line_of(&src, "k_param_0+8"));
+}
+
+#[test]
+fn launch_stats_count_the_work() {
+    let src = exchange("bar.sync 0;", 1, "");
+    let mut mem = Mem::default();
+    let out = mem.out(3 * 64);
+    let st = ok(&src, &mut mem, 3, 64, 0, &[out]);
+    assert_eq!(st.ctas, 3);
+    assert_eq!(st.barriers, 3);
+    assert_eq!(st.mma, 0);
+    assert_eq!(st.smem_bytes, 256);
+    // Every thread runs the same straight-line code: a multiple of 192.
+    assert!(
+        st.instructions > 0 && st.instructions.is_multiple_of(192),
+        "{st:?}"
+    );
+}
+
+// ---- atomics, module structure -----------------------------------------------------------
+
+#[test]
+fn atomics_and_reductions() {
+    let vars = ".shared .align 4 .b8 sbuf[16];\n";
+    let body = format!(
+        "\tmov.u32 %r1, %tid.x;
+\tsetp.eq.u32 %p1, %r1, 0;
+\tmov.u32 %r2, 0;
+\t@%p1 st.shared.u32 [sbuf], %r2;
+\tbar.sync 0;
+\tatom.shared.add.u32 %r3, [sbuf], 1;
+\tbar.sync 0;
+\tld.shared.u32 %r4, [sbuf];
+\tsub.s32 %r5, %r1, 32;
+\tatom.global.max.s32 %r6, [%rd2], %r5;
+\tatom.global.min.s32 %r6, [%rd2+4], %r5;
+\tadd.s32 %r7, %r1, 1;
+\tatom.global.cas.b32 %r8, [%rd2+8], 0, %r7;
+\tatom.global.exch.b32 %r9, [%rd2+12], %r7;
+\tred.global.add.f32 [%rd2+16], 0f3F000000;
+\tatom.global.add.u32 %r10, [%rd2+20], 2;
+{}{}",
+        thread_slot(3),
+        store_words("%rd40", &["%r3", "%r4", "%r8"])
+    );
+    let src = module(vars, 2, &body);
+    let mut mem = Mem::default();
+    let out = mem.out(3 * 64);
+    let acc = mem.words(&[i32::MIN as u32, i32::MAX as u32, 0, 0, 0, 10]);
+    ok(&src, &mut mem, 1, 64, 0, &[out, acc]);
+    let got = mem.u32s(out);
+    let mut olds: Vec<u32> = (0..64).map(|t| got[3 * t]).collect();
+    olds.sort_unstable();
+    assert_eq!(
+        olds,
+        (0..64).collect::<Vec<u32>>(),
+        "atom.add returns distinct old values"
+    );
+    assert!(
+        (0..64).all(|t| got[3 * t + 1] == 64),
+        "the counter reached 64"
+    );
+    // cas: only the first thread finds 0.
+    assert_eq!(got[2], 0);
+    assert!((1..64).all(|t| got[3 * t + 2] == 1));
+    let a = mem.u32s(acc);
+    assert_eq!(a[0] as i32, 31);
+    assert_eq!(a[1] as i32, -32);
+    assert_eq!(a[2], 1);
+    assert_eq!(a[3], 64, "the last exchange wins");
+    assert_eq!(f32::from_bits(a[4]), 32.0);
+    assert_eq!(a[5], 10 + 128);
+}
+
+#[test]
+fn several_kernels_comments_and_directives() {
+    let src = format!(
+        "{HEADER}// a comment
+/* a block
+   comment */
+.visible .entry first(.param .u64 first_param_0)
+.maxntid 64, 1, 1
+{{
+{REGS}\tld.param.u64 %rd1, [first_param_0];
+\tmov.u32 %r1, 11; // trailing comment
+\t.pragma \"nounroll\";
+\tst.global.u32 [%rd1], %r1;
+\tret;
+}}
+
+.visible .entry second(.param .u64 second_param_0)
+{{
+{REGS}\tld.param.u64 %rd1, [second_param_0];
+\tmov.u32 %r1, 22;
+\tst.global.u32 [%rd1+4], %r1;
+\tfoo.bar;
+}}
+"
+    );
+    // The unknown opcode in `second` is an error for the whole module...
+    let e = parse_err(&src);
+    assert_eq!(e.line, line_of(&src, "foo.bar"));
+    // ...without it both kernels run.
+    let src = src.replace("\tfoo.bar;\n", "\tret;\n");
+    let m = parse(&src);
+    assert_eq!(m.kernels.len(), 2);
+    let mut mem = Mem::default();
+    let out = mem.out(2);
+    m.launch(&mut mem, "first", (1, 1, 1), (1, 1, 1), 0, &[out])
+        .unwrap();
+    assert_eq!(mem.u32s(out), [11, SENTINEL]);
+    m.launch(&mut mem, "second", (1, 1, 1), (1, 1, 1), 0, &[out])
+        .unwrap();
+    assert_eq!(mem.u32s(out), [11, 22]);
+}
+
+#[test]
+fn malformed_collectives_are_errors_not_panics() {
+    let mut mem = Mem::default();
+    // mma with three A registers (m16n8k16 takes four).
+    let body = "\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1, %f2, %f3, %f4}, \
+                {%r1, %r2, %r3}, {%r4, %r5}, {%f1, %f2, %f3, %f4};\n";
+    let src = module("", 1, body);
+    let e = fails(&src, &mut mem, 1, 32, 0, &[0]);
+    assert_msg(&e, "operand counts");
+    // An f16 accumulator is not simulated.
+    let body = "\tmma.sync.aligned.m16n8k16.row.col.f16.f16.f16.f16 {%r6, %r7}, \
+                {%r1, %r2, %r3, %r4}, {%r4, %r5}, {%r6, %r7};\n";
+    let src = module("", 1, body);
+    let e = fails(&src, &mut mem, 1, 32, 0, &[0]);
+    assert_msg(&e, "only f32");
+    // ldmatrix into a scalar.
+    let body = "\tmov.u32 %r1, sbuf;\n\tldmatrix.sync.aligned.m8n8.x1.shared.b16 %r2, [%r1];\n";
+    let src = module(SBUF, 1, body);
+    let e = fails(&src, &mut mem, 1, 32, 0, &[0]);
+    assert_msg(&e, "not a vector");
+}
+
+#[test]
+fn exiting_with_copies_in_flight_is_an_error_but_empty_groups_are_not() {
+    let mut mem = Mem::default();
+    let inp = mem.words(&[7; 32]);
+    let out = mem.out(32);
+    let body = format!(
+        "{CP_SETUP}\tcp.async.cg.shared.global [%r4], [%rd11], 16;
+\tcp.async.commit_group;
+"
+    );
+    let src = module(CP_VARS, 2, &body);
+    let e = fails(&src, &mut mem, 1, 8, 0, &[inp, out]);
+    assert_msg(&e, "copies in flight");
+    // Waited for, then only an empty group outstanding: fine.
+    let body = format!(
+        "{CP_SETUP}\tcp.async.cg.shared.global [%r4], [%rd11], 16;
+\tcp.async.commit_group;
+\tcp.async.wait_group 0;
+\tcp.async.commit_group;
+"
+    );
+    ok(&module(CP_VARS, 2, &body), &mut mem, 1, 8, 0, &[inp, out]);
 }
