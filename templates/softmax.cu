@@ -121,6 +121,15 @@ static_assert(BLOCK_N % 16 == 0 && DP % 16 == 0 && DVP % 16 == 0, "mma tiles are
     }
 
     const int warp_row = warp * 16 * MF;
+    // Each lane's ldmatrix row addresses, as 32-bit shared addresses computed
+    // once; the loops below add compile-time offsets (fragment, k step, stage).
+    // Q: rows +0..15, dims +0/+8. K: keys +0..7/+8..15 x dims +0/+8 (b0, b1 of
+    // two n-slices). V (transposed): keys +0..7/+8..15 x value cols +0/+8.
+    constexpr int ES = (int)sizeof(T);
+    const int mi = lane >> 3;
+    const unsigned q_lane = mixc::smem_addr(sQ + (warp_row + (lane & 15)) * SQ + (lane >> 4) * 8);
+    const unsigned k_lane = mixc::smem_addr(sK + ((lane & 7) + (mi >> 1) * 8) * SK + (mi & 1) * 8);
+    const unsigned v_lane = mixc::smem_addr(sV + ((lane & 7) + (mi & 1) * 8) * SV + (mi >> 1) * 8);
     for (int s = 0; s < STAGES - 1; ++s) issue();
     for (int stage = 0;; stage = stage + 1 == STAGES ? 0 : stage + 1) {
         issue();
@@ -129,8 +138,8 @@ static_assert(BLOCK_N % 16 == 0 && DP % 16 == 0 && DVP % 16 == 0, "mma tiles are
         const int t = stage_tile[stage];
         if (t < 0) break;
         const bool masked = stage_class[stage] != mixc::FULL;
-        const T* sKs = sK + stage * BLOCK_N * SK;
-        const T* sVs = sV + stage * BLOCK_N * SV;
+        const unsigned k_stage = k_lane + stage * (BLOCK_N * SK * ES);
+        const unsigned v_stage = v_lane + stage * (BLOCK_N * SV * ES);
         const int r0 = kv_begin + t * BLOCK_N;
 
         // S = Q K^T for this warp's MF x 16 rows x BLOCK_N keys.
@@ -145,13 +154,12 @@ static_assert(BLOCK_N % 16 == 0 && DP % 16 == 0 && DVP % 16 == 0, "mma tiles are
             unsigned a[MF][4];
 #pragma unroll
             for (int f = 0; f < MF; ++f)
-                mixc::ldmatrix_x4(a[f], sQ + (warp_row + f * 16 + (lane & 15)) * SQ + kk * 16 + (lane >> 4) * 8);
+                mixc::ldmatrix_x4(a[f], q_lane + (f * 16 * SQ + kk * 16) * ES);
 #pragma unroll
             for (int nb = 0; nb < BLOCK_N / 16; ++nb) {
                 // Matrices: keys +0..7 / +8..15 x dims +0..7 / +8..15 -> b0, b1 of two n-slices.
                 unsigned b[4];
-                const int mi = lane >> 3;
-                mixc::ldmatrix_x4(b, sKs + (nb * 16 + (lane & 7) + (mi >> 1) * 8) * SK + kk * 16 + (mi & 1) * 8);
+                mixc::ldmatrix_x4(b, k_stage + (nb * 16 * SK + kk * 16) * ES);
 #pragma unroll
                 for (int f = 0; f < MF; ++f) {
                     mixc::mma_16816<T>(acc_s[f][2 * nb], a[f], b[0], b[1]);
@@ -226,8 +234,7 @@ static_assert(BLOCK_N % 16 == 0 && DP % 16 == 0 && DVP % 16 == 0, "mma tiles are
             for (int nb = 0; nb < DVP / 16; ++nb) {
                 // Transposed: keys +0..7 / +8..15 x value cols +0..7 / +8..15.
                 unsigned b[4];
-                const int mi = lane >> 3;
-                mixc::ldmatrix_x4_trans(b, sVs + (kb * 16 + (lane & 7) + (mi & 1) * 8) * SV + nb * 16 + (mi >> 1) * 8);
+                mixc::ldmatrix_x4_trans(b, v_stage + (kb * 16 * SV + nb * 16) * ES);
 #pragma unroll
                 for (int f = 0; f < MF; ++f) {
                     mixc::mma_16816<T>(acc_o[f][2 * nb], a[f], b[0], b[1]);

@@ -49,9 +49,12 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
 }
 // 16 bytes global -> shared; when !valid, writes zeros and reads nothing
 // (src-size 0), which is how ragged tails and padded columns become zeros.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+__device__ __forceinline__ void cp_async_16(unsigned saddr, const void* gmem, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gmem),
                  "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+    cp_async_16(smem_addr(smem), gmem, valid);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
@@ -62,28 +65,59 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 // stride `gstride` elements) into shared memory (row stride SSTRIDE). Rows
 // >= `rows` and columns >= COLS are zero-filled. `safe` is any valid address,
 // passed for zero-filled chunks so no out-of-range pointer is formed.
+// Thread c copies chunks c, c + NTHREADS, ...: when NTHREADS is a multiple
+// of the chunks per row, its column is fixed and its row steps by a
+// compile-time amount, so each copy is a base plus constant offsets (the
+// per-chunk div/mod and address conversions of a generic loop were ~40% of
+// a softmax kernel's instructions).
 template <typename T, int ROWS, int COLS, int COLS_PAD, int SSTRIDE, int NTHREADS>
 __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, size_t gstride, int rows,
                                                 const T* safe) {
     constexpr int EPC = 16 / sizeof(T);  // elements per 16-byte chunk
     constexpr int CHUNKS = COLS_PAD / EPC;
-    for (int c = threadIdx.x; c < ROWS * CHUNKS; c += NTHREADS) {
-        const int r = c / CHUNKS, col = (c % CHUNKS) * EPC;
-        const bool valid = r < rows && col < COLS;
-        cp_async_16(smem + r * SSTRIDE + col, valid ? gmem + (size_t)r * gstride + col : safe, valid);
+    if constexpr (NTHREADS % CHUNKS == 0) {
+        constexpr int RSTEP = NTHREADS / CHUNKS;
+        constexpr int ITERS = (ROWS + RSTEP - 1) / RSTEP;
+        const int r0 = threadIdx.x / CHUNKS, col = (threadIdx.x % CHUNKS) * EPC;
+        const unsigned s0 = smem_addr(smem + r0 * SSTRIDE + col);
+        const T* g = gmem + (size_t)r0 * gstride + col;
+        const size_t gstep = (size_t)RSTEP * gstride;
+        const bool col_ok = col < COLS;
+#pragma unroll
+        for (int i = 0; i < ITERS; ++i) {
+            const int r = r0 + i * RSTEP;
+            if (ROWS % RSTEP == 0 || r < ROWS) {
+                const bool valid = col_ok && r < rows;
+                cp_async_16(s0 + i * RSTEP * SSTRIDE * (int)sizeof(T), valid ? g : safe, valid);
+            }
+            g += gstep;
+        }
+    } else {
+        for (int c = threadIdx.x; c < ROWS * CHUNKS; c += NTHREADS) {
+            const int r = c / CHUNKS, col = (c % CHUNKS) * EPC;
+            const bool valid = r < rows && col < COLS;
+            cp_async_16(smem_addr(smem + r * SSTRIDE + col), valid ? gmem + (size_t)r * gstride + col : safe,
+                        valid);
+        }
     }
 }
 
 // ---- tensor-core fragments ----
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem) {
+// By 32-bit shared address (hot loops add constant offsets to a lane base)...
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned saddr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 { %0, %1, %2, %3 }, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(smem)));
+                 : "r"(saddr));
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* smem) {
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned saddr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 { %0, %1, %2, %3 }, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(smem)));
+                 : "r"(saddr));
+}
+// ...or by pointer.
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem) { ldmatrix_x4(r, smem_addr(smem)); }
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* smem) {
+    ldmatrix_x4_trans(r, smem_addr(smem));
 }
 
 // c += a * b for a 16x16 (row) by 16x8 (col) tile, f32 accumulators.

@@ -355,9 +355,15 @@ enum Output {
 /// Compiles `source` to PTX for the virtual architecture of `arch`
 /// (`compute_80` / `compute_90`), uncached: the PTX simulator's input
 /// (`cuda::ptxsim`), which executes exactly what NVRTC lowered the kernel to.
-pub fn compile_ptx(name: &str, source: &str, arch: Arch) -> Result<String, NvrtcError> {
+/// `line_info` adds `.loc` source lines (`-lineinfo`) for profiles.
+pub fn compile_ptx(
+    name: &str,
+    source: &str,
+    arch: Arch,
+    line_info: bool,
+) -> Result<String, NvrtcError> {
     let loaded = load()?;
-    let options = vec![
+    let mut options = vec![
         format!(
             "--gpu-architecture={}",
             arch.name().replace("sm_", "compute_")
@@ -366,6 +372,9 @@ pub fn compile_ptx(name: &str, source: &str, arch: Arch) -> Result<String, Nvrtc
         "--device-as-default-execution-space".into(),
         format!("--include-path={}", loaded.toolkit.include_dir.display()),
     ];
+    if line_info {
+        options.push("--generate-line-info".into());
+    }
     let (ptx, _log) = compile_raw(name, source, &options, Output::Ptx).map_err(|e| match e {
         RawError::Compile(log) => NvrtcError::Compile {
             name: name.into(),

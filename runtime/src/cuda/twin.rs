@@ -536,12 +536,18 @@ struct Sim {
     helpers: Module,
     helper_names: [String; 2],
     stats: LaunchStats,
+    /// Executions per instruction of the main kernel, when profiling.
+    profile: Option<Vec<u64>>,
 }
 
 impl Sim {
     fn new(g: &GeneratedKernel, dt: DType) -> Sim {
+        Sim::with_profile(g, dt, false)
+    }
+
+    fn with_profile(g: &GeneratedKernel, dt: DType, profile: bool) -> Sim {
         let ptx = |name: &str, src: &str| {
-            let text = crate::nvrtc::compile_ptx(name, src, g.target.arch)
+            let text = crate::nvrtc::compile_ptx(name, src, g.target.arch, profile)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             Module::parse(&text).unwrap_or_else(|e| panic!("{name}: {e}"))
         };
@@ -550,6 +556,7 @@ impl Sim {
             helpers: ptx("mixc_helpers", super::helper_kernels_source()),
             helper_names: super::helper_kernel_names(dt),
             stats: LaunchStats::default(),
+            profile: profile.then(Vec::new),
         }
     }
 
@@ -567,8 +574,20 @@ impl Sim {
                 ArgValue::Int(v) => v as u32 as u64,
             })
             .collect();
+        let profile = match x.kernel {
+            KernelId::Main => self.profile.as_mut(),
+            _ => None,
+        };
         let st = module
-            .launch(mem, name, x.grid, (x.threads, 1, 1), x.smem, &params)
+            .launch_profiled(
+                mem,
+                name,
+                x.grid,
+                (x.threads, 1, 1),
+                x.smem,
+                &params,
+                profile,
+            )
             .unwrap_or_else(|e| panic!("{name} grid {:?}: {e}", x.grid));
         self.stats.ctas += st.ctas;
         self.stats.instructions += st.instructions;
@@ -1588,7 +1607,7 @@ fn sim_notices_every_missing_barrier_and_wait() {
         let mut x = crate::inputs::random_inputs(&spec, 1, 150, 21);
         crate::inputs::round_to_dtype(&mut x, dt);
         let want = crate::reference::evaluate(&spec, &x).unwrap();
-        let ptx = |src: &str| crate::nvrtc::compile_ptx(name, src, Arch::Sm80).unwrap();
+        let ptx = |src: &str| crate::nvrtc::compile_ptx(name, src, Arch::Sm80, false).unwrap();
         let original = ptx(&g.source);
         let mut sites: Vec<(usize, usize)> = ["__syncthreads();", "cp_async_wait<"]
             .iter()
@@ -1652,4 +1671,81 @@ fn sim_notices_every_missing_barrier_and_wait() {
     eprintln!("{}", report.join("\n"));
     let survived: Vec<&String> = report.iter().filter(|r| r.contains("SURVIVED")).collect();
     assert!(survived.is_empty(), "not noticed:\n{survived:#?}");
+}
+
+/// Where a kernel's instructions go: the simulator's per-instruction
+/// counts folded onto generated-source lines (NVRTC `-lineinfo`), the
+/// hottest lines first, in warp-instructions.
+fn sim_profile(spec: &MixerSpec, seq: usize, dt: DType) -> String {
+    let target = Target::new(Arch::Sm90, dt);
+    let g = generate(spec, &target, &KernelConfig::default_for(spec, &target)).unwrap();
+    let mut x = crate::inputs::random_inputs(spec, 1, seq, 5);
+    crate::inputs::round_to_dtype(&mut x, dt);
+    let sched = RingSchedule::new(seq, 1, Sharding::Contiguous).unwrap();
+    let sim = Sim::with_profile(&g, dt, true);
+    let mut t = Twin {
+        spec,
+        g: g.clone(),
+        dt,
+        mem: Mem::default(),
+        mutate: &no_mutation,
+        sim: Some(sim),
+    };
+    match spec.family {
+        Family::Softmax | Family::Convolution => t.pairwise(&x, &sched),
+        _ => t.chunkwise(&x, &sched, 1),
+    };
+    let sim = t.sim.unwrap();
+    let counts = sim.profile.unwrap();
+    let kernel = sim.main.kernel(&g.kernels[0].name).unwrap();
+    let mut by_line: BTreeMap<u32, (u64, BTreeMap<String, u64>)> = BTreeMap::new();
+    for (i, inst) in kernel.code.iter().enumerate() {
+        let e = by_line.entry(kernel.src_lines[i]).or_default();
+        e.0 += counts[i];
+        let op = inst.op.text.split('.').next().unwrap_or("").to_string();
+        *e.1.entry(op).or_default() += counts[i];
+    }
+    let total: u64 = counts.iter().sum();
+    let st = sim.stats;
+    let mut rows: Vec<_> = by_line.into_iter().collect();
+    rows.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    let src: Vec<&str> = g.source.lines().collect();
+    let mut out = format!(
+        "{} {dt:?} L={seq}: {:.0} warp-instructions, {} mma ({:.2} per mma)\n",
+        spec.name,
+        total as f64 / 32.0,
+        st.mma,
+        (total as f64 / 32.0 - st.mma as f64) / st.mma as f64
+    );
+    for (line, (n, ops)) in rows.iter().take(30) {
+        let mut ops: Vec<_> = ops.iter().filter(|(_, &c)| c > 0).collect();
+        ops.sort_by(|a, b| b.1.cmp(a.1));
+        let ops: Vec<String> = ops
+            .iter()
+            .take(4)
+            .map(|(o, c)| format!("{o} {:.0}%", 100.0 * **c as f64 / *n as f64))
+            .collect();
+        let text = src
+            .get((*line as usize).wrapping_sub(1))
+            .map_or("", |l| l.trim());
+        out += &format!(
+            "{:5.1}% line {line:4} [{}] {}\n",
+            100.0 * *n as f64 / total as f64,
+            ops.join(", "),
+            &text[..text.len().min(90)]
+        );
+    }
+    out
+}
+
+/// A profile for kernel work, printed; run by hand (it only reports):
+/// `cargo test --release -p mixc-runtime --lib sim_profile_of_the_kernels -- --ignored --nocapture`.
+#[test]
+#[ignore = "a profile to read, not a check; run by hand (see the doc comment)"]
+fn sim_profile_of_the_kernels() {
+    let names = std::env::var("MIXC_PROFILE_SPECS").unwrap_or_else(|_| "causal_gqa_llama3".into());
+    let seq = std::env::var("MIXC_PROFILE_SEQ").map_or(1024, |s| s.parse().unwrap());
+    for name in names.split(',') {
+        eprintln!("{}", sim_profile(&example(name, 2), seq, DType::Bf16));
+    }
 }

@@ -102,6 +102,8 @@ struct Cta<'a> {
     wsync: Vec<u32>,
     stats: LaunchStats,
     smem_hi: usize,
+    /// Executions per instruction when profiling (empty otherwise).
+    counts: Vec<u64>,
 }
 
 fn mask(bits: u32) -> u64 {
@@ -236,6 +238,22 @@ impl Module {
         dynamic_smem: u32,
         params: &[u64],
     ) -> Result<LaunchStats, SimError> {
+        self.launch_profiled(mem, kernel, grid, block, dynamic_smem, params, None)
+    }
+
+    /// [`Module::launch`], adding to `profile[i]` the number of times (per
+    /// thread) instruction `i` of the kernel was executed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_profiled(
+        &self,
+        mem: &mut dyn GlobalMemory,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        dynamic_smem: u32,
+        params: &[u64],
+        mut profile: Option<&mut Vec<u64>>,
+    ) -> Result<LaunchStats, SimError> {
         let k = self.kernel(kernel).ok_or_else(|| SimError {
             line: 0,
             msg: format!("no kernel `{kernel}` in the module"),
@@ -289,8 +307,19 @@ impl Module {
                         wsync: vec![0; (block.0 * block.1 * block.2).div_ceil(32) as usize],
                         stats: LaunchStats::default(),
                         smem_hi: 0,
+                        counts: if profile.is_some() {
+                            vec![0; k.code.len()]
+                        } else {
+                            Vec::new()
+                        },
                     };
                     cta.run()?;
+                    if let Some(p) = profile.as_deref_mut() {
+                        p.resize(k.code.len(), 0);
+                        for (a, b) in p.iter_mut().zip(&cta.counts) {
+                            *a += b;
+                        }
+                    }
                     total.ctas += 1;
                     total.instructions += cta.stats.instructions;
                     total.mma += cta.stats.mma;
@@ -483,6 +512,9 @@ impl Cta<'_> {
             };
             t.steps += 1;
             self.stats.instructions += 1;
+            if let Some(c) = self.counts.get_mut(t.pc) {
+                *c += 1;
+            }
             if t.steps > MAX_STEPS_PER_THREAD {
                 return Err(self.terr(t, inst, "instruction budget exhausted (endless loop?)"));
             }

@@ -618,6 +618,8 @@ pub struct Kernel {
     /// predicate or a byte count depending on it).
     pub reg_types: Vec<Ty>,
     pub code: Vec<Inst>,
+    /// Source line of each instruction (from `.loc`, NVRTC `-lineinfo`; 0 without).
+    pub src_lines: Vec<u32>,
 }
 
 /// A module-level (or function-local `.shared`) variable.

@@ -124,6 +124,13 @@ impl Parser {
             t => Err(self.err(format!("expected a word, found {t:?}"))),
         }
     }
+    /// Skips the rest of the current line (directives without a `;`).
+    fn skip_line(&mut self) {
+        let l0 = self.toks[self.pos - 1].1;
+        while self.peek().is_some() && self.toks[self.pos].1 == l0 {
+            self.pos += 1;
+        }
+    }
     /// Skips to just past the next `;` (directives the simulator ignores).
     fn skip_statement(&mut self) -> Result<(), SimError> {
         while !self.eat(';') {
@@ -422,6 +429,7 @@ impl Parser {
             label_refs: Vec::new(),
         };
         let mut depth = 1;
+        let (mut src_line, mut src_lines) = (0u32, Vec::new());
         while depth > 0 {
             let line = self.line();
             match self.next()? {
@@ -473,6 +481,15 @@ impl Parser {
                         format!("`{w}` variables (stack frames, calls) are not supported by the simulator"),
                     ));
                 }
+                Tok::Word(w) if w == ".loc" => {
+                    // `.loc FILE LINE COL[, function_name .., inlined_at ..]`:
+                    // the innermost source line of what follows.
+                    if let (Some(Tok::Word(_)), Some(Tok::Word(l))) = (self.peek(), self.peek_at(1))
+                    {
+                        src_line = int_lit(l).unwrap_or(0) as u32;
+                    }
+                    self.skip_line();
+                }
                 Tok::Word(w) if w.starts_with('.') => self.skip_statement()?,
                 Tok::Punct('@') => {
                     let neg = self.eat('!');
@@ -485,10 +502,12 @@ impl Parser {
                     let mut inst = self.instruction(&mut ctx, &op, line, code.len())?;
                     inst.guard = Some((r, neg));
                     code.push(inst);
+                    src_lines.push(src_line);
                 }
                 Tok::Word(op) => {
                     let inst = self.instruction(&mut ctx, &op, line, code.len())?;
                     code.push(inst);
+                    src_lines.push(src_line);
                 }
                 t => return Err(SimError::parse(line, format!("unexpected {t:?}"))),
             }
@@ -509,6 +528,7 @@ impl Parser {
             nregs: reg_types.len(),
             reg_types,
             code,
+            src_lines,
         })
     }
 
@@ -569,11 +589,19 @@ pub fn parse(src: &str) -> Result<Module, SimError> {
     while p.peek().is_some() {
         let w = p.word()?;
         match w.as_str() {
-            ".version" | ".target" | ".address_size" => {
-                // These end at the line, not a `;`.
-                let l0 = p.toks[p.pos - 1].1;
-                while p.peek().is_some() && p.toks[p.pos].1 == l0 {
-                    p.pos += 1;
+            ".version" | ".target" | ".address_size" | ".file" => p.skip_line(),
+            ".section" => {
+                // Debug sections (`-lineinfo`): a name and a braced body.
+                while !p.eat('{') {
+                    p.next()?;
+                }
+                let mut depth = 1;
+                while depth > 0 {
+                    match p.next()? {
+                        Tok::Punct('{') => depth += 1,
+                        Tok::Punct('}') => depth -= 1,
+                        _ => {}
+                    }
                 }
             }
             ".visible" | ".weak" | ".extern" => {
