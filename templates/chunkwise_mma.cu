@@ -63,21 +63,12 @@ __constant__ float LOG2_GAMMA[HEADS] = { {{ log2_gammas }} };
 __device__ __forceinline__ void load_chunk(T* qs, T* ks, T* vs, const T* __restrict__ q,
                                            const T* __restrict__ k, const T* __restrict__ v,
                                            int b, int h, int kvh, int n0, int t0, int L, int tid) {
-    constexpr int QV = DKP / 8;
-    for (int i = tid; i < CHUNK * QV; i += NT) {
-        const int r = i / QV, c = (i % QV) * 8, t = t0 + r;
-        const bool ok = t < L && c < DK;
-        const size_t row = (size_t)b * L + t;
-        cp_async_16(qs + r * QS + c, ok ? q + (row * HEADS + h) * DK + c : q, ok);
-        cp_async_16(ks + r * QS + c, ok ? k + (row * KV_HEADS + kvh) * DK + c : k, ok);
-    }
-    constexpr int VV = BDV / 8;
-    for (int i = tid; i < CHUNK * VV; i += NT) {
-        const int r = i / VV, c = (i % VV) * 8, t = t0 + r;
-        const bool ok = t < L && n0 + c < DV;
-        const size_t row = (size_t)b * L + t;
-        cp_async_16(vs + r * VS + c, ok ? v + (row * KV_HEADS + kvh) * DV + n0 + c : v, ok);
-    }
+    const size_t row0 = (size_t)b * L + t0;
+    mixc::load_tile_async<T, CHUNK, DK, DKP, QS, NT>(qs, q + (row0 * HEADS + h) * DK, (size_t)HEADS * DK, L - t0, q);
+    mixc::load_tile_async<T, CHUNK, DK, DKP, QS, NT>(ks, k + (row0 * KV_HEADS + kvh) * DK, (size_t)KV_HEADS * DK,
+                                                     L - t0, k);
+    mixc::load_tile_async<T, CHUNK, BDV, BDV, VS, NT>(vs, v + (row0 * KV_HEADS + kvh) * DV + n0,
+                                                      (size_t)KV_HEADS * DV, L - t0, v, DV - n0);
 }
 
 // Mirrors the f32 state registers into shared memory as T (the B operand of
@@ -213,9 +204,14 @@ __device__ __forceinline__ void store_state(T* st_s, const float (&acc)[S_ITERS]
 
 {%- if has_decay %}
         const float cum_last = cum_s[CHUNK - 1];
-        for (int i = tid; i < CHUNK * BDV; i += NT) {
-            const int r = i / BDV, n = i % BDV;
-            vd_s[r * VS + n] = from_float<T>(to_float(vs[r * VS + n]) * exp2f(cum_last - cum_s[r]));
+        // Column pairs: one 32-bit load, one exp2 and one store per two values.
+        constexpr int PAIRS = BDV / 2;
+        for (int i = tid; i < CHUNK * PAIRS; i += NT) {
+            const int r = i / PAIRS, n = (i % PAIRS) * 2;
+            const float f = exp2f(cum_last - cum_s[r]);
+            float lo, hi;
+            mixc::unpack2<T>(*reinterpret_cast<const unsigned*>(vs + r * VS + n), lo, hi);
+            *reinterpret_cast<unsigned*>(vd_s + r * VS + n) = mixc::pack2<T>(lo * f, hi * f);
         }
 {%- endif %}
 {%- if norm_sum %}

@@ -41,12 +41,9 @@ __device__ __forceinline__ void load_block(T* vs, float* fs, const T* __restrict
                                            const float* __restrict__ filt, int b, int kvh, int h,
                                            int n0, int j0, int j_end, int kv_rows, int lag0,
                                            int filter_len, int tid) {
-    constexpr int VV = BDV / 8;
-    for (int i = tid; i < BLOCK_N * VV; i += NT) {
-        const int r = i / VV, c = (i % VV) * 8, j = j0 + r;
-        const bool ok = j < j_end && n0 + c < DV;
-        cp_async_16(vs + r * VS + c, ok ? v + (((size_t)b * kv_rows + j) * KV_HEADS + kvh) * DV + n0 + c : v, ok);
-    }
+    mixc::load_tile_async<T, BLOCK_N, BDV, BDV, VS, NT>(
+        vs, v + (((size_t)b * kv_rows + j0) * KV_HEADS + kvh) * DV + n0, (size_t)KV_HEADS * DV, j_end - j0, v,
+        DV - n0);
     for (int x = tid; x < FS; x += NT) {
         const int lag = lag0 + x;
         const bool ok = lag >= 0 && lag < filter_len && x < FS - 1;

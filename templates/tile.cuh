@@ -33,6 +33,18 @@ template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, f
     return *reinterpret_cast<unsigned*>(&h);
 }
 
+// The two values of a packed pair (lower half first), exactly.
+template <typename T> __device__ __forceinline__ void unpack2(unsigned x, float& lo, float& hi);
+template <> __device__ __forceinline__ void unpack2<__half>(unsigned x, float& lo, float& hi) {
+    const __half2 h = *reinterpret_cast<const __half2*>(&x);
+    lo = __low2float(h);
+    hi = __high2float(h);
+}
+template <> __device__ __forceinline__ void unpack2<__nv_bfloat16>(unsigned x, float& lo, float& hi) {
+    lo = __uint_as_float(x << 16);
+    hi = __uint_as_float(x & 0xffff0000u);
+}
+
 // ---- quad reductions (the 4 lanes that share a row of an mma fragment) ----
 __device__ __forceinline__ float quad_max(float x) {
     x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -70,9 +82,10 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 // compile-time amount, so each copy is a base plus constant offsets (the
 // per-chunk div/mod and address conversions of a generic loop were ~40% of
 // a softmax kernel's instructions).
+// `cols` lowers the column bound at run time (a CTA's slice of d_v).
 template <typename T, int ROWS, int COLS, int COLS_PAD, int SSTRIDE, int NTHREADS>
 __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, size_t gstride, int rows,
-                                                const T* safe) {
+                                                const T* safe, int cols = COLS) {
     constexpr int EPC = 16 / sizeof(T);  // elements per 16-byte chunk
     constexpr int CHUNKS = COLS_PAD / EPC;
     if constexpr (NTHREADS % CHUNKS == 0) {
@@ -82,7 +95,7 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, size_t g
         const unsigned s0 = smem_addr(smem + r0 * SSTRIDE + col);
         const T* g = gmem + (size_t)r0 * gstride + col;
         const size_t gstep = (size_t)RSTEP * gstride;
-        const bool col_ok = col < COLS;
+        const bool col_ok = col < COLS && col < cols;
 #pragma unroll
         for (int i = 0; i < ITERS; ++i) {
             const int r = r0 + i * RSTEP;
@@ -95,7 +108,7 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, size_t g
     } else {
         for (int c = threadIdx.x; c < ROWS * CHUNKS; c += NTHREADS) {
             const int r = c / CHUNKS, col = (c % CHUNKS) * EPC;
-            const bool valid = r < rows && col < COLS;
+            const bool valid = r < rows && col < COLS && col < cols;
             cp_async_16(smem_addr(smem + r * SSTRIDE + col), valid ? gmem + (size_t)r * gstride + col : safe,
                         valid);
         }
