@@ -204,14 +204,11 @@ __device__ __forceinline__ void store_state(T* st_s, const float (&acc)[S_ITERS]
 
 {%- if has_decay %}
         const float cum_last = cum_s[CHUNK - 1];
-        // Column pairs: one 32-bit load, one exp2 and one store per two values.
-        constexpr int PAIRS = BDV / 2;
-        for (int i = tid; i < CHUNK * PAIRS; i += NT) {
-            const int r = i / PAIRS, n = (i % PAIRS) * 2;
-            const float f = exp2f(cum_last - cum_s[r]);
-            float lo, hi;
-            mixc::unpack2<T>(*reinterpret_cast<const unsigned*>(vs + r * VS + n), lo, hi);
-            *reinterpret_cast<unsigned*>(vd_s + r * VS + n) = mixc::pack2<T>(lo * f, hi * f);
+        // Element-wise on purpose: a column-pair version (one exp2 per two
+        // values) spills the 128-register kernel at d = 128.
+        for (int i = tid; i < CHUNK * BDV; i += NT) {
+            const int r = i / BDV, n = i % BDV;
+            vd_s[r * VS + n] = from_float<T>(to_float(vs[r * VS + n]) * exp2f(cum_last - cum_s[r]));
         }
 {%- endif %}
 {%- if norm_sum %}

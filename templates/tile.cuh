@@ -33,18 +33,6 @@ template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, f
     return *reinterpret_cast<unsigned*>(&h);
 }
 
-// The two values of a packed pair (lower half first), exactly.
-template <typename T> __device__ __forceinline__ void unpack2(unsigned x, float& lo, float& hi);
-template <> __device__ __forceinline__ void unpack2<__half>(unsigned x, float& lo, float& hi) {
-    const __half2 h = *reinterpret_cast<const __half2*>(&x);
-    lo = __low2float(h);
-    hi = __high2float(h);
-}
-template <> __device__ __forceinline__ void unpack2<__nv_bfloat16>(unsigned x, float& lo, float& hi) {
-    lo = __uint_as_float(x << 16);
-    hi = __uint_as_float(x & 0xffff0000u);
-}
-
 // ---- quad reductions (the 4 lanes that share a row of an mma fragment) ----
 __device__ __forceinline__ float quad_max(float x) {
     x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
