@@ -31,7 +31,9 @@ extern "C" __global__ void __launch_bounds__({{ bounds }}) {{ name }}(
 {% macro feature_map(name, map) -%}
 __device__ __forceinline__ float {{ name }}(float x) {
 {%- if map == "elu1" %}
-    return x > 0.f ? x + 1.f : expf(x);
+    // exp2f (one ex2.approx) instead of expf's range-reduced sequence: the
+    // map is applied to every loaded q/k element.
+    return x > 0.f ? x + 1.f : exp2f(x * 1.4426950408889634f);
 {%- elif map == "relu" %}
     return fmaxf(x, 0.f);
 {%- else %}
