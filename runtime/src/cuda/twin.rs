@@ -1708,7 +1708,7 @@ fn sim_profile(spec: &MixerSpec, seq: usize, dt: DType) -> String {
     let total: u64 = counts.iter().sum();
     let st = sim.stats;
     let mut rows: Vec<_> = by_line.into_iter().collect();
-    rows.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1 .0));
     let src: Vec<&str> = g.source.lines().collect();
     let mut out = format!(
         "{} {dt:?} L={seq}: {:.0} warp-instructions, {} mma ({:.2} per mma)\n",
