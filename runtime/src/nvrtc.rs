@@ -302,16 +302,8 @@ pub fn compile_with_cache(
         loaded.toolkit.include_dir.display()
     ));
     let t0 = Instant::now();
-    let (cubin, log) =
-        compile_raw(name, source, &all_options, Output::Cubin).map_err(|e| match e {
-            RawError::Compile(log) => NvrtcError::Compile {
-                name: name.into(),
-                arch: arch.name().into(),
-                excerpt: source_excerpt(&log, source, name),
-                log,
-            },
-            RawError::Api(call, reason) => NvrtcError::Api { call, reason },
-        })?;
+    let (cubin, log) = compile_raw(name, source, &all_options, Output::Cubin)
+        .map_err(|e| e.into_error(name, source, arch))?;
     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
     let resources = parse_resource_report(&log);
     let cache_note = cache.and_then(|c| {
@@ -345,6 +337,20 @@ enum RawError {
     Api(&'static str, String),
 }
 
+impl RawError {
+    fn into_error(self, name: &str, source: &str, arch: Arch) -> NvrtcError {
+        match self {
+            RawError::Compile(log) => NvrtcError::Compile {
+                name: name.into(),
+                arch: arch.name().into(),
+                excerpt: source_excerpt(&log, source, name),
+                log,
+            },
+            RawError::Api(call, reason) => NvrtcError::Api { call, reason },
+        }
+    }
+}
+
 /// What [`compile_raw`] returns: a CUBIN (real arch) or PTX text (virtual arch).
 #[derive(Clone, Copy)]
 enum Output {
@@ -375,15 +381,8 @@ pub fn compile_ptx(
     if line_info {
         options.push("--generate-line-info".into());
     }
-    let (ptx, _log) = compile_raw(name, source, &options, Output::Ptx).map_err(|e| match e {
-        RawError::Compile(log) => NvrtcError::Compile {
-            name: name.into(),
-            arch: arch.name().into(),
-            excerpt: source_excerpt(&log, source, name),
-            log,
-        },
-        RawError::Api(call, reason) => NvrtcError::Api { call, reason },
-    })?;
+    let (ptx, _log) = compile_raw(name, source, &options, Output::Ptx)
+        .map_err(|e| e.into_error(name, source, arch))?;
     Ok(String::from_utf8_lossy(&ptx)
         .trim_end_matches('\0')
         .to_string())

@@ -692,30 +692,7 @@ impl Cta<'_> {
     ) -> Result<u64, SimError> {
         let at = self.smem_range(Some(t), inst, a, len)?;
         for k in at..at + len {
-            let m = self.meta[k];
-            if m.inflight != NONE {
-                return Err(self.err(
-                    Some(t),
-                    inst,
-                    format!(
-                        "reads shared byte {k:#x} while thread {}'s cp.async to it is still in flight (missing cp.async.wait_group?)",
-                        m.inflight
-                    ),
-                ));
-            }
-            if m.w_epoch == self.epoch
-                && m.writer != id
-                && !self.warp_ordered(id, m.writer / 32, m.w_wsync)
-            {
-                return Err(self.err(
-                    Some(t),
-                    inst,
-                    format!(
-                        "race: reads shared byte {k:#x} written by thread {} with no barrier in between",
-                        m.writer
-                    ),
-                ));
-            }
+            self.check_prior_write(id, t, inst, k, "reads")?;
             let (warp, ws) = (id / 32, self.wsync[(id / 32) as usize]);
             let m = &mut self.meta[k];
             if m.r_epoch == self.epoch && m.reader != id {
@@ -736,6 +713,41 @@ impl Cta<'_> {
         Ok(u64::from_le_bytes(b))
     }
 
+    /// What any access of shared byte `k` by thread `id` checks: no copy in
+    /// flight to it, no other thread's write since the last barrier (or,
+    /// within a warp, the last warp barrier). `verb`: "reads" / "writes".
+    fn check_prior_write(
+        &self,
+        id: u32,
+        t: &Thread,
+        inst: &Inst,
+        k: usize,
+        verb: &str,
+    ) -> Result<(), SimError> {
+        let m = self.meta[k];
+        if m.inflight != NONE {
+            return Err(self.err(
+                Some(t),
+                inst,
+                format!(
+                    "{verb} shared byte {k:#x} while thread {}'s cp.async to it is still in flight (missing cp.async.wait_group?)",
+                    m.inflight
+                ),
+            ));
+        }
+        if m.w_epoch == self.epoch
+            && m.writer != id
+            && !self.warp_ordered(id, m.writer / 32, m.w_wsync)
+        {
+            return Err(self.err(
+                Some(t),
+                inst,
+                format!("race: {verb} shared byte {k:#x} written by thread {} with no barrier in between", m.writer),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks a write of `len` bytes at `a` by thread `id` (plain or cp.async issue).
     fn smem_check_write(
         &self,
@@ -747,30 +759,8 @@ impl Cta<'_> {
     ) -> Result<usize, SimError> {
         let at = self.smem_range(Some(t), inst, a, len)?;
         for k in at..at + len {
+            self.check_prior_write(id, t, inst, k, "writes")?;
             let m = self.meta[k];
-            if m.inflight != NONE {
-                return Err(self.err(
-                    Some(t),
-                    inst,
-                    format!(
-                        "writes shared byte {k:#x} while thread {}'s cp.async to it is in flight",
-                        m.inflight
-                    ),
-                ));
-            }
-            if m.w_epoch == self.epoch
-                && m.writer != id
-                && !self.warp_ordered(id, m.writer / 32, m.w_wsync)
-            {
-                return Err(self.err(
-                    Some(t),
-                    inst,
-                    format!(
-                        "race: writes shared byte {k:#x} also written by thread {} with no barrier in between",
-                        m.writer
-                    ),
-                ));
-            }
             if m.r_epoch == self.epoch
                 && m.reader != id
                 && !self.warp_ordered(id, m.r_warp, m.r_wsync)

@@ -1514,7 +1514,7 @@ fn two_threads_writing_one_byte_is_a_race() {
     let mut mem = Mem::default();
     let e = fails(&src, &mut mem, 1, 2, 0, &[0]);
     assert_msg(&e, "race");
-    assert_msg(&e, "also written by thread 0");
+    assert_msg(&e, "written by thread 0");
     assert_msg(&e, "thread (1,0,0)");
     // One thread writing and reading its own bytes needs no barrier.
     let body = "\tst.shared.u32 [sbuf], 7;\n\tld.shared.u32 %r2, [sbuf];\n\
