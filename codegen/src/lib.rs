@@ -412,6 +412,7 @@ pub fn generate(
     target: &Target,
     cfg: &KernelConfig,
 ) -> Result<GeneratedKernel, CodegenError> {
+    GENERATIONS.with(|n| n.set(n.get() + 1));
     cfg.validate_common()?;
     match spec.family {
         Family::Softmax => lower_softmax::lower(spec, target, cfg),
@@ -420,6 +421,16 @@ pub fn generate(
         }
         Family::Convolution => lower_conv::lower(spec, target, cfg),
     }
+}
+
+thread_local! {
+    static GENERATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many times this thread called [`generate`] (the runtime's
+/// compile-once tests count with it).
+pub fn generations() -> u64 {
+    GENERATIONS.with(|n| n.get())
 }
 
 /// `generate` with the default configuration for the spec and target.

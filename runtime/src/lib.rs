@@ -11,6 +11,7 @@ pub use tensor::{ExtraTensor, MixerInputs, MixerOutput, Tensor};
 pub mod error;
 pub use error::{Result, RuntimeError};
 pub mod compile_cache;
+pub mod counters;
 pub mod cpu;
 pub mod cuda;
 pub mod inputs;

@@ -286,6 +286,7 @@ pub fn compile_with_cache(
     let options = compile_options(arch);
     let key = CompileCache::key(source, arch, loaded.version, &options);
     if let Some(hit) = cache.and_then(|c| c.get(&key)) {
+        crate::counters::bump(crate::counters::Work::DiskCacheRead);
         return Ok(CompiledModule {
             arch,
             cubin: hit.cubin,
@@ -302,6 +303,7 @@ pub fn compile_with_cache(
         loaded.toolkit.include_dir.display()
     ));
     let t0 = Instant::now();
+    crate::counters::bump(crate::counters::Work::Compilation);
     let (cubin, log) = compile_raw(name, source, &all_options, Output::Cubin)
         .map_err(|e| e.into_error(name, source, arch))?;
     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;

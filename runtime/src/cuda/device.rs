@@ -146,6 +146,7 @@ impl Gpu {
 
     /// Loads a cubin and returns the named functions.
     pub fn load(&self, cubin: &[u8], names: &[&str]) -> Result<Vec<CudaFunction>> {
+        crate::counters::bump(crate::counters::Work::ModuleLoad);
         let module = self
             .ctx
             .load_module(Ptx::from_binary(cubin.to_vec()))
