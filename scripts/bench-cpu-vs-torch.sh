@@ -37,8 +37,8 @@ fi
 if [ -n "${MIXC_BIN:-}" ]; then
     MIXC="$MIXC_BIN"
 else
-    echo "bench-cpu-vs-torch: cargo build --release -p mixc" >&2
-    cargo build --release -p mixc --quiet
+    echo "bench-cpu-vs-torch: cargo build --release -p mixc-cli" >&2
+    cargo build --release -p mixc-cli --quiet
     MIXC=target/release/mixc
 fi
 [ -x "$MIXC" ] || { echo "bench-cpu-vs-torch: $MIXC is not an executable" >&2; exit 1; }

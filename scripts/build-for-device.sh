@@ -24,8 +24,8 @@ for f in runtime/tests/cuda_backend.rs runtime/tests/nvrtc_*.rs; do
 done
 [ ${#TESTS[@]} -gt 0 ] || { echo "build-for-device: no GPU test sources found" >&2; exit 1; }
 
-echo "build-for-device: cargo build --release -p mixc" >&2
-cargo build --release -p mixc
+echo "build-for-device: cargo build --release -p mixc-cli" >&2
+cargo build --release -p mixc-cli
 echo "build-for-device: cargo test --release -p mixc-runtime ${TESTS[*]} --no-run" >&2
 MSGS="$(mktemp)"
 trap 'rm -f "$MSGS"' EXIT

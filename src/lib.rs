@@ -1,2 +1,116 @@
-//! mixc: token-mixer specs compiled to tiled kernels.
+//! mixc: token mixers (attention and its relatives) from a short spec to
+//! tiled kernels, as a library.
+//!
+//! A spec is parsed once ([`parse`], [`parse_file`] or the [`mixer!`] macro,
+//! checked at compile time), compiled once for a backend ([`Mixer::new`]:
+//! CUDA through NVRTC, the blocked CPU backend, or the f64 reference) and
+//! then called many times ([`Mixer::forward`]) with any batch and sequence
+//! length, without generating, compiling or loading anything again.
+//!
+//! ```
+//! use mixc::{Device, Mixer, Options};
+//!
+//! let spec = mixc::mixer! {
+//!     mixer causal_gqa {
+//!         heads = 4;
+//!         kv_heads = 2;
+//!         head_dim = 32;
+//!         mask = causal;
+//!     }
+//! };
+//! // CUDA when a GPU is usable, the CPU backend otherwise.
+//! let mixer = Mixer::new(&spec, Options::on(Device::Auto))?;
+//! for seq in [100, 257] {
+//!     let inputs = mixc::random_inputs(&spec, 2, seq, 7);
+//!     let out = mixer.forward(&inputs)?;
+//!     assert_eq!(out.o.shape, [2, seq, 4, 32]);
+//! }
+//! # Ok::<(), mixc::Error>(())
+//! ```
+//!
+//! Inputs use mixc's layout (the flash-attn layout): `q [batch, seq, heads,
+//! head_dim]`, `k [batch, seq, kv_heads, head_dim]`, `v [batch, seq,
+//! kv_heads, value_dim]`, extra inputs by their spec names
+//! ([`MixerInputs::new`], [`MixerInputs::with_extra`]); the output is `o
+//! [batch, seq, heads, value_dim]` in f32. `docs/api.md` walks through the
+//! options, the backends and the errors.
+//!
+//! The crates behind the facade are re-exported for what it does not cover:
+//! [`dsl`] (the language and its IR), [`codegen`] (block plan and CUDA
+//! lowering) and [`runtime`] (backends, tuning, safetensors I/O).
+
+pub use mixc_codegen as codegen;
 pub use mixc_dsl as dsl;
+pub use mixc_runtime as runtime;
+
+pub use mixc_dsl::{DType, Diagnostics, Family, MixerSpec, SpecError};
+pub use mixc_runtime::mixer::capabilities;
+pub use mixc_runtime::ring::Sharding;
+pub use mixc_runtime::tune::CpuTiles;
+pub use mixc_runtime::{
+    BackendKind, ConfigSource, Device, ExtraTensor, Mixer, MixerInputs, Options, Output, Tensor,
+    Tiles,
+};
+
+/// `Result<T, mixc::Error>`.
+pub use mixc_runtime::Result;
+/// The library's error type: variants a caller can match (no GPU, out of
+/// memory, unsupported spec on a backend, bad input tensor, ...).
+pub use mixc_runtime::RuntimeError as Error;
+
+/// Parses and validates spec text; the error renders as `line:col`
+/// diagnostics with a caret and a hint.
+pub fn parse(text: &str) -> std::result::Result<MixerSpec, Diagnostics> {
+    mixc_dsl::parse_str(text)
+}
+
+/// Parses and validates a `.mix` file; the error renders as `file:line:col`
+/// diagnostics (or says why the file could not be read).
+pub fn parse_file(path: impl AsRef<std::path::Path>) -> std::result::Result<MixerSpec, SpecError> {
+    mixc_dsl::parse_file(path.as_ref())
+}
+
+/// Deterministic random inputs for `spec` at `batch x seq` (q, k, v
+/// standard normal, extra inputs of the documented kinds); the same
+/// arguments give the same bits on every platform.
+pub fn random_inputs(spec: &MixerSpec, batch: usize, seq: usize, seed: u64) -> MixerInputs {
+    mixc_runtime::inputs::random_inputs(spec, batch, seq, seed)
+}
+
+/// A spec written in Rust, validated at compile time by the same parser
+/// that reads `.mix` files (errors point at the offending tokens); expands
+/// to a [`MixerSpec`] value.
+///
+/// ```
+/// let spec = mixc::mixer! {
+///     mixer retnet {
+///         heads = 8;
+///         head_dim = 64;
+///         decay = 1.0 - pow(2.0, -5.0 - h);
+///         mask = causal;
+///         norm = none;
+///     }
+/// };
+/// assert_eq!(spec.family, mixc::Family::Retention);
+/// ```
+#[macro_export]
+macro_rules! mixer {
+    ($($spec:tt)*) => {
+        $crate::__private::mixer_in! { ($crate::dsl) $($spec)* }
+    };
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use mixc_macro::mixer_in;
+}
+
+/// The README's Rust examples run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
+/// `docs/api.md`'s examples run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/api.md")]
+pub struct ApiDocDoctests;

@@ -1,12 +1,13 @@
 //! End-to-end tests of the `mixc` binary: exit codes, diagnostics, files.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 mod common;
 use common::{mixc, text};
 
 fn examples() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -238,4 +239,121 @@ fn run_dtype_rounds_the_inputs_that_every_backend_sees() {
         assert!(v["max_rel_error"].as_f64().unwrap() < 2e-4, "{v}");
         assert_eq!(v["tolerance"].as_f64().unwrap(), 2e-4);
     }
+}
+
+/// `check --json` lists, per spec, which backends and CUDA architectures run
+/// it; a spec only the CPU and the reference run says why CUDA does not, in
+/// spec terms, and stays a valid spec (exit 0).
+#[test]
+fn check_lists_backend_support() {
+    let partial = scratch("lin_bias.mix");
+    std::fs::write(
+        &partial,
+        "mixer lin_bias { heads = 2; head_dim = 16; score = dot(elu1(q), elu1(k)); \
+         bias = -0.1 * (i - j); mask = causal && window(8); norm = sum(eps = 1e-6); }\n",
+    )
+    .unwrap();
+    let mut args = vec!["check".to_string(), "--json".to_string()];
+    args.extend(examples().iter().map(|p| p.display().to_string()));
+    args.push(partial.display().to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = mixc(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), examples().len() + 1);
+    for row in &rows {
+        let backends = row["backends"].as_array().unwrap();
+        let targets: Vec<&str> = backends
+            .iter()
+            .map(|b| b["target"].as_str().unwrap())
+            .collect();
+        assert_eq!(targets, ["reference", "cpu", "cuda sm_80", "cuda sm_90"]);
+        let name = row["name"].as_str().unwrap();
+        for b in backends {
+            let supported = b["supported"].as_bool().unwrap();
+            if name == "lin_bias" && b["target"].as_str().unwrap().starts_with("cuda") {
+                assert!(!supported);
+                let why = b["reason"].as_str().unwrap();
+                assert!(why.contains("bias") && !why.contains('{'), "{why}");
+            } else {
+                assert!(supported, "{name}: {b}");
+            }
+        }
+    }
+    // The text form says the same in a line per refusal.
+    let out = mixc(&["check", partial.to_str().unwrap()]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("runs on reference, cpu\n"), "{t}");
+    assert!(t.contains("not on cuda sm_90: "), "{t}");
+}
+
+/// A torchrun-style environment with several processes is refused on the
+/// CPU backend (never each process computing the whole problem).
+#[test]
+fn several_processes_on_the_cpu_backend_are_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mixc"))
+        .args([
+            "run",
+            "examples/full_attention.mix",
+            "--seq",
+            "16",
+            "--backend",
+            "cpu",
+        ])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .env("WORLD_SIZE", "2")
+        .env("RANK", "0")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", "29512")
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("2 processes") && t.contains("cpu"), "{t}");
+}
+
+/// `--check` compares a documented sample on long runs and says so;
+/// `--check full` compares everything.
+#[test]
+fn check_samples_long_runs_unless_asked_for_all() {
+    let run = |mode: &[&str]| {
+        let mut args = vec![
+            "run",
+            "examples/causal_gqa_llama3.mix",
+            "--seq",
+            "600",
+            "--backend",
+            "cpu",
+            "--set",
+            "heads=8",
+            "--set",
+            "kv_heads=2",
+            "--set",
+            "head_dim=16",
+            "--ranks",
+            "3",
+            "--json",
+        ];
+        args.extend_from_slice(mode);
+        let out = mixc(&args);
+        assert!(out.status.success(), "{}", text(&out));
+        let v: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+        v
+    };
+    let sample = run(&["--check"]);
+    assert_eq!(sample["check_full"], false);
+    let what = sample["checked"].as_str().unwrap();
+    assert!(
+        what.contains("256 of 600 positions") && what.contains("4 of 8 heads"),
+        "{what}"
+    );
+    let full = run(&["--check", "full"]);
+    assert_eq!(full["check_full"], true);
+    assert_eq!(full["checked"], "all 600 positions x all 8 heads");
+    assert!(full["max_rel_error"].as_f64().unwrap() < 2e-4);
 }

@@ -6,7 +6,8 @@ use std::process::{Command, Output};
 
 fn mixc(args: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_mixc"));
-    c.args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
+    c.args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
     for (k, v) in envs {
         c.env(k, v);
     }
@@ -18,7 +19,7 @@ fn stderr(o: &Output) -> String {
 }
 
 fn has_gpu() -> bool {
-    mixc_runtime::cuda::probe().is_ok()
+    mixc::runtime::cuda::probe().is_ok()
 }
 
 #[test]

@@ -133,7 +133,7 @@ fn has_work(e: &Expr) -> bool {
 
 fn err(e: &Expr, reason: impl Into<String>) -> CodegenError {
     CodegenError::Expr {
-        expr: format!("{e:?}"),
+        expr: e.to_string(),
         reason: reason.into(),
     }
 }

@@ -6,6 +6,8 @@
 //! masks apply, constants, and C expressions lowered from `ir::Expr` /
 //! `ir::Mask`); the templates in `templates/` say *how* (the CUDA for a tile).
 //! No CUDA statements are assembled in Rust except lowered expressions.
+//! The runtime's own helper kernels (log-sum-exp merge, accumulator reset)
+//! are a template too: [`helper_kernels`] renders `templates/helpers.cu`.
 //!
 //! - [`config`]: [`Target`] (arch + storage dtype) and [`KernelConfig`]
 //!   (tile sizes; defaults per family, `key=value` overrides, validation).
@@ -256,6 +258,7 @@ pub const TEMPLATES: &[(&str, &str)] = &[
     ),
     ("conv_mma.cu", include_str!("../../templates/conv_mma.cu")),
     ("conv_simt.cu", include_str!("../../templates/conv_simt.cu")),
+    ("helpers.cu", include_str!("../../templates/helpers.cu")),
 ];
 
 fn tera() -> Result<&'static tera::Tera, CodegenError> {
@@ -297,7 +300,6 @@ pub fn render(template: &str, ctx: &tera::Context) -> Result<String, CodegenErro
         })
 }
 
-/// C type of a storage dtype.
 /// The error for a configuration that cannot run on `arch`, with the reason.
 pub(crate) fn does_not_fit(spec: &MixerSpec, arch: Arch, reason: String) -> CodegenError {
     CodegenError::ConfigDoesNotFit {
@@ -332,12 +334,85 @@ pub(crate) fn require_16_byte_rows(
     ))
 }
 
+/// C type of a storage dtype.
 pub fn c_elem_type(dtype: DType) -> &'static str {
     match dtype {
         DType::F16 => "__half",
         DType::Bf16 => "__nv_bfloat16",
         DType::F32 => "float",
     }
+}
+
+/// The CUDA backend's own helper kernels, rendered from
+/// `templates/helpers.cu`: the log-sum-exp merge of softmax partials into the
+/// f32 accumulator (one kernel per storage type) and the accumulator reset.
+/// The source does not depend on a spec or dtype, so the runtime compiles it
+/// once per arch. Get it with [`helper_kernels`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HelperKernels {
+    /// Self-contained CUDA source (needs only `cuda_fp16.h` / `cuda_bf16.h`)
+    /// defining [`merge_kernel_name`](Self::merge_kernel_name) for every
+    /// dtype of [`DTYPES`](Self::DTYPES) and
+    /// [`fill_kernel_name`](Self::fill_kernel_name).
+    pub source: &'static str,
+}
+
+impl HelperKernels {
+    /// The storage types the source has a merge kernel for, in source order.
+    pub const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::Bf16];
+
+    /// `mixc_merge_lse_<dtype>(acc_o, acc_lse, part_o, part_lse, batch, rows,
+    /// heads, dv, row_begin, row_end)`: merges a softmax partial (`part_o` in
+    /// storage type `dtype`, normalised, with its f32 row log-sum-exp) into the
+    /// f32 accumulator over rows `[row_begin, row_end)`.
+    pub fn merge_kernel_name(&self, dtype: DType) -> String {
+        format!("mixc_merge_lse_{}", dtype.name())
+    }
+
+    /// `mixc_fill_neg_inf(p, n)`: sets `n` floats to -inf (the accumulator's
+    /// row log-sum-exp before the first merge).
+    pub fn fill_kernel_name(&self) -> &'static str {
+        "mixc_fill_neg_inf"
+    }
+
+    /// The kernels a softmax run in storage type `dtype` loads, in the order
+    /// merge, fill.
+    pub fn kernel_names(&self, dtype: DType) -> [String; 2] {
+        [
+            self.merge_kernel_name(dtype),
+            self.fill_kernel_name().to_string(),
+        ]
+    }
+}
+
+/// The backend's helper kernels, rendered from `templates/helpers.cu` on the
+/// first call (Rust names the kernels and lists the storage types; the
+/// template holds the CUDA).
+///
+/// # Panics
+///
+/// If the template fails to render: it takes no input, so that is a bug in
+/// `templates/helpers.cu` (the codegen tests render it).
+pub fn helper_kernels() -> HelperKernels {
+    static SOURCE: OnceLock<String> = OnceLock::new();
+    let source = SOURCE.get_or_init(|| {
+        // The names come from the same functions the runtime loads by.
+        let names = HelperKernels { source: "" };
+        let dtypes: Vec<serde_json::Value> = HelperKernels::DTYPES
+            .iter()
+            .map(|&d| {
+                serde_json::json!({
+                    "kernel": names.merge_kernel_name(d),
+                    "c_type": c_elem_type(d),
+                })
+            })
+            .collect();
+        let mut ctx = tera::Context::new();
+        ctx.insert("dtypes", &dtypes);
+        ctx.insert("fill_kernel", names.fill_kernel_name());
+        render("helpers.cu", &ctx).unwrap_or_else(|e| panic!("{e}"))
+    });
+    HelperKernels { source }
 }
 
 /// Kernel symbol: `mixc_<spec>_<family>_<dtype>`, readable in profilers.

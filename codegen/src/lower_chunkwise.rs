@@ -271,7 +271,7 @@ fn check_form(spec: &MixerSpec) -> Result<(FeatureMap, FeatureMap, f64), Codegen
         return Err(unsupported(
             spec,
             format!(
-                "mask `{:?}` with the {} family: the chunkwise kernel carries a state over every \
+                "mask `{}` with the {} family: the chunkwise kernel carries a state over every \
                  earlier key, so it implements `mask = causal` only",
                 spec.mask,
                 spec.family.name()

@@ -188,13 +188,13 @@ pub(crate) fn lower(
     }
     if !matches!(spec.norm, Norm::None) {
         return Err(unsupported(format!(
-            "normalisation {:?} with a filter score: the convolution kernel implements `norm = none`",
+            "normalisation `{}` with a filter score: the convolution kernel implements `norm = none`",
             spec.norm
         )));
     }
     if !matches!(spec.mask, Mask::Causal) {
         return Err(unsupported(format!(
-            "mask `{:?}` with a filter score: the convolution kernel implements `mask = causal`",
+            "mask `{}` with a filter score: the convolution kernel implements `mask = causal`",
             spec.mask
         )));
     }

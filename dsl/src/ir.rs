@@ -934,3 +934,125 @@ mod tests {
         assert_eq!(Func::Min.apply(&v, 8), Value::Int(1));
     }
 }
+
+// Spec syntax: what a user wrote (up to parentheses and spacing), for
+// messages that name a part of the spec.
+
+impl fmt::Display for Mask {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Mask::All => f.write_str("all"),
+            Mask::Causal => f.write_str("causal"),
+            Mask::Window { size } => write!(f, "window({size})"),
+            Mask::PrefixLm { prefix } => write!(f, "prefix_lm({prefix})"),
+            Mask::Segment { input } => write!(f, "segment({input})"),
+            Mask::BlockSparse {
+                block,
+                local,
+                global,
+            } => write!(
+                f,
+                "block_sparse(block = {block}, local = {local}, global = {global})"
+            ),
+            Mask::Dilated { rate } => write!(f, "dilated({rate})"),
+            // `&&` binds tighter than `||`: parenthesise an `||` under `&&`.
+            Mask::And(a, b) => {
+                let side = |m: &Mask| match m {
+                    Mask::Or(..) => format!("({m})"),
+                    m => m.to_string(),
+                };
+                write!(f, "{} && {}", side(a), side(b))
+            }
+            Mask::Or(a, b) => write!(f, "{a} || {b}"),
+        }
+    }
+}
+
+impl fmt::Display for Norm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Norm::Softmax => f.write_str("softmax"),
+            Norm::Sum { eps } => write!(f, "sum(eps = {eps:e})"),
+            Norm::None => f.write_str("none"),
+        }
+    }
+}
+
+impl fmt::Display for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Operands that are themselves operations get parentheses: exact,
+        // if sometimes more than the user wrote.
+        let operand = |e: &Expr| match e {
+            Expr::Binary(..) | Expr::Unary(..) => format!("({e})"),
+            Expr::Float(x) if *x < 0.0 => format!("({e})"),
+            Expr::Int(x) if *x < 0 => format!("({e})"),
+            e => e.to_string(),
+        };
+        match self {
+            Expr::Int(v) => write!(f, "{v}"),
+            Expr::Float(v) => {
+                let s = format!("{v:?}");
+                f.write_str(&s)
+            }
+            Expr::Var(v) => f.write_str(match v {
+                Var::I => "i",
+                Var::J => "j",
+                Var::H => "h",
+                Var::S => "s",
+            }),
+            Expr::Unary(UnOp::Neg, a) => write!(f, "-{}", operand(a)),
+            Expr::Binary(op, a, b) => {
+                let op = match op {
+                    BinOp::Add => "+",
+                    BinOp::Sub => "-",
+                    BinOp::Mul => "*",
+                    BinOp::Div => "/",
+                    BinOp::Rem => "%",
+                };
+                write!(f, "{} {op} {}", operand(a), operand(b))
+            }
+            Expr::Call(func, args) => {
+                let args: Vec<String> = args.iter().map(Expr::to_string).collect();
+                write!(f, "{}({})", func.name(), args.join(", "))
+            }
+            Expr::Index { input, indices } => {
+                f.write_str(input)?;
+                for i in indices {
+                    write!(f, "[{i}]")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod display_tests {
+    use super::*;
+
+    /// Spec syntax round-trips through the parser.
+    #[test]
+    fn masks_and_expressions_print_as_spec_syntax() {
+        let src = "mixer m { heads = 4; head_dim = 8; input rel: f32[heads, 128]; \
+                   input doc: i32[batch, seq]; \
+                   mask = (causal || prefix_lm(16)) && window(64) && segment(doc); \
+                   bias = -alibi_slope(h) * (i - j) + rel[h][min(abs(i - j) % 300, 127)]; \
+                   transform = 50.0 * tanh(s / 50.0); }";
+        let spec = crate::parse_str(src).unwrap();
+        let mask = spec.mask.to_string();
+        assert_eq!(
+            mask,
+            "(causal || prefix_lm(16)) && window(64) && segment(doc)"
+        );
+        let bias = spec.bias.as_ref().unwrap().to_string();
+        let again = crate::parse_str(&format!(
+            "mixer m {{ heads = 4; head_dim = 8; input rel: f32[heads, 128]; \
+             input doc: i32[batch, seq]; mask = {mask}; bias = {bias}; \
+             transform = {}; }}",
+            spec.transform.as_ref().unwrap()
+        ))
+        .unwrap();
+        assert_eq!(again, spec);
+        assert_eq!(Norm::Sum { eps: 1e-6 }.to_string(), "sum(eps = 1e-6)");
+    }
+}

@@ -2,6 +2,7 @@
 //!
 //! - `reference`: the f64 oracle, quadratic loops written for clarity.
 //! - `inputs` / `io`: seeded random inputs and safetensors files.
+//! - [`Mixer`]: a spec compiled once for a backend and called many times.
 //! - `cpu`: the blocked/ring CPU backend (the same block plan as the kernels).
 //! - `nvrtc`: NVRTC compilation with an on-disk cache (no GPU needed).
 
@@ -10,12 +11,16 @@ pub mod tensor;
 pub use tensor::{ExtraTensor, MixerInputs, MixerOutput, Tensor};
 pub mod error;
 pub use error::{Result, RuntimeError};
+pub mod check;
 pub mod compile_cache;
 pub mod counters;
 pub mod cpu;
 pub mod cuda;
 pub mod inputs;
 pub mod io;
+pub mod mixer;
+pub mod pairs;
+pub use mixer::{BackendKind, ConfigSource, Device, Mixer, Options, Output, Tiles};
 pub mod nvrtc;
 pub mod reference;
 pub mod ring;

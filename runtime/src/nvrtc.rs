@@ -362,7 +362,8 @@ enum Output {
 
 /// Compiles `source` to PTX for the virtual architecture of `arch`
 /// (`compute_80` / `compute_90`), uncached: the PTX simulator's input
-/// (`cuda::ptxsim`), which executes exactly what NVRTC lowered the kernel to.
+/// (the `mixc-ptxsim` crate, `runtime/ptxsim/`), which executes exactly what
+/// NVRTC lowered the kernel to.
 /// `line_info` adds `.loc` source lines (`-lineinfo`) for profiles.
 pub fn compile_ptx(
     name: &str,

@@ -29,7 +29,25 @@ use crate::tensor::{MixerInputs, Tensor};
 /// The mixer output `[batch, seq, heads, value_dim]` in f64.
 pub fn evaluate(spec: &MixerSpec, inputs: &MixerInputs) -> Result<Tensor<f64>> {
     let rows: Vec<usize> = (0..inputs.seq).collect();
-    Ok(run(spec, inputs, &rows)?.0)
+    Ok(run(spec, inputs, &rows, &all_heads(spec), &|_| {})?.0)
+}
+
+fn all_heads(spec: &MixerSpec) -> Vec<usize> {
+    (0..spec.heads as usize).collect()
+}
+
+/// The output for the listed query positions and query heads only:
+/// `[batch, rows.len(), heads.len(), value_dim]`. `progress` is called with
+/// the number of (batch row, position) rows finished so far (from worker
+/// threads, in no particular order of calls), out of `batch * rows.len()`.
+pub fn evaluate_sample(
+    spec: &MixerSpec,
+    inputs: &MixerInputs,
+    rows: &[usize],
+    heads: &[usize],
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Tensor<f64>> {
+    Ok(run(spec, inputs, rows, heads, progress)?.0)
 }
 
 /// The output for the listed query positions only:
@@ -40,7 +58,7 @@ pub fn evaluate_rows(
     inputs: &MixerInputs,
     rows: &[usize],
 ) -> Result<Tensor<f64>> {
-    Ok(run(spec, inputs, rows)?.0)
+    Ok(run(spec, inputs, rows, &all_heads(spec), &|_| {})?.0)
 }
 
 /// The output and, for softmax mixers, the natural-log log-sum-exp of each
@@ -58,7 +76,7 @@ pub fn evaluate_with_lse(
         )));
     }
     let rows: Vec<usize> = (0..inputs.seq).collect();
-    run(spec, inputs, &rows)
+    run(spec, inputs, &rows, &all_heads(spec), &|_| {})
 }
 
 /// Checks the reference's own preconditions, which validation guarantees for
@@ -98,13 +116,18 @@ fn check_spec(spec: &MixerSpec) -> Result<()> {
     Ok(())
 }
 
-/// Evaluates the listed rows; returns (output, lse). The lse is only
-/// meaningful for softmax and is left 0 otherwise.
+/// Evaluates the listed rows and heads; returns (output, lse). The lse is
+/// only meaningful for softmax and is left 0 otherwise. Rows are independent,
+/// so they are spread over worker threads; each row is the plain loops.
 fn run(
     spec: &MixerSpec,
     inputs: &MixerInputs,
     rows: &[usize],
+    heads: &[usize],
+    progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(Tensor<f64>, Tensor<f64>)> {
+    use rayon::prelude::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
     check_spec(spec)?;
     validate_inputs(spec, inputs)?;
     if let Some(&r) = rows.iter().find(|&&r| r >= inputs.seq) {
@@ -113,29 +136,40 @@ fn run(
             inputs.seq
         )));
     }
-    let (batch, seq) = (inputs.batch, inputs.seq);
-    let (heads, dv) = (spec.heads as usize, spec.value_dim as usize);
-    let mut out = Tensor::<f64>::zeros(&[batch, rows.len(), heads, dv]);
-    let mut lse = Tensor::<f64>::zeros(&[batch, rows.len(), heads]);
-    // Per-row scratch, O(seq): the weight of each key (None = masked out) and
-    // the decay D(i, j).
-    let mut weights: Vec<Option<f64>> = vec![None; seq];
-    let mut decay = vec![1.0f64; seq];
-    let mut y = vec![0.0f64; dv];
-    for b in 0..batch {
-        for (r, &i) in rows.iter().enumerate() {
-            for h in 0..heads {
-                let kvh = spec.kv_head_of(h as u32) as usize;
-                fill_decay(spec, inputs, b, i, h, &mut decay);
-                row_weights(spec, inputs, b, i, h, &decay, &mut weights);
-                let row_lse = normalise(spec.norm, inputs, b, kvh, &weights, &mut y);
-                let o = out.offset(&[b, r, h, 0]);
-                out.data[o..o + dv].copy_from_slice(&y);
-                let l = lse.offset(&[b, r, h]);
-                lse.data[l] = row_lse;
-            }
-        }
+    if let Some(&h) = heads.iter().find(|&&h| h >= spec.heads as usize) {
+        return Err(RuntimeError::Invalid(format!(
+            "head {h} requested but mixer `{}` has {} heads",
+            spec.name, spec.heads
+        )));
     }
+    let (batch, seq) = (inputs.batch, inputs.seq);
+    let (nh, dv) = (heads.len(), spec.value_dim as usize);
+    let mut out = Tensor::<f64>::zeros(&[batch, rows.len(), nh, dv]);
+    let mut lse = Tensor::<f64>::zeros(&[batch, rows.len(), nh]);
+    if out.data.is_empty() {
+        return Ok((out, lse));
+    }
+    let done = AtomicU64::new(0);
+    out.data
+        .par_chunks_mut(nh * dv)
+        .zip(lse.data.par_chunks_mut(nh))
+        .enumerate()
+        .for_each_init(
+            // Per-thread scratch, O(seq): the weight of each key (None =
+            // masked out) and the decay D(i, j).
+            || (vec![None; seq], vec![1.0f64; seq]),
+            |(weights, decay), (x, (out_row, lse_row))| {
+                let (b, i) = (x / rows.len(), rows[x % rows.len()]);
+                for (hi, &h) in heads.iter().enumerate() {
+                    let kvh = spec.kv_head_of(h as u32) as usize;
+                    fill_decay(spec, inputs, b, i, h, decay);
+                    row_weights(spec, inputs, b, i, h, decay, weights);
+                    let y = &mut out_row[hi * dv..(hi + 1) * dv];
+                    lse_row[hi] = normalise(spec.norm, inputs, b, kvh, weights, y);
+                }
+                progress(done.fetch_add(1, Ordering::Relaxed) + 1);
+            },
+        );
     Ok((out, lse))
 }
 

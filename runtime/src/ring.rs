@@ -76,7 +76,7 @@ impl RingSchedule {
         if ranks > seq {
             return Err(RuntimeError::Invalid(format!(
                 "{ranks} ranks cannot share a sequence of {seq} positions: \
-                 every rank needs at least one (use --ranks <= {seq})"
+                 every rank needs at least one (use at most {seq} ranks)"
             )));
         }
         let shards = match sharding {

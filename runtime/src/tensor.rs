@@ -90,6 +90,34 @@ pub struct MixerInputs {
 }
 
 impl MixerInputs {
+    /// Inputs from q `[batch, seq, heads, head_dim]`, k `[batch, seq,
+    /// kv_heads, head_dim]` and v `[batch, seq, kv_heads, value_dim]`;
+    /// batch and length are read from v (q and k are empty for the
+    /// convolution family). Shapes are checked against the spec when the
+    /// inputs are used.
+    pub fn new(q: Tensor<f32>, k: Tensor<f32>, v: Tensor<f32>) -> MixerInputs {
+        let dims = |t: &Tensor<f32>| (t.shape.first().copied(), t.shape.get(1).copied());
+        let (batch, seq) = match (dims(&v), dims(&q)) {
+            ((Some(b), Some(s)), _) | (_, (Some(b), Some(s))) => (b, s),
+            _ => (0, 0),
+        };
+        MixerInputs {
+            batch,
+            seq,
+            q,
+            k,
+            v,
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// Adds the extra input `name` (a table, gate, filter or id tensor the
+    /// spec declares).
+    pub fn with_extra(mut self, name: &str, t: ExtraTensor) -> MixerInputs {
+        self.extra.insert(name.to_string(), t);
+        self
+    }
+
     /// The declared extra input `name`, or a `BadInput` error naming it.
     pub fn extra_input(&self, name: &str) -> crate::error::Result<&ExtraTensor> {
         self.extra

@@ -9,7 +9,8 @@ use std::process::{Command, Output};
 /// Runs the built `mixc` with `args` and extra environment variables.
 pub fn mixc_env(args: &[&str], envs: &[(&str, &Path)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mixc"));
-    cmd.args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd.args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
     for (k, v) in envs {
         cmd.env(k, v);
     }

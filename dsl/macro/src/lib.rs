@@ -24,13 +24,78 @@ use quote::quote;
 
 #[proc_macro]
 pub fn mixer(input: proc_macro::TokenStream) -> proc_macro::TokenStream {
-    match parse_tokens(input.into()) {
-        Ok(spec) => spec_tokens(&spec).into(),
+    expand(input.into(), None).into()
+}
+
+/// `mixer_in!{ (PATH) spec... }`: [`mixer!`] with the IR types named through
+/// `PATH` instead of `::mixc_dsl`, so a facade crate's `macro_rules!` wrapper
+/// can pass `$crate::dsl` and its users need no dependency on `mixc-dsl`.
+#[doc(hidden)]
+#[proc_macro]
+pub fn mixer_in(input: proc_macro::TokenStream) -> proc_macro::TokenStream {
+    let mut it = TokenStream::from(input).into_iter();
+    match it.next() {
+        Some(proc_macro2::TokenTree::Group(g))
+            if g.delimiter() == proc_macro2::Delimiter::Parenthesis =>
+        {
+            expand(it.collect(), Some(g.stream())).into()
+        }
+        _ => quote!(::core::compile_error!(
+            "mixer_in!: expected `(path::to::dsl)` before the spec"
+        ))
+        .into(),
+    }
+}
+
+/// The spec literal, or the diagnostics as `compile_error!`s; with `root`,
+/// every `::mixc_dsl` path starts at `root` instead.
+fn expand(input: TokenStream, root: Option<TokenStream>) -> TokenStream {
+    let out = expand_at_mixc_dsl(input);
+    match root {
+        Some(root) => reroot(out, &root),
+        None => out,
+    }
+}
+
+/// Replaces each `:: mixc_dsl` in `ts` (at any depth) by `root`.
+fn reroot(ts: TokenStream, root: &TokenStream) -> TokenStream {
+    use proc_macro2::{Group, TokenTree};
+    let toks: Vec<TokenTree> = ts.into_iter().collect();
+    let mut out = Vec::with_capacity(toks.len());
+    let mut i = 0;
+    while i < toks.len() {
+        let is_root = match (&toks[i], toks.get(i + 1), toks.get(i + 2)) {
+            (TokenTree::Punct(a), Some(TokenTree::Punct(b)), Some(TokenTree::Ident(id))) => {
+                a.as_char() == ':' && b.as_char() == ':' && id == "mixc_dsl"
+            }
+            _ => false,
+        };
+        if is_root {
+            out.extend(root.clone());
+            i += 3;
+            continue;
+        }
+        match &toks[i] {
+            TokenTree::Group(g) => {
+                let mut ng = Group::new(g.delimiter(), reroot(g.stream(), root));
+                ng.set_span(g.span());
+                out.push(TokenTree::Group(ng));
+            }
+            t => out.push(t.clone()),
+        }
+        i += 1;
+    }
+    out.into_iter().collect()
+}
+
+fn expand_at_mixc_dsl(input: TokenStream) -> TokenStream {
+    match parse_tokens(input) {
+        Ok(spec) => spec_tokens(&spec),
         Err(diags) => {
             let errors = diags.to_compile_error();
             // Still an expression of type `MixerSpec` (via `!`), so the only
             // errors the user sees are ours.
-            quote!({ #errors ::core::unreachable!() }).into()
+            quote!({ #errors ::core::unreachable!() })
         }
     }
 }

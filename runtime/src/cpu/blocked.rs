@@ -81,7 +81,16 @@ impl<T: Real> KvShard<T> {
                 }
             }
         };
-        if n > 0 {
+        if n > 0 && inline(ctx, b_ * kvh_) {
+            let vs = v.chunks_mut(n * dv).enumerate();
+            if with_k {
+                k.chunks_mut(n * dk)
+                    .zip(vs)
+                    .for_each(|(kh, (x, vh))| fill(x, kh, vh));
+            } else {
+                vs.for_each(|(x, vh)| fill(x, &mut [], vh));
+            }
+        } else if n > 0 {
             ctx.pool.install(|| {
                 let vs = v.par_chunks_mut(n * dv).enumerate();
                 if with_k {
@@ -257,21 +266,36 @@ fn step_compute<T: Real>(
             }
         }
     }
+    let add = |a: StepStats, b: StepStats| StepStats {
+        pairs: a.pairs + b.pairs,
+        tiles: ClassCounts {
+            skip: a.tiles.skip + b.tiles.skip,
+            full: a.tiles.full + b.tiles.full,
+            partial: a.tiles.partial + b.tiles.partial,
+        },
+    };
+    if inline(ctx, items.len()) {
+        let mut scratch = Scratch::default();
+        return items
+            .into_iter()
+            .map(|it| compute_item(ctx, plans, shard, it, &mut scratch))
+            .fold(StepStats::default(), add);
+    }
     ctx.pool.install(|| {
         items
             .into_par_iter()
             .map_init(Scratch::default, |scratch, it| {
                 compute_item(ctx, plans, shard, it, scratch)
             })
-            .reduce(StepStats::default, |a, b| StepStats {
-                pairs: a.pairs + b.pairs,
-                tiles: ClassCounts {
-                    skip: a.tiles.skip + b.tiles.skip,
-                    full: a.tiles.full + b.tiles.full,
-                    partial: a.tiles.partial + b.tiles.partial,
-                },
-            })
+            .reduce(StepStats::default, add)
     })
+}
+
+/// Whether `work_items` pieces of work run on the calling thread: one piece,
+/// or a one-thread pool, gains nothing from a hand-off to the pool's worker
+/// (tens of microseconds of wake-up, which dominates a tiny call).
+fn inline<T>(ctx: &Ctx<'_, T>, work_items: usize) -> bool {
+    work_items <= 1 || ctx.pool.current_num_threads() <= 1
 }
 
 /// Per-worker buffers of [`compute_item`], reused across items so the hot

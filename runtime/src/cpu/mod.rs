@@ -208,35 +208,113 @@ pub struct CpuRun {
     pub stats: RunStats,
 }
 
-/// Runs `spec` on `inputs` with the ring/blocked CPU algorithm.
-pub fn run(spec: &MixerSpec, inputs: &MixerInputs, cfg: &CpuConfig) -> Result<CpuRun> {
-    cfg.validate()?;
-    check_spec(spec)?;
-    validate_inputs(spec, inputs)?;
-    let sched = RingSchedule::new(inputs.seq, cfg.ranks, cfg.sharding)?;
+/// A spec prepared for the CPU backend: validated once, its algorithm
+/// chosen, its worker pool started (shared by every handle with the same
+/// thread count). [`CpuMixer::run`] then takes any batch and sequence length.
+#[derive(Clone)]
+pub struct CpuMixer {
+    spec: MixerSpec,
+    cfg: CpuConfig,
+    path: CpuPath,
+    pool: std::sync::Arc<rayon::ThreadPool>,
+}
+
+impl std::fmt::Debug for CpuMixer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuMixer")
+            .field("spec", &self.spec.name)
+            .field("cfg", &self.cfg)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// The process's worker pools, one per thread count: handles share them, so
+/// building many mixers starts no new threads.
+fn shared_pool(threads: usize) -> Result<std::sync::Arc<rayon::ThreadPool>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    let mut pools = POOLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = pools.get(&threads) {
+        return Ok(p.clone());
+    }
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(cfg.threads)
+        .num_threads(threads)
         .thread_name(|i| format!("mixc-cpu-{i}"))
         .build()
         .map_err(|e| {
-            RuntimeError::Invalid(format!(
-                "CPU backend: cannot start {} threads: {e}",
-                cfg.threads
-            ))
+            RuntimeError::Invalid(format!("CPU backend: cannot start {threads} threads: {e}"))
         })?;
-    let start = Instant::now();
-    let (output, mut stats) = match cfg.precision {
-        Precision::F32 => {
-            let (t, s) = run_typed::<f32>(spec, inputs, cfg, &sched, &pool)?;
-            (CpuOutput::F32(t), s)
-        }
-        Precision::F64 => {
-            let (t, s) = run_typed::<f64>(spec, inputs, cfg, &sched, &pool)?;
-            (CpuOutput::F64(t), s)
-        }
-    };
-    stats.elapsed = start.elapsed();
-    Ok(CpuRun { output, stats })
+    let pool = Arc::new(pool);
+    pools.insert(threads, pool.clone());
+    Ok(pool)
+}
+
+impl CpuMixer {
+    /// Validates `spec` and `cfg` and prepares the run; no input is read.
+    pub fn new(spec: &MixerSpec, cfg: &CpuConfig) -> Result<CpuMixer> {
+        cfg.validate()?;
+        check_spec(spec)?;
+        let pool = shared_pool(cfg.threads)?;
+        crate::counters::bump(crate::counters::Work::CpuPlan);
+        Ok(CpuMixer {
+            spec: spec.clone(),
+            cfg: cfg.clone(),
+            path: path_for(spec),
+            pool,
+        })
+    }
+
+    pub fn spec(&self) -> &MixerSpec {
+        &self.spec
+    }
+
+    pub fn config(&self) -> &CpuConfig {
+        &self.cfg
+    }
+
+    /// The algorithm this spec runs with.
+    pub fn path(&self) -> CpuPath {
+        self.path
+    }
+
+    /// Runs one input set (any batch and sequence length of at least the
+    /// ring's rank count).
+    pub fn run(&self, inputs: &MixerInputs) -> Result<CpuRun> {
+        let (spec, cfg) = (&self.spec, &self.cfg);
+        validate_inputs(spec, inputs)?;
+        let sched = RingSchedule::new(inputs.seq, cfg.ranks, cfg.sharding)?;
+        let start = Instant::now();
+        let pool = &*self.pool;
+        let (output, mut stats) = match cfg.precision {
+            Precision::F32 => {
+                let (t, s) = run_typed::<f32>(spec, inputs, cfg, &sched, pool, self.path)?;
+                (CpuOutput::F32(t), s)
+            }
+            Precision::F64 => {
+                let (t, s) = run_typed::<f64>(spec, inputs, cfg, &sched, pool, self.path)?;
+                (CpuOutput::F64(t), s)
+            }
+        };
+        stats.elapsed = start.elapsed();
+        Ok(CpuRun { output, stats })
+    }
+}
+
+/// Runs `spec` on `inputs` with the ring/blocked CPU algorithm (a one-off
+/// [`CpuMixer`]; build one to run many input sets).
+pub fn run(spec: &MixerSpec, inputs: &MixerInputs, cfg: &CpuConfig) -> Result<CpuRun> {
+    CpuMixer::new(spec, cfg)?.run(inputs)
+}
+
+/// `Ok` when the CPU backend can run `spec` (every validated spec), else
+/// why not, in the spec's terms.
+pub fn supports(spec: &MixerSpec) -> std::result::Result<(), String> {
+    check_spec(spec).map_err(|e| e.to_string())
 }
 
 /// What validation guarantees for parsed specs but hand-built ones may break;
@@ -431,8 +509,8 @@ fn run_typed<T: Real>(
     cfg: &CpuConfig,
     sched: &RingSchedule,
     pool: &rayon::ThreadPool,
+    path: CpuPath,
 ) -> Result<(Tensor<T>, RunStats)> {
-    let path = path_for(spec);
     let ctx = build_ctx::<T>(spec, inputs, cfg, pool, path);
     let ranks = sched.ranks;
     let outs: Vec<Result<RankOutput<T>>> = match path {
@@ -482,6 +560,11 @@ where
     F: Fn(crate::ring::Endpoint<M>) -> Result<RankOutput<T>> + Sync,
 {
     let rank_main = &rank_main;
+    if ranks == 1 {
+        // One rank needs no thread of its own (a call at a tiny shape
+        // should cost little more than its arithmetic).
+        return endpoints(1).into_iter().map(rank_main).collect();
+    }
     std::thread::scope(|s| {
         let hs: Vec<_> = endpoints(ranks)
             .into_iter()

@@ -53,7 +53,7 @@ impl Bindings {
 }
 
 fn mismatch(kernel: &str, p: &KernelParam, what: String) -> RuntimeError {
-    RuntimeError::Invalid(format!(
+    RuntimeError::Internal(format!(
         "CUDA launcher: kernel `{kernel}` parameter `{}` ({}): {what}; the generated \
          signature and the launcher disagree (a codegen change the launcher does not know)",
         p.name, p.c_type
@@ -187,8 +187,8 @@ pub struct HostLaunch {
 /// hardware's limits (x < 2^31, y and z <= 65535) instead of failing at launch.
 pub fn grid(info: &KernelInfo, batch: usize, rows: usize, heads: usize) -> Result<(u32, u32, u32)> {
     let too_big = |what: &str, n: usize| {
-        RuntimeError::Invalid(format!(
-            "CUDA launcher: {what} = {n} is beyond one launch of `{}`; use --backend cpu",
+        RuntimeError::DoesNotFit(format!(
+            "CUDA launcher: {what} = {n} is beyond one launch of `{}`",
             info.name
         ))
     };
@@ -198,9 +198,9 @@ pub fn grid(info: &KernelInfo, batch: usize, rows: usize, heads: usize) -> Resul
     let e = |d: &GridDim| d.eval(b, r, h);
     let g = (e(&info.grid[0]), e(&info.grid[1]), e(&info.grid[2]));
     if g.0 > i32::MAX as u32 || g.1 > 65_535 || g.2 > 65_535 {
-        return Err(RuntimeError::Invalid(format!(
+        return Err(RuntimeError::DoesNotFit(format!(
             "CUDA launcher: grid {g:?} of `{}` exceeds the launch limits (x < 2^31, y and z at \
-             most 65535); lower --batch or use --backend cpu",
+             most 65535); use a smaller batch",
             info.name
         )));
     }
@@ -214,7 +214,7 @@ pub fn helper_blocks(n: usize) -> u32 {
 
 fn int32(name: &str, v: usize) -> Result<ArgValue> {
     i32::try_from(v).map(ArgValue::Int).map_err(|_| {
-        RuntimeError::Invalid(format!(
+        RuntimeError::DoesNotFit(format!(
             "CUDA launcher: helper argument `{name}` = {v} does not fit a 32-bit int"
         ))
     })
@@ -367,7 +367,7 @@ pub fn build_args(kernel: &str, params: &[KernelParam], b: &Bindings) -> Result<
                         .get(&p.name)
                         .ok_or_else(|| mismatch(kernel, p, "no value for this scalar".into()))?;
                     let v = i32::try_from(v).map_err(|_| {
-                        RuntimeError::Invalid(format!(
+                        RuntimeError::DoesNotFit(format!(
                             "CUDA launcher: `{}` = {v} does not fit the kernel's 32-bit int \
                              (sequence too long for one launch)",
                             p.name
@@ -568,4 +568,89 @@ mod tests {
         let e = build_args(&k.name, &k.params, &b).unwrap_err().to_string();
         assert!(e.contains("32-bit"), "{e}");
     }
+}
+
+/// Caller-owned device buffers of one direct call ([`super::CudaMixer::forward_device`]):
+/// one rank, the whole sequence, everything in mixc's layout and the
+/// mixer's storage dtype: `q [batch, seq, heads, head_dim]`, `k`/`v [batch,
+/// seq, kv_heads, dim]`, `o [batch, seq, heads, value_dim]` (written), and
+/// for softmax `lse [batch, heads, seq]` in f32 (written: the natural-log
+/// log-sum-exp of each row, `-inf` for a row that sees no key). Extra inputs
+/// by their spec names, as the generated parameters type them (`int32` for
+/// segment ids and integer tables, `float32` otherwise), indexed by global
+/// position like the host tensors.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceCall {
+    pub batch: usize,
+    pub seq: usize,
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o: u64,
+    pub lse: u64,
+    pub extra: BTreeMap<String, u64>,
+}
+
+/// The launches of a direct softmax call: one launch of the generated
+/// kernel over every (query, key) pair, writing `o` and `lse` straight into
+/// the caller's buffers (no partials, no merge kernel, no f32 accumulator).
+pub fn direct_softmax_launches(
+    info: &KernelInfo,
+    heads: usize,
+    call: &DeviceCall,
+) -> Result<Vec<HostLaunch>> {
+    for (name, p) in [("q", call.q), ("k", call.k), ("v", call.v), ("o", call.o)] {
+        if p == 0 {
+            return Err(RuntimeError::BadInput {
+                name: name.into(),
+                problem: "null device pointer".into(),
+            });
+        }
+    }
+    if call.lse == 0 {
+        return Err(RuntimeError::BadInput {
+            name: "lse".into(),
+            problem: "null device pointer (a softmax call writes the row log-sum-exp)".into(),
+        });
+    }
+    for p in &info.params {
+        if let ParamRole::Input(name) = &p.role {
+            if call.extra.get(name).is_none_or(|&ptr| ptr == 0) {
+                return Err(RuntimeError::BadInput {
+                    name: name.clone(),
+                    problem: "missing (the spec declares it; pass its device pointer)".into(),
+                });
+            }
+        }
+    }
+    if call.seq == 0 || call.batch == 0 {
+        return Ok(Vec::new());
+    }
+    super::plan::check_int_sizes(call.batch, call.seq)?;
+    let l = PairLaunch {
+        q_index: 0,
+        q: 0..call.seq,
+        k: 0..call.seq,
+        q_begin: 0,
+        q_end: call.seq,
+        kv_begin: 0,
+        kv_end: call.seq,
+        q_pos0: 0,
+        k_pos0: 0,
+    };
+    let bind = softmax_bindings(
+        &call.extra,
+        (call.q, call.k, call.v, call.o, call.lse),
+        &l,
+        call.seq,
+        call.seq,
+        call.seq,
+    );
+    Ok(vec![HostLaunch {
+        kernel: KernelId::Main,
+        grid: grid(info, call.batch, call.seq, heads)?,
+        threads: info.threads_per_block,
+        smem: info.dynamic_smem_bytes,
+        args: build_args(&info.name, &info.params, &bind)?,
+    }])
 }

@@ -24,7 +24,10 @@ use crate::error::{Result, RuntimeError};
 
 /// A driver error as a runtime error, saying what was being done.
 pub(crate) fn drv(what: &str, e: DriverError) -> RuntimeError {
-    RuntimeError::Invalid(format!("CUDA: {what} failed: {e}"))
+    RuntimeError::Driver {
+        op: what.to_string(),
+        message: e.to_string(),
+    }
 }
 
 fn driver_version() -> Result<i32> {
@@ -144,6 +147,29 @@ impl Gpu {
         })
     }
 
+    /// The named functions of the module `key` (a [`super::kernels::CudaKernels`]
+    /// key) on this GPU, loaded from `cubin` the first time in this process:
+    /// handles of the same specialisation share one loaded module.
+    pub fn load_shared(
+        &self,
+        key: &str,
+        cubin: &[u8],
+        names: &[&str],
+    ) -> Result<Vec<CudaFunction>> {
+        type Loaded = BTreeMap<(usize, String), Vec<CudaFunction>>;
+        static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
+        let map = LOADED.get_or_init(Default::default);
+        let id = (self.ordinal, format!("{key}|{}", names.join(",")));
+        if let Some(fs) = map.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+            return Ok(fs.clone());
+        }
+        let fs = self.load(cubin, names)?;
+        map.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, fs.clone());
+        Ok(fs)
+    }
+
     /// Loads a cubin and returns the named functions.
     pub fn load(&self, cubin: &[u8], names: &[&str]) -> Result<Vec<CudaFunction>> {
         crate::counters::bump(crate::counters::Work::ModuleLoad);
@@ -155,12 +181,17 @@ impl Gpu {
                 let drv_v = driver_version()
                     .map(driver_version_string)
                     .unwrap_or_default();
-                RuntimeError::Invalid(format!(
-                    "CUDA: loading the compiled kernels on GPU {} ({}) failed: {e}; the cubin \
-                     was built by NVRTC {nvrtc} for {}, the driver is CUDA {drv_v} (a driver \
-                     older than NVRTC cannot load its cubins); use --backend cpu",
-                    self.ordinal, self.name, self.arch
-                ))
+                RuntimeError::Driver {
+                    op: format!(
+                        "loading the compiled kernels on GPU {} ({})",
+                        self.ordinal, self.name
+                    ),
+                    message: format!(
+                        "{e}; the cubin was built by NVRTC {nvrtc} for {}, the driver is CUDA \
+                         {drv_v} (a driver older than NVRTC cannot load its cubins)",
+                        self.arch
+                    ),
+                }
             })?;
         names
             .iter()
@@ -193,10 +224,9 @@ impl Gpu {
         let max_threads =
             func_attr(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)?;
         if i64::from(info.threads_per_block) > max_threads {
-            return Err(RuntimeError::Invalid(format!(
+            return Err(RuntimeError::DoesNotFit(format!(
                 "CUDA: kernel `{}` is launched with {} threads per block but its compiled \
-                 form allows {max_threads} (registers); pick another tile configuration or use \
-                 --backend cpu",
+                 form allows {max_threads} (registers); pick another tile configuration",
                 info.name, info.threads_per_block
             )));
         }
@@ -210,10 +240,10 @@ impl Gpu {
             .map_err(|e| drv("reading the shared-memory limit", e))?;
         let total = i64::from(info.dynamic_smem_bytes) + static_smem;
         if total > i64::from(max) {
-            return Err(RuntimeError::Invalid(format!(
+            return Err(RuntimeError::DoesNotFit(format!(
                 "CUDA: kernel `{}` needs {} bytes of dynamic + {static_smem} bytes of static \
                  shared memory per block, GPU {} ({}) allows {max}; pick a smaller tile \
-                 configuration or use --backend cpu",
+                 configuration",
                 info.name, info.dynamic_smem_bytes, self.ordinal, self.name
             )));
         }
@@ -321,6 +351,60 @@ impl Gpu {
             .map_err(|e| drv("waiting for an event", e))
     }
 
+    /// Launches `f` on a stream the caller owns (e.g. PyTorch's current
+    /// stream), with `args` in signature order.
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of this GPU's context, and every
+    /// pointer in `args` a device allocation large enough for what the
+    /// kernel reads and writes at this grid.
+    pub unsafe fn launch_on(
+        &self,
+        f: &CudaFunction,
+        x: &super::args::HostLaunch,
+        stream: sys::CUstream,
+    ) -> Result<()> {
+        let (g, threads) = (x.grid, x.threads);
+        if g.0 == 0 || g.1 == 0 || g.2 == 0 {
+            return Ok(());
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| drv("binding the context", e))?;
+        // One slot per argument; the driver reads each through its pointer.
+        let mut values: Vec<u64> = x
+            .args
+            .iter()
+            .map(|a| match *a {
+                ArgValue::Ptr(p) => p,
+                ArgValue::Int(v) => v as u32 as u64,
+            })
+            .collect();
+        let mut params: Vec<*mut std::ffi::c_void> = values
+            .iter_mut()
+            .map(|v| v as *mut u64 as *mut std::ffi::c_void)
+            .collect();
+        // SAFETY: `params` point at `values`, which outlive the call; an
+        // `int` argument reads the low 4 bytes of its slot (little endian).
+        unsafe {
+            sys::cuLaunchKernel(
+                f.cu_function(),
+                g.0,
+                g.1,
+                g.2,
+                threads,
+                1,
+                1,
+                x.smem,
+                stream,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(|e| drv(&format!("launching a kernel on GPU {}", self.ordinal), e))
+    }
+
     /// Launches `f` on the compute stream with `args` in signature order.
     pub fn launch(
         &self,
@@ -334,7 +418,7 @@ impl Gpu {
             return Ok(());
         }
         if grid.1 > 65_535 || grid.2 > 65_535 {
-            return Err(RuntimeError::Invalid(format!(
+            return Err(RuntimeError::DoesNotFit(format!(
                 "CUDA: grid {grid:?} exceeds the 65535 limit of its y/z dimensions"
             )));
         }
@@ -377,17 +461,13 @@ pub(crate) fn oom_error(
     free: usize,
     total: usize,
 ) -> RuntimeError {
-    RuntimeError::Invalid(format!(
-        "CUDA: out of GPU memory on GPU {ordinal} ({name}): this run needs {needed} bytes \
-         ({:.2} GiB) there, {free} bytes ({:.2} GiB) of {:.2} GiB are free; lower --seq or \
-         --batch, spread the ring over more GPUs, or use --backend cpu",
-        needed as f64 / GIB,
-        free as f64 / GIB,
-        total as f64 / GIB
-    ))
+    RuntimeError::OutOfMemory {
+        device: format!("GPU {ordinal} ({name})"),
+        needed,
+        available: free,
+        total,
+    }
 }
-
-const GIB: f64 = (1u64 << 30) as f64;
 
 /// Enables peer access between every pair of `gpus` that supports it, so
 /// ring copies go GPU to GPU; where it is not supported the driver stages
@@ -495,12 +575,12 @@ mod tests {
     #[test]
     fn out_of_memory_says_needed_and_free() {
         let e = oom_error(0, "H100", 3 << 30, 1 << 30, 80 << 30).to_string();
-        assert!(e.contains("out of GPU memory"), "{e}");
+        assert!(e.contains("out of GPU 0 (H100) memory"), "{e}");
         assert!(
             e.contains(&(3usize << 30).to_string()) && e.contains("3.00 GiB"),
             "{e}"
         );
         assert!(e.contains("1.00 GiB") && e.contains("80.00 GiB"), "{e}");
-        assert!(e.contains("--backend cpu"), "{e}");
+        assert!(!e.contains("--"), "the library names no CLI flag: {e}");
     }
 }

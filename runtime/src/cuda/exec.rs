@@ -21,7 +21,7 @@ use std::ops::Range;
 use std::time::Instant;
 
 use cudarc::driver::{CudaEvent, CudaFunction, CudaSlice};
-use mixc_codegen::{generate, Arch, GeneratedKernel, KernelConfig, KernelInfo, ParamRole, Target};
+use mixc_codegen::{Arch, GeneratedKernel, KernelConfig, KernelInfo, ParamRole, Target};
 use mixc_dsl::ir::{DType, Decay, Family, MixerSpec, Norm};
 
 use super::args::{
@@ -38,71 +38,6 @@ use crate::error::{Result, RuntimeError};
 use crate::inputs::validate_inputs;
 use crate::ring::{RingSchedule, Sharding};
 use crate::tensor::{ExtraTensor, MixerInputs, Tensor};
-
-/// The log-sum-exp merge of softmax partials and the accumulator reset.
-/// `rows` is the accumulator's row count; rows `[row_begin, row_end)` merge.
-const AUX_SOURCE: &str = r#"
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-namespace {
-__device__ __forceinline__ float mixc_ld(const float* p) { return *p; }
-__device__ __forceinline__ float mixc_ld(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float mixc_ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-
-// acc (o over the keys seen so far, normalised, and its row lse) absorbs a
-// partial over disjoint keys: lse = logaddexp(la, lb), o = (oa wa + ob wb) / (wa + wb).
-// A partial row with lse = -inf saw no key and changes nothing.
-template <typename T>
-__device__ void merge_lse(float* __restrict__ acc_o, float* __restrict__ acc_lse,
-                          const T* __restrict__ part_o, const float* __restrict__ part_lse,
-                          int batch, int rows, int heads, int dv, int row_begin, int row_end) {
-    const int span = row_end - row_begin;
-    if (span <= 0) return;
-    const long long n = (long long)batch * heads * span;
-    const float neg_inf = -__int_as_float(0x7f800000);
-    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
-         idx += (long long)gridDim.x * blockDim.x) {
-        const int r = row_begin + (int)(idx % span);
-        const long long bh = idx / span;
-        const int h = (int)(bh % heads), b = (int)(bh / heads);
-        const size_t li = ((size_t)b * heads + h) * rows + r;
-        const float lb = part_lse[li];
-        if (lb == neg_inf) continue;
-        const float la = acc_lse[li];
-        const float m = fmaxf(la, lb);
-        const float wa = expf(la - m), wb = expf(lb - m);
-        const float inv = 1.0f / (wa + wb);
-        const size_t oi = (((size_t)b * rows + r) * heads + h) * dv;
-        for (int c = 0; c < dv; ++c)
-            acc_o[oi + c] = (acc_o[oi + c] * wa + mixc_ld(part_o + oi + c) * wb) * inv;
-        acc_lse[li] = m + logf(wa + wb);
-    }
-}
-}  // namespace
-
-#define MIXC_MERGE(NAME, T)                                                                  \
-    extern "C" __global__ void NAME(float* __restrict__ acc_o, float* __restrict__ acc_lse, \
-                                    const T* __restrict__ part_o,                           \
-                                    const float* __restrict__ part_lse, int batch, int rows, \
-                                    int heads, int dv, int row_begin, int row_end) {         \
-        merge_lse<T>(acc_o, acc_lse, part_o, part_lse, batch, rows, heads, dv, row_begin,    \
-                     row_end);                                                              \
-    }
-MIXC_MERGE(mixc_merge_lse_f32, float)
-MIXC_MERGE(mixc_merge_lse_f16, __half)
-MIXC_MERGE(mixc_merge_lse_bf16, __nv_bfloat16)
-
-extern "C" __global__ void mixc_fill_neg_inf(float* __restrict__ p, int n) {
-    const float neg_inf = -__int_as_float(0x7f800000);
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-        p[i] = neg_inf;
-}
-"#;
-
-/// Source of the merge / fill kernels (compiled once per arch, disk-cached).
-pub(crate) fn aux_source() -> &'static str {
-    AUX_SOURCE
-}
 
 /// Compiled and loaded kernels on the GPUs of a run.
 pub(crate) struct Backend {
@@ -122,13 +57,6 @@ impl Drop for SyncGuard<'_> {
         for g in self.0 {
             let _ = g.sync_all();
         }
-    }
-}
-
-fn codegen_error(e: mixc_codegen::CodegenError) -> RuntimeError {
-    RuntimeError::Unsupported {
-        backend: "cuda",
-        what: format!("{e}; use --backend cpu"),
     }
 }
 
@@ -163,32 +91,18 @@ impl Backend {
                 g.ordinal, g.name, g.arch
             )));
         }
-        let target = Target::new(arch, dtype);
-        let cfg = config.unwrap_or_else(|| KernelConfig::default_for(spec, &target));
-        let generated = generate(spec, &target, &cfg).map_err(codegen_error)?;
-        if generated.kernels.len() != 1 {
-            return Err(RuntimeError::Invalid(format!(
-                "CUDA launcher: `{}` generated {} kernels; the launcher runs one per family",
-                spec.name,
-                generated.kernels.len()
-            )));
-        }
-        let module = crate::nvrtc::compile_generated(&generated)?;
+        let kernels = super::kernels::CudaKernels::get(spec, &Target::new(arch, dtype), config)?;
+        let generated = kernels.generated.clone();
         let names: Vec<&str> = generated.kernels.iter().map(|k| k.name.as_str()).collect();
-        let softmax = spec.family == Family::Softmax;
-        let aux = if softmax {
-            Some(crate::nvrtc::compile("mixc_merge_lse", AUX_SOURCE, arch)?)
-        } else {
-            None
-        };
         let [merge_name, fill_name] = super::helper_kernel_names(dtype);
         for g in &mut gpus {
-            g.kernels = g.load(&module.cubin, &names)?;
+            g.kernels = g.load_shared(&kernels.key, &kernels.module.cubin, &names)?;
             for (f, info) in g.kernels.iter().zip(&generated.kernels) {
                 g.opt_in_smem(f, info)?;
             }
-            if let Some(aux) = &aux {
-                let mut fs = g.load(&aux.cubin, &[&merge_name, &fill_name])?;
+            if let Some(aux) = &kernels.helpers {
+                let key = format!("helpers|{}", dtype.name());
+                let mut fs = g.load_shared(&key, &aux.cubin, &[&merge_name, &fill_name])?;
                 g.fill = fs.pop();
                 g.merge = fs.pop();
             }
@@ -764,7 +678,7 @@ impl Backend {
 }
 
 fn internal(what: &str) -> RuntimeError {
-    RuntimeError::Invalid(format!("CUDA backend internal error: {what} missing"))
+    RuntimeError::Internal(format!("CUDA backend internal error: {what} missing"))
 }
 
 fn aux(f: &Option<CudaFunction>) -> Result<&CudaFunction> {
@@ -840,7 +754,7 @@ pub(super) fn input_is_int(name: &str, c_type: &str) -> Result<bool> {
     match base.as_slice() {
         ["int"] | ["int32_t"] => Ok(true),
         ["float"] => Ok(false),
-        _ => Err(RuntimeError::Invalid(format!(
+        _ => Err(RuntimeError::Internal(format!(
             "CUDA launcher: extra input `{name}` has C type `{c_type}`; the launcher uploads \
              `const int*` or `const float*` only"
         ))),
@@ -970,33 +884,90 @@ enum Job {
 }
 
 /// `mixc run --backend cuda`: one run of `spec` on `inputs`.
-pub(crate) fn run(spec: &MixerSpec, inputs: &MixerInputs, opts: &CudaOptions) -> Result<CudaRun> {
-    let start = Instant::now();
-    let sched = RingSchedule::new(inputs.seq, opts.ranks, opts.sharding)?;
-    let backend = Backend::new(spec, opts.dtype, opts.config, (0, opts.devices), opts.ranks)?;
-    let mut job = backend.prepare(inputs, &sched)?;
-    let _guard = SyncGuard(&backend.gpus);
-    let t0 = backend.gpus[0].timing_mark()?;
-    backend.enqueue(&mut job)?;
-    let t1 = backend.gpus[0].timing_mark()?;
-    let output = backend.collect(&job)?;
-    let kernel_ms = t0
-        .elapsed_ms(&t1)
-        .map_err(|e| super::device::drv("reading the timing events", e))?;
-    let pairs_per_rank = match &job {
-        Job::Pairwise(j) => j.pairs.clone(),
-        Job::Chunkwise(_) => None,
-    };
-    Ok(CudaRun {
-        output,
-        seconds: start.elapsed().as_secs_f64(),
-        kernel_seconds: kernel_ms as f64 / 1e3,
-        pairs_per_rank,
-        devices: backend.gpus.len(),
-        config: backend.generated.config,
-        arch: backend.arch,
-        dist_rank: None,
-    })
+/// A spec compiled and loaded for the GPUs of a ring (see [`super::CudaMixer`]).
+pub(crate) struct Prepared {
+    backend: Backend,
+    ranks: usize,
+    sharding: Sharding,
+}
+
+impl Prepared {
+    pub(crate) fn new(spec: &MixerSpec, opts: &CudaOptions) -> Result<Prepared> {
+        let backend = Backend::new(spec, opts.dtype, opts.config, (0, opts.devices), opts.ranks)?;
+        Ok(Prepared {
+            backend,
+            ranks: opts.ranks,
+            sharding: opts.sharding,
+        })
+    }
+
+    pub(crate) fn config(&self) -> KernelConfig {
+        self.backend.generated.config
+    }
+
+    pub(crate) fn arch(&self) -> Arch {
+        self.backend.arch
+    }
+
+    /// A direct call on caller-owned buffers and stream (see
+    /// [`super::CudaMixer::forward_device`]).
+    ///
+    /// # Safety
+    /// As [`super::CudaMixer::forward_device`].
+    pub(crate) unsafe fn forward_device(
+        &self,
+        call: &super::args::DeviceCall,
+        stream: super::RawStream,
+    ) -> Result<()> {
+        let b = &self.backend;
+        let unsupported = |what: &str| RuntimeError::Unsupported {
+            backend: "cuda",
+            what: format!("{what} in a direct device-pointer call"),
+        };
+        if self.ranks != 1 || b.gpus.len() != 1 {
+            return Err(unsupported("a ring of several ranks"));
+        }
+        if b.spec.family != Family::Softmax {
+            return Err(unsupported(&format!("the {} family", b.spec.family.name())));
+        }
+        let launches = super::args::direct_softmax_launches(b.info(), b.spec.heads as usize, call)?;
+        let g = &b.gpus[0];
+        for x in &launches {
+            // SAFETY: the caller's buffers and stream, as documented.
+            unsafe { g.launch_on(&g.kernels[0], x, stream as cudarc::driver::sys::CUstream) }?;
+        }
+        Ok(())
+    }
+
+    /// One run: upload, every launch of the ring, download.
+    pub(crate) fn run(&self, inputs: &MixerInputs) -> Result<CudaRun> {
+        let start = Instant::now();
+        let backend = &self.backend;
+        let sched = RingSchedule::new(inputs.seq, self.ranks, self.sharding)?;
+        let mut job = backend.prepare(inputs, &sched)?;
+        let _guard = SyncGuard(&backend.gpus);
+        let t0 = backend.gpus[0].timing_mark()?;
+        backend.enqueue(&mut job)?;
+        let t1 = backend.gpus[0].timing_mark()?;
+        let output = backend.collect(&job)?;
+        let kernel_ms = t0
+            .elapsed_ms(&t1)
+            .map_err(|e| super::device::drv("reading the timing events", e))?;
+        let pairs_per_rank = match &job {
+            Job::Pairwise(j) => j.pairs.clone(),
+            Job::Chunkwise(_) => None,
+        };
+        Ok(CudaRun {
+            output,
+            seconds: start.elapsed().as_secs_f64(),
+            kernel_seconds: kernel_ms as f64 / 1e3,
+            pairs_per_rank,
+            devices: backend.gpus.len(),
+            config: backend.generated.config,
+            arch: backend.arch,
+            dist_rank: None,
+        })
+    }
 }
 
 /// [`super::time_config`]: one rank on GPU 0, CUDA events around each run.
@@ -1074,12 +1045,15 @@ mod tests {
         );
     }
 
-    /// The merge kernel's source names the kernels the backend loads.
+    /// The helper source (`templates/helpers.cu`) defines the kernels the
+    /// backend loads.
     #[test]
-    fn aux_source_defines_the_loaded_kernels() {
+    fn helper_source_defines_the_loaded_kernels() {
+        let src = crate::cuda::helper_kernels_source();
         for d in [DType::F32, DType::F16, DType::Bf16] {
-            assert!(AUX_SOURCE.contains(&format!("MIXC_MERGE(mixc_merge_lse_{}", d.name())));
+            let [merge, fill] = crate::cuda::helper_kernel_names(d);
+            assert!(src.contains(&format!("MIXC_MERGE({merge}, ")), "{merge}");
+            assert!(src.contains(&format!("void {fill}(")), "{fill}");
         }
-        assert!(AUX_SOURCE.contains("void mixc_fill_neg_inf("));
     }
 }

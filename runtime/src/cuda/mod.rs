@@ -3,8 +3,8 @@
 //!
 //! - [`probe`]: is a GPU usable? Never panics: the driver library is looked
 //!   for before cudarc touches it, and a panic inside cudarc is caught.
-//! - [`run`] / [`run_with_config`]: one mixer run. The sequence is sharded
-//!   over `R` ranks exactly as [`crate::ring`] says; ranks are dealt
+//! - [`CudaMixer`] / [`run`]: a mixer compiled and loaded once, then run on
+//!   any number of input sets. The sequence is sharded over `R` ranks exactly as [`crate::ring`] says; ranks are dealt
 //!   round-robin onto the visible GPUs ([`plan::device_of`]), so `R` virtual
 //!   ranks on one GPU and one rank per GPU are the same code path. Softmax and
 //!   convolution ranks pass key/value shards around the ring (peer copies on
@@ -13,9 +13,9 @@
 //!   recurrent state in sequence order. See `docs/cuda.md`.
 //! - [`time_config`]: CUDA-event timing of one kernel configuration, for the
 //!   autotuner.
-//! - [`dist`]: torchrun-style environment of a multi-process run; with
-//!   `WORLD_SIZE > 1`, [`run`] runs this process's rank of a ring across
-//!   processes (NCCL send/recv, `rank.rs` / `nccl.rs`) and rank 0 returns
+//! - [`dist`]: torchrun-style environment of a multi-process run; given
+//!   as [`CudaOptions::world`] with `WORLD_SIZE > 1`, [`run`] runs this
+//!   process's rank of a ring across processes (NCCL send/recv, `rank.rs` / `nccl.rs`) and rank 0 returns
 //!   the whole output.
 //!
 //! Host-side pieces (argument binding, launch planning) live in [`args`] and
@@ -25,12 +25,14 @@ pub mod args;
 mod device;
 pub mod dist;
 mod exec;
+pub mod kernels;
 mod nccl;
 pub mod plan;
-#[cfg(test)]
-mod ptxsim;
 mod rank;
+// The host twin (tests only): a child of this module so it reaches the
+// backend's private host code; its file lives with the tests.
 #[cfg(test)]
+#[path = "../../tests/twin/mod.rs"]
 mod twin;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -87,10 +89,9 @@ pub fn driver_version_string(v: i32) -> String {
 
 /// The error every "no usable GPU" case returns, with what to do instead.
 pub(crate) fn no_gpu(why: impl std::fmt::Display) -> RuntimeError {
-    RuntimeError::Invalid(format!(
-        "CUDA backend unavailable: {why}; use --backend cpu (or --backend auto, which falls \
-         back to the CPU backend)"
-    ))
+    RuntimeError::NoGpu {
+        reason: why.to_string(),
+    }
 }
 
 /// The kernels' architecture for a compute capability: sm_90 for 9.x,
@@ -132,6 +133,10 @@ pub struct CudaOptions {
     pub config: Option<KernelConfig>,
     /// Devices to use, at most the visible count; `None`: all visible.
     pub devices: Option<usize>,
+    /// This process's place in a multi-process ring (torchrun-style, over
+    /// NCCL); `None`: one process. Chosen by the caller (the CLI reads it
+    /// from the environment), never read from the environment here.
+    pub world: Option<dist::DistEnv>,
 }
 
 impl CudaOptions {
@@ -147,6 +152,7 @@ impl CudaOptions {
             dtype: spec.dtype,
             config: None,
             devices: None,
+            world: None,
         }
     }
 }
@@ -173,22 +179,110 @@ pub struct CudaRun {
     pub dist_rank: Option<(usize, usize)>,
 }
 
-/// Runs `spec` on `inputs` with the default tile configuration.
-pub fn run(spec: &MixerSpec, inputs: &MixerInputs, opts: &CudaOptions) -> Result<CudaRun> {
-    run_with_config(spec, inputs, opts)
+/// A raw `CUstream` handle (what `torch.cuda.current_stream().cuda_stream`
+/// holds); null is the legacy default stream.
+pub type RawStream = *mut std::ffi::c_void;
+
+/// A spec compiled once and loaded on the GPUs of its ring; [`CudaMixer::run`]
+/// then takes any batch and sequence length without generating, compiling or
+/// loading anything. Handles of the same (spec, arch, dtype, configuration)
+/// share the compiled and loaded kernels ([`kernels::CudaKernels`]).
+pub struct CudaMixer {
+    spec: MixerSpec,
+    opts: CudaOptions,
+    /// `None` for a multi-process run, which prepares per call.
+    prepared: Option<std::sync::Mutex<exec::Prepared>>,
 }
 
-/// Runs `spec` on `inputs` with `opts.config` (the autotuner's candidates
-/// are checked through this).
-pub fn run_with_config(
-    spec: &MixerSpec,
-    inputs: &MixerInputs,
-    opts: &CudaOptions,
-) -> Result<CudaRun> {
-    match dist::DistEnv::from_env()? {
-        Some(env) if env.world_size > 1 => guarded(|| nccl::run_process(spec, inputs, opts, &env)),
-        _ => guarded(|| exec::run(spec, inputs, opts)),
+impl std::fmt::Debug for CudaMixer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaMixer")
+            .field("spec", &self.spec.name)
+            .field("opts", &self.opts)
+            .finish()
     }
+}
+
+impl CudaMixer {
+    /// Opens the GPUs, generates, compiles (disk cache) and loads the kernels.
+    pub fn new(spec: &MixerSpec, opts: &CudaOptions) -> Result<CudaMixer> {
+        if opts.ranks == 0 {
+            return Err(RuntimeError::Invalid("a ring needs at least 1 rank".into()));
+        }
+        let multi = opts.world.as_ref().is_some_and(|w| w.world_size > 1);
+        let prepared = if multi {
+            None
+        } else {
+            Some(std::sync::Mutex::new(guarded(|| {
+                exec::Prepared::new(spec, opts)
+            })?))
+        };
+        Ok(CudaMixer {
+            spec: spec.clone(),
+            opts: opts.clone(),
+            prepared,
+        })
+    }
+
+    /// The tile configuration the kernels were compiled with (`None` for a
+    /// multi-process run before its first call).
+    pub fn config(&self) -> Option<KernelConfig> {
+        self.prepared
+            .as_ref()
+            .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).config())
+    }
+
+    pub fn arch(&self) -> Option<Arch> {
+        self.prepared
+            .as_ref()
+            .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).arch())
+    }
+
+    /// One call on buffers the caller owns, launched on the caller's stream
+    /// (e.g. PyTorch's current stream), returning once it is enqueued: no
+    /// upload, no download, no synchronisation, no allocation. A one-rank
+    /// softmax mixer writes `o` and the row log-sum-exp straight into
+    /// `call.o` / `call.lse` with one launch of its kernel (no merge kernel,
+    /// no f32 accumulator); other families and rings are `Unsupported` here
+    /// for now (use [`CudaMixer::run`]). Layouts: [`args::DeviceCall`].
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of GPU 0's primary context (null: the
+    /// legacy default stream), and every pointer in `call` a device
+    /// allocation of at least the documented size for `call.batch` x
+    /// `call.seq`, holding the mixer's storage dtype (f32/int32 for extra
+    /// inputs, f32 for `lse`), that stays alive until the launch finishes.
+    pub unsafe fn forward_device(&self, call: &args::DeviceCall, stream: RawStream) -> Result<()> {
+        let Some(p) = &self.prepared else {
+            return Err(RuntimeError::Unsupported {
+                backend: "cuda",
+                what: "a multi-process ring in a direct device-pointer call".into(),
+            });
+        };
+        let p = p.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: forwarded from this function's contract.
+        guarded(|| unsafe { p.forward_device(call, stream) })
+    }
+
+    /// One run on `inputs` (calls on one handle are serialised).
+    pub fn run(&self, inputs: &MixerInputs) -> Result<CudaRun> {
+        match (&self.prepared, &self.opts.world) {
+            (Some(p), _) => {
+                let p = p.lock().unwrap_or_else(|e| e.into_inner());
+                guarded(|| p.run(inputs))
+            }
+            (None, Some(env)) => guarded(|| nccl::run_process(&self.spec, inputs, &self.opts, env)),
+            (None, None) => Err(RuntimeError::Internal(
+                "CUDA mixer: neither prepared nor multi-process".into(),
+            )),
+        }
+    }
+}
+
+/// Runs `spec` on `inputs` once (a one-off [`CudaMixer`]; build one to run
+/// many input sets). `opts.config` picks the tiles (`None`: the default).
+pub fn run(spec: &MixerSpec, inputs: &MixerInputs, opts: &CudaOptions) -> Result<CudaRun> {
+    CudaMixer::new(spec, opts)?.run(inputs)
 }
 
 /// Times one configuration: `warmup` untimed runs, then `reps` runs timed
@@ -220,25 +314,25 @@ fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
             .map(String::as_str)
             .or_else(|| p.downcast_ref::<&str>().copied())
             .unwrap_or("unknown panic");
-        Err(RuntimeError::Invalid(format!(
-            "CUDA backend failed inside the driver bindings: {msg}; use --backend cpu"
-        )))
+        Err(RuntimeError::Driver {
+            op: "calling into the driver bindings".into(),
+            message: msg.to_string(),
+        })
     })
 }
 
 /// CUDA source of the backend's own helper kernels (the log-sum-exp merge of
-/// softmax partials and an accumulator reset), compiled with NVRTC at run time.
+/// softmax partials and an accumulator reset), rendered from
+/// `templates/helpers.cu` by [`mixc_codegen::helper_kernels`] and compiled
+/// with NVRTC at run time.
 pub fn helper_kernels_source() -> &'static str {
-    exec::aux_source()
+    mixc_codegen::helper_kernels().source
 }
 
 /// The helper kernels a softmax run loads for storage type `dtype`: the
 /// merge of that type's partials and the accumulator reset.
 pub fn helper_kernel_names(dtype: DType) -> [String; 2] {
-    [
-        format!("mixc_merge_lse_{}", dtype.name()),
-        "mixc_fill_neg_inf".to_string(),
-    ]
+    mixc_codegen::helper_kernels().kernel_names(dtype)
 }
 
 #[cfg(test)]
@@ -251,7 +345,7 @@ mod tests {
         assert_eq!(arch_for((8, 9)).unwrap(), Arch::Sm80);
         assert_eq!(arch_for((8, 0)).unwrap(), Arch::Sm80);
         let e = arch_for((7, 5)).unwrap_err().to_string();
-        assert!(e.contains("7.5") && e.contains("--backend cpu"), "{e}");
+        assert!(e.contains("7.5") && !e.contains("--backend"), "{e}");
         let e = arch_for((10, 0)).unwrap_err().to_string();
         assert!(e.contains("10.0"), "{e}");
         assert_eq!(driver_version_string(13000), "13.0");

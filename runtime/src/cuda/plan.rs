@@ -210,9 +210,9 @@ pub fn scatter_rows(
 /// Checks that every number a kernel receives as `int` fits 32 bits.
 pub fn check_int_sizes(batch: usize, seq: usize) -> Result<()> {
     if seq > i32::MAX as usize || batch > 65_535 {
-        return Err(RuntimeError::Invalid(format!(
+        return Err(RuntimeError::DoesNotFit(format!(
             "CUDA backend: batch {batch} x seq {seq} is beyond one launch (kernels take 32-bit \
-             positions and at most 65535 sequences per grid); split the run or use --backend cpu"
+             positions and at most 65535 sequences per grid); split the run"
         )));
     }
     Ok(())
@@ -349,5 +349,6 @@ mod tests {
     }
 
     // The host twins of whole rings (softmax, convolution, chunkwise) are in
-    // `twin.rs`: they drive the launch functions of `args.rs`, not copies.
+    // `runtime/tests/twin/mod.rs`: they drive the launch functions of
+    // `args.rs`, not copies.
 }

@@ -201,7 +201,7 @@ fn rows_error(out: &Tensor<f64>, reference: &Tensor<f64>, rows: &[usize]) -> f64
 /// ([`crate::cuda::time_config`]): warm-up, then `reps` launches cycling
 /// through several input sets uploaded once, so no repetition finds the
 /// previous one's data in L2. Each candidate first runs once through the
-/// full launcher ([`crate::cuda::run_with_config`]) and is compared with the
+/// full launcher ([`crate::cuda::run`]) and is compared with the
 /// f64 reference on sampled rows.
 pub struct CudaTimer {
     spec: MixerSpec,
@@ -261,7 +261,7 @@ impl Timer for CudaTimer {
         let mut opts = crate::cuda::CudaOptions::default_for(&self.spec);
         opts.dtype = self.dtype;
         opts.config = Some(*self.config(cand)?);
-        let out = crate::cuda::run_with_config(&self.spec, &self.inputs[0], &opts)?.output;
+        let out = crate::cuda::run(&self.spec, &self.inputs[0], &opts)?.output;
         let out = Tensor::new(out.shape, out.data.iter().map(|&x| x as f64).collect());
         Ok(rows_error(&out, &self.reference, &self.rows))
     }

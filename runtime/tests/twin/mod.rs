@@ -11,7 +11,7 @@
 //! checks that such mutations are in fact detected.
 //!
 //! The `sim_*` tests replace the emulations by the kernels themselves:
-//! NVRTC's PTX of the generated source executed by [`super::ptxsim`]
+//! NVRTC's PTX of the generated source executed by [`mixc_ptxsim`]
 //! (tiling, mma fragments, `cp.async` pipelines, races). What neither
 //! checks: the driver calls, stream/event ordering and peer copies; those
 //! need a GPU (`tests/cuda_backend.rs`).
@@ -21,6 +21,7 @@ use std::ops::Range;
 
 use mixc_codegen::{generate, Arch, GeneratedKernel, GridDim, KernelConfig, ParamRole, Target};
 use mixc_dsl::ir::{DType, Decay, Dim, ElemType, EvalEnv, Family, MixerSpec, Norm, Score};
+use mixc_ptxsim::{GlobalMemory, LaunchStats, Module};
 
 use super::args::{
     chunk_launch, conv_pair, fill_neg_inf_launch, softmax_pair, ArgValue, ChunkBuffers, HostLaunch,
@@ -32,7 +33,6 @@ use super::plan::{
     device_of, gather_rows, held_slot, pair_launches, ring_fill_slot, scatter_rows,
     segment_summaries, tiling_of,
 };
-use super::ptxsim::{GlobalMemory, LaunchStats, Module};
 use super::rank::{assemble, run_rank, RankIo, RankJob, Transfer};
 use crate::ring::{RingSchedule, Sharding};
 use crate::tensor::{MixerInputs, Tensor};
@@ -898,7 +898,12 @@ impl Twin<'_> {
 fn twin_kernel(spec: &MixerSpec, dt: DType) -> GeneratedKernel {
     let target = Target::new(Arch::Sm90, dt);
     let cfg = KernelConfig::default_for(spec, &target);
-    let mut g = generate(spec, &target, &cfg).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+    let g = generate(spec, &target, &cfg).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+    twin_tiles(g)
+}
+
+/// Small query blocks for the emulation (see [`twin_kernel`]).
+fn twin_tiles(mut g: GeneratedKernel) -> GeneratedKernel {
     if let GridDim::QueryBlocks { block } = &mut g.kernels[0].grid[0] {
         *block = 4;
         g.config.block_m = 4;
@@ -920,6 +925,18 @@ fn run_twin(
     mutate: Mutate<'_>,
 ) -> Tensor<f32> {
     let g = twin_kernel(spec, dt);
+    run_twin_kernel(spec, g, x, dt, (ranks, sharding, devices), mutate)
+}
+
+/// [`run_twin`] with a given generated kernel.
+fn run_twin_kernel(
+    spec: &MixerSpec,
+    g: GeneratedKernel,
+    x: &MixerInputs,
+    dt: DType,
+    (ranks, sharding, devices): (usize, Sharding, usize),
+    mutate: Mutate<'_>,
+) -> Tensor<f32> {
     let sched = RingSchedule::new(x.seq, ranks, sharding).unwrap();
     let mut t = Twin {
         spec,
@@ -1769,4 +1786,181 @@ fn sim_profile_guards_kernel_overhead() {
             );
         }
     }
+}
+
+/// Compile once, call many, through the twin: the kernels come from the
+/// in-process cache `CudaMixer` builds them with ([`super::kernels::CudaKernels`]),
+/// generated and compiled once; a second handle of the same specialisation
+/// shares them; 100 ring runs on the loaded kernels generate, compile, read
+/// and load nothing, and match the reference.
+#[test]
+fn a_hundred_twin_runs_compile_once() {
+    use super::kernels::CudaKernels;
+    use crate::counters;
+    // A name no other test uses, so the process-wide cache starts empty for it.
+    let spec = parse(
+        "mixer twin_counted { heads = 4; kv_heads = 2; head_dim = 16; dtype = f32; \
+         score = dot(q, k); mask = causal && window(9); norm = softmax; }",
+    );
+    let target = Target::new(Arch::Sm90, DType::F32);
+    let before = counters::snapshot();
+    let kernels = CudaKernels::get(&spec, &target, None).unwrap();
+    // The twin's "load": once, as `Gpu::load_shared` does per GPU.
+    counters::bump(counters::Work::ModuleLoad);
+    let built = counters::snapshot() - before;
+    assert_eq!(built.generations, 1, "{built:?}");
+    // The kernel and the merge helpers: compiled, or read from the disk cache.
+    assert_eq!(built.compilations + built.disk_cache_reads, 2, "{built:?}");
+    assert!(kernels.helpers.is_some());
+
+    let start = counters::snapshot();
+    let again = CudaKernels::get(&spec, &target, None).unwrap();
+    assert!(std::sync::Arc::ptr_eq(&kernels, &again));
+    let xs: Vec<MixerInputs> = (0..4)
+        .map(|i| crate::inputs::random_inputs(&spec, 1 + i % 2, 9 + 7 * i, i as u64))
+        .collect();
+    let wants: Vec<_> = xs
+        .iter()
+        .map(|x| crate::reference::evaluate(&spec, x).unwrap())
+        .collect();
+    for call in 0..100 {
+        let i = call % xs.len();
+        let g = twin_tiles(kernels.generated.clone());
+        let ranks = 1 + call % 3;
+        let got = run_twin_kernel(
+            &spec,
+            g,
+            &xs[i],
+            DType::F32,
+            (ranks, Sharding::Zigzag, 1),
+            &no_mutation,
+        );
+        let err = max_rel_err(&got, &wants[i]);
+        assert!(err <= 2e-5, "call {call}: error {err:.2e}");
+    }
+    let calls = counters::snapshot() - start;
+    assert_eq!(calls, counters::Counters::default(), "{calls:?}");
+}
+
+/// The direct call (`CudaMixer::forward_device`): caller-owned buffers in
+/// the user's layout, one launch of the generated kernel writing `o` and
+/// `lse` in place (no merge kernel, no accumulator). Run through the host
+/// emulation and through the PTX simulator; `o` and `lse` match the
+/// reference, every element written (the buffers start poisoned).
+fn direct_call(spec: &MixerSpec, x: &MixerInputs, dt: DType, sim: bool) -> (Vec<f32>, Vec<f32>) {
+    use super::args::{direct_softmax_launches, DeviceCall};
+    let g = if sim {
+        let target = Target::new(Arch::Sm90, dt);
+        generate(spec, &target, &KernelConfig::default_for(spec, &target)).unwrap()
+    } else {
+        twin_kernel(spec, dt)
+    };
+    let (b, seq) = (x.batch, x.seq);
+    let (h, dv) = (spec.heads as usize, spec.value_dim as usize);
+    let mut t = Twin {
+        spec,
+        sim: sim.then(|| Sim::new(&g, dt)),
+        g,
+        dt,
+        mem: Mem::default(),
+        mutate: &no_mutation,
+    };
+    let extra = t.full_inputs(x);
+    let call = DeviceCall {
+        batch: b,
+        seq,
+        q: t.mem.alloc(encode(dt, &x.q.data)),
+        k: t.mem.alloc(encode(dt, &x.k.data)),
+        v: t.mem.alloc(encode(dt, &x.v.data)),
+        o: t.mem.poisoned(b * seq * h * dv * elem_bytes(dt)),
+        lse: t.mem.poisoned(b * h * seq * 4),
+        extra,
+    };
+    let launches = direct_softmax_launches(&t.g.kernels[0], h, &call).unwrap();
+    assert_eq!(launches.len(), 1, "one launch");
+    assert!(
+        launches.iter().all(|l| l.kernel == KernelId::Main),
+        "no merge"
+    );
+    for l in launches {
+        t.exec(l);
+    }
+    let o = decode(dt, &t.mem.bytes(call.o, b * seq * h * dv * elem_bytes(dt)));
+    let lse = decode(DType::F32, &t.mem.bytes(call.lse, b * h * seq * 4));
+    (o, lse)
+}
+
+#[test]
+fn direct_calls_write_o_and_lse_in_place() {
+    let mut specs: Vec<MixerSpec> = SOFTMAX_SPECS.iter().map(|s| parse(s)).collect();
+    specs.push(example("causal_gqa_llama3", 4));
+    for (n, spec) in specs.iter().enumerate() {
+        let dt = if n % 3 == 2 { DType::Bf16 } else { DType::F32 };
+        for (seq, sim) in [(23, false), (40, false), (37, n < 3)] {
+            let mut x = crate::inputs::random_inputs(spec, 2, seq, seq as u64);
+            crate::inputs::round_to_dtype(&mut x, dt);
+            let (want_o, want_lse) = crate::reference::evaluate_with_lse(spec, &x).unwrap();
+            let (o, lse) = direct_call(spec, &x, dt, sim);
+            let o = Tensor::new(want_o.shape.clone(), o);
+            let err = max_rel_err(&o, &want_o);
+            let tol = if dt == DType::F32 { 2e-5 } else { 1e-2 };
+            assert!(
+                err <= tol,
+                "{} seq {seq} sim {sim}: o error {err:.2e}",
+                spec.name
+            );
+            // lse: ours is [batch, heads, seq], the reference's [batch, seq, heads].
+            let h = spec.heads as usize;
+            for bi in 0..x.batch {
+                for hi in 0..h {
+                    for i in 0..seq {
+                        let got = lse[(bi * h + hi) * seq + i] as f64;
+                        let want = want_lse.data[(bi * seq + i) * h + hi];
+                        let ok = if want == f64::NEG_INFINITY {
+                            got == f64::NEG_INFINITY
+                        } else {
+                            (got - want).abs() <= 1e-3 * want.abs().max(1.0)
+                        };
+                        assert!(
+                            ok,
+                            "{} b {bi} h {hi} row {i}: lse {got} vs {want}",
+                            spec.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn direct_calls_refuse_missing_buffers() {
+    use super::args::{direct_softmax_launches, DeviceCall};
+    let spec = parse(SOFTMAX_SPECS[2]); // reads the `doc` segment ids
+    let g = twin_kernel(&spec, DType::F32);
+    let call = DeviceCall {
+        batch: 1,
+        seq: 8,
+        q: 1 << 32,
+        k: 2 << 32,
+        v: 3 << 32,
+        o: 4 << 32,
+        lse: 5 << 32,
+        extra: BTreeMap::new(),
+    };
+    let e = direct_softmax_launches(&g.kernels[0], 2, &call).unwrap_err();
+    assert!(
+        matches!(&e, crate::RuntimeError::BadInput { name, .. } if name == "doc"),
+        "{e}"
+    );
+    let e = direct_softmax_launches(
+        &g.kernels[0],
+        2,
+        &DeviceCall {
+            lse: 0,
+            ..call.clone()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("lse"), "{e}");
 }

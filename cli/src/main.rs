@@ -55,8 +55,23 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {e:#}{}", advice(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What to do instead, in CLI terms, for library errors that have a way
+/// around on another backend (the library itself names no flags).
+fn advice(e: &anyhow::Error) -> &'static str {
+    match e.downcast_ref::<mixc::Error>() {
+        Some(mixc::Error::NoGpu { .. }) => {
+            "; use --backend cpu (or --backend auto, which falls back to the CPU backend)"
+        }
+        Some(mixc::Error::OutOfMemory { .. }) => {
+            "; lower --seq or --batch, spread the ring over more GPUs, or use --backend cpu"
+        }
+        Some(e) if e.is_gpu_specific() => "; use --backend cpu",
+        _ => "",
     }
 }

@@ -12,10 +12,10 @@ pub fn peak_rss_bytes() -> Option<u64> {
 /// Floating-point operations per unmasked (query, key) pair and head: the
 /// score dot product (2 d_k) and the weighted value sum (2 d_v); the
 /// convolution family has no dot product.
-pub fn flops_per_pair(spec: &mixc_dsl::MixerSpec) -> f64 {
+pub fn flops_per_pair(spec: &mixc::dsl::MixerSpec) -> f64 {
     let dv = spec.value_dim as f64;
     match spec.score {
-        mixc_dsl::Score::Dot { .. } => 2.0 * spec.head_dim as f64 + 2.0 * dv,
-        mixc_dsl::Score::Filter { .. } => 2.0 * dv,
+        mixc::dsl::Score::Dot { .. } => 2.0 * spec.head_dim as f64 + 2.0 * dv,
+        mixc::dsl::Score::Filter { .. } => 2.0 * dv,
     }
 }

@@ -1,6 +1,6 @@
 use anyhow::{Context, Result};
-use mixc_codegen::{generate, Arch, KernelConfig, Target};
-use mixc_dsl::{DType, MixerSpec};
+use mixc::codegen::{generate, Arch, KernelConfig, Target};
+use mixc::dsl::{DType, MixerSpec};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -22,7 +22,7 @@ pub struct TargetArgs {
 
 impl TargetArgs {
     /// Loads the spec and lowers it to CUDA source.
-    pub fn generate(&self) -> Result<(MixerSpec, mixc_codegen::GeneratedKernel)> {
+    pub fn generate(&self) -> Result<(MixerSpec, mixc::codegen::GeneratedKernel)> {
         let spec = super::load_spec(&self.file)?;
         let arch = Arch::parse(&self.arch)?;
         let dtype = match &self.dtype {

@@ -1,5 +1,5 @@
 use anyhow::Result;
-use mixc_runtime::nvrtc;
+use mixc::runtime::nvrtc;
 use serde_json::json;
 use std::process::ExitCode;
 

@@ -10,10 +10,9 @@
 use super::run::{self, Backend, ExecOptions, Resolved};
 use crate::report;
 use anyhow::{bail, Context, Result};
-use mixc_codegen::plan::{BlockClass, BlockPlan, SegmentSummaries, SegmentSummary, Tiling};
-use mixc_dsl::{DType, MixerSpec};
-use mixc_runtime::ring::Sharding;
-use mixc_runtime::{inputs, MixerInputs};
+use mixc::dsl::{DType, MixerSpec};
+use mixc::runtime::inputs;
+use mixc::runtime::ring::Sharding;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -159,102 +158,6 @@ fn median(sorted: &[f64]) -> f64 {
     }
 }
 
-/// Unmasked (query, key) pairs of one head over the batch, counted exactly:
-/// the block plan classifies 64 x 64 tiles, `Full` tiles count whole and only
-/// `Partial` ones test the mask per pair, so a causal count costs O(L * 64)
-/// mask tests, not O(L^2). Query blocks are split over threads for masks
-/// (like `dilated`) whose tiles are mostly `Partial`.
-pub fn useful_pairs_per_head(spec: &MixerSpec, inputs: &MixerInputs) -> u64 {
-    let seq = inputs.seq;
-    let mut seg_names = Vec::new();
-    spec.mask.segment_inputs(&mut seg_names);
-    let tiling = Tiling {
-        block_m: 64,
-        block_n: 64,
-    };
-    let plan = BlockPlan::new(&spec.mask, tiling, 0..seq, 0..seq);
-    // Without segment ids every batch row has the same pairs: count one.
-    let rows = if seg_names.is_empty() {
-        1
-    } else {
-        inputs.batch
-    };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut total = 0u64;
-    for b in 0..rows {
-        let ids: Vec<(String, Vec<i64>)> = seg_names
-            .iter()
-            .filter_map(|name| {
-                let t = inputs.extra.get(name.as_str())?;
-                let ids = (0..seq)
-                    .map(|p| t.get_clamped(&[b as i64, p as i64]) as i64)
-                    .collect();
-                Some((name.clone(), ids))
-            })
-            .collect();
-        let summaries = SegmentSummaries {
-            entries: ids
-                .iter()
-                .map(|(n, v)| (n.clone(), SegmentSummary::new(v.iter().copied(), 64)))
-                .collect(),
-        };
-        let seg = |name: &str, p: i64| -> i64 {
-            ids.iter()
-                .find(|(n, _)| n == name)
-                .map_or(0, |(_, v)| v[p as usize])
-        };
-        let count_blocks = |qbs: std::ops::Range<usize>| -> u64 {
-            let mut n = 0u64;
-            for qb in qbs {
-                let row = plan.row(qb, &summaries);
-                for (keys, class) in row.tiles(&plan) {
-                    n += match class {
-                        BlockClass::Full => (row.q.len() * keys.len()) as u64,
-                        BlockClass::Partial => row
-                            .q
-                            .clone()
-                            .map(|i| {
-                                keys.clone()
-                                    .filter(|&j| spec.mask.allows(i as i64, j as i64, &seg))
-                                    .count() as u64
-                            })
-                            .sum(),
-                        BlockClass::Skip => 0,
-                    };
-                }
-            }
-            n
-        };
-        let nqb = plan.num_query_blocks();
-        total += if threads <= 1 || nqb < 64 {
-            count_blocks(0..nqb)
-        } else {
-            // Interleaved chunks so causal rows (cheap first, dear last) balance.
-            let chunks: Vec<Vec<usize>> = (0..threads)
-                .map(|t| (t..nqb).step_by(threads).collect())
-                .collect();
-            std::thread::scope(|s| {
-                let handles: Vec<_> = chunks
-                    .iter()
-                    .map(|c| {
-                        let count_blocks = &count_blocks;
-                        s.spawn(move || c.iter().map(|&qb| count_blocks(qb..qb + 1)).sum::<u64>())
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("pair-counting thread panicked"))
-                    .sum()
-            })
-        };
-    }
-    if seg_names.is_empty() {
-        total * inputs.batch as u64
-    } else {
-        total
-    }
-}
-
 /// Fixed settings of a bench run, shared by every point.
 struct Plan {
     backend: Resolved,
@@ -284,9 +187,9 @@ fn measure(
     let per_point = reset_peak_rss();
     let mut inputs = match *source {
         Source::Random { seq, seed } => inputs::random_inputs(spec, plan.batch, seq, seed),
-        Source::File(path) => mixc_runtime::io::load_inputs(path, spec)?,
+        Source::File(path) => mixc::runtime::io::load_inputs(path, spec)?,
     };
-    mixc_runtime::inputs::round_to_dtype(&mut inputs, dtype);
+    mixc::runtime::inputs::round_to_dtype(&mut inputs, dtype);
     let (batch, seq) = (inputs.batch, inputs.seq);
     if plan.opts_base.ranks > seq {
         bail!(
@@ -303,6 +206,8 @@ fn measure(
     let mut output_bytes = 0;
     let mut first = true;
     let mut config = None;
+    // Compiled once per point; every repetition calls the same mixer.
+    let mixer = run::build_mixer(spec, &opts)?;
     let mut after_first = |exec: &run::Execution| -> Result<()> {
         if first {
             first = false;
@@ -310,13 +215,14 @@ fn measure(
             config = Some((exec.config.clone(), exec.config_source.clone()));
             computed_pairs = exec.pairs_per_rank.as_ref().map(|p| p.iter().sum());
             if plan.check {
-                max_rel_error = Some(run::check_against_reference(spec, &inputs, &exec.output)?);
+                let c = run::check_output(&mixer, &inputs, &exec.output, false, true)?;
+                max_rel_error = Some(c.max_rel_error);
             }
         }
         Ok(())
     };
     for _ in 0..plan.warmup {
-        let exec = run::execute(spec, &inputs, &opts)?;
+        let exec = run::execute(&mixer, &inputs)?;
         after_first(&exec)?;
     }
     let mut times = Vec::with_capacity(plan.reps);
@@ -325,7 +231,7 @@ fn measure(
     for _ in 0..plan.reps.max(1) {
         // `seconds` is compute time (CUDA: GPU time of the launches, which a
         // peer such as PyTorch also reports without uploads or module loading).
-        let exec = run::execute(spec, &inputs, &opts)?;
+        let exec = run::execute(&mixer, &inputs)?;
         after_first(&exec)?;
         times.push(exec.seconds);
         wall.push(exec.wall_seconds);
@@ -340,7 +246,8 @@ fn measure(
     sorted.sort_by(f64::total_cmp);
     let med = median(&sorted);
     wall.sort_by(f64::total_cmp);
-    let useful_pairs = useful_pairs_per_head(spec, &inputs) * u64::from(spec.heads);
+    let useful_pairs =
+        mixc::runtime::pairs::useful_pairs_per_head(spec, &inputs) * u64::from(spec.heads);
     // The CPU backend and the reference compute in f32 or better whatever the storage type.
     let compute = if plan.backend == Resolved::Cuda {
         dtype
@@ -594,67 +501,6 @@ pub fn main(args: Args) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn spec(src: &str) -> MixerSpec {
-        mixc_dsl::parse_str(src).expect("valid spec")
-    }
-
-    /// Brute-force count over all pairs, the definition the fast count must match.
-    fn brute(spec: &MixerSpec, inputs: &MixerInputs) -> u64 {
-        let mut names = Vec::new();
-        spec.mask.segment_inputs(&mut names);
-        let mut n = 0u64;
-        for b in 0..inputs.batch {
-            let seg = |name: &str, p: i64| inputs.extra[name].get_clamped(&[b as i64, p]) as i64;
-            for i in 0..inputs.seq as i64 {
-                for j in 0..inputs.seq as i64 {
-                    n += u64::from(spec.mask.allows(i, j, &seg));
-                }
-            }
-        }
-        n
-    }
-
-    #[test]
-    fn useful_pairs_match_brute_force_for_every_mask_kind() {
-        let masks = [
-            "all",
-            "causal",
-            "causal && window(37)",
-            "prefix_lm(50)",
-            "block_sparse(block = 16, local = 2, global = 1)",
-            "causal && (window(20) || dilated(3))",
-        ];
-        for m in masks {
-            let s = spec(&format!(
-                "mixer m {{ heads = 2; head_dim = 8; score = dot(q, k); mask = {m}; norm = softmax; }}"
-            ));
-            // 203: not a multiple of the 64-wide tiles, so ragged tiles are covered.
-            let inputs = inputs::random_inputs(&s, 2, 203, 1);
-            assert_eq!(
-                useful_pairs_per_head(&s, &inputs),
-                brute(&s, &inputs),
-                "mask {m}"
-            );
-        }
-        // Causal has a closed form too.
-        let s = spec("mixer c { heads = 1; head_dim = 8; score = dot(q, k); mask = causal; norm = softmax; }");
-        let inputs = inputs::random_inputs(&s, 1, 4096, 0);
-        assert_eq!(useful_pairs_per_head(&s, &inputs), 4096 * 4097 / 2);
-    }
-
-    #[test]
-    fn useful_pairs_use_each_batch_rows_segments() {
-        let s = spec(
-            "mixer d { heads = 1; head_dim = 8; input doc: i32[batch, seq]; score = dot(q, k); \
-             mask = causal && segment(doc); norm = softmax; }",
-        );
-        let inputs = inputs::random_inputs(&s, 3, 300, 7);
-        let fast = useful_pairs_per_head(&s, &inputs);
-        assert_eq!(fast, brute(&s, &inputs));
-        // Documents cut the causal triangle, so fewer pairs than plain causal.
-        assert!(fast < 3 * 300 * 301 / 2, "{fast}");
-    }
 
     #[test]
     fn seq_lengths_parse_with_suffixes_and_reject_junk() {

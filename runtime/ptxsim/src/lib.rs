@@ -1,8 +1,15 @@
-//! A PTX simulator (tests only): executes the PTX that NVRTC produces for
-//! mixc's generated kernels, thread by thread, so the kernels' arithmetic
-//! (tiling, `mma.sync` fragments, `ldmatrix`, `cp.async` pipelines, online
-//! softmax, masks and block skipping) is checked against the f64 reference
-//! on a machine with no GPU.
+//! `mixc-ptxsim`: an interpreter for the PTX that NVRTC produces for mixc's
+//! generated kernels. It executes them thread by thread on the CPU, so that
+//! the tests can check the kernels' arithmetic (tiling, `mma.sync`
+//! fragments, `ldmatrix`, `cp.async` pipelines, online softmax, masks and
+//! block skipping) against the f64 reference on a machine with no GPU.
+//!
+//! This is test machinery, not product: nothing in mixc depends on it
+//! except as a dev-dependency. Its user is the CUDA backend's host twin
+//! (`runtime/tests/twin/`, compiled into `mixc-runtime`'s unit tests), whose
+//! `sim_*` tests compile each generated kernel with NVRTC, parse the PTX
+//! ([`Module::parse`]) and launch it ([`Module::launch`]) on the twin's
+//! emulated device memory (a [`GlobalMemory`]).
 //!
 //! Model: every thread runs on its own until it reaches a warp collective
 //! (`mma`, `ldmatrix`, `shfl`, `vote`) or a CTA barrier; a collective runs
@@ -31,8 +38,8 @@ use std::fmt;
 /// An error of parsing or executing PTX, with the PTX line it is about.
 #[derive(Debug, Clone)]
 pub struct SimError {
-    pub line: u32,
-    pub msg: String,
+    pub(crate) line: u32,
+    pub(crate) msg: String,
 }
 
 impl SimError {
@@ -54,7 +61,7 @@ impl std::error::Error for SimError {}
 
 /// A PTX scalar type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ty {
+pub(crate) enum Ty {
     B8,
     B16,
     B32,
@@ -127,7 +134,7 @@ impl Ty {
 
 /// Special registers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Special {
+pub(crate) enum Special {
     Tid(u8),
     Ntid(u8),
     Ctaid(u8),
@@ -137,7 +144,7 @@ pub enum Special {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Operand {
+pub(crate) enum Operand {
     Reg(u32),
     /// `!%p` as a source.
     NotPred(u32),
@@ -162,7 +169,7 @@ pub enum Operand {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cmp {
+pub(crate) enum Cmp {
     Eq,
     Ne,
     Lt,
@@ -184,7 +191,7 @@ pub enum Cmp {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Space {
+pub(crate) enum Space {
     Global,
     Shared,
     Const,
@@ -193,7 +200,7 @@ pub enum Space {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Add,
     Sub,
     Mul,
@@ -254,7 +261,7 @@ pub enum Kind {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ShflMode {
+pub(crate) enum ShflMode {
     Up,
     Down,
     Bfly,
@@ -262,21 +269,21 @@ pub enum ShflMode {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VoteMode {
+pub(crate) enum VoteMode {
     All,
     Any,
     Ballot,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RedOp {
+pub(crate) enum RedOp {
     And,
     Or,
     Popc,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AtomOp {
+pub(crate) enum AtomOp {
     Add,
     Min,
     Max,
@@ -289,7 +296,7 @@ pub enum AtomOp {
 
 /// Rounding of `cvt`, `fma`, `add`... (`None`: the instruction's default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Round {
+pub(crate) enum Round {
     /// Float results: nearest even, toward zero, down, up.
     Rn,
     Rz,
@@ -305,20 +312,20 @@ pub enum Round {
 /// A decoded opcode: what, on which types, with which modifiers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Op {
-    pub kind: Kind,
+    pub(crate) kind: Kind,
     /// The destination / operation type (the last type word, or for `cvt` the first).
-    pub ty: Ty,
+    pub(crate) ty: Ty,
     /// `cvt`'s source type; `mma`'s A/B type; `mul.wide`'s source type.
-    pub ty2: Ty,
-    pub round: Option<Round>,
-    pub sat: bool,
-    pub wide: bool,
-    pub hi: bool,
-    pub trans: bool,
+    pub(crate) ty2: Ty,
+    pub(crate) round: Option<Round>,
+    pub(crate) sat: bool,
+    pub(crate) wide: bool,
+    pub(crate) hi: bool,
+    pub(crate) trans: bool,
     /// `.v2` / `.v4`; `ldmatrix`'s `.x1/.x2/.x4`.
-    pub vec: u8,
+    pub(crate) vec: u8,
     /// `mma` shape k (8 or 16).
-    pub mma_k: u8,
+    pub(crate) mma_k: u8,
     /// `cp.async.wait_group N` takes N as an operand; `cp.async` size too.
     pub text: String,
 }
@@ -599,24 +606,26 @@ impl Op {
     }
 }
 
+/// One instruction of a kernel.
 #[derive(Debug, Clone)]
 pub struct Inst {
     /// `@%p` / `@!%p`.
-    pub guard: Option<(u32, bool)>,
+    pub(crate) guard: Option<(u32, bool)>,
     pub op: Op,
-    pub ops: Vec<Operand>,
-    pub line: u32,
+    pub(crate) ops: Vec<Operand>,
+    pub(crate) line: u32,
 }
 
+/// A parsed `.entry`: its parameters, registers and instructions.
 #[derive(Debug, Clone)]
 pub struct Kernel {
-    pub name: String,
+    pub(crate) name: String,
     /// Name and size in bytes of each parameter, in order.
-    pub params: Vec<(String, u32)>,
-    pub nregs: usize,
+    pub(crate) params: Vec<(String, u32)>,
+    pub(crate) nregs: usize,
     /// Declared type of each register (`cp.async`'s last operand is a
     /// predicate or a byte count depending on it).
-    pub reg_types: Vec<Ty>,
+    pub(crate) reg_types: Vec<Ty>,
     pub code: Vec<Inst>,
     /// Source line of each instruction (from `.loc`, NVRTC `-lineinfo`; 0 without).
     pub src_lines: Vec<u32>,
@@ -624,27 +633,29 @@ pub struct Kernel {
 
 /// A module-level (or function-local `.shared`) variable.
 #[derive(Debug, Clone)]
-pub struct Var {
-    pub name: String,
-    pub space: String,
-    pub align: u32,
-    pub size: usize,
+pub(crate) struct Var {
+    pub(crate) name: String,
+    pub(crate) space: String,
+    pub(crate) align: u32,
+    pub(crate) size: usize,
     /// `extern .shared x[]`: the dynamic shared memory.
-    pub unsized_: bool,
-    pub init: Vec<u8>,
+    pub(crate) unsized_: bool,
+    pub(crate) init: Vec<u8>,
 }
 
 /// A parsed PTX module.
 #[derive(Debug, Clone)]
 pub struct Module {
-    pub vars: Vec<Var>,
-    pub kernels: Vec<Kernel>,
+    pub(crate) vars: Vec<Var>,
+    pub(crate) kernels: Vec<Kernel>,
 }
 
 impl Module {
+    /// Parses PTX text (the subset NVRTC emits for mixc's kernels).
     pub fn parse(ptx: &str) -> Result<Module, SimError> {
         parse::parse(ptx)
     }
+    /// The kernel (`.entry`) called `name`.
     pub fn kernel(&self, name: &str) -> Option<&Kernel> {
         self.kernels.iter().find(|k| k.name == name)
     }

@@ -6,12 +6,12 @@ pub mod run;
 pub mod tune;
 
 use anyhow::{bail, Context, Result};
-use mixc_dsl::MixerSpec;
+use mixc::dsl::MixerSpec;
 use std::path::Path;
 
 /// Loads and validates a spec file; the error carries the rendered diagnostics.
 pub fn load_spec(path: &Path) -> Result<MixerSpec> {
-    mixc_dsl::parse_file(path).map_err(|e| anyhow::anyhow!("{e}"))
+    mixc::dsl::parse_file(path).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Shape keys a run may override (`--set heads=8`): the spec's arithmetic does
@@ -62,7 +62,7 @@ pub fn apply_shape_overrides(spec: &mut MixerSpec, items: &[String]) -> Result<(
     if heads_tied && !kv_heads_set {
         spec.kv_heads = spec.heads;
     }
-    let (max_heads, max_dim) = (mixc_dsl::MAX_HEADS, mixc_dsl::MAX_HEAD_DIM);
+    let (max_heads, max_dim) = (mixc::dsl::MAX_HEADS, mixc::dsl::MAX_HEAD_DIM);
     if u64::from(spec.heads.max(spec.kv_heads)) > max_heads {
         bail!("after --set: heads and kv_heads must be at most {max_heads}");
     }

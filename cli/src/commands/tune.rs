@@ -4,13 +4,13 @@
 
 use anyhow::{anyhow, bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use mixc_codegen::Target;
-use mixc_dsl::ir::DType;
-use mixc_dsl::MixerSpec;
-use mixc_runtime::compile_cache::CompileCache;
-use mixc_runtime::cpu::CpuConfig;
-use mixc_runtime::tune::cache::{Loaded, TuneEntry};
-use mixc_runtime::tune::{
+use mixc::codegen::Target;
+use mixc::dsl::ir::DType;
+use mixc::dsl::MixerSpec;
+use mixc::runtime::compile_cache::CompileCache;
+use mixc::runtime::cpu::CpuConfig;
+use mixc::runtime::tune::cache::{Loaded, TuneEntry};
+use mixc::runtime::tune::{
     self, prune, space, Candidate, CpuTimer, CpuTimerOptions, CudaTimer, DeviceInfo, Outcome,
     Progress, Timer, TuneCache, TuneKey, TuneOptions,
 };
@@ -137,7 +137,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
         Backend::Cuda => {
             let cc = device.compute_capability.unwrap_or(0);
             // The launcher's own mapping, so the tuned kernel is the one `run` loads.
-            let arch = mixc_runtime::cuda::arch_for((cc as i32 / 10, cc as i32 % 10))?;
+            let arch = mixc::runtime::cuda::arch_for((cc as i32 / 10, cc as i32 % 10))?;
             let target = Target::new(arch, dtype);
             let space = space::cuda_candidates(&spec, &target);
             let report =
@@ -171,7 +171,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
     let opts = TuneOptions {
         budget: Some(Duration::from_secs_f64(args.budget)),
         // The CPU backend computes in f32 whatever the storage type; kernels in `dtype`.
-        tolerance: mixc_runtime::reference::check_tolerance(match args.backend {
+        tolerance: mixc::runtime::reference::check_tolerance(match args.backend {
             Backend::Cpu => DType::F32,
             Backend::Cuda => dtype,
         }),

@@ -1,0 +1,77 @@
+use anyhow::Result;
+use serde_json::json;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Spec files (`.mix`).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Print one JSON object per file instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn main(args: Args) -> Result<ExitCode> {
+    let mut failed = 0usize;
+    for path in &args.files {
+        let shown = path.display();
+        match mixc::dsl::parse_file(path) {
+            Ok(spec) => {
+                // Which backends and architectures can run it, and why not.
+                let support = mixc::capabilities::matrix(&spec);
+                if args.json {
+                    let backends: Vec<_> = support
+                        .iter()
+                        .map(|s| {
+                            json!({"target": s.target, "supported": s.unsupported.is_none(),
+                                   "reason": s.unsupported})
+                        })
+                        .collect();
+                    println!(
+                        "{}",
+                        json!({"file": shown.to_string(), "ok": true, "name": spec.name,
+                               "family": spec.family.name(), "backends": backends,
+                               "spec": spec})
+                    );
+                } else {
+                    let runs: Vec<&str> = support
+                        .iter()
+                        .filter(|s| s.unsupported.is_none())
+                        .map(|s| s.target.as_str())
+                        .collect();
+                    println!(
+                        "{shown}: ok ({} `{}`); runs on {}",
+                        spec.family.name(),
+                        spec.name,
+                        runs.join(", ")
+                    );
+                    for s in &support {
+                        if let Some(why) = &s.unsupported {
+                            println!("  not on {}: {why}", s.target);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                if args.json {
+                    println!(
+                        "{}",
+                        json!({"file": shown.to_string(), "ok": false, "error": e.to_string()})
+                    );
+                } else {
+                    eprintln!("{e}");
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        if !args.json {
+            eprintln!("{failed} of {} spec file(s) invalid", args.files.len());
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}

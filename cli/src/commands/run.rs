@@ -1,0 +1,362 @@
+use crate::report;
+use anyhow::{bail, Context, Result};
+use mixc::dsl::{DType, MixerSpec};
+use mixc::runtime::check::CheckReport;
+use mixc::runtime::ring::Sharding;
+use mixc::runtime::{inputs, io, reference, MixerInputs, Tensor};
+use mixc::{ConfigSource, Device, Mixer, Options};
+use serde_json::json;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// CUDA when a GPU is usable, else the CPU backend.
+    Auto,
+    /// The f64 reference evaluator (quadratic, for checking).
+    Reference,
+    /// The blocked/ring CPU backend.
+    Cpu,
+    /// The CUDA backend (needs a GPU and its driver).
+    Cuda,
+}
+
+impl Backend {
+    /// The library's device for this choice.
+    pub fn device(self) -> Device {
+        match self {
+            Backend::Auto => Device::Auto,
+            Backend::Reference => Device::Reference,
+            Backend::Cpu => Device::Cpu,
+            Backend::Cuda => Device::Cuda(0),
+        }
+    }
+}
+
+/// The backend a run actually uses, once `auto` is resolved.
+pub use mixc::BackendKind as Resolved;
+
+fn device_of(kind: Resolved) -> Device {
+    match kind {
+        Resolved::Reference => Device::Reference,
+        Resolved::Cpu => Device::Cpu,
+        Resolved::Cuda => Device::Cuda(0),
+    }
+}
+
+/// Resolves `auto` (and checks `cuda` can run), with a one-line note on stderr
+/// saying what `auto` picked unless `quiet`.
+pub fn resolve_backend(backend: Backend, quiet: bool) -> Result<Resolved> {
+    let (kind, note) = mixc::runtime::mixer::resolve(backend.device())?;
+    if let Some(note) = note.filter(|_| !quiet) {
+        eprintln!("backend auto: {note}");
+    }
+    Ok(kind)
+}
+
+/// How to execute one run, whatever the backend.
+#[derive(Clone, Debug)]
+pub struct ExecOptions {
+    pub backend: Resolved,
+    /// Ring ranks (CPU ranks or CUDA virtual ranks / devices).
+    pub ranks: usize,
+    /// `None`: zigzag for causal masks, else contiguous.
+    pub sharding: Option<Sharding>,
+    /// Storage type of q/k/v on the device (the CPU backend computes in f32).
+    pub dtype: DType,
+}
+
+/// The mixer for `spec` with these options: compiled once, called by every
+/// repetition. A torchrun-style environment (`WORLD_SIZE` > 1) makes it one
+/// process of a multi-process ring, which only the CUDA backend runs (the
+/// library refuses it elsewhere instead of computing the whole problem in
+/// every process).
+pub fn build_mixer(spec: &MixerSpec, opts: &ExecOptions) -> Result<Mixer> {
+    if opts.ranks == 0 {
+        bail!("--ranks must be at least 1");
+    }
+    let world = mixc::runtime::cuda::dist::DistEnv::from_env()?;
+    let options = Options {
+        device: device_of(opts.backend),
+        dtype: Some(opts.dtype),
+        ranks: opts.ranks,
+        sharding: opts.sharding,
+        world,
+        ..Options::default()
+    };
+    Ok(Mixer::new(spec, options)?)
+}
+
+/// The result of [`execute`]: the output, how long the computation took
+/// (excluding input generation and checking) and the work done.
+pub struct Execution {
+    pub output: Tensor<f32>,
+    /// Compute time: CPU wall clock, or GPU time of the launches (CUDA events).
+    pub seconds: f64,
+    /// Wall time of the whole call (CUDA: uploads, download).
+    pub wall_seconds: f64,
+    /// Unmasked (query, key) pairs computed by each rank, where the backend counts them.
+    pub pairs_per_rank: Option<Vec<u64>>,
+    /// The tile configuration used and where it came from (tuning cache or default).
+    pub config: String,
+    pub config_source: String,
+    /// `(rank, world)` of a multi-process CUDA run (`WORLD_SIZE > 1`); only
+    /// rank 0 holds the whole output.
+    pub dist_rank: Option<(usize, usize)>,
+}
+
+/// One call of `mixer`; a tuning-cache note (an unusable entry) becomes a
+/// warning on stderr.
+pub fn execute(mixer: &Mixer, inputs: &MixerInputs) -> Result<Execution> {
+    let out = mixer.forward(inputs)?;
+    let config_source = match out.config_source {
+        ConfigSource::Tuned { path } => format!("tuned ({path})"),
+        ConfigSource::Explicit => "explicit".to_string(),
+        ConfigSource::Default { note } => {
+            if let Some(note) = note {
+                eprintln!("warning: {note}");
+            }
+            "default".to_string()
+        }
+    };
+    Ok(Execution {
+        output: out.o,
+        seconds: out.seconds,
+        wall_seconds: out.wall_seconds,
+        pairs_per_rank: out.pairs_per_rank,
+        config: out.config,
+        config_source,
+        dist_rank: out.dist_rank,
+    })
+}
+
+/// Compares `output` with the f64 reference (the documented sample, or
+/// everything with `full`), with a progress bar on a terminal when the
+/// reference takes more than a second.
+pub fn check_output(
+    mixer: &Mixer,
+    inputs: &MixerInputs,
+    output: &Tensor<f32>,
+    full: bool,
+    quiet: bool,
+) -> Result<CheckReport> {
+    let plan = mixer.check_plan(inputs.seq, full);
+    let started = Instant::now();
+    let bar: std::sync::Mutex<Option<indicatif::ProgressBar>> = std::sync::Mutex::new(None);
+    let progress = |done: u64, total: u64| {
+        if quiet || started.elapsed().as_secs_f64() < 1.0 {
+            return;
+        }
+        let mut bar = bar.lock().unwrap_or_else(|e| e.into_inner());
+        let b = bar.get_or_insert_with(|| {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "check: f64 reference {bar:30} {pos}/{len} rows ({eta} left)",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b
+        });
+        b.set_position(done);
+    };
+    let report = mixer.check(inputs, output, &plan, &progress)?;
+    if let Some(b) = bar.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        b.finish_and_clear();
+    }
+    Ok(report)
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Spec file (`.mix`).
+    file: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: Backend,
+    /// Sequence length of the random inputs (taken from the file with --inputs).
+    #[arg(long, required_unless_present = "inputs")]
+    seq: Option<usize>,
+    /// Batch size of the random inputs.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Override a shape of the spec for this run: heads, kv_heads, head_dim,
+    /// value_dim (repeatable), e.g. `--set heads=8 --set kv_heads=2`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Storage type of q, k, v (default: the spec's `dtype`). Random inputs are
+    /// rounded to it, so every backend and the reference see the same values.
+    #[arg(long, value_parser = ["f16", "bf16", "f32"])]
+    dtype: Option<String>,
+    /// Read q, k, v and the declared inputs from a safetensors file.
+    #[arg(long, conflicts_with_all = ["seq", "batch", "seed"])]
+    inputs: Option<PathBuf>,
+    /// Write the output `o` ([batch, seq, heads, value_dim], f32) and the inputs to a safetensors file.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Ranks of the ring, each owning a shard of the sequence (CPU: worker
+    /// threads; CUDA: virtual ranks dealt round-robin onto the visible GPUs).
+    #[arg(long, default_value_t = 1)]
+    ranks: usize,
+    /// How the sequence is sharded over ranks (default: zigzag for causal masks).
+    #[arg(long, value_parser = ["contiguous", "zigzag"])]
+    sharding: Option<String>,
+    /// Compare against the f64 reference and fail beyond the tolerance of the
+    /// compute type (relative to max |ref|: f32 2e-4, f16 2e-3, bf16 1e-2).
+    /// `--check` compares a sample (all rows and heads of small runs; else
+    /// 256 rows including the first, the last and every rank boundary, and 4
+    /// heads); `--check full` compares everything.
+    #[arg(long, num_args = 0..=1, default_missing_value = "sample", value_parser = ["sample", "full"])]
+    check: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub use mixc::runtime::reference::check_tolerance;
+
+pub fn main(args: Args) -> Result<ExitCode> {
+    let mut spec = super::load_spec(&args.file)?;
+    super::apply_shape_overrides(&mut spec, &args.set)?;
+    let dtype = match &args.dtype {
+        Some(d) => DType::parse(d).context("unknown --dtype")?,
+        None => spec.dtype,
+    };
+    let inputs: MixerInputs = match &args.inputs {
+        Some(path) => io::load_inputs(path, &spec)?,
+        None => {
+            let seq = args.seq.context("--seq is required without --inputs")?;
+            if seq == 0 || args.batch == 0 {
+                bail!("--seq and --batch must be at least 1");
+            }
+            let mut inputs = inputs::random_inputs(&spec, args.batch, seq, args.seed);
+            inputs::round_to_dtype(&mut inputs, dtype);
+            inputs
+        }
+    };
+    if args.ranks == 0 || args.ranks > inputs.seq {
+        bail!(
+            "--ranks {} must be between 1 and the sequence length {}",
+            args.ranks,
+            inputs.seq
+        );
+    }
+    let opts = ExecOptions {
+        backend: resolve_backend(args.backend, args.json)?,
+        ranks: args.ranks,
+        sharding: args.sharding.as_deref().map(|s| {
+            if s == "zigzag" {
+                Sharding::Zigzag
+            } else {
+                Sharding::Contiguous
+            }
+        }),
+        dtype,
+    };
+    let mixer = build_mixer(&spec, &opts)?;
+    let run = execute(&mixer, &inputs)?;
+    if run.dist_rank.is_some_and(|(rank, _)| rank != 0) {
+        // This rank's rows went to rank 0, which checks, saves and reports;
+        // the backend already printed this rank's one-line summary.
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (output, seconds) = (&run.output, run.seconds);
+    let check = match args.check.as_deref() {
+        Some(mode) => Some(check_output(
+            &mixer,
+            &inputs,
+            output,
+            mode == "full",
+            args.json,
+        )?),
+        None => None,
+    };
+    let tolerance = reference::check_tolerance(mixer.compute_dtype());
+
+    if let Some(path) = &args.save {
+        io::save_tensors(path, Some(&inputs), output)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let backend = opts.backend.name();
+    let tokens = (inputs.batch * inputs.seq) as f64;
+    let max_rel_error = check.as_ref().map(|c| c.max_rel_error);
+    let summary = json!({
+        "spec": spec.name,
+        "family": spec.family.name(),
+        "backend": backend,
+        "dtype": dtype.name(),
+        "batch": inputs.batch,
+        "seq": inputs.seq,
+        "heads": spec.heads,
+        "kv_heads": spec.kv_heads,
+        "head_dim": spec.head_dim,
+        "value_dim": spec.value_dim,
+        "ranks": opts.ranks,
+        "seconds": seconds,
+        "wall_seconds": run.wall_seconds,
+        "config": run.config,
+        "config_source": run.config_source,
+        "tokens_per_s": tokens / seconds,
+        "tflops": run.pairs_per_rank.as_ref().map(|p| {
+            p.iter().sum::<u64>() as f64 * report::flops_per_pair(&spec) / seconds / 1e12
+        }),
+        "pairs_per_rank": run.pairs_per_rank,
+        "input_bytes": input_bytes(&inputs),
+        "output_bytes": output.numel() * 4,
+        "max_rel_error": max_rel_error,
+        "tolerance": check.is_some().then_some(tolerance),
+        "checked": check.as_ref().map(|c| c.compared.clone()),
+        "check_full": check.as_ref().map(|c| c.full),
+        "output_shape": output.shape,
+        "peak_rss_bytes": report::peak_rss_bytes(),
+        "saved": args.save.as_ref().map(|p| p.display().to_string()),
+    });
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "{} ({}) on {backend}: batch {} x seq {} in {:.3} s ({:.0} tokens/s)",
+            spec.name,
+            spec.family.name(),
+            inputs.batch,
+            inputs.seq,
+            seconds,
+            tokens / seconds
+        );
+        println!("config: {} ({})", run.config, run.config_source);
+        if let Some(c) = &check {
+            println!(
+                "check: max relative error {:.3e} vs f64 reference (tolerance {tolerance:.0e}) \
+                 over {}{}",
+                c.max_rel_error,
+                c.compared,
+                if c.full {
+                    ""
+                } else {
+                    "; --check full compares everything"
+                }
+            );
+        }
+        if let Some(p) = &args.save {
+            println!("wrote {}", p.display());
+        }
+    }
+    // NaN must fail too, hence not `e > tol`.
+    if check.as_ref().is_some_and(|c| !c.passed()) {
+        eprintln!("error: --check failed: relative error above {tolerance:.0e}");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn input_bytes(inputs: &MixerInputs) -> usize {
+    let extra: usize = inputs
+        .extra
+        .values()
+        .map(|t| t.shape().iter().product::<usize>() * 4)
+        .sum();
+    (inputs.q.numel() + inputs.k.numel() + inputs.v.numel()) * 4 + extra
+}

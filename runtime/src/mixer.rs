@@ -1,0 +1,729 @@
+//! [`Mixer`]: a spec compiled once for one backend, called many times.
+//!
+//! `Mixer::new` does everything that depends only on the spec and the
+//! options: it resolves the backend (`Device::Auto` probes for a GPU), checks
+//! that the backend can run the spec ([`capabilities`]), and prepares it (CPU:
+//! the plan and the worker pool; CUDA: code generation, NVRTC compilation
+//! through the disk cache, module load on every GPU of the ring).
+//! [`Mixer::forward`] then takes any batch and sequence length (and any
+//! document ids, tables or gates the spec declares) with no code generation,
+//! compilation, hashing, file I/O or module load. The one exception is the
+//! tuned tile choice: with [`Tiles::Auto`] the first call in each shape
+//! bucket (powers of two of batch and length, as `mixc tune` stores them)
+//! looks the bucket up in the tuning cache once, and compiles its
+//! configuration if it differs from the default.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use mixc_codegen::{KernelConfig, Target};
+use mixc_dsl::ir::{DType, MixerSpec};
+use serde::Serialize;
+
+use crate::check::{CheckPlan, CheckReport};
+use crate::cpu::{CpuConfig, CpuMixer, Precision};
+use crate::cuda::{dist::DistEnv, CudaMixer, CudaOptions};
+use crate::error::{Result, RuntimeError};
+use crate::reference;
+use crate::ring::{RingSchedule, Sharding};
+use crate::tensor::{MixerInputs, Tensor};
+use crate::tune::{self, CpuTiles};
+
+/// Where a [`Mixer`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub enum Device {
+    /// CUDA on GPU 0 when a GPU is usable, else the CPU backend.
+    #[default]
+    Auto,
+    /// The blocked/ring CPU backend (f32 compute).
+    Cpu,
+    /// The CUDA backend, the ring's first rank on this GPU ordinal.
+    Cuda(usize),
+    /// The f64 reference evaluator (quadratic; for checking).
+    Reference,
+}
+
+/// A backend, once [`Device::Auto`] is resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Reference,
+    Cpu,
+    Cuda,
+}
+
+impl BackendKind {
+    pub const ALL: [BackendKind; 3] = [BackendKind::Reference, BackendKind::Cpu, BackendKind::Cuda];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Reference => "reference",
+            BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
+        }
+    }
+}
+
+/// Tile sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Tiles {
+    /// The tuning cache's entry for the call's shape bucket (`mixc tune`),
+    /// else the documented heuristic default.
+    #[default]
+    Auto,
+    /// The heuristic default, ignoring the tuning cache.
+    Default,
+    /// Explicit CPU tiles (the CPU backend only).
+    Cpu(CpuTiles),
+    /// An explicit kernel configuration (the CUDA backend only).
+    Cuda(KernelConfig),
+}
+
+/// How a [`Mixer`] is built. `Options::default()` is: device auto, the
+/// spec's dtype, tuned-or-default tiles, one rank, zigzag sharding for
+/// causal masks (else contiguous), every core, one process.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub device: Device,
+    /// Storage type of q, k, v and the output on the GPU (`None`: the
+    /// spec's). The CPU backend computes in f32 whatever this is; it only
+    /// selects the tuning cache entry there.
+    pub dtype: Option<DType>,
+    pub tiles: Tiles,
+    /// Ring ranks, each owning a shard of the sequence (CPU: ranks of one
+    /// process; CUDA: virtual ranks dealt round-robin onto the visible GPUs).
+    /// 0 is taken as 1.
+    pub ranks: usize,
+    /// `None`: zigzag for causal masks, else contiguous.
+    pub sharding: Option<Sharding>,
+    /// CPU worker threads (`None`: the tuned or default count, every core).
+    pub threads: Option<usize>,
+    /// This process's place in a multi-process ring (CUDA over NCCL). A
+    /// world of more than one process on another backend is an error.
+    pub world: Option<DistEnv>,
+}
+
+impl Options {
+    /// Default options on `device`.
+    pub fn on(device: Device) -> Options {
+        Options {
+            device,
+            ..Options::default()
+        }
+    }
+
+    pub fn with_ranks(mut self, ranks: usize) -> Options {
+        self.ranks = ranks;
+        self
+    }
+
+    pub fn with_dtype(mut self, dtype: DType) -> Options {
+        self.dtype = Some(dtype);
+        self
+    }
+
+    pub fn with_tiles(mut self, tiles: Tiles) -> Options {
+        self.tiles = tiles;
+        self
+    }
+
+    pub fn with_sharding(mut self, sharding: Sharding) -> Options {
+        self.sharding = Some(sharding);
+        self
+    }
+
+    pub fn with_threads(mut self, threads: usize) -> Options {
+        self.threads = Some(threads);
+        self
+    }
+}
+
+/// Where the tiles of a call came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ConfigSource {
+    /// A tuning cache entry (its file).
+    Tuned { path: String },
+    /// The heuristic default; `note` says why a cache entry was not used.
+    Default { note: Option<String> },
+    /// Given in [`Options::tiles`].
+    Explicit,
+}
+
+/// What [`Mixer::forward`] returns.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// `[batch, seq, heads, value_dim]`, f32. In a multi-process run only
+    /// rank 0 holds the whole output ([`Output::dist_rank`]).
+    pub o: Tensor<f32>,
+    /// Compute time in seconds: CPU wall clock of the run, or the GPU time of
+    /// the launches (CUDA events).
+    pub seconds: f64,
+    /// Wall time of the whole call (CUDA: uploads and download included).
+    pub wall_seconds: f64,
+    /// Unmasked (batch row, head, query, key) pairs each rank computed,
+    /// where the backend counts them.
+    pub pairs_per_rank: Option<Vec<u64>>,
+    /// The tiles used, in words, and where they came from.
+    pub config: String,
+    pub config_source: ConfigSource,
+    /// `(rank, world size)` of a multi-process run.
+    pub dist_rank: Option<(usize, usize)>,
+}
+
+/// A prepared backend for one tile choice.
+enum Prepared {
+    Reference,
+    Cpu(Box<CpuMixer>),
+    Cuda(Box<CudaMixer>),
+    /// The base preparation, reported with another source (a cache note).
+    Shared(Arc<Ready>),
+}
+
+/// A preparation with the description and source of its tiles.
+struct Ready {
+    prepared: Prepared,
+    config: String,
+    source: ConfigSource,
+}
+
+/// A tile choice before preparation.
+#[derive(Debug, Clone)]
+enum Choice {
+    Reference,
+    Cpu(CpuConfig, ConfigSource),
+    Cuda(CudaOptions, ConfigSource),
+}
+
+impl Choice {
+    /// Whether both choices prepare the same thing.
+    fn same_tiles(&self, other: &Choice) -> bool {
+        match (self, other) {
+            (Choice::Reference, Choice::Reference) => true,
+            (Choice::Cpu(a, _), Choice::Cpu(b, _)) => a == b,
+            (Choice::Cuda(a, _), Choice::Cuda(b, _)) => a == b,
+            _ => false,
+        }
+    }
+
+    /// The source, when it carries a note worth keeping.
+    fn note_source(&self) -> Option<ConfigSource> {
+        let source = match self {
+            Choice::Reference => return None,
+            Choice::Cpu(_, s) | Choice::Cuda(_, s) => s,
+        };
+        matches!(source, ConfigSource::Default { note: Some(_) }).then(|| source.clone())
+    }
+}
+
+/// A mixer spec compiled for one backend; see the module docs.
+pub struct Mixer {
+    spec: MixerSpec,
+    opts: Options,
+    backend: BackendKind,
+    dtype: DType,
+    auto_note: Option<String>,
+    /// The preparation every call starts from (explicit or default tiles).
+    base_choice: Choice,
+    base: Arc<Ready>,
+    /// With [`Tiles::Auto`]: the preparation per (batch bucket, seq bucket).
+    tuned: Mutex<HashMap<(usize, usize), Arc<Ready>>>,
+}
+
+impl std::fmt::Debug for Mixer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mixer")
+            .field("spec", &self.spec.name)
+            .field("backend", &self.backend)
+            .field("dtype", &self.dtype)
+            .field("opts", &self.opts)
+            .finish()
+    }
+}
+
+impl Mixer {
+    /// Resolves the backend, checks it can run `spec`, and prepares it
+    /// (see the module docs). Errors: no usable GPU for `Device::Cuda`, a
+    /// spec the backend cannot run ([`RuntimeError::Unsupported`], in spec
+    /// terms), NVRTC failures, bad options.
+    pub fn new(spec: &MixerSpec, opts: Options) -> Result<Mixer> {
+        let mut opts = opts;
+        opts.ranks = opts.ranks.max(1);
+        let dtype = opts.dtype.unwrap_or(spec.dtype);
+        let (backend, auto_note) = resolve(opts.device)?;
+        if let Some(w) = opts.world.as_ref().filter(|w| w.world_size > 1) {
+            if backend != BackendKind::Cuda {
+                return Err(RuntimeError::Unsupported {
+                    backend: backend.name(),
+                    what: format!(
+                        "a run across {} processes (only the CUDA backend runs a ring over \
+                         processes)",
+                        w.world_size
+                    ),
+                });
+            }
+        }
+        // (CUDA's code generator says the same when the kernels are built.)
+        if backend != BackendKind::Cuda {
+            if let Err(why) = capabilities::supports(spec, backend) {
+                return Err(RuntimeError::Unsupported {
+                    backend: backend.name(),
+                    what: why,
+                });
+            }
+        }
+        match (backend, &opts.tiles) {
+            (BackendKind::Cuda, Tiles::Cpu(_)) | (BackendKind::Cpu, Tiles::Cuda(_)) => {
+                return Err(RuntimeError::Invalid(format!(
+                    "the tile configuration given is for another backend than {}",
+                    backend.name()
+                )))
+            }
+            _ => {}
+        }
+        let mut m = Mixer {
+            spec: spec.clone(),
+            opts,
+            backend,
+            dtype,
+            auto_note,
+            base_choice: Choice::Reference,
+            base: Arc::new(Ready {
+                prepared: Prepared::Reference,
+                config: String::new(),
+                source: ConfigSource::Explicit,
+            }),
+            tuned: Mutex::new(HashMap::new()),
+        };
+        m.base_choice = m.choose(None);
+        m.base = m.prepare(m.base_choice.clone())?;
+        Ok(m)
+    }
+
+    /// Parses spec text (or a `.mix` file's contents) and builds a mixer.
+    pub fn from_str(text: &str, opts: Options) -> Result<Mixer> {
+        let spec = mixc_dsl::parse_str(text).map_err(|d| RuntimeError::Spec(d.to_string()))?;
+        Mixer::new(&spec, opts)
+    }
+
+    pub fn spec(&self) -> &MixerSpec {
+        &self.spec
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// The backend this mixer runs on.
+    pub fn backend(&self) -> BackendKind {
+        self.backend
+    }
+
+    /// Storage type of the inputs on the device.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The arithmetic type of the backend (what [`reference::check_tolerance`]
+    /// is judged on): the storage type on CUDA, f32 on the CPU, f64 for the
+    /// reference.
+    pub fn compute_dtype(&self) -> DType {
+        match self.backend {
+            BackendKind::Cuda => self.dtype,
+            BackendKind::Cpu | BackendKind::Reference => DType::F32,
+        }
+    }
+
+    /// With [`Device::Auto`]: what was picked and why (e.g. "using the CPU
+    /// backend (no CUDA driver library found)").
+    pub fn auto_note(&self) -> Option<&str> {
+        self.auto_note.as_deref()
+    }
+
+    /// The tile choice for a call (`shape`: the bucket's (batch, seq) for a
+    /// tuning-cache lookup; `None`: the base choice), not yet prepared.
+    fn choose(&self, shape: Option<(usize, usize)>) -> Choice {
+        let (spec, opts) = (&self.spec, &self.opts);
+        match self.backend {
+            BackendKind::Reference => Choice::Reference,
+            BackendKind::Cpu => {
+                let (mut cfg, source) = match (&opts.tiles, shape) {
+                    (Tiles::Cpu(t), _) => (
+                        t.apply(&CpuConfig::default_for(spec, 0)),
+                        ConfigSource::Explicit,
+                    ),
+                    (Tiles::Auto, Some((batch, seq))) => {
+                        let cache = tune::TuneCache::from_env();
+                        let c = tune::cpu_config_in(cache.as_ref(), spec, batch, seq, self.dtype);
+                        (c.config, source_of(c.source))
+                    }
+                    _ => (
+                        CpuConfig::default_for(spec, 0),
+                        ConfigSource::Default { note: None },
+                    ),
+                };
+                cfg.ranks = opts.ranks;
+                if let Some(s) = opts.sharding {
+                    cfg.sharding = s;
+                }
+                if let Some(t) = opts.threads {
+                    cfg.threads = t;
+                }
+                cfg.precision = Precision::F32;
+                Choice::Cpu(cfg, source)
+            }
+            BackendKind::Cuda => {
+                let mut cfg = CudaOptions::default_for(spec);
+                cfg.ranks = opts.ranks;
+                cfg.dtype = self.dtype;
+                cfg.world = opts.world.clone();
+                if let Some(s) = opts.sharding {
+                    cfg.sharding = s;
+                }
+                let source = match (&opts.tiles, shape) {
+                    (Tiles::Cuda(k), _) => {
+                        cfg.config = Some(*k);
+                        ConfigSource::Explicit
+                    }
+                    (Tiles::Auto, Some((batch, seq))) => {
+                        match cuda_tuned(spec, self.dtype, batch, seq) {
+                            Some((k, source)) => {
+                                cfg.config = Some(k);
+                                source_of(source)
+                            }
+                            None => ConfigSource::Default { note: None },
+                        }
+                    }
+                    _ => ConfigSource::Default { note: None },
+                };
+                Choice::Cuda(cfg, source)
+            }
+        }
+    }
+
+    /// Prepares the backend for a tile choice (CPU: plan and pool; CUDA:
+    /// generation, compilation, load).
+    fn prepare(&self, choice: Choice) -> Result<Arc<Ready>> {
+        let (prepared, config, source) = match choice {
+            Choice::Reference => (
+                Prepared::Reference,
+                "f64 reference".to_string(),
+                ConfigSource::Default { note: None },
+            ),
+            Choice::Cpu(cfg, source) => {
+                let desc = format!(
+                    "block {}x{}, chunk {}, {} threads",
+                    cfg.block_m, cfg.block_n, cfg.chunk, cfg.threads
+                );
+                (
+                    Prepared::Cpu(Box::new(CpuMixer::new(&self.spec, &cfg)?)),
+                    desc,
+                    source,
+                )
+            }
+            Choice::Cuda(cfg, source) => {
+                if let Device::Cuda(first) = self.opts.device {
+                    if first != 0 {
+                        return Err(RuntimeError::Unsupported {
+                            backend: "cuda",
+                            what: format!(
+                                "starting a ring on GPU {first} (choose the GPUs with \
+                                 CUDA_VISIBLE_DEVICES)"
+                            ),
+                        });
+                    }
+                }
+                let m = CudaMixer::new(&self.spec, &cfg)?;
+                let desc = m
+                    .config()
+                    .map_or_else(|| "chosen per process".to_string(), |c| c.describe());
+                (Prepared::Cuda(Box::new(m)), desc, source)
+            }
+        };
+        Ok(Arc::new(Ready {
+            prepared,
+            config,
+            source,
+        }))
+    }
+
+    /// The preparation for a call of `batch x seq`.
+    fn ready_for(&self, batch: usize, seq: usize) -> Result<Arc<Ready>> {
+        if self.opts.tiles != Tiles::Auto || self.backend == BackendKind::Reference {
+            return Ok(self.base.clone());
+        }
+        let key = (
+            tune::cache::batch_bucket(batch),
+            tune::cache::seq_bucket(seq),
+        );
+        if let Some(p) = self
+            .tuned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(p.clone());
+        }
+        let choice = self.choose(Some((batch, seq)));
+        // A bucket with no tuned entry runs on the base preparation.
+        let ready = if choice.same_tiles(&self.base_choice) {
+            let mut r = self.base.clone();
+            if let Some(source) = choice.note_source() {
+                // Keep the note (e.g. a corrupt cache entry) visible.
+                r = Arc::new(Ready {
+                    prepared: Prepared::Shared(self.base.clone()),
+                    config: r.config.clone(),
+                    source,
+                });
+            }
+            r
+        } else {
+            self.prepare(choice)?
+        };
+        self.tuned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, ready.clone());
+        Ok(ready)
+    }
+
+    /// Runs the mixer on one input set (host tensors in mixc's layout:
+    /// `q [batch, seq, heads, head_dim]`, `k`/`v [batch, seq, kv_heads, dim]`,
+    /// the spec's extra inputs by name). Any batch and length (at least the
+    /// ring's rank count) runs without recompiling.
+    pub fn forward(&self, inputs: &MixerInputs) -> Result<Output> {
+        let start = Instant::now();
+        let ready = self.ready_for(inputs.batch, inputs.seq)?;
+        let prepared = match &ready.prepared {
+            Prepared::Shared(base) => &base.prepared,
+            p => p,
+        };
+        let (o, seconds, pairs_per_rank, dist_rank) = match prepared {
+            Prepared::Reference => {
+                let out64 = reference::evaluate(&self.spec, inputs)?;
+                let o = Tensor::new(
+                    out64.shape.clone(),
+                    out64.data.iter().map(|&x| x as f32).collect(),
+                );
+                (o, None, None, None)
+            }
+            Prepared::Cpu(m) => {
+                let run = m.run(inputs)?;
+                (
+                    run.output.into_f32(),
+                    Some(run.stats.elapsed.as_secs_f64()),
+                    Some(run.stats.pairs_per_rank),
+                    None,
+                )
+            }
+            Prepared::Cuda(m) => {
+                let run = m.run(inputs)?;
+                (
+                    run.output,
+                    Some(run.kernel_seconds),
+                    run.pairs_per_rank,
+                    run.dist_rank,
+                )
+            }
+            Prepared::Shared(_) => unreachable!("a shared preparation is never nested"),
+        };
+        let wall_seconds = start.elapsed().as_secs_f64();
+        Ok(Output {
+            o,
+            seconds: seconds.unwrap_or(wall_seconds),
+            wall_seconds,
+            pairs_per_rank,
+            config: ready.config.clone(),
+            config_source: ready.source.clone(),
+            dist_rank,
+        })
+    }
+}
+
+impl Mixer {
+    /// One call on caller-owned CUDA buffers, launched on the caller's
+    /// stream (see [`CudaMixer::forward_device`], whose contract this has):
+    /// a one-rank softmax mixer writes `o` and the row log-sum-exp in place
+    /// with one kernel launch. Other backends and families are
+    /// `Unsupported`. The tiles are the base choice (the options' or the
+    /// default), not a per-bucket tuned one.
+    ///
+    /// # Safety
+    /// As [`CudaMixer::forward_device`].
+    pub unsafe fn forward_device(
+        &self,
+        call: &crate::cuda::args::DeviceCall,
+        stream: crate::cuda::RawStream,
+    ) -> Result<()> {
+        match &self.base.prepared {
+            // SAFETY: forwarded from this function's contract.
+            Prepared::Cuda(m) => unsafe { m.forward_device(call, stream) },
+            _ => Err(RuntimeError::Unsupported {
+                backend: self.backend.name(),
+                what: "device-pointer calls (CUDA only)".into(),
+            }),
+        }
+    }
+
+    /// The ring's sharding (the option, else zigzag for causal masks).
+    pub fn sharding(&self) -> Sharding {
+        self.opts
+            .sharding
+            .unwrap_or(if self.spec.mask.implies_causal() {
+                Sharding::Zigzag
+            } else {
+                Sharding::Contiguous
+            })
+    }
+
+    /// What a check of a `seq`-long output compares: everything (`full`),
+    /// or the documented sample ([`CheckPlan::sample`]: some heads and rows,
+    /// always the first and last rows and every rank boundary).
+    pub fn check_plan(&self, seq: usize, full: bool) -> CheckPlan {
+        if full {
+            return CheckPlan::full(&self.spec, seq);
+        }
+        let ring = RingSchedule::new(seq, self.opts.ranks, self.sharding()).ok();
+        CheckPlan::sample(&self.spec, seq, ring.as_ref())
+    }
+
+    /// Compares `o` (this mixer's output for `inputs`) with the f64
+    /// reference over `plan`, judged on the tolerance of
+    /// [`Mixer::compute_dtype`]. `progress(done, total)` reports reference rows.
+    pub fn check(
+        &self,
+        inputs: &MixerInputs,
+        o: &Tensor<f32>,
+        plan: &CheckPlan,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<CheckReport> {
+        crate::check::compare(&self.spec, inputs, o, plan, self.compute_dtype(), progress)
+    }
+}
+
+fn source_of(s: tune::Source) -> ConfigSource {
+    match s {
+        tune::Source::Cached { path } => ConfigSource::Tuned {
+            path: path.display().to_string(),
+        },
+        tune::Source::Default { note } => ConfigSource::Default { note },
+    }
+}
+
+/// The tuned kernel configuration for GPU 0's bucket, if the device can be
+/// described; otherwise `None` (the default).
+fn cuda_tuned(
+    spec: &MixerSpec,
+    dtype: DType,
+    batch: usize,
+    seq: usize,
+) -> Option<(KernelConfig, tune::Source)> {
+    let device = tune::DeviceInfo::cuda(0).ok()?;
+    let cc = device.compute_capability?;
+    let arch = crate::cuda::arch_for((cc as i32 / 10, cc as i32 % 10)).ok()?;
+    Some(tune::cuda_config_in(
+        tune::TuneCache::from_env().as_ref(),
+        spec,
+        &Target::new(arch, dtype),
+        batch,
+        seq,
+        device,
+    ))
+}
+
+/// Resolves [`Device::Auto`]: CUDA when a GPU is usable, else the CPU
+/// backend, with a note saying which and why. `Device::Cuda` without a
+/// usable GPU is an error.
+pub fn resolve(device: Device) -> Result<(BackendKind, Option<String>)> {
+    Ok(match device {
+        Device::Reference => (BackendKind::Reference, None),
+        Device::Cpu => (BackendKind::Cpu, None),
+        Device::Cuda(_) => {
+            crate::cuda::probe()?;
+            (BackendKind::Cuda, None)
+        }
+        Device::Auto => match crate::cuda::probe() {
+            Ok(info) => (
+                BackendKind::Cuda,
+                Some(format!("using CUDA on {}", info.describe())),
+            ),
+            Err(e) => (
+                BackendKind::Cpu,
+                Some(format!("using the CPU backend ({})", e.reason())),
+            ),
+        },
+    })
+}
+
+pub mod capabilities {
+    //! Which backends and architectures can run a spec, and why not, in
+    //! spec terms.
+
+    use super::BackendKind;
+    use mixc_codegen::{Arch, KernelConfig, Target};
+    use mixc_dsl::ir::MixerSpec;
+    use serde::Serialize;
+
+    /// One backend's (or one CUDA architecture's) answer.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+    pub struct Support {
+        /// `reference`, `cpu`, `cuda sm_80`, `cuda sm_90`.
+        pub target: String,
+        /// `None`: supported; else why not, in the spec's terms.
+        pub unsupported: Option<String>,
+    }
+
+    /// `Ok` when `backend` can run `spec`, else the reason. For CUDA this
+    /// asks the code generator for sm_90 in the spec's dtype with the
+    /// default tiles (no NVRTC, no GPU).
+    pub fn supports(spec: &MixerSpec, backend: BackendKind) -> Result<(), String> {
+        match backend {
+            BackendKind::Reference => Ok(()),
+            BackendKind::Cpu => crate::cpu::supports(spec),
+            BackendKind::Cuda => cuda_supports(spec, Arch::Sm90),
+        }
+    }
+
+    /// Whether the code generator can lower `spec` for `arch` (the spec's
+    /// dtype, default tiles).
+    pub fn cuda_supports(spec: &MixerSpec, arch: Arch) -> Result<(), String> {
+        let target = Target::new(arch, spec.dtype);
+        mixc_codegen::generate(spec, &target, &KernelConfig::default_for(spec, &target))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// The whole matrix: reference, cpu, cuda on each architecture.
+    pub fn matrix(spec: &MixerSpec) -> Vec<Support> {
+        let mut v = vec![
+            Support {
+                target: "reference".into(),
+                unsupported: supports(spec, BackendKind::Reference).err(),
+            },
+            Support {
+                target: "cpu".into(),
+                unsupported: supports(spec, BackendKind::Cpu).err(),
+            },
+        ];
+        for arch in [Arch::Sm80, Arch::Sm90] {
+            v.push(Support {
+                target: format!("cuda {arch}"),
+                unsupported: cuda_supports(spec, arch).err(),
+            });
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn a_mixer_can_be_shared_between_threads() {
+        assert_send_sync::<Mixer>();
+    }
+}
