@@ -207,13 +207,12 @@ impl Choice {
         }
     }
 
-    /// The source, when it carries a note worth keeping.
-    fn note_source(&self) -> Option<ConfigSource> {
-        let source = match self {
-            Choice::Reference => return None,
-            Choice::Cpu(_, s) | Choice::Cuda(_, s) => s,
-        };
-        matches!(source, ConfigSource::Default { note: Some(_) }).then(|| source.clone())
+    /// Where the tiles come from (`None` for the reference).
+    fn source(&self) -> Option<ConfigSource> {
+        match self {
+            Choice::Reference => None,
+            Choice::Cpu(_, s) | Choice::Cuda(_, s) => Some(s.clone()),
+        }
     }
 }
 
@@ -466,18 +465,17 @@ impl Mixer {
             return Ok(p.clone());
         }
         let choice = self.choose(Some((batch, seq)));
-        // A bucket with no tuned entry runs on the base preparation.
+        // Tiles equal to the base choice run on the base preparation
+        // (reported with this bucket's source: a tuned entry, or a note).
         let ready = if choice.same_tiles(&self.base_choice) {
-            let mut r = self.base.clone();
-            if let Some(source) = choice.note_source() {
-                // Keep the note (e.g. a corrupt cache entry) visible.
-                r = Arc::new(Ready {
+            match choice.source() {
+                Some(source) if source != self.base.source => Arc::new(Ready {
                     prepared: Prepared::Shared(self.base.clone()),
-                    config: r.config.clone(),
+                    config: self.base.config.clone(),
                     source,
-                });
+                }),
+                _ => self.base.clone(),
             }
-            r
         } else {
             self.prepare(choice)?
         };

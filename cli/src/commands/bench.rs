@@ -12,7 +12,6 @@ use crate::report;
 use anyhow::{bail, Context, Result};
 use mixc::dsl::{DType, MixerSpec};
 use mixc::runtime::inputs;
-use mixc::runtime::ring::Sharding;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -208,14 +207,14 @@ fn measure(
     let mut config = None;
     // Compiled once per point; every repetition calls the same mixer.
     let mixer = run::build_mixer(spec, &opts)?;
-    let mut after_first = |exec: &run::Execution| -> Result<()> {
+    let mut after_first = |exec: &mixc::Output| -> Result<()> {
         if first {
             first = false;
-            output_bytes = exec.output.numel() * 4;
-            config = Some((exec.config.clone(), exec.config_source.clone()));
+            output_bytes = exec.o.numel() * 4;
+            config = Some((exec.config.clone(), run::source_text(&exec.config_source)));
             computed_pairs = exec.pairs_per_rank.as_ref().map(|p| p.iter().sum());
             if plan.check {
-                let c = run::check_output(&mixer, &inputs, &exec.output, false, true)?;
+                let c = run::check_output(&mixer, &inputs, &exec.o, false, true)?;
                 max_rel_error = Some(c.max_rel_error);
             }
         }
@@ -409,13 +408,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
         opts_base: ExecOptions {
             backend,
             ranks: args.ranks,
-            sharding: args.sharding.as_deref().map(|s| {
-                if s == "zigzag" {
-                    Sharding::Zigzag
-                } else {
-                    Sharding::Contiguous
-                }
-            }),
+            sharding: run::parse_sharding(args.sharding.as_deref()),
             dtype: DType::F32,
         },
         reps: args.reps,

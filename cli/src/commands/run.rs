@@ -4,7 +4,7 @@ use mixc::dsl::{DType, MixerSpec};
 use mixc::runtime::check::CheckReport;
 use mixc::runtime::ring::Sharding;
 use mixc::runtime::{inputs, io, reference, MixerInputs, Tensor};
-use mixc::{ConfigSource, Device, Mixer, Options};
+use mixc::{ConfigSource, Device, Mixer, Options, Output};
 use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -88,46 +88,33 @@ pub fn build_mixer(spec: &MixerSpec, opts: &ExecOptions) -> Result<Mixer> {
     Ok(Mixer::new(spec, options)?)
 }
 
-/// The result of [`execute`]: the output, how long the computation took
-/// (excluding input generation and checking) and the work done.
-pub struct Execution {
-    pub output: Tensor<f32>,
-    /// Compute time: CPU wall clock, or GPU time of the launches (CUDA events).
-    pub seconds: f64,
-    /// Wall time of the whole call (CUDA: uploads, download).
-    pub wall_seconds: f64,
-    /// Unmasked (query, key) pairs computed by each rank, where the backend counts them.
-    pub pairs_per_rank: Option<Vec<u64>>,
-    /// The tile configuration used and where it came from (tuning cache or default).
-    pub config: String,
-    pub config_source: String,
-    /// `(rank, world)` of a multi-process CUDA run (`WORLD_SIZE > 1`); only
-    /// rank 0 holds the whole output.
-    pub dist_rank: Option<(usize, usize)>,
-}
-
 /// One call of `mixer`; a tuning-cache note (an unusable entry) becomes a
 /// warning on stderr.
-pub fn execute(mixer: &Mixer, inputs: &MixerInputs) -> Result<Execution> {
+pub fn execute(mixer: &Mixer, inputs: &MixerInputs) -> Result<Output> {
     let out = mixer.forward(inputs)?;
-    let config_source = match out.config_source {
+    if let ConfigSource::Default { note: Some(note) } = &out.config_source {
+        eprintln!("warning: {note}");
+    }
+    Ok(out)
+}
+
+/// Where the tiles came from, in words: `tuned (PATH)`, `default`, `explicit`.
+pub fn source_text(source: &ConfigSource) -> String {
+    match source {
         ConfigSource::Tuned { path } => format!("tuned ({path})"),
         ConfigSource::Explicit => "explicit".to_string(),
-        ConfigSource::Default { note } => {
-            if let Some(note) = note {
-                eprintln!("warning: {note}");
-            }
-            "default".to_string()
+        ConfigSource::Default { .. } => "default".to_string(),
+    }
+}
+
+/// `--sharding` (validated by clap) as the library's value.
+pub fn parse_sharding(s: Option<&str>) -> Option<Sharding> {
+    s.map(|s| {
+        if s == "zigzag" {
+            Sharding::Zigzag
+        } else {
+            Sharding::Contiguous
         }
-    };
-    Ok(Execution {
-        output: out.o,
-        seconds: out.seconds,
-        wall_seconds: out.wall_seconds,
-        pairs_per_rank: out.pairs_per_rank,
-        config: out.config,
-        config_source,
-        dist_rank: out.dist_rank,
     })
 }
 
@@ -247,13 +234,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
     let opts = ExecOptions {
         backend: resolve_backend(args.backend, args.json)?,
         ranks: args.ranks,
-        sharding: args.sharding.as_deref().map(|s| {
-            if s == "zigzag" {
-                Sharding::Zigzag
-            } else {
-                Sharding::Contiguous
-            }
-        }),
+        sharding: parse_sharding(args.sharding.as_deref()),
         dtype,
     };
     let mixer = build_mixer(&spec, &opts)?;
@@ -263,7 +244,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
         // the backend already printed this rank's one-line summary.
         return Ok(ExitCode::SUCCESS);
     }
-    let (output, seconds) = (&run.output, run.seconds);
+    let (output, seconds) = (&run.o, run.seconds);
     let check = match args.check.as_deref() {
         Some(mode) => Some(check_output(
             &mixer,
@@ -298,7 +279,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
         "seconds": seconds,
         "wall_seconds": run.wall_seconds,
         "config": run.config,
-        "config_source": run.config_source,
+        "config_source": source_text(&run.config_source),
         "tokens_per_s": tokens / seconds,
         "tflops": run.pairs_per_rank.as_ref().map(|p| {
             p.iter().sum::<u64>() as f64 * report::flops_per_pair(&spec) / seconds / 1e12
@@ -326,7 +307,11 @@ pub fn main(args: Args) -> Result<ExitCode> {
             seconds,
             tokens / seconds
         );
-        println!("config: {} ({})", run.config, run.config_source);
+        println!(
+            "config: {} ({})",
+            run.config,
+            source_text(&run.config_source)
+        );
         if let Some(c) = &check {
             println!(
                 "check: max relative error {:.3e} vs f64 reference (tolerance {tolerance:.0e}) \

@@ -4,16 +4,9 @@
 
 use anyhow::{anyhow, bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use mixc::codegen::Target;
-use mixc::dsl::ir::DType;
-use mixc::dsl::MixerSpec;
-use mixc::runtime::compile_cache::CompileCache;
-use mixc::runtime::cpu::CpuConfig;
-use mixc::runtime::tune::cache::{Loaded, TuneEntry};
-use mixc::runtime::tune::{
-    self, prune, space, Candidate, CpuTimer, CpuTimerOptions, CudaTimer, DeviceInfo, Outcome,
-    Progress, Timer, TuneCache, TuneKey, TuneOptions,
-};
+use mixc::runtime::tune::cache::TuneEntry;
+use mixc::runtime::tune::{self, Outcome, Progress, TuneEvent, TuneRequest, TuneResult};
+use mixc::{BackendKind, DType, MixerSpec};
 use serde_json::json;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -79,147 +72,98 @@ pub fn main(args: Args) -> Result<ExitCode> {
         Some(d) => DType::parse(d).ok_or_else(|| anyhow!("unknown dtype `{d}`"))?,
         None => spec.dtype,
     };
-    let mut warnings: Vec<String> = Vec::new();
-    let device = match args.backend {
-        Backend::Cpu => DeviceInfo::cpu(),
-        Backend::Cuda => DeviceInfo::cuda(0).map_err(|e| {
-            anyhow!("cannot tune on CUDA: {e}; `--backend cpu` tunes the CPU backend without a GPU")
-        })?,
+    let req = TuneRequest {
+        backend: match args.backend {
+            Backend::Cpu => BackendKind::Cpu,
+            Backend::Cuda => BackendKind::Cuda,
+        },
+        batch: args.batch,
+        seq: args.seq,
+        dtype,
+        reps: args.reps,
+        seed: args.seed,
+        budget: Duration::from_secs_f64(args.budget),
+        force: args.force,
+        top: args.top,
     };
-    let key = TuneKey::new(&spec, args.batch, args.seq, dtype, device.clone());
-    let cache = TuneCache::from_env();
-    if cache.is_none() {
-        warnings.push(
-            "no cache folder (MIXC_CACHE_DIR is empty, or HOME is unset): the result is not stored"
-                .into(),
-        );
-    }
-
-    if let Some(c) = &cache {
-        match c.load(&key) {
-            Loaded::Hit(entry) if !args.force => {
-                return print_hit(&args, &spec, &entry, &c.path(&key), warnings);
-            }
-            Loaded::Invalid(msg) => warnings.push(format!("{msg}; tuning again")),
-            Loaded::Hit(_) | Loaded::Miss => {}
-        }
-    }
-    if !args.json {
-        for w in warnings.drain(..) {
-            eprintln!("warning: {w}");
-        }
-        println!(
-            "tuning {} ({}) on {}: {}; batch {} x seq {} (bucket {} x {}), {}",
-            spec.name,
-            spec.family.name(),
-            device.backend,
-            device.describe(),
-            args.batch,
-            args.seq,
-            key.batch_bucket,
-            key.seq_bucket,
-            dtype
-        );
-    }
-
-    let (candidates, pruned, mut timer): Prepared = match args.backend {
-        Backend::Cpu => {
-            let base = CpuConfig::default_for(&spec, args.seq);
-            let cands = space::cpu_candidates(&spec, args.seq, &base);
-            let opts = CpuTimerOptions {
-                reps: args.reps,
-                seed: args.seed,
-                ..CpuTimerOptions::default()
-            };
-            let timer = CpuTimer::new(&spec, base, args.batch, args.seq, opts)?;
-            (cands, Vec::new(), Box::new(timer))
-        }
-        Backend::Cuda => {
-            let cc = device.compute_capability.unwrap_or(0);
-            // The launcher's own mapping, so the tuned kernel is the one `run` loads.
-            let arch = mixc::runtime::cuda::arch_for((cc as i32 / 10, cc as i32 % 10))?;
-            let target = Target::new(arch, dtype);
-            let space = space::cuda_candidates(&spec, &target);
-            let report =
-                prune::compile_and_prune(&spec, &target, space, CompileCache::from_env().as_ref());
-            if !args.json {
-                println!(
-                    "pruned {} of {} candidates before timing: {}",
-                    report.pruned.len(),
-                    report.pruned.len() + report.kept.len(),
-                    report.summary()
-                );
-            }
-            let timer = cuda_timer(&spec, dtype, &args)?;
-            (
-                report.kept_candidates(),
-                report.pruned_with_reasons(),
-                timer,
-            )
-        }
-    };
-
     let bar = if args.json || !std::io::stderr().is_terminal() {
         ProgressBar::hidden()
     } else {
-        ProgressBar::new((candidates.len() + pruned.len()) as u64)
+        ProgressBar::new(0)
     };
     bar.set_style(
         ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {wide_msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let opts = TuneOptions {
-        budget: Some(Duration::from_secs_f64(args.budget)),
-        // The CPU backend computes in f32 whatever the storage type; kernels in `dtype`.
-        tolerance: mixc::runtime::reference::check_tolerance(match args.backend {
-            Backend::Cpu => DType::F32,
-            Backend::Cuda => dtype,
-        }),
-    };
-    let report = tune::run_tuning(
-        candidates,
-        pruned,
-        timer.as_mut(),
-        &opts,
-        &mut |p: &Progress| {
-            bar.set_length(p.total as u64);
-            bar.set_position((p.tried + p.pruned) as u64);
-            let best = p.best.as_ref().map_or("-".into(), |(l, s)| {
-                format!("{l} {:.3} ms", s.median_s() * 1e3)
-            });
-            bar.set_message(format!(
-                "tried {} pruned {} | best {best}{}",
-                p.tried,
-                p.pruned,
-                p.current
-                    .as_ref()
-                    .map_or(String::new(), |c| format!(" | now {c}"))
-            ));
-        },
-    );
-    bar.finish_and_clear();
-
-    let Some(entry) = TuneEntry::from_report(key, args.batch, args.seq, &report, args.top) else {
-        let reasons: Vec<String> = report
-            .results
-            .iter()
-            .map(|r| format!("  {}: {}", r.candidate.label, outcome_text(&r.outcome)))
-            .collect();
-        bail!(
-            "no configuration passed the check against the reference:\n{}",
-            reasons.join("\n")
-        );
-    };
-    let mut written = None;
-    if let Some(c) = &cache {
-        match c.store(&entry) {
-            Ok(p) => written = Some(p),
-            Err(e) => warnings.push(format!(
-                "tune cache not written to {}: {e}; the result is not reused",
-                c.dir().display()
-            )),
+    let json = args.json;
+    let mut on_event = |e: TuneEvent| {
+        if json {
+            return;
         }
-    }
+        match e {
+            TuneEvent::Started { key, device } => println!(
+                "tuning {} ({}) on {}: {}; batch {} x seq {} (bucket {} x {}), {}",
+                spec.name,
+                spec.family.name(),
+                device.backend,
+                device.describe(),
+                args.batch,
+                args.seq,
+                key.batch_bucket,
+                key.seq_bucket,
+                dtype
+            ),
+            TuneEvent::Pruned {
+                pruned,
+                total,
+                summary,
+            } => println!("pruned {pruned} of {total} candidates before timing: {summary}"),
+        }
+    };
+    let mut progress = |p: &Progress| {
+        bar.set_length(p.total as u64);
+        bar.set_position((p.tried + p.pruned) as u64);
+        let best = p.best.as_ref().map_or("-".into(), |(l, s)| {
+            format!("{l} {:.3} ms", s.median_s() * 1e3)
+        });
+        bar.set_message(format!(
+            "tried {} pruned {} | best {best}{}",
+            p.tried,
+            p.pruned,
+            p.current
+                .as_ref()
+                .map_or(String::new(), |c| format!(" | now {c}"))
+        ));
+    };
+    let session = tune::tune(&spec, &req, &mut on_event, &mut progress).map_err(|e| match e {
+        mixc::Error::NoGpu { reason } => anyhow!(
+            "cannot tune on CUDA: {reason}; `--backend cpu` tunes the CPU backend without a GPU"
+        ),
+        e => e.into(),
+    })?;
+    bar.finish_and_clear();
+    let warnings = session.warnings;
+    let (entry, report, written) = match session.result {
+        TuneResult::CacheHit { entry, path } => {
+            return print_hit(&args, &spec, &entry, &path, warnings);
+        }
+        TuneResult::NothingPassed { report } => {
+            let reasons: Vec<String> = report
+                .results
+                .iter()
+                .map(|r| format!("  {}: {}", r.candidate.label, outcome_text(&r.outcome)))
+                .collect();
+            bail!(
+                "no configuration passed the check against the reference:\n{}",
+                reasons.join("\n")
+            );
+        }
+        TuneResult::Tuned {
+            entry,
+            report,
+            written,
+        } => (entry, report, written),
+    };
 
     let n = |f: fn(&Outcome) -> bool| report.count(f);
     let counts = json!({
@@ -264,23 +208,6 @@ pub fn main(args: Args) -> Result<ExitCode> {
         println!("cache: wrote {}", p.display());
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// What a backend hands the tuner: candidates to time, candidates pruned
-/// (with reasons), and its timer.
-type Prepared = (Vec<Candidate>, Vec<(Candidate, String)>, Box<dyn Timer>);
-
-/// The CUDA-events timer on GPU 0, with the same warm-up, repetitions and
-/// input seed as the CPU timer.
-fn cuda_timer(spec: &MixerSpec, dtype: DType, args: &Args) -> Result<Box<dyn Timer>> {
-    let opts = CpuTimerOptions {
-        reps: args.reps,
-        seed: args.seed,
-        ..CpuTimerOptions::default()
-    };
-    Ok(Box::new(CudaTimer::new(
-        spec, dtype, args.batch, args.seq, opts,
-    )?))
 }
 
 fn outcome_text(o: &Outcome) -> String {

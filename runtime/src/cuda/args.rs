@@ -21,6 +21,17 @@ pub enum ArgValue {
     Int(i32),
 }
 
+impl ArgValue {
+    /// The argument's 8-byte parameter slot: a pointer, or an `int` in the
+    /// low 4 bytes (what the driver and the simulator read).
+    pub fn slot(self) -> u64 {
+        match self {
+            ArgValue::Ptr(p) => p,
+            ArgValue::Int(v) => v as u32 as u64,
+        }
+    }
+}
+
 /// What a launch provides. Buffers by parameter name (`Some(0)` is not used:
 /// `None` means "pass null", which the kernels accept for optional outputs
 /// and zero initial states); extra inputs by the spec's input name (the role

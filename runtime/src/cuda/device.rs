@@ -372,14 +372,7 @@ impl Gpu {
             .bind_to_thread()
             .map_err(|e| drv("binding the context", e))?;
         // One slot per argument; the driver reads each through its pointer.
-        let mut values: Vec<u64> = x
-            .args
-            .iter()
-            .map(|a| match *a {
-                ArgValue::Ptr(p) => p,
-                ArgValue::Int(v) => v as u32 as u64,
-            })
-            .collect();
+        let mut values: Vec<u64> = x.args.iter().map(|a| a.slot()).collect();
         let mut params: Vec<*mut std::ffi::c_void> = values
             .iter_mut()
             .map(|v| v as *mut u64 as *mut std::ffi::c_void)

@@ -566,14 +566,7 @@ impl Sim {
             KernelId::Merge => (&self.helpers, self.helper_names[0].as_str()),
             KernelId::FillNegInf => (&self.helpers, self.helper_names[1].as_str()),
         };
-        let params: Vec<u64> = x
-            .args
-            .iter()
-            .map(|a| match *a {
-                ArgValue::Ptr(p) => p,
-                ArgValue::Int(v) => v as u32 as u64,
-            })
-            .collect();
+        let params: Vec<u64> = x.args.iter().map(|a| a.slot()).collect();
         let profile = match x.kernel {
             KernelId::Main => self.profile.as_mut(),
             _ => None,
