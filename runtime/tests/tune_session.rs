@@ -51,7 +51,11 @@ fn tune_store_hit_and_use() {
     // Same bucket: a hit, nothing timed.
     req.seq = 120;
     let s = tune::tune(&spec, &req, &mut |_| {}, &mut |_| {}).unwrap();
-    assert!(matches!(s.result, TuneResult::CacheHit { .. }), "{:?}", s.result);
+    assert!(
+        matches!(s.result, TuneResult::CacheHit { .. }),
+        "{:?}",
+        s.result
+    );
     req.force = true;
     let s = tune::tune(&spec, &req, &mut |_| {}, &mut |_| {}).unwrap();
     assert!(matches!(s.result, TuneResult::Tuned { .. }));

@@ -234,8 +234,8 @@ impl RunHeader {
             .collect();
         (!diffs.is_empty()).then(|| {
             format!(
-                "the ranks disagree on the run: {} (every rank must run the same spec, \
-                 --set overrides, --seq/--batch/--seed or --inputs, --dtype and --sharding)",
+                "the ranks disagree on the run: {} (every rank must run the same spec and \
+                 shapes, inputs, dtype and sharding)",
                 diffs.join(", ")
             )
         })

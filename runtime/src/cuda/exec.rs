@@ -941,6 +941,84 @@ impl Prepared {
 
     /// One run: upload, every launch of the ring, download.
     pub(crate) fn run(&self, inputs: &MixerInputs) -> Result<CudaRun> {
+        let b = &self.backend;
+        if self.ranks == 1 && b.gpus.len() == 1 && b.spec.family == Family::Softmax {
+            return self.run_direct(inputs);
+        }
+        self.run_ring(inputs)
+    }
+
+    /// One rank of softmax: the direct call's single launch writes `o` in
+    /// the storage type and `lse` (no partials, no merge, no accumulator),
+    /// on buffers uploaded here.
+    fn run_direct(&self, inputs: &MixerInputs) -> Result<CudaRun> {
+        let start = Instant::now();
+        let b = &self.backend;
+        validate_inputs(&b.spec, inputs)?;
+        check_int_sizes(inputs.batch, inputs.seq)?;
+        let (batch, seq) = (inputs.batch, inputs.seq);
+        let (h, dv) = (b.spec.heads as usize, b.spec.value_dim as usize);
+        let e = elem_bytes(b.dtype);
+        let g = &b.gpus[0];
+        let o_bytes = batch * seq * h * dv * e;
+        let lse_bytes = batch * h * seq * 4;
+        let qkv_elems = inputs.q.numel() + inputs.k.numel() + inputs.v.numel();
+        let extra_total: usize = inputs
+            .extra
+            .values()
+            .map(|t| t.shape().iter().product::<usize>() * 4)
+            .sum();
+        g.check_fits(qkv_elems * e + o_bytes + lse_bytes + extra_total)?;
+        let q = g.upload(&encode(b.dtype, &inputs.q.data))?;
+        let k = g.upload(&encode(b.dtype, &inputs.k.data))?;
+        let v = g.upload(&encode(b.dtype, &inputs.v.data))?;
+        let extra = b.upload_full_inputs(g, inputs)?;
+        let o = g.zeros(o_bytes)?;
+        let lse = g.zeros(lse_bytes)?;
+        let _guard = SyncGuard(&b.gpus);
+        let call = super::args::DeviceCall {
+            batch,
+            seq,
+            q: ptr(&q),
+            k: ptr(&k),
+            v: ptr(&v),
+            o: ptr(&o),
+            lse: ptr(&lse),
+            extra: extra.iter().map(|(n, s)| (n.clone(), ptr(s))).collect(),
+        };
+        let launches = super::args::direct_softmax_launches(b.info(), h, &call)?;
+        let t0 = g.timing_mark()?;
+        for x in &launches {
+            b.run_launch(g, x)?;
+        }
+        let t1 = g.timing_mark()?;
+        let output = Tensor::new(
+            vec![batch, seq, h, dv],
+            decode(b.dtype, &g.download(&o, o_bytes)?),
+        );
+        let kernel_ms = t0
+            .elapsed_ms(&t1)
+            .map_err(|e| super::device::drv("reading the timing events", e))?;
+        let sched = RingSchedule::new(seq, 1, self.sharding)?;
+        Ok(CudaRun {
+            output,
+            seconds: start.elapsed().as_secs_f64(),
+            kernel_seconds: kernel_ms as f64 / 1e3,
+            pairs_per_rank: super::rank::pairs_per_rank(
+                &b.spec,
+                &b.generated.config,
+                inputs,
+                &sched,
+            ),
+            devices: 1,
+            config: b.generated.config,
+            arch: b.arch,
+            dist_rank: None,
+        })
+    }
+
+    /// A ring run: upload, every launch of the ring, download.
+    fn run_ring(&self, inputs: &MixerInputs) -> Result<CudaRun> {
         let start = Instant::now();
         let backend = &self.backend;
         let sched = RingSchedule::new(inputs.seq, self.ranks, self.sharding)?;

@@ -53,8 +53,8 @@ pub fn nccl_available_among(names: &[String], soname: &str) -> Result<()> {
     Err(RuntimeError::Unsupported {
         backend: "cuda",
         what: format!(
-            "a multi-process run (WORLD_SIZE > 1) needs NCCL: {what}; or run one process with \
-             --ranks R, which spreads the ring over this machine's GPUs"
+            "a multi-process run (WORLD_SIZE > 1) needs NCCL: {what}; or run one process with a \
+             ring of R ranks, which spreads over this machine's GPUs"
         ),
     })
 }
@@ -170,8 +170,8 @@ pub(crate) fn run_process(
     let start = Instant::now();
     if opts.ranks != 1 && opts.ranks != env.world_size {
         return Err(RuntimeError::Invalid(format!(
-            "--ranks {} with WORLD_SIZE={}: in a multi-process run each process is one rank \
-             (leave --ranks at 1 or set it to WORLD_SIZE)",
+            "{} ranks with WORLD_SIZE={}: in a multi-process run each process is one rank \
+             (ask for 1 rank, or for WORLD_SIZE)",
             opts.ranks, env.world_size
         )));
     }
@@ -301,7 +301,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("needs NCCL") && e.contains("--ranks R"), "{e}");
+        assert!(
+            e.contains("needs NCCL") && e.contains("ring of R ranks"),
+            "{e}"
+        );
         assert!(e.contains("libmixc-no-such-nccl.so"), "{e}");
         // Found only under NCCL's own soname: the error says to add the link.
         let libc = "libc.so.6";
