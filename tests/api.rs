@@ -124,6 +124,17 @@ fn specs_from_text_macro_and_file_agree() {
     assert_eq!(out.config_source, mixc::ConfigSource::Explicit);
     assert!(out.config.contains("block 16x32"), "{}", out.config);
     assert!(max_rel_error(&m, &x, &out.o) < 2e-4);
+
+    // Straight from text; bad text is a `Spec` error with the diagnostic.
+    let m = Mixer::from_str(text, Options::on(Device::Cpu)).unwrap();
+    assert_eq!(m.spec(), &from_macro);
+    match Mixer::from_str(
+        "mixer bad { heads = 2; head_dim = 8; mask = causl; }",
+        Options::default(),
+    ) {
+        Err(Error::Spec(d)) => assert!(d.contains("causal") && d.contains("1:"), "{d}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 /// User-built tensors through `MixerInputs::new`.
