@@ -542,8 +542,8 @@ impl Mixer {
 impl Mixer {
     /// One call on caller-owned CUDA buffers, launched on the caller's
     /// stream (see [`CudaMixer::forward_device`], whose contract this has):
-    /// a one-rank softmax mixer writes `o` and the row log-sum-exp in place
-    /// with one kernel launch. Other backends and families are
+    /// a one-rank mixer writes `o` (and for softmax the row log-sum-exp) in
+    /// place with one kernel launch. Other backends and rings are
     /// `Unsupported`. The tiles are the base choice (the options' or the
     /// default), not a per-bucket tuned one.
     ///

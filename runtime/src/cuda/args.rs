@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use mixc_codegen::{GridDim, KernelInfo, KernelParam, ParamRole};
+use mixc_dsl::ir::{Family, MixerSpec, Score};
 
 use super::plan::PairLaunch;
 use crate::error::{Result, RuntimeError};
@@ -602,15 +603,23 @@ pub struct DeviceCall {
     pub extra: BTreeMap<String, u64>,
 }
 
-/// The launches of a direct softmax call: one launch of the generated
-/// kernel over every (query, key) pair, writing `o` and `lse` straight into
-/// the caller's buffers (no partials, no merge kernel, no f32 accumulator).
-pub fn direct_softmax_launches(
+/// The launches of a direct call (one rank, the whole sequence): one launch
+/// of the generated kernel writing `o` in the storage type straight into the
+/// caller's buffer: softmax over every (query, key) pair, also writing the
+/// row log-sum-exp (no partials, no merge kernel, no f32 accumulator);
+/// convolution over every key with no accumulator; the chunkwise families
+/// from a zero state, with no state or normaliser written out.
+pub fn direct_launches(
     info: &KernelInfo,
-    heads: usize,
+    spec: &MixerSpec,
     call: &DeviceCall,
 ) -> Result<Vec<HostLaunch>> {
-    for (name, p) in [("q", call.q), ("k", call.k), ("v", call.v), ("o", call.o)] {
+    let family = spec.family;
+    let mut needed = vec![("o", call.o), ("v", call.v)];
+    if family != Family::Convolution {
+        needed.extend([("q", call.q), ("k", call.k)]);
+    }
+    for (name, p) in needed {
         if p == 0 {
             return Err(RuntimeError::BadInput {
                 name: name.into(),
@@ -618,7 +627,7 @@ pub fn direct_softmax_launches(
             });
         }
     }
-    if call.lse == 0 {
+    if family == Family::Softmax && call.lse == 0 {
         return Err(RuntimeError::BadInput {
             name: "lse".into(),
             problem: "null device pointer (a softmax call writes the row log-sum-exp)".into(),
@@ -638,28 +647,57 @@ pub fn direct_softmax_launches(
         return Ok(Vec::new());
     }
     super::plan::check_int_sizes(call.batch, call.seq)?;
+    let (seq, heads) = (call.seq, spec.heads as usize);
     let l = PairLaunch {
         q_index: 0,
-        q: 0..call.seq,
-        k: 0..call.seq,
+        q: 0..seq,
+        k: 0..seq,
         q_begin: 0,
-        q_end: call.seq,
+        q_end: seq,
         kv_begin: 0,
-        kv_end: call.seq,
+        kv_end: seq,
         q_pos0: 0,
         k_pos0: 0,
     };
-    let bind = softmax_bindings(
-        &call.extra,
-        (call.q, call.k, call.v, call.o, call.lse),
-        &l,
-        call.seq,
-        call.seq,
-        call.seq,
-    );
+    let bind = match family {
+        Family::Softmax => softmax_bindings(
+            &call.extra,
+            (call.q, call.k, call.v, call.o, call.lse),
+            &l,
+            seq,
+            seq,
+            seq,
+        ),
+        Family::Convolution => {
+            // The filter's length, from its declared shape.
+            let filter_len = match &spec.score {
+                Score::Filter { input } => spec
+                    .tensor_shapes(call.batch, seq)
+                    .get(input)
+                    .and_then(|s| s.last().copied())
+                    .unwrap_or(seq),
+                Score::Dot { .. } => seq,
+            };
+            let mut b = conv_bindings(&call.extra, call.v, 0, &l, seq, filter_len);
+            b.buffer("o", call.o).null("o_acc").int("accumulate", 0);
+            b
+        }
+        Family::Linear | Family::Retention | Family::Gated => {
+            let c = ChunkBuffers {
+                q: call.q,
+                k: call.k,
+                v: call.v,
+                o: call.o,
+                ..ChunkBuffers::default()
+            };
+            let mut b = chunkwise_bindings(&c, seq);
+            b.null("state_out").inputs = call.extra.clone();
+            b
+        }
+    };
     Ok(vec![HostLaunch {
         kernel: KernelId::Main,
-        grid: grid(info, call.batch, call.seq, heads)?,
+        grid: grid(info, call.batch, seq, heads)?,
         threads: info.threads_per_block,
         smem: info.dynamic_smem_bytes,
         args: build_args(&info.name, &info.params, &bind)?,

@@ -927,10 +927,7 @@ impl Prepared {
         if self.ranks != 1 || b.gpus.len() != 1 {
             return Err(unsupported("a ring of several ranks"));
         }
-        if b.spec.family != Family::Softmax {
-            return Err(unsupported(&format!("the {} family", b.spec.family.name())));
-        }
-        let launches = super::args::direct_softmax_launches(b.info(), b.spec.heads as usize, call)?;
+        let launches = super::args::direct_launches(b.info(), &b.spec, call)?;
         let g = &b.gpus[0];
         for x in &launches {
             // SAFETY: the caller's buffers and stream, as documented.
@@ -942,15 +939,15 @@ impl Prepared {
     /// One run: upload, every launch of the ring, download.
     pub(crate) fn run(&self, inputs: &MixerInputs) -> Result<CudaRun> {
         let b = &self.backend;
-        if self.ranks == 1 && b.gpus.len() == 1 && b.spec.family == Family::Softmax {
+        if self.ranks == 1 && b.gpus.len() == 1 {
             return self.run_direct(inputs);
         }
         self.run_ring(inputs)
     }
 
-    /// One rank of softmax: the direct call's single launch writes `o` in
-    /// the storage type and `lse` (no partials, no merge, no accumulator),
-    /// on buffers uploaded here.
+    /// One rank: the direct call's single launch writes `o` in the storage
+    /// type (and softmax's `lse`: no partials, no merge, no accumulator), on
+    /// buffers uploaded here.
     fn run_direct(&self, inputs: &MixerInputs) -> Result<CudaRun> {
         let start = Instant::now();
         let b = &self.backend;
@@ -961,7 +958,11 @@ impl Prepared {
         let e = elem_bytes(b.dtype);
         let g = &b.gpus[0];
         let o_bytes = batch * seq * h * dv * e;
-        let lse_bytes = batch * h * seq * 4;
+        let lse_bytes = if b.spec.family == Family::Softmax {
+            batch * h * seq * 4
+        } else {
+            0
+        };
         let qkv_elems = inputs.q.numel() + inputs.k.numel() + inputs.v.numel();
         let extra_total: usize = inputs
             .extra
@@ -986,7 +987,7 @@ impl Prepared {
             lse: ptr(&lse),
             extra: extra.iter().map(|(n, s)| (n.clone(), ptr(s))).collect(),
         };
-        let launches = super::args::direct_softmax_launches(b.info(), h, &call)?;
+        let launches = super::args::direct_launches(b.info(), &b.spec, &call)?;
         let t0 = g.timing_mark()?;
         for x in &launches {
             b.run_launch(g, x)?;

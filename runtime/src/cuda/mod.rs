@@ -241,10 +241,11 @@ impl CudaMixer {
     /// One call on buffers the caller owns, launched on the caller's stream
     /// (e.g. PyTorch's current stream), returning once it is enqueued: no
     /// upload, no download, no synchronisation, no allocation. A one-rank
-    /// softmax mixer writes `o` and the row log-sum-exp straight into
+    /// mixer writes `o` (and for softmax the row log-sum-exp) straight into
     /// `call.o` / `call.lse` with one launch of its kernel (no merge kernel,
-    /// no f32 accumulator); other families and rings are `Unsupported` here
-    /// for now (use [`CudaMixer::run`]). Layouts: [`args::DeviceCall`].
+    /// no f32 accumulator, no state written out); rings of several ranks are
+    /// `Unsupported` here for now (use [`CudaMixer::run`]). Layouts:
+    /// [`args::DeviceCall`].
     ///
     /// # Safety
     /// `stream` must be a live stream of GPU 0's primary context (null: the

@@ -503,8 +503,10 @@ fn chunk_kernel(mem: &mut Mem, spec: &MixerSpec, g: &GeneratedKernel, dt: DType,
                     mem.wr(dt, o, ((b * rows + t) * h_ + h) * dv + c, y as f32);
                 }
             }
-            for (i, s) in st.iter().enumerate() {
-                mem.wr(DType::F32, s_out, bh * dk * dv + i, *s as f32);
+            if s_out != 0 {
+                for (i, s) in st.iter().enumerate() {
+                    mem.wr(DType::F32, s_out, bh * dk * dv + i, *s as f32);
+                }
             }
             if z_out != 0 {
                 for (i, s) in z.iter().enumerate() {
@@ -1841,7 +1843,7 @@ fn a_hundred_twin_runs_compile_once() {
 /// emulation and through the PTX simulator; `o` and `lse` match the
 /// reference, every element written (the buffers start poisoned).
 fn direct_call(spec: &MixerSpec, x: &MixerInputs, dt: DType, sim: bool) -> (Vec<f32>, Vec<f32>) {
-    use super::args::{direct_softmax_launches, DeviceCall};
+    use super::args::{direct_launches, DeviceCall};
     let g = if sim {
         let target = Target::new(Arch::Sm90, dt);
         generate(spec, &target, &KernelConfig::default_for(spec, &target)).unwrap()
@@ -1869,7 +1871,7 @@ fn direct_call(spec: &MixerSpec, x: &MixerInputs, dt: DType, sim: bool) -> (Vec<
         lse: t.mem.poisoned(b * h * seq * 4),
         extra,
     };
-    let launches = direct_softmax_launches(&t.g.kernels[0], h, &call).unwrap();
+    let launches = direct_launches(&t.g.kernels[0], spec, &call).unwrap();
     assert_eq!(launches.len(), 1, "one launch");
     assert!(
         launches.iter().all(|l| l.kernel == KernelId::Main),
@@ -1928,7 +1930,7 @@ fn direct_calls_write_o_and_lse_in_place() {
 
 #[test]
 fn direct_calls_refuse_missing_buffers() {
-    use super::args::{direct_softmax_launches, DeviceCall};
+    use super::args::{direct_launches, DeviceCall};
     let spec = parse(SOFTMAX_SPECS[2]); // reads the `doc` segment ids
     let g = twin_kernel(&spec, DType::F32);
     let call = DeviceCall {
@@ -1941,14 +1943,14 @@ fn direct_calls_refuse_missing_buffers() {
         lse: 5 << 32,
         extra: BTreeMap::new(),
     };
-    let e = direct_softmax_launches(&g.kernels[0], 2, &call).unwrap_err();
+    let e = direct_launches(&g.kernels[0], &spec, &call).unwrap_err();
     assert!(
         matches!(&e, crate::RuntimeError::BadInput { name, .. } if name == "doc"),
         "{e}"
     );
-    let e = direct_softmax_launches(
+    let e = direct_launches(
         &g.kernels[0],
-        2,
+        &spec,
         &DeviceCall {
             lse: 0,
             ..call.clone()
@@ -1957,3 +1959,34 @@ fn direct_calls_refuse_missing_buffers() {
     .unwrap_err();
     assert!(e.to_string().contains("lse"), "{e}");
 }
+
+/// The direct call for the other families: convolution over every key with
+/// no accumulator, the chunkwise families from a zero state with nothing
+/// written out but `o` (emulated, and for three specs as PTX).
+#[test]
+fn direct_calls_of_every_family() {
+    let mut specs: Vec<MixerSpec> = CHUNK_SPECS_FOR_DIRECT.iter().map(|s| parse(s)).collect();
+    specs.push(example("long_conv_hyena", 2));
+    specs.push(example("gated_mamba2", 2));
+    specs.push(example("retention_retnet", 2));
+    for (n, spec) in specs.iter().enumerate() {
+        for (seq, sim) in [(29, false), (70, n % 2 == 0)] {
+            let dt = DType::F32;
+            let x = crate::inputs::random_inputs(spec, 2, seq, seq as u64);
+            let want = crate::reference::evaluate(spec, &x).unwrap();
+            let (o, _) = direct_call(spec, &x, dt, sim);
+            let err = max_rel_err(&Tensor::new(want.shape.clone(), o), &want);
+            assert!(
+                err <= 2e-4,
+                "{} seq {seq} sim {sim}: error {err:.2e}",
+                spec.name
+            );
+        }
+    }
+}
+
+const CHUNK_SPECS_FOR_DIRECT: [&str; 3] = [
+    "mixer lin { heads = 2; head_dim = 16; dtype = f32; score = dot(elu1(q), elu1(k)); mask = causal; norm = sum(eps = 1e-6); }",
+    "mixer ret { heads = 2; head_dim = 16; value_dim = 32; dtype = f32; decay = 1.0 - pow(2.0, -3.0 - h); mask = causal; norm = none; }",
+    "mixer conv { heads = 2; head_dim = 16; dtype = f32; input f: f32[heads, seq]; score = filter(f); mask = causal; norm = none; }",
+];
