@@ -564,6 +564,64 @@ impl Backend {
         }
     }
 
+    /// Uploads one input set to GPU 0 for the direct one-rank plan and
+    /// plans its launches (see [`super::args::direct_launches`]).
+    fn upload_direct(&self, inputs: &MixerInputs) -> Result<DirectJob> {
+        validate_inputs(&self.spec, inputs)?;
+        check_int_sizes(inputs.batch, inputs.seq)?;
+        let (batch, seq) = (inputs.batch, inputs.seq);
+        let (h, dv) = (self.spec.heads as usize, self.spec.value_dim as usize);
+        let e = elem_bytes(self.dtype);
+        let g = &self.gpus[0];
+        let o_bytes = batch * seq * h * dv * e;
+        let lse_bytes = if self.spec.family == Family::Softmax {
+            batch * h * seq * 4
+        } else {
+            0
+        };
+        let qkv_elems = inputs.q.numel() + inputs.k.numel() + inputs.v.numel();
+        let extra_total: usize = inputs
+            .extra
+            .values()
+            .map(|t| t.shape().iter().product::<usize>() * 4)
+            .sum();
+        g.check_fits(qkv_elems * e + o_bytes + lse_bytes + extra_total)?;
+        let q = g.upload(&encode(self.dtype, &inputs.q.data))?;
+        let k = g.upload(&encode(self.dtype, &inputs.k.data))?;
+        let v = g.upload(&encode(self.dtype, &inputs.v.data))?;
+        let extra = self.upload_full_inputs(g, inputs)?;
+        let o = g.zeros(o_bytes)?;
+        let lse = g.zeros(lse_bytes)?;
+        let call = super::args::DeviceCall {
+            batch,
+            seq,
+            q: ptr(&q),
+            k: ptr(&k),
+            v: ptr(&v),
+            o: ptr(&o),
+            lse: ptr(&lse),
+            extra: extra.iter().map(|(n, s)| (n.clone(), ptr(s))).collect(),
+        };
+        let launches = super::args::direct_launches(self.info(), &self.spec, &call)?;
+        let mut buffers = vec![q, k, v, lse];
+        buffers.extend(extra.into_values());
+        Ok(DirectJob {
+            _buffers: buffers,
+            o,
+            o_bytes,
+            launches,
+        })
+    }
+
+    /// Enqueues a direct job's launches on GPU 0 (repeatable: the autotuner
+    /// times it).
+    fn enqueue_direct(&self, job: &DirectJob) -> Result<()> {
+        for x in &job.launches {
+            self.run_launch(&self.gpus[0], x)?;
+        }
+        Ok(())
+    }
+
     /// Hands a host-planned launch to the driver on `g`'s compute stream.
     pub(super) fn run_launch(&self, g: &Gpu, x: &HostLaunch) -> Result<()> {
         let f = match x.kernel {
@@ -878,6 +936,15 @@ struct ChunkJob {
     gate: Option<String>,
 }
 
+/// The buffers and launches of one direct (one-rank) run.
+struct DirectJob {
+    /// Kept alive until the job is dropped: q, k, v, lse and the extra inputs.
+    _buffers: Vec<CudaSlice<u8>>,
+    o: CudaSlice<u8>,
+    o_bytes: usize,
+    launches: Vec<HostLaunch>,
+}
+
 enum Job {
     Pairwise(PairJob),
     Chunkwise(ChunkJob),
@@ -951,56 +1018,21 @@ impl Prepared {
     fn run_direct(&self, inputs: &MixerInputs) -> Result<CudaRun> {
         let start = Instant::now();
         let b = &self.backend;
-        validate_inputs(&b.spec, inputs)?;
-        check_int_sizes(inputs.batch, inputs.seq)?;
-        let (batch, seq) = (inputs.batch, inputs.seq);
-        let (h, dv) = (b.spec.heads as usize, b.spec.value_dim as usize);
-        let e = elem_bytes(b.dtype);
         let g = &b.gpus[0];
-        let o_bytes = batch * seq * h * dv * e;
-        let lse_bytes = if b.spec.family == Family::Softmax {
-            batch * h * seq * 4
-        } else {
-            0
-        };
-        let qkv_elems = inputs.q.numel() + inputs.k.numel() + inputs.v.numel();
-        let extra_total: usize = inputs
-            .extra
-            .values()
-            .map(|t| t.shape().iter().product::<usize>() * 4)
-            .sum();
-        g.check_fits(qkv_elems * e + o_bytes + lse_bytes + extra_total)?;
-        let q = g.upload(&encode(b.dtype, &inputs.q.data))?;
-        let k = g.upload(&encode(b.dtype, &inputs.k.data))?;
-        let v = g.upload(&encode(b.dtype, &inputs.v.data))?;
-        let extra = b.upload_full_inputs(g, inputs)?;
-        let o = g.zeros(o_bytes)?;
-        let lse = g.zeros(lse_bytes)?;
+        let job = b.upload_direct(inputs)?;
         let _guard = SyncGuard(&b.gpus);
-        let call = super::args::DeviceCall {
-            batch,
-            seq,
-            q: ptr(&q),
-            k: ptr(&k),
-            v: ptr(&v),
-            o: ptr(&o),
-            lse: ptr(&lse),
-            extra: extra.iter().map(|(n, s)| (n.clone(), ptr(s))).collect(),
-        };
-        let launches = super::args::direct_launches(b.info(), &b.spec, &call)?;
         let t0 = g.timing_mark()?;
-        for x in &launches {
-            b.run_launch(g, x)?;
-        }
+        b.enqueue_direct(&job)?;
         let t1 = g.timing_mark()?;
+        let (h, dv) = (b.spec.heads as usize, b.spec.value_dim as usize);
         let output = Tensor::new(
-            vec![batch, seq, h, dv],
-            decode(b.dtype, &g.download(&o, o_bytes)?),
+            vec![inputs.batch, inputs.seq, h, dv],
+            decode(b.dtype, &g.download(&job.o, job.o_bytes)?),
         );
         let kernel_ms = t0
             .elapsed_ms(&t1)
             .map_err(|e| super::device::drv("reading the timing events", e))?;
-        let sched = RingSchedule::new(seq, 1, self.sharding)?;
+        let sched = RingSchedule::new(inputs.seq, 1, self.sharding)?;
         Ok(CudaRun {
             output,
             seconds: start.elapsed().as_secs_f64(),
@@ -1071,22 +1103,22 @@ pub(crate) fn time(
             first.batch, first.seq, x.batch, x.seq
         )));
     }
-    let sched = RingSchedule::new(first.seq, 1, Sharding::Contiguous)?;
+    // One rank on GPU 0: the direct plan, exactly what `forward` runs.
     let backend = Backend::new(spec, dtype, Some(*cfg), (0, Some(1)), 1)?;
-    let mut jobs = inputs
+    let jobs = inputs
         .iter()
-        .map(|x| backend.prepare(x, &sched))
+        .map(|x| backend.upload_direct(x))
         .collect::<Result<Vec<_>>>()?;
     let _guard = SyncGuard(&backend.gpus);
     let n = jobs.len();
     for i in 0..warmup {
-        backend.enqueue(&mut jobs[i % n])?;
+        backend.enqueue_direct(&jobs[i % n])?;
     }
     let g = &backend.gpus[0];
     let mut times = Vec::with_capacity(reps);
     for i in 0..reps {
         let t0 = g.timing_mark()?;
-        backend.enqueue(&mut jobs[(warmup + i) % n])?;
+        backend.enqueue_direct(&jobs[(warmup + i) % n])?;
         let t1 = g.timing_mark()?;
         let ms = t0
             .elapsed_ms(&t1)
