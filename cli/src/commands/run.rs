@@ -8,7 +8,7 @@ use mixc::{ConfigSource, Device, Mixer, Options, Output};
 use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
@@ -115,6 +115,32 @@ pub fn parse_sharding(s: Option<&str>) -> Option<Sharding> {
         } else {
             Sharding::Contiguous
         }
+    })
+}
+
+/// Runs `f`; on a terminal (and unless `quiet`), a spinner saying `what`
+/// appears once it has taken more than a second.
+pub fn with_spinner<T>(what: &str, quiet: bool, f: impl FnOnce() -> T) -> T {
+    use std::io::IsTerminal;
+    if quiet || !std::io::stderr().is_terminal() {
+        return f();
+    }
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            if done_rx.recv_timeout(Duration::from_secs(1)).is_ok() {
+                return;
+            }
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_message(what.to_string());
+            bar.enable_steady_tick(Duration::from_millis(120));
+            // Until `f` finishes (the sender is dropped or sends).
+            let _ = done_rx.recv();
+            bar.finish_and_clear();
+        });
+        let out = f();
+        let _ = done_tx.send(());
+        out
     })
 }
 
@@ -238,7 +264,14 @@ pub fn main(args: Args) -> Result<ExitCode> {
         dtype,
     };
     let mixer = build_mixer(&spec, &opts)?;
-    let run = execute(&mixer, &inputs)?;
+    let what = format!(
+        "running {} on {}: batch {} x seq {}",
+        spec.name,
+        opts.backend.name(),
+        inputs.batch,
+        inputs.seq
+    );
+    let run = with_spinner(&what, args.json, || execute(&mixer, &inputs))?;
     if run.dist_rank.is_some_and(|(rank, _)| rank != 0) {
         // This rank's rows went to rank 0, which checks, saves and reports;
         // the backend already printed this rank's one-line summary.
