@@ -357,3 +357,100 @@ fn check_samples_long_runs_unless_asked_for_all() {
     assert_eq!(full["checked"], "all 600 positions x all 8 heads");
     assert!(full["max_rel_error"].as_f64().unwrap() < 2e-4);
 }
+
+/// Shapes whose sizes overflow a machine word, and runs that cannot fit in
+/// memory, are refused up front with a clear message (exit 1, no panic, no
+/// allocation attempted), on every command that makes inputs.
+#[test]
+fn oversized_runs_are_refused_before_allocating() {
+    let max = u64::MAX.to_string();
+    let started = std::time::Instant::now();
+    for (args, want) in [
+        (
+            vec![
+                "run",
+                "examples/causal_gqa_llama3.mix",
+                "--backend",
+                "cpu",
+                "--seq",
+                &max,
+            ],
+            "overflows",
+        ),
+        (
+            vec![
+                "run",
+                "examples/causal_gqa_llama3.mix",
+                "--backend",
+                "reference",
+                "--seq",
+                "16",
+                "--batch",
+                &max,
+            ],
+            "overflows",
+        ),
+        // 2^62 x batch 4 wraps to 0 in unchecked arithmetic.
+        (
+            vec![
+                "run",
+                "examples/causal_gqa_llama3.mix",
+                "--backend",
+                "cpu",
+                "--seq",
+                "4611686018427387904",
+                "--batch",
+                "4",
+            ],
+            "overflows",
+        ),
+        // 64 GiB of q alone.
+        (
+            vec![
+                "run",
+                "examples/causal_gqa_llama3.mix",
+                "--backend",
+                "cpu",
+                "--seq",
+                "4194304",
+            ],
+            "out of host memory",
+        ),
+        (
+            vec![
+                "bench",
+                "examples/causal_gqa_llama3.mix",
+                "--backend",
+                "cpu",
+                "--seq",
+                "4194304",
+            ],
+            "out of host memory",
+        ),
+        (
+            vec![
+                "tune",
+                "examples/causal_gqa_llama3.mix",
+                "--seq",
+                "1099511627776",
+            ],
+            "out of host memory",
+        ),
+    ] {
+        let out = mixc(&args);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {t}");
+        assert!(t.contains(want), "{args:?}: {t}");
+        assert!(!t.contains("panicked"), "{args:?}: {t}");
+        if want == "out of host memory" {
+            assert!(t.contains("needs") && t.contains("free"), "{t}");
+        } else {
+            assert!(t.contains("x seq ") && t.contains(" x heads "), "{t}");
+        }
+    }
+    assert!(
+        started.elapsed().as_secs() < 20,
+        "refusals took {:?}",
+        started.elapsed()
+    );
+}

@@ -68,6 +68,9 @@ fn advice(e: &anyhow::Error) -> &'static str {
         Some(mixc::Error::NoGpu { .. }) => {
             "; use --backend cpu (or --backend auto, which falls back to the CPU backend)"
         }
+        Some(mixc::Error::OutOfMemory { device, .. }) if device == "host" => {
+            "; lower --seq or --batch, or --set fewer heads"
+        }
         Some(mixc::Error::OutOfMemory { .. }) => {
             "; lower --seq or --batch, spread the ring over more GPUs, or use --backend cpu"
         }

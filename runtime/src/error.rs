@@ -25,8 +25,8 @@ pub enum RuntimeError {
     NoGpu { reason: String },
     /// A run needs more memory than `device` has free.
     #[error(
-        "out of {device} memory: this run needs {needed} bytes ({:.2} GiB) there, {available} \
-         bytes ({:.2} GiB) of {:.2} GiB are free",
+        "out of {device} memory: this run needs {needed} bytes ({:.2} GiB), {available} bytes \
+         ({:.2} GiB) of {:.2} GiB are free",
         gib(*needed), gib(*available), gib(*total)
     )]
     OutOfMemory {
@@ -36,6 +36,9 @@ pub enum RuntimeError {
         available: usize,
         total: usize,
     },
+    /// A size computed from the shapes does not fit a machine word.
+    #[error("{what} is too large: {dims} overflows")]
+    SizeOverflow { what: String, dims: String },
     /// A kernel launch beyond what the compiled kernel or the GPU allows
     /// (threads, shared memory, grid size, 32-bit positions).
     #[error("{0}")]

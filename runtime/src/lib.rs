@@ -18,6 +18,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod inputs;
 pub mod io;
+pub mod memory;
 pub mod mixer;
 pub mod pairs;
 pub use mixer::{BackendKind, ConfigSource, Device, Mixer, Options, Output, Tiles};

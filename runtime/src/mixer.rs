@@ -492,6 +492,12 @@ impl Mixer {
     /// ring's rank count) runs without recompiling.
     pub fn forward(&self, inputs: &MixerInputs) -> Result<Output> {
         let start = Instant::now();
+        // What the call allocates beyond its inputs must fit; small calls
+        // skip the look at /proc (no file I/O on the hot path).
+        let (_, rest) = self.host_bytes(inputs.batch, inputs.seq)?;
+        if rest > ADMIT_ABOVE_BYTES {
+            crate::memory::admit_host(rest)?;
+        }
         let ready = self.ready_for(inputs.batch, inputs.seq)?;
         let prepared = match &ready.prepared {
             Prepared::Shared(base) => &base.prepared,
@@ -540,6 +546,29 @@ impl Mixer {
 }
 
 impl Mixer {
+    /// Host bytes of a call at `batch x seq` on this mixer: `(inputs, the
+    /// rest)`, the rest being the output and the backend's host scratch (the
+    /// reference's f64 output; the CPU ring's key/value shards, counted as
+    /// two copies of k and v). Overflowing shapes are a
+    /// [`RuntimeError::SizeOverflow`] naming the dims.
+    pub fn host_bytes(&self, batch: usize, seq: usize) -> Result<(u64, u64)> {
+        let (f64_out, copies) = match self.backend {
+            BackendKind::Reference => (true, 0),
+            BackendKind::Cpu => (false, 2),
+            // Encoded copies of the inputs on their way to the GPU.
+            BackendKind::Cuda => (false, 1),
+        };
+        crate::memory::run_host_bytes(&self.spec, batch, seq, f64_out, copies)
+    }
+
+    /// Whether a call at `batch x seq`, its inputs included, fits in the
+    /// host memory still available (call it before making the inputs):
+    /// [`RuntimeError::OutOfMemory`] with both figures when it does not.
+    pub fn admit(&self, batch: usize, seq: usize) -> Result<()> {
+        let (inputs, rest) = self.host_bytes(batch, seq)?;
+        crate::memory::admit_host(inputs.saturating_add(rest))
+    }
+
     /// One call on caller-owned CUDA buffers, launched on the caller's
     /// stream (see [`CudaMixer::forward_device`], whose contract this has):
     /// a one-rank mixer writes `o` (and for softmax the row log-sum-exp) in
@@ -599,6 +628,9 @@ impl Mixer {
         crate::check::compare(&self.spec, inputs, o, plan, self.compute_dtype(), progress)
     }
 }
+
+/// Calls allocating more than this check the available host memory first.
+const ADMIT_ABOVE_BYTES: u64 = 256 << 20;
 
 fn source_of(s: tune::Source) -> ConfigSource {
     match s {

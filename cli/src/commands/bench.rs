@@ -184,8 +184,18 @@ fn measure(
     dtype: DType,
 ) -> Result<Row> {
     let per_point = reset_peak_rss();
+    let opts = ExecOptions {
+        dtype,
+        ..plan.opts_base.clone()
+    };
+    // Compiled once per point (every repetition calls the same mixer), and
+    // its memory estimated before the inputs are made.
+    let mixer = run::build_mixer(spec, &opts)?;
     let mut inputs = match *source {
-        Source::Random { seq, seed } => inputs::random_inputs(spec, plan.batch, seq, seed),
+        Source::Random { seq, seed } => {
+            mixer.admit(plan.batch, seq)?;
+            inputs::random_inputs(spec, plan.batch, seq, seed)
+        }
         Source::File(path) => mixc::runtime::io::load_inputs(path, spec)?,
     };
     mixc::runtime::inputs::round_to_dtype(&mut inputs, dtype);
@@ -196,17 +206,11 @@ fn measure(
             plan.opts_base.ranks
         );
     }
-    let opts = ExecOptions {
-        dtype,
-        ..plan.opts_base.clone()
-    };
     let mut max_rel_error = None;
     let mut computed_pairs = None;
     let mut output_bytes = 0;
     let mut first = true;
     let mut config = None;
-    // Compiled once per point; every repetition calls the same mixer.
-    let mixer = run::build_mixer(spec, &opts)?;
     let mut after_first = |exec: &mixc::Output| -> Result<()> {
         if first {
             first = false;

@@ -238,24 +238,8 @@ pub fn main(args: Args) -> Result<ExitCode> {
         Some(d) => DType::parse(d).context("unknown --dtype")?,
         None => spec.dtype,
     };
-    let inputs: MixerInputs = match &args.inputs {
-        Some(path) => io::load_inputs(path, &spec)?,
-        None => {
-            let seq = args.seq.context("--seq is required without --inputs")?;
-            if seq == 0 || args.batch == 0 {
-                bail!("--seq and --batch must be at least 1");
-            }
-            let mut inputs = inputs::random_inputs(&spec, args.batch, seq, args.seed);
-            inputs::round_to_dtype(&mut inputs, dtype);
-            inputs
-        }
-    };
-    if args.ranks == 0 || args.ranks > inputs.seq {
-        bail!(
-            "--ranks {} must be between 1 and the sequence length {}",
-            args.ranks,
-            inputs.seq
-        );
+    if args.ranks == 0 {
+        bail!("--ranks must be at least 1");
     }
     let opts = ExecOptions {
         backend: resolve_backend(args.backend, args.json)?,
@@ -263,7 +247,28 @@ pub fn main(args: Args) -> Result<ExitCode> {
         sharding: parse_sharding(args.sharding.as_deref()),
         dtype,
     };
+    // Compiled (and its memory estimated) before any input is made.
     let mixer = build_mixer(&spec, &opts)?;
+    let inputs: MixerInputs = match &args.inputs {
+        Some(path) => io::load_inputs(path, &spec)?,
+        None => {
+            let seq = args.seq.context("--seq is required without --inputs")?;
+            if seq == 0 || args.batch == 0 {
+                bail!("--seq and --batch must be at least 1");
+            }
+            mixer.admit(args.batch, seq)?;
+            let mut inputs = inputs::random_inputs(&spec, args.batch, seq, args.seed);
+            inputs::round_to_dtype(&mut inputs, dtype);
+            inputs
+        }
+    };
+    if args.ranks > inputs.seq {
+        bail!(
+            "--ranks {} must be between 1 and the sequence length {}",
+            args.ranks,
+            inputs.seq
+        );
+    }
     let what = format!(
         "running {} on {}: batch {} x seq {}",
         spec.name,

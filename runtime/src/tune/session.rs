@@ -139,6 +139,9 @@ pub fn tune(
             Loaded::Hit(_) | Loaded::Miss => {}
         }
     }
+    // The timed inputs (and the check's reference output) must fit.
+    let (inputs, rest) = crate::memory::run_host_bytes(spec, req.batch, req.seq, true, 2)?;
+    crate::memory::admit_host(inputs.saturating_add(rest))?;
     on_event(TuneEvent::Started {
         key: &key,
         device: &device,
