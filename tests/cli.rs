@@ -454,3 +454,44 @@ fn oversized_runs_are_refused_before_allocating() {
         started.elapsed()
     );
 }
+
+/// A compile-cache entry whose CUBIN was overwritten or truncated is never
+/// reported as a hit: it is rebuilt with a warning, and the rebuilt entry
+/// is a hit again.
+#[test]
+fn corrupt_compile_cache_entries_are_rebuilt() {
+    let dir = scratch("corrupt-cache");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let compile = || {
+        let out = common::mixc_env(
+            &["compile", "examples/long_conv_hyena.mix", "--arch", "sm_90", "--json"],
+            &[("MIXC_CACHE_DIR", dir.as_path())],
+        );
+        let t = text(&out);
+        assert!(out.status.success(), "{t}");
+        let v: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+        (v, t)
+    };
+    let (first, _) = compile();
+    assert_eq!(first["cache_hit"], false);
+    let (second, _) = compile();
+    assert_eq!(second["cache_hit"], true);
+    let cubins: Vec<PathBuf> = std::fs::read_dir(dir.join("nvrtc"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cubin"))
+        .collect();
+    assert_eq!(cubins.len(), 1, "{cubins:?}");
+    let good = std::fs::read(&cubins[0]).unwrap();
+    for bad in [vec![0x5a; good.len()], good[..good.len() / 2].to_vec()] {
+        std::fs::write(&cubins[0], bad).unwrap();
+        let (v, t) = compile();
+        assert_eq!(v["cache_hit"], false, "{t}");
+        assert!(t.contains("warning: corrupt compile cache entry"), "{t}");
+        let (v, _) = compile();
+        assert_eq!(v["cache_hit"], true);
+        assert_eq!(std::fs::read(&cubins[0]).unwrap(), good);
+    }
+}

@@ -2,7 +2,10 @@
 //! The key hashes everything that changes the binary (source, arch, NVRTC
 //! version, options), so a stale entry can never be returned. Writes go to a
 //! temporary file first and are renamed into place, so concurrent processes
-//! (parallel tests, several ranks) never see a half-written entry.
+//! (parallel tests, several ranks) never see a half-written entry. The JSON
+//! records the CUBIN's length and SHA-256, checked on every read: a
+//! truncated or overwritten CUBIN is reported as corrupt (and rebuilt by the
+//! compiler), never returned as a hit.
 
 use crate::nvrtc::ResourceUsage;
 use mixc_codegen::Arch;
@@ -21,6 +24,28 @@ pub struct CacheEntry {
     pub compile_ms: f64,
     pub arch: String,
     pub nvrtc_version: String,
+    /// Length and SHA-256 (hex) of the CUBIN, set by [`CompileCache::put`];
+    /// an entry without them (an older mixc's) is treated as corrupt.
+    #[serde(default)]
+    pub cubin_len: u64,
+    #[serde(default)]
+    pub cubin_sha256: String,
+}
+
+/// What [`CompileCache::lookup`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Lookup {
+    Hit(Box<CacheEntry>),
+    Miss,
+    /// The entry exists but cannot be trusted; why.
+    Corrupt(String),
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -74,13 +99,42 @@ impl CompileCache {
         )
     }
 
-    /// The entry for `key`, if both files are present and readable.
+    /// The entry for `key`, if both files are present and the CUBIN is the
+    /// one recorded (see [`CompileCache::lookup`] for why not).
     pub fn get(&self, key: &str) -> Option<CacheEntry> {
+        match self.lookup(key) {
+            Lookup::Hit(e) => Some(*e),
+            Lookup::Miss | Lookup::Corrupt(_) => None,
+        }
+    }
+
+    /// The entry for `key`: a hit only when the JSON parses and the CUBIN has
+    /// the recorded length and hash; no JSON or no CUBIN is a miss.
+    pub fn lookup(&self, key: &str) -> Lookup {
         let (cubin_path, json_path) = self.paths(key);
-        let json = std::fs::read_to_string(json_path).ok()?;
-        let mut entry: CacheEntry = serde_json::from_str(&json).ok()?;
-        entry.cubin = std::fs::read(cubin_path).ok()?;
-        (!entry.cubin.is_empty()).then_some(entry)
+        let Ok(json) = std::fs::read_to_string(&json_path) else {
+            return Lookup::Miss;
+        };
+        let Ok(cubin) = std::fs::read(&cubin_path) else {
+            return Lookup::Miss;
+        };
+        let shown = cubin_path.display();
+        let mut entry: CacheEntry = match serde_json::from_str(&json) {
+            Ok(e) => e,
+            Err(e) => return Lookup::Corrupt(format!("{}: {e}", json_path.display())),
+        };
+        if cubin.len() as u64 != entry.cubin_len || entry.cubin_len == 0 {
+            return Lookup::Corrupt(format!(
+                "{shown} holds {} bytes, {} recorded",
+                cubin.len(),
+                entry.cubin_len
+            ));
+        }
+        if sha256_hex(&cubin) != entry.cubin_sha256 {
+            return Lookup::Corrupt(format!("{shown} does not match its recorded SHA-256"));
+        }
+        entry.cubin = cubin;
+        Lookup::Hit(Box::new(entry))
     }
 
     /// Stores `entry` under `key` (CUBIN first: the JSON marks the entry complete).
@@ -88,7 +142,10 @@ impl CompileCache {
         std::fs::create_dir_all(&self.dir)?;
         let (cubin_path, json_path) = self.paths(key);
         write_atomic(&self.dir, &cubin_path, &entry.cubin)?;
-        let json = serde_json::to_vec_pretty(entry).map_err(std::io::Error::other)?;
+        let mut record = entry.clone();
+        record.cubin_len = entry.cubin.len() as u64;
+        record.cubin_sha256 = sha256_hex(&entry.cubin);
+        let json = serde_json::to_vec_pretty(&record).map_err(std::io::Error::other)?;
         write_atomic(&self.dir, &json_path, &json)
     }
 }
@@ -127,9 +184,27 @@ mod tests {
             compile_ms: 12.5,
             arch: "sm_90".into(),
             nvrtc_version: "13.0".into(),
+            cubin_len: 0,
+            cubin_sha256: String::new(),
         };
         cache.put(&k, &e).unwrap();
-        assert_eq!(cache.get(&k).unwrap(), e);
+        let got = cache.get(&k).unwrap();
+        assert_eq!(
+            (&got.cubin, &got.resources, &got.log),
+            (&e.cubin, &e.resources, &e.log)
+        );
+        assert_eq!(got.cubin_len, 3);
+        // Overwritten or truncated CUBINs are corrupt, never a hit.
+        let cubin = dir.path().join(format!("nvrtc/{k}.cubin"));
+        std::fs::write(&cubin, [9, 9, 9]).unwrap();
+        assert!(matches!(cache.lookup(&k), Lookup::Corrupt(m) if m.contains("SHA-256")));
+        std::fs::write(&cubin, [1, 2]).unwrap();
+        assert!(
+            matches!(cache.lookup(&k), Lookup::Corrupt(m) if m.contains("2 bytes, 3 recorded"))
+        );
+        assert!(cache.get(&k).is_none());
+        cache.put(&k, &e).unwrap();
+        assert!(matches!(cache.lookup(&k), Lookup::Hit(_)));
         // A missing CUBIN makes the entry absent, not corrupt.
         std::fs::remove_file(dir.path().join(format!("nvrtc/{k}.cubin"))).unwrap();
         assert!(cache.get(&k).is_none());

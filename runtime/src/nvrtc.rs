@@ -10,7 +10,7 @@
 //! process needs no `LD_LIBRARY_PATH` (cudarc and NVRTC itself `dlopen` bare
 //! names, which then resolve to the already-loaded copies).
 
-use crate::compile_cache::{CacheEntry, CompileCache};
+use crate::compile_cache::{CacheEntry, CompileCache, Lookup};
 use cudarc::nvrtc::{result, sys};
 use mixc_codegen::Arch;
 use serde::{Deserialize, Serialize};
@@ -285,17 +285,22 @@ pub fn compile_with_cache(
     let loaded = load()?;
     let options = compile_options(arch);
     let key = CompileCache::key(source, arch, loaded.version, &options);
-    if let Some(hit) = cache.and_then(|c| c.get(&key)) {
-        crate::counters::bump(crate::counters::Work::DiskCacheRead);
-        return Ok(CompiledModule {
-            arch,
-            cubin: hit.cubin,
-            resources: hit.resources,
-            log: hit.log,
-            compile_ms: hit.compile_ms,
-            cache_hit: true,
-            cache_note: None,
-        });
+    let mut corrupt = None;
+    match cache.map(|c| c.lookup(&key)) {
+        Some(Lookup::Hit(hit)) => {
+            crate::counters::bump(crate::counters::Work::DiskCacheRead);
+            return Ok(CompiledModule {
+                arch,
+                cubin: hit.cubin,
+                resources: hit.resources,
+                log: hit.log,
+                compile_ms: hit.compile_ms,
+                cache_hit: true,
+                cache_note: None,
+            });
+        }
+        Some(Lookup::Corrupt(why)) => corrupt = Some(why),
+        Some(Lookup::Miss) | None => {}
     }
     let mut all_options = options;
     all_options.push(format!(
@@ -318,11 +323,18 @@ pub fn compile_with_cache(
                 compile_ms,
                 arch: arch.name().into(),
                 nvrtc_version: format!("{}.{}", loaded.version.0, loaded.version.1),
+                cubin_len: 0,
+                cubin_sha256: String::new(),
             },
         )
         .err()
         .map(|e| format!("compile cache not written: {e}"))
     });
+    let cache_note = match (corrupt, cache_note) {
+        (Some(why), Some(w)) => Some(format!("corrupt compile cache entry ({why}); {w}")),
+        (Some(why), None) => Some(format!("corrupt compile cache entry ({why}); rebuilt")),
+        (None, w) => w,
+    };
     Ok(CompiledModule {
         arch,
         cubin,

@@ -33,6 +33,10 @@ pub fn main(args: Args) -> Result<ExitCode> {
             })
         })
         .collect();
+    // A corrupt entry rebuilt, or a cache that could not be written.
+    if let Some(note) = &compiled.cache_note {
+        eprintln!("warning: {note}");
+    }
     if args.json {
         println!(
             "{}",
@@ -40,7 +44,8 @@ pub fn main(args: Args) -> Result<ExitCode> {
                 "spec": spec.name, "family": spec.family.name(), "arch": args.target.arch,
                 "dtype": g.target.dtype.name(), "config": g.config.describe(),
                 "cubin_bytes": compiled.cubin.len(), "compile_ms": compiled.compile_ms,
-                "cache_hit": compiled.cache_hit, "kernels": kernels,
+                "cache_hit": compiled.cache_hit, "cache_note": compiled.cache_note,
+                "kernels": kernels,
             })
         );
     } else {
