@@ -465,7 +465,13 @@ fn corrupt_compile_cache_entries_are_rebuilt() {
     std::fs::create_dir_all(&dir).unwrap();
     let compile = || {
         let out = common::mixc_env(
-            &["compile", "examples/long_conv_hyena.mix", "--arch", "sm_90", "--json"],
+            &[
+                "compile",
+                "examples/long_conv_hyena.mix",
+                "--arch",
+                "sm_90",
+                "--json",
+            ],
             &[("MIXC_CACHE_DIR", dir.as_path())],
         );
         let t = text(&out);
@@ -493,5 +499,19 @@ fn corrupt_compile_cache_entries_are_rebuilt() {
         let (v, _) = compile();
         assert_eq!(v["cache_hit"], true);
         assert_eq!(std::fs::read(&cubins[0]).unwrap(), good);
+    }
+}
+
+/// Spec paths are read only up to the documented limit: `/dev/zero` and an
+/// oversized file are refused at once instead of filling memory.
+#[test]
+fn spec_reads_are_bounded() {
+    let big = scratch("big.mix");
+    std::fs::write(&big, vec![b' '; (1 << 20) + 1]).unwrap();
+    for path in ["/dev/zero", big.to_str().unwrap()] {
+        let out = mixc(&["check", path]);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{t}");
+        assert!(t.contains("larger than the 1024 KiB"), "{t}");
     }
 }

@@ -58,12 +58,35 @@ pub fn parse_tokens(ts: TokenStream) -> Result<MixerSpec, Diagnostics> {
     }
 }
 
-/// Reads and parses a `.mix` file; on failure the diagnostics are rendered
-/// against the file's text under its path.
+/// The largest spec file read (1 MiB): a spec is a few hundred bytes, and
+/// a path such as `/dev/zero` must not be read until memory runs out.
+pub const MAX_SPEC_BYTES: u64 = 1 << 20;
+
+/// Reads and parses a `.mix` file (at most [`MAX_SPEC_BYTES`]); on failure
+/// the diagnostics are rendered against the file's text under its path.
 pub fn parse_file(path: &Path) -> Result<MixerSpec, SpecError> {
-    let src = std::fs::read_to_string(path).map_err(|source| SpecError::Io {
+    use std::io::Read;
+    let io = |source| SpecError::Io {
         path: path.to_path_buf(),
         source,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(MAX_SPEC_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_SPEC_BYTES {
+        return Err(io(std::io::Error::other(format!(
+            "larger than the {} KiB a spec file may have",
+            MAX_SPEC_BYTES >> 10
+        ))));
+    }
+    let src = String::from_utf8(bytes).map_err(|e| {
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not UTF-8 text ({e})"),
+        ))
     })?;
     parse_str(&src).map_err(|d| SpecError::Invalid {
         rendered: d.render(&path.display().to_string(), &src),
