@@ -493,8 +493,23 @@ impl Mixer {
     pub fn forward(&self, inputs: &MixerInputs) -> Result<Output> {
         let start = Instant::now();
         // What the call allocates beyond its inputs must fit; small calls
-        // skip the look at /proc (no file I/O on the hot path).
-        let (_, rest) = self.host_bytes(inputs.batch, inputs.seq)?;
+        // skip the look at /proc (no file I/O on the hot path). The inputs
+        // exist, so their sizes are known and these products cannot overflow
+        // beyond what the output's checked product catches.
+        let o_elems = crate::memory::checked_elems(
+            "the output `o`",
+            &[
+                ("batch", inputs.batch),
+                ("seq", inputs.seq),
+                ("heads", self.spec.heads as usize),
+                ("value_dim", self.spec.value_dim as usize),
+            ],
+        )? as u64;
+        let (f64_out, copies) = self.host_scratch();
+        let kv = (inputs.k.numel() + inputs.v.numel()) as u64 * 4;
+        let rest = o_elems
+            .saturating_mul(if f64_out { 12 } else { 4 })
+            .saturating_add(kv.saturating_mul(copies));
         if rest > ADMIT_ABOVE_BYTES {
             crate::memory::admit_host(rest)?;
         }
@@ -552,13 +567,19 @@ impl Mixer {
     /// two copies of k and v). Overflowing shapes are a
     /// [`RuntimeError::SizeOverflow`] naming the dims.
     pub fn host_bytes(&self, batch: usize, seq: usize) -> Result<(u64, u64)> {
-        let (f64_out, copies) = match self.backend {
+        let (f64_out, copies) = self.host_scratch();
+        crate::memory::run_host_bytes(&self.spec, batch, seq, f64_out, copies)
+    }
+
+    /// What the backend allocates on the host beyond the output: whether
+    /// an f64 output (the reference), and how many copies of k and v (the
+    /// CPU ring's shards; on CUDA the encoded copies on their way up).
+    fn host_scratch(&self) -> (bool, u64) {
+        match self.backend {
             BackendKind::Reference => (true, 0),
             BackendKind::Cpu => (false, 2),
-            // Encoded copies of the inputs on their way to the GPU.
             BackendKind::Cuda => (false, 1),
-        };
-        crate::memory::run_host_bytes(&self.spec, batch, seq, f64_out, copies)
+        }
     }
 
     /// Whether a call at `batch x seq`, its inputs included, fits in the

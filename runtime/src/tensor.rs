@@ -111,6 +111,14 @@ impl MixerInputs {
         }
     }
 
+    /// Bytes of the extra inputs (4 per element, f32 or i32).
+    pub fn extra_bytes(&self) -> usize {
+        self.extra
+            .values()
+            .map(|t| t.shape().iter().product::<usize>() * 4)
+            .sum()
+    }
+
     /// Adds the extra input `name` (a table, gate, filter or id tensor the
     /// spec declares).
     pub fn with_extra(mut self, name: &str, t: ExtraTensor) -> MixerInputs {

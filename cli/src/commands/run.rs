@@ -376,10 +376,5 @@ pub fn main(args: Args) -> Result<ExitCode> {
 }
 
 pub fn input_bytes(inputs: &MixerInputs) -> usize {
-    let extra: usize = inputs
-        .extra
-        .values()
-        .map(|t| t.shape().iter().product::<usize>() * 4)
-        .sum();
-    (inputs.q.numel() + inputs.k.numel() + inputs.v.numel()) * 4 + extra
+    (inputs.q.numel() + inputs.k.numel() + inputs.v.numel()) * 4 + inputs.extra_bytes()
 }

@@ -580,12 +580,7 @@ impl Backend {
             0
         };
         let qkv_elems = inputs.q.numel() + inputs.k.numel() + inputs.v.numel();
-        let extra_total: usize = inputs
-            .extra
-            .values()
-            .map(|t| t.shape().iter().product::<usize>() * 4)
-            .sum();
-        g.check_fits(qkv_elems * e + o_bytes + lse_bytes + extra_total)?;
+        g.check_fits(qkv_elems * e + o_bytes + lse_bytes + inputs.extra_bytes())?;
         let q = g.upload(&encode(self.dtype, &inputs.q.data))?;
         let k = g.upload(&encode(self.dtype, &inputs.k.data))?;
         let v = g.upload(&encode(self.dtype, &inputs.v.data))?;
