@@ -10,7 +10,9 @@
 //! assert_eq!(spec.family, mixc_dsl::Family::Softmax);
 //! assert_eq!(spec.kv_heads, 8);
 //! ```
+pub mod grad;
 pub mod ir;
+pub use grad::Leaf;
 pub use ir::*;
 
 mod check;

@@ -10,7 +10,9 @@ pub mod tensor;
 
 pub use tensor::{ExtraTensor, MixerInputs, MixerOutput, Tensor};
 pub mod error;
+pub mod grad;
 pub use error::{Result, RuntimeError};
+pub use grad::Gradients;
 pub mod check;
 pub mod compile_cache;
 pub mod counters;

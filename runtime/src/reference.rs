@@ -20,6 +20,9 @@
 //!
 //! Memory is O(seq) per row besides the output: no seq x seq matrix.
 
+pub mod grad;
+pub use grad::gradients;
+
 use mixc_dsl::{Decay, EvalEnv, Expr, MixerSpec, Norm, Score};
 
 use crate::error::{Result, RuntimeError};

@@ -59,20 +59,31 @@ impl ExtraTensor {
             ExtraTensor::I32(t) => &t.shape,
         }
     }
+    /// See [`clamped_offset`].
+    pub fn clamped_offset(&self, idx: &[i64]) -> usize {
+        clamped_offset(self.shape(), idx)
+    }
     /// Element at `idx`, each index clamped into its axis (the language's
     /// rule for table reads), widened to f64.
     pub fn get_clamped(&self, idx: &[i64]) -> f64 {
-        let shape = self.shape();
-        let mut off = 0usize;
-        for (&x, &n) in idx.iter().zip(shape) {
-            let x = x.clamp(0, n as i64 - 1) as usize;
-            off = off * n + x;
-        }
+        let off = self.clamped_offset(idx);
         match self {
             ExtraTensor::F32(t) => t.data[off] as f64,
             ExtraTensor::I32(t) => t.data[off] as f64,
         }
     }
+}
+
+/// Row-major offset of `idx` with each index clamped into its axis: the
+/// element [`ExtraTensor::get_clamped`] reads (and a table gradient's
+/// scatter-add writes).
+pub fn clamped_offset(shape: &[usize], idx: &[i64]) -> usize {
+    let mut off = 0usize;
+    for (&x, &n) in idx.iter().zip(shape) {
+        let x = x.clamp(0, n as i64 - 1) as usize;
+        off = off * n + x;
+    }
+    off
 }
 
 /// Everything one run reads. q: `[batch, seq, heads, head_dim]`,
