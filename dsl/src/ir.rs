@@ -116,6 +116,21 @@ impl FeatureMap {
             FeatureMap::Relu => x.max(0.0),
         }
     }
+    /// `d apply(x) / dx` (one-sided at the kinks, as autograd takes them:
+    /// relu'(0) = 0).
+    pub fn derivative(self, x: f64) -> f64 {
+        match self {
+            FeatureMap::Identity => 1.0,
+            FeatureMap::Elu1 => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    x.exp()
+                }
+            }
+            FeatureMap::Relu => f64::from(u8::from(x > 0.0)),
+        }
+    }
 }
 
 /// How the raw pairwise weight is produced.

@@ -113,6 +113,10 @@ pub struct GradError {
     pub name: String,
     /// `max |got - want| / max |want|` (NaN if `got` holds a NaN).
     pub max_rel_error: f64,
+    /// `max |got - want|` (NaN if `got` holds a NaN).
+    pub max_abs_error: f64,
+    /// `max |want|`.
+    pub scale: f64,
 }
 
 /// Compares every gradient of `got` with `want` (same names and shapes).
@@ -143,6 +147,8 @@ pub fn compare(got: &Gradients<f32>, want: &Gradients<f64>) -> Result<Vec<GradEr
         out.push(GradError {
             name,
             max_rel_error: if scale > 0.0 { err / scale } else { err },
+            max_abs_error: err,
+            scale,
         });
     }
     Ok(out)

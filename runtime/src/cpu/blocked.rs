@@ -20,15 +20,15 @@ use crate::ring::{Endpoint, RingSchedule};
 /// A key/value shard as it travels the ring: k (feature map applied) and v,
 /// laid out `[batch][kv_head][position][dim]` so a key tile is contiguous.
 pub(super) struct KvShard<T> {
-    ranges: Vec<Range<usize>>,
+    pub(super) ranges: Vec<Range<usize>>,
     /// Local index of each range's first position.
-    offsets: Vec<usize>,
-    n: usize,
-    k: Vec<T>,
-    v: Vec<T>,
+    pub(super) offsets: Vec<usize>,
+    pub(super) n: usize,
+    pub(super) k: Vec<T>,
+    pub(super) v: Vec<T>,
 }
 
-fn offsets(ranges: &[Range<usize>]) -> (Vec<usize>, usize) {
+pub(super) fn offsets(ranges: &[Range<usize>]) -> (Vec<usize>, usize) {
     let mut acc = 0;
     let offs = ranges
         .iter()
@@ -47,7 +47,7 @@ impl<T: Real> KvShard<T> {
     /// tile's rows would occupy), so the score product reads a contiguous
     /// `Kᵀ` tile; packed once here, reused by every query block and every
     /// query head of the kv group, on every rank the shard visits.
-    fn build(ctx: &Ctx<'_, T>, ranges: &[Range<usize>]) -> Self {
+    pub(super) fn build(ctx: &Ctx<'_, T>, ranges: &[Range<usize>]) -> Self {
         let (offs, n) = offsets(ranges);
         let (b_, kvh_, dk, dv) = (ctx.batch, ctx.kv_heads, ctx.dk, ctx.dv);
         let bn = ctx.tiling.block_n;
@@ -184,10 +184,11 @@ pub(super) fn rank_main<T: Real>(
             held = ep.recv()?;
         }
     }
-    let y = finalize(ctx, acc, nq);
+    let (y, stat) = finalize(ctx, acc, nq);
     Ok(RankOutput {
         ranges: q_ranges,
         y,
+        stat,
         stats,
     })
 }
@@ -201,10 +202,27 @@ pub(super) fn written<T: Copy>(len: usize, x: T) -> Vec<T> {
     v
 }
 
-/// Normalised outputs `[batch][head][position][dv]` of a rank.
+/// Normalised outputs `[batch][head][position][dv]` of a rank and each
+/// row's statistic (log-sum-exp for softmax, weight sum for sum).
 /// Consumes the accumulator so the output reuses its buffer.
-fn finalize<T: Real>(ctx: &Ctx<'_, T>, acc: Acc<T>, nq: usize) -> Vec<T> {
+fn finalize<T: Real>(ctx: &Ctx<'_, T>, acc: Acc<T>, nq: usize) -> (Vec<T>, Vec<f64>) {
     let dv = ctx.dv;
+    let stat = match ctx.spec.norm {
+        Norm::Softmax => acc
+            .m
+            .iter()
+            .zip(&acc.l)
+            .map(|(&m, &l)| {
+                if m == T::NEG_INF || l == T::ZERO {
+                    f64::NEG_INFINITY
+                } else {
+                    m.to_f64() + l.to_f64().ln()
+                }
+            })
+            .collect(),
+        Norm::Sum { .. } => acc.l.iter().map(|l| l.to_f64()).collect(),
+        Norm::None => vec![0.0; acc.l.len()],
+    };
     let mut y = acc.o;
     for (row, yr) in y.chunks_mut(dv).enumerate() {
         let l = acc.l[row];
@@ -222,7 +240,7 @@ fn finalize<T: Real>(ctx: &Ctx<'_, T>, acc: Acc<T>, nq: usize) -> Vec<T> {
         }
     }
     debug_assert_eq!(y.len(), ctx.batch * ctx.heads * nq * dv);
-    y
+    (y, stat)
 }
 
 #[derive(Default)]
@@ -532,7 +550,7 @@ fn merge<T: Real>(
 impl<T: Real> Ctx<'_, T> {
     /// `D(i, j)` for `j <= i` on the blocked path.
     #[inline]
-    fn decay(&self, b: usize, h: usize, i: usize, j: usize) -> f64 {
+    pub(super) fn decay(&self, b: usize, h: usize, i: usize, j: usize) -> f64 {
         match &self.spec.decay {
             Decay::None => 1.0,
             Decay::PerHead(_) => (self.log_gamma[h] * (i - j) as f64).exp(),

@@ -53,6 +53,7 @@ pub(super) fn rank_main<T: Real>(
     // Laid out as the blocked path does: `[bh][position in shard order][dv]`.
     let n: usize = ranges.iter().map(|r| r.len()).sum();
     let mut y_all = written(bh * n * dv, T::ZERO);
+    let mut stat = vec![0.0f64; bh * n];
     let mut off = 0;
     // A state this rank sent to itself (zigzag: the two middle chunks are adjacent).
     let mut kept: Option<PrefixState<T>> = None;
@@ -121,11 +122,19 @@ pub(super) fn rank_main<T: Real>(
             }
         }
         finish(ctx, &locals, range.len(), &mut y_all, n, off);
+        if matches!(ctx.spec.norm, Norm::Sum { .. }) {
+            for (x, loc) in locals.iter().enumerate() {
+                for (d, &l) in stat[x * n + off..].iter_mut().zip(&loc.l[..range.len()]) {
+                    *d = l.to_f64();
+                }
+            }
+        }
         off += range.len();
     }
     Ok(RankOutput {
         ranges,
         y: y_all,
+        stat,
         stats,
     })
 }
@@ -458,41 +467,58 @@ pub(super) fn rank_main_global<T: Real>(
         total.z.iter_mut().zip(&held.z).for_each(|(a, b)| *a += *b);
     }
     let mut y = vec![T::ZERO; bh * n * dv];
+    let mut stat = vec![0.0f64; bh * n];
     ctx.pool.install(|| {
-        y.par_chunks_mut(n * dv).enumerate().for_each(|(x, yx)| {
-            let (b, h) = (x / ctx.heads, x % ctx.heads);
-            let (s, z) = (
-                &total.s[x * dk * dv..(x + 1) * dk * dv],
-                &total.z[x * dk..(x + 1) * dk],
-            );
-            let all: Vec<usize> = positions().collect();
-            let mut q = vec![T::ZERO; step * dk];
-            for (ch, yc) in all.chunks(step).zip(yx.chunks_mut(step * dv)) {
-                let nc = ch.len();
-                for (t, &pos) in ch.iter().enumerate() {
-                    let qo = ctx.inputs.q.offset(&[b, pos, h, 0]);
-                    for (d, x) in q[t * dk..(t + 1) * dk].iter_mut().enumerate() {
-                        *x = T::from_f64(q_map.apply(ctx.inputs.q.data[qo + d] as f64) * qk_scale);
-                    }
-                }
-                gemm(
-                    Mat::dense(&q[..nc * dk], nc, dk),
-                    Mat::dense(s, dk, dv),
-                    MatMut::dense(yc, nc, dv),
-                    false,
+        y.par_chunks_mut(n * dv)
+            .zip(stat.par_chunks_mut(n))
+            .enumerate()
+            .for_each(|(x, (yx, sx))| {
+                let (b, h) = (x / ctx.heads, x % ctx.heads);
+                let (s, z) = (
+                    &total.s[x * dk * dv..(x + 1) * dk * dv],
+                    &total.z[x * dk..(x + 1) * dk],
                 );
-                if let Norm::Sum { eps } = ctx.spec.norm {
-                    for (row, qt) in yc.chunks_exact_mut(dv).zip(q.chunks_exact(dk)) {
-                        let inv = T::ONE / (dot(qt, z) + T::from_f64(eps));
-                        row.iter_mut().for_each(|x| *x *= inv);
+                let all: Vec<usize> = positions().collect();
+                let mut q = vec![T::ZERO; step * dk];
+                for ((ch, yc), sc) in all
+                    .chunks(step)
+                    .zip(yx.chunks_mut(step * dv))
+                    .zip(sx.chunks_mut(step))
+                {
+                    let nc = ch.len();
+                    for (t, &pos) in ch.iter().enumerate() {
+                        let qo = ctx.inputs.q.offset(&[b, pos, h, 0]);
+                        for (d, x) in q[t * dk..(t + 1) * dk].iter_mut().enumerate() {
+                            *x = T::from_f64(
+                                q_map.apply(ctx.inputs.q.data[qo + d] as f64) * qk_scale,
+                            );
+                        }
+                    }
+                    gemm(
+                        Mat::dense(&q[..nc * dk], nc, dk),
+                        Mat::dense(s, dk, dv),
+                        MatMut::dense(yc, nc, dv),
+                        false,
+                    );
+                    if let Norm::Sum { eps } = ctx.spec.norm {
+                        for ((row, qt), st) in yc
+                            .chunks_exact_mut(dv)
+                            .zip(q.chunks_exact(dk))
+                            .zip(sc.iter_mut())
+                        {
+                            let l = dot(qt, z);
+                            *st = l.to_f64();
+                            let inv = T::ONE / (l + T::from_f64(eps));
+                            row.iter_mut().for_each(|x| *x *= inv);
+                        }
                     }
                 }
-            }
-        })
+            })
     });
     Ok(RankOutput {
         ranges,
         y,
+        stat,
         stats: RankStats {
             // One state update and one state read per owned position.
             pairs: (bh * n) as u64,

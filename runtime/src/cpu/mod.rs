@@ -19,6 +19,7 @@
 //! O(seq * d) overall: per-rank buffers are bounded by shard sizes, tiles by
 //! `block_m x block_n`; no `seq x seq` buffer exists anywhere.
 
+mod backward;
 mod blocked;
 mod chunkwise;
 pub mod expr;
@@ -32,6 +33,7 @@ use mixc_dsl::ir::{Decay, EvalEnv, Family, FeatureMap, Mask, MixerSpec, Norm, Sc
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, RuntimeError};
+use crate::grad::Gradients;
 use crate::inputs::validate_inputs;
 pub use crate::ring::Sharding;
 use crate::ring::{endpoints, RingSchedule};
@@ -205,6 +207,10 @@ impl RunStats {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CpuRun {
     pub output: CpuOutput,
+    /// `[batch, heads, seq]`, what the backward pass needs of each row: the
+    /// natural-log log-sum-exp of the weights for softmax (`-inf` for a row
+    /// that sees no key), the weight sum `l` (before `eps`) for sum, 0 for none.
+    pub stat: Tensor<f64>,
     pub stats: RunStats,
 }
 
@@ -290,19 +296,105 @@ impl CpuMixer {
         let sched = RingSchedule::new(inputs.seq, cfg.ranks, cfg.sharding)?;
         let start = Instant::now();
         let pool = &*self.pool;
-        let (output, mut stats) = match cfg.precision {
+        let (output, stat, mut stats) = match cfg.precision {
             Precision::F32 => {
-                let (t, s) = run_typed::<f32>(spec, inputs, cfg, &sched, pool, self.path)?;
-                (CpuOutput::F32(t), s)
+                let (t, st, s) = run_typed::<f32>(spec, inputs, cfg, &sched, pool, self.path)?;
+                (CpuOutput::F32(t), st, s)
             }
             Precision::F64 => {
-                let (t, s) = run_typed::<f64>(spec, inputs, cfg, &sched, pool, self.path)?;
-                (CpuOutput::F64(t), s)
+                let (t, st, s) = run_typed::<f64>(spec, inputs, cfg, &sched, pool, self.path)?;
+                (CpuOutput::F64(t), st, s)
             }
         };
         stats.elapsed = start.elapsed();
-        Ok(CpuRun { output, stats })
+        Ok(CpuRun {
+            output,
+            stat,
+            stats,
+        })
     }
+}
+
+/// Gradients from a CPU backward run, in the run's precision.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CpuGradients {
+    F32(Gradients<f32>),
+    F64(Gradients<f64>),
+}
+
+impl CpuGradients {
+    /// As f32 (what the host API returns).
+    pub fn into_f32(self) -> Gradients<f32> {
+        match self {
+            CpuGradients::F32(g) => g,
+            CpuGradients::F64(g) => g.to_f32(),
+        }
+    }
+}
+
+impl CpuMixer {
+    /// The gradients of `sum(o * d_o)` for one input set, given the forward's
+    /// output `o` and row statistics `stat` ([`CpuRun::stat`]): the blocked
+    /// backward on the same block plan and ring schedule as the forward (for
+    /// every family; the linear families' chunkwise backward is not written
+    /// yet, so they run the quadratic blocked form here).
+    pub fn backward(
+        &self,
+        inputs: &MixerInputs,
+        o: &Tensor<f32>,
+        stat: &Tensor<f64>,
+        d_o: &Tensor<f32>,
+    ) -> Result<CpuGradients> {
+        let (spec, cfg) = (&self.spec, &self.cfg);
+        validate_inputs(spec, inputs)?;
+        crate::grad::validate_upstream(spec, inputs, d_o)?;
+        let o_shape = [
+            inputs.batch,
+            inputs.seq,
+            spec.heads as usize,
+            spec.value_dim as usize,
+        ];
+        let s_shape = [inputs.batch, spec.heads as usize, inputs.seq];
+        for (name, got, want) in [
+            ("o", &o.shape, &o_shape[..]),
+            ("stat", &stat.shape, &s_shape[..]),
+        ] {
+            if got != want {
+                return Err(RuntimeError::BadInput {
+                    name: name.into(),
+                    problem: format!(
+                        "the forward's `{name}` must have shape {want:?}, got {got:?}"
+                    ),
+                });
+            }
+        }
+        let sched = RingSchedule::new(inputs.seq, cfg.ranks, cfg.sharding)?;
+        let up = backward::Upstream { o, stat, d_o };
+        let pool = &*self.pool;
+        Ok(match cfg.precision {
+            Precision::F32 => {
+                CpuGradients::F32(backward_typed::<f32>(spec, inputs, cfg, &sched, pool, &up)?)
+            }
+            Precision::F64 => {
+                CpuGradients::F64(backward_typed::<f64>(spec, inputs, cfg, &sched, pool, &up)?)
+            }
+        })
+    }
+}
+
+fn backward_typed<T: Real>(
+    spec: &MixerSpec,
+    inputs: &MixerInputs,
+    cfg: &CpuConfig,
+    sched: &RingSchedule,
+    pool: &rayon::ThreadPool,
+    up: &backward::Upstream<'_>,
+) -> Result<Gradients<T>> {
+    let ctx = build_ctx::<T>(spec, inputs, cfg, pool, CpuPath::Blocked);
+    let ranks = spawn_ranks(sched.ranks, |ep| backward::rank_main(&ctx, sched, up, ep))
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    Ok(backward::assemble(&ctx, sched, ranks))
 }
 
 /// Runs `spec` on `inputs` with the ring/blocked CPU algorithm (a one-off
@@ -394,6 +486,9 @@ pub(crate) struct RankOutput<T> {
     ranges: Vec<std::ops::Range<usize>>,
     /// `[batch * heads][shard position][dv]`, normalised.
     y: Vec<T>,
+    /// `[batch * heads][shard position]`: each row's statistic (see
+    /// [`CpuRun::stat`]).
+    stat: Vec<f64>,
     stats: RankStats,
 }
 
@@ -510,7 +605,7 @@ fn run_typed<T: Real>(
     sched: &RingSchedule,
     pool: &rayon::ThreadPool,
     path: CpuPath,
-) -> Result<(Tensor<T>, RunStats)> {
+) -> Result<(Tensor<T>, Tensor<f64>, RunStats)> {
     let ctx = build_ctx::<T>(spec, inputs, cfg, pool, path);
     let ranks = sched.ranks;
     let outs: Vec<Result<RankOutput<T>>> = match path {
@@ -522,6 +617,7 @@ fn run_typed<T: Real>(
     };
     let (heads, dv) = (ctx.heads, ctx.dv);
     let mut out = Tensor::<T>::zeros(&[inputs.batch, inputs.seq, heads, dv]);
+    let mut stat = Tensor::<f64>::zeros(&[inputs.batch, heads, inputs.seq]);
     let mut stats = RunStats {
         path,
         ranks,
@@ -541,6 +637,7 @@ fn run_typed<T: Real>(
                 let src = &o.y[(x * n + t) * dv..(x * n + t + 1) * dv];
                 let dst = out.offset(&[b, pos, h, 0]);
                 out.data[dst..dst + dv].copy_from_slice(src);
+                stat.data[x * inputs.seq + pos] = o.stat[x * n + t];
             }
         }
         stats.pairs_per_rank.push(o.stats.pairs);
@@ -550,14 +647,14 @@ fn run_typed<T: Real>(
         stats.tiles.partial += o.stats.tiles.partial;
         stats.tiles.skip += o.stats.tiles.skip;
     }
-    Ok((out, stats))
+    Ok((out, stat, stats))
 }
 
 /// Runs one scoped worker thread per rank, each with its ring endpoint, and
 /// collects their outputs in rank order.
-fn spawn_ranks<T: Send, M: Send, F>(ranks: usize, rank_main: F) -> Vec<Result<RankOutput<T>>>
+fn spawn_ranks<O: Send, M: Send, F>(ranks: usize, rank_main: F) -> Vec<Result<O>>
 where
-    F: Fn(crate::ring::Endpoint<M>) -> Result<RankOutput<T>> + Sync,
+    F: Fn(crate::ring::Endpoint<M>) -> Result<O> + Sync,
 {
     let rank_main = &rank_main;
     if ranks == 1 {
@@ -574,9 +671,7 @@ where
     })
 }
 
-fn join_rank<T>(
-    h: std::thread::ScopedJoinHandle<'_, Result<RankOutput<T>>>,
-) -> Result<RankOutput<T>> {
+fn join_rank<O>(h: std::thread::ScopedJoinHandle<'_, Result<O>>) -> Result<O> {
     h.join()
         .unwrap_or_else(|_| Err(RuntimeError::Invalid("a CPU rank thread panicked".into())))
 }

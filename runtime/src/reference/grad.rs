@@ -25,7 +25,7 @@
 
 use std::collections::BTreeMap;
 
-use mixc_dsl::{Decay, EvalEnv, Expr, FeatureMap, Leaf, MixerSpec, Norm, Score};
+use mixc_dsl::{Decay, EvalEnv, Expr, Leaf, MixerSpec, Norm, Score};
 
 use super::{check_spec, fill_decay, normalise, row_weights};
 use crate::error::Result;
@@ -130,20 +130,6 @@ fn env<'a>(
         s,
         heads: spec.heads,
         lookup,
-    }
-}
-
-fn feature_map_derivative(map: FeatureMap, x: f64) -> f64 {
-    match map {
-        FeatureMap::Identity => 1.0,
-        FeatureMap::Elu1 => {
-            if x > 0.0 {
-                1.0
-            } else {
-                x.exp()
-            }
-        }
-        FeatureMap::Relu => f64::from(u8::from(x > 0.0)),
     }
 }
 
@@ -325,7 +311,7 @@ fn chain(
     let g = scale * ds;
     for d in 0..dk {
         let (x, y) = (q[d] as f64, k[d] as f64);
-        acc.dq[qo + d] += g * k_map.apply(y) * feature_map_derivative(q_map, x);
-        acc.dk[ko + d] += g * q_map.apply(x) * feature_map_derivative(k_map, y);
+        acc.dq[qo + d] += g * k_map.apply(y) * q_map.derivative(x);
+        acc.dk[ko + d] += g * q_map.apply(x) * k_map.derivative(y);
     }
 }

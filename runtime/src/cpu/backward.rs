@@ -1,0 +1,899 @@
+//! The backward pass on the CPU, FlashAttention-2 style, on the forward's
+//! block plan and ring schedule.
+//!
+//! Every rank keeps its queries with what the forward left for them: the
+//! upstream gradient `do`, the output `o` and each row's statistic (the
+//! log-sum-exp for softmax, the weight sum for sum), from which it forms
+//! `u` (`do`, divided by `l + eps` under sum) and `D = u . o`. Key/value
+//! shards travel the ring as in the forward, now with their gradient
+//! accumulators `dk`, `dv` (and, for gated decay, the key side of the
+//! cumulative log-gate gradient) riding along: after `R` steps each shard is
+//! back home with every query's contribution (the ring-flash-attention
+//! scheme). At each step a rank recomputes the weights of its query blocks
+//! against the held shard tile by tile, as the [`BlockPlan`] says (Skip
+//! tiles cost nothing, Full tiles test no mask), and
+//!
+//! ```text
+//! p  = exp(a - lse)  (softmax)  |  a  (sum, none)
+//! dv += pᵀ u,  dp = u vᵀ,  da = p (dp - D)  |  dp - D  |  dp
+//! dt = da D(i,j),  ds = dt T'(s),  dq += ds k,  dk += dsᵀ q
+//! ```
+//!
+//! with the chain rule through bias and transform tables (scatter-adds),
+//! filter taps, and gates (`d log D(i,j) = da a` splits into a query-side
+//! row sum and a key-side column sum of the cumulative log-gates, turned into
+//! gate gradients once all ranks are done). Memory is O(seq * d): per-rank
+//! buffers of shard size, tiles of `block_m x block_n`.
+//!
+//! Work inside a rank is split over (batch, kv head, key chunk) items, each
+//! owning its keys' `dk` / `dv` outright (no atomics); every query head of
+//! the kv group is handled by the same item, so GQA sums need no reduction.
+//! Items split the keys into chunks only when there are fewer (batch, kv
+//! head) pairs than workers; each chunk then keeps a private `dq`.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use mixc_codegen::plan::{BlockClass, BlockPlan, RowPlan};
+use mixc_dsl::ir::{Decay, EvalEnv, FeatureMap, Norm, Score};
+use mixc_dsl::Leaf;
+use rayon::prelude::*;
+
+use super::blocked::{offsets, written, KvShard};
+use super::expr::ExprScratch;
+use super::microkernel::{gemm, gemm_tn, Mat, MatMut};
+use super::real::Real;
+use super::Ctx;
+use crate::error::Result;
+use crate::grad::{differentiable_inputs, Gradients};
+use crate::ring::{Endpoint, RingSchedule};
+use crate::tensor::Tensor;
+
+/// A key/value shard with its gradient accumulators, as it travels.
+pub(super) struct BwdShard<T> {
+    kv: KvShard<T>,
+    /// Gradient of `psi(k)`, `[batch * kv_heads][n][d_k]`.
+    dk: Vec<T>,
+    /// `[batch * kv_heads][n][d_v]`.
+    dv: Vec<T>,
+    /// Key side of the cumulative log-gate gradient, `[batch * kv_heads][n][group]`
+    /// (gated decay only).
+    dcol: Vec<f64>,
+}
+
+/// Gradients of inputs read anywhere in the sequence: bias / transform
+/// tables and filters, summed over workers and ranks.
+#[derive(Clone)]
+struct Partials {
+    extra: BTreeMap<String, Vec<f64>>,
+}
+
+impl Partials {
+    fn add(mut self, other: Partials) -> Partials {
+        for (n, g) in other.extra {
+            let d = self.extra.get_mut(&n).expect("same inputs");
+            d.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+        }
+        self
+    }
+}
+
+/// What one rank hands back.
+pub(super) struct RankGrads<T> {
+    ranges: Vec<Range<usize>>,
+    /// Gradient of `scale * phi(q)`, `[batch * heads][position][d_k]`.
+    dq: Vec<T>,
+    /// Query side of the cumulative log-gate gradient, `[batch * heads][position]`.
+    drow: Vec<f64>,
+    /// The rank's own key/value shard, home with every contribution.
+    home: BwdShard<T>,
+    partials: Partials,
+}
+
+/// A rank's queries, fixed for the whole ring.
+struct QSide<T> {
+    ranges: Vec<Range<usize>>,
+    nq: usize,
+    /// `scale * phi(q)`, `[bh][nq][d_k]`.
+    qs: Vec<T>,
+    /// `do` (over `l + eps` under sum), `[bh][nq][d_v]`.
+    u: Vec<T>,
+    /// `u . o`, `[bh][nq]` (0 under norm none).
+    big_d: Vec<T>,
+    /// The log-sum-exp, `+inf` for a row that sees no key (so `e^(a - lse) = 0`).
+    lse: Vec<T>,
+}
+
+/// The inputs of a backward run besides the forward's: `o` (`[batch, seq,
+/// heads, value_dim]`), the row statistics (`[batch, heads, seq]`) and `do`.
+pub(super) struct Upstream<'a> {
+    pub o: &'a Tensor<f32>,
+    pub stat: &'a Tensor<f64>,
+    pub d_o: &'a Tensor<f32>,
+}
+
+fn q_side<T: Real>(ctx: &Ctx<'_, T>, up: &Upstream<'_>, ranges: &[Range<usize>]) -> QSide<T> {
+    let (_, nq) = offsets(ranges);
+    let (bh, dk, dv) = (ctx.batch * ctx.heads, ctx.dk, ctx.dv);
+    let (q_map, scale) = match &ctx.spec.score {
+        Score::Dot { q_map, scale, .. } => (*q_map, *scale),
+        Score::Filter { .. } => (FeatureMap::Identity, 0.0),
+    };
+    let dot_score = matches!(ctx.spec.score, Score::Dot { .. });
+    let mut qs = written(if dot_score { bh * nq * dk } else { 0 }, T::ZERO);
+    let mut u = written(bh * nq * dv, T::ZERO);
+    let mut big_d = written(bh * nq, T::ZERO);
+    let mut lse = written(bh * nq, T::ZERO);
+    let positions = || ranges.iter().flat_map(|r| r.clone()).enumerate();
+    for x in 0..bh {
+        let (b, h) = (x / ctx.heads, x % ctx.heads);
+        for (t, i) in positions() {
+            let row = x * nq + t;
+            if dot_score {
+                let src = ctx.inputs.q.offset(&[b, i, h, 0]);
+                for (d, &y) in ctx.inputs.q.data[src..src + dk].iter().enumerate() {
+                    qs[row * dk + d] = T::from_f64(q_map.apply(y as f64) * scale);
+                }
+            }
+            let stat = up.stat.data[x * ctx.seq + i];
+            let div = match ctx.spec.norm {
+                Norm::Sum { eps } => stat + eps,
+                _ => 1.0,
+            };
+            let oo = up.o.offset(&[b, i, h, 0]);
+            let mut dd = 0.0;
+            for d in 0..dv {
+                let g = up.d_o.data[oo + d] as f64 / div;
+                u[row * dv + d] = T::from_f64(g);
+                dd += g * up.o.data[oo + d] as f64;
+            }
+            if !matches!(ctx.spec.norm, Norm::None) {
+                big_d[row] = T::from_f64(dd);
+            }
+            lse[row] = T::from_f64(if stat == f64::NEG_INFINITY {
+                f64::INFINITY
+            } else {
+                stat
+            });
+        }
+    }
+    QSide {
+        ranges: ranges.to_vec(),
+        nq,
+        qs,
+        u,
+        big_d,
+        lse,
+    }
+}
+
+fn empty_partials<T>(ctx: &Ctx<'_, T>) -> Partials {
+    let mut extra = BTreeMap::new();
+    for name in differentiable_inputs(ctx.spec) {
+        // Gates get their gradient from the cumulative sums, not per pair.
+        if matches!(&ctx.spec.decay, Decay::Gate { input } if *input == name) {
+            continue;
+        }
+        let len = ctx.inputs.extra[&name].shape().iter().product();
+        extra.insert(name, vec![0.0; len]);
+    }
+    Partials { extra }
+}
+
+pub(super) fn rank_main<T: Real>(
+    ctx: &Ctx<'_, T>,
+    sched: &RingSchedule,
+    up: &Upstream<'_>,
+    ep: Endpoint<BwdShard<T>>,
+) -> Result<RankGrads<T>> {
+    let r = ep.rank;
+    let qside = q_side(ctx, up, sched.shard(r));
+    let (bh, nq) = (ctx.batch * ctx.heads, qside.nq);
+    let mut dq = written(bh * nq * ctx.dk, T::ZERO);
+    let gated = matches!(ctx.spec.decay, Decay::Gate { .. });
+    let mut drow = vec![0.0f64; if gated { bh * nq } else { 0 }];
+    let mut partials = empty_partials(ctx);
+    let kv = KvShard::build(ctx, sched.shard(r));
+    let bkv = ctx.batch * ctx.kv_heads;
+    let group = ctx.heads / ctx.kv_heads;
+    let mut held = BwdShard {
+        dk: written(
+            if kv.k.is_empty() {
+                0
+            } else {
+                bkv * kv.n * ctx.dk
+            },
+            T::ZERO,
+        ),
+        dv: written(bkv * kv.n * ctx.dv, T::ZERO),
+        dcol: vec![0.0; if gated { bkv * kv.n * group } else { 0 }],
+        kv,
+    };
+    for _ in 0..sched.ranks {
+        let p = step_backward(ctx, &qside, &mut held, &mut dq, &mut drow);
+        partials = partials.add(p);
+        // Pass the shard and its accumulators on; after R hops it is home.
+        if sched.ranks > 1 {
+            ep.send_next(held)?;
+            held = ep.recv()?;
+        }
+    }
+    Ok(RankGrads {
+        ranges: qside.ranges,
+        dq,
+        drow,
+        home: held,
+        partials,
+    })
+}
+
+/// One unit of parallel work: the keys `k0..k1` (local) of one (batch, kv
+/// head) of the held shard, against every query of the rank.
+struct Item<'s, T> {
+    b: usize,
+    kvh: usize,
+    keys: Range<usize>,
+    dk: &'s mut [T],
+    dv: &'s mut [T],
+    dcol: &'s mut [f64],
+}
+
+/// A worker's private sums: `dq` and `drow` for the item's query heads.
+struct ItemOut<T> {
+    b: usize,
+    kvh: usize,
+    /// `[group][nq][d_k]`, each query block stored transposed (`d_k x rows`).
+    dq: Vec<T>,
+    drow: Vec<f64>,
+}
+
+fn step_backward<T: Real>(
+    ctx: &Ctx<'_, T>,
+    qs: &QSide<T>,
+    held: &mut BwdShard<T>,
+    dq: &mut [T],
+    drow: &mut [f64],
+) -> Partials {
+    let shard = &held.kv;
+    let plans: Vec<Vec<BlockPlan>> = qs
+        .ranges
+        .iter()
+        .map(|q| {
+            shard
+                .ranges
+                .iter()
+                .map(|k| BlockPlan::new(&ctx.spec.mask, ctx.tiling, q.clone(), k.clone()))
+                .collect()
+        })
+        .collect();
+    let (n, bkv, group) = (shard.n, ctx.batch * ctx.kv_heads, ctx.heads / ctx.kv_heads);
+    let (dk, dv) = (ctx.dk, ctx.dv);
+    // Key chunks: whole key blocks, enough items to feed every worker.
+    let bn = ctx.tiling.block_n;
+    let block_starts: Vec<usize> = shard
+        .ranges
+        .iter()
+        .zip(&shard.offsets)
+        .flat_map(|(r, &o)| (0..r.len()).step_by(bn).map(move |t| o + t))
+        .collect();
+    let workers = ctx.pool.current_num_threads();
+    let splits = (2 * workers)
+        .div_ceil(bkv.max(1))
+        .clamp(1, block_starts.len().max(1));
+    let chunk_bounds: Vec<usize> = (0..=splits)
+        .map(|c| {
+            let blk = c * block_starts.len() / splits;
+            block_starts.get(blk).copied().unwrap_or(n)
+        })
+        .collect();
+    let mut items = Vec::new();
+    let with_k = !held.dk.is_empty();
+    let mut dk_rest: &mut [T] = &mut held.dk;
+    let mut dv_rest: &mut [T] = &mut held.dv;
+    let mut dcol_rest: &mut [f64] = &mut held.dcol;
+    for x in 0..bkv {
+        for c in 0..splits {
+            let keys = chunk_bounds[c]..chunk_bounds[c + 1];
+            let len = keys.len();
+            // The remainder of this (batch, kv head)'s block after the last chunk.
+            let (a, rest) = std::mem::take(&mut dv_rest).split_at_mut(len * dv);
+            dv_rest = rest;
+            let dk_part = if with_k {
+                let (a, rest) = std::mem::take(&mut dk_rest).split_at_mut(len * dk);
+                dk_rest = rest;
+                a
+            } else {
+                &mut []
+            };
+            let dcol_part = if dcol_rest.is_empty() {
+                &mut []
+            } else {
+                let (a, rest) = std::mem::take(&mut dcol_rest).split_at_mut(len * group);
+                dcol_rest = rest;
+                a
+            };
+            items.push(Item {
+                b: x / ctx.kv_heads,
+                kvh: x % ctx.kv_heads,
+                keys,
+                dk: dk_part,
+                dv: a,
+                dcol: dcol_part,
+            });
+        }
+        // Chunks tile 0..n exactly, so nothing of this block is left over.
+        debug_assert_eq!(chunk_bounds[splits], n);
+    }
+    let work = |it: Item<'_, T>, sc: &mut Scratch<T>, parts: &mut Partials| {
+        item_backward(ctx, qs, &plans, shard, it, sc, parts)
+    };
+    let (outs, partials): (Vec<ItemOut<T>>, Partials) = if items.len() <= 1 || workers <= 1 {
+        let mut sc = Scratch::default();
+        let mut parts = empty_partials(ctx);
+        let outs = items
+            .into_iter()
+            .map(|it| work(it, &mut sc, &mut parts))
+            .collect();
+        (outs, parts)
+    } else {
+        ctx.pool.install(|| {
+            let outs_parts: Vec<(ItemOut<T>, Partials)> = items
+                .into_par_iter()
+                .map_init(Scratch::default, |sc, it| {
+                    let mut parts = empty_partials(ctx);
+                    let o = work(it, sc, &mut parts);
+                    (o, parts)
+                })
+                .collect();
+            let mut total = empty_partials(ctx);
+            let mut outs = Vec::with_capacity(outs_parts.len());
+            for (o, p) in outs_parts {
+                total = total.add(p);
+                outs.push(o);
+            }
+            (outs, total)
+        })
+    };
+    // Add each item's private dq / drow into the rank's.
+    let nq = qs.nq;
+    for o in outs {
+        for g in 0..group {
+            let h = o.kvh * group + g;
+            let x = o.b * ctx.heads + h;
+            // (No q for the convolution family.)
+            let q_blocks = if o.dq.is_empty() {
+                &plans[..0]
+            } else {
+                &plans[..]
+            };
+            for (qr, row_plans) in q_blocks.iter().enumerate() {
+                let plan = &row_plans[0];
+                let q_off = qs_offset(qs, qr);
+                for qb in 0..plan.num_query_blocks() {
+                    let q = plan.query_block(qb);
+                    let rows = q.len();
+                    let local = q_off + (q.start - qs.ranges[qr].start);
+                    let src = &o.dq[(g * nq + local) * dk..(g * nq + local + rows) * dk];
+                    for r in 0..rows {
+                        let dst = &mut dq[(x * nq + local + r) * dk..][..dk];
+                        for (d, v) in dst.iter_mut().enumerate() {
+                            *v += src[d * rows + r];
+                        }
+                    }
+                }
+            }
+            if !o.drow.is_empty() {
+                for (a, b) in drow[x * nq..(x + 1) * nq].iter_mut().zip(&o.drow[g * nq..]) {
+                    *a += b;
+                }
+            }
+        }
+    }
+    partials
+}
+
+/// Local index of the first position of query range `qr`.
+fn qs_offset<T>(qs: &QSide<T>, qr: usize) -> usize {
+    qs.ranges[..qr].iter().map(|r| r.len()).sum()
+}
+
+/// Per-worker buffers, reused across items.
+struct Scratch<T> {
+    qt: Vec<T>,
+    ut: Vec<T>,
+    /// Weights `a` of a tile, transposed (`keys x rows`).
+    a: Vec<T>,
+    /// Scores before the transform (transform specs only).
+    s_pre: Vec<T>,
+    /// Probabilities (softmax) or weights, then `ds`.
+    p: Vec<T>,
+    /// `u vᵀ`, then `da`.
+    dp: Vec<T>,
+    /// Whether the mask allows each pair of a Partial tile.
+    vis: Vec<bool>,
+    lanes: ExprScratch<T>,
+}
+
+impl<T> Default for Scratch<T> {
+    fn default() -> Self {
+        Scratch {
+            qt: Vec::new(),
+            ut: Vec::new(),
+            a: Vec::new(),
+            s_pre: Vec::new(),
+            p: Vec::new(),
+            dp: Vec::new(),
+            vis: Vec::new(),
+            lanes: ExprScratch::default(),
+        }
+    }
+}
+
+fn reset<T: Copy>(v: &mut Vec<T>, len: usize, x: T) -> &mut [T] {
+    v.clear();
+    v.resize(len, x);
+    v
+}
+
+fn item_backward<T: Real>(
+    ctx: &Ctx<'_, T>,
+    qs: &QSide<T>,
+    plans: &[Vec<BlockPlan>],
+    shard: &KvShard<T>,
+    it: Item<'_, T>,
+    sc: &mut Scratch<T>,
+    parts: &mut Partials,
+) -> ItemOut<T> {
+    let (b, kvh) = (it.b, it.kvh);
+    let (dk, dv, nq) = (ctx.dk, ctx.dv, qs.nq);
+    let group = ctx.heads / ctx.kv_heads;
+    let gated = !it.dcol.is_empty();
+    let mut out = ItemOut {
+        b,
+        kvh,
+        dq: vec![T::ZERO; if qs.qs.is_empty() { 0 } else { group * nq * dk }],
+        drow: vec![0.0; if gated { group * nq } else { 0 }],
+    };
+    if it.keys.is_empty() {
+        return out;
+    }
+    let segs = &ctx.segs[b];
+    let softmax = matches!(ctx.spec.norm, Norm::Softmax);
+    let dot_score = !shard.k.is_empty();
+    for g in 0..group {
+        let h = kvh * group + g;
+        let x = b * ctx.heads + h;
+        let plain = ctx.filter.is_none()
+            && ctx.bias[h].is_none()
+            && ctx.transform[h].is_none()
+            && !ctx.has_decay;
+        for (qr, row_plans) in plans.iter().enumerate() {
+            let q_off = qs_offset(qs, qr);
+            for qb in 0..row_plans[0].num_query_blocks() {
+                let rows: Vec<RowPlan> = row_plans.iter().map(|p| p.row(qb, segs)).collect();
+                let q = row_plans[0].query_block(qb);
+                let nr = q.len();
+                let local = q_off + (q.start - qs.ranges[qr].start);
+                // Tiles of this item's keys.
+                let tiles: Vec<(usize, Range<usize>, BlockClass)> = rows
+                    .iter()
+                    .zip(row_plans)
+                    .enumerate()
+                    .flat_map(|(kr, (row, plan))| {
+                        row.tiles(plan).map(move |(keys, class)| (kr, keys, class))
+                    })
+                    .filter(|(kr, keys, _)| {
+                        let l = shard.offsets[*kr] + keys.start - shard.ranges[*kr].start;
+                        it.keys.contains(&l)
+                    })
+                    .collect();
+                if tiles.is_empty() {
+                    continue;
+                }
+                let row0 = x * nq + local;
+                let qrows = if dot_score {
+                    &qs.qs[row0 * dk..(row0 + nr) * dk]
+                } else {
+                    &[][..]
+                };
+                let urows = &qs.u[row0 * dv..(row0 + nr) * dv];
+                let lse = &qs.lse[row0..row0 + nr];
+                let big_d = &qs.big_d[row0..row0 + nr];
+                let qt = reset(&mut sc.qt, dk * nr, T::ZERO);
+                if dot_score {
+                    super::real::transpose(qrows, nr, dk, qt);
+                }
+                let ut = reset(&mut sc.ut, dv * nr, T::ZERO);
+                super::real::transpose(urows, nr, dv, ut);
+                let dq_t = if dot_score {
+                    &mut out.dq[(g * nq + local) * dk..(g * nq + local + nr) * dk]
+                } else {
+                    &mut [][..]
+                };
+                for (kr, keys, class) in tiles {
+                    let kn = keys.len();
+                    let l0 = shard.offsets[kr] + keys.start - shard.ranges[kr].start;
+                    let base = (b * ctx.kv_heads + kvh) * shard.n + l0;
+                    let vt = &shard.v[base * dv..(base + kn) * dv];
+                    let il = l0 - it.keys.start; // within the item's slices
+                    let partial = class == BlockClass::Partial;
+                    let a = reset(&mut sc.a, kn * nr, T::ZERO);
+                    if dot_score {
+                        let kt = &shard.k[base * dk..(base + kn) * dk];
+                        gemm_tn(
+                            Mat::dense(kt, dk, kn),
+                            Mat::dense(&*qt, dk, nr),
+                            MatMut::dense(a, kn, nr),
+                            false,
+                        );
+                    }
+                    let vis = reset(&mut sc.vis, if partial { kn * nr } else { 0 }, true);
+                    let s_pre = reset(
+                        &mut sc.s_pre,
+                        if ctx.transform[h].is_some() {
+                            kn * nr
+                        } else {
+                            0
+                        },
+                        T::ZERO,
+                    );
+                    if !plain || partial {
+                        weights_pass(
+                            ctx,
+                            b,
+                            h,
+                            q.start,
+                            &keys,
+                            partial,
+                            a,
+                            s_pre,
+                            vis,
+                            &mut sc.lanes,
+                        );
+                    }
+                    // p: probabilities (softmax) or the weights themselves.
+                    let p = reset(&mut sc.p, kn * nr, T::ZERO);
+                    if softmax {
+                        for (pc, ac) in p.chunks_exact_mut(nr).zip(a.chunks_exact(nr)) {
+                            for r in 0..nr {
+                                pc[r] = (ac[r] - lse[r]).exp();
+                            }
+                        }
+                    } else {
+                        p.copy_from_slice(a);
+                    }
+                    if partial {
+                        for (pv, &ok) in p.iter_mut().zip(vis.iter()) {
+                            if !ok {
+                                *pv = T::ZERO;
+                            }
+                        }
+                    }
+                    // dv += pᵀ u
+                    gemm(
+                        Mat::dense(&*p, kn, nr),
+                        Mat::dense(urows, nr, dv),
+                        MatMut::dense(&mut it.dv[il * dv..(il + kn) * dv], kn, dv),
+                        true,
+                    );
+                    // dp = u vᵀ (transposed: v uᵀ, keys x rows), then da in place.
+                    let dp = reset(&mut sc.dp, kn * nr, T::ZERO);
+                    gemm(
+                        Mat::dense(vt, kn, dv),
+                        Mat::dense(&*ut, dv, nr),
+                        MatMut::dense(dp, kn, nr),
+                        false,
+                    );
+                    for (dc, pc) in dp.chunks_exact_mut(nr).zip(p.chunks_exact(nr)) {
+                        for r in 0..nr {
+                            dc[r] = if softmax {
+                                pc[r] * (dc[r] - big_d[r])
+                            } else {
+                                dc[r] - big_d[r]
+                            };
+                        }
+                    }
+                    if partial {
+                        for (d, &ok) in dp.iter_mut().zip(vis.iter()) {
+                            if !ok {
+                                *d = T::ZERO;
+                            }
+                        }
+                    }
+                    // da -> ds (into p), through decay, transform, bias, filter.
+                    let da = &*dp;
+                    let ds = p;
+                    if plain {
+                        ds.copy_from_slice(da);
+                    } else {
+                        chain_pass(
+                            ctx,
+                            b,
+                            h,
+                            q.start,
+                            &keys,
+                            da,
+                            a,
+                            s_pre,
+                            ds,
+                            parts,
+                            gated.then(|| {
+                                (
+                                    &mut out.drow[g * nq + local..g * nq + local + nr],
+                                    &mut it.dcol[il * group..(il + kn) * group],
+                                    g,
+                                    group,
+                                )
+                            }),
+                        );
+                    }
+                    if dot_score {
+                        let kt = &shard.k[base * dk..(base + kn) * dk];
+                        // dk += dsᵀ qs ; dqᵀ += kᵀ ds
+                        gemm(
+                            Mat::dense(&*ds, kn, nr),
+                            Mat::dense(qrows, nr, dk),
+                            MatMut::dense(&mut it.dk[il * dk..(il + kn) * dk], kn, dk),
+                            true,
+                        );
+                        gemm(
+                            Mat::dense(kt, dk, kn),
+                            Mat::dense(&*ds, kn, nr),
+                            MatMut::dense(dq_t, dk, nr),
+                            true,
+                        );
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Fills a tile's weights `a` (`keys x rows`, holding `q . k` for dot
+/// scores) as the forward does: bias, transform (keeping the pre-transform
+/// scores in `s_pre`), decay and filter taps; on Partial tiles masked pairs
+/// get weight 0 and `vis = false`.
+#[allow(clippy::too_many_arguments)]
+fn weights_pass<T: Real>(
+    ctx: &Ctx<'_, T>,
+    b: usize,
+    h: usize,
+    q0: usize,
+    keys: &Range<usize>,
+    partial: bool,
+    a: &mut [T],
+    s_pre: &mut [T],
+    vis: &mut [bool],
+    lanes: &mut ExprScratch<T>,
+) {
+    let rows = a.len() / keys.len();
+    let seg = |name: &str, pos: i64| ctx.inputs.extra[name].get_clamped(&[b as i64, pos]) as i64;
+    let softmax = matches!(ctx.spec.norm, Norm::Softmax);
+    let masked = if softmax { T::NEG_INF } else { T::ZERO };
+    for (c, (arow, j)) in a.chunks_exact_mut(rows).zip(keys.clone()).enumerate() {
+        let (i0, jj) = (q0 as i64, j as i64);
+        if ctx.filter.is_none() {
+            if let Some(e) = &ctx.bias[h] {
+                e.add_to(i0, jj, arow, lanes);
+            }
+            if let Some(e) = &ctx.transform[h] {
+                s_pre[c * rows..(c + 1) * rows].copy_from_slice(arow);
+                e.apply_to(i0, jj, arow, lanes);
+            }
+        }
+        for (r, x) in arow.iter_mut().enumerate() {
+            let i = q0 + r;
+            if partial && !ctx.spec.mask.allows(i as i64, jj, &seg) {
+                vis[c * rows + r] = false;
+                *x = masked;
+                continue;
+            }
+            if let Some(f) = &ctx.filter {
+                *x = f[h * ctx.filter_len + (i - j).min(ctx.filter_len - 1)];
+            } else if ctx.has_decay {
+                *x *= T::from_f64(ctx.decay(b, h, i, j));
+            }
+        }
+    }
+}
+
+/// `ds` from `da` for one tile (`keys x rows` each): `dt = da D(i, j)` and
+/// `d log D = da a` (to the gates' row and column sums), `ds = dt T'(s)`,
+/// table gradients of transform and bias, filter taps.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn chain_pass<T: Real>(
+    ctx: &Ctx<'_, T>,
+    b: usize,
+    h: usize,
+    q0: usize,
+    keys: &Range<usize>,
+    da: &[T],
+    a: &[T],
+    s_pre: &[T],
+    ds: &mut [T],
+    parts: &mut Partials,
+    mut gates: Option<(&mut [f64], &mut [f64], usize, usize)>,
+) {
+    let rows = da.len() / keys.len();
+    let lookup = |name: &str, idx: &[i64]| ctx.inputs.extra[name].get_clamped(idx);
+    let spec = ctx.spec;
+    let env = |i: usize, j: usize, s: f64| EvalEnv {
+        i: i as i64,
+        j: j as i64,
+        h: h as i64,
+        s,
+        heads: spec.heads,
+        lookup: &lookup,
+    };
+    let bias_tables = spec.bias.as_ref().is_some_and(|e| {
+        let mut r = Vec::new();
+        e.inputs_read(&mut r);
+        !r.is_empty()
+    });
+    for (c, j) in keys.clone().enumerate() {
+        for r in 0..rows {
+            let e = c * rows + r;
+            let g = da[e].to_f64();
+            let i = q0 + r;
+            if g == 0.0 {
+                ds[e] = T::ZERO;
+                continue;
+            }
+            if let Score::Filter { input } = &spec.score {
+                let len = ctx.filter_len;
+                if let Some(t) = parts.extra.get_mut(input.as_str()) {
+                    t[h * len + (i - j).min(len - 1)] += g;
+                }
+                ds[e] = T::ZERO;
+                continue;
+            }
+            let mut dt = g;
+            if ctx.has_decay {
+                let d_log = g * a[e].to_f64();
+                if let Some((drow, dcol, gi, group)) = gates.as_mut() {
+                    drow[r] += d_log;
+                    dcol[c * *group + *gi] -= d_log;
+                }
+                dt = g * ctx.decay(b, h, i, j);
+            }
+            let mut d_s = dt;
+            if let Some(tr) = &spec.transform {
+                d_s = 0.0;
+                tr.backprop(
+                    &env(i, j, s_pre[e].to_f64()),
+                    dt,
+                    &mut |leaf, x| match leaf {
+                        Leaf::Score => d_s += x,
+                        table => scatter(ctx, parts, table, x),
+                    },
+                );
+            }
+            if bias_tables {
+                if let Some(bias) = &spec.bias {
+                    bias.backprop(&env(i, j, 0.0), d_s, &mut |leaf, x| {
+                        scatter(ctx, parts, leaf, x)
+                    });
+                }
+            }
+            ds[e] = T::from_f64(d_s);
+        }
+    }
+}
+
+/// Adds a table element's gradient (integer tables have none).
+fn scatter<T>(ctx: &Ctx<'_, T>, parts: &mut Partials, leaf: Leaf<'_>, g: f64) {
+    if let Leaf::Table { input, indices } = leaf {
+        if let Some(t) = parts.extra.get_mut(input) {
+            t[ctx.inputs.extra[input].clamped_offset(&indices)] += g;
+        }
+    }
+}
+
+/// Assembles the ranks' results into gradients in the inputs' layouts.
+pub(super) fn assemble<T: Real>(
+    ctx: &Ctx<'_, T>,
+    sched: &RingSchedule,
+    ranks: Vec<RankGrads<T>>,
+) -> Gradients<T> {
+    let inputs = ctx.inputs;
+    let (batch, seq, heads) = (ctx.batch, ctx.seq, ctx.heads);
+    let (dk, dv, group) = (ctx.dk, ctx.dv, heads / ctx.kv_heads);
+    let (q_map, k_map, scale) = match &ctx.spec.score {
+        Score::Dot {
+            q_map,
+            k_map,
+            scale,
+        } => (*q_map, *k_map, *scale),
+        Score::Filter { .. } => (FeatureMap::Identity, FeatureMap::Identity, 0.0),
+    };
+    let dot_score = matches!(ctx.spec.score, Score::Dot { .. });
+    let mut dq = Tensor::<T>::zeros(&inputs.q.shape);
+    let mut dkt = Tensor::<T>::zeros(&inputs.k.shape);
+    let mut dvt = Tensor::<T>::zeros(&inputs.v.shape);
+    let gated = matches!(ctx.spec.decay, Decay::Gate { .. });
+    // dC[b][h][p]: gradient of the cumulative log-gate at p.
+    let mut d_cum = vec![0.0f64; if gated { batch * heads * seq } else { 0 }];
+    let mut partials = empty_partials(ctx);
+    for (rank, rg) in ranks.into_iter().enumerate() {
+        let positions: Vec<usize> = rg.ranges.iter().flat_map(|r| r.clone()).collect();
+        let nq = positions.len();
+        for x in 0..batch * heads {
+            let (b, h) = (x / heads, x % heads);
+            for (t, &i) in positions.iter().enumerate() {
+                if dot_score {
+                    let src = &rg.dq[(x * nq + t) * dk..][..dk];
+                    let o = inputs.q.offset(&[b, i, h, 0]);
+                    for d in 0..dk {
+                        let qx = inputs.q.data[o + d] as f64;
+                        dq.data[o + d] =
+                            T::from_f64(src[d].to_f64() * scale * q_map.derivative(qx));
+                    }
+                }
+                if gated {
+                    d_cum[x * seq + i] += rg.drow[x * nq + t];
+                }
+            }
+        }
+        // The home shard: this rank's keys.
+        let home = &rg.home;
+        debug_assert_eq!(home.kv.ranges, sched.shard(rank));
+        let n = home.kv.n;
+        for y in 0..batch * ctx.kv_heads {
+            let (b, kvh) = (y / ctx.kv_heads, y % ctx.kv_heads);
+            for (t, &j) in positions.iter().enumerate() {
+                if dot_score {
+                    let src = &home.dk[(y * n + t) * dk..][..dk];
+                    let o = inputs.k.offset(&[b, j, kvh, 0]);
+                    for d in 0..dk {
+                        let kx = inputs.k.data[o + d] as f64;
+                        dkt.data[o + d] = T::from_f64(src[d].to_f64() * k_map.derivative(kx));
+                    }
+                }
+                let o = inputs.v.offset(&[b, j, kvh, 0]);
+                dvt.data[o..o + dv].copy_from_slice(&home.dv[(y * n + t) * dv..][..dv]);
+                if gated {
+                    for g in 0..group {
+                        let h = kvh * group + g;
+                        d_cum[(b * heads + h) * seq + j] += home.dcol[(y * n + t) * group + g];
+                    }
+                }
+            }
+        }
+        partials = partials.add(rg.partials);
+    }
+    let mut extra: BTreeMap<String, Tensor<T>> = partials
+        .extra
+        .into_iter()
+        .map(|(name, g)| {
+            let shape = inputs.extra[&name].shape().to_vec();
+            (
+                name,
+                Tensor::new(shape, g.into_iter().map(T::from_f64).collect()),
+            )
+        })
+        .collect();
+    if let Decay::Gate { input } = &ctx.spec.decay {
+        // C_p = sum_{l <= p} ln gamma_l, so d ln gamma_l = sum_{p >= l} dC_p.
+        let gates = &inputs.extra[input.as_str()];
+        let mut dg = Tensor::<T>::zeros(gates.shape());
+        for b in 0..batch {
+            for h in 0..heads {
+                let mut acc = 0.0;
+                for l in (0..seq).rev() {
+                    acc += d_cum[(b * heads + h) * seq + l];
+                    let gamma = gates.get_clamped(&[b as i64, l as i64, h as i64]);
+                    let off = gates.clamped_offset(&[b as i64, l as i64, h as i64]);
+                    dg.data[off] += T::from_f64(acc / gamma);
+                }
+            }
+        }
+        extra.insert(input.clone(), dg);
+    }
+    Gradients {
+        dq,
+        dk: dkt,
+        dv: dvt,
+        extra,
+    }
+}

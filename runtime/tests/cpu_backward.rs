@@ -1,0 +1,123 @@
+//! The CPU backward equals the f64 reference gradients for every example
+//! spec and every score piece, at ragged lengths, batch 2, GQA, R in
+//! {1, 3, 4} with both shardings, in f64 (rounding only) and f32; and the
+//! ring does not change the result beyond rounding.
+
+mod cpu_support;
+
+use cpu_support::{example_specs, shrink};
+use mixc_dsl::ir::MixerSpec;
+use mixc_runtime::cpu::{CpuConfig, CpuMixer, Precision, Sharding};
+use mixc_runtime::grad::compare;
+use mixc_runtime::inputs::random_inputs;
+use mixc_runtime::{reference, Tensor};
+
+/// Specs whose pieces the examples do not reach: tables read by bias and
+/// transform, gates with sum norm and bias, relu maps with per-head decay,
+/// segment ids with a dilated mask.
+const PIECES: [&str; 4] = [
+    "mixer b { heads = 4; kv_heads = 2; head_dim = 8; input t: f32[heads, 8]; \
+     input c: f32[heads]; score = dot(q, k); bias = t[h][min(abs(i - j), 7)]; \
+     transform = (3.0 + c[h]) * tanh(s / (3.0 + c[h])); mask = prefix_lm(5); norm = softmax; }",
+    "mixer c { heads = 2; head_dim = 8; value_dim = 6; score = dot(relu(q), relu(k)); \
+     decay = 0.8 + 0.1 * tanh(h + 0.5); mask = causal && window(20); norm = none; }",
+    "mixer d { heads = 2; head_dim = 8; input g: f32[batch, seq, heads]; \
+     score = dot(elu1(q), elu1(k)); bias = 0.25 * (i - j); decay = gate(g); \
+     mask = causal; norm = sum(eps = 0.5); }",
+    "mixer e { heads = 2; head_dim = 8; input doc: i32[batch, seq]; score = dot(q, k); \
+     transform = s - 0.1 * s * s; mask = causal && (segment(doc) || dilated(3)); norm = softmax; }",
+];
+
+fn upstream(spec: &MixerSpec, batch: usize, seq: usize, seed: u64) -> Tensor<f32> {
+    let shape = [batch, seq, spec.heads as usize, spec.value_dim as usize];
+    let noise = random_inputs(spec, batch, seq, seed).v;
+    let n: usize = shape.iter().product();
+    Tensor::new(
+        shape.to_vec(),
+        (0..n).map(|x| noise.data[x % noise.data.len()]).collect(),
+    )
+}
+
+fn check(spec: &MixerSpec, seq: usize, ranks: &[usize]) {
+    let inputs = random_inputs(spec, 2, seq, 40 + seq as u64);
+    let d_o = upstream(spec, 2, seq, 99);
+    let want = reference::gradients(spec, &inputs, &d_o).expect("reference gradients");
+    for &r in ranks.iter().filter(|&&r| r <= seq) {
+        for sharding in [Sharding::Contiguous, Sharding::Zigzag] {
+            for precision in [Precision::F64, Precision::F32] {
+                let cfg = CpuConfig {
+                    ranks: r,
+                    sharding,
+                    block_m: 16,
+                    block_n: 16,
+                    chunk: 16,
+                    threads: 2,
+                    precision,
+                };
+                let m = CpuMixer::new(spec, &cfg).expect("mixer");
+                let fwd = m.run(&inputs).expect("forward");
+                let o = fwd.output.to_f32();
+                let got = m
+                    .backward(&inputs, &o, &fwd.stat, &d_o)
+                    .unwrap_or_else(|e| panic!("{}: {e}", spec.name))
+                    .into_f32();
+                // f64 runs still go through the f32 output `o`, so the
+                // rounding of o (1e-7 relative) bounds their agreement.
+                let tol = match precision {
+                    Precision::F64 => 1e-5,
+                    Precision::F32 => 2e-3,
+                };
+                for e in compare(&got, &want).expect("same gradients") {
+                    // Relative to the largest gradient, floored at 1e-2: a
+                    // gradient that nearly cancels (one key under sum
+                    // normalisation: eps / (l + eps)) is all rounding of o.
+                    assert!(
+                        e.max_abs_error <= tol * e.scale.max(1e-2),
+                        "{} seq {seq} R={r} {sharding:?} {precision:?}: {} off by {:e} of {:e}",
+                        spec.name,
+                        e.name,
+                        e.max_abs_error,
+                        e.scale
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_example_matches_the_reference_gradients() {
+    for spec in example_specs() {
+        let s = shrink(&spec);
+        for seq in [1, 37, 130] {
+            check(&s, seq, &[1, 3, 4]);
+        }
+    }
+}
+
+#[test]
+fn every_score_piece_matches_the_reference_gradients() {
+    for src in PIECES {
+        let spec = mixc_dsl::parse_str(src).unwrap_or_else(|d| panic!("{src}: {d:?}"));
+        for seq in [2, 45] {
+            check(&spec, seq, &[1, 2, 4]);
+        }
+    }
+}
+
+/// A wrong `o` or statistic shape is refused with the tensor's name.
+#[test]
+fn mismatched_forward_tensors_are_refused() {
+    let spec = shrink(&example_specs()[0]);
+    let inputs = random_inputs(&spec, 1, 20, 1);
+    let m = CpuMixer::new(&spec, &CpuConfig::default_for(&spec, 20)).expect("mixer");
+    let fwd = m.run(&inputs).expect("forward");
+    let o = fwd.output.to_f32();
+    let d_o = upstream(&spec, 1, 20, 2);
+    let bad_stat = Tensor::<f64>::zeros(&[1, 20, spec.heads as usize]);
+    let err = m.backward(&inputs, &o, &bad_stat, &d_o).unwrap_err();
+    assert!(err.to_string().contains("stat"), "{err}");
+    let bad_do = upstream(&spec, 1, 19, 2);
+    let err = m.backward(&inputs, &o, &fwd.stat, &bad_do).unwrap_err();
+    assert!(err.to_string().contains("do"), "{err}");
+}
