@@ -28,6 +28,24 @@
 //! # Ok::<(), mixc::Error>(())
 //! ```
 //!
+//! Training: [`Mixer::forward_train`] also returns the [`Residuals`] the
+//! backward pass needs (each row's log-sum-exp), and [`Mixer::backward`]
+//! returns the [`Gradients`] of `sum(o * do)` for q, k, v and every float
+//! extra input, in the inputs' layouts:
+//!
+//! ```
+//! use mixc::{Device, Mixer, Options};
+//!
+//! let spec = mixc::parse("mixer m { heads = 2; head_dim = 16; mask = causal; }").unwrap();
+//! let mixer = Mixer::new(&spec, Options::on(Device::Cpu))?;
+//! let inputs = mixc::random_inputs(&spec, 1, 50, 0);
+//! let (out, saved) = mixer.forward_train(&inputs)?;
+//! let d_o = mixc::random_upstream(&spec, 1, 50, 1);
+//! let grads = mixer.backward(&inputs, &out.o, &saved, &d_o)?.grads;
+//! assert_eq!(grads.dq.shape, inputs.q.shape);
+//! # Ok::<(), mixc::Error>(())
+//! ```
+//!
 //! Inputs use mixc's layout (the flash-attn layout): `q [batch, seq, heads,
 //! head_dim]`, `k [batch, seq, kv_heads, head_dim]`, `v [batch, seq,
 //! kv_heads, value_dim]`, extra inputs by their spec names
@@ -48,8 +66,8 @@ pub use mixc_runtime::mixer::capabilities;
 pub use mixc_runtime::ring::Sharding;
 pub use mixc_runtime::tune::CpuTiles;
 pub use mixc_runtime::{
-    BackendKind, ConfigSource, Device, ExtraTensor, Mixer, MixerInputs, Options, Output, Tensor,
-    Tiles,
+    BackendKind, BackwardOutput, ConfigSource, Device, ExtraTensor, Gradients, Mixer, MixerInputs,
+    Options, Output, Residuals, Tensor, Tiles,
 };
 
 /// `Result<T, mixc::Error>`.
@@ -75,6 +93,12 @@ pub fn parse_file(path: impl AsRef<std::path::Path>) -> std::result::Result<Mixe
 /// arguments give the same bits on every platform.
 pub fn random_inputs(spec: &MixerSpec, batch: usize, seq: usize, seed: u64) -> MixerInputs {
     mixc_runtime::inputs::random_inputs(spec, batch, seq, seed)
+}
+
+/// A seeded upstream gradient `do` (standard normal, the output's shape
+/// `[batch, seq, heads, value_dim]`) for [`Mixer::backward`].
+pub fn random_upstream(spec: &MixerSpec, batch: usize, seq: usize, seed: u64) -> Tensor<f32> {
+    mixc_runtime::inputs::random_upstream(spec, batch, seq, seed)
 }
 
 /// A spec written in Rust, validated at compile time by the same parser

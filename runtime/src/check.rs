@@ -224,6 +224,192 @@ pub fn compare(
     })
 }
 
+/// Accepted `max |grad - ref| / max |ref|`, per gradient, of a backward
+/// pass computing with `compute` inputs against the f64 reference gradients
+/// on the same inputs. Looser than the forward's
+/// ([`reference::check_tolerance`]): the backward recomputes the weights,
+/// forms `D = do . o` from the rounded output and sums over every query a
+/// key meets.
+pub fn grad_tolerance(compute: DType) -> f64 {
+    match compute {
+        DType::F32 => 5e-4,
+        DType::F16 => 1e-2,
+        DType::Bf16 => 5e-2,
+    }
+}
+
+/// Which kv heads a gradient check compares: all of them up to
+/// [`SAMPLE_HEADS`] query heads, else evenly spread kv heads (first and
+/// last included) whose query heads number about [`SAMPLE_HEADS`]. A kv
+/// head is compared whole: its `dk` / `dv` sum over every query head of its
+/// group, so every such query head's reference gradient is computed (over
+/// all positions: a key's gradient sums over every query that sees it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GradCheckPlan {
+    pub kv_heads: Vec<usize>,
+    pub total_kv_heads: usize,
+    pub total_heads: usize,
+}
+
+impl GradCheckPlan {
+    pub fn full(spec: &MixerSpec) -> GradCheckPlan {
+        GradCheckPlan {
+            kv_heads: (0..spec.kv_heads as usize).collect(),
+            total_kv_heads: spec.kv_heads as usize,
+            total_heads: spec.heads as usize,
+        }
+    }
+    pub fn sample(spec: &MixerSpec) -> GradCheckPlan {
+        let group = spec.group_size().max(1) as usize;
+        let kv = spec.kv_heads as usize;
+        GradCheckPlan {
+            kv_heads: spread(kv, SAMPLE_HEADS.div_ceil(group).max(2)),
+            ..GradCheckPlan::full(spec)
+        }
+    }
+    pub fn is_full(&self) -> bool {
+        self.kv_heads.len() == self.total_kv_heads
+    }
+    /// One line: what is compared.
+    pub fn describe(&self) -> String {
+        if self.is_full() {
+            return format!("all positions x all {} heads", self.total_heads);
+        }
+        let list: Vec<String> = self.kv_heads.iter().map(usize::to_string).collect();
+        let group = self.total_heads / self.total_kv_heads.max(1);
+        format!(
+            "all positions x {} of {} kv heads ({}) with their {} query heads",
+            self.kv_heads.len(),
+            self.total_kv_heads,
+            list.join(", "),
+            self.kv_heads.len() * group
+        )
+    }
+}
+
+/// What [`compare_gradients`] found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GradCheckReport {
+    /// Per gradient (`dq`, `dk`, `dv`, `d<input>`): `max |got - ref| / max |ref|`
+    /// over the compared heads (the denominator floored at 1e-3 of the
+    /// largest reference gradient, see [`compare_gradients`]).
+    pub errors: Vec<(String, f64)>,
+    /// Gradients a sampled check leaves out (inputs with no head axis, which
+    /// every head contributes to).
+    pub skipped: Vec<String>,
+    pub tolerance: f64,
+    pub compared: String,
+    pub full: bool,
+}
+
+impl GradCheckReport {
+    /// Every compared gradient within tolerance (a NaN fails).
+    pub fn passed(&self) -> bool {
+        self.errors.iter().all(|(_, e)| *e <= self.tolerance)
+    }
+    /// The largest error (NaN if any is NaN).
+    pub fn max_rel_error(&self) -> f64 {
+        self.errors.iter().fold(0f64, |m, (_, e)| {
+            if e.is_nan() || m.is_nan() {
+                f64::NAN
+            } else {
+                m.max(*e)
+            }
+        })
+    }
+}
+
+/// Compares `grads` (a backend's gradients of `sum(o * d_o)`) with the f64
+/// reference on the kv heads of `plan`. `progress(done, total)` reports
+/// reference (batch row, head) pairs.
+pub fn compare_gradients(
+    spec: &MixerSpec,
+    inputs: &MixerInputs,
+    d_o: &Tensor<f32>,
+    grads: &crate::grad::Gradients<f32>,
+    plan: &GradCheckPlan,
+    compute: DType,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<GradCheckReport> {
+    let group = spec.group_size().max(1) as usize;
+    let total = (inputs.batch * plan.kv_heads.len() * group) as u64;
+    let want =
+        reference::gradients_for(spec, inputs, d_o, &plan.kv_heads, &|d| progress(d, total))?;
+    let q_heads: Vec<usize> = (0..spec.heads as usize)
+        .filter(|&h| plan.kv_heads.contains(&(h / group)))
+        .collect();
+    let got_named = grads.named();
+    // Each error is relative to the gradient's max |ref|, floored at
+    // FLOOR x the largest of any gradient: a gradient that nearly cancels
+    // (one key under sum normalisation: da = u.v eps / (l + eps)) is then
+    // all rounding of `o`, and judging it on its own scale would fail every
+    // backend.
+    const FLOOR: f64 = 1e-3;
+    let overall = want
+        .named()
+        .iter()
+        .flat_map(|(_, t)| t.data.iter())
+        .fold(0f64, |m, x| m.max(x.abs()));
+    let mut errors = Vec::new();
+    let mut skipped = Vec::new();
+    for (name, w) in want.named() {
+        let Some((_, g)) = got_named.iter().find(|(n, _)| *n == name) else {
+            return Err(RuntimeError::Internal(format!(
+                "gradient `{name}` is missing"
+            )));
+        };
+        if g.shape != w.shape {
+            return Err(RuntimeError::Internal(format!(
+                "gradient `{name}` has shape {:?}, the reference {:?}",
+                g.shape, w.shape
+            )));
+        }
+        // The head axis of this gradient and the heads compared on it.
+        let axis: Option<(usize, &[usize])> = match name.as_str() {
+            "dq" => Some((2, &q_heads)),
+            "dk" | "dv" => Some((2, &plan.kv_heads)),
+            _ => spec.input(&name[1..]).and_then(|decl| {
+                decl.dims.iter().enumerate().find_map(|(a, d)| match d {
+                    mixc_dsl::Dim::Heads => Some((a, &q_heads[..])),
+                    mixc_dsl::Dim::KvHeads => Some((a, &plan.kv_heads[..])),
+                    _ => None,
+                })
+            }),
+        };
+        if axis.is_none() && !plan.is_full() {
+            skipped.push(name);
+            continue;
+        }
+        let keep = |e: usize| match axis {
+            None => true,
+            Some((a, heads)) => {
+                let stride: usize = w.shape[a + 1..].iter().product();
+                heads.contains(&((e / stride) % w.shape[a]))
+            }
+        };
+        let (mut err, mut scale) = (0f64, 0f64);
+        for (e, (&a, &b)) in g.data.iter().zip(&w.data).enumerate() {
+            if !keep(e) {
+                continue;
+            }
+            let d = (a as f64 - b).abs();
+            if d.is_nan() || d > err {
+                err = d;
+            }
+            scale = scale.max(b.abs());
+        }
+        let scale = scale.max(FLOOR * overall);
+        errors.push((name, if scale > 0.0 { err / scale } else { err }));
+    }
+    Ok(GradCheckReport {
+        errors,
+        skipped,
+        tolerance: grad_tolerance(compute),
+        compared: plan.describe(),
+        full: plan.is_full(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,8 +1,8 @@
 //! The backward pass's vocabulary, shared by every backend: what a backward
 //! call returns ([`Gradients`]), which inputs have a gradient
 //! ([`differentiable_inputs`]), the checks on an upstream gradient `do`
-//! ([`validate_upstream`]), and the comparison of two sets of gradients
-//! ([`compare`], used by `--check` and the tests).
+//! ([`validate_upstream`]). The comparison with the reference is
+//! [`crate::check::compare_gradients`].
 //!
 //! Gradients of `L = sum(o * do)` are returned in the layouts of their
 //! inputs: `dq [batch, seq, heads, head_dim]`, `dk [batch, seq, kv_heads,
@@ -105,51 +105,4 @@ pub fn validate_upstream(spec: &MixerSpec, inputs: &MixerInputs, d_o: &Tensor<f3
         return bad(format!("element {p} is {} (must be finite)", d_o.data[p]));
     }
     Ok(())
-}
-
-/// How far one gradient is from its reference.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GradError {
-    pub name: String,
-    /// `max |got - want| / max |want|` (NaN if `got` holds a NaN).
-    pub max_rel_error: f64,
-    /// `max |got - want|` (NaN if `got` holds a NaN).
-    pub max_abs_error: f64,
-    /// `max |want|`.
-    pub scale: f64,
-}
-
-/// Compares every gradient of `got` with `want` (same names and shapes).
-pub fn compare(got: &Gradients<f32>, want: &Gradients<f64>) -> Result<Vec<GradError>> {
-    let want_named = want.named();
-    let got_named = got.named();
-    let mut out = Vec::new();
-    for (name, w) in want_named {
-        let Some((_, g)) = got_named.iter().find(|(n, _)| *n == name) else {
-            return Err(RuntimeError::Internal(format!(
-                "gradient `{name}` is missing"
-            )));
-        };
-        if g.shape != w.shape {
-            return Err(RuntimeError::Internal(format!(
-                "gradient `{name}` has shape {:?}, the reference {:?}",
-                g.shape, w.shape
-            )));
-        }
-        let (mut err, mut scale) = (0f64, 0f64);
-        for (&a, &b) in g.data.iter().zip(&w.data) {
-            let e = (a as f64 - b).abs();
-            if e.is_nan() || e > err {
-                err = e;
-            }
-            scale = scale.max(b.abs());
-        }
-        out.push(GradError {
-            name,
-            max_rel_error: if scale > 0.0 { err / scale } else { err },
-            max_abs_error: err,
-            scale,
-        });
-    }
-    Ok(out)
 }

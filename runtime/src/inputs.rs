@@ -107,6 +107,14 @@ fn random_extra(
     }
 }
 
+/// A seeded upstream gradient `do` for a backward pass: standard normal, the
+/// shape of the output `[batch, seq, heads, value_dim]` (its own stream, so
+/// it does not disturb the inputs of the same seed).
+pub fn random_upstream(spec: &MixerSpec, batch: usize, seq: usize, seed: u64) -> Tensor<f32> {
+    let shape = vec![batch, seq, spec.heads as usize, spec.value_dim as usize];
+    normal_tensor(&mut stream(seed, "do"), shape, 1.0)
+}
+
 /// Deterministic inputs for `spec`: q, k, v standard normal (q, k empty for
 /// the convolution family), gates in [0.9, 1), sorted ragged document ids,
 /// tables normal * 0.5, filters with a decaying envelope. The same

@@ -94,6 +94,17 @@ fn read_i32(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Tensor<i32
 /// checked with [`validate_inputs`]. Other tensors in the file (such as a
 /// saved output `o`) are ignored.
 pub fn load_inputs(path: &Path, spec: &MixerSpec) -> Result<MixerInputs> {
+    Ok(load_inputs_with(path, spec, &[])?.0)
+}
+
+/// [`load_inputs`], plus the float tensors named in `optional` that the
+/// file holds (e.g. an upstream gradient `do`), read as f32 and returned by
+/// name; the file is read once.
+pub fn load_inputs_with(
+    path: &Path,
+    spec: &MixerSpec,
+    optional: &[&str],
+) -> Result<(MixerInputs, std::collections::BTreeMap<String, Tensor<f32>>)> {
     let bytes = std::fs::read(path).map_err(|source| RuntimeError::Io {
         path: path.display().to_string(),
         source,
@@ -166,7 +177,13 @@ pub fn load_inputs(path: &Path, spec: &MixerSpec) -> Result<MixerInputs> {
         RuntimeError::BadInput { name, problem } => bad_input(path, &name, problem),
         other => other,
     })?;
-    Ok(inputs)
+    let mut more = std::collections::BTreeMap::new();
+    for &name in optional {
+        if let Ok(view) = file.tensor(name) {
+            more.insert(name.to_string(), read_f32(path, name, &view)?);
+        }
+    }
+    Ok((inputs, more))
 }
 
 /// One tensor to write: its safetensors dtype, shape and little-endian bytes.
@@ -213,7 +230,19 @@ impl safetensors::View for &Owned {
 /// `--inputs`. The file is written to a temporary sibling and renamed into
 /// place, so a failure never leaves a truncated file behind.
 pub fn save_tensors(path: &Path, inputs: Option<&MixerInputs>, output: &Tensor<f32>) -> Result<()> {
+    save_tensors_with(path, inputs, output, &[])
+}
+
+/// [`save_tensors`], plus more f32 tensors under their names (gradients
+/// `dq`, `dk`, ..., the upstream gradient `do`).
+pub fn save_tensors_with(
+    path: &Path,
+    inputs: Option<&MixerInputs>,
+    output: &Tensor<f32>,
+    more: &[(String, &Tensor<f32>)],
+) -> Result<()> {
     let mut tensors: Vec<(String, Owned)> = vec![("o".into(), Owned::f32(output))];
+    tensors.extend(more.iter().map(|(n, t)| (n.clone(), Owned::f32(t))));
     if let Some(inp) = inputs {
         for (name, t) in [("q", &inp.q), ("k", &inp.k), ("v", &inp.v)] {
             // q and k are empty for the convolution family: nothing to save.

@@ -23,7 +23,9 @@ pub mod io;
 pub mod memory;
 pub mod mixer;
 pub mod pairs;
-pub use mixer::{BackendKind, ConfigSource, Device, Mixer, Options, Output, Tiles};
+pub use mixer::{
+    BackendKind, BackwardOutput, ConfigSource, Device, Mixer, Options, Output, Residuals, Tiles,
+};
 pub mod nvrtc;
 pub mod reference;
 pub mod ring;

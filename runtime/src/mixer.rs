@@ -21,10 +21,11 @@ use mixc_codegen::{KernelConfig, Target};
 use mixc_dsl::ir::{DType, MixerSpec};
 use serde::Serialize;
 
-use crate::check::{CheckPlan, CheckReport};
+use crate::check::{CheckPlan, CheckReport, GradCheckPlan, GradCheckReport};
 use crate::cpu::{CpuConfig, CpuMixer, Precision};
 use crate::cuda::{dist::DistEnv, CudaMixer, CudaOptions};
 use crate::error::{Result, RuntimeError};
+use crate::grad::Gradients;
 use crate::reference;
 use crate::ring::{RingSchedule, Sharding};
 use crate::tensor::{MixerInputs, Tensor};
@@ -170,6 +171,25 @@ pub struct Output {
     pub config_source: ConfigSource,
     /// `(rank, world size)` of a multi-process run.
     pub dist_rank: Option<(usize, usize)>,
+}
+
+/// What [`Mixer::forward_train`] keeps for [`Mixer::backward`] besides the
+/// inputs and the output: each row's log-sum-exp (softmax) or weight sum
+/// (sum normalisation), `[batch, heads, seq]` (empty for the reference,
+/// which recomputes everything).
+#[derive(Debug, Clone)]
+pub struct Residuals {
+    pub stat: Tensor<f64>,
+    batch: usize,
+    seq: usize,
+}
+
+/// What [`Mixer::backward`] returns.
+#[derive(Debug, Clone)]
+pub struct BackwardOutput {
+    pub grads: Gradients<f32>,
+    /// Wall time of the backward call.
+    pub seconds: f64,
 }
 
 /// A prepared backend for one tile choice.
@@ -491,6 +511,120 @@ impl Mixer {
     /// the spec's extra inputs by name). Any batch and length (at least the
     /// ring's rank count) runs without recompiling.
     pub fn forward(&self, inputs: &MixerInputs) -> Result<Output> {
+        Ok(self.forward_impl(inputs, false)?.0)
+    }
+
+    /// [`Mixer::forward`] for training: also returns what
+    /// [`Mixer::backward`] needs besides the inputs and `o` (each row's
+    /// log-sum-exp or weight sum; O(batch * heads * seq)).
+    pub fn forward_train(&self, inputs: &MixerInputs) -> Result<(Output, Residuals)> {
+        self.backward_support()?;
+        let (out, stat) = self.forward_impl(inputs, true)?;
+        let residuals = Residuals {
+            stat: stat.unwrap_or_else(|| Tensor::new(vec![0], Vec::new())),
+            batch: inputs.batch,
+            seq: inputs.seq,
+        };
+        Ok((out, residuals))
+    }
+
+    /// The gradients of `sum(o * d_o)` with respect to q, k, v and every
+    /// float extra input ([`Gradients`], in the inputs' layouts), given
+    /// the inputs, the output `o` and the residuals of
+    /// [`Mixer::forward_train`], and the upstream gradient `d_o` (shape of
+    /// `o`). CPU: the blocked backward on the forward's block plan and ring;
+    /// reference: f64 gradients rounded to f32; CUDA: not yet
+    /// ([`RuntimeError::Unsupported`]).
+    pub fn backward(
+        &self,
+        inputs: &MixerInputs,
+        o: &Tensor<f32>,
+        residuals: &Residuals,
+        d_o: &Tensor<f32>,
+    ) -> Result<BackwardOutput> {
+        self.backward_support()?;
+        let start = Instant::now();
+        if (residuals.batch, residuals.seq) != (inputs.batch, inputs.seq) {
+            return Err(RuntimeError::BadInput {
+                name: "residuals".into(),
+                problem: format!(
+                    "saved by a forward of batch {} x seq {}, but the inputs are batch {} x seq {}",
+                    residuals.batch, residuals.seq, inputs.batch, inputs.seq
+                ),
+            });
+        }
+        let ready = self.ready_for(inputs.batch, inputs.seq)?;
+        let prepared = match &ready.prepared {
+            Prepared::Shared(base) => &base.prepared,
+            p => p,
+        };
+        let grads = match prepared {
+            Prepared::Reference => reference::gradients(&self.spec, inputs, d_o)?.to_f32(),
+            Prepared::Cpu(m) => m.backward(inputs, o, &residuals.stat, d_o)?.into_f32(),
+            Prepared::Cuda(_) | Prepared::Shared(_) => {
+                return Err(RuntimeError::Internal(
+                    "backward reached a backend without backward support".into(),
+                ))
+            }
+        };
+        Ok(BackwardOutput {
+            grads,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// `Ok` when this mixer's backend runs the backward pass.
+    pub fn backward_support(&self) -> Result<()> {
+        match self.backend {
+            BackendKind::Cuda => Err(RuntimeError::Unsupported {
+                backend: "cuda",
+                what: format!(
+                    "the backward pass of mixer `{}` (backward kernels are not generated \
+                     yet; the CPU backend computes gradients)",
+                    self.spec.name
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// What a gradient check compares: every head (`full`), or the
+    /// documented sample ([`GradCheckPlan::sample`]).
+    pub fn grad_check_plan(&self, full: bool) -> GradCheckPlan {
+        if full {
+            GradCheckPlan::full(&self.spec)
+        } else {
+            GradCheckPlan::sample(&self.spec)
+        }
+    }
+
+    /// Compares `grads` (this mixer's gradients for `inputs` and `d_o`)
+    /// with the f64 reference gradients over `plan`, judged on
+    /// [`crate::check::grad_tolerance`] of [`Mixer::compute_dtype`].
+    pub fn check_gradients(
+        &self,
+        inputs: &MixerInputs,
+        d_o: &Tensor<f32>,
+        grads: &Gradients<f32>,
+        plan: &GradCheckPlan,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<GradCheckReport> {
+        crate::check::compare_gradients(
+            &self.spec,
+            inputs,
+            d_o,
+            grads,
+            plan,
+            self.compute_dtype(),
+            progress,
+        )
+    }
+
+    fn forward_impl(
+        &self,
+        inputs: &MixerInputs,
+        keep_stat: bool,
+    ) -> Result<(Output, Option<Tensor<f64>>)> {
         let start = Instant::now();
         // What the call allocates beyond its inputs must fit; small calls
         // skip the look at /proc (no file I/O on the hot path). The inputs
@@ -518,6 +652,7 @@ impl Mixer {
             Prepared::Shared(base) => &base.prepared,
             p => p,
         };
+        let mut stat = None;
         let (o, seconds, pairs_per_rank, dist_rank) = match prepared {
             Prepared::Reference => {
                 let out64 = reference::evaluate(&self.spec, inputs)?;
@@ -529,6 +664,9 @@ impl Mixer {
             }
             Prepared::Cpu(m) => {
                 let run = m.run(inputs)?;
+                if keep_stat {
+                    stat = Some(run.stat);
+                }
                 (
                     run.output.into_f32(),
                     Some(run.stats.elapsed.as_secs_f64()),
@@ -548,7 +686,7 @@ impl Mixer {
             Prepared::Shared(_) => unreachable!("a shared preparation is never nested"),
         };
         let wall_seconds = start.elapsed().as_secs_f64();
-        Ok(Output {
+        let out = Output {
             o,
             seconds: seconds.unwrap_or(wall_seconds),
             wall_seconds,
@@ -556,7 +694,8 @@ impl Mixer {
             config: ready.config.clone(),
             config_source: ready.source.clone(),
             dist_rank,
-        })
+        };
+        Ok((out, stat))
     }
 }
 

@@ -21,7 +21,7 @@
 //! Memory is O(seq) per row besides the output: no seq x seq matrix.
 
 pub mod grad;
-pub use grad::gradients;
+pub use grad::{gradients, gradients_for};
 
 use mixc_dsl::{Decay, EvalEnv, Expr, MixerSpec, Norm, Score};
 

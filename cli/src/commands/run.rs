@@ -1,10 +1,10 @@
 use crate::report;
 use anyhow::{bail, Context, Result};
 use mixc::dsl::{DType, MixerSpec};
-use mixc::runtime::check::CheckReport;
+use mixc::runtime::check::{CheckReport, GradCheckReport};
 use mixc::runtime::ring::Sharding;
 use mixc::runtime::{inputs, io, reference, MixerInputs, Tensor};
-use mixc::{ConfigSource, Device, Mixer, Options, Output};
+use mixc::{ConfigSource, Device, Gradients, Mixer, Options, Output};
 use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -144,6 +144,46 @@ pub fn with_spinner<T>(what: &str, quiet: bool, f: impl FnOnce() -> T) -> T {
     })
 }
 
+/// A progress bar that appears on a terminal only once the work has taken
+/// more than a second (and never when `quiet`).
+struct LazyBar {
+    template: &'static str,
+    quiet: bool,
+    started: Instant,
+    bar: std::sync::Mutex<Option<indicatif::ProgressBar>>,
+}
+
+impl LazyBar {
+    fn new(template: &'static str, quiet: bool) -> LazyBar {
+        LazyBar {
+            template,
+            quiet,
+            started: Instant::now(),
+            bar: std::sync::Mutex::new(None),
+        }
+    }
+    fn update(&self, done: u64, total: u64) {
+        if self.quiet || self.started.elapsed().as_secs_f64() < 1.0 {
+            return;
+        }
+        let mut bar = self.bar.lock().unwrap_or_else(|e| e.into_inner());
+        let b = bar.get_or_insert_with(|| {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(self.template)
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b
+        });
+        b.set_position(done);
+    }
+    fn finish(self) {
+        if let Some(b) = self.bar.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            b.finish_and_clear();
+        }
+    }
+}
+
 /// Compares `output` with the f64 reference (the documented sample, or
 /// everything with `full`), with a progress bar on a terminal when the
 /// reference takes more than a second.
@@ -155,29 +195,32 @@ pub fn check_output(
     quiet: bool,
 ) -> Result<CheckReport> {
     let plan = mixer.check_plan(inputs.seq, full);
-    let started = Instant::now();
-    let bar: std::sync::Mutex<Option<indicatif::ProgressBar>> = std::sync::Mutex::new(None);
-    let progress = |done: u64, total: u64| {
-        if quiet || started.elapsed().as_secs_f64() < 1.0 {
-            return;
-        }
-        let mut bar = bar.lock().unwrap_or_else(|e| e.into_inner());
-        let b = bar.get_or_insert_with(|| {
-            let b = indicatif::ProgressBar::new(total);
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "check: f64 reference {bar:30} {pos}/{len} rows ({eta} left)",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            b
-        });
-        b.set_position(done);
-    };
-    let report = mixer.check(inputs, output, &plan, &progress)?;
-    if let Some(b) = bar.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        b.finish_and_clear();
-    }
+    let bar = LazyBar::new(
+        "check: f64 reference {bar:30} {pos}/{len} rows ({eta} left)",
+        quiet,
+    );
+    let report = mixer.check(inputs, output, &plan, &|d, t| bar.update(d, t))?;
+    bar.finish();
+    Ok(report)
+}
+
+/// Compares the gradients with the f64 reference gradients (sampled kv
+/// heads, or all with `full`), with a progress bar as [`check_output`].
+fn check_grads(
+    mixer: &Mixer,
+    inputs: &MixerInputs,
+    d_o: &Tensor<f32>,
+    grads: &Gradients<f32>,
+    full: bool,
+    quiet: bool,
+) -> Result<GradCheckReport> {
+    let plan = mixer.grad_check_plan(full);
+    let bar = LazyBar::new(
+        "check: f64 reference gradients {bar:30} {pos}/{len} heads ({eta} left)",
+        quiet,
+    );
+    let report = mixer.check_gradients(inputs, d_o, grads, &plan, &|d, t| bar.update(d, t))?;
+    bar.finish();
     Ok(report)
 }
 
@@ -207,9 +250,20 @@ pub struct Args {
     /// Read q, k, v and the declared inputs from a safetensors file.
     #[arg(long, conflicts_with_all = ["seq", "batch", "seed"])]
     inputs: Option<PathBuf>,
-    /// Write the output `o` ([batch, seq, heads, value_dim], f32) and the inputs to a safetensors file.
+    /// Write the output `o` ([batch, seq, heads, value_dim], f32) and the
+    /// inputs to a safetensors file (with --grad also `do` and the gradients
+    /// `dq`, `dk`, `dv`, `d<input>`, each in its input's layout).
     #[arg(long)]
     save: Option<PathBuf>,
+    /// Also run the backward pass: the gradients of sum(o * do) for q, k, v
+    /// and every float input, with `do` read from --inputs when the file
+    /// holds a tensor `do`, else seeded random (standard normal). With
+    /// --check the gradients are compared with the f64 reference too
+    /// (tolerance relative to each gradient's max |ref|: f32 5e-4, f16 1e-2,
+    /// bf16 5e-2); a sampled check covers all positions of 2-4 kv heads
+    /// and their query heads.
+    #[arg(long)]
+    grad: bool,
     /// Ranks of the ring, each owning a shard of the sequence (CPU: worker
     /// threads; CUDA: virtual ranks dealt round-robin onto the visible GPUs).
     #[arg(long, default_value_t = 1)]
@@ -249,8 +303,16 @@ pub fn main(args: Args) -> Result<ExitCode> {
     };
     // Compiled (and its memory estimated) before any input is made.
     let mixer = build_mixer(&spec, &opts)?;
+    if args.grad {
+        mixer.backward_support()?;
+    }
+    let mut d_o_file = None;
     let inputs: MixerInputs = match &args.inputs {
-        Some(path) => io::load_inputs(path, &spec)?,
+        Some(path) => {
+            let (inputs, mut more) = io::load_inputs_with(path, &spec, &["do"])?;
+            d_o_file = more.remove("do");
+            inputs
+        }
         None => {
             let seq = args.seq.context("--seq is required without --inputs")?;
             if seq == 0 || args.batch == 0 {
@@ -276,7 +338,23 @@ pub fn main(args: Args) -> Result<ExitCode> {
         inputs.batch,
         inputs.seq
     );
-    let run = with_spinner(&what, args.json, || execute(&mixer, &inputs))?;
+    let (run, backward) = if args.grad {
+        let d_o = match d_o_file {
+            Some(d) => d,
+            None => inputs::random_upstream(&spec, inputs.batch, inputs.seq, args.seed),
+        };
+        let (run, back) = with_spinner(&what, args.json, || -> Result<_> {
+            let (run, saved) = mixer.forward_train(&inputs)?;
+            let back = mixer.backward(&inputs, &run.o, &saved, &d_o)?;
+            Ok((run, back))
+        })?;
+        (run, Some((d_o, back)))
+    } else {
+        (
+            with_spinner(&what, args.json, || execute(&mixer, &inputs))?,
+            None,
+        )
+    };
     if run.dist_rank.is_some_and(|(rank, _)| rank != 0) {
         // This rank's rows went to rank 0, which checks, saves and reports;
         // the backend already printed this rank's one-line summary.
@@ -294,9 +372,26 @@ pub fn main(args: Args) -> Result<ExitCode> {
         None => None,
     };
     let tolerance = reference::check_tolerance(mixer.compute_dtype());
+    let grad_check = match (&backward, args.check.as_deref()) {
+        (Some((d_o, back)), Some(mode)) => Some(check_grads(
+            &mixer,
+            &inputs,
+            d_o,
+            &back.grads,
+            mode == "full",
+            args.json,
+        )?),
+        _ => None,
+    };
 
     if let Some(path) = &args.save {
-        io::save_tensors(path, Some(&inputs), output)
+        let more: Vec<(String, &Tensor<f32>)> = match &backward {
+            Some((d_o, back)) => std::iter::once(("do".to_string(), d_o))
+                .chain(back.grads.named())
+                .collect(),
+            None => Vec::new(),
+        };
+        io::save_tensors_with(path, Some(&inputs), output, &more)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     let backend = opts.backend.name();
@@ -332,6 +427,16 @@ pub fn main(args: Args) -> Result<ExitCode> {
         "output_shape": output.shape,
         "peak_rss_bytes": report::peak_rss_bytes(),
         "saved": args.save.as_ref().map(|p| p.display().to_string()),
+        "backward_seconds": backward.as_ref().map(|(_, b)| b.seconds),
+        "gradients": backward.as_ref().map(|(_, b)| {
+            b.grads.named().into_iter().map(|(n, _)| n).collect::<Vec<_>>()
+        }),
+        "grad_errors": grad_check.as_ref().map(|c| {
+            c.errors.iter().cloned().collect::<std::collections::BTreeMap<_, _>>()
+        }),
+        "grad_tolerance": grad_check.as_ref().map(|c| c.tolerance),
+        "grad_checked": grad_check.as_ref().map(|c| c.compared.clone()),
+        "grad_skipped": grad_check.as_ref().map(|c| c.skipped.clone()),
     });
     if args.json {
         println!("{summary}");
@@ -363,9 +468,45 @@ pub fn main(args: Args) -> Result<ExitCode> {
                 }
             );
         }
+        if let Some((_, b)) = &backward {
+            let names: Vec<String> = b.grads.named().into_iter().map(|(n, _)| n).collect();
+            println!("backward: {} in {:.3} s", names.join(", "), b.seconds);
+        }
+        if let Some(c) = &grad_check {
+            let each: Vec<String> = c
+                .errors
+                .iter()
+                .map(|(n, e)| format!("{n} {e:.1e}"))
+                .collect();
+            println!(
+                "check (gradients): max relative error {:.3e} ({}) vs f64 reference \
+                 (tolerance {:.0e}) over {}{}{}",
+                c.max_rel_error(),
+                each.join(", "),
+                c.tolerance,
+                c.compared,
+                if c.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {} compared only by --check full", c.skipped.join(", "))
+                },
+                if c.full || !c.skipped.is_empty() {
+                    ""
+                } else {
+                    "; --check full compares every head"
+                }
+            );
+        }
         if let Some(p) = &args.save {
             println!("wrote {}", p.display());
         }
+    }
+    if grad_check.as_ref().is_some_and(|c| !c.passed()) {
+        eprintln!(
+            "error: --check failed: a gradient's relative error is above {:.0e}",
+            grad_check.as_ref().map_or(0.0, |c| c.tolerance)
+        );
+        return Ok(ExitCode::FAILURE);
     }
     // NaN must fail too, hence not `e > tol`.
     if check.as_ref().is_some_and(|c| !c.passed()) {

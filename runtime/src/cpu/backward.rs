@@ -824,10 +824,9 @@ pub(super) fn assemble<T: Real>(
                 if dot_score {
                     let src = &rg.dq[(x * nq + t) * dk..][..dk];
                     let o = inputs.q.offset(&[b, i, h, 0]);
-                    for d in 0..dk {
-                        let qx = inputs.q.data[o + d] as f64;
-                        dq.data[o + d] =
-                            T::from_f64(src[d].to_f64() * scale * q_map.derivative(qx));
+                    let (dst, x) = (&mut dq.data[o..o + dk], &inputs.q.data[o..o + dk]);
+                    for ((g, &s), &qx) in dst.iter_mut().zip(src).zip(x) {
+                        *g = T::from_f64(s.to_f64() * scale * q_map.derivative(qx as f64));
                     }
                 }
                 if gated {
@@ -845,9 +844,9 @@ pub(super) fn assemble<T: Real>(
                 if dot_score {
                     let src = &home.dk[(y * n + t) * dk..][..dk];
                     let o = inputs.k.offset(&[b, j, kvh, 0]);
-                    for d in 0..dk {
-                        let kx = inputs.k.data[o + d] as f64;
-                        dkt.data[o + d] = T::from_f64(src[d].to_f64() * k_map.derivative(kx));
+                    let (dst, x) = (&mut dkt.data[o..o + dk], &inputs.k.data[o..o + dk]);
+                    for ((g, &s), &kx) in dst.iter_mut().zip(src).zip(x) {
+                        *g = T::from_f64(s.to_f64() * k_map.derivative(kx as f64));
                     }
                 }
                 let o = inputs.v.offset(&[b, j, kvh, 0]);

@@ -39,19 +39,41 @@ pub fn gradients(
     inputs: &MixerInputs,
     d_o: &Tensor<f32>,
 ) -> Result<Gradients<f64>> {
+    let all: Vec<usize> = (0..spec.kv_heads as usize).collect();
+    gradients_for(spec, inputs, d_o, &all, &|_| {})
+}
+
+/// The contributions of the query heads of the listed kv heads only (every
+/// query head of each group, so `dk` / `dv` of those kv heads are complete;
+/// the rest stays 0). `progress` is called with the number of (batch row,
+/// query head) pairs done so far, out of `batch * kv_heads.len() * group`.
+pub fn gradients_for(
+    spec: &MixerSpec,
+    inputs: &MixerInputs,
+    d_o: &Tensor<f32>,
+    kv_heads: &[usize],
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Gradients<f64>> {
     use rayon::prelude::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
     check_spec(spec)?;
     validate_inputs(spec, inputs)?;
     validate_upstream(spec, inputs, d_o)?;
     let heads = spec.heads as usize;
     let tasks: Vec<(usize, usize)> = (0..inputs.batch)
-        .flat_map(|b| (0..heads).map(move |h| (b, h)))
+        .flat_map(|b| {
+            (0..heads)
+                .filter(|&h| kv_heads.contains(&(spec.kv_head_of(h as u32) as usize)))
+                .map(move |h| (b, h))
+        })
         .collect();
     let zeros = || Acc::zeros(spec, inputs);
+    let done = AtomicU64::new(0);
     let acc = tasks
         .into_par_iter()
         .fold(zeros, |mut acc, (b, h)| {
             head_gradients(spec, inputs, d_o, b, h, &mut acc);
+            progress(done.fetch_add(1, Ordering::Relaxed) + 1);
             acc
         })
         .reduce(zeros, Acc::add);
