@@ -5,7 +5,12 @@
 # full results as JSON (results/cpu-vs-torch.json).
 #
 #   scripts/bench-cpu-vs-torch.sh [--smoke] [--no-torch] [--seq 1k,4k,16k] [--reps N]
+#                                 [--pass fwd|bwd|fwdbwd]
 #
+# --pass bwd times the backward alone (mixc: `mixc bench --pass bwd`;
+# PyTorch: `out.backward(do)` through autograd), the forward of each
+# repetition untimed; the peak RSS then includes the forward's residuals and
+# the gradients. Results go to results/cpu-vs-torch[-PASS].json.
 # PyTorch goes into a local venv, .venv-bench/ (git-ignored), created on the
 # first run: the CPU-only wheel from PyTorch's own index when that index can
 # be reached, else the default wheel from PyPI (it runs on the CPU as well,
@@ -16,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SMOKE=0 TORCH=1 SEQ="1k,4k,16k" REPS=3 HEADS=8 HEAD_DIM=128
+SMOKE=0 TORCH=1 SEQ="1k,4k,16k" REPS=3 HEADS=8 HEAD_DIM=128 PASS=fwd
 OUT_DIR="${OUT_DIR:-results}"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -24,8 +29,9 @@ while [ $# -gt 0 ]; do
         --no-torch) TORCH=0 ;;
         --seq) SEQ="$2"; shift ;;
         --reps) REPS="$2"; shift ;;
+        --pass) PASS="$2"; shift ;;
         --out-dir) OUT_DIR="$2"; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "bench-cpu-vs-torch: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -65,8 +71,9 @@ fi
 
 mkdir -p "$OUT_DIR"
 SUFFIX=""
-[ "$SMOKE" = 1 ] && SUFFIX="-smoke"
+[ "$PASS" != fwd ] && SUFFIX="-$PASS"
+[ "$SMOKE" = 1 ] && SUFFIX="$SUFFIX-smoke"
 python3 scripts/bench/compare_cpu.py --mixc "$MIXC" "${TORCH_ARGS[@]}" \
-    --seq "$SEQ" --reps "$REPS" --heads "$HEADS" --head-dim "$HEAD_DIM" \
+    --seq "$SEQ" --reps "$REPS" --heads "$HEADS" --head-dim "$HEAD_DIM" --pass "$PASS" \
     --out "$OUT_DIR/cpu-vs-torch$SUFFIX.json" --markdown "$OUT_DIR/cpu-vs-torch$SUFFIX.md"
 echo "wrote $OUT_DIR/cpu-vs-torch$SUFFIX.json and .md" >&2

@@ -139,6 +139,26 @@ fn cpu_vs_torch_smoke_times_mixc_and_says_torch_was_not_run() {
 }
 
 #[test]
+fn cpu_vs_torch_smoke_times_the_backward_pass() {
+    let out = out_dir("cpu-vs-torch-bwd-smoke");
+    let (stdout, _) = run(
+        "scripts/bench-cpu-vs-torch.sh",
+        &["--smoke", "--no-torch", "--pass", "bwd"],
+        &[("OUT_DIR", &out)],
+    );
+    assert!(stdout.contains("causal attention (bwd)"), "{stdout}");
+    let doc = read_json(&out.join("cpu-vs-torch-bwd-smoke.json"));
+    assert_eq!(doc["pass"], "bwd", "{doc}");
+    for r in doc["rows"].as_array().expect("rows") {
+        assert!(
+            r["mixc"]["median_s"].as_f64().is_some_and(|s| s > 0.0),
+            "{r}"
+        );
+    }
+    assert!(doc["failures"].as_array().unwrap().is_empty(), "{doc}");
+}
+
+#[test]
 fn scripts_reject_unknown_arguments_before_doing_anything() {
     for script in [
         "scripts/gpu-check.sh",

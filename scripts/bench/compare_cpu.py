@@ -86,6 +86,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="threads for PyTorch (mixc uses every core)")
+    p.add_argument("--pass", dest="pass_", choices=["fwd", "bwd", "fwdbwd"], default="fwd",
+                   help="time the forward, the backward alone, or both")
     p.add_argument("--out", help="write the results JSON here")
     p.add_argument("--markdown", help="write the table (markdown) here")
     args = p.parse_args(argv)
@@ -99,7 +101,8 @@ def main(argv=None):
                     "--seq", str(L), "--batch", str(args.batch),
                     "--set", f"heads={args.heads}", "--set", f"kv_heads={args.heads}",
                     "--set", f"head_dim={args.head_dim}",
-                    "--reps", str(args.reps), "--warmup", str(args.warmup), "--json"]
+                    "--reps", str(args.reps), "--warmup", str(args.warmup),
+                    "--pass", args.pass_, "--json"]
         rc, out, err, rss, wall = run_child(mixc_cmd, ROOT)
         if rc != 0:
             failures.append(f"mixc L={L}: exit {rc}: {err.strip()[-500:]}")
@@ -119,7 +122,8 @@ def main(argv=None):
             t_cmd = [args.torch_python, os.path.join(HERE, "torch_cpu_sdpa.py"), "--seq", str(L),
                      "--batch", str(args.batch), "--heads", str(args.heads),
                      "--head-dim", str(args.head_dim), "--reps", str(args.reps),
-                     "--warmup", str(args.warmup), "--threads", str(args.threads)]
+                     "--warmup", str(args.warmup), "--threads", str(args.threads),
+                     "--pass", args.pass_]
             rc, out, err, rss, wall = run_child(t_cmd, ROOT)
             if rc != 0:
                 failures.append(f"torch L={L}: exit {rc}: {err.strip()[-500:]}")
@@ -164,6 +168,7 @@ def main(argv=None):
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
         "shape": {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim,
                   "mask": "causal", "dtype": "f32", "spec": SPEC},
+        "pass": args.pass_,
         "mixc_commit": git("rev-parse", "HEAD"),
         "mixc_tree_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "mixc_version": subprocess.run([args.mixc, "--version"], capture_output=True, text=True).stdout.strip(),
@@ -178,7 +183,7 @@ def main(argv=None):
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table + "\n")
-    print(f"causal attention, f32, batch {args.batch}, {args.heads} heads, d={args.head_dim}; "
+    print(f"causal attention ({args.pass_}), f32, batch {args.batch}, {args.heads} heads, d={args.head_dim}; "
           f"{doc['machine']['cpu']}, {doc['machine']['cores']} cores; torch {torch_version or 'not run'}")
     print(table)
     if not args.torch_python:

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """One PyTorch CPU timing point, run in its own process so that its peak
-memory is its own: causal scaled_dot_product_attention, f32.
+memory is its own: causal scaled_dot_product_attention, f32; the forward
+(`--pass fwd`), the backward through autograd alone (`bwd`: the forward of
+each repetition is untimed) or both (`fwdbwd`).
 
 Prints one JSON object: median/min/max seconds over --reps timed calls (after
 --warmup untimed ones), the resident memory right after `import torch`
@@ -34,6 +36,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pass", dest="pass_", choices=["fwd", "bwd", "fwdbwd"], default="fwd")
     args = p.parse_args(argv)
     if min(args.seq, args.batch, args.heads, args.head_dim, args.reps) < 1 or args.warmup < 0:
         p.error("sizes and --reps must be at least 1, --warmup at least 0")
@@ -49,19 +52,38 @@ def main(argv=None):
     shape = (args.batch, args.heads, args.seq, args.head_dim)
     q, k, v = (torch.randn(shape, generator=g, dtype=torch.float32) for _ in range(3))
     times = []
-    with torch.inference_mode():
+    if args.pass_ == "fwd":
+        with torch.inference_mode():
+            for i in range(args.warmup + args.reps):
+                t0 = time.perf_counter()
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                dt = time.perf_counter() - t0
+                if i >= args.warmup:
+                    times.append(dt)
+                if not torch.isfinite(out).all():
+                    print("error: non-finite output", file=sys.stderr)
+                    return 1
+                del out
+    else:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        d_o = torch.randn(shape, generator=g, dtype=torch.float32)
         for i in range(args.warmup + args.reps):
+            q.grad = k.grad = v.grad = None
             t0 = time.perf_counter()
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            dt = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            out.backward(d_o)
+            t2 = time.perf_counter()
             if i >= args.warmup:
-                times.append(dt)
-            if not torch.isfinite(out).all():
-                print("error: non-finite output", file=sys.stderr)
+                times.append(t2 - t1 if args.pass_ == "bwd" else t2 - t0)
+            if not all(torch.isfinite(t.grad).all() for t in (q, k, v)):
+                print("error: non-finite gradient", file=sys.stderr)
                 return 1
             del out
     print(json.dumps({
         "impl": "torch.sdpa",
+        "pass": args.pass_,
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
         "seq": args.seq, "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim,

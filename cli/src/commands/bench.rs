@@ -69,12 +69,44 @@ pub struct Args {
     /// the others; the exit status is still a failure.
     #[arg(long)]
     keep_going: bool,
+    /// What is timed: the forward pass (`fwd`), the backward pass alone
+    /// (`bwd`: each repetition runs an untimed forward first), or both
+    /// (`fwdbwd`). Useful TFLOP/s count the backward as 2.5 forwards (its
+    /// five matrix products to the forward's two), as FlashAttention does.
+    #[arg(long, value_enum, default_value = "fwd")]
+    pass: Pass,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
     /// Also write the JSON document to this file.
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pass {
+    Fwd,
+    Bwd,
+    Fwdbwd,
+}
+
+impl Pass {
+    fn name(self) -> &'static str {
+        match self {
+            Pass::Fwd => "fwd",
+            Pass::Bwd => "bwd",
+            Pass::Fwdbwd => "fwdbwd",
+        }
+    }
+    /// Useful FLOPs of the pass in units of one forward.
+    fn forwards(self) -> f64 {
+        match self {
+            Pass::Fwd => 1.0,
+            Pass::Bwd => 2.5,
+            Pass::Fwdbwd => 3.5,
+        }
+    }
 }
 
 /// `4096`, `4k` (= 4096) or `1m` (= 1048576).
@@ -110,6 +142,8 @@ pub struct Row {
     pub head_dim: u32,
     pub value_dim: u32,
     pub ranks: usize,
+    /// What was timed: `fwd`, `bwd` or `fwdbwd`.
+    pub pass: Pass,
     /// Timed runs actually made (fewer than `--reps` under `--max-time`).
     pub reps: usize,
     /// What `median_s` measures: `cuda-events` (GPU time of the launches) or
@@ -166,6 +200,7 @@ struct Plan {
     max_time: Option<f64>,
     batch: usize,
     check: bool,
+    pass: Pass,
 }
 
 /// Where a point's inputs come from.
@@ -211,33 +246,62 @@ fn measure(
     let mut output_bytes = 0;
     let mut first = true;
     let mut config = None;
-    let mut after_first = |exec: &mixc::Output| -> Result<()> {
+    if plan.pass != Pass::Fwd {
+        mixer.backward_support()?;
+    }
+    let d_o = match plan.pass {
+        Pass::Fwd => None,
+        _ => Some(inputs::random_upstream(spec, batch, seq, 1)),
+    };
+    // One repetition: the forward's report and the (timed, wall) seconds of
+    // the pass; the first also records the point's facts and checks.
+    let mut once = || -> Result<(f64, f64)> {
+        let (exec, back) = match &d_o {
+            None => (run::execute(&mixer, &inputs)?, None),
+            Some(d_o) => {
+                let (exec, saved) = mixer.forward_train(&inputs)?;
+                let back = mixer.backward(&inputs, &exec.o, &saved, d_o)?;
+                (exec, Some((d_o, back)))
+            }
+        };
         if first {
             first = false;
             output_bytes = exec.o.numel() * 4;
             config = Some((exec.config.clone(), run::source_text(&exec.config_source)));
             computed_pairs = exec.pairs_per_rank.as_ref().map(|p| p.iter().sum());
             if plan.check {
-                let c = run::check_output(&mixer, &inputs, &exec.o, false, true)?;
-                max_rel_error = Some(c.max_rel_error);
+                max_rel_error = Some(match &back {
+                    None => run::check_output(&mixer, &inputs, &exec.o, false, true)?.max_rel_error,
+                    Some((d_o, back)) => mixer
+                        .check_gradients(
+                            &inputs,
+                            d_o,
+                            &back.grads,
+                            &mixer.grad_check_plan(false),
+                            &|_, _| {},
+                        )?
+                        .max_rel_error(),
+                });
             }
         }
-        Ok(())
+        Ok(match (&back, plan.pass) {
+            (None, _) => (exec.seconds, exec.wall_seconds),
+            (Some((_, b)), Pass::Bwd) => (b.seconds, b.seconds),
+            (Some((_, b)), _) => (exec.seconds + b.seconds, exec.wall_seconds + b.seconds),
+        })
     };
     for _ in 0..plan.warmup {
-        let exec = run::execute(&mixer, &inputs)?;
-        after_first(&exec)?;
+        once()?;
     }
     let mut times = Vec::with_capacity(plan.reps);
     let mut wall = Vec::with_capacity(plan.reps);
     let started = Instant::now();
     for _ in 0..plan.reps.max(1) {
-        // `seconds` is compute time (CUDA: GPU time of the launches, which a
-        // peer such as PyTorch also reports without uploads or module loading).
-        let exec = run::execute(&mixer, &inputs)?;
-        after_first(&exec)?;
-        times.push(exec.seconds);
-        wall.push(exec.wall_seconds);
+        // Compute time (CUDA: GPU time of the launches, which a peer such as
+        // PyTorch also reports without uploads or module loading).
+        let (t, w) = once()?;
+        times.push(t);
+        wall.push(w);
         if plan
             .max_time
             .is_some_and(|t| started.elapsed().as_secs_f64() >= t)
@@ -269,14 +333,19 @@ fn measure(
         times_s: times,
         tokens_per_s: Some((batch * seq) as f64 / med),
         useful_pairs,
-        useful_tflops: Some(useful_pairs as f64 * report::flops_per_pair(spec) / med / 1e12),
+        useful_tflops: Some(
+            useful_pairs as f64 * report::flops_per_pair(spec) * plan.pass.forwards() / med / 1e12,
+        ),
         computed_pairs,
         input_bytes: run::input_bytes(&inputs),
         output_bytes,
         peak_rss_bytes: report::peak_rss_bytes(),
         peak_rss_is_per_point: per_point,
         max_rel_error,
-        tolerance: plan.check.then(|| run::check_tolerance(compute)),
+        tolerance: plan.check.then(|| match plan.pass {
+            Pass::Fwd => run::check_tolerance(compute),
+            _ => mixc::runtime::check::grad_tolerance(compute),
+        }),
         error: None,
         batch,
         ..empty_row(plan, file, spec, seq, dtype)
@@ -297,6 +366,7 @@ fn empty_row(plan: &Plan, file: &str, spec: &MixerSpec, seq: usize, dtype: DType
         head_dim: spec.head_dim,
         value_dim: spec.value_dim,
         ranks: plan.opts_base.ranks,
+        pass: plan.pass,
         reps: 0,
         clock: clock(plan.backend).to_string(),
         config: None,
@@ -338,8 +408,8 @@ fn fmt_time(s: f64) -> String {
     }
 }
 
-const HEADER: &str = "| spec | L | dtype | backend | ranks | median | tokens/s | useful TFLOP/s | peak RSS | check |\n\
-                      | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |";
+const HEADER: &str = "| spec | L | dtype | backend | ranks | pass | median | tokens/s | useful TFLOP/s | peak RSS | check |\n\
+                      | --- | ---: | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | --- |";
 
 /// One markdown table row (the table is valid markdown, so it can be pasted).
 fn table_line(r: &Row) -> String {
@@ -350,16 +420,22 @@ fn table_line(r: &Row) -> String {
     };
     match &r.error {
         Some(e) => format!(
-            "| {} | {} | {} | {} | {} | error: {e} | | | | |",
-            r.spec, r.seq, r.dtype, r.backend, r.ranks
-        ),
-        None => format!(
-            "| {} | {} | {} | {} | {} | {} | {:.0} | {:.4} | {} | {check} |",
+            "| {} | {} | {} | {} | {} | {} | error: {e} | | | | |",
             r.spec,
             r.seq,
             r.dtype,
             r.backend,
             r.ranks,
+            r.pass.name()
+        ),
+        None => format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.4} | {} | {check} |",
+            r.spec,
+            r.seq,
+            r.dtype,
+            r.backend,
+            r.ranks,
+            r.pass.name(),
             r.median_s.map_or("-".into(), fmt_time),
             r.tokens_per_s.unwrap_or(0.0),
             r.useful_tflops.unwrap_or(0.0),
@@ -420,6 +496,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
         max_time: args.max_time,
         batch: args.batch,
         check: args.check,
+        pass: args.pass,
     };
 
     if !args.json {
@@ -477,6 +554,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
         "reps": args.reps,
         "warmup": args.warmup,
         "seed": args.seed,
+        "pass": args.pass,
         "rows": rows,
     });
     if let Some(path) = &args.out {

@@ -41,7 +41,7 @@ use rayon::prelude::*;
 
 use super::blocked::{offsets, written, KvShard};
 use super::expr::ExprScratch;
-use super::microkernel::{gemm, gemm_tn, Mat, MatMut};
+use super::microkernel::{gemm, gemm_tn, softmax_grad_cols, Mat, MatMut};
 use super::real::Real;
 use super::Ctx;
 use crate::error::Result;
@@ -551,22 +551,23 @@ fn item_backward<T: Real>(
                             &mut sc.lanes,
                         );
                     }
-                    // p: probabilities (softmax) or the weights themselves.
+                    // dp = u vᵀ (transposed: v uᵀ, keys x rows), then da in
+                    // place; p: probabilities (softmax) or the weights.
+                    let dp = reset(&mut sc.dp, kn * nr, T::ZERO);
+                    gemm(
+                        Mat::dense(vt, kn, dv),
+                        Mat::dense(&*ut, dv, nr),
+                        MatMut::dense(dp, kn, nr),
+                        false,
+                    );
                     let p = reset(&mut sc.p, kn * nr, T::ZERO);
                     if softmax {
-                        for (pc, ac) in p.chunks_exact_mut(nr).zip(a.chunks_exact(nr)) {
-                            for r in 0..nr {
-                                pc[r] = (ac[r] - lse[r]).exp();
-                            }
-                        }
+                        // Masked pairs have a = -inf, so p = 0 and da = 0.
+                        softmax_grad_cols(a, lse, big_d, p, dp);
                     } else {
                         p.copy_from_slice(a);
-                    }
-                    if partial {
-                        for (pv, &ok) in p.iter_mut().zip(vis.iter()) {
-                            if !ok {
-                                *pv = T::ZERO;
-                            }
+                        for dc in dp.chunks_exact_mut(nr) {
+                            dc.iter_mut().zip(big_d).for_each(|(x, &d)| *x = *x - d);
                         }
                     }
                     // dv += pᵀ u
@@ -576,24 +577,7 @@ fn item_backward<T: Real>(
                         MatMut::dense(&mut it.dv[il * dv..(il + kn) * dv], kn, dv),
                         true,
                     );
-                    // dp = u vᵀ (transposed: v uᵀ, keys x rows), then da in place.
-                    let dp = reset(&mut sc.dp, kn * nr, T::ZERO);
-                    gemm(
-                        Mat::dense(vt, kn, dv),
-                        Mat::dense(&*ut, dv, nr),
-                        MatMut::dense(dp, kn, nr),
-                        false,
-                    );
-                    for (dc, pc) in dp.chunks_exact_mut(nr).zip(p.chunks_exact(nr)) {
-                        for r in 0..nr {
-                            dc[r] = if softmax {
-                                pc[r] * (dc[r] - big_d[r])
-                            } else {
-                                dc[r] - big_d[r]
-                            };
-                        }
-                    }
-                    if partial {
+                    if partial && !softmax {
                         for (d, &ok) in dp.iter_mut().zip(vis.iter()) {
                             if !ok {
                                 *d = T::ZERO;

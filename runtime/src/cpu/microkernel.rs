@@ -558,6 +558,66 @@ fn softmax_lanes<T: Real, const FMA: bool, const W: usize>(
     }
 }
 
+/// The softmax backward of one transposed tile (`kn x rows`, query `r` on
+/// the contiguous axis): from the weights `a` and each query's log-sum-exp
+/// `lse` (`+inf` for a query that sees nothing), `p = e^(a - lse)`, and
+/// `dp` (holding `u . v`) becomes `da = p (dp - d)`.
+pub fn softmax_grad_cols<T: Real>(a: &[T], lse: &[T], d: &[T], p: &mut [T], dp: &mut [T]) {
+    let rows = lse.len();
+    assert!(
+        d.len() == rows
+            && a.len() == p.len()
+            && a.len() == dp.len()
+            && a.len().is_multiple_of(rows.max(1)),
+        "softmax_grad_cols: {rows} queries, {} weights",
+        a.len()
+    );
+    // SAFETY: a variant runs only on a CPU that reported its features.
+    unsafe {
+        match detected_isa() {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => softmax_grad_avx512(a, lse, d, p, dp),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => softmax_grad_avx2(a, lse, d, p, dp),
+            _ => softmax_grad_body::<T, false>(a, lse, d, p, dp),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn softmax_grad_avx512<T: Real>(a: &[T], lse: &[T], d: &[T], p: &mut [T], dp: &mut [T]) {
+    softmax_grad_body::<T, true>(a, lse, d, p, dp)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_grad_avx2<T: Real>(a: &[T], lse: &[T], d: &[T], p: &mut [T], dp: &mut [T]) {
+    softmax_grad_body::<T, true>(a, lse, d, p, dp)
+}
+
+#[inline(always)]
+fn softmax_grad_body<T: Real, const FMA: bool>(
+    a: &[T],
+    lse: &[T],
+    d: &[T],
+    p: &mut [T],
+    dp: &mut [T],
+) {
+    let rows = lse.len();
+    for ((ac, pc), dc) in a
+        .chunks_exact(rows)
+        .zip(p.chunks_exact_mut(rows))
+        .zip(dp.chunks_exact_mut(rows))
+    {
+        for r in 0..rows {
+            let e = (ac[r] - lse[r]).exp_fast::<FMA>();
+            pc[r] = e;
+            dc[r] = e * (dc[r] - d[r]);
+        }
+    }
+}
+
 /// `sum[r] += sum_c st[c][r]` over a `kn x rows` transposed tile.
 #[inline]
 pub fn col_sums_add<T: Real>(st: &[T], sum: &mut [T]) {
