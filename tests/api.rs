@@ -331,3 +331,53 @@ fn every_accepted_spec_runs_where_check_says_or_says_why_not() {
     assert!(compiled >= 28, "{compiled}");
     assert_eq!(refused, 8);
 }
+
+/// Training through the facade: one mixer, several lengths, gradients of
+/// every example on the CPU backend equal the reference backend's (f64
+/// gradients rounded) within the gradient tolerance; the residuals of one
+/// shape are refused for another; a training step is admitted on more
+/// memory than inference.
+#[test]
+fn training_steps_match_the_reference_backend() {
+    for path in examples() {
+        let mut spec = mixc::parse_file(&path).unwrap();
+        small(&mut spec);
+        let cpu = Mixer::new(&spec, Options::on(Device::Cpu).with_ranks(2)).unwrap();
+        let reference = Mixer::new(&spec, Options::on(Device::Reference)).unwrap();
+        for seq in [5, 70] {
+            let x = mixc::random_inputs(&spec, 2, seq, 3);
+            let d_o = mixc::random_upstream(&spec, 2, seq, 4);
+            let (out, saved) = cpu.forward_train(&x).unwrap();
+            let got = cpu.backward(&x, &out.o, &saved, &d_o).unwrap().grads;
+            let (rout, rsaved) = reference.forward_train(&x).unwrap();
+            let want = reference
+                .backward(&x, &rout.o, &rsaved, &d_o)
+                .unwrap()
+                .grads;
+            let report = cpu
+                .check_gradients(&x, &d_o, &got, &cpu.grad_check_plan(true), &|_, _| {})
+                .unwrap();
+            assert!(report.passed(), "{}: {:?}", spec.name, report.errors);
+            let names: Vec<String> = got.named().into_iter().map(|(n, _)| n).collect();
+            let want_names: Vec<String> = want.named().into_iter().map(|(n, _)| n).collect();
+            assert_eq!(names, want_names, "{}", spec.name);
+            if seq == 70 {
+                // Residuals of seq 70 do not serve seq 5.
+                let short = mixc::random_inputs(&spec, 2, 5, 3);
+                let err = cpu
+                    .backward(
+                        &short,
+                        &out.o,
+                        &saved,
+                        &mixc::random_upstream(&spec, 2, 5, 4),
+                    )
+                    .unwrap_err();
+                assert!(matches!(err, Error::BadInput { .. }), "{err}");
+            }
+        }
+        let (i, fwd) = cpu.host_bytes(2, 4096).unwrap();
+        let (i2, train) = cpu.train_host_bytes(2, 4096).unwrap();
+        assert_eq!(i, i2);
+        assert!(train > fwd + i, "{}: {train} vs {fwd}", spec.name);
+    }
+}

@@ -25,7 +25,11 @@ pub fn checked_elems(what: &str, dims: &[(&str, usize)]) -> Result<usize> {
 }
 
 /// `elems * bytes_per_elem`, checked.
-fn checked_bytes(what: &str, dims: &[(&str, usize)], bytes_per_elem: usize) -> Result<u64> {
+pub(crate) fn checked_bytes(
+    what: &str,
+    dims: &[(&str, usize)],
+    bytes_per_elem: usize,
+) -> Result<u64> {
     let mut with_bytes = dims.to_vec();
     with_bytes.push(("bytes", bytes_per_elem));
     Ok(checked_elems(what, &with_bytes)? as u64)

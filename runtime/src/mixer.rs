@@ -553,6 +553,16 @@ impl Mixer {
                 ),
             });
         }
+        // Gradients the size of the inputs, and scratch of about twice
+        // the inputs and `o` (see `train_host_bytes`).
+        let qkv = (inputs.q.numel() + inputs.k.numel() + inputs.v.numel()) as u64 * 4;
+        let need = qkv
+            .saturating_add(inputs.extra_bytes() as u64)
+            .saturating_mul(3)
+            .saturating_add((d_o.numel() as u64 * 4).saturating_mul(2));
+        if need > ADMIT_ABOVE_BYTES {
+            crate::memory::admit_host(need)?;
+        }
         let ready = self.ready_for(inputs.batch, inputs.seq)?;
         let prepared = match &ready.prepared {
             Prepared::Shared(base) => &base.prepared,
@@ -719,6 +729,43 @@ impl Mixer {
             BackendKind::Cpu => (false, 2),
             BackendKind::Cuda => (false, 1),
         }
+    }
+
+    /// Host bytes of a training step (`forward_train` then `backward`) at
+    /// `batch x seq`: `(inputs, the rest)`, the rest being the forward's
+    /// plus `do`, the gradients (the size of the inputs; f64 on the
+    /// reference), and the backward's scratch (CPU: each rank's queries and
+    /// upstream gradients, the key/value shards with their gradient
+    /// accumulators: one more copy of q and o, two of k and v).
+    pub fn train_host_bytes(&self, batch: usize, seq: usize) -> Result<(u64, u64)> {
+        let (inputs, rest) = self.host_bytes(batch, seq)?;
+        let o = crate::memory::checked_bytes(
+            "the output `o`",
+            &[
+                ("batch", batch),
+                ("seq", seq),
+                ("heads", self.spec.heads as usize),
+                ("value_dim", self.spec.value_dim as usize),
+            ],
+            4,
+        )?;
+        let (grads, scratch) = match self.backend {
+            BackendKind::Reference => (inputs.saturating_mul(3), 0),
+            // One more copy of q and o, two of k and v: at most 2x the inputs and o.
+            _ => (inputs, inputs.saturating_add(o).saturating_mul(2)),
+        };
+        Ok((
+            inputs,
+            rest.saturating_add(o)
+                .saturating_add(grads)
+                .saturating_add(scratch),
+        ))
+    }
+
+    /// [`Mixer::admit`] for a training step ([`Mixer::train_host_bytes`]).
+    pub fn admit_train(&self, batch: usize, seq: usize) -> Result<()> {
+        let (inputs, rest) = self.train_host_bytes(batch, seq)?;
+        crate::memory::admit_host(inputs.saturating_add(rest))
     }
 
     /// Whether a call at `batch x seq`, its inputs included, fits in the

@@ -228,7 +228,11 @@ fn measure(
     let mixer = run::build_mixer(spec, &opts)?;
     let mut inputs = match *source {
         Source::Random { seq, seed } => {
-            mixer.admit(plan.batch, seq)?;
+            if plan.pass == Pass::Fwd {
+                mixer.admit(plan.batch, seq)?;
+            } else {
+                mixer.admit_train(plan.batch, seq)?;
+            }
             inputs::random_inputs(spec, plan.batch, seq, seed)
         }
         Source::File(path) => mixc::runtime::io::load_inputs(path, spec)?,

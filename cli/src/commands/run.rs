@@ -318,7 +318,11 @@ pub fn main(args: Args) -> Result<ExitCode> {
             if seq == 0 || args.batch == 0 {
                 bail!("--seq and --batch must be at least 1");
             }
-            mixer.admit(args.batch, seq)?;
+            if args.grad {
+                mixer.admit_train(args.batch, seq)?;
+            } else {
+                mixer.admit(args.batch, seq)?;
+            }
             let mut inputs = inputs::random_inputs(&spec, args.batch, seq, args.seed);
             inputs::round_to_dtype(&mut inputs, dtype);
             inputs
