@@ -95,6 +95,107 @@ impl Expr {
         }
     }
 
+    /// `d(self)/ds` as an expression of its own (so a backend can compile
+    /// it like the transform itself), or `None` where the derivative is a
+    /// branch choice the language cannot write (`abs`, `min`, `max` or
+    /// `clamp` of something that reads `s`). Table reads have no `s`
+    /// dependence (their indices are integers).
+    pub fn derivative_s(&self) -> Option<Expr> {
+        use Expr as E;
+        let zero = || E::Float(0.0);
+        if !self.uses_var(Var::S) {
+            return Some(zero());
+        }
+        let bin = |op, a: Expr, b: Expr| E::Binary(op, Box::new(a), Box::new(b));
+        let call = |f, args: Vec<Expr>| E::Call(f, args);
+        Some(match self {
+            E::Var(Var::S) => E::Float(1.0),
+            E::Int(_) | E::Float(_) | E::Var(_) | E::Index { .. } => zero(),
+            E::Unary(UnOp::Neg, a) => E::Unary(UnOp::Neg, Box::new(a.derivative_s()?)),
+            E::Binary(op, a, b) => {
+                let (da, db) = (a.derivative_s()?, b.derivative_s()?);
+                let (a, b) = ((**a).clone(), (**b).clone());
+                match op {
+                    BinOp::Add => bin(BinOp::Add, da, db),
+                    BinOp::Sub => bin(BinOp::Sub, da, db),
+                    BinOp::Mul => bin(
+                        BinOp::Add,
+                        bin(BinOp::Mul, da, b.clone()),
+                        bin(BinOp::Mul, a, db),
+                    ),
+                    BinOp::Div => bin(
+                        BinOp::Div,
+                        bin(
+                            BinOp::Sub,
+                            bin(BinOp::Mul, da, b.clone()),
+                            bin(BinOp::Mul, a, db),
+                        ),
+                        bin(BinOp::Mul, b.clone(), b),
+                    ),
+                    // Integer remainder: no float operand reads `s`.
+                    BinOp::Rem => zero(),
+                }
+            }
+            E::Call(f, args) => {
+                let a = args.first()?.clone();
+                let da = a.derivative_s()?;
+                match f {
+                    Func::Exp => bin(BinOp::Mul, call(Func::Exp, vec![a]), da),
+                    Func::Log => bin(BinOp::Div, da, a),
+                    Func::Sqrt => bin(
+                        BinOp::Div,
+                        da,
+                        bin(BinOp::Mul, E::Float(2.0), call(Func::Sqrt, vec![a])),
+                    ),
+                    Func::Tanh => {
+                        let t = call(Func::Tanh, vec![a]);
+                        bin(
+                            BinOp::Mul,
+                            bin(BinOp::Sub, E::Float(1.0), bin(BinOp::Mul, t.clone(), t)),
+                            da,
+                        )
+                    }
+                    Func::Floor | Func::AlibiSlope => zero(),
+                    Func::Pow => {
+                        let b = args.get(1)?.clone();
+                        let db = b.derivative_s()?;
+                        // d a^b = b a^(b-1) da + a^b ln(a) db (the second only where b reads s).
+                        let first = bin(
+                            BinOp::Mul,
+                            bin(
+                                BinOp::Mul,
+                                b.clone(),
+                                call(
+                                    Func::Pow,
+                                    vec![a.clone(), bin(BinOp::Sub, b.clone(), E::Float(1.0))],
+                                ),
+                            ),
+                            da,
+                        );
+                        if b.uses_var(Var::S) {
+                            bin(
+                                BinOp::Add,
+                                first,
+                                bin(
+                                    BinOp::Mul,
+                                    bin(
+                                        BinOp::Mul,
+                                        call(Func::Pow, vec![a.clone(), b]),
+                                        call(Func::Log, vec![a]),
+                                    ),
+                                    db,
+                                ),
+                            )
+                        } else {
+                            first
+                        }
+                    }
+                    Func::Abs | Func::Min | Func::Max | Func::Clamp => return None,
+                }
+            }
+        })
+    }
+
     /// `d(self)/ds` at `env` (0 when the expression does not read `s`).
     pub fn d_ds(&self, env: &EvalEnv<'_>) -> f64 {
         let mut d = 0.0;
@@ -186,6 +287,48 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The symbolic derivative evaluates to what reverse mode computes.
+    #[test]
+    fn symbolic_derivatives_agree_with_backprop() {
+        let srcs = [
+            "50.0 * tanh(s / 50.0)",
+            "exp(s) - log(s + 3.0) + sqrt(s + 2.0)",
+            "pow(s + 2.0, 1.5) + pow(2.0, s) + pow(s + 2.0, s / 4.0)",
+            "s * t[h][i - j] / (1.0 + s * s)",
+            "-(s - floor(s)) + alibi_slope(h) * s + (i % 3) * s",
+        ];
+        let table = [0.7f64, -0.4, 0.25, 1.3];
+        let lookup = |_: &str, idx: &[i64]| table[(idx[1].clamp(0, 3)) as usize];
+        for src in srcs {
+            let e = parse_test_expr(src);
+            let d = e
+                .derivative_s()
+                .unwrap_or_else(|| panic!("{src}: no derivative"));
+            for &s0 in &[-1.1f64, 0.37, 0.9] {
+                let env = EvalEnv {
+                    i: 3,
+                    j: 1,
+                    h: 0,
+                    s: s0,
+                    heads: 8,
+                    lookup: &lookup,
+                };
+                let (sym, rev) = (d.eval(&env).as_f64(), e.d_ds(&env));
+                assert!(
+                    (sym - rev).abs() <= 1e-12 * (1.0 + rev.abs()),
+                    "{src} at {s0}: {sym} vs {rev}"
+                );
+            }
+        }
+        assert!(parse_test_expr("abs(s) + 1.0").derivative_s().is_none());
+        // A branch on positions only is fine: d(min(|i - j|, 3) + s)/ds = 1.
+        let d = parse_test_expr("min(abs(i - j), 3) + s")
+            .derivative_s()
+            .expect("derivative");
+        let env = EvalEnv::for_head(0, 8, &lookup);
+        assert_eq!(d.eval(&env).as_f64(), 1.0);
     }
 
     #[test]

@@ -40,7 +40,7 @@ use mixc_dsl::Leaf;
 use rayon::prelude::*;
 
 use super::blocked::{offsets, written, KvShard};
-use super::expr::ExprScratch;
+use super::expr::{ExprScratch, FastExpr};
 use super::microkernel::{gemm, gemm_tn, softmax_grad_cols, Mat, MatMut};
 use super::real::Real;
 use super::Ctx;
@@ -188,6 +188,7 @@ pub(super) fn rank_main<T: Real>(
 ) -> Result<RankGrads<T>> {
     let r = ep.rank;
     let qside = q_side(ctx, up, sched.shard(r));
+    let t_ds = transform_derivatives(ctx);
     let (bh, nq) = (ctx.batch * ctx.heads, qside.nq);
     let mut dq = written(bh * nq * ctx.dk, T::ZERO);
     let gated = matches!(ctx.spec.decay, Decay::Gate { .. });
@@ -210,7 +211,7 @@ pub(super) fn rank_main<T: Real>(
         kv,
     };
     for _ in 0..sched.ranks {
-        let p = step_backward(ctx, &qside, &mut held, &mut dq, &mut drow);
+        let p = step_backward(ctx, &t_ds, &qside, &mut held, &mut dq, &mut drow);
         partials = partials.add(p);
         // Pass the shard and its accumulators on; after R hops it is home.
         if sched.ranks > 1 {
@@ -249,6 +250,7 @@ struct ItemOut<T> {
 
 fn step_backward<T: Real>(
     ctx: &Ctx<'_, T>,
+    t_ds: &[Option<FastExpr<'_>>],
     qs: &QSide<T>,
     held: &mut BwdShard<T>,
     dq: &mut [T],
@@ -325,7 +327,7 @@ fn step_backward<T: Real>(
         debug_assert_eq!(chunk_bounds[splits], n);
     }
     let work = |it: Item<'_, T>, sc: &mut Scratch<T>, parts: &mut Partials| {
-        item_backward(ctx, qs, &plans, shard, it, sc, parts)
+        item_backward(ctx, t_ds, qs, &plans, shard, it, sc, parts)
     };
     let (outs, partials): (Vec<ItemOut<T>>, Partials) = if items.len() <= 1 || workers <= 1 {
         let mut sc = Scratch::default();
@@ -412,6 +414,8 @@ struct Scratch<T> {
     /// Whether the mask allows each pair of a Partial tile.
     vis: Vec<bool>,
     lanes: ExprScratch<T>,
+    /// One key's row of `T'(s)`.
+    deriv: Vec<T>,
 }
 
 impl<T> Default for Scratch<T> {
@@ -425,6 +429,7 @@ impl<T> Default for Scratch<T> {
             dp: Vec::new(),
             vis: Vec::new(),
             lanes: ExprScratch::default(),
+            deriv: Vec::new(),
         }
     }
 }
@@ -435,8 +440,10 @@ fn reset<T: Copy>(v: &mut Vec<T>, len: usize, x: T) -> &mut [T] {
     v
 }
 
+#[allow(clippy::too_many_arguments)]
 fn item_backward<T: Real>(
     ctx: &Ctx<'_, T>,
+    t_ds: &[Option<FastExpr<'_>>],
     qs: &QSide<T>,
     plans: &[Vec<BlockPlan>],
     shard: &KvShard<T>,
@@ -619,6 +626,7 @@ fn item_backward<T: Real>(
                                         group,
                                     )
                                 }),
+                                t_ds[h].as_ref().map(|f| (f, &mut sc.lanes, &mut sc.deriv)),
                             );
                         }
                         if dot_score {
@@ -712,6 +720,7 @@ fn chain_pass<T: Real>(
     ds: &mut [T],
     parts: &mut Partials,
     mut gates: Option<(&mut [f64], &mut [f64], usize, usize)>,
+    mut fast: Option<(&FastExpr<'_>, &mut ExprScratch<T>, &mut Vec<T>)>,
 ) {
     let rows = da.len() / keys.len();
     let lookup = |name: &str, idx: &[i64]| ctx.inputs.extra[name].get_clamped(idx);
@@ -756,7 +765,7 @@ fn chain_pass<T: Real>(
                 dt = g * ctx.decay(b, h, i, j);
             }
             let mut d_s = dt;
-            if let Some(tr) = &spec.transform {
+            if let (Some(tr), None) = (&spec.transform, &fast) {
                 d_s = 0.0;
                 tr.backprop(
                     &env(i, j, s_pre[e].to_f64()),
@@ -776,7 +785,46 @@ fn chain_pass<T: Real>(
             }
             ds[e] = T::from_f64(d_s);
         }
+        // The transform's derivative as a compiled program over the key's row.
+        if let Some((d_expr, lanes, row)) = fast.as_mut() {
+            row.clear();
+            row.extend_from_slice(&s_pre[c * rows..(c + 1) * rows]);
+            d_expr.apply_to(q0 as i64, j as i64, row, lanes);
+            for (d, &t) in ds[c * rows..(c + 1) * rows].iter_mut().zip(row.iter()) {
+                if *d != T::ZERO {
+                    *d = *d * t;
+                }
+            }
+        }
     }
+}
+
+/// Per head, the transform's derivative `T'(s)` compiled like the transform
+/// itself, when it can be written (see [`mixc_dsl::Expr::derivative_s`])
+/// and no table gradient is needed on the way (neither transform nor bias
+/// reads a table); otherwise `None`, and the chain rule walks each pair's
+/// expression ([`mixc_dsl::Expr::backprop`]).
+fn transform_derivatives<'a, T>(ctx: &Ctx<'a, T>) -> Vec<Option<FastExpr<'a>>> {
+    let spec = ctx.spec;
+    let reads_tables = |e: &Option<mixc_dsl::Expr>| {
+        let mut r = Vec::new();
+        if let Some(e) = e {
+            e.inputs_read(&mut r);
+        }
+        !r.is_empty()
+    };
+    let d = match &spec.transform {
+        Some(tr) if !reads_tables(&spec.transform) && !reads_tables(&spec.bias) => {
+            tr.derivative_s()
+        }
+        _ => None,
+    };
+    (0..ctx.heads)
+        .map(|h| {
+            d.as_ref()
+                .map(|d| FastExpr::new(d, h, spec.heads, ctx.inputs))
+        })
+        .collect()
 }
 
 /// Adds a table element's gradient (integer tables have none).
