@@ -51,20 +51,20 @@ use crate::tensor::Tensor;
 
 /// A key/value shard with its gradient accumulators, as it travels.
 pub(super) struct BwdShard<T> {
-    kv: KvShard<T>,
+    pub(super) kv: KvShard<T>,
     /// Gradient of `psi(k)`, `[batch * kv_heads][n][d_k]`.
-    dk: Vec<T>,
+    pub(super) dk: Vec<T>,
     /// `[batch * kv_heads][n][d_v]`.
-    dv: Vec<T>,
+    pub(super) dv: Vec<T>,
     /// Key side of the cumulative log-gate gradient, `[batch * kv_heads][n][group]`
     /// (gated decay only).
-    dcol: Vec<f64>,
+    pub(super) dcol: Vec<f64>,
 }
 
 /// Gradients of inputs read anywhere in the sequence: bias / transform
 /// tables and filters, summed over workers and ranks.
 #[derive(Clone)]
-struct Partials {
+pub(super) struct Partials {
     extra: BTreeMap<String, Vec<f64>>,
 }
 
@@ -80,26 +80,26 @@ impl Partials {
 
 /// What one rank hands back.
 pub(super) struct RankGrads<T> {
-    ranges: Vec<Range<usize>>,
+    pub(super) ranges: Vec<Range<usize>>,
     /// Gradient of `scale * phi(q)`, `[batch * heads][position][d_k]`.
-    dq: Vec<T>,
+    pub(super) dq: Vec<T>,
     /// Query side of the cumulative log-gate gradient, `[batch * heads][position]`.
-    drow: Vec<f64>,
+    pub(super) drow: Vec<f64>,
     /// The rank's own key/value shard, home with every contribution.
-    home: BwdShard<T>,
-    partials: Partials,
+    pub(super) home: BwdShard<T>,
+    pub(super) partials: Partials,
 }
 
 /// A rank's queries, fixed for the whole ring.
-struct QSide<T> {
-    ranges: Vec<Range<usize>>,
-    nq: usize,
+pub(super) struct QSide<T> {
+    pub(super) ranges: Vec<Range<usize>>,
+    pub(super) nq: usize,
     /// `scale * phi(q)`, `[bh][nq][d_k]`.
-    qs: Vec<T>,
+    pub(super) qs: Vec<T>,
     /// `do` (over `l + eps` under sum), `[bh][nq][d_v]`.
-    u: Vec<T>,
+    pub(super) u: Vec<T>,
     /// `u . o`, `[bh][nq]` (0 under norm none).
-    big_d: Vec<T>,
+    pub(super) big_d: Vec<T>,
     /// The log-sum-exp, `+inf` for a row that sees no key (so `e^(a - lse) = 0`).
     lse: Vec<T>,
 }
@@ -112,7 +112,11 @@ pub(super) struct Upstream<'a> {
     pub d_o: &'a Tensor<f32>,
 }
 
-fn q_side<T: Real>(ctx: &Ctx<'_, T>, up: &Upstream<'_>, ranges: &[Range<usize>]) -> QSide<T> {
+pub(super) fn q_side<T: Real>(
+    ctx: &Ctx<'_, T>,
+    up: &Upstream<'_>,
+    ranges: &[Range<usize>],
+) -> QSide<T> {
     let (_, nq) = offsets(ranges);
     let (bh, dk, dv) = (ctx.batch * ctx.heads, ctx.dk, ctx.dv);
     let (q_map, scale) = match &ctx.spec.score {
@@ -167,7 +171,7 @@ fn q_side<T: Real>(ctx: &Ctx<'_, T>, up: &Upstream<'_>, ranges: &[Range<usize>])
     }
 }
 
-fn empty_partials<T>(ctx: &Ctx<'_, T>) -> Partials {
+pub(super) fn empty_partials<T>(ctx: &Ctx<'_, T>) -> Partials {
     let mut extra = BTreeMap::new();
     for name in differentiable_inputs(ctx.spec) {
         // Gates get their gradient from the cumulative sums, not per pair.
@@ -792,7 +796,7 @@ fn chain_pass<T: Real>(
             d_expr.apply_to(q0 as i64, j as i64, row, lanes);
             for (d, &t) in ds[c * rows..(c + 1) * rows].iter_mut().zip(row.iter()) {
                 if *d != T::ZERO {
-                    *d = *d * t;
+                    *d *= t;
                 }
             }
         }

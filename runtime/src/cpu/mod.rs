@@ -20,6 +20,7 @@
 //! `block_m x block_n`; no `seq x seq` buffer exists anywhere.
 
 mod backward;
+mod backward_chunkwise;
 mod blocked;
 mod chunkwise;
 pub mod expr;
@@ -334,10 +335,10 @@ impl CpuGradients {
 
 impl CpuMixer {
     /// The gradients of `sum(o * d_o)` for one input set, given the forward's
-    /// output `o` and row statistics `stat` ([`CpuRun::stat`]): the blocked
-    /// backward on the same block plan and ring schedule as the forward (for
-    /// every family; the linear families' chunkwise backward is not written
-    /// yet, so they run the quadratic blocked form here).
+    /// output `o` and row statistics `stat` ([`CpuRun::stat`]), on the
+    /// forward's algorithm and ring schedule: the chunkwise backward where
+    /// the forward is chunkwise (states forward and backward in sequence
+    /// order), else the blocked backward on the same block plan.
     pub fn backward(
         &self,
         inputs: &MixerInputs,
@@ -390,10 +391,17 @@ fn backward_typed<T: Real>(
     pool: &rayon::ThreadPool,
     up: &backward::Upstream<'_>,
 ) -> Result<Gradients<T>> {
+    // (Built for the blocked path: its cumulative log-gates serve both.)
     let ctx = build_ctx::<T>(spec, inputs, cfg, pool, CpuPath::Blocked);
-    let ranks = spawn_ranks(sched.ranks, |ep| backward::rank_main(&ctx, sched, up, ep))
-        .into_iter()
-        .collect::<Result<Vec<_>>>()?;
+    let ranks = match path_for(spec) {
+        CpuPath::Chunkwise => spawn_ranks(sched.ranks, |ep| {
+            let qside = backward::q_side(&ctx, up, sched.shard(ep.rank));
+            backward_chunkwise::rank_main(&ctx, sched, &qside, ep)
+        }),
+        _ => spawn_ranks(sched.ranks, |ep| backward::rank_main(&ctx, sched, up, ep)),
+    }
+    .into_iter()
+    .collect::<Result<Vec<_>>>()?;
     Ok(backward::assemble(&ctx, sched, ranks))
 }
 

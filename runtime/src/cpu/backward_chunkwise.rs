@@ -1,0 +1,464 @@
+//! The chunkwise backward of the linear families (the forward's chunkwise
+//! path: causal mask, `phi(q) . psi(k)` scores, no bias or transform, sum or
+//! no normalisation, no / per-head / gated decay): O(L (C + d) d) work for
+//! chunks of `C` positions instead of the blocked form's O(L^2 d).
+//!
+//! With `qs = scale phi(q)`, `K = psi(k)`, `D(i, j) = exp(C_i - C_j)` (the
+//! cumulative log-decay `C`), `u` the upstream gradient (over `l + eps`
+//! under sum) and `c_i = -u_i . o_i` (sum; 0 otherwise), every pair's
+//! weight gradient is `da_ij = u_i . v_j + c_i`, so
+//!
+//! ```text
+//! dqs_i = sum_{j <= i} D(i,j) da_ij K_j  = S_i u_i + c_i z_i      S_i = sum_{j <= i} D K_j v_jᵀ
+//! dK_j  = sum_{i >= j} D(i,j) da_ij qs_i = G_j v_j + h_j          G_j = sum_{i >= j} D qs_i u_iᵀ
+//! dv_j  = sum_{i >= j} a_ij u_i          = G_jᵀ K_j               h_j = sum_{i >= j} D c_i qs_i
+//! ```
+//!
+//! `S` (and `z`) run forward in sequence order, as in the forward pass; `G`
+//! (and `h`) run backward. Each is a `d_k x d_v` state per (batch, head)
+//! carried from chunk to chunk, pairs inside a chunk are summed directly.
+//! Across ranks the forward states travel in sequence order and the
+//! backward states in reverse order, from the owner of one range to the
+//! owner of the next (the state gradient in reverse sequence order). Gates
+//! get `dC_p = qs_p . dqs_p - K_p . dK_p` (per query head), turned into gate
+//! gradients by the blocked path's assembly.
+
+use std::ops::Range;
+
+use mixc_dsl::ir::{Decay, Score};
+use rayon::prelude::*;
+
+use super::backward::{BwdShard, QSide, RankGrads};
+use super::blocked::{written, KvShard};
+use super::real::{axpy, dot, Real};
+use super::Ctx;
+use crate::error::{Result, RuntimeError};
+use crate::ring::{Endpoint, RingSchedule};
+
+/// A state for one range boundary, for every (batch, head): forward (`s`,
+/// `z`: positions before `pos`, decayed to `pos - 1`) or backward (`G`,
+/// `h`: positions from `pos` on, decayed to `pos - 1`).
+pub(super) struct StateMsg<T> {
+    pos: usize,
+    forward: bool,
+    s: Vec<T>,
+    z: Vec<T>,
+}
+
+/// Receives the message for (`pos`, `forward`), keeping others for later.
+fn recv_for<T>(
+    ep: &Endpoint<StateMsg<T>>,
+    pending: &mut Vec<StateMsg<T>>,
+    pos: usize,
+    forward: bool,
+) -> Result<StateMsg<T>> {
+    if let Some(i) = pending
+        .iter()
+        .position(|m| m.pos == pos && m.forward == forward)
+    {
+        return Ok(pending.swap_remove(i));
+    }
+    loop {
+        let m = ep.recv()?;
+        if m.pos == pos && m.forward == forward {
+            return Ok(m);
+        }
+        pending.push(m);
+    }
+}
+
+/// Cumulative log-decay `C_p` of head `h` (`C_-1 = 0`), in f64.
+fn cum<T>(ctx: &Ctx<'_, T>, b: usize, h: usize, p: isize) -> f64 {
+    if p < 0 {
+        return 0.0;
+    }
+    match &ctx.spec.decay {
+        Decay::None => 0.0,
+        Decay::PerHead(_) => ctx.log_gamma[h] * (p + 1) as f64,
+        Decay::Gate { .. } => ctx.gate_cum[(b * ctx.heads + h) * ctx.seq + p as usize],
+    }
+}
+
+/// `psi(k)` and `v` rows of kv head `kvh` at `pos`.
+fn kv_rows<T: Real>(ctx: &Ctx<'_, T>, b: usize, kvh: usize, pos: usize, k: &mut [T], v: &mut [T]) {
+    let ko = ctx.inputs.k.offset(&[b, pos, kvh, 0]);
+    for (x, &y) in k.iter_mut().zip(&ctx.inputs.k.data[ko..ko + ctx.dk]) {
+        *x = T::from_f64(ctx.k_map.apply(y as f64));
+    }
+    let vo = ctx.inputs.v.offset(&[b, pos, kvh, 0]);
+    for (x, &y) in v.iter_mut().zip(&ctx.inputs.v.data[vo..vo + ctx.dv]) {
+        *x = T::from_f64(y as f64);
+    }
+}
+
+/// What one (batch, head) needs of a range: its queries' `qs`, `u`, `c`
+/// (local rows from the rank's [`QSide`]) and its keys' `K`, `v`.
+struct RangeData<T> {
+    qs: Vec<T>,
+    u: Vec<T>,
+    c: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+}
+
+fn range_data<T: Real>(
+    ctx: &Ctx<'_, T>,
+    qside: &QSide<T>,
+    x: usize,
+    range: &Range<usize>,
+    off: usize,
+) -> RangeData<T> {
+    let (b, h) = (x / ctx.heads, x % ctx.heads);
+    let kvh = ctx.spec.kv_head_of(h as u32) as usize;
+    let (dk, dv, n, nq) = (ctx.dk, ctx.dv, range.len(), qside.nq);
+    let row0 = x * nq + off;
+    let mut k = vec![T::ZERO; n * dk];
+    let mut v = vec![T::ZERO; n * dv];
+    for (t, pos) in range.clone().enumerate() {
+        kv_rows(
+            ctx,
+            b,
+            kvh,
+            pos,
+            &mut k[t * dk..(t + 1) * dk],
+            &mut v[t * dv..(t + 1) * dv],
+        );
+    }
+    RangeData {
+        qs: qside.qs[row0 * dk..(row0 + n) * dk].to_vec(),
+        u: qside.u[row0 * dv..(row0 + n) * dv].to_vec(),
+        c: qside.big_d[row0..row0 + n].iter().map(|&d| -d).collect(),
+        k,
+        v,
+    }
+}
+
+fn chunks(range: &Range<usize>, size: usize) -> Vec<Range<usize>> {
+    (range.start..range.end)
+        .step_by(size.max(1))
+        .map(|s| s..(s + size.max(1)).min(range.end))
+        .collect()
+}
+
+/// The forward sweep over one range of (batch `b`, head `h`) from the
+/// prefix state `(s, z)`: `dqs` rows and `qs . dqs` of the range, and the
+/// state after it.
+#[allow(clippy::type_complexity)]
+fn forward_sweep<T: Real>(
+    ctx: &Ctx<'_, T>,
+    b: usize,
+    h: usize,
+    range: &Range<usize>,
+    d: &RangeData<T>,
+    mut s: Vec<T>,
+    mut z: Vec<T>,
+) -> (Vec<T>, Vec<f64>, Vec<T>, Vec<T>) {
+    let (dk, dv) = (ctx.dk, ctx.dv);
+    let mut dq = vec![T::ZERO; range.len() * dk];
+    let mut row = vec![0.0f64; range.len()];
+    let mut su = vec![T::ZERO; dk];
+    for ch in chunks(range, ctx.chunk) {
+        let c_prev = cum(ctx, b, h, ch.start as isize - 1);
+        for i in ch.clone() {
+            let ti = i - range.start;
+            let ui = &d.u[ti * dv..(ti + 1) * dv];
+            let dqi = &mut dq[ti * dk..(ti + 1) * dk];
+            let ci = cum(ctx, b, h, i as isize);
+            // Earlier chunks, through the state: S u_i + c_i z.
+            for (x, srow) in su.iter_mut().zip(s.chunks_exact(dv)) {
+                *x = dot(srow, ui);
+            }
+            let w = T::from_f64((ci - c_prev).exp());
+            for ((g, &a), &zz) in dqi.iter_mut().zip(&su).zip(&z) {
+                *g = w * (a + d.c[ti] * zz);
+            }
+            // This chunk, pair by pair.
+            for j in ch.start..=i {
+                let tj = j - range.start;
+                let wij = T::from_f64((ci - cum(ctx, b, h, j as isize)).exp());
+                let da = dot(ui, &d.v[tj * dv..(tj + 1) * dv]) + d.c[ti];
+                axpy(dqi, da * wij, &d.k[tj * dk..(tj + 1) * dk]);
+            }
+            row[ti] = dot(&d.qs[ti * dk..(ti + 1) * dk], dqi).to_f64();
+        }
+        // The state moves past the chunk.
+        let c_last = cum(ctx, b, h, ch.end as isize - 1);
+        let all = T::from_f64((c_last - c_prev).exp());
+        s.iter_mut().for_each(|x| *x *= all);
+        z.iter_mut().for_each(|x| *x *= all);
+        for j in ch.clone() {
+            let tj = j - range.start;
+            let w = T::from_f64((c_last - cum(ctx, b, h, j as isize)).exp());
+            let kj = &d.k[tj * dk..(tj + 1) * dk];
+            let vj = &d.v[tj * dv..(tj + 1) * dv];
+            for (srow, &kd) in s.chunks_exact_mut(dv).zip(kj) {
+                axpy(srow, w * kd, vj);
+            }
+            axpy(&mut z, w, kj);
+        }
+    }
+    (dq, row, s, z)
+}
+
+/// The backward sweep over one range of (batch `b`, head `h`) from the
+/// suffix state `(g, hv)`: this head's `dK`, `dv` and `K . dK` of the
+/// range's keys, and the state before it.
+#[allow(clippy::type_complexity)]
+fn backward_sweep<T: Real>(
+    ctx: &Ctx<'_, T>,
+    b: usize,
+    h: usize,
+    range: &Range<usize>,
+    d: &RangeData<T>,
+    mut g: Vec<T>,
+    mut hv: Vec<T>,
+) -> (Vec<T>, Vec<T>, Vec<f64>, Vec<T>, Vec<T>) {
+    let (dk, dv) = (ctx.dk, ctx.dv);
+    let n = range.len();
+    let mut d_k = vec![T::ZERO; n * dk];
+    let mut d_v = vec![T::ZERO; n * dv];
+    let mut col = vec![0.0f64; n];
+    for ch in chunks(range, ctx.chunk).into_iter().rev() {
+        let c_prev = cum(ctx, b, h, ch.start as isize - 1);
+        let c_last = cum(ctx, b, h, ch.end as isize - 1);
+        for j in ch.clone() {
+            let tj = j - range.start;
+            let cj = cum(ctx, b, h, j as isize);
+            let (kj, vj) = (&d.k[tj * dk..(tj + 1) * dk], &d.v[tj * dv..(tj + 1) * dv]);
+            let w = T::from_f64((c_last - cj).exp());
+            // Later chunks, through the state: G v_j + h and Gᵀ K_j.
+            let dkj = &mut d_k[tj * dk..(tj + 1) * dk];
+            for ((x, grow), &hh) in dkj.iter_mut().zip(g.chunks_exact(dv)).zip(&hv) {
+                *x = w * (dot(grow, vj) + hh);
+            }
+            let dvj = &mut d_v[tj * dv..(tj + 1) * dv];
+            for (grow, &kd) in g.chunks_exact(dv).zip(kj) {
+                axpy(dvj, w * kd, grow);
+            }
+            // This chunk, pair by pair.
+            for i in j..ch.end {
+                let ti = i - range.start;
+                let wij = T::from_f64((cum(ctx, b, h, i as isize) - cj).exp());
+                let (qi, ui) = (&d.qs[ti * dk..(ti + 1) * dk], &d.u[ti * dv..(ti + 1) * dv]);
+                let da = dot(ui, vj) + d.c[ti];
+                axpy(dkj, da * wij, qi);
+                axpy(dvj, dot(qi, kj) * wij, ui);
+            }
+            col[tj] = dot(kj, dkj).to_f64();
+        }
+        let all = T::from_f64((c_last - c_prev).exp());
+        g.iter_mut().for_each(|x| *x *= all);
+        hv.iter_mut().for_each(|x| *x *= all);
+        for i in ch.clone() {
+            let ti = i - range.start;
+            let w = T::from_f64((cum(ctx, b, h, i as isize) - c_prev).exp());
+            let qi = &d.qs[ti * dk..(ti + 1) * dk];
+            let ui = &d.u[ti * dv..(ti + 1) * dv];
+            for (grow, &qd) in g.chunks_exact_mut(dv).zip(qi) {
+                axpy(grow, w * qd, ui);
+            }
+            axpy(&mut hv, w * d.c[ti], qi);
+        }
+    }
+    (d_k, d_v, col, g, hv)
+}
+
+/// Sends `msg` to the owner of the range it is for, or keeps it when that
+/// is this rank.
+fn send_or_keep<T>(
+    ep: &Endpoint<StateMsg<T>>,
+    owner: usize,
+    msg: StateMsg<T>,
+    pending: &mut Vec<StateMsg<T>>,
+) -> Result<()> {
+    if owner == ep.rank {
+        pending.push(msg);
+        Ok(())
+    } else {
+        ep.send_to(owner, msg)
+    }
+}
+
+pub(super) fn rank_main<T: Real>(
+    ctx: &Ctx<'_, T>,
+    sched: &RingSchedule,
+    qside: &QSide<T>,
+    ep: Endpoint<StateMsg<T>>,
+) -> Result<RankGrads<T>> {
+    if !matches!(ctx.spec.score, Score::Dot { .. }) {
+        return Err(RuntimeError::Internal(
+            "the chunkwise backward needs dot scores".into(),
+        ));
+    }
+    let order = sched.ranges_in_order();
+    let owner_of = |start: usize| {
+        order
+            .iter()
+            .find(|(r, _)| r.start == start)
+            .map(|(_, o)| *o)
+            .ok_or_else(|| RuntimeError::Internal(format!("no rank owns position {start}")))
+    };
+    let owner_ending = |end: usize| {
+        order
+            .iter()
+            .find(|(r, _)| r.end == end)
+            .map(|(_, o)| *o)
+            .ok_or_else(|| RuntimeError::Internal(format!("no rank's range ends at {end}")))
+    };
+    let ranges = qside.ranges.clone();
+    let (bh, dk, dv, nq) = (ctx.batch * ctx.heads, ctx.dk, ctx.dv, qside.nq);
+    let group = ctx.heads / ctx.kv_heads;
+    let offs: Vec<usize> = ranges
+        .iter()
+        .scan(0, |acc, r| {
+            let o = *acc;
+            *acc += r.len();
+            Some(o)
+        })
+        .collect();
+    let gated = matches!(ctx.spec.decay, Decay::Gate { .. });
+    let mut dq = written(bh * nq * dk, T::ZERO);
+    let mut drow = vec![0.0f64; if gated { bh * nq } else { 0 }];
+    let mut pending = Vec::new();
+    let data: Vec<Vec<RangeData<T>>> = ranges
+        .iter()
+        .zip(&offs)
+        .map(|(r, &off)| {
+            ctx.pool.install(|| {
+                (0..bh)
+                    .into_par_iter()
+                    .map(|x| range_data(ctx, qside, x, r, off))
+                    .collect()
+            })
+        })
+        .collect();
+
+    // Forward states, in sequence order.
+    for (ri, range) in ranges.iter().enumerate() {
+        let prefix = if range.start == 0 {
+            None
+        } else {
+            Some(recv_for(&ep, &mut pending, range.start, true)?)
+        };
+        let outs: Vec<_> = ctx.pool.install(|| {
+            (0..bh)
+                .into_par_iter()
+                .map(|x| {
+                    let (s, z) = match &prefix {
+                        Some(p) => (
+                            p.s[x * dk * dv..(x + 1) * dk * dv].to_vec(),
+                            p.z[x * dk..(x + 1) * dk].to_vec(),
+                        ),
+                        None => (vec![T::ZERO; dk * dv], vec![T::ZERO; dk]),
+                    };
+                    forward_sweep(ctx, x / ctx.heads, x % ctx.heads, range, &data[ri][x], s, z)
+                })
+                .collect()
+        });
+        let mut next = StateMsg {
+            pos: range.end,
+            forward: true,
+            s: Vec::with_capacity(bh * dk * dv),
+            z: Vec::with_capacity(bh * dk),
+        };
+        for (x, (dqx, row, s, z)) in outs.into_iter().enumerate() {
+            let row0 = x * nq + offs[ri];
+            dq[row0 * dk..(row0 + range.len()) * dk].copy_from_slice(&dqx);
+            if gated {
+                drow[row0..row0 + range.len()].copy_from_slice(&row);
+            }
+            next.s.extend(s);
+            next.z.extend(z);
+        }
+        if range.end < ctx.seq {
+            send_or_keep(&ep, owner_of(range.end)?, next, &mut pending)?;
+        }
+    }
+
+    // Backward states, in reverse sequence order.
+    let n = nq;
+    let bkv = ctx.batch * ctx.kv_heads;
+    let mut home = BwdShard {
+        kv: KvShard {
+            ranges: ranges.clone(),
+            offsets: offs.clone(),
+            n,
+            k: Vec::new(),
+            v: Vec::new(),
+        },
+        dk: written(bkv * n * dk, T::ZERO),
+        dv: written(bkv * n * dv, T::ZERO),
+        dcol: vec![0.0; if gated { bkv * n * group } else { 0 }],
+    };
+    for (ri, range) in ranges.iter().enumerate().rev() {
+        let suffix = if range.end == ctx.seq {
+            None
+        } else {
+            Some(recv_for(&ep, &mut pending, range.end, false)?)
+        };
+        let outs: Vec<_> = ctx.pool.install(|| {
+            (0..bh)
+                .into_par_iter()
+                .map(|x| {
+                    let (g, hv) = match &suffix {
+                        Some(p) => (
+                            p.s[x * dk * dv..(x + 1) * dk * dv].to_vec(),
+                            p.z[x * dk..(x + 1) * dk].to_vec(),
+                        ),
+                        None => (vec![T::ZERO; dk * dv], vec![T::ZERO; dk]),
+                    };
+                    backward_sweep(
+                        ctx,
+                        x / ctx.heads,
+                        x % ctx.heads,
+                        range,
+                        &data[ri][x],
+                        g,
+                        hv,
+                    )
+                })
+                .collect()
+        });
+        let mut prev = StateMsg {
+            pos: range.start,
+            forward: false,
+            s: Vec::with_capacity(bh * dk * dv),
+            z: Vec::with_capacity(bh * dk),
+        };
+        for (x, (d_k, d_v, col, g, hv)) in outs.into_iter().enumerate() {
+            let (b, h) = (x / ctx.heads, x % ctx.heads);
+            let (kvh, gi) = (h / group, h % group);
+            let y = b * ctx.kv_heads + kvh;
+            let base = y * n + offs[ri];
+            for (a, &v) in home.dk[base * dk..(base + range.len()) * dk]
+                .iter_mut()
+                .zip(&d_k)
+            {
+                *a += v;
+            }
+            for (a, &v) in home.dv[base * dv..(base + range.len()) * dv]
+                .iter_mut()
+                .zip(&d_v)
+            {
+                *a += v;
+            }
+            if gated {
+                for (t, &c) in col.iter().enumerate() {
+                    home.dcol[(base + t) * group + gi] = -c;
+                }
+            }
+            prev.s.extend(g);
+            prev.z.extend(hv);
+        }
+        if range.start > 0 {
+            send_or_keep(&ep, owner_ending(range.start)?, prev, &mut pending)?;
+        }
+    }
+    Ok(RankGrads {
+        ranges,
+        dq,
+        drow,
+        home,
+        partials: super::backward::empty_partials(ctx),
+    })
+}
