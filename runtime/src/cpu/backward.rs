@@ -471,184 +471,173 @@ fn item_backward<T: Real>(
     let segs = &ctx.segs[b];
     let softmax = matches!(ctx.spec.norm, Norm::Softmax);
     let dot_score = !shard.k.is_empty();
-    // Keys in sub-chunks whose k, v, dk and dv stay in cache while every
-    // query block streams past them (the keys of a long sequence do not).
-    let per_key = (2 * dk + 2 * dv).max(1) * std::mem::size_of::<T>();
-    let bn = ctx.tiling.block_n;
-    let sub = ((SUB_CHUNK_BYTES / per_key) / bn).max(1) * bn;
-    let subs: Vec<Range<usize>> = (it.keys.start..it.keys.end)
-        .step_by(sub)
-        .map(|s| s..(s + sub).min(it.keys.end))
-        .collect();
-    for sub_keys in &subs {
-        for g in 0..group {
-            let h = kvh * group + g;
-            let x = b * ctx.heads + h;
-            let plain = ctx.filter.is_none()
-                && ctx.bias[h].is_none()
-                && ctx.transform[h].is_none()
-                && !ctx.has_decay;
-            for (qr, row_plans) in plans.iter().enumerate() {
-                let q_off = qs_offset(qs, qr);
-                for qb in 0..row_plans[0].num_query_blocks() {
-                    let rows: Vec<RowPlan> = row_plans.iter().map(|p| p.row(qb, segs)).collect();
-                    let q = row_plans[0].query_block(qb);
-                    let nr = q.len();
-                    let local = q_off + (q.start - qs.ranges[qr].start);
-                    // Tiles of this item's keys.
-                    let tiles: Vec<(usize, Range<usize>, BlockClass)> = rows
-                        .iter()
-                        .zip(row_plans)
-                        .enumerate()
-                        .flat_map(|(kr, (row, plan))| {
-                            row.tiles(plan).map(move |(keys, class)| (kr, keys, class))
-                        })
-                        .filter(|(kr, keys, _)| {
-                            let l = shard.offsets[*kr] + keys.start - shard.ranges[*kr].start;
-                            sub_keys.contains(&l)
-                        })
-                        .collect();
-                    if tiles.is_empty() {
-                        continue;
-                    }
-                    let row0 = x * nq + local;
-                    let qrows = if dot_score {
-                        &qs.qs[row0 * dk..(row0 + nr) * dk]
-                    } else {
-                        &[][..]
-                    };
-                    let urows = &qs.u[row0 * dv..(row0 + nr) * dv];
-                    let lse = &qs.lse[row0..row0 + nr];
-                    let big_d = &qs.big_d[row0..row0 + nr];
-                    let qt = reset(&mut sc.qt, dk * nr, T::ZERO);
+    for g in 0..group {
+        let h = kvh * group + g;
+        let x = b * ctx.heads + h;
+        let plain = ctx.filter.is_none()
+            && ctx.bias[h].is_none()
+            && ctx.transform[h].is_none()
+            && !ctx.has_decay;
+        for (qr, row_plans) in plans.iter().enumerate() {
+            let q_off = qs_offset(qs, qr);
+            for qb in 0..row_plans[0].num_query_blocks() {
+                let rows: Vec<RowPlan> = row_plans.iter().map(|p| p.row(qb, segs)).collect();
+                let q = row_plans[0].query_block(qb);
+                let nr = q.len();
+                let local = q_off + (q.start - qs.ranges[qr].start);
+                // Tiles of this item's keys.
+                let tiles: Vec<(usize, Range<usize>, BlockClass)> = rows
+                    .iter()
+                    .zip(row_plans)
+                    .enumerate()
+                    .flat_map(|(kr, (row, plan))| {
+                        row.tiles(plan).map(move |(keys, class)| (kr, keys, class))
+                    })
+                    .filter(|(kr, keys, _)| {
+                        let l = shard.offsets[*kr] + keys.start - shard.ranges[*kr].start;
+                        it.keys.contains(&l)
+                    })
+                    .collect();
+                if tiles.is_empty() {
+                    continue;
+                }
+                let row0 = x * nq + local;
+                let qrows = if dot_score {
+                    &qs.qs[row0 * dk..(row0 + nr) * dk]
+                } else {
+                    &[][..]
+                };
+                let urows = &qs.u[row0 * dv..(row0 + nr) * dv];
+                let lse = &qs.lse[row0..row0 + nr];
+                let big_d = &qs.big_d[row0..row0 + nr];
+                let qt = reset(&mut sc.qt, dk * nr, T::ZERO);
+                if dot_score {
+                    super::real::transpose(qrows, nr, dk, qt);
+                }
+                let ut = reset(&mut sc.ut, dv * nr, T::ZERO);
+                super::real::transpose(urows, nr, dv, ut);
+                let dq_t = if dot_score {
+                    &mut out.dq[(g * nq + local) * dk..(g * nq + local + nr) * dk]
+                } else {
+                    &mut [][..]
+                };
+                for (kr, keys, class) in tiles {
+                    let kn = keys.len();
+                    let l0 = shard.offsets[kr] + keys.start - shard.ranges[kr].start;
+                    let base = (b * ctx.kv_heads + kvh) * shard.n + l0;
+                    let vt = &shard.v[base * dv..(base + kn) * dv];
+                    let il = l0 - it.keys.start; // within the item's slices
+                    let partial = class == BlockClass::Partial;
+                    let a = reset(&mut sc.a, kn * nr, T::ZERO);
                     if dot_score {
-                        super::real::transpose(qrows, nr, dk, qt);
-                    }
-                    let ut = reset(&mut sc.ut, dv * nr, T::ZERO);
-                    super::real::transpose(urows, nr, dv, ut);
-                    let dq_t = if dot_score {
-                        &mut out.dq[(g * nq + local) * dk..(g * nq + local + nr) * dk]
-                    } else {
-                        &mut [][..]
-                    };
-                    for (kr, keys, class) in tiles {
-                        let kn = keys.len();
-                        let l0 = shard.offsets[kr] + keys.start - shard.ranges[kr].start;
-                        let base = (b * ctx.kv_heads + kvh) * shard.n + l0;
-                        let vt = &shard.v[base * dv..(base + kn) * dv];
-                        let il = l0 - it.keys.start; // within the item's slices
-                        let partial = class == BlockClass::Partial;
-                        let a = reset(&mut sc.a, kn * nr, T::ZERO);
-                        if dot_score {
-                            let kt = &shard.k[base * dk..(base + kn) * dk];
-                            gemm_tn(
-                                Mat::dense(kt, dk, kn),
-                                Mat::dense(&*qt, dk, nr),
-                                MatMut::dense(a, kn, nr),
-                                false,
-                            );
-                        }
-                        let vis = reset(&mut sc.vis, if partial { kn * nr } else { 0 }, true);
-                        let s_pre = reset(
-                            &mut sc.s_pre,
-                            if ctx.transform[h].is_some() {
-                                kn * nr
-                            } else {
-                                0
-                            },
-                            T::ZERO,
-                        );
-                        if !plain || partial {
-                            weights_pass(
-                                ctx,
-                                b,
-                                h,
-                                q.start,
-                                &keys,
-                                partial,
-                                a,
-                                s_pre,
-                                vis,
-                                &mut sc.lanes,
-                            );
-                        }
-                        // dp = u vᵀ (transposed: v uᵀ, keys x rows), then da in
-                        // place; p: probabilities (softmax) or the weights.
-                        let dp = reset(&mut sc.dp, kn * nr, T::ZERO);
-                        gemm(
-                            Mat::dense(vt, kn, dv),
-                            Mat::dense(&*ut, dv, nr),
-                            MatMut::dense(dp, kn, nr),
+                        let kt = &shard.k[base * dk..(base + kn) * dk];
+                        gemm_tn(
+                            Mat::dense(kt, dk, kn),
+                            Mat::dense(&*qt, dk, nr),
+                            MatMut::dense(a, kn, nr),
                             false,
                         );
-                        let p = reset(&mut sc.p, kn * nr, T::ZERO);
-                        if softmax {
-                            // Masked pairs have a = -inf, so p = 0 and da = 0.
-                            softmax_grad_cols(a, lse, big_d, p, dp);
+                    }
+                    let vis = reset(&mut sc.vis, if partial { kn * nr } else { 0 }, true);
+                    let s_pre = reset(
+                        &mut sc.s_pre,
+                        if ctx.transform[h].is_some() {
+                            kn * nr
                         } else {
-                            p.copy_from_slice(a);
-                            for dc in dp.chunks_exact_mut(nr) {
-                                dc.iter_mut().zip(big_d).for_each(|(x, &d)| *x = *x - d);
+                            0
+                        },
+                        T::ZERO,
+                    );
+                    if !plain || partial {
+                        weights_pass(
+                            ctx,
+                            b,
+                            h,
+                            q.start,
+                            &keys,
+                            partial,
+                            a,
+                            s_pre,
+                            vis,
+                            &mut sc.lanes,
+                        );
+                    }
+                    // dp = u vᵀ (transposed: v uᵀ, keys x rows), then da in
+                    // place; p: probabilities (softmax) or the weights.
+                    let dp = reset(&mut sc.dp, kn * nr, T::ZERO);
+                    gemm(
+                        Mat::dense(vt, kn, dv),
+                        Mat::dense(&*ut, dv, nr),
+                        MatMut::dense(dp, kn, nr),
+                        false,
+                    );
+                    let p = reset(&mut sc.p, kn * nr, T::ZERO);
+                    if softmax {
+                        // Masked pairs have a = -inf, so p = 0 and da = 0.
+                        softmax_grad_cols(a, lse, big_d, p, dp);
+                    } else {
+                        p.copy_from_slice(a);
+                        for dc in dp.chunks_exact_mut(nr) {
+                            dc.iter_mut().zip(big_d).for_each(|(x, &d)| *x = *x - d);
+                        }
+                    }
+                    // dv += pᵀ u
+                    gemm(
+                        Mat::dense(&*p, kn, nr),
+                        Mat::dense(urows, nr, dv),
+                        MatMut::dense(&mut it.dv[il * dv..(il + kn) * dv], kn, dv),
+                        true,
+                    );
+                    if partial && !softmax {
+                        for (d, &ok) in dp.iter_mut().zip(vis.iter()) {
+                            if !ok {
+                                *d = T::ZERO;
                             }
                         }
-                        // dv += pᵀ u
+                    }
+                    // da -> ds (into p), through decay, transform, bias, filter.
+                    let da = &*dp;
+                    let ds = p;
+                    if plain {
+                        ds.copy_from_slice(da);
+                    } else {
+                        chain_pass(
+                            ctx,
+                            b,
+                            h,
+                            q.start,
+                            &keys,
+                            da,
+                            a,
+                            s_pre,
+                            ds,
+                            parts,
+                            gated.then(|| {
+                                (
+                                    &mut out.drow[g * nq + local..g * nq + local + nr],
+                                    &mut it.dcol[il * group..(il + kn) * group],
+                                    g,
+                                    group,
+                                )
+                            }),
+                            t_ds[h].as_ref().map(|f| (f, &mut sc.lanes, &mut sc.deriv)),
+                        );
+                    }
+                    if dot_score {
+                        let kt = &shard.k[base * dk..(base + kn) * dk];
+                        // dk += dsᵀ qs ; dqᵀ += kᵀ ds
                         gemm(
-                            Mat::dense(&*p, kn, nr),
-                            Mat::dense(urows, nr, dv),
-                            MatMut::dense(&mut it.dv[il * dv..(il + kn) * dv], kn, dv),
+                            Mat::dense(&*ds, kn, nr),
+                            Mat::dense(qrows, nr, dk),
+                            MatMut::dense(&mut it.dk[il * dk..(il + kn) * dk], kn, dk),
                             true,
                         );
-                        if partial && !softmax {
-                            for (d, &ok) in dp.iter_mut().zip(vis.iter()) {
-                                if !ok {
-                                    *d = T::ZERO;
-                                }
-                            }
-                        }
-                        // da -> ds (into p), through decay, transform, bias, filter.
-                        let da = &*dp;
-                        let ds = p;
-                        if plain {
-                            ds.copy_from_slice(da);
-                        } else {
-                            chain_pass(
-                                ctx,
-                                b,
-                                h,
-                                q.start,
-                                &keys,
-                                da,
-                                a,
-                                s_pre,
-                                ds,
-                                parts,
-                                gated.then(|| {
-                                    (
-                                        &mut out.drow[g * nq + local..g * nq + local + nr],
-                                        &mut it.dcol[il * group..(il + kn) * group],
-                                        g,
-                                        group,
-                                    )
-                                }),
-                                t_ds[h].as_ref().map(|f| (f, &mut sc.lanes, &mut sc.deriv)),
-                            );
-                        }
-                        if dot_score {
-                            let kt = &shard.k[base * dk..(base + kn) * dk];
-                            // dk += dsᵀ qs ; dqᵀ += kᵀ ds
-                            gemm(
-                                Mat::dense(&*ds, kn, nr),
-                                Mat::dense(qrows, nr, dk),
-                                MatMut::dense(&mut it.dk[il * dk..(il + kn) * dk], kn, dk),
-                                true,
-                            );
-                            gemm(
-                                Mat::dense(kt, dk, kn),
-                                Mat::dense(&*ds, kn, nr),
-                                MatMut::dense(dq_t, dk, nr),
-                                true,
-                            );
-                        }
+                        gemm(
+                            Mat::dense(kt, dk, kn),
+                            Mat::dense(&*ds, kn, nr),
+                            MatMut::dense(dq_t, dk, nr),
+                            true,
+                        );
                     }
                 }
             }
@@ -656,9 +645,6 @@ fn item_backward<T: Real>(
     }
     out
 }
-
-/// Bytes of keys (k, v and their gradients) a work item keeps hot at once.
-const SUB_CHUNK_BYTES: usize = 256 << 10;
 
 /// Fills a tile's weights `a` (`keys x rows`, holding `q . k` for dot
 /// scores) as the forward does: bias, transform (keeping the pre-transform
