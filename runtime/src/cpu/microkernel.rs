@@ -369,13 +369,22 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn gemm_f32_avx2<const TA: bool>(g: &Gemm<f32>) {
         const R: usize = 4;
+        // 6 x 16 blocks where the columns allow: 12 accumulators, two row
+        // pieces of b and one broadcast fill 15 of the 16 registers, and 12
+        // independent FMAs per step cover the FMA latency on both ports.
+        const R6: usize = 6;
+        let m6 = g.m / R6 * R6;
+        let m4 = m6 + (g.m - m6) / R * R;
         let m_main = g.m / R * R;
         let mut j = 0;
         while j + 16 <= g.n {
-            for i in (0..m_main).step_by(R) {
+            for i in (0..m6).step_by(R6) {
+                tile256::<R6, 2, TA>(g, i, j);
+            }
+            for i in (m6..m4).step_by(R) {
                 tile256::<R, 2, TA>(g, i, j);
             }
-            for i in m_main..g.m {
+            for i in m4..g.m {
                 tile256::<1, 2, TA>(g, i, j);
             }
             j += 16;
@@ -674,6 +683,9 @@ mod tests {
             (9, 33, 17),
             (64, 64, 128),
             (13, 70, 3),
+            // Rows as 6-blocks, a 4-block and single rows (AVX2).
+            (10, 17, 6),
+            (11, 32, 9),
         ];
         for isa in supported_isas() {
             for &(m, n, k) in &shapes {
