@@ -7,15 +7,16 @@ mod cpu_support;
 
 use cpu_support::{example_specs, shrink};
 use mixc_dsl::ir::MixerSpec;
-use mixc_runtime::cpu::{CpuConfig, CpuMixer, Precision, Sharding};
+use mixc_runtime::cpu::{path_for, CpuConfig, CpuMixer, CpuPath, Precision, Sharding};
 use mixc_runtime::grad::Gradients;
 use mixc_runtime::inputs::random_inputs;
 use mixc_runtime::{reference, Tensor};
 
 /// Specs whose pieces the examples do not reach: tables read by bias and
 /// transform, gates with sum norm and bias, relu maps with per-head decay,
-/// segment ids with a dilated mask.
-const PIECES: [&str; 4] = [
+/// segment ids with a dilated mask, non-causal linear attention (the
+/// global-state path).
+const PIECES: [&str; 6] = [
     "mixer b { heads = 4; kv_heads = 2; head_dim = 8; input t: f32[heads, 8]; \
      input c: f32[heads]; score = dot(q, k); bias = t[h][min(abs(i - j), 7)]; \
      transform = (3.0 + c[h]) * tanh(s / (3.0 + c[h])); mask = prefix_lm(5); norm = softmax; }",
@@ -26,6 +27,12 @@ const PIECES: [&str; 4] = [
      mask = causal; norm = sum(eps = 0.5); }",
     "mixer e { heads = 2; head_dim = 8; input doc: i32[batch, seq]; score = dot(q, k); \
      transform = s - 0.1 * s * s; mask = causal && (segment(doc) || dilated(3)); norm = softmax; }",
+    // Non-causal linear attention (the global-state path), GQA, sum norm.
+    "mixer g { heads = 4; kv_heads = 2; head_dim = 8; score = dot(elu1(q), elu1(k)); \
+     mask = all; norm = sum(eps = 1e-3); }",
+    // The same with no normalisation and value width 6.
+    "mixer n { heads = 2; head_dim = 8; value_dim = 6; score = dot(q, k); scale = 0.3; \
+     mask = all; norm = none; }",
 ];
 
 /// Per gradient: (name, max |got - want|, max |want|).
@@ -123,6 +130,9 @@ fn every_example_matches_the_reference_gradients() {
 fn every_score_piece_matches_the_reference_gradients() {
     for src in PIECES {
         let spec = mixc_dsl::parse_str(src).unwrap_or_else(|d| panic!("{src}: {d:?}"));
+        if src.contains("mask = all") {
+            assert_eq!(path_for(&spec), CpuPath::GlobalState, "{src}");
+        }
         for seq in [2, 45] {
             check(&spec, seq, &[1, 2, 4]);
         }

@@ -462,3 +462,130 @@ pub(super) fn rank_main<T: Real>(
         partials: super::backward::empty_partials(ctx),
     })
 }
+
+/// The backward of a non-causal linear mixer (`mask = all`, no decay: the
+/// forward's global-state path). Every pair is visible, so the states are
+/// global sums: `S = sum_j K_j v_jᵀ`, `z = sum_j K_j` (keys) and `G = sum_i
+/// qs_i u_iᵀ`, `h = sum_i c_i qs_i` (queries). Each rank sums its shard's
+/// part and the parts go once around the ring (an all-reduce in `R - 1`
+/// steps, as in the forward); then `dqs_i = S u_i + c_i z`, `dK_j = G v_j +
+/// h`, `dv_j = Gᵀ K_j` for the rank's own positions.
+pub(super) fn rank_main_global<T: Real>(
+    ctx: &Ctx<'_, T>,
+    sched: &RingSchedule,
+    qside: &QSide<T>,
+    ep: Endpoint<StateMsg<T>>,
+) -> Result<RankGrads<T>> {
+    let ranges = qside.ranges.clone();
+    let (bh, dk, dv, nq) = (ctx.batch * ctx.heads, ctx.dk, ctx.dv, qside.nq);
+    let group = ctx.heads / ctx.kv_heads;
+    let positions: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
+    // Per (batch, head): [S | G] (2 d_k d_v) and [z | h] (2 d_k) of this shard.
+    let parts: Vec<(Vec<T>, Vec<T>)> = ctx.pool.install(|| {
+        (0..bh)
+            .into_par_iter()
+            .map(|x| {
+                let (b, h) = (x / ctx.heads, x % ctx.heads);
+                let kvh = h / group;
+                let mut s = vec![T::ZERO; 2 * dk * dv];
+                let mut z = vec![T::ZERO; 2 * dk];
+                let (mut k, mut v) = (vec![T::ZERO; dk], vec![T::ZERO; dv]);
+                for (t, &pos) in positions.iter().enumerate() {
+                    kv_rows(ctx, b, kvh, pos, &mut k, &mut v);
+                    let (sk, sg) = s.split_at_mut(dk * dv);
+                    for (row, &kd) in sk.chunks_exact_mut(dv).zip(&k) {
+                        axpy(row, kd, &v);
+                    }
+                    axpy(&mut z[..dk], T::ONE, &k);
+                    let row0 = x * nq + t;
+                    let qi = &qside.qs[row0 * dk..(row0 + 1) * dk];
+                    let ui = &qside.u[row0 * dv..(row0 + 1) * dv];
+                    for (row, &qd) in sg.chunks_exact_mut(dv).zip(qi) {
+                        axpy(row, qd, ui);
+                    }
+                    axpy(&mut z[dk..], -qside.big_d[row0], qi);
+                }
+                (s, z)
+            })
+            .collect()
+    });
+    let mut total = StateMsg {
+        pos: 0,
+        forward: true,
+        s: parts.iter().flat_map(|(s, _)| s.iter().copied()).collect(),
+        z: parts.iter().flat_map(|(_, z)| z.iter().copied()).collect(),
+    };
+    drop(parts);
+    let mut held = StateMsg {
+        pos: 0,
+        forward: true,
+        s: total.s.clone(),
+        z: total.z.clone(),
+    };
+    for _ in 1..sched.ranks {
+        ep.send_next(held)?;
+        held = ep.recv()?;
+        total.s.iter_mut().zip(&held.s).for_each(|(a, b)| *a += *b);
+        total.z.iter_mut().zip(&held.z).for_each(|(a, b)| *a += *b);
+    }
+    let bkv = ctx.batch * ctx.kv_heads;
+    let mut dq = written(bh * nq * dk, T::ZERO);
+    let mut d_k = written(bkv * nq * dk, T::ZERO);
+    let mut d_v = written(bkv * nq * dv, T::ZERO);
+    let (mut k, mut v, mut su) = (vec![T::ZERO; dk], vec![T::ZERO; dv], vec![T::ZERO; dk]);
+    for x in 0..bh {
+        let (b, h) = (x / ctx.heads, x % ctx.heads);
+        let y = b * ctx.kv_heads + h / group;
+        let st = &total.s[x * 2 * dk * dv..(x + 1) * 2 * dk * dv];
+        let zt = &total.z[x * 2 * dk..(x + 1) * 2 * dk];
+        let (s, g) = st.split_at(dk * dv);
+        let (z, hv) = zt.split_at(dk);
+        for (t, &pos) in positions.iter().enumerate() {
+            let row0 = x * nq + t;
+            let ui = &qside.u[row0 * dv..(row0 + 1) * dv];
+            let ci = -qside.big_d[row0];
+            for (a, srow) in su.iter_mut().zip(s.chunks_exact(dv)) {
+                *a = dot(srow, ui);
+            }
+            for ((o, &a), &zz) in dq[row0 * dk..(row0 + 1) * dk].iter_mut().zip(&su).zip(z) {
+                *o = a + ci * zz;
+            }
+            kv_rows(ctx, b, h / group, pos, &mut k, &mut v);
+            let base = y * nq + t;
+            let dkj = &mut d_k[base * dk..(base + 1) * dk];
+            for ((o, grow), &hh) in dkj.iter_mut().zip(g.chunks_exact(dv)).zip(hv) {
+                *o += dot(grow, &v) + hh;
+            }
+            let dvj = &mut d_v[base * dv..(base + 1) * dv];
+            for (grow, &kd) in g.chunks_exact(dv).zip(&k) {
+                axpy(dvj, kd, grow);
+            }
+        }
+    }
+    let offsets = ranges
+        .iter()
+        .scan(0, |acc, r| {
+            let o = *acc;
+            *acc += r.len();
+            Some(o)
+        })
+        .collect();
+    Ok(RankGrads {
+        ranges: ranges.clone(),
+        dq,
+        drow: Vec::new(),
+        home: BwdShard {
+            kv: KvShard {
+                ranges,
+                offsets,
+                n: nq,
+                k: Vec::new(),
+                v: Vec::new(),
+            },
+            dk: d_k,
+            dv: d_v,
+            dcol: Vec::new(),
+        },
+        partials: super::backward::empty_partials(ctx),
+    })
+}

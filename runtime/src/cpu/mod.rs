@@ -338,7 +338,9 @@ impl CpuMixer {
     /// output `o` and row statistics `stat` ([`CpuRun::stat`]), on the
     /// forward's algorithm and ring schedule: the chunkwise backward where
     /// the forward is chunkwise (states forward and backward in sequence
-    /// order), else the blocked backward on the same block plan.
+    /// order), the global-state backward where it is global (`mask = all`
+    /// linear: states all-reduced around the ring), else the blocked
+    /// backward on the same block plan.
     pub fn backward(
         &self,
         inputs: &MixerInputs,
@@ -397,6 +399,10 @@ fn backward_typed<T: Real>(
         CpuPath::Chunkwise => spawn_ranks(sched.ranks, |ep| {
             let qside = backward::q_side(&ctx, up, sched.shard(ep.rank));
             backward_chunkwise::rank_main(&ctx, sched, &qside, ep)
+        }),
+        CpuPath::GlobalState => spawn_ranks(sched.ranks, |ep| {
+            let qside = backward::q_side(&ctx, up, sched.shard(ep.rank));
+            backward_chunkwise::rank_main_global(&ctx, sched, &qside, ep)
         }),
         _ => spawn_ranks(sched.ranks, |ep| backward::rank_main(&ctx, sched, up, ep)),
     }
