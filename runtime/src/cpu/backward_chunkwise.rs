@@ -30,7 +30,8 @@ use rayon::prelude::*;
 
 use super::backward::{BwdShard, QSide, RankGrads};
 use super::blocked::{written, KvShard};
-use super::real::{axpy, dot, Real};
+use super::microkernel::{gemm, gemm_tn, Mat, MatMut};
+use super::real::{axpy, dot, transpose, Real};
 use super::Ctx;
 use crate::error::{Result, RuntimeError};
 use crate::ring::{Endpoint, RingSchedule};
@@ -140,9 +141,24 @@ fn chunks(range: &Range<usize>, size: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// `w[t][u] = exp(C_(c0+t) - C_(c0+u))` for `u <= t` inside a chunk, 0 above.
+fn chunk_decays<T: Real>(ctx: &Ctx<'_, T>, b: usize, h: usize, ch: &Range<usize>, w: &mut Vec<T>) {
+    let n = ch.len();
+    w.clear();
+    w.resize(n * n, T::ZERO);
+    let cs: Vec<f64> = ch.clone().map(|p| cum(ctx, b, h, p as isize)).collect();
+    for t in 0..n {
+        for u in 0..=t {
+            w[t * n + u] = T::from_f64((cs[t] - cs[u]).exp());
+        }
+    }
+}
+
 /// The forward sweep over one range of (batch `b`, head `h`) from the
-/// prefix state `(s, z)`: `dqs` rows and `qs . dqs` of the range, and the
-/// state after it.
+/// prefix state (`st = Sᵀ`, `d_v x d_k`, and `z`): `dqs` rows and `qs .
+/// dqs` of the range, and the state after it. Per chunk: `dQ = diag(w)
+/// (U Sᵀ + c zᵀ)` through the state, `dQ += (M ⊙ W) K` inside the chunk
+/// (`M = U Vᵀ + c 1ᵀ`), then `Sᵀ = decay Sᵀ + Vᵀ (w ⊙ K)`.
 #[allow(clippy::type_complexity)]
 fn forward_sweep<T: Real>(
     ctx: &Ctx<'_, T>,
@@ -150,59 +166,87 @@ fn forward_sweep<T: Real>(
     h: usize,
     range: &Range<usize>,
     d: &RangeData<T>,
-    mut s: Vec<T>,
+    mut st: Vec<T>,
     mut z: Vec<T>,
 ) -> (Vec<T>, Vec<f64>, Vec<T>, Vec<T>) {
     let (dk, dv) = (ctx.dk, ctx.dv);
     let mut dq = vec![T::ZERO; range.len() * dk];
     let mut row = vec![0.0f64; range.len()];
-    let mut su = vec![T::ZERO; dk];
+    let (mut w, mut vt, mut m, mut wk) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for ch in chunks(range, ctx.chunk) {
+        let (n, t0) = (ch.len(), ch.start - range.start);
         let c_prev = cum(ctx, b, h, ch.start as isize - 1);
-        for i in ch.clone() {
-            let ti = i - range.start;
-            let ui = &d.u[ti * dv..(ti + 1) * dv];
-            let dqi = &mut dq[ti * dk..(ti + 1) * dk];
-            let ci = cum(ctx, b, h, i as isize);
-            // Earlier chunks, through the state: S u_i + c_i z.
-            for (x, srow) in su.iter_mut().zip(s.chunks_exact(dv)) {
-                *x = dot(srow, ui);
+        let uc = &d.u[t0 * dv..(t0 + n) * dv];
+        let (kc, vc) = (&d.k[t0 * dk..(t0 + n) * dk], &d.v[t0 * dv..(t0 + n) * dv]);
+        let dqc = &mut dq[t0 * dk..(t0 + n) * dk];
+        // Through the state: U Sᵀ + c zᵀ, each row decayed from the chunk start.
+        gemm(
+            Mat::dense(uc, n, dv),
+            Mat::dense(&st, dv, dk),
+            MatMut::dense(dqc, n, dk),
+            false,
+        );
+        for (t, r) in dqc.chunks_exact_mut(dk).enumerate() {
+            axpy(r, d.c[t0 + t], &z);
+            let wi = T::from_f64((cum(ctx, b, h, (ch.start + t) as isize) - c_prev).exp());
+            r.iter_mut().for_each(|x| *x *= wi);
+        }
+        // Inside the chunk: M = U Vᵀ + c, masked and decayed, times K.
+        vt.clear();
+        vt.resize(dv * n, T::ZERO);
+        transpose(vc, n, dv, &mut vt);
+        m.clear();
+        m.resize(n * n, T::ZERO);
+        gemm(
+            Mat::dense(uc, n, dv),
+            Mat::dense(&vt, dv, n),
+            MatMut::dense(&mut m, n, n),
+            false,
+        );
+        chunk_decays(ctx, b, h, &ch, &mut w);
+        for (t, (mr, wr)) in m.chunks_exact_mut(n).zip(w.chunks_exact(n)).enumerate() {
+            let ci = d.c[t0 + t];
+            for (x, &wv) in mr.iter_mut().zip(wr) {
+                *x = (*x + ci) * wv;
             }
-            let w = T::from_f64((ci - c_prev).exp());
-            for ((g, &a), &zz) in dqi.iter_mut().zip(&su).zip(&z) {
-                *g = w * (a + d.c[ti] * zz);
-            }
-            // This chunk, pair by pair.
-            for j in ch.start..=i {
-                let tj = j - range.start;
-                let wij = T::from_f64((ci - cum(ctx, b, h, j as isize)).exp());
-                let da = dot(ui, &d.v[tj * dv..(tj + 1) * dv]) + d.c[ti];
-                axpy(dqi, da * wij, &d.k[tj * dk..(tj + 1) * dk]);
-            }
-            row[ti] = dot(&d.qs[ti * dk..(ti + 1) * dk], dqi).to_f64();
+        }
+        gemm(
+            Mat::dense(&m, n, n),
+            Mat::dense(kc, n, dk),
+            MatMut::dense(dqc, n, dk),
+            true,
+        );
+        for (t, r) in dqc.chunks_exact(dk).enumerate() {
+            row[t0 + t] = dot(&d.qs[(t0 + t) * dk..(t0 + t + 1) * dk], r).to_f64();
         }
         // The state moves past the chunk.
         let c_last = cum(ctx, b, h, ch.end as isize - 1);
         let all = T::from_f64((c_last - c_prev).exp());
-        s.iter_mut().for_each(|x| *x *= all);
+        st.iter_mut().for_each(|x| *x *= all);
         z.iter_mut().for_each(|x| *x *= all);
-        for j in ch.clone() {
-            let tj = j - range.start;
-            let w = T::from_f64((c_last - cum(ctx, b, h, j as isize)).exp());
-            let kj = &d.k[tj * dk..(tj + 1) * dk];
-            let vj = &d.v[tj * dv..(tj + 1) * dv];
-            for (srow, &kd) in s.chunks_exact_mut(dv).zip(kj) {
-                axpy(srow, w * kd, vj);
-            }
-            axpy(&mut z, w, kj);
+        wk.clear();
+        wk.extend_from_slice(kc);
+        for (u, r) in wk.chunks_exact_mut(dk).enumerate() {
+            let wj = T::from_f64((c_last - cum(ctx, b, h, (ch.start + u) as isize)).exp());
+            r.iter_mut().for_each(|x| *x *= wj);
+            axpy(&mut z, T::ONE, r);
         }
+        gemm_tn(
+            Mat::dense(vc, n, dv),
+            Mat::dense(&wk, n, dk),
+            MatMut::dense(&mut st, dv, dk),
+            true,
+        );
     }
-    (dq, row, s, z)
+    (dq, row, st, z)
 }
 
 /// The backward sweep over one range of (batch `b`, head `h`) from the
-/// suffix state `(g, hv)`: this head's `dK`, `dv` and `K . dK` of the
-/// range's keys, and the state before it.
+/// suffix state (`g`, `d_k x d_v`, and `hv`): this head's `dK`, `dv` and
+/// `K . dK` of the range's keys, and the state before it. Per chunk,
+/// last to first: `dKᵀ = G Vᵀ` and `dV = K G` through the state (decayed
+/// to each key), `dK += (M ⊙ W)ᵀ Qs` and `dV += (Qs Kᵀ ⊙ W)ᵀ U` inside the
+/// chunk, then `G = decay G + Qsᵀ (w ⊙ U)`.
 #[allow(clippy::type_complexity)]
 fn backward_sweep<T: Real>(
     ctx: &Ctx<'_, T>,
@@ -214,51 +258,121 @@ fn backward_sweep<T: Real>(
     mut hv: Vec<T>,
 ) -> (Vec<T>, Vec<T>, Vec<f64>, Vec<T>, Vec<T>) {
     let (dk, dv) = (ctx.dk, ctx.dv);
-    let n = range.len();
-    let mut d_k = vec![T::ZERO; n * dk];
-    let mut d_v = vec![T::ZERO; n * dv];
-    let mut col = vec![0.0f64; n];
+    let n_all = range.len();
+    let mut d_k = vec![T::ZERO; n_all * dk];
+    let mut d_v = vec![T::ZERO; n_all * dv];
+    let mut col = vec![0.0f64; n_all];
+    let (mut w, mut vt, mut kt, mut m, mut a, mut dkt, mut wu) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     for ch in chunks(range, ctx.chunk).into_iter().rev() {
+        let (n, t0) = (ch.len(), ch.start - range.start);
         let c_prev = cum(ctx, b, h, ch.start as isize - 1);
         let c_last = cum(ctx, b, h, ch.end as isize - 1);
-        for j in ch.clone() {
-            let tj = j - range.start;
-            let cj = cum(ctx, b, h, j as isize);
-            let (kj, vj) = (&d.k[tj * dk..(tj + 1) * dk], &d.v[tj * dv..(tj + 1) * dv]);
-            let w = T::from_f64((c_last - cj).exp());
-            // Later chunks, through the state: G v_j + h and Gᵀ K_j.
-            let dkj = &mut d_k[tj * dk..(tj + 1) * dk];
-            for ((x, grow), &hh) in dkj.iter_mut().zip(g.chunks_exact(dv)).zip(&hv) {
-                *x = w * (dot(grow, vj) + hh);
-            }
-            let dvj = &mut d_v[tj * dv..(tj + 1) * dv];
-            for (grow, &kd) in g.chunks_exact(dv).zip(kj) {
-                axpy(dvj, w * kd, grow);
-            }
-            // This chunk, pair by pair.
-            for i in j..ch.end {
-                let ti = i - range.start;
-                let wij = T::from_f64((cum(ctx, b, h, i as isize) - cj).exp());
-                let (qi, ui) = (&d.qs[ti * dk..(ti + 1) * dk], &d.u[ti * dv..(ti + 1) * dv]);
-                let da = dot(ui, vj) + d.c[ti];
-                axpy(dkj, da * wij, qi);
-                axpy(dvj, dot(qi, kj) * wij, ui);
-            }
-            col[tj] = dot(kj, dkj).to_f64();
+        let (qc, uc) = (&d.qs[t0 * dk..(t0 + n) * dk], &d.u[t0 * dv..(t0 + n) * dv]);
+        let (kc, vc) = (&d.k[t0 * dk..(t0 + n) * dk], &d.v[t0 * dv..(t0 + n) * dv]);
+        let dkc = &mut d_k[t0 * dk..(t0 + n) * dk];
+        let dvc = &mut d_v[t0 * dv..(t0 + n) * dv];
+        // Through the state, each key decayed to the chunk's end.
+        vt.clear();
+        vt.resize(dv * n, T::ZERO);
+        transpose(vc, n, dv, &mut vt);
+        dkt.clear();
+        dkt.resize(dk * n, T::ZERO);
+        gemm(
+            Mat::dense(&g, dk, dv),
+            Mat::dense(&vt, dv, n),
+            MatMut::dense(&mut dkt, dk, n),
+            false,
+        );
+        transpose(&dkt, dk, n, dkc);
+        gemm(
+            Mat::dense(kc, n, dk),
+            Mat::dense(&g, dk, dv),
+            MatMut::dense(dvc, n, dv),
+            false,
+        );
+        for (u, (kr, vr)) in dkc
+            .chunks_exact_mut(dk)
+            .zip(dvc.chunks_exact_mut(dv))
+            .enumerate()
+        {
+            axpy(kr, T::ONE, &hv);
+            let wj = T::from_f64((c_last - cum(ctx, b, h, (ch.start + u) as isize)).exp());
+            kr.iter_mut().for_each(|x| *x *= wj);
+            vr.iter_mut().for_each(|x| *x *= wj);
         }
+        // Inside the chunk.
+        chunk_decays(ctx, b, h, &ch, &mut w);
+        m.clear();
+        m.resize(n * n, T::ZERO);
+        gemm(
+            Mat::dense(uc, n, dv),
+            Mat::dense(&vt, dv, n),
+            MatMut::dense(&mut m, n, n),
+            false,
+        );
+        kt.clear();
+        kt.resize(dk * n, T::ZERO);
+        transpose(kc, n, dk, &mut kt);
+        a.clear();
+        a.resize(n * n, T::ZERO);
+        gemm(
+            Mat::dense(qc, n, dk),
+            Mat::dense(&kt, dk, n),
+            MatMut::dense(&mut a, n, n),
+            false,
+        );
+        for (t, ((mr, ar), wr)) in m
+            .chunks_exact_mut(n)
+            .zip(a.chunks_exact_mut(n))
+            .zip(w.chunks_exact(n))
+            .enumerate()
+        {
+            let ci = d.c[t0 + t];
+            for ((x, y), &wv) in mr.iter_mut().zip(ar.iter_mut()).zip(wr) {
+                *x = (*x + ci) * wv;
+                *y *= wv;
+            }
+        }
+        gemm_tn(
+            Mat::dense(&m, n, n),
+            Mat::dense(qc, n, dk),
+            MatMut::dense(dkc, n, dk),
+            true,
+        );
+        gemm_tn(
+            Mat::dense(&a, n, n),
+            Mat::dense(uc, n, dv),
+            MatMut::dense(dvc, n, dv),
+            true,
+        );
+        for (u, r) in dkc.chunks_exact(dk).enumerate() {
+            col[t0 + u] = dot(&kc[u * dk..(u + 1) * dk], r).to_f64();
+        }
+        // The state moves before the chunk.
         let all = T::from_f64((c_last - c_prev).exp());
         g.iter_mut().for_each(|x| *x *= all);
         hv.iter_mut().for_each(|x| *x *= all);
-        for i in ch.clone() {
-            let ti = i - range.start;
-            let w = T::from_f64((cum(ctx, b, h, i as isize) - c_prev).exp());
-            let qi = &d.qs[ti * dk..(ti + 1) * dk];
-            let ui = &d.u[ti * dv..(ti + 1) * dv];
-            for (grow, &qd) in g.chunks_exact_mut(dv).zip(qi) {
-                axpy(grow, w * qd, ui);
-            }
-            axpy(&mut hv, w * d.c[ti], qi);
+        wu.clear();
+        wu.extend_from_slice(uc);
+        for (t, r) in wu.chunks_exact_mut(dv).enumerate() {
+            let wi = T::from_f64((cum(ctx, b, h, (ch.start + t) as isize) - c_prev).exp());
+            r.iter_mut().for_each(|x| *x *= wi);
+            axpy(&mut hv, wi * d.c[t0 + t], &qc[t * dk..(t + 1) * dk]);
         }
+        gemm_tn(
+            Mat::dense(qc, n, dk),
+            Mat::dense(&wu, n, dv),
+            MatMut::dense(&mut g, dk, dv),
+            true,
+        );
     }
     (d_k, d_v, col, g, hv)
 }
