@@ -223,6 +223,10 @@ pub(super) fn rank_main<T: Real>(
             held = ep.recv()?;
         }
     }
+    // Home: the keys and values themselves are done with; only their
+    // gradients go on (freed before the gradients are laid out).
+    held.kv.k = Vec::new();
+    held.kv.v = Vec::new();
     Ok(RankGrads {
         ranges: qside.ranges,
         dq,
