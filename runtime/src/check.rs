@@ -335,6 +335,20 @@ pub fn compare_gradients(
     let total = (inputs.batch * plan.kv_heads.len() * group) as u64;
     let want =
         reference::gradients_for(spec, inputs, d_o, &plan.kv_heads, &|d| progress(d, total))?;
+    compare_gradients_with(spec, &want, grads, plan, compute)
+}
+
+/// [`compare_gradients`] against reference gradients computed already
+/// (`reference::gradients_for` on the plan's kv heads), e.g. once for many
+/// candidates of a tuning session.
+pub fn compare_gradients_with(
+    spec: &MixerSpec,
+    want: &crate::grad::Gradients<f64>,
+    grads: &crate::grad::Gradients<f32>,
+    plan: &GradCheckPlan,
+    compute: DType,
+) -> Result<GradCheckReport> {
+    let group = spec.group_size().max(1) as usize;
     let q_heads: Vec<usize> = (0..spec.heads as usize)
         .filter(|&h| plan.kv_heads.contains(&(h / group)))
         .collect();

@@ -29,7 +29,7 @@ use crate::grad::Gradients;
 use crate::reference;
 use crate::ring::{RingSchedule, Sharding};
 use crate::tensor::{MixerInputs, Tensor};
-use crate::tune::{self, CpuTiles};
+use crate::tune::{self, CpuTiles, Pass};
 
 /// Where a [`Mixer`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -190,6 +190,11 @@ pub struct BackwardOutput {
     pub grads: Gradients<f32>,
     /// Wall time of the backward call.
     pub seconds: f64,
+    /// The tiles the backward ran with, and where they came from (with
+    /// [`Tiles::Auto`]: a backward entry of the tuning cache, `mixc tune
+    /// --pass bwd`, else the default).
+    pub config: String,
+    pub config_source: ConfigSource,
 }
 
 /// A prepared backend for one tile choice.
@@ -246,8 +251,9 @@ pub struct Mixer {
     /// The preparation every call starts from (explicit or default tiles).
     base_choice: Choice,
     base: Arc<Ready>,
-    /// With [`Tiles::Auto`]: the preparation per (batch bucket, seq bucket).
-    tuned: Mutex<HashMap<(usize, usize), Arc<Ready>>>,
+    /// With [`Tiles::Auto`]: the preparation per (batch bucket, seq bucket,
+    /// pass).
+    tuned: Mutex<HashMap<(usize, usize, Pass), Arc<Ready>>>,
 }
 
 impl std::fmt::Debug for Mixer {
@@ -315,7 +321,7 @@ impl Mixer {
             }),
             tuned: Mutex::new(HashMap::new()),
         };
-        m.base_choice = m.choose(None);
+        m.base_choice = m.choose(None, Pass::Fwd);
         m.base = m.prepare(m.base_choice.clone())?;
         Ok(m)
     }
@@ -362,7 +368,7 @@ impl Mixer {
 
     /// The tile choice for a call (`shape`: the bucket's (batch, seq) for a
     /// tuning-cache lookup; `None`: the base choice), not yet prepared.
-    fn choose(&self, shape: Option<(usize, usize)>) -> Choice {
+    fn choose(&self, shape: Option<(usize, usize)>, pass: Pass) -> Choice {
         let (spec, opts) = (&self.spec, &self.opts);
         match self.backend {
             BackendKind::Reference => Choice::Reference,
@@ -374,7 +380,14 @@ impl Mixer {
                     ),
                     (Tiles::Auto, Some((batch, seq))) => {
                         let cache = tune::TuneCache::from_env();
-                        let c = tune::cpu_config_in(cache.as_ref(), spec, batch, seq, self.dtype);
+                        let c = tune::cpu_config_for_pass(
+                            cache.as_ref(),
+                            spec,
+                            batch,
+                            seq,
+                            self.dtype,
+                            pass,
+                        );
                         (c.config, source_of(c.source))
                     }
                     _ => (
@@ -467,14 +480,15 @@ impl Mixer {
         }))
     }
 
-    /// The preparation for a call of `batch x seq`.
-    fn ready_for(&self, batch: usize, seq: usize) -> Result<Arc<Ready>> {
+    /// The preparation for a call of `batch x seq` of `pass`.
+    fn ready_for(&self, batch: usize, seq: usize, pass: Pass) -> Result<Arc<Ready>> {
         if self.opts.tiles != Tiles::Auto || self.backend == BackendKind::Reference {
             return Ok(self.base.clone());
         }
         let key = (
             tune::cache::batch_bucket(batch),
             tune::cache::seq_bucket(seq),
+            pass,
         );
         if let Some(p) = self
             .tuned
@@ -484,7 +498,7 @@ impl Mixer {
         {
             return Ok(p.clone());
         }
-        let choice = self.choose(Some((batch, seq)));
+        let choice = self.choose(Some((batch, seq)), pass);
         // Tiles equal to the base choice run on the base preparation
         // (reported with this bucket's source: a tuned entry, or a note).
         let ready = if choice.same_tiles(&self.base_choice) {
@@ -563,7 +577,7 @@ impl Mixer {
         if need > ADMIT_ABOVE_BYTES {
             crate::memory::admit_host(need)?;
         }
-        let ready = self.ready_for(inputs.batch, inputs.seq)?;
+        let ready = self.ready_for(inputs.batch, inputs.seq, Pass::Bwd)?;
         let prepared = match &ready.prepared {
             Prepared::Shared(base) => &base.prepared,
             p => p,
@@ -580,6 +594,8 @@ impl Mixer {
         Ok(BackwardOutput {
             grads,
             seconds: start.elapsed().as_secs_f64(),
+            config: ready.config.clone(),
+            config_source: ready.source.clone(),
         })
     }
 
@@ -657,7 +673,7 @@ impl Mixer {
         if rest > ADMIT_ABOVE_BYTES {
             crate::memory::admit_host(rest)?;
         }
-        let ready = self.ready_for(inputs.batch, inputs.seq)?;
+        let ready = self.ready_for(inputs.batch, inputs.seq, Pass::Fwd)?;
         let prepared = match &ready.prepared {
             Prepared::Shared(base) => &base.prepared,
             p => p,

@@ -27,6 +27,7 @@ fn tune_store_hit_and_use() {
         budget: Duration::from_secs(2),
         force: false,
         top: 3,
+        pass: tune::Pass::Fwd,
     };
     let mut started = 0;
     let mut events = |e: TuneEvent| {
@@ -70,6 +71,49 @@ fn tune_store_hit_and_use() {
         "{:?}",
         out.config_source
     );
+    // Before a backward entry exists, the backward runs the default tiles.
+    let d_o = mixc_runtime::inputs::random_upstream(&spec, 1, 100, 4);
+    let (out, saved) = m.forward_train(&x).unwrap();
+    let back = m.backward(&x, &out.o, &saved, &d_o).unwrap();
+    assert!(
+        matches!(back.config_source, ConfigSource::Default { .. }),
+        "{:?}",
+        back.config_source
+    );
+    // The backward pass is tuned under its own key (another file), checked
+    // against the reference gradients, and a new mixer's backward uses it
+    // while its forward keeps the forward's entry.
+    req.seq = 96;
+    req.force = false;
+    req.pass = tune::Pass::Bwd;
+    let s = tune::tune(&spec, &req, &mut |_| {}, &mut |_| {}).unwrap();
+    let bwd_path = match s.result {
+        TuneResult::Tuned {
+            written: Some(p),
+            report,
+            ..
+        } => {
+            assert!(report.timed >= 1);
+            p
+        }
+        other => panic!("{other:?} {:?}", s.warnings),
+    };
+    assert_ne!(bwd_path, path);
+    assert_eq!(s.key.pass, tune::Pass::Bwd);
+    let m = Mixer::new(&spec, Options::on(Device::Cpu)).unwrap();
+    let (out, saved) = m.forward_train(&x).unwrap();
+    let back = m.backward(&x, &out.o, &saved, &d_o).unwrap();
+    assert!(
+        matches!(&back.config_source, ConfigSource::Tuned { path } if *path == bwd_path.display().to_string()),
+        "{:?}",
+        back.config_source
+    );
+    assert!(
+        matches!(&out.config_source, ConfigSource::Tuned { path: p } if *p == path.display().to_string()),
+        "{:?}",
+        out.config_source
+    );
+    req.pass = tune::Pass::Fwd;
     // Reference and zero sizes are refused in the library's terms.
     req.backend = BackendKind::Reference;
     assert!(tune::tune(&spec, &req, &mut |_| {}, &mut |_| {}).is_err());

@@ -432,6 +432,8 @@ pub fn main(args: Args) -> Result<ExitCode> {
         "peak_rss_bytes": report::peak_rss_bytes(),
         "saved": args.save.as_ref().map(|p| p.display().to_string()),
         "backward_seconds": backward.as_ref().map(|(_, b)| b.seconds),
+        "backward_config": backward.as_ref().map(|(_, b)| b.config.clone()),
+        "backward_config_source": backward.as_ref().map(|(_, b)| source_text(&b.config_source)),
         "gradients": backward.as_ref().map(|(_, b)| {
             b.grads.named().into_iter().map(|(n, _)| n).collect::<Vec<_>>()
         }),
@@ -474,7 +476,13 @@ pub fn main(args: Args) -> Result<ExitCode> {
         }
         if let Some((_, b)) = &backward {
             let names: Vec<String> = b.grads.named().into_iter().map(|(n, _)| n).collect();
-            println!("backward: {} in {:.3} s", names.join(", "), b.seconds);
+            println!(
+                "backward: {} in {:.3} s; config: {} ({})",
+                names.join(", "),
+                b.seconds,
+                b.config,
+                source_text(&b.config_source)
+            );
         }
         if let Some(c) = &grad_check {
             let each: Vec<String> = c

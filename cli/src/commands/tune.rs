@@ -21,6 +21,12 @@ pub enum Backend {
     Cuda,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TunePass {
+    Fwd,
+    Bwd,
+}
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Spec file (`.mix`).
@@ -52,6 +58,10 @@ pub struct Args {
     /// Tune again even when the cache holds an entry.
     #[arg(long)]
     force: bool,
+    /// The pass to tune: the forward, or the backward (`run --grad`, `bench
+    /// --pass bwd`; CPU only), whose tiles are timed and cached separately.
+    #[arg(long, value_enum, default_value = "fwd")]
+    pass: TunePass,
     /// Print one JSON object instead of text (and no progress bar).
     #[arg(long)]
     json: bool,
@@ -85,6 +95,10 @@ pub fn main(args: Args) -> Result<ExitCode> {
         budget: Duration::from_secs_f64(args.budget),
         force: args.force,
         top: args.top,
+        pass: match args.pass {
+            TunePass::Fwd => tune::Pass::Fwd,
+            TunePass::Bwd => tune::Pass::Bwd,
+        },
     };
     let bar = if args.json || !std::io::stderr().is_terminal() {
         ProgressBar::hidden()
@@ -102,9 +116,14 @@ pub fn main(args: Args) -> Result<ExitCode> {
         }
         match e {
             TuneEvent::Started { key, device } => println!(
-                "tuning {} ({}) on {}: {}; batch {} x seq {} (bucket {} x {}), {}",
+                "tuning {} ({}{}) on {}: {}; batch {} x seq {} (bucket {} x {}), {}",
                 spec.name,
                 spec.family.name(),
+                if key.pass == tune::Pass::Bwd {
+                    ", backward pass"
+                } else {
+                    ""
+                },
                 device.backend,
                 device.describe(),
                 args.batch,

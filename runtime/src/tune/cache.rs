@@ -143,6 +143,33 @@ pub struct TuneKey {
     pub batch_bucket: usize,
     pub dtype: DType,
     pub device: DeviceInfo,
+    /// Which pass the tiles were tuned for. Forward keys serialise without
+    /// it, so entries written before backward tuning existed keep their
+    /// names and stay valid.
+    #[serde(default, skip_serializing_if = "Pass::is_fwd")]
+    pub pass: Pass,
+}
+
+/// The pass a configuration is tuned for: the forward, or the backward
+/// (`Mixer::backward`), whose tiles are tuned and cached separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pass {
+    #[default]
+    Fwd,
+    Bwd,
+}
+
+impl Pass {
+    pub fn is_fwd(&self) -> bool {
+        *self == Pass::Fwd
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Pass::Fwd => "fwd",
+            Pass::Bwd => "bwd",
+        }
+    }
 }
 
 impl TuneKey {
@@ -160,7 +187,14 @@ impl TuneKey {
             batch_bucket: batch_bucket(batch),
             dtype,
             device,
+            pass: Pass::Fwd,
         }
+    }
+
+    /// The same key for tiles tuned for `pass`.
+    pub fn for_pass(mut self, pass: Pass) -> Self {
+        self.pass = pass;
+        self
     }
 
     /// `<spec>-<backend>-<hash of the key>.json`.

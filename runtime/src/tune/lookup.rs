@@ -11,7 +11,7 @@
 //! file), so they agree as well; a launcher that must be sure passes rank 0's
 //! choice to the others.
 
-use super::cache::{DeviceInfo, Loaded, TuneCache, TuneKey};
+use super::cache::{DeviceInfo, Loaded, Pass, TuneCache, TuneKey};
 use super::TunedConfig;
 use crate::cpu::CpuConfig;
 use mixc_codegen::{generate, KernelConfig, Target};
@@ -57,6 +57,19 @@ pub fn cpu_config_in(
     seq: usize,
     dtype: DType,
 ) -> CpuChoice {
+    cpu_config_for_pass(cache, spec, batch, seq, dtype, Pass::Fwd)
+}
+
+/// [`cpu_config_in`] for the tiles tuned for `pass` (`mixc tune --pass bwd`
+/// stores the backward's separately).
+pub fn cpu_config_for_pass(
+    cache: Option<&TuneCache>,
+    spec: &MixerSpec,
+    batch: usize,
+    seq: usize,
+    dtype: DType,
+    pass: Pass,
+) -> CpuChoice {
     let default = CpuConfig::default_for(spec, seq);
     let Some(cache) = cache else {
         return CpuChoice {
@@ -64,7 +77,7 @@ pub fn cpu_config_in(
             source: Source::Default { note: None },
         };
     };
-    let key = TuneKey::new(spec, batch, seq, dtype, DeviceInfo::cpu());
+    let key = TuneKey::new(spec, batch, seq, dtype, DeviceInfo::cpu()).for_pass(pass);
     let (config, source) = match cache.load(&key) {
         Loaded::Hit(e) => match e.choice {
             TunedConfig::Cpu(t) => (

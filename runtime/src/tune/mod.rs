@@ -24,8 +24,10 @@ pub mod session;
 pub mod space;
 pub mod timing;
 
-pub use cache::{DeviceInfo, TuneCache, TuneEntry, TuneKey};
-pub use lookup::{cpu_config_for, cpu_config_in, cuda_config_in, CpuChoice, Source};
+pub use cache::{DeviceInfo, Pass, TuneCache, TuneEntry, TuneKey};
+pub use lookup::{
+    cpu_config_for, cpu_config_for_pass, cpu_config_in, cuda_config_in, CpuChoice, Source,
+};
 pub use session::{tune, TuneEvent, TuneRequest, TuneResult, TuneSession};
 pub use timing::{CpuTimer, CpuTimerOptions, CudaTimer, Timer};
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use mixc_codegen::Target;
 use mixc_dsl::ir::{DType, MixerSpec};
 
-use super::cache::{DeviceInfo, Loaded, TuneCache, TuneEntry, TuneKey};
+use super::cache::{DeviceInfo, Loaded, Pass, TuneCache, TuneEntry, TuneKey};
 use super::{
     prune, run_tuning, space, Candidate, CpuTimer, CpuTimerOptions, CudaTimer, Progress, Timer,
     TuneOptions, TuneReport,
@@ -41,6 +41,9 @@ pub struct TuneRequest {
     pub force: bool,
     /// Rows the stored entry keeps.
     pub top: usize,
+    /// The pass tuned: the forward, or the backward (CPU only; stored
+    /// under its own key, used by `Mixer::backward`).
+    pub pass: Pass,
 }
 
 /// What happens before timing starts, for a caller that reports it.
@@ -113,7 +116,13 @@ pub fn tune(
             })
         }
     };
-    let key = TuneKey::new(spec, req.batch, req.seq, req.dtype, device.clone());
+    if req.pass == Pass::Bwd && req.backend == BackendKind::Cuda {
+        return Err(RuntimeError::Unsupported {
+            backend: "cuda",
+            what: "tuning the backward pass (no backward kernels yet)".into(),
+        });
+    }
+    let key = TuneKey::new(spec, req.batch, req.seq, req.dtype, device.clone()).for_pass(req.pass);
     let mut warnings = Vec::new();
     let cache = TuneCache::from_env();
     if cache.is_none() {
@@ -141,7 +150,9 @@ pub fn tune(
     }
     // The timed inputs (and the check's reference output) must fit.
     let (inputs, rest) = crate::memory::run_host_bytes(spec, req.batch, req.seq, true, 2)?;
-    crate::memory::admit_host(inputs.saturating_add(rest))?;
+    // A backward step holds about three times a forward's (gradients, scratch).
+    let steps = if req.pass == Pass::Bwd { 3 } else { 1 };
+    crate::memory::admit_host(inputs.saturating_add(rest).saturating_mul(steps))?;
     on_event(TuneEvent::Started {
         key: &key,
         device: &device,
@@ -175,17 +186,26 @@ pub fn tune(
         _ => {
             let base = CpuConfig::default_for(spec, req.seq);
             let cands = space::cpu_candidates(spec, req.seq, &base);
-            let timer = CpuTimer::new(spec, base, req.batch, req.seq, timer_opts)?;
+            let mut timer = CpuTimer::new(spec, base, req.batch, req.seq, timer_opts)?;
+            if req.pass == Pass::Bwd {
+                timer = timer.for_backward()?;
+            }
             (cands, Vec::new(), Box::new(timer))
         }
     };
     let opts = TuneOptions {
         budget: Some(req.budget),
         // The CPU backend computes in f32 whatever the storage type; kernels in `dtype`.
-        tolerance: crate::reference::check_tolerance(match req.backend {
-            BackendKind::Cuda => req.dtype,
-            _ => DType::F32,
-        }),
+        tolerance: {
+            let compute = match req.backend {
+                BackendKind::Cuda => req.dtype,
+                _ => DType::F32,
+            };
+            match req.pass {
+                Pass::Fwd => crate::reference::check_tolerance(compute),
+                Pass::Bwd => crate::check::grad_tolerance(compute),
+            }
+        },
     };
     let report = run_tuning(candidates, pruned, timer.as_mut(), &opts, progress);
     let Some(entry) = TuneEntry::from_report(key.clone(), req.batch, req.seq, &report, req.top)

@@ -60,6 +60,17 @@ pub struct CpuTimer {
     reference: Tensor<f64>,
     opts: CpuTimerOptions,
     next: usize,
+    /// Set: the backward pass is timed and checked instead of the forward.
+    backward: Option<BackwardCheck>,
+}
+
+/// What timing the backward needs: an upstream gradient and the reference
+/// gradients of the first input set on one kv head (every query head of
+/// its group, all positions).
+struct BackwardCheck {
+    d_o: Tensor<f32>,
+    plan: crate::check::GradCheckPlan,
+    want: crate::grad::Gradients<f64>,
 }
 
 /// `n` rows spread evenly over `0..seq`, both ends included (masks change
@@ -124,7 +135,41 @@ impl CpuTimer {
             reference,
             opts,
             next: 0,
+            backward: None,
         })
+    }
+
+    /// Times and checks the backward pass (`Mixer::backward`'s CPU path)
+    /// instead of the forward: each repetition runs an untimed forward,
+    /// then the timed backward; the check compares the gradients of kv
+    /// head 0 with the f64 reference.
+    pub fn for_backward(mut self) -> Result<Self> {
+        let first = &self.inputs[0];
+        let d_o =
+            crate::inputs::random_upstream(&self.spec, first.batch, first.seq, self.opts.seed);
+        let plan = crate::check::GradCheckPlan {
+            kv_heads: vec![0],
+            ..crate::check::GradCheckPlan::full(&self.spec)
+        };
+        let want = reference::gradients_for(&self.spec, first, &d_o, &plan.kv_heads, &|_| {})?;
+        self.backward = Some(BackwardCheck { d_o, plan, want });
+        Ok(self)
+    }
+
+    /// One backward of `inputs` with `cfg`: the forward untimed, the
+    /// backward's time and gradients returned.
+    fn backward_once(
+        &self,
+        cfg: &CpuConfig,
+        inputs: &MixerInputs,
+        d_o: &Tensor<f32>,
+    ) -> Result<(Duration, crate::grad::Gradients<f32>)> {
+        let m = cpu::CpuMixer::new(&self.spec, cfg)?;
+        let fwd = m.run(inputs)?;
+        let o = fwd.output.into_f32();
+        let t0 = Instant::now();
+        let g = m.backward(inputs, &o, &fwd.stat, d_o)?.into_f32();
+        Ok((t0.elapsed(), g))
     }
 
     fn config(&self, cand: &Candidate) -> Result<CpuConfig> {
@@ -140,6 +185,9 @@ impl CpuTimer {
     fn run_once(&mut self, cfg: &CpuConfig) -> Result<Duration> {
         let inputs = &self.inputs[self.next % self.inputs.len()];
         self.next += 1;
+        if let Some(b) = &self.backward {
+            return Ok(self.backward_once(cfg, inputs, &b.d_o)?.0);
+        }
         let t0 = Instant::now();
         cpu::run(&self.spec, inputs, cfg)?;
         Ok(t0.elapsed())
@@ -149,6 +197,17 @@ impl CpuTimer {
 impl Timer for CpuTimer {
     fn check(&mut self, cand: &Candidate) -> Result<f64> {
         let cfg = self.config(cand)?;
+        if let Some(b) = &self.backward {
+            let (_, got) = self.backward_once(&cfg, &self.inputs[0], &b.d_o)?;
+            let report = crate::check::compare_gradients_with(
+                &self.spec,
+                &b.want,
+                &got,
+                &b.plan,
+                mixc_dsl::DType::F32,
+            )?;
+            return Ok(report.max_rel_error());
+        }
         let out = cpu::run(&self.spec, &self.inputs[0], &cfg)?.output.to_f64();
         Ok(rows_error(&out, &self.reference, &self.rows))
     }
