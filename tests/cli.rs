@@ -1,21 +1,10 @@
 //! End-to-end tests of the `mixc` binary: exit codes, diagnostics, files.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 mod common;
-use common::{mixc, text};
-
-fn examples() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "mix"))
-        .collect();
-    v.sort();
-    v
-}
+use common::{examples, mixc, text};
 
 fn scratch(name: &str) -> PathBuf {
     common::scratch("cli", name)

@@ -7,19 +7,8 @@
 
 mod common;
 
-use common::{mixc, scratch, text};
-use std::path::{Path, PathBuf};
-
-fn examples() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "mix"))
-        .collect();
-    v.sort();
-    v
-}
+use common::{examples, mixc, scratch, text};
+use std::path::Path;
 
 fn run_json(args: &[&str]) -> serde_json::Value {
     let out = mixc(args);

@@ -46,6 +46,28 @@ pub(super) struct StateMsg<T> {
     z: Vec<T>,
 }
 
+impl<T: Real> StateMsg<T> {
+    /// A message to fill with the states of `bh` (batch, head) pairs.
+    fn empty(pos: usize, forward: bool, bh: usize, dk: usize, dv: usize) -> Self {
+        StateMsg {
+            pos,
+            forward,
+            s: Vec::with_capacity(bh * dk * dv),
+            z: Vec::with_capacity(bh * dk),
+        }
+    }
+    /// The state of (batch, head) `x` in `msg`, or zeros without one.
+    fn part(msg: Option<&Self>, x: usize, dk: usize, dv: usize) -> (Vec<T>, Vec<T>) {
+        match msg {
+            Some(p) => (
+                p.s[x * dk * dv..(x + 1) * dk * dv].to_vec(),
+                p.z[x * dk..(x + 1) * dk].to_vec(),
+            ),
+            None => (vec![T::ZERO; dk * dv], vec![T::ZERO; dk]),
+        }
+    }
+}
+
 /// Receives the message for (`pos`, `forward`), keeping others for later.
 fn recv_for<T>(
     ep: &Endpoint<StateMsg<T>>,
@@ -458,23 +480,12 @@ pub(super) fn rank_main<T: Real>(
             (0..bh)
                 .into_par_iter()
                 .map(|x| {
-                    let (s, z) = match &prefix {
-                        Some(p) => (
-                            p.s[x * dk * dv..(x + 1) * dk * dv].to_vec(),
-                            p.z[x * dk..(x + 1) * dk].to_vec(),
-                        ),
-                        None => (vec![T::ZERO; dk * dv], vec![T::ZERO; dk]),
-                    };
+                    let (s, z) = StateMsg::part(prefix.as_ref(), x, dk, dv);
                     forward_sweep(ctx, x / ctx.heads, x % ctx.heads, range, &data[ri][x], s, z)
                 })
                 .collect()
         });
-        let mut next = StateMsg {
-            pos: range.end,
-            forward: true,
-            s: Vec::with_capacity(bh * dk * dv),
-            z: Vec::with_capacity(bh * dk),
-        };
+        let mut next = StateMsg::empty(range.end, true, bh, dk, dv);
         for (x, (dqx, row, s, z)) in outs.into_iter().enumerate() {
             let row0 = x * nq + offs[ri];
             dq[row0 * dk..(row0 + range.len()) * dk].copy_from_slice(&dqx);
@@ -514,13 +525,7 @@ pub(super) fn rank_main<T: Real>(
             (0..bh)
                 .into_par_iter()
                 .map(|x| {
-                    let (g, hv) = match &suffix {
-                        Some(p) => (
-                            p.s[x * dk * dv..(x + 1) * dk * dv].to_vec(),
-                            p.z[x * dk..(x + 1) * dk].to_vec(),
-                        ),
-                        None => (vec![T::ZERO; dk * dv], vec![T::ZERO; dk]),
-                    };
+                    let (g, hv) = StateMsg::part(suffix.as_ref(), x, dk, dv);
                     backward_sweep(
                         ctx,
                         x / ctx.heads,
@@ -533,12 +538,7 @@ pub(super) fn rank_main<T: Real>(
                 })
                 .collect()
         });
-        let mut prev = StateMsg {
-            pos: range.start,
-            forward: false,
-            s: Vec::with_capacity(bh * dk * dv),
-            z: Vec::with_capacity(bh * dk),
-        };
+        let mut prev = StateMsg::empty(range.start, false, bh, dk, dv);
         for (x, (d_k, d_v, col, g, hv)) in outs.into_iter().enumerate() {
             let (b, h) = (x / ctx.heads, x % ctx.heads);
             let (kvh, gi) = (h / group, h % group);
