@@ -11,7 +11,7 @@
 //! one-sided derivative of the branch their value came from (ties go to the
 //! first argument), like PyTorch's autograd.
 
-use crate::ir::{BinOp, EvalEnv, Expr, Func, ScalarType, UnOp, Var};
+use crate::ir::{BinOp, EvalEnv, Expr, Func, Indices, ScalarType, UnOp, Var};
 
 /// A differentiable leaf an expression read.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,7 +19,7 @@ pub enum Leaf<'e> {
     /// The score `s` (the variable of a `transform`).
     Score,
     /// `input[indices]`, indices as computed (before clamping).
-    Table { input: &'e str, indices: Vec<i64> },
+    Table { input: &'e str, indices: Indices },
 }
 
 impl Expr {
@@ -49,7 +49,10 @@ impl Expr {
                 b.backprop(env, g * db, sink);
             }
             Expr::Call(f, args) => {
-                let v: Vec<f64> = args.iter().map(|a| a.eval(env).as_f64()).collect();
+                let mut v = [0.0f64; 3];
+                for (x, a) in v.iter_mut().zip(args) {
+                    *x = a.eval(env).as_f64();
+                }
                 let mut d = [0.0f64; 3];
                 match f {
                     Func::Exp => d[0] = v[0].exp(),
@@ -83,7 +86,7 @@ impl Expr {
                 }
             }
             Expr::Index { input, indices } => {
-                let indices = indices.iter().map(|e| e.eval(env).as_i64()).collect();
+                let indices = Indices::eval(indices, env);
                 sink(
                     Leaf::Table {
                         input: input.as_str(),

@@ -265,6 +265,41 @@ pub enum Expr {
     },
 }
 
+/// The indices of one table read, held inline up to 8 (tables of higher
+/// rank spill to the heap), so evaluating a read allocates nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Indices {
+    Inline { len: usize, buf: [i64; 8] },
+    Heap(Vec<i64>),
+}
+
+impl Indices {
+    /// The integer values of `exprs` at `env`.
+    pub fn eval(exprs: &[Expr], env: &EvalEnv<'_>) -> Indices {
+        if exprs.len() > 8 {
+            return Indices::Heap(exprs.iter().map(|e| e.eval(env).as_i64()).collect());
+        }
+        let mut buf = [0i64; 8];
+        for (d, e) in buf.iter_mut().zip(exprs) {
+            *d = e.eval(env).as_i64();
+        }
+        Indices::Inline {
+            len: exprs.len(),
+            buf,
+        }
+    }
+}
+
+impl std::ops::Deref for Indices {
+    type Target = [i64];
+    fn deref(&self) -> &[i64] {
+        match self {
+            Indices::Inline { len, buf } => &buf[..*len],
+            Indices::Heap(v) => v,
+        }
+    }
+}
+
 /// Everything an expression can read while it is evaluated.
 pub struct EvalEnv<'a> {
     pub i: i64,
@@ -582,11 +617,16 @@ impl Expr {
             },
             Expr::Binary(op, a, b) => op.apply(a.eval(env), b.eval(env)),
             Expr::Call(f, args) => {
-                let v: Vec<Value> = args.iter().map(|a| a.eval(env)).collect();
-                f.apply(&v, env.heads)
+                // Arity is at most 3 (validation); no allocation per call.
+                let mut v = [Value::Int(0); 3];
+                let n = args.len().min(3);
+                for (d, a) in v.iter_mut().zip(args) {
+                    *d = a.eval(env);
+                }
+                f.apply(&v[..n], env.heads)
             }
             Expr::Index { input, indices } => {
-                let idx: Vec<i64> = indices.iter().map(|e| e.eval(env).as_i64()).collect();
+                let idx = Indices::eval(indices, env);
                 Value::Float((env.lookup)(input, &idx))
             }
         }
