@@ -262,6 +262,13 @@ fn check_lists_backend_support() {
         assert_eq!(targets, ["reference", "cpu", "cuda sm_80", "cuda sm_90"]);
         let name = row["name"].as_str().unwrap();
         for b in backends {
+            // Gradients: the host backends; CUDA has no backward kernels yet.
+            let on_cuda = b["target"].as_str().unwrap().starts_with("cuda");
+            assert_eq!(b["backward"].as_bool().unwrap(), !on_cuda, "{name}: {b}");
+            if on_cuda && name != "lin_bias" {
+                let why = b["backward_reason"].as_str().unwrap();
+                assert!(why.contains("backward kernels"), "{why}");
+            }
             let supported = b["supported"].as_bool().unwrap();
             if name == "lin_bias" && b["target"].as_str().unwrap().starts_with("cuda") {
                 assert!(!supported);
@@ -276,7 +283,10 @@ fn check_lists_backend_support() {
     let out = mixc(&["check", partial.to_str().unwrap()]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    assert!(t.contains("runs on reference, cpu\n"), "{t}");
+    assert!(
+        t.contains("runs on reference, cpu; gradients on reference, cpu\n"),
+        "{t}"
+    );
     assert!(t.contains("not on cuda sm_90: "), "{t}");
 }
 

@@ -601,17 +601,12 @@ impl Mixer {
 
     /// `Ok` when this mixer's backend runs the backward pass.
     pub fn backward_support(&self) -> Result<()> {
-        match self.backend {
-            BackendKind::Cuda => Err(RuntimeError::Unsupported {
-                backend: "cuda",
-                what: format!(
-                    "the backward pass of mixer `{}` (backward kernels are not generated \
-                     yet; the CPU backend computes gradients)",
-                    self.spec.name
-                ),
-            }),
-            _ => Ok(()),
-        }
+        capabilities::backward_supports(&self.spec, self.backend).map_err(|what| {
+            RuntimeError::Unsupported {
+                backend: self.backend.name(),
+                what,
+            }
+        })
     }
 
     /// What a gradient check compares: every head (`full`), or the
@@ -925,6 +920,21 @@ pub mod capabilities {
         pub target: String,
         /// `None`: supported; else why not, in the spec's terms.
         pub unsupported: Option<String>,
+        /// `None`: the backward pass runs there too; else why not.
+        pub backward_unsupported: Option<String>,
+    }
+
+    /// `Ok` when `backend` can run `spec`'s backward pass, else the reason.
+    pub fn backward_supports(spec: &MixerSpec, backend: BackendKind) -> Result<(), String> {
+        supports(spec, backend)?;
+        match backend {
+            BackendKind::Reference | BackendKind::Cpu => Ok(()),
+            BackendKind::Cuda => Err(format!(
+                "the backward pass of mixer `{}`: backward kernels are not generated yet \
+                 (the CPU backend computes gradients)",
+                spec.name
+            )),
+        }
     }
 
     /// `Ok` when `backend` can run `spec`, else the reason. For CUDA this
@@ -949,20 +959,22 @@ pub mod capabilities {
 
     /// The whole matrix: reference, cpu, cuda on each architecture.
     pub fn matrix(spec: &MixerSpec) -> Vec<Support> {
+        let host = |name: &str, kind| Support {
+            target: name.into(),
+            unsupported: supports(spec, kind).err(),
+            backward_unsupported: backward_supports(spec, kind).err(),
+        };
         let mut v = vec![
-            Support {
-                target: "reference".into(),
-                unsupported: supports(spec, BackendKind::Reference).err(),
-            },
-            Support {
-                target: "cpu".into(),
-                unsupported: supports(spec, BackendKind::Cpu).err(),
-            },
+            host("reference", BackendKind::Reference),
+            host("cpu", BackendKind::Cpu),
         ];
+        let cuda_backward = backward_supports(spec, BackendKind::Cuda).err();
         for arch in [Arch::Sm80, Arch::Sm90] {
+            let unsupported = cuda_supports(spec, arch).err();
             v.push(Support {
                 target: format!("cuda {arch}"),
-                unsupported: cuda_supports(spec, arch).err(),
+                backward_unsupported: unsupported.clone().or(cuda_backward.clone()),
+                unsupported,
             });
         }
         v

@@ -26,7 +26,9 @@ pub fn main(args: Args) -> Result<ExitCode> {
                         .iter()
                         .map(|s| {
                             json!({"target": s.target, "supported": s.unsupported.is_none(),
-                                   "reason": s.unsupported})
+                                   "reason": s.unsupported,
+                                   "backward": s.backward_unsupported.is_none(),
+                                   "backward_reason": s.backward_unsupported})
                         })
                         .collect();
                     println!(
@@ -41,11 +43,17 @@ pub fn main(args: Args) -> Result<ExitCode> {
                         .filter(|s| s.unsupported.is_none())
                         .map(|s| s.target.as_str())
                         .collect();
+                    let grads: Vec<&str> = support
+                        .iter()
+                        .filter(|s| s.backward_unsupported.is_none())
+                        .map(|s| s.target.as_str())
+                        .collect();
                     println!(
-                        "{shown}: ok ({} `{}`); runs on {}",
+                        "{shown}: ok ({} `{}`); runs on {}; gradients on {}",
                         spec.family.name(),
                         spec.name,
-                        runs.join(", ")
+                        runs.join(", "),
+                        grads.join(", ")
                     );
                     for s in &support {
                         if let Some(why) = &s.unsupported {
