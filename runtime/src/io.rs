@@ -88,6 +88,67 @@ fn read_i32(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Tensor<i32
     Ok(Tensor::new(view.shape().to_vec(), data))
 }
 
+/// The bytes of a tensor file, read only if they fit: a regular file's size
+/// is admitted against the host memory still available before it is read
+/// ([`RuntimeError::OutOfMemory`] otherwise); anything else (a pipe, a
+/// device such as `/dev/zero`) is read as far as its safetensors header
+/// says, after admitting that length, so no path can make the read run
+/// until memory is gone.
+fn read_bounded(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let io_err = |source| RuntimeError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io_err)?;
+    let meta = file.metadata().map_err(io_err)?;
+    if meta.is_file() {
+        crate::memory::admit_host(meta.len())?;
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        file.take(meta.len())
+            .read_to_end(&mut bytes)
+            .map_err(io_err)?;
+        return Ok(bytes);
+    }
+    // A stream: its length comes from the safetensors header (8 bytes of
+    // header length, the JSON header, then the data its offsets describe).
+    let mut file = file;
+    let mut len8 = [0u8; 8];
+    file.read_exact(&mut len8).map_err(io_err)?;
+    let header_len = u64::from_le_bytes(len8);
+    if header_len == 0 || header_len > MAX_HEADER_BYTES {
+        return Err(bad_file(
+            path,
+            format!("not a valid safetensors stream (header length {header_len})"),
+        ));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(io_err)?;
+    let doc: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| bad_file(path, format!("not a valid safetensors header: {e}")))?;
+    let data_len = doc
+        .as_object()
+        .map(|m| {
+            m.values()
+                .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
+    let total = 8 + header_len + data_len;
+    crate::memory::admit_host(total)?;
+    let mut bytes = Vec::with_capacity(total as usize);
+    bytes.extend_from_slice(&len8);
+    bytes.extend_from_slice(&header);
+    file.take(data_len)
+        .read_to_end(&mut bytes)
+        .map_err(io_err)?;
+    Ok(bytes)
+}
+
+/// The largest safetensors header read from a stream (the format's own limit).
+const MAX_HEADER_BYTES: u64 = 100 << 20;
+
 /// Reads the inputs of one run of `spec` from a safetensors file: `q`, `k`,
 /// `v` (only `v` for the convolution family) and every declared input, by
 /// name. Batch and sequence length come from `q` (or `v`); everything is then
@@ -105,10 +166,7 @@ pub fn load_inputs_with(
     spec: &MixerSpec,
     optional: &[&str],
 ) -> Result<(MixerInputs, std::collections::BTreeMap<String, Tensor<f32>>)> {
-    let bytes = std::fs::read(path).map_err(|source| RuntimeError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let bytes = read_bounded(path)?;
     let file = SafeTensors::deserialize(&bytes)
         .map_err(|e| bad_file(path, format!("not a valid safetensors file: {e}")))?;
     let get = |name: &str| {
