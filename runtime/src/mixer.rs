@@ -684,7 +684,11 @@ impl Mixer {
                 (o, None, None, None)
             }
             Prepared::Cpu(m) => {
-                let run = m.run(inputs)?;
+                let run = if keep_stat {
+                    m.run_train(inputs)?
+                } else {
+                    m.run(inputs)?
+                };
                 if keep_stat {
                     stat = Some(run.stat);
                 }

@@ -178,6 +178,22 @@ impl<M> Endpoint<M> {
     pub fn send_next(&self, msg: M) -> Result<()> {
         self.send_to((self.rank + 1) % self.ranks, msg)
     }
+    /// The sum over all ranks of `mine`, on every rank: each rank's part
+    /// goes once around the ring (`R - 1` hops) and every rank adds what
+    /// passes through (`add(total, part)`).
+    pub fn all_reduce(&self, mine: M, add: impl Fn(&mut M, &M)) -> Result<M>
+    where
+        M: Clone,
+    {
+        let mut total = mine.clone();
+        let mut held = mine;
+        for _ in 1..self.ranks {
+            self.send_next(held)?;
+            held = self.recv()?;
+            add(&mut total, &held);
+        }
+        Ok(total)
+    }
     /// Waits for the next message.
     pub fn recv(&self) -> Result<M> {
         self.inbox.recv().map_err(|_| {

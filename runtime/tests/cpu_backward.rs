@@ -92,7 +92,7 @@ fn check(spec: &MixerSpec, seq: usize, ranks: &[usize]) {
                     precision,
                 };
                 let m = CpuMixer::new(spec, &cfg).expect("mixer");
-                let fwd = m.run(&inputs).expect("forward");
+                let fwd = m.run_train(&inputs).expect("forward");
                 let o = fwd.output.to_f32();
                 let got = m
                     .backward(&inputs, &o, &fwd.stat, &d_o)
@@ -178,9 +178,16 @@ fn mismatched_forward_tensors_are_refused() {
     let spec = shrink(&example_specs()[0]);
     let inputs = random_inputs(&spec, 1, 20, 1);
     let m = CpuMixer::new(&spec, &CpuConfig::default_for(&spec, 20)).expect("mixer");
-    let fwd = m.run(&inputs).expect("forward");
+    let fwd = m.run_train(&inputs).expect("forward");
     let o = fwd.output.to_f32();
     let d_o = upstream(&spec, 1, 20, 2);
+    // Inference keeps no statistics, so its output cannot feed a backward.
+    let inference = m.run(&inputs).expect("forward");
+    assert!(inference.stat.data.is_empty());
+    let err = m
+        .backward(&inputs, &o, &inference.stat, &upstream(&spec, 1, 20, 2))
+        .unwrap_err();
+    assert!(err.to_string().contains("stat"), "{err}");
     let bad_stat = Tensor::<f64>::zeros(&[1, 20, spec.heads as usize]);
     let err = m.backward(&inputs, &o, &bad_stat, &d_o).unwrap_err();
     assert!(err.to_string().contains("stat"), "{err}");

@@ -39,6 +39,7 @@ use crate::ring::{Endpoint, RingSchedule};
 /// A state for one range boundary, for every (batch, head): forward (`s`,
 /// `z`: positions before `pos`, decayed to `pos - 1`) or backward (`G`,
 /// `h`: positions from `pos` on, decayed to `pos - 1`).
+#[derive(Clone)]
 pub(super) struct StateMsg<T> {
     pos: usize,
     forward: bool,
@@ -176,6 +177,31 @@ fn chunk_decays<T: Real>(ctx: &Ctx<'_, T>, b: usize, h: usize, ch: &Range<usize>
     }
 }
 
+/// `v`'s `n x d` rows transposed into `vt` (`d x n`).
+fn transposed<T: Real>(v: &[T], n: usize, d: usize, vt: &mut Vec<T>) {
+    vt.clear();
+    vt.resize(d * n, T::ZERO);
+    transpose(v, n, d, vt);
+}
+
+/// The weight gradients of a chunk's own pairs, `m = (U Vᵀ + c 1ᵀ) ⊙ W`
+/// (`n x n`, zero above the diagonal where `w` is), from `vt = Vᵀ`.
+fn pair_grads<T: Real>(uc: &[T], vt: &[T], c: &[T], w: &[T], n: usize, dv: usize, m: &mut Vec<T>) {
+    m.clear();
+    m.resize(n * n, T::ZERO);
+    gemm(
+        Mat::dense(uc, n, dv),
+        Mat::dense(vt, dv, n),
+        MatMut::dense(m, n, n),
+        false,
+    );
+    for ((mr, wr), &ci) in m.chunks_exact_mut(n).zip(w.chunks_exact(n)).zip(c) {
+        for (x, &wv) in mr.iter_mut().zip(wr) {
+            *x = (*x + ci) * wv;
+        }
+    }
+}
+
 /// The forward sweep over one range of (batch `b`, head `h`) from the
 /// prefix state (`st = Sᵀ`, `d_v x d_k`, and `z`): `dqs` rows and `qs .
 /// dqs` of the range, and the state after it. Per chunk: `dQ = diag(w)
@@ -214,24 +240,9 @@ fn forward_sweep<T: Real>(
             r.iter_mut().for_each(|x| *x *= wi);
         }
         // Inside the chunk: M = U Vᵀ + c, masked and decayed, times K.
-        vt.clear();
-        vt.resize(dv * n, T::ZERO);
-        transpose(vc, n, dv, &mut vt);
-        m.clear();
-        m.resize(n * n, T::ZERO);
-        gemm(
-            Mat::dense(uc, n, dv),
-            Mat::dense(&vt, dv, n),
-            MatMut::dense(&mut m, n, n),
-            false,
-        );
+        transposed(vc, n, dv, &mut vt);
         chunk_decays(ctx, b, h, &ch, &mut w);
-        for (t, (mr, wr)) in m.chunks_exact_mut(n).zip(w.chunks_exact(n)).enumerate() {
-            let ci = d.c[t0 + t];
-            for (x, &wv) in mr.iter_mut().zip(wr) {
-                *x = (*x + ci) * wv;
-            }
-        }
+        pair_grads(uc, &vt, &d.c[t0..t0 + n], &w, n, dv, &mut m);
         gemm(
             Mat::dense(&m, n, n),
             Mat::dense(kc, n, dk),
@@ -302,9 +313,7 @@ fn backward_sweep<T: Real>(
         let dkc = &mut d_k[t0 * dk..(t0 + n) * dk];
         let dvc = &mut d_v[t0 * dv..(t0 + n) * dv];
         // Through the state, each key decayed to the chunk's end.
-        vt.clear();
-        vt.resize(dv * n, T::ZERO);
-        transpose(vc, n, dv, &mut vt);
+        transposed(vc, n, dv, &mut vt);
         dkt.clear();
         dkt.resize(dk * n, T::ZERO);
         gemm(
@@ -332,17 +341,8 @@ fn backward_sweep<T: Real>(
         }
         // Inside the chunk.
         chunk_decays(ctx, b, h, &ch, &mut w);
-        m.clear();
-        m.resize(n * n, T::ZERO);
-        gemm(
-            Mat::dense(uc, n, dv),
-            Mat::dense(&vt, dv, n),
-            MatMut::dense(&mut m, n, n),
-            false,
-        );
-        kt.clear();
-        kt.resize(dk * n, T::ZERO);
-        transpose(kc, n, dk, &mut kt);
+        pair_grads(uc, &vt, &d.c[t0..t0 + n], &w, n, dv, &mut m);
+        transposed(kc, n, dk, &mut kt);
         a.clear();
         a.resize(n * n, T::ZERO);
         gemm(
@@ -351,18 +351,7 @@ fn backward_sweep<T: Real>(
             MatMut::dense(&mut a, n, n),
             false,
         );
-        for (t, ((mr, ar), wr)) in m
-            .chunks_exact_mut(n)
-            .zip(a.chunks_exact_mut(n))
-            .zip(w.chunks_exact(n))
-            .enumerate()
-        {
-            let ci = d.c[t0 + t];
-            for ((x, y), &wv) in mr.iter_mut().zip(ar.iter_mut()).zip(wr) {
-                *x = (*x + ci) * wv;
-                *y *= wv;
-            }
-        }
+        a.iter_mut().zip(&w).for_each(|(x, &wv)| *x *= wv);
         gemm_tn(
             Mat::dense(&m, n, n),
             Mat::dense(qc, n, dk),
@@ -586,7 +575,6 @@ pub(super) fn rank_main<T: Real>(
 /// h`, `dv_j = Gᵀ K_j` for the rank's own positions.
 pub(super) fn rank_main_global<T: Real>(
     ctx: &Ctx<'_, T>,
-    sched: &RingSchedule,
     qside: &QSide<T>,
     ep: Endpoint<StateMsg<T>>,
 ) -> Result<RankGrads<T>> {
@@ -623,25 +611,17 @@ pub(super) fn rank_main_global<T: Real>(
             })
             .collect()
     });
-    let mut total = StateMsg {
+    let mine = StateMsg {
         pos: 0,
         forward: true,
         s: parts.iter().flat_map(|(s, _)| s.iter().copied()).collect(),
         z: parts.iter().flat_map(|(_, z)| z.iter().copied()).collect(),
     };
     drop(parts);
-    let mut held = StateMsg {
-        pos: 0,
-        forward: true,
-        s: total.s.clone(),
-        z: total.z.clone(),
-    };
-    for _ in 1..sched.ranks {
-        ep.send_next(held)?;
-        held = ep.recv()?;
-        total.s.iter_mut().zip(&held.s).for_each(|(a, b)| *a += *b);
-        total.z.iter_mut().zip(&held.z).for_each(|(a, b)| *a += *b);
-    }
+    let total = ep.all_reduce(mine, |t, part| {
+        t.s.iter_mut().zip(&part.s).for_each(|(a, b)| *a += *b);
+        t.z.iter_mut().zip(&part.z).for_each(|(a, b)| *a += *b);
+    })?;
     let bkv = ctx.batch * ctx.kv_heads;
     let mut dq = written(bh * nq * dk, T::ZERO);
     let mut d_k = written(bkv * nq * dk, T::ZERO);

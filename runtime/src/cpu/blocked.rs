@@ -208,6 +208,7 @@ pub(super) fn written<T: Copy>(len: usize, x: T) -> Vec<T> {
 fn finalize<T: Real>(ctx: &Ctx<'_, T>, acc: Acc<T>, nq: usize) -> (Vec<T>, Vec<f64>) {
     let dv = ctx.dv;
     let stat = match ctx.spec.norm {
+        _ if !ctx.keep_stat => Vec::new(),
         Norm::Softmax => acc
             .m
             .iter()

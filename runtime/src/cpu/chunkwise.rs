@@ -22,10 +22,19 @@ use crate::ring::{Endpoint, RingSchedule};
 
 /// The state of every position before `start`, decayed to `start - 1`, for
 /// every (batch, head): `s` is `[bh][d_k][d_v]`, `z` is `[bh][d_k]`.
+#[derive(Clone)]
 pub(super) struct PrefixState<T> {
     start: usize,
     s: Vec<T>,
     z: Vec<T>,
+}
+
+impl<T: Real> PrefixState<T> {
+    /// Adds another rank's part (the ring all-reduce of the global state).
+    fn add(&mut self, other: &Self) {
+        self.s.iter_mut().zip(&other.s).for_each(|(a, b)| *a += *b);
+        self.z.iter_mut().zip(&other.z).for_each(|(a, b)| *a += *b);
+    }
 }
 
 /// One (batch, head)'s work on one range.
@@ -53,7 +62,7 @@ pub(super) fn rank_main<T: Real>(
     // Laid out as the blocked path does: `[bh][position in shard order][dv]`.
     let n: usize = ranges.iter().map(|r| r.len()).sum();
     let mut y_all = written(bh * n * dv, T::ZERO);
-    let mut stat = vec![0.0f64; bh * n];
+    let mut stat = vec![0.0f64; if ctx.keep_stat { bh * n } else { 0 }];
     let mut off = 0;
     // A state this rank sent to itself (zigzag: the two middle chunks are adjacent).
     let mut kept: Option<PrefixState<T>> = None;
@@ -122,7 +131,7 @@ pub(super) fn rank_main<T: Real>(
             }
         }
         finish(ctx, &locals, range.len(), &mut y_all, n, off);
-        if matches!(ctx.spec.norm, Norm::Sum { .. }) {
+        if ctx.keep_stat && matches!(ctx.spec.norm, Norm::Sum { .. }) {
             for (x, loc) in locals.iter().enumerate() {
                 for (d, &l) in stat[x * n + off..].iter_mut().zip(&loc.l[..range.len()]) {
                     *d = l.to_f64();
@@ -449,23 +458,13 @@ pub(super) fn rank_main_global<T: Real>(
             })
             .collect()
     });
-    let mut total = PrefixState {
+    let mine = PrefixState {
         start: ep.rank,
         s: states.iter().flat_map(|(s, _)| s.iter().copied()).collect(),
         z: states.iter().flat_map(|(_, z)| z.iter().copied()).collect(),
     };
     drop(states);
-    let mut held = PrefixState {
-        start: total.start,
-        s: total.s.clone(),
-        z: total.z.clone(),
-    };
-    for _ in 1..sched.ranks {
-        ep.send_next(held)?;
-        held = ep.recv()?;
-        total.s.iter_mut().zip(&held.s).for_each(|(a, b)| *a += *b);
-        total.z.iter_mut().zip(&held.z).for_each(|(a, b)| *a += *b);
-    }
+    let total = ep.all_reduce(mine, PrefixState::add)?;
     let mut y = vec![T::ZERO; bh * n * dv];
     let mut stat = vec![0.0f64; bh * n];
     ctx.pool.install(|| {

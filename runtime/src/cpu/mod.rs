@@ -208,7 +208,8 @@ impl RunStats {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CpuRun {
     pub output: CpuOutput,
-    /// `[batch, heads, seq]`, what the backward pass needs of each row: the
+    /// `[batch, heads, seq]` (empty from [`CpuMixer::run`]; filled by
+    /// [`CpuMixer::run_train`]), what the backward pass needs of each row: the
     /// natural-log log-sum-exp of the weights for softmax (`-inf` for a row
     /// that sees no key), the weight sum `l` (before `eps`) for sum, 0 for none.
     pub stat: Tensor<f64>,
@@ -290,8 +291,20 @@ impl CpuMixer {
     }
 
     /// Runs one input set (any batch and sequence length of at least the
-    /// ring's rank count).
+    /// ring's rank count). [`CpuRun::stat`] is left empty (see
+    /// [`CpuMixer::run_train`]).
     pub fn run(&self, inputs: &MixerInputs) -> Result<CpuRun> {
+        self.run_keeping(inputs, false)
+    }
+
+    /// [`CpuMixer::run`] that also returns each row's statistic
+    /// ([`CpuRun::stat`]), which [`CpuMixer::backward`] needs; inference
+    /// skips it (at a million tokens it is hundreds of MiB).
+    pub fn run_train(&self, inputs: &MixerInputs) -> Result<CpuRun> {
+        self.run_keeping(inputs, true)
+    }
+
+    fn run_keeping(&self, inputs: &MixerInputs, keep_stat: bool) -> Result<CpuRun> {
         let (spec, cfg) = (&self.spec, &self.cfg);
         validate_inputs(spec, inputs)?;
         let sched = RingSchedule::new(inputs.seq, cfg.ranks, cfg.sharding)?;
@@ -299,11 +312,13 @@ impl CpuMixer {
         let pool = &*self.pool;
         let (output, stat, mut stats) = match cfg.precision {
             Precision::F32 => {
-                let (t, st, s) = run_typed::<f32>(spec, inputs, cfg, &sched, pool, self.path)?;
+                let (t, st, s) =
+                    run_typed::<f32>(spec, inputs, cfg, &sched, pool, self.path, keep_stat)?;
                 (CpuOutput::F32(t), st, s)
             }
             Precision::F64 => {
-                let (t, st, s) = run_typed::<f64>(spec, inputs, cfg, &sched, pool, self.path)?;
+                let (t, st, s) =
+                    run_typed::<f64>(spec, inputs, cfg, &sched, pool, self.path, keep_stat)?;
                 (CpuOutput::F64(t), st, s)
             }
         };
@@ -402,7 +417,7 @@ fn backward_typed<T: Real>(
         }),
         CpuPath::GlobalState => spawn_ranks(sched.ranks, |ep| {
             let qside = backward::q_side(&ctx, up, sched.shard(ep.rank));
-            backward_chunkwise::rank_main_global(&ctx, sched, &qside, ep)
+            backward_chunkwise::rank_main_global(&ctx, &qside, ep)
         }),
         _ => spawn_ranks(sched.ranks, |ep| backward::rank_main(&ctx, sched, up, ep)),
     }
@@ -493,6 +508,8 @@ pub(crate) struct Ctx<'a, T> {
     gate_cum: Vec<f64>,
     /// Segment-id summaries per batch row, for classifying tiles.
     segs: Vec<SegmentSummaries>,
+    /// Whether the ranks report each row's statistic (training).
+    keep_stat: bool,
 }
 
 /// A rank's share of the output and what it did.
@@ -609,6 +626,7 @@ fn build_ctx<'a, T: Real>(
         log_gamma,
         gate_cum,
         segs,
+        keep_stat: false,
     }
 }
 
@@ -619,8 +637,10 @@ fn run_typed<T: Real>(
     sched: &RingSchedule,
     pool: &rayon::ThreadPool,
     path: CpuPath,
+    keep_stat: bool,
 ) -> Result<(Tensor<T>, Tensor<f64>, RunStats)> {
-    let ctx = build_ctx::<T>(spec, inputs, cfg, pool, path);
+    let mut ctx = build_ctx::<T>(spec, inputs, cfg, pool, path);
+    ctx.keep_stat = keep_stat;
     let ranks = sched.ranks;
     let outs: Vec<Result<RankOutput<T>>> = match path {
         CpuPath::Blocked => spawn_ranks(ranks, |ep| blocked::rank_main(&ctx, sched, ep)),
@@ -631,7 +651,11 @@ fn run_typed<T: Real>(
     };
     let (heads, dv) = (ctx.heads, ctx.dv);
     let mut out = Tensor::<T>::zeros(&[inputs.batch, inputs.seq, heads, dv]);
-    let mut stat = Tensor::<f64>::zeros(&[inputs.batch, heads, inputs.seq]);
+    let mut stat = if keep_stat {
+        Tensor::<f64>::zeros(&[inputs.batch, heads, inputs.seq])
+    } else {
+        Tensor::new(vec![0], Vec::new())
+    };
     let mut stats = RunStats {
         path,
         ranks,
@@ -651,7 +675,9 @@ fn run_typed<T: Real>(
                 let src = &o.y[(x * n + t) * dv..(x * n + t + 1) * dv];
                 let dst = out.offset(&[b, pos, h, 0]);
                 out.data[dst..dst + dv].copy_from_slice(src);
-                stat.data[x * inputs.seq + pos] = o.stat[x * n + t];
+                if keep_stat {
+                    stat.data[x * inputs.seq + pos] = o.stat[x * n + t];
+                }
             }
         }
         stats.pairs_per_rank.push(o.stats.pairs);

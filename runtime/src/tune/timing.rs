@@ -165,7 +165,7 @@ impl CpuTimer {
         d_o: &Tensor<f32>,
     ) -> Result<(Duration, crate::grad::Gradients<f32>)> {
         let m = cpu::CpuMixer::new(&self.spec, cfg)?;
-        let fwd = m.run(inputs)?;
+        let fwd = m.run_train(inputs)?;
         let o = fwd.output.into_f32();
         let t0 = Instant::now();
         let g = m.backward(inputs, &o, &fwd.stat, d_o)?.into_f32();
