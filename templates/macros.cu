@@ -133,15 +133,19 @@ __device__ __forceinline__ float {{ name }}(float x) {
 {#- Softmax: one raw score `dot` (q.k) of the pair (pos_i, pos_j) to the
     base-2 logit `x`: scale, bias and transform fused, then the mask test in
     masked tiles. `in_bounds` says the key row exists; `seg_i` (optional) is a
-    statement that defines seg_i there. Written at the SIMT kernel's
+    statement that defines seg_i there; `s_pre` (optional) names the score
+    before the transform (what the backward's transform derivative reads). Written at the SIMT kernel's
     indentation; the tensor-core kernel indents it further (`indent` filter). #}
-{% macro softmax_score(dot, x, in_bounds, score_expr, bias, transform, mask, segment, seg_i="", notes=false) %}
+{% macro softmax_score(dot, x, in_bounds, score_expr, bias, transform, mask, segment, seg_i="", s_pre="", notes=false) %}
 {%- if score_expr %}
             float s = {{ dot }} * SCALE;
 {%- if bias %}
             s += {{ bias }};
 {%- endif %}
 {%- if transform %}
+{%- if s_pre %}
+            const float {{ s_pre }} = s;
+{%- endif %}
             s = {{ transform }};
 {%- endif %}
             float {{ x }} = s * mixc::LOG2E;

@@ -155,6 +155,27 @@ impl KernelConfig {
         }
     }
 
+    /// The default tile configuration of the backward kernel
+    /// ([`crate::generate_backward`]): `block_n` keys per CTA, `block_m`
+    /// query rows per step, `warps` = `block_n / 16` key fragments times the
+    /// parts the dK / dV columns are split into, so each thread keeps about
+    /// 64 to 128 f32 accumulators at any head size.
+    pub fn backward_default_for(spec: &MixerSpec, _target: &Target) -> KernelConfig {
+        let (block_m, block_n, warps) = match spec.head_dim.max(spec.value_dim) {
+            0..=64 => (64, 64, 4),
+            65..=128 => (64, 64, 8),
+            _ => (64, 32, 8),
+        };
+        KernelConfig {
+            block_m,
+            block_n,
+            warps,
+            stages: 1,
+            chunk: 64,
+            block_dv: 0,
+        }
+    }
+
     /// Alternative tile configurations worth trying (autotuning candidates,
     /// compile tests), as overrides of the default. Not every one fits every
     /// spec: [`crate::candidate_configs`] keeps those that generate.

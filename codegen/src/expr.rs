@@ -324,36 +324,7 @@ fn lower_node(
             }
         }
         Expr::Index { input, indices } => {
-            let decl = env
-                .inputs
-                .iter()
-                .find(|d| &d.name == input)
-                .ok_or_else(|| err(e, format!("no input named `{input}`")))?;
-            if decl.dims.len() != indices.len() {
-                return Err(err(
-                    e,
-                    format!(
-                        "`{input}` has {} dims but is read with {} indices",
-                        decl.dims.len(),
-                        indices.len()
-                    ),
-                ));
-            }
-            // Row-major offset with each index clamped into its axis (the language's rule).
-            let mut offset = String::new();
-            for (k, (idx, dim)) in indices.iter().zip(&decl.dims).enumerate() {
-                let c = sub(idx)?;
-                if c.ty != Int {
-                    return Err(err(e, format!("index {k} of `{input}` is not an integer")));
-                }
-                let n = dim_code(dim, env);
-                let clamped = format!("mixc::clampi({}, {n})", c.code);
-                offset = if k == 0 {
-                    clamped
-                } else {
-                    format!("({offset}) * ({n}) + {clamped}")
-                };
-            }
+            let (decl, offset) = table_offset(e, input, indices, env, &mut sub)?;
             let read = match decl.elem {
                 ElemType::F32 => format!("__ldg({input} + {offset})"),
                 ElemType::I32 => format!("(float)__ldg({input} + {offset})"),
@@ -365,6 +336,137 @@ fn lower_node(
         }
     };
     Ok(out)
+}
+
+/// The input a table read names and its row-major element offset, each
+/// index clamped into its axis (the language's rule). `sub` lowers the index
+/// expressions.
+fn table_offset<'a>(
+    e: &Expr,
+    input: &str,
+    indices: &[Expr],
+    env: &LowerEnv<'a>,
+    sub: &mut dyn FnMut(&Expr) -> Result<CExpr, CodegenError>,
+) -> Result<(&'a InputDecl, String), CodegenError> {
+    let decl = env
+        .inputs
+        .iter()
+        .find(|d| d.name == input)
+        .ok_or_else(|| err(e, format!("no input named `{input}`")))?;
+    if decl.dims.len() != indices.len() {
+        return Err(err(
+            e,
+            format!(
+                "`{input}` has {} dims but is read with {} indices",
+                decl.dims.len(),
+                indices.len()
+            ),
+        ));
+    }
+    let mut offset = String::new();
+    for (k, (idx, dim)) in indices.iter().zip(&decl.dims).enumerate() {
+        let c = sub(idx)?;
+        if c.ty != ScalarType::Int {
+            return Err(err(e, format!("index {k} of `{input}` is not an integer")));
+        }
+        let n = dim_code(dim, env);
+        let clamped = format!("mixc::clampi({}, {n})", c.code);
+        offset = if k == 0 {
+            clamped
+        } else {
+            format!("({offset}) * ({n}) + {clamped}")
+        };
+    }
+    Ok((decl, offset))
+}
+
+/// One float table read of an expression, for the backward pass: the
+/// element offset the read lands on, and the partial derivative of the whole
+/// expression with respect to that read, both lowered.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TableGrad {
+    pub input: String,
+    pub offset: String,
+    pub partial: String,
+}
+
+/// The float table reads of `e` (an expression that does not read `s`, such
+/// as a bias), each with its partial derivative: the read is replaced by `s`,
+/// differentiated symbolically, and put back. `None` when a partial is a
+/// branch choice the language cannot write (a read under `abs`, `min`, ...).
+pub fn table_grads(
+    e: &Expr,
+    env: &LowerEnv<'_>,
+    hoisted: &mut Vec<Hoisted>,
+) -> Result<Option<Vec<TableGrad>>, CodegenError> {
+    let mut reads = Vec::new();
+    collect_float_reads(e, env, &mut reads);
+    let mut out = Vec::new();
+    for (n, (input, indices)) in reads.into_iter().enumerate() {
+        let mut k = 0;
+        let marked = replace_read(e, n, &mut k, env);
+        let Some(d) = marked.derivative_s() else {
+            return Ok(None);
+        };
+        let read = Expr::Index {
+            input: input.clone(),
+            indices: indices.clone(),
+        };
+        let partial = lower_expr(&d.substitute_s(&read), env, hoisted)?;
+        let mut sub = |x: &Expr| lower_expr(x, env, hoisted);
+        let (_, offset) = table_offset(e, &input, &indices, env, &mut sub)?;
+        out.push(TableGrad {
+            input,
+            offset,
+            partial: as_float(&partial),
+        });
+    }
+    Ok(Some(out))
+}
+
+fn is_float_table(input: &str, env: &LowerEnv<'_>) -> bool {
+    env.inputs
+        .iter()
+        .any(|d| d.name == input && d.elem == ElemType::F32)
+}
+
+fn collect_float_reads(e: &Expr, env: &LowerEnv<'_>, out: &mut Vec<(String, Vec<Expr>)>) {
+    match e {
+        Expr::Index { input, indices } if is_float_table(input, env) => {
+            out.push((input.clone(), indices.clone()))
+        }
+        Expr::Unary(_, a) => collect_float_reads(a, env, out),
+        Expr::Binary(_, a, b) => {
+            collect_float_reads(a, env, out);
+            collect_float_reads(b, env, out);
+        }
+        Expr::Call(_, args) => args.iter().for_each(|a| collect_float_reads(a, env, out)),
+        _ => {}
+    }
+}
+
+/// `e` with its `n`-th float table read (in [`collect_float_reads`] order) replaced by `s`.
+fn replace_read(e: &Expr, n: usize, k: &mut usize, env: &LowerEnv<'_>) -> Expr {
+    match e {
+        Expr::Index { input, .. } if is_float_table(input, env) => {
+            *k += 1;
+            if *k - 1 == n {
+                Expr::Var(Var::S)
+            } else {
+                e.clone()
+            }
+        }
+        Expr::Unary(op, a) => Expr::Unary(*op, Box::new(replace_read(a, n, k, env))),
+        Expr::Binary(op, a, b) => {
+            let a = replace_read(a, n, k, env);
+            Expr::Binary(*op, Box::new(a), Box::new(replace_read(b, n, k, env)))
+        }
+        Expr::Call(f, args) => Expr::Call(
+            *f,
+            args.iter().map(|a| replace_read(a, n, k, env)).collect(),
+        ),
+        _ => e.clone(),
+    }
 }
 
 fn dim_code(d: &Dim, env: &LowerEnv<'_>) -> String {

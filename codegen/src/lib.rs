@@ -54,6 +54,7 @@ mod lower_softmax;
 pub mod mask;
 
 pub use config::{Arch, KernelConfig, Target};
+pub use lower_softmax::smem_bytes_backward;
 
 use mixc_dsl::ir::{DType, Family, MixerSpec};
 use serde::{Deserialize, Serialize};
@@ -102,15 +103,33 @@ pub enum GridDim {
     Batch,
     /// A fixed count (e.g. a split of d_v).
     Fixed(u32),
+    /// `ceil(kv_rows / block)`: key blocks over the key rows the launch
+    /// visits (the backward kernel, which is parallel over keys).
+    KeyBlocks { block: u32 },
+    /// One per kv head.
+    KvHeads,
+}
+
+/// The run-time sizes a grid is evaluated at (one launch's own rows, never
+/// the whole sequence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchDims {
+    pub batch: u32,
+    pub q_rows: u32,
+    pub kv_rows: u32,
+    pub heads: u32,
+    pub kv_heads: u32,
 }
 
 impl GridDim {
-    /// Evaluates for a launch that computes `q_rows` query rows.
-    pub fn eval(&self, batch: u32, q_rows: u32, heads: u32) -> u32 {
+    /// Evaluates for a launch of the given sizes.
+    pub fn eval(&self, d: &LaunchDims) -> u32 {
         match *self {
-            GridDim::QueryBlocks { block } => q_rows.div_ceil(block),
-            GridDim::Heads => heads,
-            GridDim::Batch => batch,
+            GridDim::QueryBlocks { block } => d.q_rows.div_ceil(block),
+            GridDim::KeyBlocks { block } => d.kv_rows.div_ceil(block),
+            GridDim::Heads => d.heads,
+            GridDim::KvHeads => d.kv_heads,
+            GridDim::Batch => d.batch,
             GridDim::Fixed(n) => n,
         }
     }
@@ -139,6 +158,13 @@ pub enum ParamRole {
     Input(String),
     /// A scalar `int` / `float` run-time argument (documented in the template).
     Scalar,
+    /// Backward pass: the upstream gradient `do` (storage dtype, `o`'s layout).
+    UpstreamGrad,
+    /// Backward pass: `rowsum(do * o)`, f32 `[batch, heads, q_rows]`.
+    Delta,
+    /// Backward pass: an f32 gradient accumulator the kernel adds to, for
+    /// `q`, `k`, `v` or a float extra input (by name).
+    GradAccumulator(String),
 }
 
 /// One kernel parameter, in signature order.
@@ -198,6 +224,8 @@ impl GridDim {
             GridDim::Heads => "heads".into(),
             GridDim::Batch => "batch".into(),
             GridDim::Fixed(n) => n.to_string(),
+            GridDim::KeyBlocks { block } => format!("ceil(kv_rows/{block})"),
+            GridDim::KvHeads => "kv_heads".into(),
         }
     }
 }
@@ -240,6 +268,10 @@ pub const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/conv_prelude.cu"),
     ),
     ("softmax.cu", include_str!("../../templates/softmax.cu")),
+    (
+        "softmax_bwd.cu",
+        include_str!("../../templates/softmax_bwd.cu"),
+    ),
     (
         "softmax_simt.cu",
         include_str!("../../templates/softmax_simt.cu"),
@@ -506,6 +538,37 @@ thread_local! {
 /// compile-once tests count with it).
 pub fn generations() -> u64 {
     GENERATIONS.with(|n| n.get())
+}
+
+/// Lowers the backward pass of `spec` (the kernels of
+/// `templates/softmax_bwd.cu`: `kernels[0]` computes the gradients,
+/// `kernels[1]` the row statistic `delta`, `kernels[2]` converts an f32
+/// accumulator to the storage type) with tile configuration `cfg` (see
+/// [`KernelConfig::backward_default_for`]). Only the softmax family on
+/// tensor cores has generated backward kernels so far; the rest is
+/// [`CodegenError::Unsupported`], with what is missing.
+pub fn generate_backward(
+    spec: &MixerSpec,
+    target: &Target,
+    cfg: &KernelConfig,
+) -> Result<GeneratedKernel, CodegenError> {
+    GENERATIONS.with(|n| n.set(n.get() + 1));
+    cfg.validate_common()?;
+    match spec.family {
+        Family::Softmax if target.uses_tensor_cores() => {
+            lower_softmax::lower_backward(spec, target, cfg)
+        }
+        Family::Softmax => Err(CodegenError::Unsupported {
+            spec: spec.name.clone(),
+            what: "a backward kernel in f32 (the generated backward runs on tensor cores: \
+                   use f16 or bf16)"
+                .into(),
+        }),
+        f => Err(CodegenError::Unsupported {
+            spec: spec.name.clone(),
+            what: format!("a generated backward kernel for the {} family", f.name()),
+        }),
+    }
 }
 
 /// `generate` with the default configuration for the spec and target.

@@ -31,31 +31,7 @@ pub(crate) fn lower(
     target: &Target,
     cfg: &KernelConfig,
 ) -> Result<GeneratedKernel, CodegenError> {
-    let scale = match &spec.score {
-        Score::Dot {
-            q_map: FeatureMap::Identity,
-            k_map: FeatureMap::Identity,
-            scale,
-        } => *scale,
-        Score::Dot { .. } => {
-            return Err(CodegenError::Unsupported {
-                spec: spec.name.clone(),
-                what: "feature maps with softmax normalisation".into(),
-            })
-        }
-        Score::Filter { .. } => {
-            return Err(CodegenError::Unsupported {
-                spec: spec.name.clone(),
-                what: "a filter score with softmax normalisation".into(),
-            })
-        }
-    };
-    if spec.norm != Norm::Softmax || !matches!(spec.decay, mixc_dsl::ir::Decay::None) {
-        return Err(CodegenError::Unsupported {
-            spec: spec.name.clone(),
-            what: "the softmax kernel needs softmax normalisation and no decay".into(),
-        });
-    }
+    let scale = softmax_scale(spec)?;
 
     let mma = target.uses_tensor_cores();
     let template = if mma { "softmax.cu" } else { "softmax_simt.cu" };
@@ -132,18 +108,7 @@ pub(crate) fn lower(
         ));
     }
 
-    // Expressions: bias and transform read i, j, h, s by these names in the template.
-    let env = LowerEnv {
-        i: "pos_i",
-        j: "pos_j",
-        h: "head",
-        s: "s",
-        heads: spec.heads,
-        kv_heads: spec.kv_heads,
-        inputs: &spec.inputs,
-        seq_dim: "seq_len",
-        batch_dim: "gridDim.z",
-    };
+    let env = lower_env(spec);
     let mut hoisted: Vec<Hoisted> = Vec::new();
     let bias = spec
         .bias
@@ -230,6 +195,60 @@ fn params(spec: &MixerSpec, target: &Target) -> Vec<KernelParam> {
             "[batch, heads, q_rows] natural-log sum of exp(score) over the visited keys",
         ),
     ];
+    p.extend(extra_params(spec));
+    p.extend(range_params());
+    p
+}
+
+/// The score scale of a spec the softmax kernels compute (softmax
+/// normalisation, identity feature maps, no decay), or why not.
+fn softmax_scale(spec: &MixerSpec) -> Result<f64, CodegenError> {
+    let scale = match &spec.score {
+        Score::Dot {
+            q_map: FeatureMap::Identity,
+            k_map: FeatureMap::Identity,
+            scale,
+        } => *scale,
+        Score::Dot { .. } => {
+            return Err(CodegenError::Unsupported {
+                spec: spec.name.clone(),
+                what: "feature maps with softmax normalisation".into(),
+            })
+        }
+        Score::Filter { .. } => {
+            return Err(CodegenError::Unsupported {
+                spec: spec.name.clone(),
+                what: "a filter score with softmax normalisation".into(),
+            })
+        }
+    };
+    if spec.norm != Norm::Softmax || !matches!(spec.decay, mixc_dsl::ir::Decay::None) {
+        return Err(CodegenError::Unsupported {
+            spec: spec.name.clone(),
+            what: "the softmax kernel needs softmax normalisation and no decay".into(),
+        });
+    }
+    Ok(scale)
+}
+
+/// Expressions: bias and transform read i, j, h, s by these names in the templates.
+fn lower_env(spec: &MixerSpec) -> LowerEnv<'_> {
+    LowerEnv {
+        i: "pos_i",
+        j: "pos_j",
+        h: "head",
+        s: "s",
+        heads: spec.heads,
+        kv_heads: spec.kv_heads,
+        inputs: &spec.inputs,
+        seq_dim: "seq_len",
+        batch_dim: "gridDim.z",
+    }
+}
+
+/// The spec's extra inputs, by name (the runtime binds them by role).
+fn extra_params(spec: &MixerSpec) -> Vec<KernelParam> {
+    let mut p = Vec::new();
     for d in &spec.inputs {
         let (c_type, doc) = match (d.role, d.elem) {
             (InputRole::SegmentIds, _) => (
@@ -246,6 +265,12 @@ fn params(spec: &MixerSpec, target: &Target) -> Vec<KernelParam> {
             doc,
         ));
     }
+    p
+}
+
+/// The launch's ranges and positions (softmax forward and backward alike).
+fn range_params() -> Vec<KernelParam> {
+    let mut p = Vec::new();
     let ints: [(&str, &str); 9] = [
         ("q_rows", "query rows per sequence in q / o / lse"),
         ("q_begin", "first query row to compute"),
@@ -264,4 +289,306 @@ fn params(spec: &MixerSpec, target: &Target) -> Vec<KernelParam> {
         p.push(KernelParam::new(n, "int", ParamRole::Scalar, doc));
     }
     p
+}
+
+/// Shared-memory bytes per CTA of the backward kernel (`softmax_bwd.cu`):
+/// the key block's K and V, one query tile's Q and dO, P^T and dS^T (rows
+/// padded by 16 bytes), and the tile's row log-sum-exp and delta.
+pub fn smem_bytes_backward(
+    head_dim: u32,
+    value_dim: u32,
+    cfg: &KernelConfig,
+    elem_bytes: u32,
+) -> u32 {
+    let (dp, dvp) = (round_up(head_dim, 16), round_up(value_dim, 16));
+    let rows =
+        (cfg.block_n + cfg.block_m) * ((dp + 8) + (dvp + 8)) + 2 * cfg.block_n * (cfg.block_m + 8);
+    rows * elem_bytes + 2 * cfg.block_m * 4
+}
+
+/// The backward kernels of the tensor-core softmax (see
+/// [`crate::generate_backward`]).
+pub(crate) fn lower_backward(
+    spec: &MixerSpec,
+    target: &Target,
+    cfg: &KernelConfig,
+) -> Result<GeneratedKernel, CodegenError> {
+    let scale = softmax_scale(spec)?;
+    let arch = target.arch;
+    require_16_byte_rows(
+        spec,
+        target,
+        &[("head_dim", spec.head_dim), ("value_dim", spec.value_dim)],
+    )?;
+    let (dp, dvp) = (round_up(spec.head_dim, 16), round_up(spec.value_dim, 16));
+    // The template's static_asserts, said in the config's terms.
+    let fit = |ok: bool, why: String| {
+        if ok {
+            Ok(())
+        } else {
+            Err(does_not_fit(spec, arch, why))
+        }
+    };
+    fit(
+        cfg.block_n.is_multiple_of(16) && cfg.block_n >= 16,
+        format!("block_n={}: the backward kernel gives each warp 16 keys, so block_n must be a multiple of 16", cfg.block_n),
+    )?;
+    let wn = cfg.block_n / 16;
+    fit(
+        cfg.warps.is_multiple_of(wn),
+        format!(
+            "warps={} with block_n={}: warps must be a multiple of the {wn} key fragments \
+             (the rest split the gradient columns)",
+            cfg.warps, cfg.block_n
+        ),
+    )?;
+    let wc = cfg.warps / wn;
+    let mq = cfg.block_m / 16;
+    let cq = if cfg.warps >= mq { cfg.warps / mq } else { 1 };
+    fit(
+        cfg.block_m.is_multiple_of(16 * wc)
+            && (cfg.block_m / wc).is_multiple_of(16)
+            && dp.is_multiple_of(16 * wc)
+            && dvp.is_multiple_of(16 * wc)
+            && cfg.block_m.is_multiple_of(16)
+            && (cfg.warps.is_multiple_of(mq) || mq.is_multiple_of(cfg.warps))
+            && dp.is_multiple_of(16 * cq),
+        format!(
+            "block_m={}, warps={}: the {wc} warps of a key fragment split block_m, head_dim \
+             and value_dim (padded to 16) into parts of a multiple of 16",
+            cfg.block_m, cfg.warps
+        ),
+    )?;
+    let smem = smem_bytes_backward(
+        spec.head_dim,
+        spec.value_dim,
+        cfg,
+        target.dtype.size_bytes() as u32,
+    );
+    fit(
+        smem <= arch.max_dynamic_smem_bytes(),
+        format!(
+            "needs {smem} bytes of shared memory per block, {} allows {}; lower block_m or block_n",
+            arch.name(),
+            arch.max_dynamic_smem_bytes()
+        ),
+    )?;
+
+    let env = lower_env(spec);
+    let mut hoisted: Vec<Hoisted> = Vec::new();
+    let bias = spec
+        .bias
+        .as_ref()
+        .map(|e| lower_expr(e, &env, &mut hoisted))
+        .transpose()?
+        .map(|c| c.code);
+    let transform = spec
+        .transform
+        .as_ref()
+        .map(|e| lower_expr(e, &env, &mut hoisted))
+        .transpose()?
+        .map(|c| c.code);
+    let unsupported = |what: &str| CodegenError::Unsupported {
+        spec: spec.name.clone(),
+        what: what.into(),
+    };
+    // T'(s) at the score before the transform.
+    let d_transform = match &spec.transform {
+        None => None,
+        Some(t) => {
+            let mut reads = Vec::new();
+            t.inputs_read(&mut reads);
+            if reads.iter().any(|r| {
+                spec.inputs
+                    .iter()
+                    .any(|d| &d.name == r && d.elem == ElemType::F32)
+            }) {
+                return Err(unsupported(
+                    "a backward kernel for a transform that reads a float table (its gradient)",
+                ));
+            }
+            let d = t.derivative_s().ok_or_else(|| {
+                unsupported("a backward kernel through a transform whose derivative branches (abs, min, max or clamp of s)")
+            })?;
+            let env_pre = LowerEnv {
+                s: "s_pre",
+                ..env.clone()
+            };
+            Some(lower_expr(&d, &env_pre, &mut hoisted)?.code)
+        }
+    };
+    let table_grads = match &spec.bias {
+        None => Vec::new(),
+        Some(b) => crate::expr::table_grads(b, &env, &mut hoisted)?.ok_or_else(|| {
+            unsupported("a backward kernel for a bias whose table gradient branches (a table read under abs, min, max or clamp)")
+        })?,
+    };
+    let mask = lower_mask(&spec.mask, &MaskNames::default(), &spec.name)?;
+
+    let t = c_elem_type(target.dtype);
+    let cin = format!("const {t}* __restrict__");
+    let mut params = vec![
+        KernelParam::new("q", &cin, ParamRole::Q, "[batch, q_rows, heads, head_dim]"),
+        KernelParam::new(
+            "k",
+            &cin,
+            ParamRole::K,
+            "[batch, kv_rows, kv_heads, head_dim]",
+        ),
+        KernelParam::new(
+            "v",
+            &cin,
+            ParamRole::V,
+            "[batch, kv_rows, kv_heads, value_dim]",
+        ),
+        KernelParam::new(
+            "d_o",
+            &cin,
+            ParamRole::UpstreamGrad,
+            "[batch, q_rows, heads, value_dim], the upstream gradient",
+        ),
+        KernelParam::new(
+            "lse",
+            "const float* __restrict__",
+            ParamRole::Lse,
+            "[batch, heads, q_rows] the forward's natural-log row log-sum-exp",
+        ),
+        KernelParam::new(
+            "delta",
+            "const float* __restrict__",
+            ParamRole::Delta,
+            "[batch, heads, q_rows] rowsum(do * o)",
+        ),
+    ];
+    for (name, doc) in [
+        (
+            "q",
+            "[batch, q_rows, heads, head_dim] f32, unscaled, added to (atomics)",
+        ),
+        (
+            "k",
+            "[batch, kv_rows, kv_heads, head_dim] f32, unscaled, added to",
+        ),
+        ("v", "[batch, kv_rows, kv_heads, value_dim] f32, added to"),
+    ] {
+        params.push(KernelParam::new(
+            &format!("d{name}_acc"),
+            "float* __restrict__",
+            ParamRole::GradAccumulator(name.into()),
+            doc,
+        ));
+    }
+    params.extend(extra_params(spec));
+    let mut grads: Vec<&str> = table_grads.iter().map(|g| g.input.as_str()).collect();
+    grads.dedup();
+    grads.sort();
+    grads.dedup();
+    for name in grads {
+        params.push(KernelParam::new(
+            &format!("grad_{name}"),
+            "float* __restrict__",
+            ParamRole::GradAccumulator(name.into()),
+            "f32, the input's shape, added to (atomics)",
+        ));
+    }
+    params.extend(range_params());
+
+    let name = format!("{}_bwd", kernel_name(spec, target));
+    let pre_name = format!("{name}_pre");
+    let finish_name = format!("{name}_finish");
+    let template = "softmax_bwd.cu";
+    let mut ctx = base_context(spec, target, cfg, template);
+    ctx.insert("kernel_name", &name);
+    ctx.insert("pre_name", &pre_name);
+    ctx.insert("finish_name", &finish_name);
+    ctx.insert("dp", &dp);
+    ctx.insert("dvp", &dvp);
+    ctx.insert("scale", &crate::expr::float_literal(scale));
+    ctx.insert("score_expr", &(bias.is_some() || transform.is_some()));
+    ctx.insert("bias", &bias);
+    ctx.insert("transform", &transform);
+    ctx.insert("s_pre", if transform.is_some() { "s_pre" } else { "" });
+    ctx.insert("d_transform", &d_transform);
+    ctx.insert("table_grads", &table_grads);
+    ctx.insert("hoisted", &hoisted);
+    ctx.insert("mask", &mask);
+    ctx.insert("segment", &mask.segment_input);
+    ctx.insert("params", &params);
+    let source = render(template, &ctx)?;
+
+    let helper = |name: &str, params: Vec<KernelParam>| KernelInfo {
+        name: name.into(),
+        grid: [GridDim::Fixed(0), GridDim::Fixed(1), GridDim::Fixed(1)],
+        threads_per_block: 256,
+        dynamic_smem_bytes: 0,
+        needs_smem_opt_in: false,
+        params,
+    };
+    let pre_params = vec![
+        KernelParam::new("o", &cin, ParamRole::Output, "the forward's output"),
+        KernelParam::new(
+            "d_o",
+            &cin,
+            ParamRole::UpstreamGrad,
+            "the upstream gradient",
+        ),
+        KernelParam::new(
+            "delta",
+            "float* __restrict__",
+            ParamRole::Delta,
+            "[batch, heads, q_rows]",
+        ),
+        KernelParam::new("batch", "int", ParamRole::Scalar, "sequences"),
+        KernelParam::new(
+            "q_rows",
+            "int",
+            ParamRole::Scalar,
+            "query rows per sequence",
+        ),
+    ];
+    let finish_params = vec![
+        KernelParam::new(
+            "acc",
+            "const float* __restrict__",
+            ParamRole::Scalar,
+            "an f32 accumulator",
+        ),
+        KernelParam::new(
+            "out",
+            &format!("{t}* __restrict__"),
+            ParamRole::Scalar,
+            "the gradient in the storage type",
+        ),
+        KernelParam::new("n", "int", ParamRole::Scalar, "elements"),
+        KernelParam::new(
+            "scaled",
+            "int",
+            ParamRole::Scalar,
+            "1: times the score scale (dq, dk)",
+        ),
+    ];
+    Ok(GeneratedKernel {
+        spec_name: spec.name.clone(),
+        family: spec.family,
+        template: template.into(),
+        target: *target,
+        config: *cfg,
+        source,
+        kernels: vec![
+            KernelInfo {
+                name,
+                grid: [
+                    GridDim::KeyBlocks { block: cfg.block_n },
+                    GridDim::KvHeads,
+                    GridDim::Batch,
+                ],
+                threads_per_block: cfg.warps * 32,
+                dynamic_smem_bytes: smem,
+                needs_smem_opt_in: smem > Arch::DEFAULT_SMEM_LIMIT,
+                params,
+            },
+            helper(&pre_name, pre_params),
+            helper(&finish_name, finish_params),
+        ],
+    })
 }

@@ -663,6 +663,24 @@ impl Expr {
         }
     }
 
+    /// This expression with every `s` replaced by `with`.
+    pub fn substitute_s(&self, with: &Expr) -> Expr {
+        let sub = |a: &Expr| Box::new(a.substitute_s(with));
+        match self {
+            Expr::Var(Var::S) => with.clone(),
+            Expr::Int(_) | Expr::Float(_) | Expr::Var(_) => self.clone(),
+            Expr::Unary(op, a) => Expr::Unary(*op, sub(a)),
+            Expr::Binary(op, a, b) => Expr::Binary(*op, sub(a), sub(b)),
+            Expr::Call(f, args) => {
+                Expr::Call(*f, args.iter().map(|a| a.substitute_s(with)).collect())
+            }
+            Expr::Index { input, indices } => Expr::Index {
+                input: input.clone(),
+                indices: indices.iter().map(|a| a.substitute_s(with)).collect(),
+            },
+        }
+    }
+
     /// Names of the extra inputs this expression reads.
     pub fn inputs_read(&self, out: &mut Vec<String>) {
         match self {

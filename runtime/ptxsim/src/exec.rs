@@ -74,6 +74,10 @@ struct Meta {
     r_warp: u32,
     r_wsync: u32,
     inflight: u32,
+    /// Atomics in this barrier interval (`a_epoch`) by `atomic` (`MANY` for
+    /// several threads): they may meet each other, not plain accesses.
+    a_epoch: u32,
+    atomic: u32,
 }
 
 const FRESH: Meta = Meta {
@@ -85,6 +89,8 @@ const FRESH: Meta = Meta {
     r_warp: NONE,
     r_wsync: 0,
     inflight: NONE,
+    a_epoch: 0,
+    atomic: NONE,
 };
 
 struct Cta<'a> {
@@ -745,7 +751,61 @@ impl Cta<'_> {
                 format!("race: {verb} shared byte {k:#x} written by thread {} with no barrier in between", m.writer),
             ));
         }
+        if verb != "updates atomically" && m.a_epoch == self.epoch && m.atomic != id {
+            let who = if m.atomic == MANY {
+                "other threads".to_string()
+            } else {
+                format!("thread {}", m.atomic)
+            };
+            return Err(self.err(
+                Some(t),
+                inst,
+                format!("race: {verb} shared byte {k:#x} updated atomically by {who} with no barrier in between"),
+            ));
+        }
         Ok(())
+    }
+
+    /// Checks and records an atomic update of `len` shared bytes at `a`:
+    /// atomics of different threads may meet, but not another thread's plain
+    /// read or write in the same barrier interval.
+    fn smem_atomic(
+        &mut self,
+        id: u32,
+        t: &Thread,
+        inst: &Inst,
+        a: u64,
+        len: usize,
+    ) -> Result<usize, SimError> {
+        let at = self.smem_range(Some(t), inst, a, len)?;
+        for k in at..at + len {
+            self.check_prior_write(id, t, inst, k, "updates atomically")?;
+            let m = self.meta[k];
+            if m.r_epoch == self.epoch
+                && m.reader != id
+                && !self.warp_ordered(id, m.r_warp, m.r_wsync)
+            {
+                return Err(self.err(
+                    Some(t),
+                    inst,
+                    format!(
+                        "race: updates shared byte {k:#x} atomically, read by {} with no barrier in between",
+                        if m.reader == MANY { "other threads".to_string() } else { format!("thread {}", m.reader) }
+                    ),
+                ));
+            }
+        }
+        let epoch = self.epoch;
+        for m in &mut self.meta[at..at + len] {
+            m.atomic = if m.a_epoch == epoch && m.atomic != id {
+                MANY
+            } else {
+                id
+            };
+            m.a_epoch = epoch;
+        }
+        self.smem_hi = self.smem_hi.max(at + len);
+        Ok(at)
     }
 
     /// Checks a write of `len` bytes at `a` by thread `id` (plain or cp.async issue).
@@ -1245,7 +1305,7 @@ impl Cta<'_> {
                 let eb = ty.bytes() as usize;
                 let old = match space {
                     Space::Shared => {
-                        let at = self.smem_range(Some(t), inst, a, eb)?;
+                        let at = self.smem_atomic(id, t, inst, a, eb)?;
                         let mut b = [0u8; 8];
                         b[..eb].copy_from_slice(&self.smem[at..at + eb]);
                         u64::from_le_bytes(b)
@@ -1283,7 +1343,7 @@ impl Cta<'_> {
                 let nb = new.to_le_bytes();
                 match space {
                     Space::Shared => {
-                        // Atomics may meet each other; they are not checked for races.
+                        // Checked (and recorded) by `smem_atomic` above.
                         let at = a as usize;
                         self.smem[at..at + eb].copy_from_slice(&nb[..eb]);
                         self.smem_hi = self.smem_hi.max(at + eb);

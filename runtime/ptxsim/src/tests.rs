@@ -1507,6 +1507,40 @@ fn reads_by_many_threads_then_a_write() {
     assert_msg(&e, "read by other threads");
 }
 
+/// Shared atomics of many threads may meet each other, but not a plain
+/// write or read of another thread in the same barrier interval (an
+/// initialisation the atomics race with, a result read too early).
+#[test]
+fn atomics_meet_each_other_but_not_plain_accesses() {
+    let body = |init_sync: &str, read_sync: &str| {
+        format!(
+            "\tmov.u32 %r1, %tid.x;
+\tsetp.eq.u32 %p1, %r1, 0;
+\t@%p1 st.shared.u32 [sbuf], 100;
+\t{init_sync}
+\tatom.shared.add.u32 %r2, [sbuf], %r1;
+\t{read_sync}
+\tld.shared.u32 %r3, [sbuf];
+{}\tst.global.u32 [%rd40], %r3;
+",
+            thread_slot(1)
+        )
+    };
+    let mut mem = Mem::default();
+    let out = mem.out(64);
+    let src = module(SBUF, 1, &body("bar.sync 0;", "bar.sync 0;"));
+    ok(&src, &mut mem, 1, 64, 0, &[out]);
+    assert!(mem.u32s(out).iter().all(|&v| v == 100 + 63 * 64 / 2));
+    let src = module(SBUF, 1, &body("", "bar.sync 0;"));
+    let e = fails(&src, &mut mem, 1, 64, 0, &[out]);
+    assert_msg(&e, "race");
+    assert_msg(&e, "written by thread 0");
+    let src = module(SBUF, 1, &body("bar.sync 0;", ""));
+    let e = fails(&src, &mut mem, 1, 64, 0, &[out]);
+    assert_msg(&e, "race");
+    assert_msg(&e, "atomically");
+}
+
 #[test]
 fn two_threads_writing_one_byte_is_a_race() {
     let body = "\tmov.u32 %r1, %tid.x;\n\tst.shared.u8 [sbuf+3], %r1;\n";

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use mixc_codegen::{GridDim, KernelInfo, KernelParam, ParamRole};
+use mixc_codegen::{GridDim, KernelInfo, KernelParam, LaunchDims, ParamRole};
 use mixc_dsl::ir::{Family, MixerSpec, Score};
 
 use super::plan::PairLaunch;
@@ -177,6 +177,9 @@ pub enum KernelId {
     Main,
     Merge,
     FillNegInf,
+    /// Kernel `i` of the generated backward module
+    /// ([`mixc_codegen::generate_backward`]: 0 gradients, 1 delta, 2 finish).
+    Backward(usize),
 }
 
 /// Threads per block of the helper kernels (grid-stride loops).
@@ -198,16 +201,32 @@ pub struct HostLaunch {
 /// (the launch's own rows, never the whole sequence). Errors beyond the
 /// hardware's limits (x < 2^31, y and z <= 65535) instead of failing at launch.
 pub fn grid(info: &KernelInfo, batch: usize, rows: usize, heads: usize) -> Result<(u32, u32, u32)> {
+    grid_for(info, batch, (rows, 0), (heads, 0))
+}
+
+/// [`grid`] for kernels whose grid also reads the key rows or the kv heads
+/// (`rows` and `heads` are (query, key) pairs).
+pub fn grid_for(
+    info: &KernelInfo,
+    batch: usize,
+    rows: (usize, usize),
+    heads: (usize, usize),
+) -> Result<(u32, u32, u32)> {
     let too_big = |what: &str, n: usize| {
         RuntimeError::DoesNotFit(format!(
             "CUDA launcher: {what} = {n} is beyond one launch of `{}`",
             info.name
         ))
     };
-    let b = u32::try_from(batch).map_err(|_| too_big("batch", batch))?;
-    let r = u32::try_from(rows).map_err(|_| too_big("rows", rows))?;
-    let h = u32::try_from(heads).map_err(|_| too_big("heads", heads))?;
-    let e = |d: &GridDim| d.eval(b, r, h);
+    let u = |what: &str, n: usize| u32::try_from(n).map_err(|_| too_big(what, n));
+    let dims = LaunchDims {
+        batch: u("batch", batch)?,
+        q_rows: u("rows", rows.0)?,
+        kv_rows: u("key rows", rows.1)?,
+        heads: u("heads", heads.0)?,
+        kv_heads: u("kv heads", heads.1)?,
+    };
+    let e = |d: &GridDim| d.eval(&dims);
     let g = (e(&info.grid[0]), e(&info.grid[1]), e(&info.grid[2]));
     if g.0 > i32::MAX as u32 || g.1 > 65_535 || g.2 > 65_535 {
         return Err(RuntimeError::DoesNotFit(format!(

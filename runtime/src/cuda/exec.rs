@@ -623,6 +623,14 @@ impl Backend {
             KernelId::Main => g.kernels.first().ok_or_else(|| internal("kernel"))?,
             KernelId::Merge => aux(&g.merge)?,
             KernelId::FillNegInf => aux(&g.fill)?,
+            KernelId::Backward(_) => {
+                return Err(RuntimeError::Unsupported {
+                    backend: "cuda",
+                    what: "the backward pass: its generated kernels are not loaded on a GPU yet \
+                           (they run on the PTX simulator in the tests)"
+                        .into(),
+                })
+            }
         };
         g.launch(f, x.grid, x.threads, x.smem, &x.args)
     }

@@ -22,6 +22,7 @@
 //! [`plan`] and are tested without a GPU.
 
 pub mod args;
+mod backward;
 mod device;
 pub mod dist;
 mod exec;

@@ -167,14 +167,18 @@ pub(crate) fn assemble(
     Ok(out)
 }
 
-/// The full extra inputs (tables, segment ids, filters), by input name.
-fn upload_extras<I: RankIo>(io: &mut I, job: &RankJob) -> Result<BTreeMap<String, u64>> {
+/// The full extra inputs (tables, segment ids, filters) a kernel reads, by input name.
+pub(super) fn upload_extras<I: RankIo>(
+    io: &mut I,
+    info: &KernelInfo,
+    inputs: &MixerInputs,
+) -> Result<BTreeMap<String, u64>> {
     let mut out = BTreeMap::new();
-    for p in &job.info.params {
+    for p in &info.params {
         let ParamRole::Input(name) = &p.role else {
             continue;
         };
-        let t = job.inputs.extra_input(name)?;
+        let t = inputs.extra_input(name)?;
         let buf = io.upload(&extra_bytes(t, input_is_int(&p.name, &p.c_type)?, None))?;
         out.insert(name.clone(), io.addr(buf));
     }
@@ -234,7 +238,7 @@ fn pairwise<I: RankIo>(io: &mut I, job: &RankJob) -> Result<Vec<f32>> {
     };
     io.check_fits(extra_total + b * nq * (kb + vb) + ring_bytes + acc_bytes)?;
 
-    let inputs = upload_extras(io, job)?;
+    let inputs = upload_extras(io, job.info, job.inputs)?;
     let up = |io: &mut I, t: &Tensor<f32>, width: usize| -> Result<I::Buf> {
         io.upload(&encode(
             job.dtype,

@@ -37,6 +37,8 @@ use super::rank::{assemble, run_rank, RankIo, RankJob, Transfer};
 use crate::ring::{RingSchedule, Sharding};
 use crate::tensor::{MixerInputs, Tensor};
 
+mod backward;
+
 /// Emulated device memory. Buffer `i` starts at address `(i + 1) << 32`, so
 /// every pointer names its buffer and an offset; an access outside the
 /// buffer (or through null) panics.
@@ -537,6 +539,8 @@ struct Sim {
     main: Module,
     helpers: Module,
     helper_names: [String; 2],
+    /// The generated backward module and its kernel names, when loaded.
+    backward: Option<(Module, Vec<String>)>,
     stats: LaunchStats,
     /// Executions per instruction of the main kernel, when profiling.
     profile: Option<Vec<u64>>,
@@ -557,6 +561,7 @@ impl Sim {
             main: ptx(&g.kernels[0].name, &g.source),
             helpers: ptx("mixc_helpers", super::helper_kernels_source()),
             helper_names: super::helper_kernel_names(dt),
+            backward: None,
             stats: LaunchStats::default(),
             profile: profile.then(Vec::new),
         }
@@ -567,6 +572,10 @@ impl Sim {
             KernelId::Main => (&self.main, g.kernels[0].name.as_str()),
             KernelId::Merge => (&self.helpers, self.helper_names[0].as_str()),
             KernelId::FillNegInf => (&self.helpers, self.helper_names[1].as_str()),
+            KernelId::Backward(i) => {
+                let (m, names) = self.backward.as_ref().expect("backward module not loaded");
+                (m, names[i].as_str())
+            }
         };
         let params: Vec<u64> = x.args.iter().map(|a| a.slot()).collect();
         let profile = match x.kernel {
@@ -635,6 +644,9 @@ impl Twin<'_> {
                 conv_kernel(&mut self.mem, self.spec, &self.g, self.dt, &x)
             }
             (KernelId::Main, _) => chunk_kernel(&mut self.mem, self.spec, &self.g, self.dt, &x),
+            (KernelId::Backward(_), _) => {
+                panic!("the backward kernels have no host emulation: run them in the simulator")
+            }
         }
     }
 
@@ -1264,6 +1276,28 @@ impl RankIo for TwinRank<'_> {
     }
 }
 
+type Senders = Vec<std::sync::mpsc::Sender<Vec<u8>>>;
+type Receivers = Vec<Option<std::sync::mpsc::Receiver<Vec<u8>>>>;
+
+/// One channel per ordered pair of `world` ranks: rank `r` gets `txs[r][to]`
+/// and `rxs[r][from]`.
+fn channels(world: usize) -> (Vec<Senders>, Vec<Receivers>) {
+    let mut txs: Vec<Senders> = (0..world).map(|_| Vec::new()).collect();
+    let mut rxs: Vec<Receivers> = (0..world)
+        .map(|_| (0..world).map(|_| None).collect())
+        .collect();
+    for (from, tx) in txs.iter_mut().enumerate() {
+        for (to, rx_to) in rxs.iter_mut().enumerate() {
+            let (t, r) = std::sync::mpsc::channel();
+            tx.push(t);
+            if from != to {
+                rx_to[from] = Some(r);
+            }
+        }
+    }
+    (txs, rxs)
+}
+
 /// `world` ranks as threads, each running `rank::run_rank` on its own
 /// twin, the rows assembled as rank 0 does.
 fn run_multi_process(
@@ -1276,19 +1310,7 @@ fn run_multi_process(
 ) -> Tensor<f32> {
     let g = twin_kernel(spec, dt);
     let sched = RingSchedule::new(x.seq, world, sharding).unwrap();
-    let mut txs: Vec<Vec<_>> = (0..world).map(|_| Vec::new()).collect();
-    let mut rxs: Vec<Vec<_>> = (0..world)
-        .map(|_| (0..world).map(|_| None).collect())
-        .collect();
-    for (from, tx) in txs.iter_mut().enumerate() {
-        for (to, rx_to) in rxs.iter_mut().enumerate() {
-            let (t, r) = std::sync::mpsc::channel();
-            tx.push(t);
-            if from != to {
-                rx_to[from] = Some(r);
-            }
-        }
-    }
+    let (txs, rxs) = channels(world);
     let parts: Vec<Vec<f32>> = std::thread::scope(|s| {
         let hs: Vec<_> = txs
             .into_iter()
