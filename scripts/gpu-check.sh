@@ -5,13 +5,16 @@
 #   (1) the GPU test executables (dist/tests/*), failing if any skips for want
 #       of a GPU, and `mixc run --backend cuda --check` on every example spec
 #       with R = 1 and R = 4 virtual ranks (fails on any error);
+#   (grad) `mixc run --grad --check` on every example whose backward runs on
+#       the backend (the rest listed as not exercised, with the reason);
 #   (2)-(6) scripts/bench/peers.py: SDPA (FlashAttention, cuDNN), FlexAttention,
-#       a chunkwise PyTorch reference, ring overhead, longest L, `mixc tune`.
+#       the backward vs SDPA's and Flex's (bwd), a chunkwise PyTorch reference,
+#       ring overhead, longest L, `mixc tune`.
 # Prints one table of mixc/peer ratios and writes, under $OUT (else
 # results/gpu-check-<time>/): gpu-check.md, gpu-check.log, tests.log,
 # peers.json, peers.md (at most 8 files, one folder deep).
 #
-#   scripts/gpu-check.sh [--smoke] [--sections check,sdpa,flex,linear,ring,longest,tune] [--quick]
+#   scripts/gpu-check.sh [--smoke] [--sections check,grad,sdpa,flex,bwd,linear,ring,longest,tune] [--quick]
 #                        [-- extra peers.py arguments]
 #
 # --sections: a subset, e.g. to split the check over several calls of at most
@@ -26,7 +29,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 
-SMOKE=0 QUICK=0 SECTIONS="check,sdpa,flex,linear,ring,longest,tune"
+SMOKE=0 QUICK=0 SECTIONS="check,grad,sdpa,flex,bwd,linear,ring,longest,tune"
 PEER_ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -172,8 +175,45 @@ if has_section check; then
     say "gpu-check: --check passed for $n_ok runs (every example, R in {1, 4}, L=$CHECK_SEQ, batch 2, $BACKEND)"
 fi
 
+# ---------- (grad) gradients of every example against the f64 reference ----------
+if has_section grad; then
+    TESTS_LOG="$RESULTS/tests.log"
+    touch "$TESTS_LOG"
+    if [ "$SMOKE" = 1 ]; then GRAD_SEQ=130; else GRAD_SEQ=1000; fi
+    n_ok=0
+    for spec in examples/*.mix; do
+        # Which backends run this spec's backward (`mixc check`), and why not.
+        why="$("$MIXC" check --json "$spec" | python3 -c '
+import json, sys
+row = json.loads(sys.stdin.readline())
+want = sys.argv[1]
+for b in row["backends"]:
+    if b["target"] == want or (want == "cuda" and b["target"] == "cuda sm_90"):
+        print("" if b["backward"] else (b["backward_reason"] or "unsupported"))
+' "$BACKEND")"
+        if [ -n "$why" ]; then
+            not_exercised "grad $spec on $BACKEND: $why"
+            continue
+        fi
+        set +e
+        out="$("$MIXC" run "$spec" --backend "$BACKEND" --seq "$GRAD_SEQ" --batch 2 --grad --check --json 2>&1)"
+        rc=$?
+        set -e
+        echo "$spec --grad: $out" >>"$TESTS_LOG"
+        if [ $rc -ne 0 ]; then
+            fail "mixc run $spec --backend $BACKEND --grad --check: $(echo "$out" | tail -1)"
+        else
+            n_ok=$((n_ok + 1))
+        fi
+    done
+    say "gpu-check: --grad --check passed for $n_ok examples (L=$GRAD_SEQ, batch 2, $BACKEND)"
+    if [ "$BACKEND" = cuda ]; then
+        not_exercised "grad: ring backward on CUDA (R > 1): the CUDA backward runs one rank so far"
+    fi
+fi
+
 # ---------- (2)-(6) peers ----------
-PEER_SECTIONS="$(echo "$SECTIONS" | tr ',' '\n' | grep -v '^check$' | paste -sd, - || true)"
+PEER_SECTIONS="$(echo "$SECTIONS" | tr ',' '\n' | grep -v -e '^check$' -e '^grad$' | paste -sd, - || true)"
 PEERS_RC=0
 if [ -n "$PEER_SECTIONS" ]; then
     PY=(python3 scripts/bench/peers.py --mixc "$MIXC" --out-dir "$RESULTS" --sections "$PEER_SECTIONS")

@@ -188,7 +188,8 @@ pub struct Residuals {
 #[derive(Debug, Clone)]
 pub struct BackwardOutput {
     pub grads: Gradients<f32>,
-    /// Wall time of the backward call.
+    /// Time of the backward call: wall time on the host backends, the
+    /// kernels' GPU time (CUDA events) on CUDA, as [`Output::seconds`].
     pub seconds: f64,
     /// The tiles the backward ran with, and where they came from (with
     /// [`Tiles::Auto`]: a backward entry of the tuning cache, `mixc tune
@@ -585,9 +586,30 @@ impl Mixer {
         let grads = match prepared {
             Prepared::Reference => reference::gradients(&self.spec, inputs, d_o)?.to_f32(),
             Prepared::Cpu(m) => m.backward(inputs, o, &residuals.stat, d_o)?.into_f32(),
-            Prepared::Cuda(_) | Prepared::Shared(_) => {
+            Prepared::Cuda(m) => {
+                let lse = Tensor::new(
+                    residuals.stat.shape.clone(),
+                    residuals.stat.data.iter().map(|&x| x as f32).collect(),
+                );
+                // Timed by CUDA events around the launches, as the forward's
+                // `Output::seconds` is.
+                let (grads, seconds) = m.backward(inputs, o, &lse, d_o, None)?;
+                let target = mixc_codegen::Target::new(
+                    m.arch().unwrap_or(mixc_codegen::Arch::Sm90),
+                    self.dtype,
+                );
+                return Ok(BackwardOutput {
+                    grads,
+                    seconds,
+                    config: KernelConfig::backward_default_for(&self.spec, &target).describe(),
+                    config_source: ConfigSource::Default {
+                        note: Some("the CUDA backward's tiles are not tuned yet".into()),
+                    },
+                });
+            }
+            Prepared::Shared(_) => {
                 return Err(RuntimeError::Internal(
-                    "backward reached a backend without backward support".into(),
+                    "a shared preparation is never nested".into(),
                 ))
             }
         };
@@ -700,7 +722,16 @@ impl Mixer {
                 )
             }
             Prepared::Cuda(m) => {
-                let run = m.run(inputs)?;
+                let run = if keep_stat {
+                    m.run_train(inputs)?
+                } else {
+                    m.run(inputs)?
+                };
+                if keep_stat {
+                    stat = run.lse.as_ref().map(|l| {
+                        Tensor::new(l.shape.clone(), l.data.iter().map(|&x| x as f64).collect())
+                    });
+                }
                 (
                     run.output,
                     Some(run.kernel_seconds),
@@ -933,11 +964,23 @@ pub mod capabilities {
         supports(spec, backend)?;
         match backend {
             BackendKind::Reference | BackendKind::Cpu => Ok(()),
-            BackendKind::Cuda => Err(format!(
-                "the backward pass of mixer `{}`: backward kernels are not generated yet \
-                 (the CPU backend computes gradients)",
-                spec.name
-            )),
+            BackendKind::Cuda => {
+                let target = Target::new(Arch::Sm90, spec.dtype);
+                mixc_codegen::generate_backward(
+                    spec,
+                    &target,
+                    &KernelConfig::backward_default_for(spec, &target),
+                )
+                .map(|_| ())
+                .map_err(|e| match e {
+                    mixc_codegen::CodegenError::Unsupported { what, .. } => format!(
+                        "the backward pass of mixer `{}`: {what} (the CPU backend computes its \
+                         gradients)",
+                        spec.name
+                    ),
+                    e => e.to_string(),
+                })
+            }
         }
     }
 

@@ -40,7 +40,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-SECTIONS = ["sdpa", "flex", "linear", "ring", "longest", "tune"]
+SECTIONS = ["sdpa", "flex", "bwd", "linear", "ring", "longest", "tune"]
 
 # Specs mixc runs for each case; shapes are set with `mixc bench --set`.
 SPECS = {
@@ -194,7 +194,9 @@ class Runner:
             "peer_tflops": None, "mixc": m, "peer_times_s": peer_times, "note": note,
         }
         if pairs and peer_s and m.get("head_dim"):
-            row["peer_tflops"] = pairs * (2 * m["head_dim"] + 2 * m["value_dim"]) / peer_s / 1e12
+            # The backward does 2.5 forwards' FLOPs (as mixc counts them).
+            passes = 2.5 if section == "bwd" else 1.0
+            row["peer_tflops"] = passes * pairs * (2 * m["head_dim"] + 2 * m["value_dim"]) / peer_s / 1e12
         self.rows.append(row)
         return row
 
@@ -232,6 +234,56 @@ class Runner:
                             self.errors.append(f"sdpa {case} {name}: {type(e).__name__}: {e}")
                             self.add("sdpa", case, m, name, None, note=f"{type(e).__name__}")
                     q = k = v = None  # free the GPU memory before the next shape
+                    torch.cuda.empty_cache()
+
+    def bwd(self):
+        """The backward pass alone (dq, dk, dv from a saved forward): mixc
+        `bench --pass bwd` (kernel time) vs SDPA's FlashAttention backward and
+        FlexAttention's backward, causal and full, same shapes."""
+        a = self.args
+        flex_attention = create_block_mask = None
+        for dim in a.dims:
+            for kind in ("causal", "full"):
+                for seq in a.seqs:
+                    batch, heads = self.grid_shape(seq, dim)
+                    case = f"{kind} d={dim} L={seq} B={batch} H={heads}"
+                    sets = [f"heads={heads}", f"kv_heads={heads}", f"head_dim={dim}", f"value_dim={dim}"]
+                    print(f"[bwd] {case}", file=sys.stderr)
+                    cmd = self.mixc_cmd(SPECS[kind], seq=seq, batch=batch, sets=sets) + ["--pass", "bwd"]
+                    m = self.run_mixc(cmd, f"bwd {case}")
+                    if not self.need_torch(f"bwd {case}"):
+                        self.add("bwd", case, m, "sdpa-flash bwd", None)
+                        continue
+                    torch = self.torch
+                    from torch.nn.attention import SDPBackend, sdpa_kernel
+                    import torch.nn.functional as F
+                    q, k, v = (t.requires_grad_() for t in self.qkv(batch, heads, seq, dim))
+                    causal = kind == "causal"
+                    try:
+                        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                            o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                            do = torch.randn_like(o)
+                            fn = lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+                            med, times = self.cuda_time(fn)
+                        self.add("bwd", case, m, "sdpa-flash bwd", med, times)
+                    except Exception as e:
+                        self.errors.append(f"bwd {case} sdpa: {type(e).__name__}: {e}")
+                        self.add("bwd", case, m, "sdpa-flash bwd", None, note=type(e).__name__)
+                    try:
+                        if flex_attention is None:
+                            from torch.nn.attention.flex_attention import flex_attention as fa, create_block_mask
+                            flex_attention = torch.compile(fa, dynamic=False)
+                        mask = (lambda b, h, qi, ki: qi >= ki) if causal else (lambda b, h, qi, ki: qi >= 0)
+                        bm = create_block_mask(mask, B=None, H=None, Q_LEN=seq, KV_LEN=seq, device="cuda")
+                        o = flex_attention(q, k, v, block_mask=bm)
+                        do = torch.randn_like(o)
+                        fn = lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+                        med, times = self.cuda_time(fn)
+                        self.add("bwd", case, m, "flex bwd", med, times)
+                    except Exception as e:
+                        self.errors.append(f"bwd {case} flex: {type(e).__name__}: {e}")
+                        self.add("bwd", case, m, "flex bwd", None, note=type(e).__name__)
+                    q = k = v = o = do = None
                     torch.cuda.empty_cache()
 
     def flex_mods(self, variant, heads, doc=None):

@@ -46,6 +46,14 @@ pub(crate) struct Backend {
     pub spec: MixerSpec,
     pub dtype: DType,
     pub arch: Arch,
+    /// The backward kernels, loaded on every GPU at the first backward call.
+    backward: std::sync::OnceLock<BackwardModule>,
+}
+
+/// The generated backward module and its functions per GPU (in `gpus` order).
+struct BackwardModule {
+    generated: GeneratedKernel,
+    functions: Vec<Vec<CudaFunction>>,
 }
 
 /// Waits for every stream before the buffers of a run are freed (also on
@@ -116,7 +124,33 @@ impl Backend {
             spec: spec.clone(),
             dtype,
             arch,
+            backward: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The backward module (generated, compiled through the caches and
+    /// loaded on every GPU at the first call; `config` `None`: the backward
+    /// default).
+    fn backward_module(&self, config: Option<KernelConfig>) -> Result<&BackwardModule> {
+        if let Some(m) = self.backward.get() {
+            return Ok(m);
+        }
+        let target = Target::new(self.arch, self.dtype);
+        let kernels = super::kernels::CudaKernels::backward(&self.spec, &target, config)?;
+        let generated = kernels.generated.clone();
+        let names: Vec<&str> = generated.kernels.iter().map(|k| k.name.as_str()).collect();
+        let mut functions = Vec::with_capacity(self.gpus.len());
+        for g in &self.gpus {
+            let fs = g.load_shared(&kernels.key, &kernels.module.cubin, &names)?;
+            for (f, info) in fs.iter().zip(&generated.kernels) {
+                g.opt_in_smem(f, info)?;
+            }
+            functions.push(fs);
+        }
+        Ok(self.backward.get_or_init(|| BackwardModule {
+            generated,
+            functions,
+        }))
     }
 
     pub(super) fn info(&self) -> &KernelInfo {
@@ -598,12 +632,14 @@ impl Backend {
             extra: extra.iter().map(|(n, s)| (n.clone(), ptr(s))).collect(),
         };
         let launches = super::args::direct_launches(self.info(), &self.spec, &call)?;
-        let mut buffers = vec![q, k, v, lse];
+        let mut buffers = vec![q, k, v];
         buffers.extend(extra.into_values());
         Ok(DirectJob {
             _buffers: buffers,
             o,
             o_bytes,
+            lse,
+            lse_bytes,
             launches,
         })
     }
@@ -623,13 +659,19 @@ impl Backend {
             KernelId::Main => g.kernels.first().ok_or_else(|| internal("kernel"))?,
             KernelId::Merge => aux(&g.merge)?,
             KernelId::FillNegInf => aux(&g.fill)?,
-            KernelId::Backward(_) => {
-                return Err(RuntimeError::Unsupported {
-                    backend: "cuda",
-                    what: "the backward pass: its generated kernels are not loaded on a GPU yet \
-                           (they run on the PTX simulator in the tests)"
-                        .into(),
-                })
+            KernelId::Backward(i) => {
+                let m = self
+                    .backward
+                    .get()
+                    .ok_or_else(|| internal("backward module"))?;
+                let d = self
+                    .gpus
+                    .iter()
+                    .position(|x| std::ptr::eq(x, g))
+                    .ok_or_else(|| internal("GPU of a backward launch"))?;
+                m.functions[d]
+                    .get(i)
+                    .ok_or_else(|| internal("backward kernel"))?
             }
         };
         g.launch(f, x.grid, x.threads, x.smem, &x.args)
@@ -941,10 +983,13 @@ struct ChunkJob {
 
 /// The buffers and launches of one direct (one-rank) run.
 struct DirectJob {
-    /// Kept alive until the job is dropped: q, k, v, lse and the extra inputs.
+    /// Kept alive until the job is dropped: q, k, v and the extra inputs.
     _buffers: Vec<CudaSlice<u8>>,
     o: CudaSlice<u8>,
     o_bytes: usize,
+    /// The row log-sum-exp, `[batch, heads, seq]` f32 (softmax; empty otherwise).
+    lse: CudaSlice<u8>,
+    lse_bytes: usize,
     launches: Vec<HostLaunch>,
 }
 
@@ -1010,15 +1055,70 @@ impl Prepared {
     pub(crate) fn run(&self, inputs: &MixerInputs) -> Result<CudaRun> {
         let b = &self.backend;
         if self.ranks == 1 && b.gpus.len() == 1 {
-            return self.run_direct(inputs);
+            return self.run_direct(inputs, false);
         }
         self.run_ring(inputs)
+    }
+
+    /// [`Prepared::run`] for training: also downloads the softmax row
+    /// log-sum-exp ([`CudaRun::lse`]) the backward pass reads. One rank on
+    /// one GPU (the backward's shape today).
+    pub(crate) fn run_train(&self, inputs: &MixerInputs) -> Result<CudaRun> {
+        self.one_rank("training")?;
+        self.run_direct(inputs, true)
+    }
+
+    fn one_rank(&self, what: &str) -> Result<()> {
+        if self.ranks == 1 && self.backend.gpus.len() == 1 {
+            return Ok(());
+        }
+        Err(RuntimeError::Unsupported {
+            backend: "cuda",
+            what: format!(
+                "{what} on a ring of {} ranks: the CUDA backward runs one rank on one GPU in \
+                 one process so far (the CPU backend trains on rings)",
+                self.ranks
+            ),
+        })
+    }
+
+    /// The gradients of `sum(o * d_o)` (see [`super::CudaMixer::backward`]).
+    pub(crate) fn backward(
+        &self,
+        inputs: &MixerInputs,
+        o: &Tensor<f32>,
+        lse: &Tensor<f32>,
+        d_o: &Tensor<f32>,
+        config: Option<KernelConfig>,
+    ) -> Result<(crate::grad::Gradients<f32>, f64)> {
+        self.one_rank("the backward pass")?;
+        let b = &self.backend;
+        let module = b.backward_module(config)?;
+        let sched = RingSchedule::new(inputs.seq, 1, self.sharding)?;
+        let job = super::backward::BackwardJob {
+            spec: &b.spec,
+            kernels: &module.generated,
+            dtype: b.dtype,
+            inputs,
+            o,
+            lse,
+            d_o,
+            sched: &sched,
+            rank: 0,
+        };
+        let (part, seconds) = {
+            let mut io = super::gpu_rank::GpuRank::new(b, None);
+            let part = super::backward::backward_rank(&mut io, &job)?;
+            (part, io.kernel_seconds()?)
+        };
+        let grads = super::backward::assemble_gradients(&b.spec, inputs, &sched, &[part])?;
+        Ok((grads, seconds))
     }
 
     /// One rank: the direct call's single launch writes `o` in the storage
     /// type (and softmax's `lse`: no partials, no merge, no accumulator), on
     /// buffers uploaded here.
-    fn run_direct(&self, inputs: &MixerInputs) -> Result<CudaRun> {
+    fn run_direct(&self, inputs: &MixerInputs, keep_lse: bool) -> Result<CudaRun> {
         let start = Instant::now();
         let b = &self.backend;
         let g = &b.gpus[0];
@@ -1032,6 +1132,14 @@ impl Prepared {
             vec![inputs.batch, inputs.seq, h, dv],
             decode(b.dtype, &g.download(&job.o, job.o_bytes)?),
         );
+        let lse = if keep_lse && job.lse_bytes > 0 {
+            Some(Tensor::new(
+                vec![inputs.batch, h, inputs.seq],
+                decode(DType::F32, &g.download(&job.lse, job.lse_bytes)?),
+            ))
+        } else {
+            None
+        };
         let kernel_ms = t0
             .elapsed_ms(&t1)
             .map_err(|e| super::device::drv("reading the timing events", e))?;
@@ -1050,6 +1158,7 @@ impl Prepared {
             config: b.generated.config,
             arch: b.arch,
             dist_rank: None,
+            lse,
         })
     }
 
@@ -1080,6 +1189,7 @@ impl Prepared {
             config: backend.generated.config,
             arch: backend.arch,
             dist_rank: None,
+            lse: None,
         })
     }
 }

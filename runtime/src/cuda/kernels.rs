@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use mixc_codegen::{generate, GeneratedKernel, KernelConfig, Target};
+use mixc_codegen::{generate, generate_backward, GeneratedKernel, KernelConfig, Target};
 use mixc_dsl::ir::{Family, MixerSpec};
 
 use crate::error::{Result, RuntimeError};
@@ -47,44 +47,74 @@ impl CudaKernels {
         config: Option<KernelConfig>,
     ) -> Result<Arc<CudaKernels>> {
         let config = config.unwrap_or_else(|| KernelConfig::default_for(spec, target));
-        let key = format!(
-            "{}|{}|{}|{config:?}",
-            spec.canonical_json(),
-            target.arch,
-            target.dtype.name()
-        );
-        static CACHE: OnceLock<Mutex<HashMap<String, Arc<CudaKernels>>>> = OnceLock::new();
-        let cache = CACHE.get_or_init(Default::default);
-        if let Some(k) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return Ok(k.clone());
-        }
-        // Built outside the lock: a compile takes seconds, and two threads
-        // racing on one key both produce the same cubin.
-        let generated = generate(spec, target, &config).map_err(codegen_error)?;
-        if generated.kernels.len() != 1 {
-            return Err(RuntimeError::Internal(format!(
-                "CUDA launcher: `{}` generated {} kernels; the launcher runs one per family",
-                spec.name,
-                generated.kernels.len()
-            )));
-        }
-        let module = crate::nvrtc::compile_generated(&generated)?;
-        let helpers = if spec.family == Family::Softmax {
-            Some(crate::nvrtc::compile(
-                "mixc_merge_lse",
-                super::helper_kernels_source(),
-                target.arch,
-            )?)
-        } else {
-            None
-        };
-        let k = Arc::new(CudaKernels {
-            key: key.clone(),
-            generated,
-            module,
-            helpers,
-        });
-        let mut map = cache.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(map.entry(key).or_insert(k).clone())
+        cached(spec, target, &format!("{config:?}"), || {
+            let generated = generate(spec, target, &config).map_err(codegen_error)?;
+            if generated.kernels.len() != 1 {
+                return Err(RuntimeError::Internal(format!(
+                    "CUDA launcher: `{}` generated {} kernels; the launcher runs one per family",
+                    spec.name,
+                    generated.kernels.len()
+                )));
+            }
+            let helpers = if spec.family == Family::Softmax {
+                Some(crate::nvrtc::compile(
+                    "mixc_merge_lse",
+                    super::helper_kernels_source(),
+                    target.arch,
+                )?)
+            } else {
+                None
+            };
+            Ok((generated, helpers))
+        })
     }
+
+    /// The backward kernels of `spec` ([`mixc_codegen::generate_backward`])
+    /// for `target` with `config` (`None`: the backward default), cached as
+    /// [`CudaKernels::get`] caches the forward's.
+    pub fn backward(
+        spec: &MixerSpec,
+        target: &Target,
+        config: Option<KernelConfig>,
+    ) -> Result<Arc<CudaKernels>> {
+        let config = config.unwrap_or_else(|| KernelConfig::backward_default_for(spec, target));
+        cached(spec, target, &format!("bwd|{config:?}"), || {
+            let generated = generate_backward(spec, target, &config).map_err(codegen_error)?;
+            Ok((generated, None))
+        })
+    }
+}
+
+/// The in-process cache behind [`CudaKernels::get`] and
+/// [`CudaKernels::backward`]: `build` generates (and compiles any helpers)
+/// once per key; the generated source is compiled here.
+fn cached(
+    spec: &MixerSpec,
+    target: &Target,
+    what: &str,
+    build: impl FnOnce() -> Result<(GeneratedKernel, Option<CompiledModule>)>,
+) -> Result<Arc<CudaKernels>> {
+    let key = format!(
+        "{}|{}|{}|{what}",
+        spec.canonical_json(),
+        target.arch,
+        target.dtype.name()
+    );
+    static CACHE: OnceLock<Mutex<HashMap<String, Arc<CudaKernels>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(k) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(k.clone());
+    }
+    // Built outside the lock: a compile takes seconds, and two threads
+    // racing on one key both produce the same cubin.
+    let (generated, helpers) = build()?;
+    let module = crate::nvrtc::compile_generated(&generated)?;
+    let k = Arc::new(CudaKernels {
+        key: key.clone(),
+        generated,
+        module,
+        helpers,
+    });
+    let mut map = cache.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(map.entry(key).or_insert(k).clone())
 }

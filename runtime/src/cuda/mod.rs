@@ -26,6 +26,7 @@ mod backward;
 mod device;
 pub mod dist;
 mod exec;
+mod gpu_rank;
 pub mod kernels;
 mod nccl;
 pub mod plan;
@@ -178,6 +179,9 @@ pub struct CudaRun {
     /// Rank 0's `output` is the whole output; another rank's holds only its
     /// own rows (zero elsewhere), so only rank 0 should check or save it.
     pub dist_rank: Option<(usize, usize)>,
+    /// The softmax row log-sum-exp, `[batch, heads, seq]` natural log
+    /// (`-inf` for a row that sees no key), from [`CudaMixer::run_train`].
+    pub lse: Option<Tensor<f32>>,
 }
 
 /// A raw `CUstream` handle (what `torch.cuda.current_stream().cuda_stream`
@@ -278,6 +282,43 @@ impl CudaMixer {
                 "CUDA mixer: neither prepared nor multi-process".into(),
             )),
         }
+    }
+}
+
+impl CudaMixer {
+    /// [`CudaMixer::run`] for training: the run also returns the row
+    /// log-sum-exp ([`CudaRun::lse`]) that [`CudaMixer::backward`] reads.
+    pub fn run_train(&self, inputs: &MixerInputs) -> Result<CudaRun> {
+        let p = self.single_process("training")?;
+        let p = p.lock().unwrap_or_else(|e| e.into_inner());
+        guarded(|| p.run_train(inputs))
+    }
+
+    /// The gradients of `sum(o * d_o)` with respect to every input, by the
+    /// generated backward kernels (`config` `None`: the backward default
+    /// tiles), given the forward's output `o` and row log-sum-exp `lse`
+    /// (from [`CudaMixer::run_train`]). One rank on one GPU so far.
+    /// Returns the gradients and the kernels' GPU time in seconds.
+    pub fn backward(
+        &self,
+        inputs: &MixerInputs,
+        o: &Tensor<f32>,
+        lse: &Tensor<f32>,
+        d_o: &Tensor<f32>,
+        config: Option<KernelConfig>,
+    ) -> Result<(crate::grad::Gradients<f32>, f64)> {
+        let p = self.single_process("the backward pass")?;
+        let p = p.lock().unwrap_or_else(|e| e.into_inner());
+        guarded(|| p.backward(inputs, o, lse, d_o, config))
+    }
+
+    fn single_process(&self, what: &str) -> Result<&std::sync::Mutex<exec::Prepared>> {
+        self.prepared
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Unsupported {
+                backend: "cuda",
+                what: format!("{what} in a multi-process run (WORLD_SIZE > 1)"),
+            })
     }
 }
 

@@ -9,14 +9,13 @@
 
 use std::time::Instant;
 
-use cudarc::driver::CudaSlice;
-use cudarc::nccl::{group_end, group_start, Comm, Id};
+use cudarc::nccl::{Comm, Id};
 
-use super::args::HostLaunch;
-use super::device::{decode, encode, ptr, Gpu};
+use super::device::{decode, encode};
 use super::dist::{rendezvous_timeout, Control, DistEnv, RunHeader};
 use super::exec::Backend;
-use super::rank::{assemble, pairs_per_rank, run_rank, RankIo, RankJob, Transfer};
+use super::gpu_rank::GpuRank;
+use super::rank::{assemble, pairs_per_rank, run_rank, RankJob};
 use super::{probe, CudaOptions, CudaRun};
 use crate::error::{Result, RuntimeError};
 use crate::ring::RingSchedule;
@@ -59,103 +58,8 @@ pub fn nccl_available_among(names: &[String], soname: &str) -> Result<()> {
     })
 }
 
-fn nccl_err(what: &str, e: cudarc::nccl::result::NcclError) -> RuntimeError {
+pub(super) fn nccl_err(what: &str, e: cudarc::nccl::result::NcclError) -> RuntimeError {
     RuntimeError::Invalid(format!("NCCL: {what} failed: {:?}", e.0))
-}
-
-/// One rank on its GPU: buffers are handles into `bufs`, freed only after
-/// both streams finished (drop).
-struct GpuRank<'a> {
-    backend: &'a Backend,
-    comm: Comm,
-    bufs: Vec<CudaSlice<u8>>,
-}
-
-impl GpuRank<'_> {
-    fn gpu(&self) -> &Gpu {
-        &self.backend.gpus[0]
-    }
-    fn keep(&mut self, b: CudaSlice<u8>) -> usize {
-        self.bufs.push(b);
-        self.bufs.len() - 1
-    }
-}
-
-impl Drop for GpuRank<'_> {
-    fn drop(&mut self) {
-        // Nothing may be freed while a kernel or a transfer still uses it.
-        let _ = self.gpu().sync_all();
-    }
-}
-
-impl RankIo for GpuRank<'_> {
-    type Buf = usize;
-
-    fn upload(&mut self, bytes: &[u8]) -> Result<usize> {
-        let b = self.gpu().upload(bytes)?;
-        Ok(self.keep(b))
-    }
-
-    fn zeros(&mut self, bytes: usize) -> Result<usize> {
-        let b = self.gpu().zeros(bytes)?;
-        Ok(self.keep(b))
-    }
-
-    fn addr(&self, b: usize) -> u64 {
-        ptr(&self.bufs[b])
-    }
-
-    fn launch(&mut self, x: &HostLaunch) -> Result<()> {
-        self.backend.run_launch(self.gpu(), x)
-    }
-
-    fn download(&mut self, b: usize, bytes: usize) -> Result<Vec<u8>> {
-        // Transfers run on the copy stream: wait for both.
-        self.gpu().sync_all()?;
-        self.gpu().download(&self.bufs[b], bytes)
-    }
-
-    fn check_fits(&self, bytes: usize) -> Result<()> {
-        self.gpu().check_fits(bytes)
-    }
-
-    fn sendrecv(&mut self, send: Transfer<'_, usize>, recv: Transfer<'_, usize>) -> Result<()> {
-        let g = &self.backend.gpus[0];
-        g.ctx
-            .bind_to_thread()
-            .map_err(|e| super::device::drv("making the GPU current", e))?;
-        // The communicator's stream is the copy stream: start after the
-        // launches so far (sources written, destinations read).
-        Gpu::wait(&g.copy, &Gpu::mark(&g.compute)?)?;
-        group_start().map_err(|e| nccl_err("ncclGroupStart", e))?;
-        let (comm, bufs) = (&self.comm, &mut self.bufs);
-        let mut posted = || -> Result<()> {
-            if let Some((to, list)) = send {
-                for &(b, n) in list.iter().filter(|(_, n)| *n > 0) {
-                    comm.send(&bufs[b].slice(0..n), to as i32)
-                        .map_err(|e| nccl_err(&format!("ncclSend of {n} bytes to rank {to}"), e))?;
-                }
-            }
-            if let Some((from, list)) = recv {
-                for &(b, n) in list.iter().filter(|(_, n)| *n > 0) {
-                    let mut view = bufs[b].slice_mut(0..n);
-                    comm.recv(&mut view, from as i32).map_err(|e| {
-                        nccl_err(&format!("ncclRecv of {n} bytes from rank {from}"), e)
-                    })?;
-                }
-            }
-            Ok(())
-        };
-        let r = posted();
-        // Close the group even when posting failed, or NCCL stays in it.
-        let end = group_end().map_err(|e| nccl_err("ncclGroupEnd", e));
-        r.and(end.map(|_| ()))
-    }
-
-    fn await_transfers(&mut self) -> Result<()> {
-        let g = self.gpu();
-        Gpu::wait(&g.compute, &Gpu::mark(&g.copy)?)
-    }
 }
 
 /// `WORLD_SIZE > 1`: this process runs rank `RANK` of the ring on GPU
@@ -211,11 +115,7 @@ pub(crate) fn run_process(
         .map_err(|e| super::device::drv("making the GPU current", e))?;
     let comm = Comm::from_rank(gpu.copy.clone(), env.rank, env.world_size, Id::uninit(raw))
         .map_err(|e| nccl_err("ncclCommInitRank", e))?;
-    let mut io = GpuRank {
-        backend: &backend,
-        comm,
-        bufs: Vec::new(),
-    };
+    let mut io = GpuRank::new(&backend, Some(comm));
     let t0 = gpu.timing_mark()?;
     let job = RankJob {
         spec,
@@ -262,6 +162,7 @@ pub(crate) fn run_process(
         config: backend.generated.config,
         arch: backend.arch,
         dist_rank: Some((env.rank, env.world_size)),
+        lse: None,
     })
 }
 
