@@ -964,6 +964,15 @@ pub mod capabilities {
         supports(spec, backend)?;
         match backend {
             BackendKind::Reference | BackendKind::Cpu => Ok(()),
+            BackendKind::Cuda if spec.family != mixc_dsl::Family::Softmax => {
+                crate::cuda::backward_linear::supports(spec).map_err(|what| {
+                    format!(
+                        "the backward pass of mixer `{}`: {what} (the CPU backend computes its \
+                         gradients)",
+                        spec.name
+                    )
+                })
+            }
             BackendKind::Cuda => {
                 let target = Target::new(Arch::Sm90, spec.dtype);
                 mixc_codegen::generate_backward(

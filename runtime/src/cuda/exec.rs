@@ -1093,6 +1093,22 @@ impl Prepared {
     ) -> Result<(crate::grad::Gradients<f32>, f64)> {
         self.one_rank("the backward pass")?;
         let b = &self.backend;
+        if b.spec.family != Family::Softmax {
+            // Forward runs of derived mixers (`backward_linear.rs`) on this GPU.
+            let mut seconds = 0.0;
+            let mut run = |d: &MixerSpec, x: &MixerInputs| -> Result<Tensor<f32>> {
+                let opts = super::CudaOptions {
+                    dtype: b.dtype,
+                    devices: Some(1),
+                    ..super::CudaOptions::default_for(d)
+                };
+                let r = super::CudaMixer::new(d, &opts)?.run(x)?;
+                seconds += r.kernel_seconds;
+                Ok(r.output)
+            };
+            let grads = super::backward_linear::backward(&b.spec, inputs, o, d_o, &mut run)?;
+            return Ok((grads, seconds));
+        }
         let module = b.backward_module(config)?;
         let sched = RingSchedule::new(inputs.seq, 1, self.sharding)?;
         let job = super::backward::BackwardJob {

@@ -23,6 +23,7 @@
 
 pub mod args;
 mod backward;
+pub(crate) mod backward_linear;
 mod device;
 pub mod dist;
 mod exec;

@@ -330,3 +330,111 @@ fn barrier_mutations(spec: &MixerSpec) -> Vec<String> {
     }
     report
 }
+
+/// The linear, retention, gated and convolution examples: their backward is
+/// forward runs of derived mixers (`cuda/backward_linear.rs`), here the
+/// generated chunkwise / convolution kernels as PTX in the simulator, over 1
+/// and 2 ranks (the derived runs pass their states around the ring: in
+/// sequence order for `dq`, in reverse order for `dk` / `dv`).
+#[test]
+fn sim_backward_linear_families_match_the_reference() {
+    let mut n = 0;
+    for name in &example_names() {
+        let spec = example(name, 2);
+        if spec.family == Family::Softmax {
+            continue;
+        }
+        n += 1;
+        // f32 (the SIMT kernels, slow in the simulator) over the ring only.
+        for (dt, seq, ranks, sharding) in [
+            (DType::Bf16, 150, 1, Sharding::Contiguous),
+            (DType::Bf16, 133, 2, Sharding::Zigzag),
+            (DType::F32, 133, 2, Sharding::Zigzag),
+        ] {
+            {
+                let mut x = crate::inputs::random_inputs(&spec, 1, seq, 31 + seq as u64);
+                crate::inputs::round_to_dtype(&mut x, dt);
+                let mut d_o = crate::inputs::random_upstream(&spec, 1, seq, 7 + seq as u64);
+                for v in &mut d_o.data {
+                    *v = super::decode(dt, &super::encode(dt, &[*v]))[0];
+                }
+                let want = crate::reference::gradients(&spec, &x, &d_o).unwrap();
+                let o64 = crate::reference::evaluate(&spec, &x).unwrap();
+                let o = Tensor::new(
+                    o64.shape.clone(),
+                    o64.data.iter().map(|&v| v as f32).collect(),
+                );
+                let t0 = std::time::Instant::now();
+                let mut runs = 0;
+                let mut run = |d: &MixerSpec, xi: &MixerInputs| {
+                    runs += 1;
+                    Ok(super::run_sim(d, xi, dt, None, ranks, sharding).0)
+                };
+                let got = super::super::backward_linear::backward(&spec, &x, &o, &d_o, &mut run)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+                let report =
+                    compare_gradients_with(&spec, &want, &got, &GradCheckPlan::full(&spec), dt)
+                        .unwrap();
+                let errs: BTreeMap<String, String> = report
+                    .errors
+                    .iter()
+                    .map(|(n, e)| (n.clone(), format!("{e:.1e}")))
+                    .collect();
+                eprintln!(
+                    "{name} {dt:?} seq {seq} R {ranks} {sharding:?}: {runs} derived forward runs, errors {errs:?} ({:.1?})",
+                    t0.elapsed()
+                );
+                assert!(runs >= 1);
+                let tol = if dt == DType::F32 {
+                    2e-3
+                } else {
+                    grad_tolerance(dt)
+                };
+                assert!(
+                    report.errors.iter().all(|(_, e)| *e <= tol),
+                    "{name} {dt:?} seq {seq} R {ranks}: errors {errs:?} > {tol:.0e}"
+                );
+            }
+        }
+    }
+    assert!(n >= 4, "only {n} non-softmax examples");
+}
+
+/// The kernels the linear families' backward runs (the derived specs'
+/// forward kernels) compile with NVRTC for sm_80 and sm_90 in f16, bf16 and
+/// f32 at their default configuration with no spills and no stack frame.
+#[test]
+fn derived_backward_kernels_compile_without_spills() {
+    use rayon::prelude::*;
+    let mut jobs = Vec::new();
+    for name in &example_names() {
+        let spec = example(name, 8);
+        if spec.family == Family::Softmax {
+            continue;
+        }
+        for d in super::super::backward_linear::derived_specs(&spec) {
+            for arch in Arch::ALL {
+                for dt in [DType::F16, DType::Bf16, DType::F32] {
+                    jobs.push((d.clone(), Target::new(arch, dt)));
+                }
+            }
+        }
+    }
+    jobs.par_iter().for_each(|(d, target)| {
+        let (arch, dt) = (target.arch, target.dtype);
+        let g = mixc_codegen::generate(d, target, &KernelConfig::default_for(d, target))
+            .unwrap_or_else(|e| panic!("{} {arch} {dt:?}: {e}", d.name));
+        let m = crate::nvrtc::compile_with_cache(&g.kernels[0].name, &g.source, arch, None)
+            .unwrap_or_else(|e| panic!("{} {arch} {dt:?}: {e}", d.name));
+        for k in &g.kernels {
+            let r = m.resources_of(&k.name).unwrap();
+            assert_eq!(
+                (r.spill_stores, r.spill_loads, r.stack_frame),
+                (0, 0, 0),
+                "{} {arch} {dt:?}: spills",
+                k.name
+            );
+        }
+    });
+    assert!(jobs.len() >= 3 * 3 * 6 + 6, "{} modules", jobs.len());
+}
