@@ -726,6 +726,35 @@ impl Backend {
     }
 
     /// Downloads the output of the last run of `job`.
+    /// The softmax row log-sum-exp of a ring run, `[batch, heads, seq]`
+    /// (`None` for the other families).
+    fn collect_lse(&self, job: &Job) -> Result<Option<Tensor<f32>>> {
+        let Job::Pairwise(j) = job else {
+            return Ok(None);
+        };
+        let h = self.spec.heads as usize;
+        let (b, seq) = (j.batch, j.seq);
+        let mut out = Tensor::<f32>::zeros(&[b, h, seq]);
+        for rb in &j.ranks {
+            let Acc::Softmax { lse, .. } = &rb.acc else {
+                return Ok(None);
+            };
+            let g = &self.gpus[rb.dev];
+            let bytes = g.download(lse, b * h * rb.nq * 4)?;
+            // `[b * h, nq]` rows of the rank's ranges, end to end.
+            scatter_rows(
+                &mut out.data,
+                &decode(DType::F32, &bytes),
+                b * h,
+                seq,
+                1,
+                rb.nq,
+                &rb.q_ranges,
+            );
+        }
+        Ok(Some(out))
+    }
+
     fn collect(&self, job: &Job) -> Result<Tensor<f32>> {
         for g in &self.gpus {
             g.sync_all()?;
@@ -1057,29 +1086,17 @@ impl Prepared {
         if self.ranks == 1 && b.gpus.len() == 1 {
             return self.run_direct(inputs, false);
         }
-        self.run_ring(inputs)
+        self.run_ring(inputs, false)
     }
 
     /// [`Prepared::run`] for training: also downloads the softmax row
     /// log-sum-exp ([`CudaRun::lse`]) the backward pass reads. One rank on
     /// one GPU (the backward's shape today).
     pub(crate) fn run_train(&self, inputs: &MixerInputs) -> Result<CudaRun> {
-        self.one_rank("training")?;
-        self.run_direct(inputs, true)
-    }
-
-    fn one_rank(&self, what: &str) -> Result<()> {
         if self.ranks == 1 && self.backend.gpus.len() == 1 {
-            return Ok(());
+            return self.run_direct(inputs, true);
         }
-        Err(RuntimeError::Unsupported {
-            backend: "cuda",
-            what: format!(
-                "{what} on a ring of {} ranks: the CUDA backward runs one rank on one GPU in \
-                 one process so far (the CPU backend trains on rings)",
-                self.ranks
-            ),
-        })
+        self.run_ring(inputs, true)
     }
 
     /// The gradients of `sum(o * d_o)` (see [`super::CudaMixer::backward`]).
@@ -1091,15 +1108,18 @@ impl Prepared {
         d_o: &Tensor<f32>,
         config: Option<KernelConfig>,
     ) -> Result<(crate::grad::Gradients<f32>, f64)> {
-        self.one_rank("the backward pass")?;
         let b = &self.backend;
         if b.spec.family != Family::Softmax {
-            // Forward runs of derived mixers (`backward_linear.rs`) on this GPU.
+            // Forward runs of derived mixers (`backward_linear.rs`) on this
+            // ring: states pass in sequence order for dq, in reverse order
+            // (the reversed sequence) for dk and dv.
             let mut seconds = 0.0;
             let mut run = |d: &MixerSpec, x: &MixerInputs| -> Result<Tensor<f32>> {
                 let opts = super::CudaOptions {
                     dtype: b.dtype,
-                    devices: Some(1),
+                    ranks: self.ranks,
+                    sharding: self.sharding,
+                    devices: Some(b.gpus.len()),
                     ..super::CudaOptions::default_for(d)
                 };
                 let r = super::CudaMixer::new(d, &opts)?.run(x)?;
@@ -1110,8 +1130,8 @@ impl Prepared {
             return Ok((grads, seconds));
         }
         let module = b.backward_module(config)?;
-        let sched = RingSchedule::new(inputs.seq, 1, self.sharding)?;
-        let job = super::backward::BackwardJob {
+        let sched = RingSchedule::new(inputs.seq, self.ranks, self.sharding)?;
+        let job = |rank: usize| super::backward::BackwardJob {
             spec: &b.spec,
             kernels: &module.generated,
             dtype: b.dtype,
@@ -1120,14 +1140,47 @@ impl Prepared {
             lse,
             d_o,
             sched: &sched,
-            rank: 0,
+            rank,
         };
-        let (part, seconds) = {
-            let mut io = super::gpu_rank::GpuRank::new(b, None);
-            let part = super::backward::backward_rank(&mut io, &job)?;
-            (part, io.kernel_seconds()?)
+        use super::gpu_rank::{host_links, GpuRank, Link};
+        let parts: Vec<(super::backward::RankGradients, f64)> = if self.ranks == 1 {
+            let mut io = GpuRank::new(b, 0, Link::None);
+            let part = super::backward::backward_rank(&mut io, &job(0))?;
+            vec![(part, io.kernel_seconds()?)]
+        } else {
+            // One thread per rank, shards passed through host memory.
+            let links = host_links(self.ranks);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = links
+                    .into_iter()
+                    .enumerate()
+                    .map(|(r, link)| {
+                        let job = job(r);
+                        scope.spawn(move || -> Result<_> {
+                            let mut io =
+                                GpuRank::new(b, device_of(r, b.gpus.len()), Link::Host(link));
+                            io.bind()?;
+                            let part = super::backward::backward_rank(&mut io, &job)?;
+                            Ok((part, io.kernel_seconds()?))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(RuntimeError::Internal(
+                                "a backward rank thread panicked".into(),
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })?
         };
-        let grads = super::backward::assemble_gradients(&b.spec, inputs, &sched, &[part])?;
+        // The slowest rank's kernel time.
+        let seconds = parts.iter().map(|p| p.1).fold(0.0, f64::max);
+        let parts: Vec<_> = parts.into_iter().map(|p| p.0).collect();
+        let grads = super::backward::assemble_gradients(&b.spec, inputs, &sched, &parts)?;
         Ok((grads, seconds))
     }
 
@@ -1179,7 +1232,7 @@ impl Prepared {
     }
 
     /// A ring run: upload, every launch of the ring, download.
-    fn run_ring(&self, inputs: &MixerInputs) -> Result<CudaRun> {
+    fn run_ring(&self, inputs: &MixerInputs, keep_lse: bool) -> Result<CudaRun> {
         let start = Instant::now();
         let backend = &self.backend;
         let sched = RingSchedule::new(inputs.seq, self.ranks, self.sharding)?;
@@ -1189,6 +1242,11 @@ impl Prepared {
         backend.enqueue(&mut job)?;
         let t1 = backend.gpus[0].timing_mark()?;
         let output = backend.collect(&job)?;
+        let lse = if keep_lse {
+            backend.collect_lse(&job)?
+        } else {
+            None
+        };
         let kernel_ms = t0
             .elapsed_ms(&t1)
             .map_err(|e| super::device::drv("reading the timing events", e))?;
@@ -1205,7 +1263,7 @@ impl Prepared {
             config: backend.generated.config,
             arch: backend.arch,
             dist_rank: None,
-            lse: None,
+            lse,
         })
     }
 }

@@ -298,8 +298,12 @@ impl CudaMixer {
     /// The gradients of `sum(o * d_o)` with respect to every input, by the
     /// generated backward kernels (`config` `None`: the backward default
     /// tiles), given the forward's output `o` and row log-sum-exp `lse`
-    /// (from [`CudaMixer::run_train`]). One rank on one GPU so far.
-    /// Returns the gradients and the kernels' GPU time in seconds.
+    /// (from [`CudaMixer::run_train`]), on this mixer's ring: its ranks run
+    /// as threads of this process (one per rank, on the GPUs round-robin)
+    /// and pass shards and gradient accumulators through host memory, so a
+    /// ring is correct but not fast yet; one process per rank (NCCL) is
+    /// `Unsupported` for now. Returns the gradients and the kernels' GPU time
+    /// in seconds (the slowest rank's).
     pub fn backward(
         &self,
         inputs: &MixerInputs,

@@ -14,7 +14,7 @@ use cudarc::nccl::{Comm, Id};
 use super::device::{decode, encode};
 use super::dist::{rendezvous_timeout, Control, DistEnv, RunHeader};
 use super::exec::Backend;
-use super::gpu_rank::GpuRank;
+use super::gpu_rank::{GpuRank, Link};
 use super::rank::{assemble, pairs_per_rank, run_rank, RankJob};
 use super::{probe, CudaOptions, CudaRun};
 use crate::error::{Result, RuntimeError};
@@ -115,7 +115,7 @@ pub(crate) fn run_process(
         .map_err(|e| super::device::drv("making the GPU current", e))?;
     let comm = Comm::from_rank(gpu.copy.clone(), env.rank, env.world_size, Id::uninit(raw))
         .map_err(|e| nccl_err("ncclCommInitRank", e))?;
-    let mut io = GpuRank::new(&backend, Some(comm));
+    let mut io = GpuRank::new(&backend, 0, Link::Nccl(comm));
     let t0 = gpu.timing_mark()?;
     let job = RankJob {
         spec,
