@@ -258,7 +258,7 @@ extern "C" __global__ void __launch_bounds__(256) {{ finish_name }}(
                     ds *= {{ d_transform }};
 {%- endif %}
 {%- for t in table_grads %}
-                    if (ds != 0.0f) atomicAdd(grad_{{ t.input }} + {{ t.offset }}, ds * ({{ t.partial }}));
+                    if (ds != 0.0f) atomicAdd({{ t.target }} + {{ t.offset }}, ds * ({{ t.partial }}));
 {%- endfor %}
                     acc_s[n][e] = p;
                     acc_dp[n][e] = ds;

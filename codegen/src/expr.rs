@@ -325,9 +325,10 @@ fn lower_node(
         }
         Expr::Index { input, indices } => {
             let (decl, offset) = table_offset(e, input, indices, env, &mut sub)?;
+            let ptr = crate::input_param(input);
             let read = match decl.elem {
-                ElemType::F32 => format!("__ldg({input} + {offset})"),
-                ElemType::I32 => format!("(float)__ldg({input} + {offset})"),
+                ElemType::F32 => format!("__ldg({ptr} + {offset})"),
+                ElemType::I32 => format!("(float)__ldg({ptr} + {offset})"),
             };
             CExpr {
                 code: read,
@@ -386,6 +387,8 @@ fn table_offset<'a>(
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TableGrad {
     pub input: String,
+    /// The kernel parameter the gradient is added to.
+    pub target: String,
     pub offset: String,
     pub partial: String,
 }
@@ -416,6 +419,7 @@ pub fn table_grads(
         let mut sub = |x: &Expr| lower_expr(x, env, hoisted);
         let (_, offset) = table_offset(e, &input, &indices, env, &mut sub)?;
         out.push(TableGrad {
+            target: format!("grad_{}", crate::input_param(&input)),
             input,
             offset,
             partial: as_float(&partial),

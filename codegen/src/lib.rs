@@ -457,6 +457,23 @@ pub fn kernel_name(spec: &MixerSpec, target: &Target) -> String {
     )
 }
 
+/// The C name of extra input `input`'s kernel parameter: `in_` and the
+/// name, each character outside `[A-Za-z0-9_]` spelled `_u<hex>_`, so any
+/// identifier the language accepts (Unicode included) is a C identifier
+/// that no template variable or C keyword can be, and distinct names stay
+/// distinct.
+pub fn input_param(input: &str) -> String {
+    let mut out = String::from("in_");
+    for c in input.chars() {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            out.push(c);
+        } else {
+            out.push_str(&format!("_u{:x}_", c as u32));
+        }
+    }
+    out
+}
+
 fn sanitize_ident(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })

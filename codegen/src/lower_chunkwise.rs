@@ -352,7 +352,7 @@ pub(crate) fn lower(
 
 /// C name of the gate input's parameter.
 fn gate_param(input: &str) -> String {
-    format!("in_{input}")
+    crate::input_param(input)
 }
 
 /// The kernel signature, in order.

@@ -241,7 +241,7 @@ pub(crate) fn lower(
 
 /// C name of the filter's parameter (prefixed so it never collides with kernel locals).
 fn filter_param(input: &str) -> String {
-    format!("in_{input}")
+    crate::input_param(input)
 }
 
 fn params(spec: &MixerSpec, target: &Target, filter: &str) -> Vec<KernelParam> {

@@ -135,7 +135,10 @@ pub(crate) fn lower(
     ctx.insert("transform", &transform);
     ctx.insert("hoisted", &hoisted);
     ctx.insert("mask", &mask);
-    ctx.insert("segment", &mask.segment_input);
+    ctx.insert(
+        "segment",
+        &mask.segment_input.as_deref().map(crate::input_param),
+    );
     ctx.insert("params", &params);
     if !mma {
         ctx.insert("threads_per_row", &(threads / cfg.block_m));
@@ -259,7 +262,7 @@ fn extra_params(spec: &MixerSpec) -> Vec<KernelParam> {
             (_, ElemType::F32) => ("const float* __restrict__", "extra input (table)"),
         };
         p.push(KernelParam::new(
-            &d.name,
+            &crate::input_param(&d.name),
             c_type,
             ParamRole::Input(d.name.clone()),
             doc,
@@ -485,7 +488,7 @@ pub(crate) fn lower_backward(
     grads.dedup();
     for name in grads {
         params.push(KernelParam::new(
-            &format!("grad_{name}"),
+            &format!("grad_{}", crate::input_param(name)),
             "float* __restrict__",
             ParamRole::GradAccumulator(name.into()),
             "f32, the input's shape, added to (atomics)",
@@ -512,7 +515,10 @@ pub(crate) fn lower_backward(
     ctx.insert("table_grads", &table_grads);
     ctx.insert("hoisted", &hoisted);
     ctx.insert("mask", &mask);
-    ctx.insert("segment", &mask.segment_input);
+    ctx.insert(
+        "segment",
+        &mask.segment_input.as_deref().map(crate::input_param),
+    );
     ctx.insert("params", &params);
     let source = render(template, &ctx)?;
 

@@ -56,6 +56,16 @@ pub const MAX_HEADS: u64 = 65536;
 /// Largest accepted `head_dim` / `value_dim`: what one tile row can hold.
 pub const MAX_HEAD_DIM: u64 = 512;
 
+/// Longest accepted mixer or input name, in characters: names become
+/// kernel symbols and file names.
+pub const MAX_IDENT_CHARS: usize = 128;
+
+/// Largest mask extent that means something (window sizes, prefix lengths,
+/// dilation rates, block sizes): 2^40 positions, far beyond any sequence a
+/// machine holds. Larger values act as this one, so the block arithmetic
+/// (which adds extents to positions) cannot overflow.
+pub const MAX_EXTENT: u64 = 1 << 40;
+
 /// The closest candidate to `name`, if it is close enough to be a typo.
 pub(crate) fn suggest<'a>(
     name: &str,
@@ -261,6 +271,57 @@ impl Checker<'_> {
     }
 
     /// A non-negative integer literal (no suffix) for `what`.
+    /// Reports a name longer than [`MAX_IDENT_CHARS`].
+    fn ident_fits(&mut self, name: &str, span: Span, what: &str) -> bool {
+        let n = name.chars().count();
+        if n <= MAX_IDENT_CHARS {
+            return true;
+        }
+        self.err_hint(
+            span,
+            format!("{what} is {n} characters long, more than the {MAX_IDENT_CHARS} allowed"),
+            "names become kernel symbols; pick a shorter one",
+        );
+        false
+    }
+
+    /// A constant subexpression (no variable, no table read) must be a
+    /// number f32 can hold: the kernels compute in f32, where `1e300` is
+    /// infinite and `0.0 / 0.0` is NaN (which would mask everything).
+    fn finite_constant(&mut self, x: (Expr, ScalarType), span: Span) -> Option<(Expr, ScalarType)> {
+        let (e, ty) = &x;
+        let constant = ![Var::I, Var::J, Var::H, Var::S]
+            .iter()
+            .any(|v| e.uses_var(*v))
+            && {
+                let mut read = Vec::new();
+                e.inputs_read(&mut read);
+                read.is_empty()
+            };
+        if !constant || *ty == ScalarType::Int {
+            return Some(x);
+        }
+        let lookup = |_: &str, _: &[i64]| 0.0;
+        let env = EvalEnv {
+            i: 0,
+            j: 0,
+            h: 0,
+            s: 0.0,
+            heads: self.heads.unwrap_or(1),
+            lookup: &lookup,
+        };
+        let v = e.eval_f64(&env);
+        if v.is_finite() && v.abs() <= f32::MAX as f64 {
+            return Some(x);
+        }
+        self.err_hint(
+            span,
+            format!("this constant evaluates to {v:e}, which f32 cannot hold"),
+            "the kernels compute in f32 (finite, at most 3.4e38 in magnitude)",
+        );
+        None
+    }
+
     fn uint(&mut self, e: &syn::Expr, what: &str) -> Option<u64> {
         let ex = peel(e);
         match ex {
@@ -370,6 +431,10 @@ impl Checker<'_> {
 
     fn declare(&mut self, it: &InputItem) {
         let name = it.name.to_string();
+        if !self.ident_fits(&name, it.name.span(), "input name") {
+            self.broken.push(name);
+            return;
+        }
         if ["i", "j", "h", "s", "q", "k", "v", "o"].contains(&name.as_str()) {
             self.err_hint(
                 it.name.span(),
@@ -575,7 +640,7 @@ impl Checker<'_> {
             E::Unary(u) => match u.op {
                 syn::UnOp::Neg(_) => {
                     let (a, t) = self.expr(&u.expr, cx)?;
-                    Some((Expr::Unary(UnOp::Neg, Box::new(a)), t))
+                    self.finite_constant((Expr::Unary(UnOp::Neg, Box::new(a)), t), u.span())
                 }
                 _ => {
                     self.err_hint(
@@ -644,7 +709,7 @@ impl Checker<'_> {
                     _ if lt == ScalarType::Int && rt == ScalarType::Int => ScalarType::Int,
                     _ => ScalarType::Float,
                 };
-                Some((Expr::Binary(op, Box::new(l), Box::new(r)), ty))
+                self.finite_constant((Expr::Binary(op, Box::new(l), Box::new(r)), ty), b.span())
             }
             E::Call(c) => {
                 let Some(fid) = bare_ident(&c.func) else {
@@ -689,10 +754,13 @@ impl Checker<'_> {
                     Func::Abs | Func::Min | Func::Max | Func::Clamp if all_int => ScalarType::Int,
                     _ => ScalarType::Float,
                 };
-                Some((
-                    Expr::Call(f, args.into_iter().map(|(e, _)| e).collect()),
-                    ty,
-                ))
+                self.finite_constant(
+                    (
+                        Expr::Call(f, args.into_iter().map(|(e, _)| e).collect()),
+                        ty,
+                    ),
+                    c.span(),
+                )
             }
             E::Index(_) => self.table_read(e, cx),
             E::Cast(c) => {
@@ -735,9 +803,15 @@ impl Checker<'_> {
                     return None;
                 }
                 match l.base10_parse::<f64>() {
-                    Ok(v) if v.is_finite() => Some((Expr::Float(v), ScalarType::Float)),
+                    Ok(v) if v.is_finite() && v.abs() <= f32::MAX as f64 => {
+                        Some((Expr::Float(v), ScalarType::Float))
+                    }
                     _ => {
-                        self.err(l.span(), format!("float `{l}` is out of range"));
+                        self.err_hint(
+                            l.span(),
+                            format!("float `{l}` is out of range"),
+                            "the kernels compute in f32: at most 3.4e38 in magnitude",
+                        );
                         None
                     }
                 }
@@ -1114,7 +1188,7 @@ impl Checker<'_> {
                 }
                 match m.as_str() {
                     "window" => {
-                        let size = self.uint(args[0], "the window size")?;
+                        let size = self.uint(args[0], "the window size")?.min(MAX_EXTENT);
                         if size == 0 {
                             self.err_hint(
                                 args[0].span(),
@@ -1126,10 +1200,10 @@ impl Checker<'_> {
                         Some(Mask::Window { size })
                     }
                     "prefix_lm" => Some(Mask::PrefixLm {
-                        prefix: self.uint(args[0], "the prefix length")?,
+                        prefix: self.uint(args[0], "the prefix length")?.min(MAX_EXTENT),
                     }),
                     "dilated" => {
-                        let rate = self.uint(args[0], "the dilation rate")?;
+                        let rate = self.uint(args[0], "the dilation rate")?.min(MAX_EXTENT);
                         if rate == 0 {
                             self.err_hint(
                                 args[0].span(),
@@ -1212,7 +1286,7 @@ impl Checker<'_> {
                 continue;
             }
             match self.uint(&asg.right, &format!("`{n}`")) {
-                Some(v) => vals[slot] = Some(v),
+                Some(v) => vals[slot] = Some(v.min(MAX_EXTENT)),
                 None => ok = false,
             }
         }
@@ -1463,6 +1537,7 @@ pub(crate) fn check(raw: RawSpec, diags: &mut Diagnostics) -> Option<MixerSpec> 
     let decay = get("decay").map(|k| ck.decay(&k.value));
     let norm = get("norm").map(|k| ck.norm(&k.value));
     let inputs = ck.resolve_inputs();
+    ck.ident_fits(&raw.name.to_string(), raw.name.span(), "the mixer name");
 
     for key in ["heads", "head_dim"] {
         if get(key).is_none() && !raw.broken.iter().any(|b| b == key) {

@@ -19,7 +19,7 @@ mod check;
 mod diag;
 mod syntax;
 
-pub use check::{KEYS, MAX_HEADS, MAX_HEAD_DIM};
+pub use check::{KEYS, MAX_EXTENT, MAX_HEADS, MAX_HEAD_DIM, MAX_IDENT_CHARS};
 pub use diag::{Diagnostic, Diagnostics, Position, SpecError};
 pub use syntax::{MAX_ITEM_TOKENS, MAX_NESTING};
 

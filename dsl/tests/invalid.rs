@@ -151,6 +151,54 @@ invalid! {
     unknown_norm: with("norm = softmx;");
     sum_eps_not_positive: with("norm = sum(eps = 0.0);");
     sum_wrong_argument: with("norm = sum(epsilon = 1e-6);");
+
+    // ---- constants the kernels' f32 cannot hold (issue 19, defects 6 and 7) ----
+    scale_beyond_f32: with("scale = 1e300;");
+    scale_product_beyond_f32: with("scale = 1e20 * 1e20;");
+    bias_nan_constant: with("bias = 0.0 / 0.0;");
+    transform_infinite_constant: with("transform = s + exp(1000.0);");
+    // ---- names (defect 8) ----
+    input_name_too_long: with(&format!("input {}: f32[heads];\nbias = 0.0;", "t".repeat(129)));
+}
+
+/// A mixer name of more than `MAX_IDENT_CHARS` characters is refused (a
+/// multi-megabyte name once took minutes to compile), and quickly.
+#[test]
+fn a_long_mixer_name_is_refused() {
+    let src = format!(
+        "mixer {} {{ heads = 2; head_dim = 8; }}",
+        "m".repeat(500_000)
+    );
+    let t0 = std::time::Instant::now();
+    let d = parse_str(&src).unwrap_err();
+    assert!(t0.elapsed().as_secs_f64() < 5.0, "{:?}", t0.elapsed());
+    let msg = d.render("long.mix", &src);
+    assert!(
+        msg.contains("500000 characters long, more than the 128 allowed"),
+        "{}",
+        &msg[..msg.len().min(400)]
+    );
+    // At the limit it is fine.
+    parse_str(&format!(
+        "mixer {} {{ heads = 2; head_dim = 8; }}",
+        "m".repeat(128)
+    ))
+    .unwrap();
+}
+
+/// Extents beyond any sequence (`window(2^63 - 1)`, even `u64::MAX`) are
+/// accepted and act as `MAX_EXTENT`, so the block arithmetic that adds them
+/// to positions cannot overflow.
+#[test]
+fn huge_mask_extents_saturate() {
+    for w in ["9223372036854775807", "18446744073709551615"] {
+        let spec = parse_str(&format!(
+            "mixer w {{ heads = 2; head_dim = 8; mask = causal && window({w}) && prefix_lm({w}); }}"
+        ))
+        .unwrap();
+        let text = format!("{:?}", spec.mask);
+        assert!(text.contains(&mixc_dsl::MAX_EXTENT.to_string()), "{text}");
+    }
 }
 
 #[test]

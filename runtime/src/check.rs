@@ -156,12 +156,15 @@ pub struct CheckReport {
     /// What was compared ([`CheckPlan::describe`]).
     pub compared: String,
     pub full: bool,
+    /// Compared output values that are NaN or infinite (a check with any
+    /// fails, whatever the reference says).
+    pub non_finite: u64,
 }
 
 impl CheckReport {
-    /// Within tolerance (a NaN error fails).
+    /// Within tolerance, and every compared value finite (a NaN error fails).
     pub fn passed(&self) -> bool {
-        self.max_rel_error <= self.tolerance
+        self.non_finite == 0 && self.max_rel_error <= self.tolerance
     }
 }
 
@@ -196,11 +199,13 @@ pub fn compare(
     let nh = plan.heads.len();
     let mut max_err = 0f64;
     let mut max_ref = 0f64;
+    let mut non_finite = 0u64;
     for bi in 0..b {
         for (ri, &row) in plan.rows.iter().enumerate() {
             for (hi, &head) in plan.heads.iter().enumerate() {
                 for c in 0..dv {
                     let got = output.data[((bi * seq + row) * h + head) * dv + c] as f64;
+                    non_finite += u64::from(!got.is_finite());
                     let w = want.data[((bi * plan.rows.len() + ri) * nh + hi) * dv + c];
                     // NaN in the output must surface, so no f64::max here.
                     let err = (got - w).abs();
@@ -221,6 +226,7 @@ pub fn compare(
         tolerance: reference::check_tolerance(compute),
         compared: plan.describe(),
         full: plan.is_full(),
+        non_finite,
     })
 }
 
@@ -463,5 +469,34 @@ mod tests {
         assert_eq!(p, CheckPlan::full(&s, 100));
         assert_eq!(spread(3, 4), vec![0, 1, 2]);
         assert_eq!(spread(1, 4), vec![0]);
+    }
+}
+
+#[cfg(test)]
+mod non_finite_tests {
+    use super::*;
+
+    /// An output holding NaN or infinity fails the check and says how many,
+    /// even where the relative error would not show it.
+    #[test]
+    fn nan_and_inf_outputs_fail_and_are_counted() {
+        let spec =
+            mixc_dsl::parse_str("mixer m { heads = 2; head_dim = 8; dtype = f32; mask = causal; }")
+                .unwrap();
+        let x = crate::inputs::random_inputs(&spec, 1, 20, 1);
+        let want = reference::evaluate(&spec, &x).unwrap();
+        let good = Tensor::new(
+            want.shape.clone(),
+            want.data.iter().map(|&v| v as f32).collect(),
+        );
+        let plan = CheckPlan::full(&spec, 20);
+        let r = compare(&spec, &x, &good, &plan, DType::F32, &|_, _| {}).unwrap();
+        assert!(r.passed() && r.non_finite == 0, "{r:?}");
+        let mut bad = good.clone();
+        bad.data[3] = f32::NAN;
+        bad.data[7] = f32::INFINITY;
+        let r = compare(&spec, &x, &bad, &plan, DType::F32, &|_, _| {}).unwrap();
+        assert_eq!(r.non_finite, 2);
+        assert!(!r.passed());
     }
 }

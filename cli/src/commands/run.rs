@@ -521,8 +521,15 @@ pub fn main(args: Args) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     // NaN must fail too, hence not `e > tol`.
-    if check.as_ref().is_some_and(|c| !c.passed()) {
-        eprintln!("error: --check failed: relative error above {tolerance:.0e}");
+    if let Some(c) = check.as_ref().filter(|c| !c.passed()) {
+        if c.non_finite > 0 {
+            eprintln!(
+                "error: --check failed: the output holds {} NaN or infinite value(s)",
+                c.non_finite
+            );
+        } else {
+            eprintln!("error: --check failed: relative error above {tolerance:.0e}");
+        }
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)

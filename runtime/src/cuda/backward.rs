@@ -268,7 +268,10 @@ pub(crate) fn backward_rank<I: RankIo>(io: &mut I, job: &BackwardJob) -> Result<
                 .buffer("dk_acc", io.addr(held.dk))
                 .buffer("dv_acc", io.addr(held.dv));
             for (t, buf) in &grads {
-                bind.buffer(&format!("grad_{t}"), io.addr(*buf));
+                bind.buffer(
+                    &format!("grad_{}", mixc_codegen::input_param(t)),
+                    io.addr(*buf),
+                );
             }
             range_ints(&mut bind, l, nq, held_rows, seq);
             io.launch(&HostLaunch {

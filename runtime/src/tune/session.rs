@@ -119,7 +119,9 @@ pub fn tune(
     if req.pass == Pass::Bwd && req.backend == BackendKind::Cuda {
         return Err(RuntimeError::Unsupported {
             backend: "cuda",
-            what: "tuning the backward pass (no backward kernels yet)".into(),
+            what: "tuning the backward pass (the CUDA backward runs its default tiles, \
+                   `KernelConfig::backward_default_for`, for now)"
+                .into(),
         });
     }
     let key = TuneKey::new(spec, req.batch, req.seq, req.dtype, device.clone()).for_pass(req.pass);

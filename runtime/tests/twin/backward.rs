@@ -438,3 +438,23 @@ fn derived_backward_kernels_compile_without_spills() {
     });
     assert!(jobs.len() >= 3 * 3 * 6 + 6, "{} modules", jobs.len());
 }
+
+/// Input names the language accepts but C does not (Unicode) become valid,
+/// distinct kernel parameters (`mixc_codegen::input_param`): the forward
+/// and backward kernels compile and match the reference.
+#[test]
+fn sim_unicode_input_names_match_the_reference() {
+    let spec = parse(
+        "mixer u { heads = 2; head_dim = 64; input док: f32[heads, 8]; input 文档: i32[batch, seq]; \
+         score = dot(q, k); bias = док[h][min(abs(i - j), 7)]; mask = causal && segment(文档); \
+         norm = softmax; }",
+    );
+    super::check_sim(
+        &spec,
+        DType::Bf16,
+        None,
+        &[(100, 1, Sharding::Contiguous)],
+        1e-2,
+    );
+    check_backward_sim(&spec, DType::Bf16, &[(100, 1, Sharding::Contiguous)]);
+}
