@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test command README.md gives: installs what the tests need (NVRTC and the
-# CUDA headers from PyPI into ./.cuda), then runs the whole workspace's tests.
-# Works on a fresh machine with no GPU; GPU-only tests say that they skip.
+# CUDA headers from PyPI into ./.cuda; PyTorch, maturin and pytest from PyPI
+# into ./.venv-py), then runs the whole workspace's tests and the Python
+# package's. Works on a fresh machine with no GPU; GPU-only tests say that
+# they skip. MIXC_PY_ENV names another virtual environment to use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,3 +17,16 @@ export MIXC_CUDA_DIR="$CUDA_DIR"
 cargo test --workspace --all-targets "$@"
 # Doc tests (not covered by --all-targets).
 cargo test --workspace --doc "$@"
+
+# The Python package (python/): built into a virtual environment with
+# PyTorch from PyPI, then its tests (CPU tensors).
+PY_ENV="${MIXC_PY_ENV:-$PWD/.venv-py}"
+if [ ! -x "$PY_ENV/bin/python" ]; then
+    python3 -m venv "$PY_ENV"
+fi
+"$PY_ENV/bin/python" -m pip install -q --disable-pip-version-check "torch>=2.4" "maturin>=1.5,<2" pytest
+# No build isolation: maturin from the environment, and cargo reuses the
+# workspace's target/ (the package builds with the dev profile).
+PATH="$PY_ENV/bin:$PATH" "$PY_ENV/bin/python" -m pip install -q --disable-pip-version-check \
+    --no-build-isolation ./python
+"$PY_ENV/bin/python" -m pytest -q python/tests

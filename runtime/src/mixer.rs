@@ -184,6 +184,15 @@ pub struct Residuals {
     seq: usize,
 }
 
+impl Residuals {
+    /// Residuals from a statistic a caller kept between the forward and the
+    /// backward call (the Python binding keeps it as a tensor): `stat` as
+    /// [`Mixer::forward_train`] returned it, for inputs of `batch x seq`.
+    pub fn from_stat(stat: Tensor<f64>, batch: usize, seq: usize) -> Residuals {
+        Residuals { stat, batch, seq }
+    }
+}
+
 /// What [`Mixer::backward`] returns.
 #[derive(Debug, Clone)]
 pub struct BackwardOutput {

@@ -1,0 +1,219 @@
+"""mixc: token mixers (attention and its relatives) from a short spec, as
+differentiable PyTorch operators.
+
+    import mixc, torch
+    attn = mixc.Mixer('''
+        mixer causal_gqa { heads = 8; kv_heads = 2; head_dim = 64; mask = causal; }
+    ''')
+    q = torch.randn(2, 100, 8, 64, requires_grad=True)   # [batch, seq, heads, head_dim]
+    k = torch.randn(2, 100, 2, 64, requires_grad=True)   # [batch, seq, kv_heads, head_dim]
+    v = torch.randn(2, 100, 2, 64, requires_grad=True)
+    o = attn(q, k, v)                                     # [batch, seq, heads, value_dim]
+    o.sum().backward()                                    # q.grad, k.grad, v.grad
+
+The spec is compiled once; every call takes any batch and sequence length.
+Tensors use the flash-attn layout; extra inputs (tables, gates, filters,
+segment ids) are keyword arguments by their spec names. The operator is a
+`torch.library` custom op (`mixc::mix`) with a fake implementation and an
+autograd formula, so models using it run under `torch.compile(fullgraph=True)`.
+
+CPU tensors run on mixc's CPU backend, which computes in f32: inputs are
+copied into mixc's tensors (bf16/f16 are widened), and the output is
+returned in the inputs' dtype. CUDA tensors are not supported by the
+package yet (the CLI and the Rust library run the CUDA backend).
+"""
+
+import os
+import weakref
+
+import torch
+
+from . import _mixc
+
+__all__ = ["Mixer", "SpecError", "check", "__version__"]
+
+SpecError = _mixc.SpecError
+__version__ = _mixc.__version__
+
+# The custom op takes the mixer as an int handle (ops take tensors and
+# scalars only); the handle names a live Mixer here.
+_MIXERS = weakref.WeakValueDictionary()
+
+
+def _spec_source(spec):
+    """(text, origin) of a spec given as text or as a path to a `.mix` file."""
+    if isinstance(spec, os.PathLike) or (
+        isinstance(spec, str) and "{" not in spec and spec.strip().endswith(".mix")
+    ):
+        path = os.fspath(spec)
+        with open(path, encoding="utf-8") as f:
+            return f.read(), path
+    if not isinstance(spec, str):
+        raise TypeError(f"spec must be spec text or a path to a .mix file, not {type(spec).__name__}")
+    return spec, "<spec>"
+
+
+def check(spec):
+    """Validates a spec (text or path); returns a one-line summary or raises SpecError."""
+    text, origin = _spec_source(spec)
+    return _mixc.check(text, origin)
+
+
+class Mixer:
+    """A spec compiled once for the CPU backend; call it on torch tensors.
+
+    `threads` (default: every core) and `ranks` (ring ranks inside this
+    process; the result does not depend on it) are the CPU backend's.
+    `device="reference"` runs the f64 reference evaluator (slow; for tests).
+    """
+
+    def __init__(self, spec, *, threads=None, ranks=1, device="cpu"):
+        text, origin = _spec_source(spec)
+        self._m = _mixc.Mixer(text, origin, device, threads, ranks)
+        self.info = dict(self._m.info)
+        self.name = self.info["name"]
+        self._handle = id(self)
+        _MIXERS[self._handle] = self
+
+    def __repr__(self):
+        return repr(self._m)
+
+    def __call__(self, q, k, v, **extra):
+        names = [i["name"] for i in self.info["inputs"]]
+        unknown = sorted(set(extra) - set(names))
+        if unknown:
+            raise TypeError(f"mixer `{self.name}` has no input {', '.join(unknown)} (it takes {names or 'none'})")
+        missing = [n for n in names if n not in extra]
+        if missing:
+            raise TypeError(f"mixer `{self.name}` needs input {', '.join(missing)}")
+        if not self.info["reads_qk"]:
+            q = v.new_empty(0) if q is None else q
+            k = v.new_empty(0) if k is None else k
+        extras = [extra[n] for n in names]
+        _validate(self, q, k, v, extras)
+        o, _stat = torch.ops.mixc.mix(self._handle, q, k, v, extras)
+        return o
+
+
+def _expect(name, t, shape, dtype=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, not {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"`{name}` is on {t.device}; the mixc package runs CPU tensors so far")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"`{name}` has shape {list(t.shape)}, expected {list(shape)}")
+    if dtype == "i32" and t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"`{name}` holds {t.dtype}, expected integers (int32)")
+    if dtype == "f32" and not t.is_floating_point():
+        raise TypeError(f"`{name}` holds {t.dtype}, expected a floating-point tensor")
+
+
+def _validate(m, q, k, v, extras):
+    info = m.info
+    if not isinstance(v, torch.Tensor) or v.dim() != 4:
+        raise ValueError(f"`v` must be [batch, seq, kv_heads, value_dim], got {getattr(v, 'shape', v)!r}")
+    b, seq = v.shape[0], v.shape[1]
+    h, kvh, dk, dv = info["heads"], info["kv_heads"], info["head_dim"], info["value_dim"]
+    if info["reads_qk"]:
+        _expect("q", q, (b, seq, h, dk))
+        _expect("k", k, (b, seq, kvh, dk))
+    _expect("v", v, (b, seq, kvh, dv))
+    for spec_in, t in zip(info["inputs"], extras):
+        shape = [b if d == "batch" else seq if d == "seq" else d for d in spec_in["dims"]]
+        _expect(spec_in["name"], t, shape, spec_in["dtype"])
+    for name, t in (("q", q), ("k", k)):
+        if info["reads_qk"] and t.dtype != v.dtype:
+            raise TypeError(f"`{name}` holds {t.dtype} but `v` holds {v.dtype}")
+
+
+def _f32(t):
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _extra_args(m, extras):
+    """(name, address, is_int) per extra input, and the tensors to keep alive."""
+    args, keep = [], []
+    for spec_in, t in zip(m.info["inputs"], extras):
+        if spec_in["dtype"] == "i32":
+            c = t.detach().to(torch.int32).contiguous()
+        else:
+            c = _f32(t)
+        keep.append(c)
+        args.append((spec_in["name"], c.data_ptr(), spec_in["dtype"] == "i32"))
+    return args, keep
+
+
+def _out_shape(m, v):
+    return (v.shape[0], v.shape[1], m.info["heads"], m.info["value_dim"])
+
+
+@torch.library.custom_op("mixc::mix", mutates_args=())
+def _mix(handle: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+         extras: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    m = _MIXERS[handle]
+    b, seq = v.shape[0], v.shape[1]
+    qc, kc, vc = _f32(q), _f32(k), _f32(v)
+    args, keep = _extra_args(m, extras)
+    o = torch.empty(_out_shape(m, v), dtype=torch.float32)
+    stat = torch.zeros((b, m.info["heads"], seq), dtype=torch.float64)
+    m._m.forward(b, seq, qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), args, o.data_ptr(), stat.data_ptr())
+    del keep
+    return o.to(v.dtype), stat
+
+
+@_mix.register_fake
+def _mix_fake(handle, q, k, v, extras):
+    m = _MIXERS[handle]
+    return v.new_empty(_out_shape(m, v)), v.new_empty((v.shape[0], m.info["heads"], v.shape[1]),
+                                                      dtype=torch.float64)
+
+
+@torch.library.custom_op("mixc::mix_backward", mutates_args=())
+def _mix_backward(handle: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  extras: list[torch.Tensor], o: torch.Tensor, stat: torch.Tensor,
+                  d_o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    m = _MIXERS[handle]
+    b, seq = v.shape[0], v.shape[1]
+    qc, kc, vc, oc, doc = _f32(q), _f32(k), _f32(v), _f32(o), _f32(d_o)
+    statc = stat.detach().to(torch.float64).contiguous()
+    args, keep = _extra_args(m, extras)
+    dq = torch.zeros(qc.shape, dtype=torch.float32)
+    dk = torch.zeros(kc.shape, dtype=torch.float32)
+    dv = torch.zeros(vc.shape, dtype=torch.float32)
+    dex = [torch.zeros(t.shape, dtype=torch.float32) for t in extras]
+    dex_args = [(i["name"], d.data_ptr()) for i, d in zip(m.info["inputs"], dex)
+                if i["name"] in m.info["differentiable"]]
+    m._m.backward(b, seq, qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), args, oc.data_ptr(),
+                  statc.data_ptr(), doc.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dex_args)
+    del keep
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+            [d.to(t.dtype) if t.is_floating_point() else d for d, t in zip(dex, extras)])
+
+
+@_mix_backward.register_fake
+def _mix_backward_fake(handle, q, k, v, extras, o, stat, d_o):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            [torch.empty(t.shape, dtype=t.dtype if t.is_floating_point() else torch.float32)
+             for t in extras])
+
+
+def _setup_context(ctx, inputs, output):
+    handle, q, k, v, extras = inputs
+    o, stat = output
+    ctx.handle = handle
+    ctx.n_extra = len(extras)
+    ctx.save_for_backward(q, k, v, o, stat, *extras)
+
+
+def _backward(ctx, d_o, _d_stat):
+    q, k, v, o, stat, *extras = ctx.saved_tensors
+    m = _MIXERS[ctx.handle]
+    dq, dk, dv, dex = torch.ops.mixc.mix_backward(ctx.handle, q, k, v, list(extras), o, stat, d_o.contiguous())
+    diff = set(m.info["differentiable"])
+    dex = [d if i["name"] in diff else None for i, d in zip(m.info["inputs"], dex)]
+    if not m.info["reads_qk"]:
+        dq = dk = None
+    return None, dq, dk, dv, dex
+
+
+_mix.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,324 @@
+//! `mixc._mixc`: the native half of the `mixc` Python package, over the
+//! library API (nothing here computes: it moves tensors in and out of a
+//! [`mixc::Mixer`]). The Python package (`python/mixc/__init__.py`) is the
+//! public face: it validates torch tensors (device, dtype, shape,
+//! contiguity), allocates the outputs with torch, and passes this module
+//! their addresses; this module copies the inputs into mixc's tensors, runs
+//! the mixer with the GIL released, and writes the results into the
+//! caller's buffers.
+//!
+//! The address-taking methods are private to the package: their contract
+//! (documented on each) is that every address points to a live, contiguous
+//! buffer of the stated element type and of the size the spec implies for
+//! `batch x seq`, which the Python side checks before calling.
+
+use std::collections::BTreeMap;
+
+use mixc::{Device, ExtraTensor, MixerInputs, MixerSpec, Options, Residuals, Tensor};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyNotImplementedError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+create_exception!(
+    _mixc,
+    SpecError,
+    PyValueError,
+    "A spec that does not parse or validate; the message is the `file:line:col` diagnostic."
+);
+
+fn runtime_err(e: mixc::Error) -> PyErr {
+    use mixc::Error as E;
+    match e {
+        E::BadInput { .. } | E::Invalid(_) | E::SizeOverflow { .. } => {
+            PyValueError::new_err(e.to_string())
+        }
+        E::Unsupported { .. } | E::NoGpu { .. } => PyNotImplementedError::new_err(e.to_string()),
+        E::Spec(m) => SpecError::new_err(m),
+        e => PyRuntimeError::new_err(e.to_string()),
+    }
+}
+
+/// One extra input as the Python side passes it: name, address, and
+/// whether it holds int32 (else f32).
+type ExtraArg = (String, usize, bool);
+
+/// A compiled mixer (one spec, one backend).
+#[pyclass(frozen, module = "mixc._mixc")]
+struct Mixer {
+    inner: mixc::Mixer,
+    spec: MixerSpec,
+}
+
+/// Copies `n` elements from `addr`.
+///
+/// # Safety
+/// `addr` points to `n` live, aligned elements of `T`.
+unsafe fn read<T: Copy>(addr: usize, n: usize) -> Vec<T> {
+    if n == 0 {
+        return Vec::new();
+    }
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts(addr as *const T, n) }.to_vec()
+}
+
+/// Writes `data` to `addr`.
+///
+/// # Safety
+/// `addr` points to `data.len()` writable, aligned elements of `T`.
+unsafe fn write<T: Copy>(addr: usize, data: &[T]) {
+    if data.is_empty() {
+        return;
+    }
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts_mut(addr as *mut T, data.len()) }.copy_from_slice(data);
+}
+
+impl Mixer {
+    fn shapes(&self, batch: usize, seq: usize) -> BTreeMap<String, Vec<usize>> {
+        self.spec.tensor_shapes(batch, seq)
+    }
+
+    /// The inputs, copied from the caller's buffers.
+    ///
+    /// # Safety
+    /// As [`read`], for every tensor at the shape the spec gives it.
+    unsafe fn inputs(
+        &self,
+        batch: usize,
+        seq: usize,
+        qkv: (usize, usize, usize),
+        extras: &[ExtraArg],
+    ) -> MixerInputs {
+        let shapes = self.shapes(batch, seq);
+        let tensor = |name: &str, addr: usize| -> Tensor<f32> {
+            match shapes.get(name) {
+                // SAFETY: forwarded from this function's contract.
+                Some(s) => Tensor::new(s.clone(), unsafe { read(addr, s.iter().product()) }),
+                None => Tensor::new(vec![0], Vec::new()),
+            }
+        };
+        let (q, k, v) = (tensor("q", qkv.0), tensor("k", qkv.1), tensor("v", qkv.2));
+        let mut x = MixerInputs::new(q, k, v);
+        x.batch = batch;
+        x.seq = seq;
+        for (name, addr, is_int) in extras {
+            let Some(s) = shapes.get(name) else { continue };
+            let n = s.iter().product();
+            let t = if *is_int {
+                // SAFETY: as above.
+                ExtraTensor::I32(Tensor::new(s.clone(), unsafe { read::<i32>(*addr, n) }))
+            } else {
+                ExtraTensor::F32(Tensor::new(s.clone(), unsafe { read::<f32>(*addr, n) }))
+            };
+            x.extra.insert(name.clone(), t);
+        }
+        x
+    }
+}
+
+#[pymethods]
+impl Mixer {
+    /// Parses `text` (diagnostics name `origin`) and prepares the mixer on
+    /// `device` (`"cpu"` or `"reference"`) with `threads` CPU workers
+    /// (`None`: every core) and `ranks` ring ranks.
+    #[new]
+    #[pyo3(signature = (text, origin, device = "cpu", threads = None, ranks = 1))]
+    fn new(
+        text: &str,
+        origin: &str,
+        device: &str,
+        threads: Option<usize>,
+        ranks: usize,
+    ) -> PyResult<Self> {
+        let spec = mixc::parse(text).map_err(|d| SpecError::new_err(d.render(origin, text)))?;
+        let device = match device {
+            "cpu" => Device::Cpu,
+            "reference" => Device::Reference,
+            other => {
+                return Err(PyNotImplementedError::new_err(format!(
+                    "device `{other}`: the Python package runs on the CPU so far (`cpu` or `reference`)"
+                )))
+            }
+        };
+        let opts = Options {
+            threads,
+            ..Options::on(device).with_ranks(ranks)
+        };
+        let inner = mixc::Mixer::new(&spec, opts).map_err(runtime_err)?;
+        Ok(Mixer { inner, spec })
+    }
+
+    /// The spec's facts the Python side checks tensors against: `name`,
+    /// `family`, `heads`, `kv_heads`, `head_dim`, `value_dim`, `inputs`
+    /// (name, `f32`/`i32`, dims as ints or `batch`/`seq`/`heads`/`kv_heads`)
+    /// and `differentiable` (the inputs that get a gradient).
+    #[getter]
+    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = &self.spec;
+        let d = PyDict::new(py);
+        d.set_item("name", &s.name)?;
+        d.set_item("family", s.family.name())?;
+        d.set_item("heads", s.heads)?;
+        d.set_item("kv_heads", s.kv_heads)?;
+        d.set_item("head_dim", s.head_dim)?;
+        d.set_item("value_dim", s.value_dim)?;
+        d.set_item("reads_qk", matches!(s.score, mixc::dsl::Score::Dot { .. }))?;
+        let inputs = PyList::empty(py);
+        for i in &s.inputs {
+            let e = PyDict::new(py);
+            e.set_item("name", &i.name)?;
+            e.set_item(
+                "dtype",
+                if i.elem == mixc::dsl::ElemType::I32 {
+                    "i32"
+                } else {
+                    "f32"
+                },
+            )?;
+            let dims = PyList::empty(py);
+            for dim in &i.dims {
+                match dim {
+                    mixc::dsl::Dim::Fixed(n) => dims.append(*n)?,
+                    mixc::dsl::Dim::Batch => dims.append("batch")?,
+                    mixc::dsl::Dim::Seq => dims.append("seq")?,
+                    mixc::dsl::Dim::Heads => dims.append(s.heads)?,
+                    mixc::dsl::Dim::KvHeads => dims.append(s.kv_heads)?,
+                }
+            }
+            e.set_item("dims", dims)?;
+            inputs.append(e)?;
+        }
+        d.set_item("inputs", inputs)?;
+        d.set_item(
+            "differentiable",
+            mixc::runtime::grad::differentiable_inputs(s),
+        )?;
+        Ok(d)
+    }
+
+    /// The forward pass: writes `o` (f32 `[batch, seq, heads, value_dim]`)
+    /// and, when `stat` is given, each row's statistic for the backward
+    /// (f64 `[batch, heads, seq]`).
+    ///
+    /// Addresses: `q`, `k`, `v` f32 in mixc's layout (q and k ignored for
+    /// the convolution family); `extras` by name, int32 or f32 in their
+    /// declared shapes. Every one live, contiguous and as large as the
+    /// shapes say (the Python package checks it).
+    #[pyo3(signature = (batch, seq, q, k, v, extras, o, stat = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        py: Python<'_>,
+        batch: usize,
+        seq: usize,
+        q: usize,
+        k: usize,
+        v: usize,
+        extras: Vec<ExtraArg>,
+        o: usize,
+        stat: Option<usize>,
+    ) -> PyResult<()> {
+        // SAFETY: the documented contract, checked by the Python side.
+        let x = unsafe { self.inputs(batch, seq, (q, k, v), &extras) };
+        let (out, saved) = py
+            .detach(|| match stat {
+                Some(_) => self.inner.forward_train(&x).map(|(o, r)| (o, Some(r))),
+                None => self.inner.forward(&x).map(|o| (o, None)),
+            })
+            .map_err(runtime_err)?;
+        // SAFETY: `o` holds batch * seq * heads * value_dim f32 (checked).
+        unsafe { write(o, &out.o.data) };
+        if let (Some(addr), Some(r)) = (stat, saved) {
+            let want = batch * self.spec.heads as usize * seq;
+            if r.stat.data.len() == want {
+                // SAFETY: `stat` holds batch * heads * seq f64 (checked).
+                unsafe { write(addr, &r.stat.data) };
+            }
+        }
+        Ok(())
+    }
+
+    /// The backward pass: writes the gradients of `sum(o * do)` into `dq`,
+    /// `dk`, `dv` (f32, the inputs' shapes; q and k ignored for the
+    /// convolution family) and `dextras` (f32, by input name), given the
+    /// forward's inputs, `o` (f32) and `stat` (f64, from [`Mixer::forward`])
+    /// and `d_o` (f32, `o`'s shape). Addresses as [`Mixer::forward`].
+    #[pyo3(signature = (batch, seq, q, k, v, extras, o, stat, d_o, dq, dk, dv, dextras))]
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        py: Python<'_>,
+        batch: usize,
+        seq: usize,
+        q: usize,
+        k: usize,
+        v: usize,
+        extras: Vec<ExtraArg>,
+        o: usize,
+        stat: usize,
+        d_o: usize,
+        dq: usize,
+        dk: usize,
+        dv: usize,
+        dextras: Vec<(String, usize)>,
+    ) -> PyResult<()> {
+        let (h, dvw) = (self.spec.heads as usize, self.spec.value_dim as usize);
+        let o_shape = vec![batch, seq, h, dvw];
+        let o_n = batch * seq * h * dvw;
+        // SAFETY: the documented contract, checked by the Python side.
+        let (x, o_t, d_o_t, stat_t) = unsafe {
+            (
+                self.inputs(batch, seq, (q, k, v), &extras),
+                Tensor::new(o_shape.clone(), read::<f32>(o, o_n)),
+                Tensor::new(o_shape, read::<f32>(d_o, o_n)),
+                Tensor::new(vec![batch, h, seq], read::<f64>(stat, batch * h * seq)),
+            )
+        };
+        let residuals = Residuals::from_stat(stat_t, batch, seq);
+        let back = py
+            .detach(|| self.inner.backward(&x, &o_t, &residuals, &d_o_t))
+            .map_err(runtime_err)?;
+        let g = back.grads;
+        // SAFETY: each destination holds its input's element count (checked).
+        unsafe {
+            if !g.dq.data.is_empty() {
+                write(dq, &g.dq.data);
+                write(dk, &g.dk.data);
+            }
+            write(dv, &g.dv.data);
+            for (name, addr) in &dextras {
+                if let Some(t) = g.extra.get(name) {
+                    write(*addr, &t.data);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<mixc mixer `{}` ({}) on {}>",
+            self.spec.name,
+            self.spec.family.name(),
+            self.inner.backend().name()
+        )
+    }
+}
+
+/// Checks spec text; returns the same one-line summary as `mixc check`.
+#[pyfunction]
+#[pyo3(signature = (text, origin = "<spec>"))]
+fn check(text: &str, origin: &str) -> PyResult<String> {
+    let spec = mixc::parse(text).map_err(|d| SpecError::new_err(d.render(origin, text)))?;
+    Ok(format!("ok ({} `{}`)", spec.family.name(), spec.name))
+}
+
+#[pymodule]
+fn _mixc(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Mixer>()?;
+    m.add_function(wrap_pyfunction!(check, m)?)?;
+    m.add("SpecError", m.py().get_type::<SpecError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
