@@ -24,7 +24,7 @@ PY_ENV="${MIXC_PY_ENV:-$PWD/.venv-py}"
 if [ ! -x "$PY_ENV/bin/python" ]; then
     python3 -m venv "$PY_ENV"
 fi
-"$PY_ENV/bin/python" -m pip install -q --disable-pip-version-check "torch>=2.4" "maturin>=1.5,<2" pytest
+"$PY_ENV/bin/python" -m pip install -q --disable-pip-version-check "torch>=2.4" numpy "maturin>=1.5,<2" pytest
 # No build isolation: maturin from the environment, and cargo reuses the
 # workspace's target/ (the package builds with the dev profile).
 PATH="$PY_ENV/bin:$PATH" "$PY_ENV/bin/python" -m pip install -q --disable-pip-version-check \

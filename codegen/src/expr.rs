@@ -571,7 +571,7 @@ mod tests {
         let c = lower_expr(&e, &env(&decls), &mut h).unwrap();
         assert_eq!(
             c.code,
-            "__ldg(rel + (mixc::clampi(head, 16)) * (128) + mixc::clampi(min(abs((pos_i - pos_j)), 127), 128))"
+            "__ldg(in_rel + (mixc::clampi(head, 16)) * (128) + mixc::clampi(min(abs((pos_i - pos_j)), 127), 128))"
         );
         assert!(h.is_empty(), "reads depending on i, j are not hoisted");
     }

@@ -181,8 +181,12 @@ fn lowered_expressions_match_the_ir() {
     );
     prog.push_str(include_str!("../../templates/scalar.cuh"));
     prog.push_str(&format!(
-        "\nstatic float rel[{}];\nstatic int ids[{SEQ}];\nstatic const int seq_len = {SEQ};\n",
-        HEADS as usize * REL_W
+        "\nstatic float rel[{}];\nstatic int ids[{SEQ}];\nstatic const int seq_len = {SEQ};\n\
+         // The kernel parameters the lowered reads name (`mixc_codegen::input_param`).\n\
+         static const float* {} = rel;\nstatic const int* {} = ids;\n",
+        HEADS as usize * REL_W,
+        mixc_codegen::input_param("rel"),
+        mixc_codegen::input_param("ids"),
     ));
     for (k, e) in exprs.iter().enumerate() {
         let mut hoisted = Vec::new();

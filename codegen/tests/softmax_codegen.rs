@@ -54,7 +54,9 @@ fn every_softmax_example_renders_a_complete_kernel() {
             }
             for input in &spec.inputs {
                 assert!(
-                    k.params.iter().any(|p| p.name == input.name),
+                    k.params
+                        .iter()
+                        .any(|p| p.name == mixc_codegen::input_param(&input.name)),
                     "{}: input {} is a kernel param",
                     spec.name,
                     input.name
@@ -108,14 +110,14 @@ fn masks_and_score_plugins_reach_the_kernel() {
     assert!(alibi.contains("s += (hoist0 * (float)((pos_i - pos_j)));"));
     // Segment ids: a pointer param, a run-time tile class, a per-pair test.
     let doc = gen("document_mask");
-    assert!(doc.contains("const int* __restrict__ doc"));
+    assert!(doc.contains("const int* __restrict__ in_doc"));
     assert!(
         doc.contains("int cls = mixc::class_and(mixc::class_causal(i0, i1, j0, j1), seg_class);")
     );
     assert!(doc.contains("((pos_j <= pos_i) && (seg_i == seg_j))"));
     // Table bias reads a clamped index.
     let t5 = gen("relative_bias_t5");
-    assert!(t5.contains("__ldg(rel + (mixc::clampi(head, 8)) * (128) + mixc::clampi(min(abs((pos_i - pos_j)), 127), 128))"));
+    assert!(t5.contains("__ldg(in_rel + (mixc::clampi(head, 8)) * (128) + mixc::clampi(min(abs((pos_i - pos_j)), 127), 128))"));
     // Full attention has no key-range bound.
     assert!(gen("full_attention").contains("int cls = mixc::FULL;"));
 }
