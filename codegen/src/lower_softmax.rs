@@ -110,18 +110,7 @@ pub(crate) fn lower(
 
     let env = lower_env(spec);
     let mut hoisted: Vec<Hoisted> = Vec::new();
-    let bias = spec
-        .bias
-        .as_ref()
-        .map(|e| lower_expr(e, &env, &mut hoisted))
-        .transpose()?
-        .map(|c| c.code);
-    let transform = spec
-        .transform
-        .as_ref()
-        .map(|e| lower_expr(e, &env, &mut hoisted))
-        .transpose()?
-        .map(|c| c.code);
+    let (bias, transform) = score_code(spec, &env, &mut hoisted)?;
     let mask = lower_mask(&spec.mask, &MaskNames::default(), &spec.name)?;
 
     let params = params(spec, target);
@@ -171,20 +160,8 @@ pub(crate) fn lower(
 fn params(spec: &MixerSpec, target: &Target) -> Vec<KernelParam> {
     let t = c_elem_type(target.dtype);
     let cin = format!("const {t}* __restrict__");
-    let mut p = vec![
-        KernelParam::new("q", &cin, ParamRole::Q, "[batch, q_rows, heads, head_dim]"),
-        KernelParam::new(
-            "k",
-            &cin,
-            ParamRole::K,
-            "[batch, kv_rows, kv_heads, head_dim]",
-        ),
-        KernelParam::new(
-            "v",
-            &cin,
-            ParamRole::V,
-            "[batch, kv_rows, kv_heads, value_dim]",
-        ),
+    let mut p = qkv_params(&cin);
+    p.extend([
         KernelParam::new(
             "o",
             &format!("{t}* __restrict__"),
@@ -197,7 +174,7 @@ fn params(spec: &MixerSpec, target: &Target) -> Vec<KernelParam> {
             ParamRole::Lse,
             "[batch, heads, q_rows] natural-log sum of exp(score) over the visited keys",
         ),
-    ];
+    ]);
     p.extend(extra_params(spec));
     p.extend(range_params());
     p
@@ -379,18 +356,7 @@ pub(crate) fn lower_backward(
 
     let env = lower_env(spec);
     let mut hoisted: Vec<Hoisted> = Vec::new();
-    let bias = spec
-        .bias
-        .as_ref()
-        .map(|e| lower_expr(e, &env, &mut hoisted))
-        .transpose()?
-        .map(|c| c.code);
-    let transform = spec
-        .transform
-        .as_ref()
-        .map(|e| lower_expr(e, &env, &mut hoisted))
-        .transpose()?
-        .map(|c| c.code);
+    let (bias, transform) = score_code(spec, &env, &mut hoisted)?;
     let unsupported = |what: &str| CodegenError::Unsupported {
         spec: spec.name.clone(),
         what: what.into(),
@@ -430,20 +396,8 @@ pub(crate) fn lower_backward(
 
     let t = c_elem_type(target.dtype);
     let cin = format!("const {t}* __restrict__");
-    let mut params = vec![
-        KernelParam::new("q", &cin, ParamRole::Q, "[batch, q_rows, heads, head_dim]"),
-        KernelParam::new(
-            "k",
-            &cin,
-            ParamRole::K,
-            "[batch, kv_rows, kv_heads, head_dim]",
-        ),
-        KernelParam::new(
-            "v",
-            &cin,
-            ParamRole::V,
-            "[batch, kv_rows, kv_heads, value_dim]",
-        ),
+    let mut params = qkv_params(&cin);
+    params.extend([
         KernelParam::new(
             "d_o",
             &cin,
@@ -462,7 +416,7 @@ pub(crate) fn lower_backward(
             ParamRole::Delta,
             "[batch, heads, q_rows] rowsum(do * o)",
         ),
-    ];
+    ]);
     for (name, doc) in [
         (
             "q",
@@ -597,4 +551,40 @@ pub(crate) fn lower_backward(
             helper(&finish_name, finish_params),
         ],
     })
+}
+
+/// `q`, `k`, `v` in the storage type `cin` (forward and backward alike).
+fn qkv_params(cin: &str) -> Vec<KernelParam> {
+    vec![
+        KernelParam::new("q", cin, ParamRole::Q, "[batch, q_rows, heads, head_dim]"),
+        KernelParam::new(
+            "k",
+            cin,
+            ParamRole::K,
+            "[batch, kv_rows, kv_heads, head_dim]",
+        ),
+        KernelParam::new(
+            "v",
+            cin,
+            ParamRole::V,
+            "[batch, kv_rows, kv_heads, value_dim]",
+        ),
+    ]
+}
+
+/// The bias and transform lowered to C (the names of [`lower_env`]).
+#[allow(clippy::type_complexity)]
+fn score_code(
+    spec: &MixerSpec,
+    env: &LowerEnv<'_>,
+    hoisted: &mut Vec<Hoisted>,
+) -> Result<(Option<String>, Option<String>), CodegenError> {
+    let mut lower = |e: &Option<mixc_dsl::ir::Expr>| -> Result<Option<String>, CodegenError> {
+        e.as_ref()
+            .map(|e| lower_expr(e, env, hoisted).map(|c| c.code))
+            .transpose()
+    };
+    let bias = lower(&spec.bias)?;
+    let transform = lower(&spec.transform)?;
+    Ok((bias, transform))
 }

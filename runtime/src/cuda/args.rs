@@ -90,6 +90,13 @@ pub fn softmax_bindings(
     };
     b.buffer("q", q).buffer("k", k).buffer("v", v);
     b.buffer("o", o).buffer("lse", lse);
+    range_ints(&mut b, l, q_rows, kv_rows, seq);
+    b
+}
+
+/// A pairwise launch's ranges and positions, by the softmax kernels' names
+/// (forward and backward).
+pub fn range_ints(b: &mut Bindings, l: &PairLaunch, q_rows: usize, kv_rows: usize, seq: usize) {
     b.int("q_rows", q_rows as i64)
         .int("q_begin", l.q_begin as i64)
         .int("q_end", l.q_end as i64)
@@ -99,7 +106,6 @@ pub fn softmax_bindings(
         .int("q_pos0", l.q_pos0)
         .int("k_pos0", l.k_pos0)
         .int("seq_len", seq as i64);
-    b
 }
 
 /// What the convolution kernel gets for one launch: the held value shard,

@@ -20,11 +20,13 @@ use std::collections::BTreeMap;
 use mixc_codegen::{GeneratedKernel, KernelInfo, ParamRole};
 use mixc_dsl::ir::{DType, MixerSpec};
 
-use super::args::{build_args, grid_for, helper_blocks, ArgValue, Bindings, HostLaunch, KernelId};
+use super::args::{
+    build_args, grid_for, helper_blocks, range_ints, ArgValue, Bindings, HostLaunch, KernelId,
+};
 use super::device::{decode, elem_bytes, encode};
 use super::plan::{
     check_int_sizes, gather_rows, held_slot, pair_launches, ring_fill_slot, scatter_rows,
-    segment_summaries, tiling_of, PairLaunch,
+    segment_summaries, tiling_of,
 };
 use super::rank::{upload_extras, RankIo};
 use crate::error::{Result, RuntimeError};
@@ -333,19 +335,6 @@ pub(crate) fn backward_rank<I: RankIo>(io: &mut I, job: &BackwardJob) -> Result<
         dv: dv_rows,
         tables: tables_out,
     })
-}
-
-/// The launch's ranges and positions (the forward's `softmax_bindings` names).
-fn range_ints(bind: &mut Bindings, l: &PairLaunch, q_rows: usize, kv_rows: usize, seq: usize) {
-    bind.int("q_rows", q_rows as i64)
-        .int("q_begin", l.q_begin as i64)
-        .int("q_end", l.q_end as i64)
-        .int("kv_rows", kv_rows as i64)
-        .int("kv_begin", l.kv_begin as i64)
-        .int("kv_end", l.kv_end as i64)
-        .int("q_pos0", l.q_pos0)
-        .int("k_pos0", l.k_pos0)
-        .int("seq_len", seq as i64);
 }
 
 /// The ranks' gradients (by rank) as whole tensors: rows scattered to

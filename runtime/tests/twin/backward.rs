@@ -135,18 +135,30 @@ fn run_backward_sim_kernel(
     (assemble_gradients(spec, x, &sched, &parts).unwrap(), stats)
 }
 
+/// Seeded inputs and upstream gradient of one case, both rounded to `dt`
+/// (what the kernels read), and the f64 reference gradients on them.
+fn case(
+    spec: &MixerSpec,
+    dt: DType,
+    seq: usize,
+    seed: u64,
+) -> (MixerInputs, Tensor<f32>, Gradients<f64>) {
+    let mut x = crate::inputs::random_inputs(spec, 1, seq, seed);
+    crate::inputs::round_to_dtype(&mut x, dt);
+    let mut d_o = crate::inputs::random_upstream(spec, 1, seq, seed + 1000);
+    for v in &mut d_o.data {
+        *v = super::decode(dt, &super::encode(dt, &[*v]))[0];
+    }
+    let want = crate::reference::gradients(spec, &x, &d_o).unwrap();
+    (x, d_o, want)
+}
+
 /// Runs the backward in the simulator for each (seq, ranks, sharding) and
 /// compares every gradient with the f64 reference; returns the largest error.
 fn check_backward_sim(spec: &MixerSpec, dt: DType, runs: &[(usize, usize, Sharding)]) -> f64 {
     let mut worst = 0f64;
     for &(seq, ranks, sharding) in runs {
-        let mut x = crate::inputs::random_inputs(spec, 1, seq, 21 + seq as u64);
-        crate::inputs::round_to_dtype(&mut x, dt);
-        let mut d_o = crate::inputs::random_upstream(spec, 1, seq, 5 + seq as u64);
-        for v in &mut d_o.data {
-            *v = super::decode(dt, &super::encode(dt, &[*v]))[0];
-        }
-        let want = crate::reference::gradients(spec, &x, &d_o).unwrap();
+        let (x, d_o, want) = case(spec, dt, seq, 21 + seq as u64);
         let t0 = std::time::Instant::now();
         let (got, st) = run_backward_sim(spec, &x, &d_o, dt, None, ranks, sharding);
         let plan = GradCheckPlan::full(spec);
@@ -260,20 +272,7 @@ fn barrier_mutations(spec: &MixerSpec) -> Vec<String> {
     let want = crate::reference::gradients(spec, &x, &d_o).unwrap();
     let ptx = |src: &str| crate::nvrtc::compile_ptx("bwd", src, Arch::Sm90, false).unwrap();
     let original = ptx(&g.source);
-    let mut sites: Vec<(usize, usize)> = ["__syncthreads();", "cp_async_wait<"]
-        .iter()
-        .flat_map(|pat| {
-            g.source.match_indices(pat).map(|(at, _)| {
-                let at = if g.source[..at].ends_with("mixc::") {
-                    at - 6
-                } else {
-                    at
-                };
-                (at, at + g.source[at..].find(';').unwrap() + 1)
-            })
-        })
-        .collect();
-    sites.sort();
+    let sites = super::sync_sites(&g.source);
     assert!(
         sites.len() >= 3,
         "{}: {} sync sites",
@@ -306,13 +305,7 @@ fn barrier_mutations(spec: &MixerSpec) -> Vec<String> {
             run_backward_sim_kernel(spec, m, &x, &d_o, dt, 1, Sharding::Contiguous).0
         }));
         let verdict = match run {
-            Err(e) => {
-                let msg = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .unwrap_or_else(|| "panic".into());
-                format!("caught: {}", msg.lines().next().unwrap_or(""))
-            }
+            Err(e) => super::caught(e),
             Ok(got) => {
                 let r = compare_gradients_with(spec, &want, &got, &GradCheckPlan::full(spec), dt)
                     .unwrap();
@@ -352,13 +345,7 @@ fn sim_backward_linear_families_match_the_reference() {
             (DType::F32, 133, 2, Sharding::Zigzag),
         ] {
             {
-                let mut x = crate::inputs::random_inputs(&spec, 1, seq, 31 + seq as u64);
-                crate::inputs::round_to_dtype(&mut x, dt);
-                let mut d_o = crate::inputs::random_upstream(&spec, 1, seq, 7 + seq as u64);
-                for v in &mut d_o.data {
-                    *v = super::decode(dt, &super::encode(dt, &[*v]))[0];
-                }
-                let want = crate::reference::gradients(&spec, &x, &d_o).unwrap();
+                let (x, d_o, want) = case(&spec, dt, seq, 31 + seq as u64);
                 let o64 = crate::reference::evaluate(&spec, &x).unwrap();
                 let o = Tensor::new(
                     o64.shape.clone(),

@@ -1642,20 +1642,7 @@ fn sim_notices_every_missing_barrier_and_wait() {
         let want = crate::reference::evaluate(&spec, &x).unwrap();
         let ptx = |src: &str| crate::nvrtc::compile_ptx(name, src, Arch::Sm80, false).unwrap();
         let original = ptx(&g.source);
-        let mut sites: Vec<(usize, usize)> = ["__syncthreads();", "cp_async_wait<"]
-            .iter()
-            .flat_map(|pat| {
-                g.source.match_indices(pat).map(|(at, _)| {
-                    let at = if g.source[..at].ends_with("mixc::") {
-                        at - 6
-                    } else {
-                        at
-                    };
-                    (at, at + g.source[at..].find(';').unwrap() + 1)
-                })
-            })
-            .collect();
-        sites.sort();
+        let sites = sync_sites(&g.source);
         assert!(sites.len() >= 3, "{name}: {} sync sites", sites.len());
         let last_drain = sites
             .iter()
@@ -1676,13 +1663,7 @@ fn sim_notices_every_missing_barrier_and_wait() {
                 run_sim_kernel(&spec, m, &x, dt, 1, Sharding::Contiguous).0
             }));
             let verdict = match run {
-                Err(e) => {
-                    let msg = e
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .unwrap_or_else(|| "panic".into());
-                    format!("caught: {}", msg.lines().next().unwrap_or(""))
-                }
+                Err(e) => caught(e),
                 Ok(out) => {
                     let err = max_rel_err(&out, &want);
                     if err > 1e-2 {
@@ -1704,6 +1685,36 @@ fn sim_notices_every_missing_barrier_and_wait() {
     eprintln!("{}", report.join("\n"));
     let survived: Vec<&String> = report.iter().filter(|r| r.contains("SURVIVED")).collect();
     assert!(survived.is_empty(), "not noticed:\n{survived:#?}");
+}
+
+/// The byte ranges of every `__syncthreads();` and `cp.async` wait
+/// statement of a generated source, in order (what the barrier mutation
+/// tests delete one at a time).
+fn sync_sites(source: &str) -> Vec<(usize, usize)> {
+    let mut sites: Vec<(usize, usize)> = ["__syncthreads();", "cp_async_wait<"]
+        .iter()
+        .flat_map(|pat| {
+            source.match_indices(pat).map(|(at, _)| {
+                let at = if source[..at].ends_with("mixc::") {
+                    at - 6
+                } else {
+                    at
+                };
+                (at, at + source[at..].find(';').unwrap() + 1)
+            })
+        })
+        .collect();
+    sites.sort();
+    sites
+}
+
+/// A mutation run's panic, as one report line.
+fn caught(e: Box<dyn std::any::Any + Send>) -> String {
+    let msg = e
+        .downcast_ref::<String>()
+        .cloned()
+        .unwrap_or_else(|| "panic".into());
+    format!("caught: {}", msg.lines().next().unwrap_or(""))
 }
 
 /// Where a kernel's instructions go: the simulator's per-instruction
