@@ -579,3 +579,103 @@ fn input_reads_are_bounded() {
         text(&piped)
     );
 }
+
+/// `--save` replaces only regular files (issue 19, defect 4): a FIFO at the
+/// path is refused and stays a FIFO; a symlink is followed (the link stays,
+/// its target gets the tensors); a replaced file keeps its mode.
+#[cfg(unix)]
+#[test]
+fn save_replaces_only_regular_files() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = common::scratch("cli_save_targets", "x")
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let run = |out: &std::path::Path| {
+        mixc(&[
+            "run",
+            "examples/full_attention.mix",
+            "--backend",
+            "cpu",
+            "--seq",
+            "8",
+            "--set",
+            "heads=1",
+            "--save",
+            out.to_str().unwrap(),
+        ])
+    };
+    // A FIFO (made in a temp folder, never under /dev).
+    let fifo = dir.join("pipe");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let out = run(&fifo);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("not a regular file"), "{}", text(&out));
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    // A symlink to a file: the target is written, the link stays a link.
+    let target = dir.join("target.safetensors");
+    let link = dir.join("link.safetensors");
+    let _ = std::fs::remove_file(&link);
+    std::fs::write(&target, b"old").unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let out = run(&link);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let meta = std::fs::metadata(&target).unwrap();
+    assert!(meta.len() > 100, "the target holds the tensors");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o644, "the mode is kept");
+}
+
+/// A run whose `--check` fails never replaces the `--save` file (issue 19,
+/// defect 5): the tensors go to `<name>.failed.<ext>`, and it says so.
+/// Inputs near f32's limit overflow the f32 scores (the f64 reference does
+/// not), so the output holds NaN, which the check reports as such.
+#[test]
+fn a_failed_check_keeps_the_saved_file() {
+    let spec_path = common::scratch("cli_failed_check", "m.mix");
+    std::fs::write(
+        &spec_path,
+        "mixer m { heads = 2; head_dim = 8; dtype = f32; mask = causal; }\n",
+    )
+    .unwrap();
+    let spec = mixc::parse_file(&spec_path).unwrap();
+    let mut x = mixc::random_inputs(&spec, 1, 16, 1);
+    for v in x.q.data[..16].iter_mut().chain(x.k.data[..16].iter_mut()) {
+        *v = 1e30;
+    }
+    let inputs = spec_path.with_file_name("huge_inputs.safetensors");
+    mixc::runtime::io::save_tensors(&inputs, Some(&x), &mixc::Tensor::zeros(&[1, 16, 2, 8]))
+        .unwrap();
+    let out_path = spec_path.with_file_name("out.safetensors");
+    std::fs::write(&out_path, b"precious").unwrap();
+    let out = mixc(&[
+        "run",
+        spec_path.to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--check",
+        "--save",
+        out_path.to_str().unwrap(),
+    ]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("NaN or infinite value(s)"), "{t}");
+    assert_eq!(std::fs::read(&out_path).unwrap(), b"precious", "{t}");
+    let failed = spec_path.with_file_name("out.failed.safetensors");
+    assert!(failed.exists(), "{t}");
+    assert!(t.contains("out.failed.safetensors"), "{t}");
+}

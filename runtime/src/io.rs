@@ -323,13 +323,73 @@ pub fn save_tensors_with(
         path: path.display().to_string(),
         source,
     };
-    let dir = match path.parent() {
+    // A symlink is followed: its target is what gets replaced.
+    let target = save_target(path).map_err(io_err)?;
+    // Only a regular file (or nothing) is replaced: a FIFO, a device node or
+    // a directory at the path is refused, never turned into a file. A
+    // replaced file keeps its mode; a new one gets 0666 less the umask.
+    let mode = match std::fs::metadata(&target) {
+        Ok(m) if !m.is_file() => {
+            return Err(RuntimeError::Invalid(format!(
+                "{}: not a regular file (a FIFO, a device or a directory); tensors are saved \
+                 to regular files only",
+                path.display()
+            )))
+        }
+        Ok(m) => file_mode(&m),
+        Err(_) => 0o666,
+    };
+    let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err)?;
+    let mut tmp = temp_with_mode(dir, mode).map_err(io_err)?;
     tmp.write_all(&bytes).map_err(io_err)?;
     tmp.as_file().sync_all().map_err(io_err)?;
-    tmp.persist(path).map_err(|e| io_err(e.error))?;
+    tmp.persist(&target).map_err(|e| io_err(e.error))?;
     Ok(())
+}
+
+/// Where a save to `path` writes: `path`, or what a symlink there points to
+/// (relative links resolved against the link's folder), link after link.
+fn save_target(path: &Path) -> std::io::Result<std::path::PathBuf> {
+    let mut p = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let link = std::fs::read_link(&p)?;
+                p = match p.parent() {
+                    Some(dir) if link.is_relative() => dir.join(link),
+                    _ => link,
+                };
+            }
+            _ => return Ok(p),
+        }
+    }
+    Err(std::io::Error::other("too many levels of symbolic links"))
+}
+
+#[cfg(unix)]
+fn file_mode(m: &std::fs::Metadata) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    m.permissions().mode() & 0o7777
+}
+
+#[cfg(not(unix))]
+fn file_mode(_: &std::fs::Metadata) -> u32 {
+    0o666
+}
+
+/// A temporary file in `dir` created with `mode` (less the umask).
+#[cfg(unix)]
+fn temp_with_mode(dir: &Path, mode: u32) -> std::io::Result<tempfile::NamedTempFile> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(mode))
+        .tempfile_in(dir)
+}
+
+#[cfg(not(unix))]
+fn temp_with_mode(dir: &Path, _mode: u32) -> std::io::Result<tempfile::NamedTempFile> {
+    tempfile::NamedTempFile::new_in(dir)
 }

@@ -388,7 +388,18 @@ pub fn main(args: Args) -> Result<ExitCode> {
         _ => None,
     };
 
-    if let Some(path) = &args.save {
+    // A run that failed its check never replaces the file it would save
+    // to: its results go beside it, under a name that says so.
+    let check_failed = check.as_ref().is_some_and(|c| !c.passed())
+        || grad_check.as_ref().is_some_and(|c| !c.passed());
+    let save_path = args.save.as_ref().map(|p| {
+        if check_failed {
+            failed_name(p)
+        } else {
+            p.clone()
+        }
+    });
+    if let Some(path) = &save_path {
         let more: Vec<(String, &Tensor<f32>)> = match &backward {
             Some((d_o, back)) => std::iter::once(("do".to_string(), d_o))
                 .chain(back.grads.named())
@@ -430,7 +441,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
         "check_full": check.as_ref().map(|c| c.full),
         "output_shape": output.shape,
         "peak_rss_bytes": report::peak_rss_bytes(),
-        "saved": args.save.as_ref().map(|p| p.display().to_string()),
+        "saved": save_path.as_ref().map(|p| p.display().to_string()),
         "backward_seconds": backward.as_ref().map(|(_, b)| b.seconds),
         "backward_config": backward.as_ref().map(|(_, b)| b.config.clone()),
         "backward_config_source": backward.as_ref().map(|(_, b)| source_text(&b.config_source)),
@@ -509,9 +520,16 @@ pub fn main(args: Args) -> Result<ExitCode> {
                 }
             );
         }
-        if let Some(p) = &args.save {
+        if let Some(p) = &save_path {
             println!("wrote {}", p.display());
         }
+    }
+    if let (true, Some(orig), Some(p)) = (check_failed, &args.save, &save_path) {
+        eprintln!(
+            "note: --check failed, so {} was left as it was; this run's tensors are in {}",
+            orig.display(),
+            p.display()
+        );
     }
     if grad_check.as_ref().is_some_and(|c| !c.passed()) {
         eprintln!(
@@ -537,4 +555,17 @@ pub fn main(args: Args) -> Result<ExitCode> {
 
 pub fn input_bytes(inputs: &MixerInputs) -> usize {
     (inputs.q.numel() + inputs.k.numel() + inputs.v.numel()) * 4 + inputs.extra_bytes()
+}
+
+/// `out.safetensors` -> `out.failed.safetensors` (beside it).
+fn failed_name(p: &std::path::Path) -> PathBuf {
+    let stem = p
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match p.extension() {
+        Some(ext) => format!("{stem}.failed.{}", ext.to_string_lossy()),
+        None => format!("{stem}.failed"),
+    };
+    p.with_file_name(name)
 }
