@@ -181,10 +181,12 @@ fn run_set_overrides_shapes_and_keeps_the_check_passing() {
 fn run_set_rejects_bad_overrides() {
     for (set, needle) in [
         ("heads=6", "must divide"),
-        ("heads=0", "at least 1"),
+        ("heads=0", "between 1 and 65536"),
+        ("heads=99999999999", "between 1 and 65536"),
+        ("heads=-2", "a non-negative integer"),
         ("depth=3", "unknown key `depth`"),
         ("heads", "KEY=VALUE"),
-        ("head_dim=4096", "at most"),
+        ("head_dim=4096", "between 1 and 512"),
     ] {
         let out = mixc(&[
             "run",

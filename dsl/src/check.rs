@@ -381,8 +381,11 @@ impl Checker<'_> {
     fn uint_in(&mut self, e: &syn::Expr, what: &str, lo: u64, hi: u64) -> Option<u64> {
         let v = self.uint(e, what)?;
         if v < lo || v > hi {
-            let range = if hi >= u32::MAX as u64 {
+            // Say the bound that was crossed (a huge value is not "below 1").
+            let range = if v < lo && hi >= u32::MAX as u64 {
                 format!("at least {lo}")
+            } else if v > hi && hi >= u32::MAX as u64 {
+                format!("at most {hi}")
             } else {
                 format!("between {lo} and {hi}")
             };

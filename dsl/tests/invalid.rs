@@ -158,6 +158,7 @@ invalid! {
     bias_nan_constant: with("bias = 0.0 / 0.0;");
     transform_infinite_constant: with("transform = s + exp(1000.0);");
     // ---- names (defect 8) ----
+    input_fixed_dim_too_large: with("input t: f32[heads, 99999999999];\nbias = t[h][0];\nmask = causal;");
     input_name_too_long: with(&format!("input {}: f32[heads];\nbias = 0.0;", "t".repeat(129)));
 }
 

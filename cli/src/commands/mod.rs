@@ -31,14 +31,18 @@ pub fn apply_shape_overrides(spec: &mut MixerSpec, items: &[String]) -> Result<(
         let (key, value) = item
             .split_once('=')
             .with_context(|| format!("--set `{item}`: expected KEY=VALUE, e.g. heads=8"))?;
-        let value: u32 = value
-            .trim()
-            .parse()
-            .ok()
-            .filter(|&v| v >= 1)
-            .with_context(|| {
-                format!("--set `{item}`: the value must be an integer of at least 1")
+        let value: u64 =
+            value.trim().parse().ok().with_context(|| {
+                format!("--set `{item}`: the value must be a non-negative integer")
             })?;
+        let max = match key.trim() {
+            "heads" | "kv_heads" => mixc::dsl::MAX_HEADS,
+            _ => mixc::dsl::MAX_HEAD_DIM,
+        };
+        if value == 0 || value > max {
+            bail!("--set `{item}`: the value must be between 1 and {max}");
+        }
+        let value = value as u32;
         match key.trim() {
             "heads" => spec.heads = value,
             "kv_heads" => {
