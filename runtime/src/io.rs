@@ -330,10 +330,10 @@ pub fn save_tensors_with(
     // replaced file keeps its mode; a new one gets 0666 less the umask.
     let mode = match std::fs::metadata(&target) {
         Ok(m) if !m.is_file() => {
-            return Err(RuntimeError::Invalid(format!(
-                "{}: not a regular file (a FIFO, a device or a directory); tensors are saved \
-                 to regular files only",
-                path.display()
+            return Err(io_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file (a FIFO, a device or a directory); tensors are saved to \
+                 regular files only",
             )))
         }
         Ok(m) => file_mode(&m),
