@@ -25,8 +25,8 @@ if [ ! -x "$PY_ENV/bin/python" ]; then
     python3 -m venv "$PY_ENV"
 fi
 "$PY_ENV/bin/python" -m pip install -q --disable-pip-version-check "torch>=2.4" numpy "maturin>=1.5,<2" pytest
-# No build isolation: maturin from the environment, and cargo reuses the
-# workspace's target/ (the package builds with the dev profile).
-PATH="$PY_ENV/bin:$PATH" "$PY_ENV/bin/python" -m pip install -q --disable-pip-version-check \
-    --no-build-isolation ./python
+# No build isolation: maturin from the environment; the dev profile, so cargo
+# reuses what the tests above compiled in target/.
+PATH="$PY_ENV/bin:$PATH" MATURIN_PEP517_ARGS="--profile dev" "$PY_ENV/bin/python" -m pip install \
+    -q --disable-pip-version-check --no-build-isolation ./python
 "$PY_ENV/bin/python" -m pytest -q python/tests

@@ -30,7 +30,7 @@ import torch
 
 from . import _mixc
 
-__all__ = ["Mixer", "SpecError", "check", "__version__"]
+__all__ = ["Mixer", "SpecError", "check", "gen", "__version__"]
 
 SpecError = _mixc.SpecError
 __version__ = _mixc.__version__
@@ -57,6 +57,15 @@ def check(spec):
     """Validates a spec (text or path); returns a one-line summary or raises SpecError."""
     text, origin = _spec_source(spec)
     return _mixc.check(text, origin)
+
+
+def gen(spec, arch="sm_90", dtype=None, *, backward=False):
+    """The generated CUDA source of a spec (text or path) for `arch`
+    (`"sm_80"`, `"sm_90"`) and `dtype` (`"f16"`, `"bf16"`, `"f32"`; None: the
+    spec's), default tiles, as `mixc gen` prints it; `backward=True` gives
+    the backward kernels (softmax family). Needs no GPU."""
+    text, origin = _spec_source(spec)
+    return _mixc.gen(text, origin, arch, dtype, backward)
 
 
 class Mixer:

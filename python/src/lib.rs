@@ -314,10 +314,36 @@ fn check(text: &str, origin: &str) -> PyResult<String> {
     Ok(format!("ok ({} `{}`)", spec.family.name(), spec.name))
 }
 
+/// The generated CUDA source of a spec for `arch` (`sm_80`, `sm_90`) and
+/// `dtype` (`f16`, `bf16`, `f32`; `None`: the spec's), default tiles: what
+/// `mixc gen` prints. `backward` gives the backward kernels' source.
+#[pyfunction]
+#[pyo3(signature = (text, origin = "<spec>", arch = "sm_90", dtype = None, backward = false))]
+fn gen(text: &str, origin: &str, arch: &str, dtype: Option<&str>, backward: bool) -> PyResult<String> {
+    use mixc::codegen::{Arch, KernelConfig, Target};
+    let spec = mixc::parse(text).map_err(|d| SpecError::new_err(d.render(origin, text)))?;
+    let arch = Arch::parse(arch).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let dtype = match dtype {
+        None => spec.dtype,
+        Some(d) => mixc::DType::parse(d).ok_or_else(|| {
+            PyValueError::new_err(format!("dtype `{d}`: expected f16, bf16 or f32"))
+        })?,
+    };
+    let target = Target::new(arch, dtype);
+    let g = if backward {
+        mixc::codegen::generate_backward(&spec, &target, &KernelConfig::backward_default_for(&spec, &target))
+    } else {
+        mixc::codegen::generate(&spec, &target, &KernelConfig::default_for(&spec, &target))
+    };
+    g.map(|g| g.source)
+        .map_err(|e| PyNotImplementedError::new_err(e.to_string()))
+}
+
 #[pymodule]
 fn _mixc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Mixer>()?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
+    m.add_function(wrap_pyfunction!(gen, m)?)?;
     m.add("SpecError", m.py().get_type::<SpecError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -348,3 +348,12 @@ def test_a_small_language_model_trains_like_sdpa():
     assert sum(m[-5:]) < 0.5 * sum(m[:5]), m
     worst = max(abs(a - b) / abs(b) for a, b in zip(m, s))
     assert worst < 1e-3, (worst, m[:5], s[:5])
+
+
+def test_gen_returns_the_cuda_source():
+    src = mixc.gen(example("causal_gqa_llama3"), arch="sm_80", dtype="f16")
+    assert 'extern "C" __global__' in src and "mixc_causal_gqa_llama3_softmax_f16" in src
+    bwd = mixc.gen(example("causal_gqa_llama3"), backward=True)
+    assert "mixc_causal_gqa_llama3_softmax_bf16_bwd_pre" in bwd
+    with pytest.raises(ValueError, match="sm_70"):
+        mixc.gen(example("causal_gqa_llama3"), arch="sm_70")
