@@ -12,11 +12,6 @@ import argparse
 import statistics
 import time
 
-import torch
-import torch.nn.functional as F
-
-import mixc
-
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -27,6 +22,12 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch and mixc threads (default: torch's)")
     a = p.parse_args()
+    # Imported after the arguments, so `--help` works without torch.
+    import torch
+    import torch.nn.functional as F
+
+    import mixc
+
     if a.threads:
         torch.set_num_threads(a.threads)
     threads = torch.get_num_threads()
