@@ -319,7 +319,13 @@ fn check(text: &str, origin: &str) -> PyResult<String> {
 /// `mixc gen` prints. `backward` gives the backward kernels' source.
 #[pyfunction]
 #[pyo3(signature = (text, origin = "<spec>", arch = "sm_90", dtype = None, backward = false))]
-fn gen(text: &str, origin: &str, arch: &str, dtype: Option<&str>, backward: bool) -> PyResult<String> {
+fn gen(
+    text: &str,
+    origin: &str,
+    arch: &str,
+    dtype: Option<&str>,
+    backward: bool,
+) -> PyResult<String> {
     use mixc::codegen::{Arch, KernelConfig, Target};
     let spec = mixc::parse(text).map_err(|d| SpecError::new_err(d.render(origin, text)))?;
     let arch = Arch::parse(arch).map_err(|e| PyValueError::new_err(e.to_string()))?;
@@ -331,7 +337,11 @@ fn gen(text: &str, origin: &str, arch: &str, dtype: Option<&str>, backward: bool
     };
     let target = Target::new(arch, dtype);
     let g = if backward {
-        mixc::codegen::generate_backward(&spec, &target, &KernelConfig::backward_default_for(&spec, &target))
+        mixc::codegen::generate_backward(
+            &spec,
+            &target,
+            &KernelConfig::backward_default_for(&spec, &target),
+        )
     } else {
         mixc::codegen::generate(&spec, &target, &KernelConfig::default_for(&spec, &target))
     };
