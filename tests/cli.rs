@@ -681,3 +681,20 @@ fn a_failed_check_keeps_the_saved_file() {
     assert!(failed.exists(), "{t}");
     assert!(t.contains("out.failed.safetensors"), "{t}");
 }
+
+/// An OS error is said once (issue 19, defect 10): the library's I/O error
+/// carries its cause, which the CLI does not print again.
+#[test]
+fn os_errors_are_said_once() {
+    let out = mixc(&[
+        "run",
+        "examples/full_attention.mix",
+        "--backend",
+        "cpu",
+        "--inputs",
+        "/nonexistent/mixc-inputs.safetensors",
+    ]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert_eq!(t.matches("No such file or directory").count(), 1, "{t}");
+}
