@@ -116,18 +116,7 @@ pub(crate) fn lower(
     let params = params(spec, target);
     let name = kernel_name(spec, target);
     let mut ctx = base_context(spec, target, cfg, template);
-    ctx.insert("dp", &round_up(spec.head_dim, 16));
-    ctx.insert("dvp", &round_up(spec.value_dim, 16));
-    ctx.insert("scale", &crate::expr::float_literal(scale));
-    ctx.insert("score_expr", &(bias.is_some() || transform.is_some()));
-    ctx.insert("bias", &bias);
-    ctx.insert("transform", &transform);
-    ctx.insert("hoisted", &hoisted);
-    ctx.insert("mask", &mask);
-    ctx.insert(
-        "segment",
-        &mask.segment_input.as_deref().map(crate::input_param),
-    );
+    insert_score_context(&mut ctx, spec, scale, (&bias, &transform), &hoisted, &mask);
     ctx.insert("params", &params);
     if !mma {
         ctx.insert("threads_per_row", &(threads / cfg.block_m));
@@ -458,24 +447,15 @@ pub(crate) fn lower_backward(
     ctx.insert("kernel_name", &name);
     ctx.insert("pre_name", &pre_name);
     ctx.insert("finish_name", &finish_name);
-    ctx.insert("dp", &dp);
-    ctx.insert("dvp", &dvp);
-    ctx.insert("scale", &crate::expr::float_literal(scale));
-    ctx.insert("score_expr", &(bias.is_some() || transform.is_some()));
-    ctx.insert("bias", &bias);
-    ctx.insert("transform", &transform);
+    insert_score_context(&mut ctx, spec, scale, (&bias, &transform), &hoisted, &mask);
     ctx.insert("s_pre", if transform.is_some() { "s_pre" } else { "" });
     ctx.insert("d_transform", &d_transform);
     ctx.insert("table_grads", &table_grads);
-    ctx.insert("hoisted", &hoisted);
-    ctx.insert("mask", &mask);
-    ctx.insert(
-        "segment",
-        &mask.segment_input.as_deref().map(crate::input_param),
-    );
     ctx.insert("params", &params);
     let source = render(template, &ctx)?;
 
+    // The delta and finish kernels are grid-stride loops: the launcher
+    // sizes their grid from the element count (`Fixed(0)` says so).
     let helper = |name: &str, params: Vec<KernelParam>| KernelInfo {
         name: name.into(),
         grid: [GridDim::Fixed(0), GridDim::Fixed(1), GridDim::Fixed(1)],
@@ -587,4 +567,29 @@ fn score_code(
     let bias = lower(&spec.bias)?;
     let transform = lower(&spec.transform)?;
     Ok((bias, transform))
+}
+
+/// The context keys the forward and backward softmax templates share: the
+/// padded widths, the scale, the lowered bias / transform and their hoisted
+/// constants, the mask and its segment input's parameter.
+fn insert_score_context(
+    ctx: &mut tera::Context,
+    spec: &MixerSpec,
+    scale: f64,
+    (bias, transform): (&Option<String>, &Option<String>),
+    hoisted: &[Hoisted],
+    mask: &crate::mask::LoweredMask,
+) {
+    ctx.insert("dp", &round_up(spec.head_dim, 16));
+    ctx.insert("dvp", &round_up(spec.value_dim, 16));
+    ctx.insert("scale", &crate::expr::float_literal(scale));
+    ctx.insert("score_expr", &(bias.is_some() || transform.is_some()));
+    ctx.insert("bias", bias);
+    ctx.insert("transform", transform);
+    ctx.insert("hoisted", hoisted);
+    ctx.insert("mask", mask);
+    ctx.insert(
+        "segment",
+        &mask.segment_input.as_deref().map(crate::input_param),
+    );
 }

@@ -699,6 +699,7 @@ impl Cta<'_> {
         let at = self.smem_range(Some(t), inst, a, len)?;
         for k in at..at + len {
             self.check_prior_write(id, t, inst, k, "reads")?;
+            self.check_prior_atomic(id, t, inst, k, "reads")?;
             let (warp, ws) = (id / 32, self.wsync[(id / 32) as usize]);
             let m = &mut self.meta[k];
             if m.r_epoch == self.epoch && m.reader != id {
@@ -751,16 +752,54 @@ impl Cta<'_> {
                 format!("race: {verb} shared byte {k:#x} written by thread {} with no barrier in between", m.writer),
             ));
         }
-        if verb != "updates atomically" && m.a_epoch == self.epoch && m.atomic != id {
-            let who = if m.atomic == MANY {
-                "other threads".to_string()
-            } else {
-                format!("thread {}", m.atomic)
-            };
+        Ok(())
+    }
+
+    /// What a plain access of shared byte `k` checks besides
+    /// [`Self::check_prior_write`]: no other thread's atomic update since
+    /// the last barrier.
+    fn check_prior_atomic(
+        &self,
+        id: u32,
+        t: &Thread,
+        inst: &Inst,
+        k: usize,
+        verb: &str,
+    ) -> Result<(), SimError> {
+        let m = self.meta[k];
+        if m.a_epoch == self.epoch && m.atomic != id {
             return Err(self.err(
                 Some(t),
                 inst,
-                format!("race: {verb} shared byte {k:#x} updated atomically by {who} with no barrier in between"),
+                format!(
+                    "race: {verb} shared byte {k:#x} updated atomically by {} with no barrier in between",
+                    who(m.atomic)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What a write (plain, `cp.async` or atomic) of shared byte `k`
+    /// checks: no other thread's read since the last barrier.
+    fn check_prior_read(
+        &self,
+        id: u32,
+        t: &Thread,
+        inst: &Inst,
+        k: usize,
+        verb: &str,
+    ) -> Result<(), SimError> {
+        let m = self.meta[k];
+        if m.r_epoch == self.epoch && m.reader != id && !self.warp_ordered(id, m.r_warp, m.r_wsync)
+        {
+            return Err(self.err(
+                Some(t),
+                inst,
+                format!(
+                    "race: {verb} shared byte {k:#x} read by {} with no barrier in between",
+                    who(m.reader)
+                ),
             ));
         }
         Ok(())
@@ -780,20 +819,7 @@ impl Cta<'_> {
         let at = self.smem_range(Some(t), inst, a, len)?;
         for k in at..at + len {
             self.check_prior_write(id, t, inst, k, "updates atomically")?;
-            let m = self.meta[k];
-            if m.r_epoch == self.epoch
-                && m.reader != id
-                && !self.warp_ordered(id, m.r_warp, m.r_wsync)
-            {
-                return Err(self.err(
-                    Some(t),
-                    inst,
-                    format!(
-                        "race: updates shared byte {k:#x} atomically, read by {} with no barrier in between",
-                        if m.reader == MANY { "other threads".to_string() } else { format!("thread {}", m.reader) }
-                    ),
-                ));
-            }
+            self.check_prior_read(id, t, inst, k, "updates atomically")?;
         }
         let epoch = self.epoch;
         for m in &mut self.meta[at..at + len] {
@@ -820,24 +846,8 @@ impl Cta<'_> {
         let at = self.smem_range(Some(t), inst, a, len)?;
         for k in at..at + len {
             self.check_prior_write(id, t, inst, k, "writes")?;
-            let m = self.meta[k];
-            if m.r_epoch == self.epoch
-                && m.reader != id
-                && !self.warp_ordered(id, m.r_warp, m.r_wsync)
-            {
-                let who = if m.reader == MANY {
-                    "other threads".to_string()
-                } else {
-                    format!("thread {}", m.reader)
-                };
-                return Err(self.err(
-                    Some(t),
-                    inst,
-                    format!(
-                        "race: writes shared byte {k:#x} read by {who} with no barrier in between"
-                    ),
-                ));
-            }
+            self.check_prior_atomic(id, t, inst, k, "writes")?;
+            self.check_prior_read(id, t, inst, k, "writes")?;
         }
         Ok(at)
     }
@@ -1744,5 +1754,14 @@ fn compare(cmp: Cmp, ty: Ty, a: u64, b: u64) -> bool {
         Cmp::Gt | Cmp::Hi => ua > ub,
         Cmp::Ge | Cmp::Hs => ua >= ub,
         _ => false,
+    }
+}
+
+/// A thread named in a race report (`MANY`: several).
+fn who(id: u32) -> String {
+    if id == MANY {
+        "other threads".to_string()
+    } else {
+        format!("thread {id}")
     }
 }

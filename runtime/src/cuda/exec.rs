@@ -1033,6 +1033,10 @@ pub(crate) struct Prepared {
     backend: Backend,
     ranks: usize,
     sharding: Sharding,
+    /// The linear families' backward: the derived mixers
+    /// (`backward_linear::derived_specs`), prepared at the first backward
+    /// call and kept, so later calls compile and load nothing.
+    derived: std::sync::OnceLock<Vec<super::CudaMixer>>,
 }
 
 impl Prepared {
@@ -1042,6 +1046,7 @@ impl Prepared {
             backend,
             ranks: opts.ranks,
             sharding: opts.sharding,
+            derived: std::sync::OnceLock::new(),
         })
     }
 
@@ -1113,16 +1118,32 @@ impl Prepared {
             // Forward runs of derived mixers (`backward_linear.rs`) on this
             // ring: states pass in sequence order for dq, in reverse order
             // (the reversed sequence) for dk and dv.
+            let mixers = match self.derived.get() {
+                Some(m) => m,
+                None => {
+                    let made = super::backward_linear::derived_specs(&b.spec)
+                        .iter()
+                        .map(|d| {
+                            let opts = super::CudaOptions {
+                                dtype: b.dtype,
+                                ranks: self.ranks,
+                                sharding: self.sharding,
+                                devices: Some(b.gpus.len()),
+                                ..super::CudaOptions::default_for(d)
+                            };
+                            super::CudaMixer::new(d, &opts)
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    self.derived.get_or_init(|| made)
+                }
+            };
             let mut seconds = 0.0;
             let mut run = |d: &MixerSpec, x: &MixerInputs| -> Result<Tensor<f32>> {
-                let opts = super::CudaOptions {
-                    dtype: b.dtype,
-                    ranks: self.ranks,
-                    sharding: self.sharding,
-                    devices: Some(b.gpus.len()),
-                    ..super::CudaOptions::default_for(d)
-                };
-                let r = super::CudaMixer::new(d, &opts)?.run(x)?;
+                let m = mixers
+                    .iter()
+                    .find(|m| m.spec.name == d.name)
+                    .ok_or_else(|| internal("derived backward mixer"))?;
+                let r = m.run(x)?;
                 seconds += r.kernel_seconds;
                 Ok(r.output)
             };
