@@ -177,6 +177,71 @@ fn run_set_overrides_shapes_and_keeps_the_check_passing() {
     assert!(v["max_rel_error"].as_f64().unwrap() < 2e-4);
 }
 
+/// A decode step (`--seq 4 --kv-seq 700`: the queries are the newest four
+/// positions), a chunk at an explicit offset, and cross-attention with
+/// more queries than keys, each checked against the reference.
+#[test]
+fn run_decode_and_cross_attention_shapes_check_against_the_reference() {
+    for (spec, lengths, offset) in [
+        ("examples/sliding_window_mistral.mix", ["4", "700"], 696),
+        ("examples/alibi_bloom.mix", ["16", "300"], 100),
+        ("examples/full_attention.mix", ["90", "40"], 0),
+    ] {
+        let mut args = vec![
+            "run",
+            spec,
+            "--backend",
+            "cpu",
+            "--seq",
+            lengths[0],
+            "--kv-seq",
+            lengths[1],
+            "--set",
+            "heads=4",
+            "--set",
+            "kv_heads=2",
+            "--set",
+            "head_dim=32",
+            "--check",
+            "full",
+            "--json",
+        ];
+        let off = offset.to_string();
+        if spec.contains("alibi") {
+            args.extend(["--q-offset", off.as_str()]);
+        }
+        let v = run_json(&args);
+        let seq: usize = lengths[0].parse().unwrap();
+        assert_eq!(
+            v["output_shape"],
+            serde_json::json!([1, seq, 4, 32]),
+            "{spec}"
+        );
+        assert_eq!(v["kv_seq"], lengths[1].parse::<usize>().unwrap());
+        assert_eq!(v["q_offset"], offset);
+        assert!(v["max_rel_error"].as_f64().unwrap() < 2e-4, "{spec}: {v}");
+    }
+    // Queries past the keys of a positional input are refused, naming it.
+    let out = mixc(&[
+        "run",
+        "examples/document_mask.mix",
+        "--backend",
+        "cpu",
+        "--seq",
+        "8",
+        "--kv-seq",
+        "20",
+        "--q-offset",
+        "15",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("`doc`") && text(&out).contains("15..23"),
+        "{}",
+        text(&out)
+    );
+}
+
 #[test]
 fn run_set_rejects_bad_overrides() {
     for (set, needle) in [

@@ -899,19 +899,37 @@ impl MixerSpec {
     /// Named shapes of all tensors a run reads, `[batch, seq, heads, dim]` for
     /// q/k/v (the output `o` is `[batch, seq, heads, value_dim]`).
     pub fn tensor_shapes(&self, batch: usize, seq: usize) -> BTreeMap<String, Vec<usize>> {
+        self.tensor_shapes_kv(batch, seq, seq)
+    }
+    /// [`MixerSpec::tensor_shapes`] when the keys have their own length
+    /// `kv_seq`: q is `[batch, seq, heads, head_dim]`, k and v are
+    /// `[batch, kv_seq, kv_heads, dim]`, and the `seq` axis of an extra input
+    /// (gates, segment ids, filters, positional tables) spans the key
+    /// positions, so it has `kv_seq` entries.
+    pub fn tensor_shapes_kv(
+        &self,
+        batch: usize,
+        seq: usize,
+        kv_seq: usize,
+    ) -> BTreeMap<String, Vec<usize>> {
         let mut m = BTreeMap::new();
         let (h, kvh) = (self.heads as usize, self.kv_heads as usize);
         let (dk, dv) = (self.head_dim as usize, self.value_dim as usize);
         // The convolution family reads only v (and its filter).
         if matches!(self.score, Score::Dot { .. }) {
             m.insert("q".into(), vec![batch, seq, h, dk]);
-            m.insert("k".into(), vec![batch, seq, kvh, dk]);
+            m.insert("k".into(), vec![batch, kv_seq, kvh, dk]);
         }
-        m.insert("v".into(), vec![batch, seq, kvh, dv]);
+        m.insert("v".into(), vec![batch, kv_seq, kvh, dv]);
         for d in &self.inputs {
-            m.insert(d.name.clone(), self.input_shape(d, batch, seq));
+            m.insert(d.name.clone(), self.input_shape(d, batch, kv_seq));
         }
         m
+    }
+    /// The first extra input indexed by position (a `seq` axis), if any:
+    /// such inputs tie the queries to the key positions.
+    pub fn positional_input(&self) -> Option<&InputDecl> {
+        self.inputs.iter().find(|d| d.dims.contains(&Dim::Seq))
     }
 }
 

@@ -12,6 +12,9 @@ differentiable PyTorch operators.
     o.sum().backward()                                    # q.grad, k.grad, v.grad
 
 The spec is compiled once; every call takes any batch and sequence length.
+Keys and values may be longer or shorter than the queries (a decode step
+against a KV cache, a chunk of a chunked prefill, cross-attention): the
+queries are then the last positions, or start at `q_offset=`.
 Tensors use the flash-attn layout; extra inputs (tables, gates, filters,
 segment ids) are keyword arguments by their spec names. The operator is a
 `torch.library` custom op (`mixc::mix`) with a fake implementation and an
@@ -87,7 +90,14 @@ class Mixer:
     def __repr__(self):
         return repr(self._m)
 
-    def __call__(self, q, k, v, **extra):
+    def __call__(self, q, k, v, *, q_offset=None, **extra):
+        """`o [batch, seq, heads, value_dim]` for q `[batch, seq, heads,
+        head_dim]`, k and v `[batch, kv_seq, kv_heads, dim]`. Query `i` sits
+        at position `i + q_offset` among the keys (masks, biases and decay
+        see positions); the default `kv_seq - seq` (0 when there are more
+        queries than keys) makes the queries the newest tokens. Extra inputs
+        are keyword arguments by their spec names; their `seq` axis spans the
+        kv_seq key positions."""
         names = [i["name"] for i in self.info["inputs"]]
         unknown = sorted(set(extra) - set(names))
         if unknown:
@@ -99,8 +109,8 @@ class Mixer:
             q = v.new_empty(0) if q is None else q
             k = v.new_empty(0) if k is None else k
         extras = [extra[n] for n in names]
-        _validate(self, q, k, v, extras)
-        o, _stat = torch.ops.mixc.mix(self._handle, q, k, v, extras)
+        q_offset = _validate(self, q, k, v, extras, q_offset)
+        o, _stat = torch.ops.mixc.mix(self._handle, q, k, v, extras, q_offset)
         return o
 
 
@@ -117,22 +127,37 @@ def _expect(name, t, shape, dtype=None):
         raise TypeError(f"`{name}` holds {t.dtype}, expected a floating-point tensor")
 
 
-def _validate(m, q, k, v, extras):
+def _lengths(m, q, v):
+    """(batch, seq, kv_seq): queries from q (from v for the convolution
+    family, which reads no q), keys from v."""
+    seq = q.shape[1] if m.info["reads_qk"] else v.shape[1]
+    return v.shape[0], seq, v.shape[1]
+
+
+def _validate(m, q, k, v, extras, q_offset):
+    """Checks every tensor against the spec; returns the query offset."""
     info = m.info
     if not isinstance(v, torch.Tensor) or v.dim() != 4:
-        raise ValueError(f"`v` must be [batch, seq, kv_heads, value_dim], got {getattr(v, 'shape', v)!r}")
-    b, seq = v.shape[0], v.shape[1]
+        raise ValueError(f"`v` must be [batch, kv_seq, kv_heads, value_dim], got {getattr(v, 'shape', v)!r}")
     h, kvh, dk, dv = info["heads"], info["kv_heads"], info["head_dim"], info["value_dim"]
+    if info["reads_qk"] and (not isinstance(q, torch.Tensor) or q.dim() != 4):
+        raise ValueError(f"`q` must be [batch, seq, heads, head_dim], got {getattr(q, 'shape', q)!r}")
+    b, seq, kv_seq = _lengths(m, q, v)
     if info["reads_qk"]:
         _expect("q", q, (b, seq, h, dk))
-        _expect("k", k, (b, seq, kvh, dk))
-    _expect("v", v, (b, seq, kvh, dv))
+        _expect("k", k, (b, kv_seq, kvh, dk))
+    _expect("v", v, (b, kv_seq, kvh, dv))
     for spec_in, t in zip(info["inputs"], extras):
-        shape = [b if d == "batch" else seq if d == "seq" else d for d in spec_in["dims"]]
+        shape = [b if d == "batch" else kv_seq if d == "seq" else d for d in spec_in["dims"]]
         _expect(spec_in["name"], t, shape, spec_in["dtype"])
     for name, t in (("q", q), ("k", k)):
         if info["reads_qk"] and t.dtype != v.dtype:
             raise TypeError(f"`{name}` holds {t.dtype} but `v` holds {v.dtype}")
+    if q_offset is None:
+        return max(kv_seq - seq, 0)
+    if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
+        raise ValueError(f"`q_offset` must be a non-negative int, got {q_offset!r}")
+    return q_offset
 
 
 def _f32(t):
@@ -152,37 +177,43 @@ def _extra_args(m, extras):
     return args, keep
 
 
-def _out_shape(m, v):
-    return (v.shape[0], v.shape[1], m.info["heads"], m.info["value_dim"])
+def _out_shape(m, q, v):
+    b, seq, _ = _lengths(m, q, v)
+    return (b, seq, m.info["heads"], m.info["value_dim"])
+
+
+def _stat_shape(m, q, v):
+    b, seq, _ = _lengths(m, q, v)
+    return (b, m.info["heads"], seq)
 
 
 @torch.library.custom_op("mixc::mix", mutates_args=())
 def _mix(handle: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-         extras: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+         extras: list[torch.Tensor], q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     m = _MIXERS[handle]
-    b, seq = v.shape[0], v.shape[1]
+    b, seq, kv_seq = _lengths(m, q, v)
     qc, kc, vc = _f32(q), _f32(k), _f32(v)
     args, keep = _extra_args(m, extras)
-    o = torch.empty(_out_shape(m, v), dtype=torch.float32)
-    stat = torch.zeros((b, m.info["heads"], seq), dtype=torch.float64)
-    m._m.forward(b, seq, qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), args, o.data_ptr(), stat.data_ptr())
+    o = torch.empty(_out_shape(m, q, v), dtype=torch.float32)
+    stat = torch.zeros(_stat_shape(m, q, v), dtype=torch.float64)
+    m._m.forward((b, seq, kv_seq, q_offset), qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), args,
+                 o.data_ptr(), stat.data_ptr())
     del keep
     return o.to(v.dtype), stat
 
 
 @_mix.register_fake
-def _mix_fake(handle, q, k, v, extras):
+def _mix_fake(handle, q, k, v, extras, q_offset):
     m = _MIXERS[handle]
-    return v.new_empty(_out_shape(m, v)), v.new_empty((v.shape[0], m.info["heads"], v.shape[1]),
-                                                      dtype=torch.float64)
+    return v.new_empty(_out_shape(m, q, v)), v.new_empty(_stat_shape(m, q, v), dtype=torch.float64)
 
 
 @torch.library.custom_op("mixc::mix_backward", mutates_args=())
 def _mix_backward(handle: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  extras: list[torch.Tensor], o: torch.Tensor, stat: torch.Tensor,
+                  extras: list[torch.Tensor], q_offset: int, o: torch.Tensor, stat: torch.Tensor,
                   d_o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     m = _MIXERS[handle]
-    b, seq = v.shape[0], v.shape[1]
+    b, seq, kv_seq = _lengths(m, q, v)
     qc, kc, vc, oc, doc = _f32(q), _f32(k), _f32(v), _f32(o), _f32(d_o)
     statc = stat.detach().to(torch.float64).contiguous()
     args, keep = _extra_args(m, extras)
@@ -192,7 +223,7 @@ def _mix_backward(handle: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     dex = [torch.zeros(t.shape, dtype=torch.float32) for t in extras]
     dex_args = [(i["name"], d.data_ptr()) for i, d in zip(m.info["inputs"], dex)
                 if i["name"] in m.info["differentiable"]]
-    m._m.backward(b, seq, qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), args, oc.data_ptr(),
+    m._m.backward((b, seq, kv_seq, q_offset), qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), args, oc.data_ptr(),
                   statc.data_ptr(), doc.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dex_args)
     del keep
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
@@ -200,16 +231,17 @@ def _mix_backward(handle: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 @_mix_backward.register_fake
-def _mix_backward_fake(handle, q, k, v, extras, o, stat, d_o):
+def _mix_backward_fake(handle, q, k, v, extras, q_offset, o, stat, d_o):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             [torch.empty(t.shape, dtype=t.dtype if t.is_floating_point() else torch.float32)
              for t in extras])
 
 
 def _setup_context(ctx, inputs, output):
-    handle, q, k, v, extras = inputs
+    handle, q, k, v, extras, q_offset = inputs
     o, stat = output
     ctx.handle = handle
+    ctx.q_offset = q_offset
     ctx.n_extra = len(extras)
     ctx.save_for_backward(q, k, v, o, stat, *extras)
 
@@ -217,12 +249,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, d_o, _d_stat):
     q, k, v, o, stat, *extras = ctx.saved_tensors
     m = _MIXERS[ctx.handle]
-    dq, dk, dv, dex = torch.ops.mixc.mix_backward(ctx.handle, q, k, v, list(extras), o, stat, d_o.contiguous())
+    dq, dk, dv, dex = torch.ops.mixc.mix_backward(ctx.handle, q, k, v, list(extras), ctx.q_offset, o, stat,
+                                                  d_o.contiguous())
     diff = set(m.info["differentiable"])
     dex = [d if i["name"] in diff else None for i, d in zip(m.info["inputs"], dex)]
     if not m.info["reads_qk"]:
         dq = dk = None
-    return None, dq, dk, dv, dex
+    return None, dq, dk, dv, dex, None
 
 
 _mix.register_autograd(_backward, setup_context=_setup_context)

@@ -74,9 +74,13 @@ unsafe fn write<T: Copy>(addr: usize, data: &[T]) {
     unsafe { std::slice::from_raw_parts_mut(addr as *mut T, data.len()) }.copy_from_slice(data);
 }
 
+/// The lengths of one call: batch, queries, keys, and the position of
+/// query 0 among the keys.
+type Lengths = (usize, usize, usize, usize);
+
 impl Mixer {
-    fn shapes(&self, batch: usize, seq: usize) -> BTreeMap<String, Vec<usize>> {
-        self.spec.tensor_shapes(batch, seq)
+    fn shapes(&self, (batch, seq, kv_seq, _): Lengths) -> BTreeMap<String, Vec<usize>> {
+        self.spec.tensor_shapes_kv(batch, seq, kv_seq)
     }
 
     /// The inputs, copied from the caller's buffers.
@@ -85,12 +89,11 @@ impl Mixer {
     /// As [`read`], for every tensor at the shape the spec gives it.
     unsafe fn inputs(
         &self,
-        batch: usize,
-        seq: usize,
+        lengths: Lengths,
         qkv: (usize, usize, usize),
         extras: &[ExtraArg],
     ) -> MixerInputs {
-        let shapes = self.shapes(batch, seq);
+        let shapes = self.shapes(lengths);
         let tensor = |name: &str, addr: usize| -> Tensor<f32> {
             match shapes.get(name) {
                 // SAFETY: forwarded from this function's contract.
@@ -100,8 +103,7 @@ impl Mixer {
         };
         let (q, k, v) = (tensor("q", qkv.0), tensor("k", qkv.1), tensor("v", qkv.2));
         let mut x = MixerInputs::new(q, k, v);
-        x.batch = batch;
-        x.seq = seq;
+        (x.batch, x.seq, x.kv_seq, x.q_offset) = lengths;
         for (name, addr, is_int) in extras {
             let Some(s) = shapes.get(name) else { continue };
             let n = s.iter().product();
@@ -199,19 +201,20 @@ impl Mixer {
 
     /// The forward pass: writes `o` (f32 `[batch, seq, heads, value_dim]`)
     /// and, when `stat` is given, each row's statistic for the backward
-    /// (f64 `[batch, heads, seq]`).
+    /// (f64 `[batch, heads, seq]`). `lengths` is `(batch, seq, kv_seq,
+    /// q_offset)`: queries, keys and the position of query 0 among the keys.
     ///
-    /// Addresses: `q`, `k`, `v` f32 in mixc's layout (q and k ignored for
-    /// the convolution family); `extras` by name, int32 or f32 in their
-    /// declared shapes. Every one live, contiguous and as large as the
-    /// shapes say (the Python package checks it).
-    #[pyo3(signature = (batch, seq, q, k, v, extras, o, stat = None))]
+    /// Addresses: `q` f32 `[batch, seq, heads, head_dim]`, `k`, `v` f32
+    /// `[batch, kv_seq, kv_heads, dim]` (q and k ignored for the
+    /// convolution family); `extras` by name, int32 or f32 in their declared
+    /// shapes (a `seq` axis has kv_seq entries). Every one live, contiguous
+    /// and as large as the shapes say (the Python package checks it).
+    #[pyo3(signature = (lengths, q, k, v, extras, o, stat = None))]
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         py: Python<'_>,
-        batch: usize,
-        seq: usize,
+        lengths: Lengths,
         q: usize,
         k: usize,
         v: usize,
@@ -220,7 +223,8 @@ impl Mixer {
         stat: Option<usize>,
     ) -> PyResult<()> {
         // SAFETY: the documented contract, checked by the Python side.
-        let x = unsafe { self.inputs(batch, seq, (q, k, v), &extras) };
+        let x = unsafe { self.inputs(lengths, (q, k, v), &extras) };
+        let (batch, seq) = (lengths.0, lengths.1);
         let (out, saved) = py
             .detach(|| match stat {
                 Some(_) => self.inner.forward_train(&x).map(|(o, r)| (o, Some(r))),
@@ -244,13 +248,12 @@ impl Mixer {
     /// convolution family) and `dextras` (f32, by input name), given the
     /// forward's inputs, `o` (f32) and `stat` (f64, from [`Mixer::forward`])
     /// and `d_o` (f32, `o`'s shape). Addresses as [`Mixer::forward`].
-    #[pyo3(signature = (batch, seq, q, k, v, extras, o, stat, d_o, dq, dk, dv, dextras))]
+    #[pyo3(signature = (lengths, q, k, v, extras, o, stat, d_o, dq, dk, dv, dextras))]
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         py: Python<'_>,
-        batch: usize,
-        seq: usize,
+        lengths: Lengths,
         q: usize,
         k: usize,
         v: usize,
@@ -263,13 +266,14 @@ impl Mixer {
         dv: usize,
         dextras: Vec<(String, usize)>,
     ) -> PyResult<()> {
+        let (batch, seq) = (lengths.0, lengths.1);
         let (h, dvw) = (self.spec.heads as usize, self.spec.value_dim as usize);
         let o_shape = vec![batch, seq, h, dvw];
         let o_n = batch * seq * h * dvw;
         // SAFETY: the documented contract, checked by the Python side.
         let (x, o_t, d_o_t, stat_t) = unsafe {
             (
-                self.inputs(batch, seq, (q, k, v), &extras),
+                self.inputs(lengths, (q, k, v), &extras),
                 Tensor::new(o_shape.clone(), read::<f32>(o, o_n)),
                 Tensor::new(o_shape, read::<f32>(d_o, o_n)),
                 Tensor::new(vec![batch, h, seq], read::<f64>(stat, batch * h * seq)),

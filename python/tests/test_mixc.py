@@ -225,6 +225,47 @@ def test_batch_and_length_vary_without_a_new_mixer():
         assert o.shape == (b, L, 2, 16)
 
 
+def test_decode_steps_against_a_kv_cache_equal_the_full_causal_run():
+    """One query at a time against the growing cache (the queries are the
+    newest positions by default) gives the full run's rows."""
+    m = mixc.Mixer(example("causal_gqa_llama3"), threads=2)
+    info = m.info
+    h, kvh, d = info["heads"], info["kv_heads"], info["head_dim"]
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 40, n, d, generator=gen) for n in (h, kvh, kvh))
+    full = m(q, k, v)
+    for t in (0, 17, 39):
+        step = m(q[:, t:t + 1], k[:, :t + 1], v[:, :t + 1])
+        assert step.shape == (1, 1, h, info["value_dim"])
+        assert rel(step, full[:, t:t + 1]) < 1e-5, t
+    # A chunk of a chunked prefill, and an explicit offset.
+    assert rel(m(q[:, 24:32], k[:, :32], v[:, :32]), full[:, 24:32]) < 1e-5
+    assert rel(m(q[:, 24:32], k, v, q_offset=24), full[:, 24:32]) < 1e-5
+    with pytest.raises(ValueError, match="q_offset"):
+        m(q[:, :2], k, v, q_offset=-1)
+
+
+def test_cross_attention_forward_and_grads_match_dense_torch():
+    """Queries and keys of different lengths, both ways, with gradients."""
+    m = mixc.Mixer("mixer x { heads = 4; kv_heads = 2; head_dim = 16; value_dim = 8; mask = all; }")
+    gen = torch.Generator().manual_seed(5)
+    for lq, lk in [(23, 61), (61, 23)]:
+        q = torch.randn(2, lq, 4, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+        k = torch.randn(2, lk, 2, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+        v = torch.randn(2, lk, 2, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+        d_o = torch.randn(2, lq, 4, 8, generator=gen, dtype=torch.float64)
+        softmax_ref(q, k, v).backward(d_o)
+        ins = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        got = m(*ins)
+        assert got.shape == (2, lq, 4, 8)
+        got.backward(d_o.float())
+        assert rel(got, softmax_ref(q, k, v)) < 2e-4
+        for a, b in zip(ins, (q, k, v)):
+            assert rel(a.grad, b.grad) < 5e-4, (lq, lk)
+    with pytest.raises(ValueError, match=r"`k` has shape \[2, 61, 2, 16\], expected \[2, 60, 2, 16\]"):
+        m(torch.randn(2, 5, 4, 16), torch.randn(2, 61, 2, 16), torch.randn(2, 60, 2, 8))
+
+
 def test_bf16_inputs_give_bf16_outputs_and_grads():
     m = mixc.Mixer("mixer c { heads = 2; head_dim = 16; mask = causal; }")
     q, k, v = (torch.randn(1, 20, 2, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))

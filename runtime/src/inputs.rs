@@ -15,6 +15,11 @@ use rand_distr::StandardNormal;
 use crate::error::{Result, RuntimeError};
 use crate::tensor::{ExtraTensor, MixerInputs, Tensor};
 
+/// The largest query position (`q_offset + seq`) a run may use: masks and
+/// the block plan compute with positions as `i64` differences, and the
+/// language caps its own extents at the same bound.
+pub const MAX_POSITION: usize = mixc_dsl::MAX_EXTENT as usize;
+
 /// The rng for one tensor: the seed picks the key, the name picks the stream.
 fn stream(seed: u64, name: &str) -> ChaCha8Rng {
     // FNV-1a: a fixed, documented hash (std's hasher is not stable across releases).
@@ -120,7 +125,22 @@ pub fn random_upstream(spec: &MixerSpec, batch: usize, seq: usize, seed: u64) ->
 /// tables normal * 0.5, filters with a decaying envelope. The same
 /// `(spec, batch, seq, seed)` gives the same bits on every platform.
 pub fn random_inputs(spec: &MixerSpec, batch: usize, seq: usize, seed: u64) -> MixerInputs {
-    let shapes = spec.tensor_shapes(batch, seq);
+    random_inputs_kv(spec, batch, seq, seq, seed)
+}
+
+/// [`random_inputs`] with `seq` queries against `kv_seq` keys, the queries
+/// at the last positions (`q_offset = kv_seq - seq`, or 0 when there are
+/// more queries than keys; [`MixerInputs::with_q_offset`] moves them).
+/// Extra inputs with a `seq` axis span the `kv_seq` key positions. For
+/// `kv_seq == seq` it is exactly [`random_inputs`].
+pub fn random_inputs_kv(
+    spec: &MixerSpec,
+    batch: usize,
+    seq: usize,
+    kv_seq: usize,
+    seed: u64,
+) -> MixerInputs {
+    let shapes = spec.tensor_shapes_kv(batch, seq, kv_seq);
     let qkv = |name: &str| match shapes.get(name) {
         Some(shape) => normal_tensor(&mut stream(seed, name), shape.clone(), 1.0),
         None => empty_tensor(),
@@ -129,45 +149,67 @@ pub fn random_inputs(spec: &MixerSpec, batch: usize, seq: usize, seed: u64) -> M
     let extra: BTreeMap<String, ExtraTensor> = spec
         .inputs
         .iter()
-        .map(|d| (d.name.clone(), random_extra(spec, d, batch, seq, seed)))
+        .map(|d| (d.name.clone(), random_extra(spec, d, batch, kv_seq, seed)))
         .collect();
     MixerInputs {
-        batch,
-        seq,
-        q,
-        k,
-        v,
-        extra,
+        kv_seq,
+        q_offset: kv_seq.saturating_sub(seq),
+        ..MixerInputs::self_attention(batch, seq, q, k, v, extra)
     }
 }
 
 /// The expected shape of a tensor with its axes named, for error messages:
 /// `[batch=2, seq=33, kv_heads=2, head_dim=16]`.
 pub fn describe_shape(spec: &MixerSpec, name: &str, batch: usize, seq: usize) -> String {
-    describe_axes(spec, name, &format!("batch={batch}"), &format!("seq={seq}"))
+    describe_shape_kv(spec, name, batch, seq, seq)
+}
+
+/// [`describe_shape`] for `seq` queries against `kv_seq` keys: k, v and the
+/// `seq` axes of extra inputs read `kv_seq=..` when the lengths differ.
+pub fn describe_shape_kv(
+    spec: &MixerSpec,
+    name: &str,
+    batch: usize,
+    seq: usize,
+    kv_seq: usize,
+) -> String {
+    let kv = if kv_seq == seq {
+        format!("seq={seq}")
+    } else {
+        format!("kv_seq={kv_seq}")
+    };
+    describe_axes(
+        spec,
+        name,
+        &format!("batch={batch}"),
+        &format!("seq={seq}"),
+        &kv,
+    )
 }
 
 /// The expected shape before batch and seq are known:
 /// `[batch, seq, kv_heads=2, head_dim=16]`.
 pub fn describe_shape_symbolic(spec: &MixerSpec, name: &str) -> String {
-    describe_axes(spec, name, "batch", "seq")
+    describe_axes(spec, name, "batch", "seq", "seq")
 }
 
-fn describe_axes(spec: &MixerSpec, name: &str, batch: &str, seq: &str) -> String {
+/// `seq` names the query axis of q and o, `kv` the key axis of k and v and
+/// the position axis of extra inputs.
+fn describe_axes(spec: &MixerSpec, name: &str, batch: &str, seq: &str, kv: &str) -> String {
     let (h, kvh) = (spec.heads, spec.kv_heads);
     let (dk, dv) = (spec.head_dim, spec.value_dim);
-    let (batch, seq) = (batch.to_string(), seq.to_string());
+    let (batch, seq, kv) = (batch.to_string(), seq.to_string(), kv.to_string());
     let axes: Vec<String> = match name {
         "q" => vec![batch, seq, format!("heads={h}"), format!("head_dim={dk}")],
         "k" => vec![
             batch,
-            seq,
+            kv,
             format!("kv_heads={kvh}"),
             format!("head_dim={dk}"),
         ],
         "v" => vec![
             batch,
-            seq,
+            kv,
             format!("kv_heads={kvh}"),
             format!("value_dim={dv}"),
         ],
@@ -178,7 +220,7 @@ fn describe_axes(spec: &MixerSpec, name: &str, batch: &str, seq: &str) -> String
                 .iter()
                 .map(|d| match d {
                     Dim::Batch => batch.clone(),
-                    Dim::Seq => seq.clone(),
+                    Dim::Seq => kv.clone(),
                     Dim::Heads => format!("heads={h}"),
                     Dim::KvHeads => format!("kv_heads={kvh}"),
                     Dim::Fixed(n) => n.to_string(),
@@ -209,7 +251,7 @@ fn check_shape<T>(
             name,
             format!(
                 "expected shape {}, found {:?}",
-                describe_shape(spec, name, inputs.batch, inputs.seq),
+                describe_shape_kv(spec, name, inputs.batch, inputs.seq, inputs.kv_seq),
                 t.shape
             ),
         ));
@@ -246,7 +288,38 @@ fn check_finite(name: &str, t: &Tensor<f32>) -> Result<()> {
 /// them for equality. Sorted ids (packed documents) are what lets kernels skip
 /// whole blocks, so unsorted ids are correct but slow.
 pub fn validate_inputs(spec: &MixerSpec, inputs: &MixerInputs) -> Result<()> {
-    let shapes = spec.tensor_shapes(inputs.batch, inputs.seq);
+    let shapes = spec.tensor_shapes_kv(inputs.batch, inputs.seq, inputs.kv_seq);
+    if !matches!(spec.score, Score::Dot { .. }) && !inputs.is_self_aligned() {
+        return Err(RuntimeError::Invalid(format!(
+            "mixer `{}` is a convolution over one sequence: its queries are its values' \
+             positions, so it takes no separate key length or query offset (got {} \
+             queries at offset {} against {} values)",
+            spec.name, inputs.seq, inputs.q_offset, inputs.kv_seq
+        )));
+    }
+    let q_end = inputs.q_offset.checked_add(inputs.seq);
+    if let Some(decl) = spec.positional_input() {
+        if q_end.is_none_or(|e| e > inputs.kv_seq) {
+            return Err(bad(
+                &decl.name,
+                format!(
+                    "is indexed by position, so the queries (positions {}..{}) must lie \
+                     among the {} key positions it covers",
+                    inputs.q_offset,
+                    inputs.q_offset as u128 + inputs.seq as u128,
+                    inputs.kv_seq
+                ),
+            ));
+        }
+    }
+    if q_end.is_none_or(|e| e > MAX_POSITION) {
+        return Err(RuntimeError::Invalid(format!(
+            "query positions {}..{} exceed the largest supported position {}",
+            inputs.q_offset,
+            inputs.q_offset as u128 + inputs.seq as u128,
+            MAX_POSITION
+        )));
+    }
     for (name, t) in [("q", &inputs.q), ("k", &inputs.k), ("v", &inputs.v)] {
         match shapes.get(name) {
             Some(expected) => {
@@ -269,7 +342,7 @@ pub fn validate_inputs(spec: &MixerSpec, inputs: &MixerInputs) -> Result<()> {
                 name,
                 format!(
                     "missing (the spec declares `input {name}` with shape {})",
-                    describe_shape(spec, name, inputs.batch, inputs.seq)
+                    describe_shape_kv(spec, name, inputs.batch, inputs.seq, inputs.kv_seq)
                 ),
             )
         })?;
@@ -312,12 +385,12 @@ pub fn validate_inputs(spec: &MixerSpec, inputs: &MixerInputs) -> Result<()> {
             .get(input)
             .and_then(|t| t.shape().last().copied())
         {
-            if len < inputs.seq {
+            if len < inputs.seq + inputs.q_offset {
                 return Err(bad(
                     input,
                     format!(
                         "filter has {len} taps but the sequence has {} positions",
-                        inputs.seq
+                        inputs.seq + inputs.q_offset
                     ),
                 ));
             }

@@ -223,14 +223,11 @@ pub fn load_inputs_with(
         };
         extra.insert(decl.name.clone(), t);
     }
-    let inputs = MixerInputs {
-        batch,
-        seq,
-        q,
-        k,
-        v,
-        extra,
-    };
+    // Keys may have their own length (read from v); queries are the last
+    // positions unless the caller moves them.
+    let mut inputs = MixerInputs::new(q, k, v);
+    (inputs.batch, inputs.seq, inputs.extra) = (batch, seq, extra);
+    inputs.q_offset = inputs.kv_seq.saturating_sub(seq);
     validate_inputs(spec, &inputs).map_err(|e| match e {
         RuntimeError::BadInput { name, problem } => bad_input(path, &name, problem),
         other => other,

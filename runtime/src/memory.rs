@@ -46,9 +46,21 @@ pub fn run_host_bytes(
     f64_out: bool,
     scratch_copies: u64,
 ) -> Result<(u64, u64)> {
+    run_host_bytes_kv(spec, batch, seq, seq, f64_out, scratch_copies)
+}
+
+/// [`run_host_bytes`] for `seq` queries against `kv_seq` keys.
+pub fn run_host_bytes_kv(
+    spec: &MixerSpec,
+    batch: usize,
+    seq: usize,
+    kv_seq: usize,
+    f64_out: bool,
+    scratch_copies: u64,
+) -> Result<(u64, u64)> {
     let mut inputs = 0u64;
     let mut kv = 0u64;
-    for (name, shape) in spec.tensor_shapes(batch, seq) {
+    for (name, shape) in spec.tensor_shapes_kv(batch, seq, kv_seq) {
         let dims: Vec<(&str, usize)> = shape
             .iter()
             .zip(axis_names(&name, shape.len()))

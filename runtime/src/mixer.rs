@@ -531,9 +531,12 @@ impl Mixer {
     }
 
     /// Runs the mixer on one input set (host tensors in mixc's layout:
-    /// `q [batch, seq, heads, head_dim]`, `k`/`v [batch, seq, kv_heads, dim]`,
-    /// the spec's extra inputs by name). Any batch and length (at least the
-    /// ring's rank count) runs without recompiling.
+    /// `q [batch, seq, heads, head_dim]`, `k`/`v [batch, kv_seq, kv_heads,
+    /// dim]`, the spec's extra inputs by name). Any batch and lengths (keys at
+    /// least the ring's rank count) run without recompiling. Queries may be
+    /// fewer or more than keys and sit at any position
+    /// ([`MixerInputs::q_offset`]: a decode step, a prefill chunk,
+    /// cross-attention) on the CPU and reference backends.
     pub fn forward(&self, inputs: &MixerInputs) -> Result<Output> {
         Ok(self.forward_impl(inputs, false)?.0)
     }
@@ -771,8 +774,14 @@ impl Mixer {
     /// two copies of k and v). Overflowing shapes are a
     /// [`RuntimeError::SizeOverflow`] naming the dims.
     pub fn host_bytes(&self, batch: usize, seq: usize) -> Result<(u64, u64)> {
+        self.host_bytes_kv(batch, seq, seq)
+    }
+
+    /// [`Mixer::host_bytes`] of `seq` queries against `kv_seq` keys (a
+    /// decode step, a prefill chunk, cross-attention).
+    pub fn host_bytes_kv(&self, batch: usize, seq: usize, kv_seq: usize) -> Result<(u64, u64)> {
         let (f64_out, copies) = self.host_scratch();
-        crate::memory::run_host_bytes(&self.spec, batch, seq, f64_out, copies)
+        crate::memory::run_host_bytes_kv(&self.spec, batch, seq, kv_seq, f64_out, copies)
     }
 
     /// What the backend allocates on the host beyond the output: whether
@@ -827,7 +836,12 @@ impl Mixer {
     /// host memory still available (call it before making the inputs):
     /// [`RuntimeError::OutOfMemory`] with both figures when it does not.
     pub fn admit(&self, batch: usize, seq: usize) -> Result<()> {
-        let (inputs, rest) = self.host_bytes(batch, seq)?;
+        self.admit_kv(batch, seq, seq)
+    }
+
+    /// [`Mixer::admit`] for `seq` queries against `kv_seq` keys.
+    pub fn admit_kv(&self, batch: usize, seq: usize, kv_seq: usize) -> Result<()> {
+        let (inputs, rest) = self.host_bytes_kv(batch, seq, kv_seq)?;
         crate::memory::admit_host(inputs.saturating_add(rest))
     }
 

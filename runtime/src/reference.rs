@@ -145,7 +145,7 @@ fn run(
             spec.name, spec.heads
         )));
     }
-    let (batch, seq) = (inputs.batch, inputs.seq);
+    let (batch, kv_seq) = (inputs.batch, inputs.kv_seq);
     let (nh, dv) = (heads.len(), spec.value_dim as usize);
     let mut out = Tensor::<f64>::zeros(&[batch, rows.len(), nh, dv]);
     let mut lse = Tensor::<f64>::zeros(&[batch, rows.len(), nh]);
@@ -158,15 +158,16 @@ fn run(
         .zip(lse.data.par_chunks_mut(nh))
         .enumerate()
         .for_each_init(
-            // Per-thread scratch, O(seq): the weight of each key (None =
+            // Per-thread scratch, O(kv_seq): the weight of each key (None =
             // masked out) and the decay D(i, j).
-            || (vec![None; seq], vec![1.0f64; seq]),
+            || (vec![None; kv_seq], vec![1.0f64; kv_seq]),
             |(weights, decay), (x, (out_row, lse_row))| {
-                let (b, i) = (x / rows.len(), rows[x % rows.len()]);
+                let (b, r) = (x / rows.len(), rows[x % rows.len()]);
+                let row = Row::new(inputs, b, r);
                 for (hi, &h) in heads.iter().enumerate() {
                     let kvh = spec.kv_head_of(h as u32) as usize;
-                    fill_decay(spec, inputs, b, i, h, decay);
-                    row_weights(spec, inputs, b, i, h, decay, weights);
+                    fill_decay(spec, inputs, row, h, decay);
+                    row_weights(spec, inputs, row, h, decay, weights);
                     let y = &mut out_row[hi * dv..(hi + 1) * dv];
                     lse_row[hi] = normalise(spec.norm, inputs, b, kvh, weights, y);
                 }
@@ -176,17 +177,30 @@ fn run(
     Ok((out, lse))
 }
 
-/// `decay[j] = D(i, j) = prod_{l=j+1..i} gamma_l` for `j <= i`, built from
-/// `j = i` downwards so each entry costs one multiply. Entries `j > i` are
-/// unused (decay requires a causal mask).
-fn fill_decay(
-    spec: &MixerSpec,
-    inputs: &MixerInputs,
+/// One query row: batch row `b`, query index `r` (its row of q and of the
+/// output) at position `i = r + q_offset`.
+#[derive(Clone, Copy)]
+struct Row {
     b: usize,
+    r: usize,
     i: usize,
-    h: usize,
-    decay: &mut [f64],
-) {
+}
+
+impl Row {
+    fn new(inputs: &MixerInputs, b: usize, r: usize) -> Row {
+        Row {
+            b,
+            r,
+            i: r + inputs.q_offset,
+        }
+    }
+}
+
+/// `decay[j] = D(i, j) = prod_{l=j+1..i} gamma_l` for the keys `j <= i`,
+/// built from the last such key downwards so each entry costs one multiply.
+/// Entries `j > i` are unused (decay requires a causal mask).
+fn fill_decay(spec: &MixerSpec, inputs: &MixerInputs, row: Row, h: usize, decay: &mut [f64]) {
+    let (b, i) = (row.b, row.i);
     let gamma_at: Box<dyn Fn(usize) -> f64 + '_> = match &spec.decay {
         Decay::None => return,
         Decay::PerHead(e) => {
@@ -198,8 +212,13 @@ fn fill_decay(
             Box::new(move |l| gates.get_clamped(&[b as i64, l as i64, h as i64]))
         }
     };
-    decay[i] = 1.0;
-    for j in (0..i).rev() {
+    let Some(last) = decay.len().checked_sub(1).map(|n| n.min(i)) else {
+        return;
+    };
+    // D(i, last): gates are validated to cover every query position, and a
+    // per-head decay reads no position, so `i` past the keys is fine.
+    decay[last] = (last + 1..=i).map(&gamma_at).product();
+    for j in (0..last).rev() {
         decay[j] = decay[j + 1] * gamma_at(j + 1);
     }
 }
@@ -232,12 +251,12 @@ fn eval_expr(
 fn row_weights(
     spec: &MixerSpec,
     inputs: &MixerInputs,
-    b: usize,
-    i: usize,
+    row: Row,
     h: usize,
     decay: &[f64],
     weights: &mut [Option<f64>],
 ) {
+    let (b, i) = (row.b, row.i);
     let seg = |name: &str, pos: i64| inputs.extra[name].get_clamped(&[b as i64, pos]) as i64;
     let kvh = spec.kv_head_of(h as u32) as usize;
     let dk = spec.head_dim as usize;
@@ -255,7 +274,7 @@ fn row_weights(
                 k_map,
                 scale,
             } => {
-                let qo = inputs.q.offset(&[b, i, h, 0]);
+                let qo = inputs.q.offset(&[b, row.r, h, 0]);
                 let ko = inputs.k.offset(&[b, j, kvh, 0]);
                 let dot: f64 = (0..dk)
                     .map(|d| {

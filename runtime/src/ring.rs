@@ -58,56 +58,104 @@ fn split(len: usize, n: usize) -> Vec<Range<usize>> {
 /// The shards of a ring run and the order in which they travel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RingSchedule {
+    /// Queries (output rows) per batch row.
     pub seq: usize,
     pub ranks: usize,
     pub sharding: Sharding,
-    /// Position ranges owned by each rank, in increasing order, none empty.
+    /// Query positions owned by each rank, in increasing order, none empty
+    /// (a rank may own no query when there are fewer queries than ranks).
+    /// Positions are key positions: query `i` is at `i + q_offset`.
     pub shards: Vec<Vec<Range<usize>>>,
+    /// Key positions owned by each rank, none empty: the shards that travel.
+    /// The same as `shards` when queries and keys are one sequence.
+    pub kv_shards: Vec<Vec<Range<usize>>>,
+    /// Position of query 0.
+    pub q_offset: usize,
+}
+
+/// `len` positions dealt to `ranks` ranks; empty ranges dropped.
+fn deal(len: usize, ranks: usize, sharding: Sharding) -> Vec<Vec<Range<usize>>> {
+    let shards: Vec<Vec<Range<usize>>> = match sharding {
+        Sharding::Contiguous => split(len, ranks).into_iter().map(|r| vec![r]).collect(),
+        Sharding::Zigzag => {
+            let chunks = split(len, 2 * ranks);
+            (0..ranks)
+                .map(|r| {
+                    let (early, late) = (chunks[r].clone(), chunks[2 * ranks - 1 - r].clone());
+                    // The last rank's two chunks touch: one range, one tiling.
+                    if early.end == late.start {
+                        std::iter::once(early.start..late.end).collect()
+                    } else {
+                        vec![early, late]
+                    }
+                })
+                .collect()
+        }
+    };
+    shards
+        .into_iter()
+        .map(|rs| rs.into_iter().filter(|r| !r.is_empty()).collect())
+        .collect()
 }
 
 impl RingSchedule {
     /// Errors when `ranks` is 0 or exceeds `seq` (a rank would own nothing).
     pub fn new(seq: usize, ranks: usize, sharding: Sharding) -> Result<Self> {
+        Self::two_lengths(seq, seq, 0, ranks, sharding)
+    }
+
+    /// `seq` queries at positions `q_offset..q_offset + seq` against
+    /// `kv_seq` keys at `0..kv_seq`: keys and queries are each dealt over
+    /// the ranks by `sharding`; the key shards travel. Errors when `ranks`
+    /// is 0 or exceeds `kv_seq` (a rank would hold no key).
+    pub fn two_lengths(
+        seq: usize,
+        kv_seq: usize,
+        q_offset: usize,
+        ranks: usize,
+        sharding: Sharding,
+    ) -> Result<Self> {
         if ranks == 0 {
             return Err(RuntimeError::Invalid(
                 "ranks must be at least 1 (got 0)".into(),
             ));
         }
-        if ranks > seq {
+        if ranks > kv_seq {
+            let what = if kv_seq == seq { "a sequence" } else { "keys" };
             return Err(RuntimeError::Invalid(format!(
-                "{ranks} ranks cannot share a sequence of {seq} positions: \
-                 every rank needs at least one (use at most {seq} ranks)"
+                "{ranks} ranks cannot share {what} of {kv_seq} positions: \
+                 every rank needs at least one (use at most {kv_seq} ranks)"
             )));
         }
-        let shards = match sharding {
-            Sharding::Contiguous => split(seq, ranks).into_iter().map(|r| vec![r]).collect(),
-            Sharding::Zigzag => {
-                let chunks = split(seq, 2 * ranks);
-                (0..ranks)
-                    .map(|r| {
-                        let (early, late) = (chunks[r].clone(), chunks[2 * ranks - 1 - r].clone());
-                        // The last rank's two chunks touch: one range, one tiling.
-                        // With seq < 2R the late chunk may be empty; chunk r never is.
-                        if late.is_empty() {
-                            vec![early]
-                        } else if early.end == late.start {
-                            std::iter::once(early.start..late.end).collect()
-                        } else {
-                            vec![early, late]
-                        }
-                    })
-                    .collect()
-            }
+        let kv_shards = deal(kv_seq, ranks, sharding);
+        let shards = if kv_seq == seq && q_offset == 0 {
+            kv_shards.clone()
+        } else {
+            deal(seq, ranks, sharding)
+                .into_iter()
+                .map(|rs| {
+                    rs.into_iter()
+                        .map(|r| r.start + q_offset..r.end + q_offset)
+                        .collect()
+                })
+                .collect()
         };
         Ok(RingSchedule {
             seq,
             ranks,
             sharding,
             shards,
+            kv_shards,
+            q_offset,
         })
     }
 
-    /// The ranges owned by `rank`.
+    /// The key ranges `rank` owns (and sends around the ring).
+    pub fn kv_shard(&self, rank: usize) -> &[Range<usize>] {
+        &self.kv_shards[rank]
+    }
+
+    /// The query ranges owned by `rank` (positions).
     pub fn shard(&self, rank: usize) -> &[Range<usize>] {
         &self.shards[rank]
     }

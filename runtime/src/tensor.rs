@@ -87,13 +87,27 @@ pub fn clamped_offset(shape: &[usize], idx: &[i64]) -> usize {
 }
 
 /// Everything one run reads. q: `[batch, seq, heads, head_dim]`,
-/// k: `[batch, seq, kv_heads, head_dim]`, v: `[batch, seq, kv_heads, value_dim]`
-/// (q and k are empty `[batch, seq, heads|kv_heads, 0]`-free tensors with no
-/// data for the convolution family, which reads only v).
+/// k: `[batch, kv_seq, kv_heads, head_dim]`, v: `[batch, kv_seq, kv_heads,
+/// value_dim]` (q and k are empty tensors with no data for the convolution
+/// family, which reads only v).
+///
+/// **Positions.** Key `j` sits at position `j` (0-based); query `i` sits at
+/// position `i + q_offset`. Masks, biases, decay and every extra input's
+/// `seq` axis see these positions. Self-attention over one sequence has
+/// `kv_seq == seq` and `q_offset == 0`; a decode step or a chunk of a
+/// chunked prefill has the new queries as the last `seq` of `kv_seq`
+/// positions (`q_offset = kv_seq - seq`, the default [`MixerInputs::new`]
+/// picks: "bottom-right" alignment, as FlashAttention and FlexDecoding do);
+/// cross-attention has unrelated lengths.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MixerInputs {
     pub batch: usize,
+    /// Queries (and output rows) per batch row.
     pub seq: usize,
+    /// Keys and values per batch row.
+    pub kv_seq: usize,
+    /// Position of query 0 among the key positions.
+    pub q_offset: usize,
     pub q: Tensor<f32>,
     pub k: Tensor<f32>,
     pub v: Tensor<f32>,
@@ -101,25 +115,67 @@ pub struct MixerInputs {
 }
 
 impl MixerInputs {
-    /// Inputs from q `[batch, seq, heads, head_dim]`, k `[batch, seq,
-    /// kv_heads, head_dim]` and v `[batch, seq, kv_heads, value_dim]`;
-    /// batch and length are read from v (q and k are empty for the
-    /// convolution family). Shapes are checked against the spec when the
-    /// inputs are used.
+    /// Inputs from q `[batch, seq, heads, head_dim]`, k `[batch, kv_seq,
+    /// kv_heads, head_dim]` and v `[batch, kv_seq, kv_heads, value_dim]`:
+    /// batch and the lengths are read from q and v (q and k are empty for
+    /// the convolution family, so `seq == kv_seq` there), and the queries
+    /// are the last positions (`q_offset = kv_seq - seq`, or 0 when there
+    /// are more queries than keys). Shapes are checked against the spec
+    /// when the inputs are used.
     pub fn new(q: Tensor<f32>, k: Tensor<f32>, v: Tensor<f32>) -> MixerInputs {
         let dims = |t: &Tensor<f32>| (t.shape.first().copied(), t.shape.get(1).copied());
-        let (batch, seq) = match (dims(&v), dims(&q)) {
+        let (batch, kv_seq) = match (dims(&v), dims(&q)) {
             ((Some(b), Some(s)), _) | (_, (Some(b), Some(s))) => (b, s),
             _ => (0, 0),
+        };
+        let seq = match dims(&q) {
+            (_, Some(s)) if !q.data.is_empty() => s,
+            _ => kv_seq,
         };
         MixerInputs {
             batch,
             seq,
+            kv_seq,
+            q_offset: kv_seq.saturating_sub(seq),
             q,
             k,
             v,
             extra: BTreeMap::new(),
         }
+    }
+
+    /// Inputs of one sequence attending to itself: `seq` queries, keys and
+    /// values, at the same positions.
+    pub fn self_attention(
+        batch: usize,
+        seq: usize,
+        q: Tensor<f32>,
+        k: Tensor<f32>,
+        v: Tensor<f32>,
+        extra: BTreeMap<String, ExtraTensor>,
+    ) -> MixerInputs {
+        MixerInputs {
+            batch,
+            seq,
+            kv_seq: seq,
+            q_offset: 0,
+            q,
+            k,
+            v,
+            extra,
+        }
+    }
+
+    /// The same inputs with query 0 at key position `q_offset`.
+    pub fn with_q_offset(mut self, q_offset: usize) -> MixerInputs {
+        self.q_offset = q_offset;
+        self
+    }
+
+    /// Whether queries and keys are the same positions (`seq == kv_seq`,
+    /// `q_offset == 0`): what every path before two lengths assumed.
+    pub fn is_self_aligned(&self) -> bool {
+        self.seq == self.kv_seq && self.q_offset == 0
     }
 
     /// Bytes of the extra inputs (4 per element, f32 or i32).

@@ -82,8 +82,18 @@ fn numeric(
 /// Checks every gradient of `spec` at (batch 2, `seq`) on the elements with
 /// the largest gradients plus a spread of others.
 fn check(spec: &MixerSpec, seq: usize, seed: u64) {
-    let inputs = on_grid(random_inputs(spec, 2, seq, seed));
-    let shape = [2, seq, spec.heads as usize, spec.value_dim as usize];
+    check_inputs(spec, on_grid(random_inputs(spec, 2, seq, seed)), seed);
+}
+
+/// [`check`] on given inputs (any lengths and query offset).
+fn check_inputs(spec: &MixerSpec, inputs: MixerInputs, seed: u64) {
+    let seq = inputs.seq;
+    let shape = [
+        inputs.batch,
+        seq,
+        spec.heads as usize,
+        spec.value_dim as usize,
+    ];
     let d_o = on_grid(random_inputs(spec, 2, seq, seed + 1)).v; // any fixed data
     let n = shape.iter().product::<usize>();
     let d_o = Tensor::new(
@@ -173,6 +183,32 @@ fn every_score_piece_matches_finite_differences() {
         let spec = mixc_dsl::parse_str(src).unwrap_or_else(|d| panic!("{src}: {d:?}"));
         for (seq, seed) in [(2, 11), (11, 13)] {
             check(&spec, seq, seed);
+        }
+    }
+}
+
+/// Queries and keys of different lengths: decode rows against a longer key
+/// set (bottom-right, and at an explicit offset), cross-attention with more
+/// queries than keys, with a position bias, a window and a prefix.
+#[test]
+fn two_lengths_match_finite_differences() {
+    let specs = [
+        "mixer w { heads = 4; kv_heads = 2; head_dim = 4; input t: f32[heads, 8]; \
+         score = dot(q, k); bias = t[h][min(abs(i - j), 7)]; mask = causal && window(6); \
+         norm = softmax; }",
+        "mixer x { heads = 2; head_dim = 4; value_dim = 6; score = dot(q, k); \
+         bias = 0.1 * (i - j); mask = all; norm = softmax; }",
+        "mixer p { heads = 2; head_dim = 4; score = dot(elu1(q), elu1(k)); \
+         mask = prefix_lm(3); norm = sum(eps = 1e-3); }",
+    ];
+    for src in specs {
+        let spec = mixc_dsl::parse_str(src).unwrap_or_else(|d| panic!("{src}: {d:?}"));
+        for (seq, kv_seq, offset) in [(3, 11, None), (2, 9, Some(4)), (7, 4, None)] {
+            let mut x = mixc_runtime::inputs::random_inputs_kv(&spec, 2, seq, kv_seq, 17);
+            if let Some(o) = offset {
+                x.q_offset = o;
+            }
+            check_inputs(&spec, on_grid(x), 19);
         }
     }
 }

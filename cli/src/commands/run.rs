@@ -233,6 +233,16 @@ pub struct Args {
     /// Sequence length of the random inputs (taken from the file with --inputs).
     #[arg(long, required_unless_present = "inputs")]
     seq: Option<usize>,
+    /// Key/value length of the random inputs (default: --seq). With fewer
+    /// queries than keys the queries are the last positions (a decode step
+    /// or a prefill chunk against a KV cache); see --q-offset.
+    #[arg(long, requires = "seq")]
+    kv_seq: Option<usize>,
+    /// Position of the first query among the keys (default: kv_seq - seq,
+    /// the queries being the newest tokens; 0 when there are more queries
+    /// than keys). Masks, biases and decay see these positions.
+    #[arg(long)]
+    q_offset: Option<usize>,
     /// Batch size of the random inputs.
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -285,6 +295,21 @@ pub struct Args {
 
 pub use mixc::runtime::reference::check_tolerance;
 
+/// `seq 300`, or `seq 4 x kv_seq 4096` (with `@ offset` when the queries
+/// are not the last positions).
+fn lengths(x: &MixerInputs) -> String {
+    if x.is_self_aligned() {
+        format!("seq {}", x.seq)
+    } else if x.q_offset == x.kv_seq.saturating_sub(x.seq) {
+        format!("seq {} x kv_seq {}", x.seq, x.kv_seq)
+    } else {
+        format!(
+            "seq {} x kv_seq {} @ offset {}",
+            x.seq, x.kv_seq, x.q_offset
+        )
+    }
+}
+
 pub fn main(args: Args) -> Result<ExitCode> {
     let mut spec = super::load_spec(&args.file)?;
     super::apply_shape_overrides(&mut spec, &args.set)?;
@@ -315,32 +340,37 @@ pub fn main(args: Args) -> Result<ExitCode> {
         }
         None => {
             let seq = args.seq.context("--seq is required without --inputs")?;
-            if seq == 0 || args.batch == 0 {
-                bail!("--seq and --batch must be at least 1");
+            let kv_seq = args.kv_seq.unwrap_or(seq);
+            if seq == 0 || kv_seq == 0 || args.batch == 0 {
+                bail!("--seq, --kv-seq and --batch must be at least 1");
             }
             if args.grad {
-                mixer.admit_train(args.batch, seq)?;
+                mixer.admit_train(args.batch, seq.max(kv_seq))?;
             } else {
-                mixer.admit(args.batch, seq)?;
+                mixer.admit_kv(args.batch, seq, kv_seq)?;
             }
-            let mut inputs = inputs::random_inputs(&spec, args.batch, seq, args.seed);
+            let mut inputs = inputs::random_inputs_kv(&spec, args.batch, seq, kv_seq, args.seed);
             inputs::round_to_dtype(&mut inputs, dtype);
             inputs
         }
     };
-    if args.ranks > inputs.seq {
+    let inputs = match args.q_offset {
+        Some(offset) => inputs.with_q_offset(offset),
+        None => inputs,
+    };
+    if args.ranks > inputs.kv_seq {
         bail!(
-            "--ranks {} must be between 1 and the sequence length {}",
+            "--ranks {} must be between 1 and the key length {}",
             args.ranks,
-            inputs.seq
+            inputs.kv_seq
         );
     }
     let what = format!(
-        "running {} on {}: batch {} x seq {}",
+        "running {} on {}: batch {} x {}",
         spec.name,
         opts.backend.name(),
         inputs.batch,
-        inputs.seq
+        lengths(&inputs)
     );
     let (run, backward) = if args.grad {
         let d_o = match d_o_file {
@@ -419,6 +449,8 @@ pub fn main(args: Args) -> Result<ExitCode> {
         "dtype": dtype.name(),
         "batch": inputs.batch,
         "seq": inputs.seq,
+        "kv_seq": inputs.kv_seq,
+        "q_offset": inputs.q_offset,
         "heads": spec.heads,
         "kv_heads": spec.kv_heads,
         "head_dim": spec.head_dim,
@@ -459,11 +491,11 @@ pub fn main(args: Args) -> Result<ExitCode> {
         println!("{summary}");
     } else {
         println!(
-            "{} ({}) on {backend}: batch {} x seq {} in {:.3} s ({:.0} tokens/s)",
+            "{} ({}) on {backend}: batch {} x {} in {:.3} s ({:.0} tokens/s)",
             spec.name,
             spec.family.name(),
             inputs.batch,
-            inputs.seq,
+            lengths(&inputs),
             seconds,
             tokens / seconds
         );

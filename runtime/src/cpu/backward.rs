@@ -131,8 +131,8 @@ pub(super) fn q_side<T: Real>(
     let positions = || ranges.iter().flat_map(|r| r.clone()).enumerate();
     for x in 0..bh {
         let (b, h) = (x / ctx.heads, x % ctx.heads);
-        for (t, i) in positions() {
-            let row = x * nq + t;
+        for (t, p) in positions() {
+            let (row, i) = (x * nq + t, p - ctx.q_offset);
             if dot_score {
                 let src = ctx.inputs.q.offset(&[b, i, h, 0]);
                 for (d, &y) in ctx.inputs.q.data[src..src + dk].iter().enumerate() {
@@ -198,7 +198,7 @@ pub(super) fn rank_main<T: Real>(
     let gated = matches!(ctx.spec.decay, Decay::Gate { .. });
     let mut drow = vec![0.0f64; if gated { bh * nq } else { 0 }];
     let mut partials = empty_partials(ctx);
-    let kv = KvShard::build(ctx, sched.shard(r));
+    let kv = KvShard::build(ctx, sched.kv_shard(r));
     let bkv = ctx.batch * ctx.kv_heads;
     let group = ctx.heads / ctx.kv_heads;
     let mut held = BwdShard {
@@ -837,7 +837,7 @@ pub(super) fn assemble<T: Real>(
     ranks: Vec<RankGrads<T>>,
 ) -> Gradients<T> {
     let inputs = ctx.inputs;
-    let (batch, seq, heads) = (ctx.batch, ctx.seq, ctx.heads);
+    let (batch, positions, heads) = (ctx.batch, ctx.positions, ctx.heads);
     let (dk, dv, group) = (ctx.dk, ctx.dv, heads / ctx.kv_heads);
     let (q_map, k_map, scale) = match &ctx.spec.score {
         Score::Dot {
@@ -853,34 +853,35 @@ pub(super) fn assemble<T: Real>(
     let mut dvt = Tensor::<T>::zeros(&inputs.v.shape);
     let gated = matches!(ctx.spec.decay, Decay::Gate { .. });
     // dC[b][h][p]: gradient of the cumulative log-gate at p.
-    let mut d_cum = vec![0.0f64; if gated { batch * heads * seq } else { 0 }];
+    let mut d_cum = vec![0.0f64; if gated { batch * heads * positions } else { 0 }];
     let mut partials = empty_partials(ctx);
     for (rank, rg) in ranks.into_iter().enumerate() {
-        let positions: Vec<usize> = rg.ranges.iter().flat_map(|r| r.clone()).collect();
-        let nq = positions.len();
+        let q_pos: Vec<usize> = rg.ranges.iter().flat_map(|r| r.clone()).collect();
+        let nq = q_pos.len();
         for x in 0..batch * heads {
             let (b, h) = (x / heads, x % heads);
-            for (t, &i) in positions.iter().enumerate() {
+            for (t, &i) in q_pos.iter().enumerate() {
                 if dot_score {
                     let src = &rg.dq[(x * nq + t) * dk..][..dk];
-                    let o = inputs.q.offset(&[b, i, h, 0]);
+                    let o = inputs.q.offset(&[b, i - ctx.q_offset, h, 0]);
                     let (dst, x) = (&mut dq.data[o..o + dk], &inputs.q.data[o..o + dk]);
                     for ((g, &s), &qx) in dst.iter_mut().zip(src).zip(x) {
                         *g = T::from_f64(s.to_f64() * scale * q_map.derivative(qx as f64));
                     }
                 }
                 if gated {
-                    d_cum[x * seq + i] += rg.drow[x * nq + t];
+                    d_cum[x * positions + i] += rg.drow[x * nq + t];
                 }
             }
         }
         // The home shard: this rank's keys.
         let home = &rg.home;
-        debug_assert_eq!(home.kv.ranges, sched.shard(rank));
+        debug_assert_eq!(home.kv.ranges, sched.kv_shard(rank));
         let n = home.kv.n;
+        let k_pos: Vec<usize> = home.kv.ranges.iter().flat_map(|r| r.clone()).collect();
         for y in 0..batch * ctx.kv_heads {
             let (b, kvh) = (y / ctx.kv_heads, y % ctx.kv_heads);
-            for (t, &j) in positions.iter().enumerate() {
+            for (t, &j) in k_pos.iter().enumerate() {
                 if dot_score {
                     let src = &home.dk[(y * n + t) * dk..][..dk];
                     let o = inputs.k.offset(&[b, j, kvh, 0]);
@@ -894,7 +895,8 @@ pub(super) fn assemble<T: Real>(
                 if gated {
                     for g in 0..group {
                         let h = kvh * group + g;
-                        d_cum[(b * heads + h) * seq + j] += home.dcol[(y * n + t) * group + g];
+                        d_cum[(b * heads + h) * positions + j] +=
+                            home.dcol[(y * n + t) * group + g];
                     }
                 }
             }
@@ -919,8 +921,8 @@ pub(super) fn assemble<T: Real>(
         for b in 0..batch {
             for h in 0..heads {
                 let mut acc = 0.0;
-                for l in (0..seq).rev() {
-                    acc += d_cum[(b * heads + h) * seq + l];
+                for l in (0..positions).rev() {
+                    acc += d_cum[(b * heads + h) * positions + l];
                     let gamma = gates.get_clamped(&[b as i64, l as i64, h as i64]);
                     let off = gates.clamped_offset(&[b as i64, l as i64, h as i64]);
                     dg.data[off] += T::from_f64(acc / gamma);

@@ -99,7 +99,7 @@ fn cum<T>(ctx: &Ctx<'_, T>, b: usize, h: usize, p: isize) -> f64 {
     match &ctx.spec.decay {
         Decay::None => 0.0,
         Decay::PerHead(_) => ctx.log_gamma[h] * (p + 1) as f64,
-        Decay::Gate { .. } => ctx.gate_cum[(b * ctx.heads + h) * ctx.seq + p as usize],
+        Decay::Gate { .. } => ctx.gate_cum[(b * ctx.heads + h) * ctx.positions + p as usize],
     }
 }
 

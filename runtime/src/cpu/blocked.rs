@@ -146,7 +146,7 @@ pub(super) fn rank_main<T: Real>(
         l: written(bh * nq, T::ZERO),
     };
     let mut stats = RankStats::default();
-    let mut held = Arc::new(KvShard::build(ctx, sched.shard(r)));
+    let mut held = Arc::new(KvShard::build(ctx, sched.kv_shard(r)));
     for step in 0..sched.ranks {
         // Pass the shard on before computing with it, so the transfer overlaps
         // the computation (double buffering: `held` and the one in flight).
@@ -389,7 +389,7 @@ fn compute_item<T: Real>(
     let qt = reset(&mut scratch.q, dk * nrows, T::ZERO);
     if let Score::Dot { q_map, scale, .. } = &ctx.spec.score {
         for (r, i) in q.clone().enumerate() {
-            let src = ctx.inputs.q.offset(&[b, i, h, 0]);
+            let src = ctx.inputs.q.offset(&[b, i - ctx.q_offset, h, 0]);
             for (d, &x) in ctx.inputs.q.data[src..src + dk].iter().enumerate() {
                 qt[d * nrows + r] = T::from_f64(q_map.apply(x as f64) * scale);
             }
@@ -556,7 +556,8 @@ impl<T: Real> Ctx<'_, T> {
             Decay::None => 1.0,
             Decay::PerHead(_) => (self.log_gamma[h] * (i - j) as f64).exp(),
             Decay::Gate { .. } => {
-                let c = &self.gate_cum[(b * self.heads + h) * self.seq..][..self.seq];
+                let n = self.positions;
+                let c = &self.gate_cum[(b * self.heads + h) * n..][..n];
                 (c[i] - c[j]).exp()
             }
         }

@@ -618,14 +618,8 @@ mod tests {
         let mut extra = BTreeMap::new();
         extra.insert("rel".to_string(), ExtraTensor::F32(rel));
         extra.insert("ids".to_string(), ExtraTensor::I32(ids));
-        MixerInputs {
-            batch: 1,
-            seq: 4,
-            q: Tensor::new(vec![0], vec![]),
-            k: Tensor::new(vec![0], vec![]),
-            v: Tensor::new(vec![0], vec![]),
-            extra,
-        }
+        let empty = || Tensor::new(vec![0], vec![]);
+        MixerInputs::self_attention(1, 4, empty(), empty(), empty(), extra)
     }
 
     /// The example biases / transforms plus every operator and function,

@@ -307,18 +307,33 @@ impl CpuMixer {
     fn run_keeping(&self, inputs: &MixerInputs, keep_stat: bool) -> Result<CpuRun> {
         let (spec, cfg) = (&self.spec, &self.cfg);
         validate_inputs(spec, inputs)?;
-        let sched = RingSchedule::new(inputs.seq, cfg.ranks, cfg.sharding)?;
+        // The state forms walk one sequence of positions; queries elsewhere
+        // than their keys (decode, chunked prefill, cross-attention) run
+        // blocked, which any family can (`forward_with_state` is the O(1)
+        // decode step of the state forms).
+        let path = if inputs.is_self_aligned() {
+            self.path
+        } else {
+            CpuPath::Blocked
+        };
+        let sched = RingSchedule::two_lengths(
+            inputs.seq,
+            inputs.kv_seq,
+            inputs.q_offset,
+            cfg.ranks,
+            cfg.sharding,
+        )?;
         let start = Instant::now();
         let pool = &*self.pool;
         let (output, stat, mut stats) = match cfg.precision {
             Precision::F32 => {
                 let (t, st, s) =
-                    run_typed::<f32>(spec, inputs, cfg, &sched, pool, self.path, keep_stat)?;
+                    run_typed::<f32>(spec, inputs, cfg, &sched, pool, path, keep_stat)?;
                 (CpuOutput::F32(t), st, s)
             }
             Precision::F64 => {
                 let (t, st, s) =
-                    run_typed::<f64>(spec, inputs, cfg, &sched, pool, self.path, keep_stat)?;
+                    run_typed::<f64>(spec, inputs, cfg, &sched, pool, path, keep_stat)?;
                 (CpuOutput::F64(t), st, s)
             }
         };
@@ -386,16 +401,36 @@ impl CpuMixer {
                 });
             }
         }
-        let sched = RingSchedule::new(inputs.seq, cfg.ranks, cfg.sharding)?;
+        let path = if inputs.is_self_aligned() {
+            path_for(spec)
+        } else if spec.decay == Decay::None {
+            CpuPath::Blocked
+        } else {
+            return Err(RuntimeError::Unsupported {
+                backend: "CPU",
+                what: format!(
+                    "gradients of the decaying mixer `{}` with {} queries at offset {} against \
+                     {} keys (decay gradients need queries and keys at the same positions)",
+                    spec.name, inputs.seq, inputs.q_offset, inputs.kv_seq
+                ),
+            });
+        };
+        let sched = RingSchedule::two_lengths(
+            inputs.seq,
+            inputs.kv_seq,
+            inputs.q_offset,
+            cfg.ranks,
+            cfg.sharding,
+        )?;
         let up = backward::Upstream { o, stat, d_o };
         let pool = &*self.pool;
         Ok(match cfg.precision {
-            Precision::F32 => {
-                CpuGradients::F32(backward_typed::<f32>(spec, inputs, cfg, &sched, pool, &up)?)
-            }
-            Precision::F64 => {
-                CpuGradients::F64(backward_typed::<f64>(spec, inputs, cfg, &sched, pool, &up)?)
-            }
+            Precision::F32 => CpuGradients::F32(backward_typed::<f32>(
+                spec, inputs, cfg, &sched, pool, path, &up,
+            )?),
+            Precision::F64 => CpuGradients::F64(backward_typed::<f64>(
+                spec, inputs, cfg, &sched, pool, path, &up,
+            )?),
         })
     }
 }
@@ -406,11 +441,12 @@ fn backward_typed<T: Real>(
     cfg: &CpuConfig,
     sched: &RingSchedule,
     pool: &rayon::ThreadPool,
+    path: CpuPath,
     up: &backward::Upstream<'_>,
 ) -> Result<Gradients<T>> {
     // (Built for the blocked path: its cumulative log-gates serve both.)
     let ctx = build_ctx::<T>(spec, inputs, cfg, pool, CpuPath::Blocked);
-    let ranks = match path_for(spec) {
+    let ranks = match path {
         CpuPath::Chunkwise => spawn_ranks(sched.ranks, |ep| {
             let qside = backward::q_side(&ctx, up, sched.shard(ep.rank));
             backward_chunkwise::rank_main(&ctx, sched, &qside, ep)
@@ -485,7 +521,13 @@ pub(crate) struct Ctx<'a, T> {
     inputs: &'a MixerInputs,
     pool: &'a rayon::ThreadPool,
     batch: usize,
+    /// Queries per batch row.
     seq: usize,
+    /// Key positions per batch row (`seq` for self-attention); the length of
+    /// every per-position table (`gate_cum`, segment summaries).
+    positions: usize,
+    /// Position of query 0: query `i`'s row of q is `i - q_offset`.
+    q_offset: usize,
     heads: usize,
     kv_heads: usize,
     dk: usize,
@@ -502,7 +544,7 @@ pub(crate) struct Ctx<'a, T> {
     has_decay: bool,
     /// ln gamma per head (per-head decay).
     log_gamma: Vec<f64>,
-    /// Inclusive prefix sums of ln gate, `[batch][head][seq]`, blocked path
+    /// Inclusive prefix sums of ln gate, `[batch][head][positions]`, blocked path
     /// only. Per-token scalars every rank may hold (on GPUs: an exclusive scan
     /// of per-shard totals); f64 so differences stay exact over long sequences.
     gate_cum: Vec<f64>,
@@ -539,6 +581,7 @@ fn build_ctx<'a, T: Real>(
     path: CpuPath,
 ) -> Ctx<'a, T> {
     let (batch, seq, heads) = (inputs.batch, inputs.seq, spec.heads as usize);
+    let positions = inputs.kv_seq;
     let per_head = |e: &Option<mixc_dsl::ir::Expr>| -> Vec<Option<FastExpr<'a>>> {
         (0..heads)
             .map(|h| e.as_ref().map(|e| FastExpr::new(e, h, spec.heads, inputs)))
@@ -569,10 +612,10 @@ fn build_ctx<'a, T: Real>(
     let gate_cum = match (&spec.decay, path) {
         (Decay::Gate { input }, CpuPath::Blocked) => {
             let g = &inputs.extra[input.as_str()];
-            let mut c = vec![0.0f64; batch * heads * seq];
+            let mut c = vec![0.0f64; batch * heads * positions];
             for b in 0..batch {
                 for h in 0..heads {
-                    let row = &mut c[(b * heads + h) * seq..(b * heads + h + 1) * seq];
+                    let row = &mut c[(b * heads + h) * positions..][..positions];
                     let mut acc = 0.0;
                     for (p, x) in row.iter_mut().enumerate() {
                         acc += g.get_clamped(&[b as i64, p as i64, h as i64]).ln();
@@ -593,7 +636,7 @@ fn build_ctx<'a, T: Real>(
                 .iter()
                 .map(|name| {
                     let t = &inputs.extra[name.as_str()];
-                    let ids = (0..seq).map(|p| t.get_clamped(&[b as i64, p as i64]) as i64);
+                    let ids = (0..positions).map(|p| t.get_clamped(&[b as i64, p as i64]) as i64);
                     (name.clone(), SegmentSummary::new(ids, block))
                 })
                 .collect(),
@@ -605,6 +648,8 @@ fn build_ctx<'a, T: Real>(
         pool,
         batch,
         seq,
+        positions,
+        q_offset: inputs.q_offset,
         heads,
         kv_heads: spec.kv_heads as usize,
         dk: spec.head_dim as usize,
@@ -673,10 +718,12 @@ fn run_typed<T: Real>(
             let (b, h) = (x / heads, x % heads);
             for (t, pos) in o.ranges.iter().flat_map(|r| r.clone()).enumerate() {
                 let src = &o.y[(x * n + t) * dv..(x * n + t + 1) * dv];
-                let dst = out.offset(&[b, pos, h, 0]);
+                // Rank ranges hold query positions; rows are query indices.
+                let row = pos - inputs.q_offset;
+                let dst = out.offset(&[b, row, h, 0]);
                 out.data[dst..dst + dv].copy_from_slice(src);
                 if keep_stat {
-                    stat.data[x * inputs.seq + pos] = o.stat[x * n + t];
+                    stat.data[x * inputs.seq + row] = o.stat[x * n + t];
                 }
             }
         }

@@ -29,9 +29,9 @@ use super::plan::{
     segment_summaries, tiling_of,
 };
 use super::rank::{upload_extras, RankIo};
+use super::validate_inputs;
 use crate::error::{Result, RuntimeError};
 use crate::grad::Gradients;
-use crate::inputs::validate_inputs;
 use crate::ring::RingSchedule;
 use crate::tensor::{MixerInputs, Tensor};
 

@@ -83,7 +83,7 @@ pub(crate) fn backward(
         backend: "cuda",
         what: format!("the backward pass of mixer `{}`: {what}", spec.name),
     })?;
-    crate::inputs::validate_inputs(spec, inputs)?;
+    super::validate_inputs(spec, inputs)?;
     crate::grad::validate_upstream(spec, inputs, d_o)?;
     let s = Shape::of(spec, inputs);
     if spec.family == mixc_dsl::Family::Convolution {

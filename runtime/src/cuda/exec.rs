@@ -33,9 +33,9 @@ use super::plan::{
     check_int_sizes, device_of, gather_rows, held_slot, pair_launches, ring_fill_slot,
     scatter_rows, segment_summaries, tiling_of, PairLaunch,
 };
+use super::validate_inputs;
 use super::{probe, CudaOptions, CudaRun};
 use crate::error::{Result, RuntimeError};
-use crate::inputs::validate_inputs;
 use crate::ring::{RingSchedule, Sharding};
 use crate::tensor::{ExtraTensor, MixerInputs, Tensor};
 

@@ -91,6 +91,24 @@ pub fn driver_version_string(v: i32) -> String {
 }
 
 /// The error every "no usable GPU" case returns, with what to do instead.
+/// [`crate::inputs::validate_inputs`], and the one shape the CUDA kernels
+/// do not take yet: queries at other positions than their keys (decode,
+/// chunked prefill, cross-attention run on the CPU backend).
+pub(crate) fn validate_inputs(spec: &MixerSpec, inputs: &MixerInputs) -> Result<()> {
+    crate::inputs::validate_inputs(spec, inputs)?;
+    if inputs.is_self_aligned() {
+        return Ok(());
+    }
+    Err(RuntimeError::Unsupported {
+        backend: "cuda",
+        what: format!(
+            "{} queries at offset {} against {} keys (the generated kernels take queries and \
+             keys of one sequence)",
+            inputs.seq, inputs.q_offset, inputs.kv_seq
+        ),
+    })
+}
+
 pub(crate) fn no_gpu(why: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::NoGpu {
         reason: why.to_string(),

@@ -27,8 +27,8 @@ use std::collections::BTreeMap;
 
 use mixc_dsl::{Decay, EvalEnv, Expr, Leaf, MixerSpec, Norm, Score};
 
-use super::{check_spec, fill_decay, normalise, row_weights};
-use crate::error::Result;
+use super::{check_spec, fill_decay, normalise, row_weights, Row};
+use crate::error::{Result, RuntimeError};
 use crate::grad::{differentiable_inputs, reads_qk, validate_upstream, Gradients};
 use crate::inputs::validate_inputs;
 use crate::tensor::{MixerInputs, Tensor};
@@ -59,6 +59,16 @@ pub fn gradients_for(
     check_spec(spec)?;
     validate_inputs(spec, inputs)?;
     validate_upstream(spec, inputs, d_o)?;
+    if !matches!(spec.decay, Decay::None) && !inputs.is_self_aligned() {
+        return Err(RuntimeError::Unsupported {
+            backend: "reference",
+            what: format!(
+                "gradients of the decaying mixer `{}` with {} queries at offset {} against {} keys \
+                 (decay gradients need queries and keys at the same positions)",
+                spec.name, inputs.seq, inputs.q_offset, inputs.kv_seq
+            ),
+        });
+    }
     let heads = spec.heads as usize;
     let tasks: Vec<(usize, usize)> = (0..inputs.batch)
         .flat_map(|b| {
@@ -164,13 +174,13 @@ fn head_gradients(
     h: usize,
     acc: &mut Acc,
 ) {
-    let seq = inputs.seq;
+    let kv_seq = inputs.kv_seq;
     let (dk, dv) = (spec.head_dim as usize, spec.value_dim as usize);
     let kvh = spec.kv_head_of(h as u32) as usize;
     let lookup = |name: &str, idx: &[i64]| inputs.extra[name].get_clamped(idx);
-    let (mut weights, mut decay) = (vec![None; seq], vec![1.0f64; seq]);
+    let (mut weights, mut decay) = (vec![None; kv_seq], vec![1.0f64; kv_seq]);
     // dD(i, j) of the current row, 0 where masked.
-    let mut d_decay = vec![0.0f64; seq];
+    let mut d_decay = vec![0.0f64; kv_seq];
     let (mut y, mut u) = (vec![0.0f64; dv], vec![0.0f64; dv]);
     // d gamma of a per-head decay, summed over the rows.
     let mut d_gamma_head = 0.0;
@@ -182,15 +192,17 @@ fn head_gradients(
         let o = inputs.v.offset(&[b, j, kvh, 0]);
         &inputs.v.data[o..o + dv]
     };
-    for i in 0..seq {
-        fill_decay(spec, inputs, b, i, h, &mut decay);
-        row_weights(spec, inputs, b, i, h, &decay, &mut weights);
+    for r in 0..inputs.seq {
+        let row = Row::new(inputs, b, r);
+        let i = row.i;
+        fill_decay(spec, inputs, row, h, &mut decay);
+        row_weights(spec, inputs, row, h, &decay, &mut weights);
         let lse = normalise(spec.norm, inputs, b, kvh, &weights, &mut y);
         let visible = weights.iter().any(Option::is_some);
         if !visible || (matches!(spec.norm, Norm::Softmax) && lse == f64::NEG_INFINITY) {
             continue; // the row is exactly 0 and has no gradient
         }
-        let oo = d_o.offset(&[b, i, h, 0]);
+        let oo = d_o.offset(&[b, r, h, 0]);
         u.iter_mut()
             .zip(&d_o.data[oo..oo + dv])
             .for_each(|(x, &g)| *x = g as f64);
@@ -220,7 +232,7 @@ fn head_gradients(
                 spec,
                 inputs,
                 &lookup,
-                (b, i, j, h, kvh, dk),
+                (row, j, h, kvh, dk),
                 da,
                 &decay,
                 &mut d_decay,
@@ -271,12 +283,13 @@ fn chain(
     spec: &MixerSpec,
     inputs: &MixerInputs,
     lookup: &dyn Fn(&str, &[i64]) -> f64,
-    (b, i, j, h, kvh, dk): (usize, usize, usize, usize, usize, usize),
+    (row, j, h, kvh, dk): (Row, usize, usize, usize, usize),
     da: f64,
     decay: &[f64],
     d_decay: &mut [f64],
     acc: &mut Acc,
 ) {
+    let (b, i) = (row.b, row.i);
     let (q_map, k_map, scale) = match &spec.score {
         Score::Filter { input } => {
             if let Some(t) = acc.extra.get_mut(input.as_str()) {
@@ -292,7 +305,7 @@ fn chain(
     };
     debug_assert!(reads_qk(spec));
     let (qo, ko) = (
-        inputs.q.offset(&[b, i, h, 0]),
+        inputs.q.offset(&[b, row.r, h, 0]),
         inputs.k.offset(&[b, j, kvh, 0]),
     );
     let (q, k) = (&inputs.q.data[qo..qo + dk], &inputs.k.data[ko..ko + dk]);
