@@ -270,8 +270,34 @@ fn check_shape<T>(
     Ok(())
 }
 
+/// The index of the first NaN or infinity in `data`. A pass over every
+/// input of every call (a decode step's KV cache included), so it is a
+/// branch-free vectorised scan over chunks, spread over threads for large
+/// tensors; only a chunk that holds a bad value is searched element by
+/// element.
+fn first_non_finite(data: &[f32]) -> Option<usize> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    // Exponent all ones: NaN or infinity (no early exit, so it vectorises).
+    let bad = |c: &[f32]| {
+        c.iter().fold(0u32, |a, x| {
+            a | u32::from(x.to_bits() & 0x7f80_0000 == 0x7f80_0000)
+        }) != 0
+    };
+    let chunk = if data.len() >= 1 << 22 {
+        data.par_chunks(CHUNK).position_first(bad)
+    } else {
+        data.chunks(CHUNK).position(bad)
+    }?;
+    let start = chunk * CHUNK;
+    data[start..]
+        .iter()
+        .position(|x| !x.is_finite())
+        .map(|i| start + i)
+}
+
 fn check_finite(name: &str, t: &Tensor<f32>) -> Result<()> {
-    match t.data.iter().position(|x| !x.is_finite()) {
+    match first_non_finite(&t.data) {
         Some(at) => Err(bad(
             name,
             format!("element {at} is {} (inputs must be finite)", t.data[at]),
@@ -409,5 +435,38 @@ pub fn round_to_dtype(inputs: &mut MixerInputs, dtype: DType) {
     };
     for t in [&mut inputs.q, &mut inputs.k, &mut inputs.v] {
         t.data.iter_mut().for_each(|x| *x = round(*x));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_non_finite;
+
+    /// The chunked scan finds the first bad value wherever it lies (chunk
+    /// edges, the parallel path for large tensors, several bad values).
+    #[test]
+    fn the_first_non_finite_value_is_found() {
+        for len in [0usize, 1, 100, 1 << 14, (1 << 22) + 5] {
+            let mut data = vec![0.5f32; len];
+            assert_eq!(first_non_finite(&data), None, "{len}");
+            for at in [0, (1 << 14) - 1, 1 << 14, len.saturating_sub(1)] {
+                if at >= len {
+                    continue;
+                }
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    data[at] = bad;
+                    if at + 3 < len {
+                        data[at + 3] = f32::NAN; // a later one does not win
+                    }
+                    assert_eq!(first_non_finite(&data), Some(at), "{len} {at} {bad}");
+                    data[at] = 0.5;
+                    if at + 3 < len {
+                        data[at + 3] = 0.5;
+                    }
+                }
+            }
+        }
+        // Large finite values and subnormals are finite.
+        assert_eq!(first_non_finite(&[f32::MAX, -f32::MAX, 1e-45]), None);
     }
 }

@@ -14,14 +14,14 @@ use crate::tensor::MixerInputs;
 /// mask tests, not O(L^2). Query blocks are split over threads for masks
 /// (like `dilated`) whose tiles are mostly `Partial`.
 pub fn useful_pairs_per_head(spec: &MixerSpec, inputs: &MixerInputs) -> u64 {
-    let seq = inputs.seq;
+    let (seq, kv_seq, q0) = (inputs.seq, inputs.kv_seq, inputs.q_offset);
     let mut seg_names = Vec::new();
     spec.mask.segment_inputs(&mut seg_names);
     let tiling = Tiling {
         block_m: 64,
         block_n: 64,
     };
-    let plan = BlockPlan::new(&spec.mask, tiling, 0..seq, 0..seq);
+    let plan = BlockPlan::new(&spec.mask, tiling, q0..q0 + seq, 0..kv_seq);
     // Without segment ids every batch row has the same pairs: count one.
     let rows = if seg_names.is_empty() {
         1
@@ -35,7 +35,8 @@ pub fn useful_pairs_per_head(spec: &MixerSpec, inputs: &MixerInputs) -> u64 {
             .iter()
             .filter_map(|name| {
                 let t = inputs.extra.get(name.as_str())?;
-                let ids = (0..seq)
+                // Segment ids cover the key positions (queries lie among them).
+                let ids = (0..kv_seq)
                     .map(|p| t.get_clamped(&[b as i64, p as i64]) as i64)
                     .collect();
                 Some((name.clone(), ids))
@@ -120,8 +121,9 @@ mod tests {
         let mut n = 0u64;
         for b in 0..inputs.batch {
             let seg = |name: &str, p: i64| inputs.extra[name].get_clamped(&[b as i64, p]) as i64;
-            for i in 0..inputs.seq as i64 {
-                for j in 0..inputs.seq as i64 {
+            let q0 = inputs.q_offset as i64;
+            for i in q0..q0 + inputs.seq as i64 {
+                for j in 0..inputs.kv_seq as i64 {
                     n += u64::from(spec.mask.allows(i, j, &seg));
                 }
             }
@@ -150,6 +152,15 @@ mod tests {
                 brute(&s, &inputs),
                 "mask {m}"
             );
+            // Decode and prefill-chunk shapes: queries at the end, and inside.
+            for (seq, kv_seq, offset) in [(1, 203, 202), (37, 300, 263), (70, 300, 100)] {
+                let x = inputs::random_inputs_kv(&s, 1, seq, kv_seq, 1).with_q_offset(offset);
+                assert_eq!(
+                    useful_pairs_per_head(&s, &x),
+                    brute(&s, &x),
+                    "mask {m} {seq}x{kv_seq}"
+                );
+            }
         }
         // Causal has a closed form too.
         let s = spec("mixer c { heads = 1; head_dim = 8; score = dot(q, k); mask = causal; norm = softmax; }");

@@ -89,26 +89,33 @@ fn cfg(ranks: usize, sharding: Sharding, precision: Precision) -> CpuConfig {
 /// `(seq, kv_seq, q_offset)` shapes every example runs at: decode (1, 4, 16
 /// queries) against ragged key counts, a chunk of a chunked prefill, and
 /// queries that sit before the end of the keys.
-const SHAPES: [(usize, usize, Option<usize>); 6] = [
+const SHAPES: [(usize, usize, Option<usize>); 8] = [
     (1, 1, None),
     (1, 133, None),
     (4, 37, None),
     (16, 150, None),
     (24, 97, Some(40)),
     (33, 200, None),
+    // Several key tiles, split over the workers.
+    (1, 1400, None),
+    (3, 900, Some(500)),
 ];
 
-fn check_forward(spec: &MixerSpec, x: &MixerInputs, ranks: &[usize], what: &str) {
+/// Runs `x` on rings of `ranks`, both shardings and precisions; returns
+/// whether the one-rank runs took the decode form.
+fn check_forward(spec: &MixerSpec, x: &MixerInputs, ranks: &[usize], what: &str) -> bool {
     let want = reference::evaluate(spec, x).expect("reference");
+    let mut decode = false;
     for &r in ranks.iter().filter(|&&r| r <= x.kv_seq) {
         for sharding in [Sharding::Contiguous, Sharding::Zigzag] {
             for (precision, tol) in [(Precision::F64, F64_TOL), (Precision::F32, F32_TOL)] {
                 let m = CpuMixer::new(spec, &cfg(r, sharding, precision)).expect("mixer");
-                let got = m
+                let run = m
                     .run(x)
-                    .unwrap_or_else(|e| panic!("{} {what}: {e}", spec.name))
-                    .output
-                    .to_f64();
+                    .unwrap_or_else(|e| panic!("{} {what}: {e}", spec.name));
+                assert!(!run.stats.decode || r == 1, "only one rank decodes");
+                decode |= run.stats.decode;
+                let got = run.output.to_f64();
                 let err = rel_err(&got, &want);
                 assert!(
                     err <= tol,
@@ -118,10 +125,12 @@ fn check_forward(spec: &MixerSpec, x: &MixerInputs, ranks: &[usize], what: &str)
             }
         }
     }
+    decode
 }
 
-/// The CPU backend (blocked path for every family, rings of 1..3 ranks)
-/// equals the reference for decode and chunk shapes of every example.
+/// The CPU backend (blocked path for every family, its decode form on one
+/// rank, rings of 2 and 3 ranks) equals the reference for decode and chunk
+/// shapes of every example.
 #[test]
 fn cpu_decode_and_chunks_match_the_reference_for_every_example() {
     for spec in dot_examples() {
@@ -130,8 +139,16 @@ fn cpu_decode_and_chunks_match_the_reference_for_every_example() {
             if let Some(o) = offset {
                 x.q_offset = o;
             }
-            let ranks: &[usize] = if i % 2 == 0 { &[1, 3] } else { &[2] };
-            check_forward(&spec, &x, ranks, &format!("seq {seq} kv {kv_seq}"));
+            let ranks: &[usize] = if i % 2 == 0 { &[1, 3] } else { &[1, 2] };
+            let decode = check_forward(&spec, &x, ranks, &format!("seq {seq} kv {kv_seq}"));
+            // Few queries per group against at least 8 keys each decode.
+            let rows = seq * spec.group_size() as usize;
+            assert_eq!(
+                decode,
+                rows <= 64 && kv_seq >= 8 * seq,
+                "{} {seq}x{kv_seq}",
+                spec.name
+            );
         }
     }
 }

@@ -75,6 +75,12 @@ pub struct Args {
     /// five matrix products to the forward's two), as FlashAttention does.
     #[arg(long, value_enum, default_value = "fwd")]
     pass: Pass,
+    /// Decode steps: each --seq length is a KV cache that N new queries
+    /// (default 1) attend to, the queries being its last N positions. Rows
+    /// then report `kv_bytes_per_s`: bytes of K and V read per second, the
+    /// figure of merit of a step bound by memory bandwidth.
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "1")]
+    decode: Option<usize>,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
@@ -136,7 +142,10 @@ pub struct Row {
     pub backend: String,
     pub dtype: String,
     pub batch: usize,
+    /// Queries per batch row.
     pub seq: usize,
+    /// Keys per batch row (`seq` unless `--decode`).
+    pub kv_seq: usize,
     pub heads: u32,
     pub kv_heads: u32,
     pub head_dim: u32,
@@ -167,6 +176,8 @@ pub struct Row {
     pub computed_pairs: Option<u64>,
     pub input_bytes: usize,
     pub output_bytes: usize,
+    /// Bytes of K and V (in the storage type) read per second of the median.
+    pub kv_bytes_per_s: Option<f64>,
     /// Peak resident memory of this point (the high-water mark is reset before
     /// each point where Linux allows it, see `peak_rss_is_per_point`).
     pub peak_rss_bytes: Option<u64>,
@@ -205,7 +216,12 @@ struct Plan {
 
 /// Where a point's inputs come from.
 enum Source<'a> {
-    Random { seq: usize, seed: u64 },
+    /// `queries` new queries (all of `seq` when None) against `seq` keys.
+    Random {
+        seq: usize,
+        queries: Option<usize>,
+        seed: u64,
+    },
     File(&'a std::path::Path),
 }
 
@@ -227,22 +243,24 @@ fn measure(
     // its memory estimated before the inputs are made.
     let mixer = run::build_mixer(spec, &opts)?;
     let mut inputs = match *source {
-        Source::Random { seq, seed } => {
+        Source::Random { seq, queries, seed } => {
+            let nq = queries.unwrap_or(seq);
             if plan.pass == Pass::Fwd {
-                mixer.admit(plan.batch, seq)?;
+                mixer.admit_kv(plan.batch, nq, seq)?;
             } else {
                 mixer.admit_train(plan.batch, seq)?;
             }
-            inputs::random_inputs(spec, plan.batch, seq, seed)
+            inputs::random_inputs_kv(spec, plan.batch, nq, seq, seed)
         }
         Source::File(path) => mixc::runtime::io::load_inputs(path, spec)?,
     };
     mixc::runtime::inputs::round_to_dtype(&mut inputs, dtype);
     let (batch, seq) = (inputs.batch, inputs.seq);
-    if plan.opts_base.ranks > seq {
+    if plan.opts_base.ranks > inputs.kv_seq {
         bail!(
-            "--ranks {} is more than the sequence length {seq}",
-            plan.opts_base.ranks
+            "--ranks {} is more than the sequence length {}",
+            plan.opts_base.ranks,
+            inputs.kv_seq
         );
     }
     let mut max_rel_error = None;
@@ -343,6 +361,10 @@ fn measure(
         computed_pairs,
         input_bytes: run::input_bytes(&inputs),
         output_bytes,
+        kv_bytes_per_s: Some(
+            (inputs.k.numel() + inputs.v.numel()) as f64 * dtype.size_bytes() as f64 / med,
+        ),
+        kv_seq: inputs.kv_seq,
         peak_rss_bytes: report::peak_rss_bytes(),
         peak_rss_is_per_point: per_point,
         max_rel_error,
@@ -365,6 +387,7 @@ fn empty_row(plan: &Plan, file: &str, spec: &MixerSpec, seq: usize, dtype: DType
         dtype: dtype.name().to_string(),
         batch: plan.batch,
         seq,
+        kv_seq: seq,
         heads: spec.heads,
         kv_heads: spec.kv_heads,
         head_dim: spec.head_dim,
@@ -386,6 +409,7 @@ fn empty_row(plan: &Plan, file: &str, spec: &MixerSpec, seq: usize, dtype: DType
         computed_pairs: None,
         input_bytes: 0,
         output_bytes: 0,
+        kv_bytes_per_s: None,
         peak_rss_bytes: None,
         peak_rss_is_per_point: false,
         max_rel_error: None,
@@ -422,25 +446,34 @@ fn table_line(r: &Row) -> String {
         (Some(e), _) => format!("FAIL {e:.1e}"),
         _ => "-".into(),
     };
+    // A decode point: `queries x keys`, and the K/V read rate with the time.
+    let len = if r.kv_seq == r.seq {
+        r.seq.to_string()
+    } else {
+        format!("{} x {}", r.seq, r.kv_seq)
+    };
+    let time = match (r.median_s, r.kv_bytes_per_s) {
+        (Some(t), Some(bw)) if r.kv_seq != r.seq => {
+            format!("{} ({:.1} GB/s K/V)", fmt_time(t), bw / 1e9)
+        }
+        (t, _) => t.map_or("-".into(), fmt_time),
+    };
     match &r.error {
         Some(e) => format!(
-            "| {} | {} | {} | {} | {} | {} | error: {e} | | | | |",
+            "| {} | {len} | {} | {} | {} | {} | error: {e} | | | | |",
             r.spec,
-            r.seq,
             r.dtype,
             r.backend,
             r.ranks,
             r.pass.name()
         ),
         None => format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.4} | {} | {check} |",
+            "| {} | {len} | {} | {} | {} | {} | {time} | {:.0} | {:.4} | {} | {check} |",
             r.spec,
-            r.seq,
             r.dtype,
             r.backend,
             r.ranks,
             r.pass.name(),
-            r.median_s.map_or("-".into(), fmt_time),
             r.tokens_per_s.unwrap_or(0.0),
             r.useful_tflops.unwrap_or(0.0),
             r.peak_rss_bytes
@@ -515,8 +548,8 @@ pub fn main(args: Args) -> Result<ExitCode> {
             .seq
             .iter()
             .map(|&seq| {
-                let seed = args.seed;
-                (seq, Source::Random { seq, seed })
+                let (seed, queries) = (args.seed, args.decode);
+                (seq, Source::Random { seq, queries, seed })
             })
             .collect(),
     };

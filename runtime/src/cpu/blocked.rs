@@ -136,6 +136,9 @@ pub(super) fn rank_main<T: Real>(
     sched: &RingSchedule,
     ep: Endpoint<Arc<KvShard<T>>>,
 ) -> Result<RankOutput<T>> {
+    if super::decode::applies(ctx, sched) {
+        return Ok(super::decode::rank_main(ctx, sched));
+    }
     let r = ep.rank;
     let q_ranges = sched.shard(r).to_vec();
     let (_, nq) = offsets(&q_ranges);
@@ -205,7 +208,7 @@ pub(super) fn written<T: Copy>(len: usize, x: T) -> Vec<T> {
 /// Normalised outputs `[batch][head][position][dv]` of a rank and each
 /// row's statistic (log-sum-exp for softmax, weight sum for sum).
 /// Consumes the accumulator so the output reuses its buffer.
-fn finalize<T: Real>(ctx: &Ctx<'_, T>, acc: Acc<T>, nq: usize) -> (Vec<T>, Vec<f64>) {
+pub(super) fn finalize<T: Real>(ctx: &Ctx<'_, T>, acc: Acc<T>, nq: usize) -> (Vec<T>, Vec<f64>) {
     let dv = ctx.dv;
     let stat = match ctx.spec.norm {
         _ if !ctx.keep_stat => Vec::new(),
@@ -346,7 +349,7 @@ impl<T> Default for Scratch<T> {
 }
 
 /// `v` resized to `len` and filled with `x`.
-fn reset<T: Copy>(v: &mut Vec<T>, len: usize, x: T) -> &mut [T] {
+pub(super) fn reset<T: Copy>(v: &mut Vec<T>, len: usize, x: T) -> &mut [T] {
     v.clear();
     v.resize(len, x);
     v
@@ -436,6 +439,8 @@ fn compute_item<T: Real>(
                     class,
                     softmax,
                     st,
+                    nrows,
+                    0..nrows,
                     &mut scratch.lanes,
                 );
             }
@@ -456,13 +461,15 @@ fn compute_item<T: Real>(
     stats
 }
 
-/// The per-pair part of a tile's transposed scores `st` (`keys x rows`,
-/// holding `q . k` for dot scores): masked pairs become `-inf` under softmax
-/// (so `e^s = 0`) and 0 otherwise (so they add nothing); filter scores, bias,
-/// transform and decay are applied to the rest. Only Partial tiles and specs
-/// with a bias, transform, decay or filter come here.
+/// The per-pair part of a tile's transposed scores `st` (`keys x width`,
+/// holding `q . k` for dot scores), for head `h` whose queries (positions
+/// `q0..`) are the lanes `lanes_of_h` of each key's row: masked pairs become
+/// `-inf` under softmax (so `e^s = 0`) and 0 otherwise (so they add
+/// nothing); filter scores, bias, transform and decay are applied to the
+/// rest. Only Partial tiles and specs with a bias, transform, decay or filter
+/// come here.
 #[allow(clippy::too_many_arguments)]
-fn pair_pass<T: Real>(
+pub(super) fn pair_pass<T: Real>(
     ctx: &Ctx<'_, T>,
     b: usize,
     h: usize,
@@ -471,9 +478,10 @@ fn pair_pass<T: Real>(
     class: BlockClass,
     softmax: bool,
     st: &mut [T],
+    width: usize,
+    lanes_of_h: Range<usize>,
     lanes: &mut ExprScratch<T>,
 ) {
-    let rows = st.len() / keys.len();
     let masked = if softmax { T::NEG_INF } else { T::ZERO };
     let partial = class == BlockClass::Partial;
     let seg = |name: &str, pos: i64| ctx.inputs.extra[name].get_clamped(&[b as i64, pos]) as i64;
@@ -483,7 +491,8 @@ fn pair_pass<T: Real>(
     let scored = ctx.filter.is_none() && (bias.is_some() || transform.is_some());
     // What is left per pair once bias / transform are applied row-wise.
     let per_pair = partial || ctx.filter.is_some() || ctx.has_decay;
-    for (srow, j) in st.chunks_exact_mut(rows).zip(keys.clone()) {
+    for (full_row, j) in st.chunks_exact_mut(width).zip(keys.clone()) {
+        let srow = &mut full_row[lanes_of_h.clone()];
         if scored {
             // One key, a row of queries `i = q0 + lane`: the compiled
             // programs run over the whole row at once. Masked lanes are
@@ -518,7 +527,7 @@ fn pair_pass<T: Real>(
 /// for softmax (`m = max`, both sides rescaled by `e^(m_side - m)`), plain
 /// addition for sum / none.
 #[allow(clippy::too_many_arguments)]
-fn merge<T: Real>(
+pub(super) fn merge<T: Real>(
     softmax: bool,
     po: &[T],
     pm: &[T],

@@ -438,6 +438,122 @@ mod x86 {
     }
 }
 
+/// `c = b aᵀ`, or `c[i][j] = a_j . b_i`: `a` is `n x k` (one row per key),
+/// `b` is `m x k` (one row per query), `c` is `m x n`. The decode form's
+/// score product: few query rows against many key rows read where they lie,
+/// each a dot product along the contiguous feature axis (so the product is
+/// vectorised along `k` whatever `m` is; [`gemm`] vectorises along the
+/// columns, which a one-query decode has too few of).
+///
+/// # Panics
+/// When the shapes disagree or a view does not fit its slice.
+pub fn dot_rows<T: Real>(a: Mat<'_, T>, b: Mat<'_, T>, c: MatMut<'_, T>) {
+    assert!(
+        a.cols == b.cols && c.rows == b.rows && c.cols == a.rows,
+        "dot_rows shapes: a {}x{}, b {}x{}, c {}x{}",
+        a.rows,
+        a.cols,
+        b.rows,
+        b.cols,
+        c.rows,
+        c.cols
+    );
+    assert!(
+        fits(a.data.len(), a.rows, a.cols, a.ld),
+        "dot_rows: a out of range"
+    );
+    assert!(
+        fits(b.data.len(), b.rows, b.cols, b.ld),
+        "dot_rows: b out of range"
+    );
+    assert!(
+        fits(c.data.len(), c.rows, c.cols, c.ld),
+        "dot_rows: c out of range"
+    );
+    match detected_isa() {
+        // SAFETY: the variant runs only on a CPU that reported its features.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx2 => unsafe { dot_rows_fma(a, b, c) },
+        _ => dot_rows_body::<T, false>(a, b, c),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_rows_fma<T: Real>(a: Mat<'_, T>, b: Mat<'_, T>, c: MatMut<'_, T>) {
+    dot_rows_body::<T, true>(a, b, c)
+}
+
+/// Lanes of a dot product's independent accumulators (one AVX2 register of
+/// f32; the compiler maps the array onto vector registers).
+const DOT_LANES: usize = 8;
+
+#[inline(always)]
+fn dot_rows_body<T: Real, const FMA: bool>(a: Mat<'_, T>, b: Mat<'_, T>, c: MatMut<'_, T>) {
+    let k = a.cols;
+    let main = k / DOT_LANES * DOT_LANES;
+    for j in 0..a.rows {
+        let arow = &a.data[j * a.ld..j * a.ld + k];
+        for i in 0..b.rows {
+            let brow = &b.data[i * b.ld..i * b.ld + k];
+            let mut acc = [T::ZERO; DOT_LANES];
+            for (x, y) in arow[..main]
+                .chunks_exact(DOT_LANES)
+                .zip(brow[..main].chunks_exact(DOT_LANES))
+            {
+                for l in 0..DOT_LANES {
+                    acc[l] = if FMA {
+                        x[l].mul_add(y[l], acc[l])
+                    } else {
+                        x[l] * y[l] + acc[l]
+                    };
+                }
+            }
+            let mut sum = arow[main..]
+                .iter()
+                .zip(&brow[main..])
+                .fold(T::ZERO, |s, (&x, &y)| s + x * y);
+            for v in acc {
+                sum += v;
+            }
+            c.data[i * c.ld + j] = sum;
+        }
+    }
+}
+
+/// The online-softmax update of one score tile in row form: `s` is `rows x
+/// kn` (query `r`, key `c` at `s[r * kn + c]`, masked pairs `-inf`), with
+/// `m`, `l`, `o` as in [`softmax_cols`]; `s` becomes `p`, ready for
+/// `o += p v` ([`gemm`]). The decode form's layout (keys contiguous).
+pub fn softmax_rows<T: Real>(s: &mut [T], kn: usize, m: &mut [T], l: &mut [T], o: &mut [T]) {
+    let rows = m.len();
+    assert!(
+        l.len() == rows && s.len() == rows * kn && o.len().is_multiple_of(rows.max(1)),
+        "softmax_rows: {rows} queries, {} sums, {} scores, {} outputs",
+        l.len(),
+        s.len(),
+        o.len()
+    );
+    let dv = o.len() / rows.max(1);
+    for (r, srow) in s.chunks_exact_mut(kn.max(1)).enumerate().take(rows) {
+        let mx = srow.iter().fold(T::NEG_INF, |a, &x| a.max(x));
+        let m_new = m[r].max(mx);
+        if m_new == T::NEG_INF {
+            srow.iter_mut().for_each(|x| *x = T::ZERO);
+            continue;
+        }
+        for x in srow.iter_mut() {
+            *x = (*x - m_new).exp_fast::<false>();
+        }
+        let alpha = (m[r] - m_new).exp_fast::<false>();
+        l[r] = l[r] * alpha + row_sum(srow);
+        if alpha != T::ONE {
+            o[r * dv..(r + 1) * dv].iter_mut().for_each(|x| *x *= alpha);
+        }
+        m[r] = m_new;
+    }
+}
+
 /// The online-softmax update of one transposed score tile: `st` is
 /// `kn x rows` (key `c`, query `r` at `st[c * rows + r]`, masked pairs
 /// `-inf`), `m`/`l` the running max and sum per query and `o` the `rows x dv`

@@ -23,6 +23,7 @@ mod backward;
 mod backward_chunkwise;
 mod blocked;
 mod chunkwise;
+mod decode;
 pub mod expr;
 mod microkernel;
 pub mod real;
@@ -188,6 +189,10 @@ pub struct RunStats {
     /// Tiles by class over all steps (blocked path): `skip` counts skipped
     /// tiles inside the key-block runs, not those outside them.
     pub tiles: ClassCounts,
+    /// The blocked path ran in its decode form (few queries against many
+    /// keys: the keys split over the workers, a kv group's query heads in
+    /// one tile, no packed shard).
+    pub decode: bool,
     pub elapsed: Duration,
 }
 
@@ -567,6 +572,7 @@ pub(crate) struct RankOutput<T> {
 
 #[derive(Debug, Clone, Default)]
 pub(crate) struct RankStats {
+    decode: bool,
     pairs: u64,
     steps_computed: u64,
     steps_skipped: u64,
@@ -709,6 +715,7 @@ fn run_typed<T: Real>(
         steps_computed: 0,
         steps_skipped: 0,
         tiles: ClassCounts::default(),
+        decode: false,
         elapsed: Duration::ZERO,
     };
     for o in outs {
@@ -728,6 +735,7 @@ fn run_typed<T: Real>(
             }
         }
         stats.pairs_per_rank.push(o.stats.pairs);
+        stats.decode |= o.stats.decode;
         stats.steps_computed += o.stats.steps_computed;
         stats.steps_skipped += o.stats.steps_skipped;
         stats.tiles.full += o.stats.tiles.full;
