@@ -150,6 +150,15 @@ impl RingSchedule {
         })
     }
 
+    /// [`RingSchedule::two_lengths`] with the lengths and offset of `x`.
+    pub fn for_inputs(
+        x: &crate::tensor::MixerInputs,
+        ranks: usize,
+        sharding: Sharding,
+    ) -> Result<Self> {
+        Self::two_lengths(x.seq, x.kv_seq, x.q_offset, ranks, sharding)
+    }
+
     /// The key ranges `rank` owns (and sends around the ring).
     pub fn kv_shard(&self, rank: usize) -> &[Range<usize>] {
         &self.kv_shards[rank]

@@ -321,13 +321,7 @@ impl CpuMixer {
         } else {
             CpuPath::Blocked
         };
-        let sched = RingSchedule::two_lengths(
-            inputs.seq,
-            inputs.kv_seq,
-            inputs.q_offset,
-            cfg.ranks,
-            cfg.sharding,
-        )?;
+        let sched = RingSchedule::for_inputs(inputs, cfg.ranks, cfg.sharding)?;
         let start = Instant::now();
         let pool = &*self.pool;
         let (output, stat, mut stats) = match cfg.precision {
@@ -420,13 +414,7 @@ impl CpuMixer {
                 ),
             });
         };
-        let sched = RingSchedule::two_lengths(
-            inputs.seq,
-            inputs.kv_seq,
-            inputs.q_offset,
-            cfg.ranks,
-            cfg.sharding,
-        )?;
+        let sched = RingSchedule::for_inputs(inputs, cfg.ranks, cfg.sharding)?;
         let up = backward::Upstream { o, stat, d_o };
         let pool = &*self.pool;
         Ok(match cfg.precision {
