@@ -763,3 +763,89 @@ fn os_errors_are_said_once() {
     assert!(!out.status.success(), "{t}");
     assert_eq!(t.matches("No such file or directory").count(), 1, "{t}");
 }
+
+/// Both example blocks run blockwise on a ring of 3 ranks with ragged row
+/// blocks, and their output and the gradients of x and every weight
+/// match the f64 unfused block; the saved weights feed back in.
+#[test]
+fn run_block_checks_the_blockwise_block_against_the_unfused_one() {
+    for (file, grads) in [
+        ("examples/blocks/llama_block.mix", 10),
+        ("examples/blocks/gpt_bpt.mix", 11),
+    ] {
+        let v = run_json(&[
+            "run",
+            file,
+            "--seq",
+            "45",
+            "--batch",
+            "2",
+            "--ranks",
+            "3",
+            "--block-rows",
+            "16",
+            "--grad",
+            "--check",
+            "--json",
+        ]);
+        assert_eq!(v["backend"], "cpu", "{v}");
+        assert!(v["max_rel_error"].as_f64().unwrap() < 2e-4, "{file}: {v}");
+        let errors = v["grad_errors"].as_object().unwrap();
+        assert_eq!(errors.len(), grads, "{file}: {v}");
+        for (name, e) in errors {
+            assert!(
+                e.as_f64().unwrap() < 5e-4,
+                "{file}: gradient of {name}: {v}"
+            );
+        }
+    }
+    let saved = scratch("block.safetensors");
+    let _ = std::fs::remove_file(&saved);
+    let file = "examples/blocks/llama_block.mix";
+    let base = ["run", file, "--seq", "20", "--seed", "4", "--json"];
+    let mut args = base.to_vec();
+    args.extend(["--save", saved.to_str().unwrap()]);
+    let first = run_json(&args);
+    // The saved weights (seed 4's) under inputs of seed 5, checked.
+    let mut args = vec![
+        "run", file, "--seq", "20", "--seed", "5", "--json", "--check",
+    ];
+    args.extend(["--weights", saved.to_str().unwrap()]);
+    let again = run_json(&args);
+    assert!(again["max_rel_error"].as_f64().unwrap() < 2e-4, "{again}");
+    let out = mixc(&[
+        "run",
+        file,
+        "--seq",
+        "20",
+        "--weights",
+        saved.to_str().unwrap(),
+        "--weights-prefix",
+        "model.layers.0.",
+    ]);
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(
+        t.contains("`model.layers.0.input_layernorm.weight`: missing from"),
+        "{t}"
+    );
+    assert!(first["seconds"].as_f64().unwrap() > 0.0);
+    // Mixer-only flags are refused on a block, block flags on a mixer.
+    let out = mixc(&["run", file, "--seq", "8", "--set", "heads=4"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("--set does not apply to a block file"),
+        "{}",
+        text(&out)
+    );
+    let out = mixc(&[
+        "run",
+        "examples/full_attention.mix",
+        "--seq",
+        "8",
+        "--block-rows",
+        "4",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--block-rows applies to block files"));
+}

@@ -79,11 +79,14 @@ pub(crate) fn suggest<'a>(
         .map(|(_, c)| c)
 }
 
-fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+pub(crate) fn did_you_mean<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
     suggest(name, candidates).map(|c| format!("did you mean `{c}`?"))
 }
 
-fn line_of(span: Span) -> usize {
+pub(crate) fn line_of(span: Span) -> usize {
     span.start().line
 }
 
@@ -170,7 +173,7 @@ fn fmt_decl(elem: ElemType, dims: &[Dim]) -> String {
 }
 
 /// Strips parentheses and invisible groups.
-fn peel(e: &syn::Expr) -> &syn::Expr {
+pub(crate) fn peel(e: &syn::Expr) -> &syn::Expr {
     match e {
         syn::Expr::Paren(p) => peel(&p.expr),
         syn::Expr::Group(g) => peel(&g.expr),
@@ -179,7 +182,7 @@ fn peel(e: &syn::Expr) -> &syn::Expr {
 }
 
 /// The identifier an expression consists of, if it is a bare name.
-fn bare_ident(e: &syn::Expr) -> Option<&Ident> {
+pub(crate) fn bare_ident(e: &syn::Expr) -> Option<&Ident> {
     match peel(e) {
         syn::Expr::Path(p) if p.qself.is_none() && p.attrs.is_empty() => p.path.get_ident(),
         _ => None,
@@ -187,7 +190,7 @@ fn bare_ident(e: &syn::Expr) -> Option<&Ident> {
 }
 
 /// A call `name(args)` with a bare-name callee.
-fn as_call(e: &syn::Expr) -> Option<(&Ident, Vec<&syn::Expr>, Span)> {
+pub(crate) fn as_call(e: &syn::Expr) -> Option<(&Ident, Vec<&syn::Expr>, Span)> {
     match peel(e) {
         syn::Expr::Call(c) => {
             let f = bare_ident(&c.func)?;
@@ -198,7 +201,7 @@ fn as_call(e: &syn::Expr) -> Option<(&Ident, Vec<&syn::Expr>, Span)> {
 }
 
 /// Short source-like text of an expression for messages.
-fn show(e: &syn::Expr) -> String {
+pub(crate) fn show(e: &syn::Expr) -> String {
     // The user's own spelling when the span knows it, else re-printed tokens.
     // Inside a proc macro a joined span may cover only the first token, so
     // the source text is trusted only when it spells the same tokens.
@@ -228,7 +231,7 @@ fn quote_expr(e: &syn::Expr) -> String {
         .replace(" [", "[")
 }
 
-struct Checker<'a> {
+pub(crate) struct Checker<'a> {
     diags: &'a mut Diagnostics,
     decls: Vec<Decl>,
     uses: Vec<Use>,
@@ -238,11 +241,23 @@ struct Checker<'a> {
     broken: Vec<String>,
 }
 
-impl Checker<'_> {
-    fn err(&mut self, span: Span, msg: impl Into<String>) {
+impl<'a> Checker<'a> {
+    /// A checker for values outside a mixer (the keys of a `block` item),
+    /// reusing the number and name rules.
+    pub(crate) fn new(diags: &'a mut Diagnostics) -> Self {
+        Checker {
+            diags,
+            decls: Vec::new(),
+            uses: Vec::new(),
+            heads: None,
+            broken: Vec::new(),
+        }
+    }
+
+    pub(crate) fn err(&mut self, span: Span, msg: impl Into<String>) {
         self.diags.error(span, msg);
     }
-    fn err_hint(&mut self, span: Span, msg: impl Into<String>, hint: impl Into<String>) {
+    pub(crate) fn err_hint(&mut self, span: Span, msg: impl Into<String>, hint: impl Into<String>) {
         self.diags.error_hint(span, msg, hint);
     }
     fn err_opt(&mut self, span: Span, msg: impl Into<String>, hint: Option<String>) {
@@ -272,7 +287,7 @@ impl Checker<'_> {
 
     /// A non-negative integer literal (no suffix) for `what`.
     /// Reports a name longer than [`MAX_IDENT_CHARS`].
-    fn ident_fits(&mut self, name: &str, span: Span, what: &str) -> bool {
+    pub(crate) fn ident_fits(&mut self, name: &str, span: Span, what: &str) -> bool {
         let n = name.chars().count();
         if n <= MAX_IDENT_CHARS {
             return true;
@@ -378,7 +393,7 @@ impl Checker<'_> {
     }
 
     /// An integer literal in `lo..=hi`.
-    fn uint_in(&mut self, e: &syn::Expr, what: &str, lo: u64, hi: u64) -> Option<u64> {
+    pub(crate) fn uint_in(&mut self, e: &syn::Expr, what: &str, lo: u64, hi: u64) -> Option<u64> {
         let v = self.uint(e, what)?;
         if v < lo || v > hi {
             // Say the bound that was crossed (a huge value is not "below 1").
@@ -396,7 +411,7 @@ impl Checker<'_> {
     }
 
     /// A positive finite number literal (int or float) for `what`.
-    fn positive_number(&mut self, e: &syn::Expr, what: &str) -> Option<f64> {
+    pub(crate) fn positive_number(&mut self, e: &syn::Expr, what: &str) -> Option<f64> {
         let ex = peel(e);
         let v = match ex {
             syn::Expr::Lit(syn::ExprLit {
@@ -1476,7 +1491,7 @@ fn mask_usage(m: &str) -> &'static str {
     }
 }
 
-fn list(items: &[&str]) -> String {
+pub(crate) fn list(items: &[&str]) -> String {
     let q: Vec<String> = items.iter().map(|s| format!("`{s}`")).collect();
     match q.len() {
         0 => "nothing".into(),

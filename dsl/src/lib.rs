@@ -10,41 +10,123 @@
 //! assert_eq!(spec.family, mixc_dsl::Family::Softmax);
 //! assert_eq!(spec.kv_heads, 8);
 //! ```
+//!
+//! A file with a `block NAME { ... }` item describes a pre-norm transformer
+//! block around one of its mixers ([`BlockSpec`], checked by `check_block`):
+//!
+//! ```
+//! let src = "mixer attn { heads = 8; head_dim = 64; mask = causal; }
+//!            block b { width = 512; norm = rmsnorm; ffn = swiglu(1408); rope = 10000; }";
+//! let block = mixc_dsl::parse_block_str(src).unwrap();
+//! assert_eq!(block.mixer.name, "attn");
+//! assert!(matches!(mixc_dsl::parse_any_str(src), Ok(mixc_dsl::SpecFile::Block(_))));
+//! ```
+pub mod block;
 pub mod grad;
 pub mod ir;
+pub use block::{BlockNorm, BlockSpec, Ffn, FfnKind, NormKind, Rope};
 pub use grad::Leaf;
 pub use ir::*;
 
 mod check;
+mod check_block;
 mod diag;
 mod syntax;
 
 pub use check::{KEYS, MAX_EXTENT, MAX_HEADS, MAX_HEAD_DIM, MAX_IDENT_CHARS};
+pub use check_block::{BLOCK_KEYS, DEFAULT_NORM_EPS, MAX_FFN_HIDDEN, MAX_WIDTH};
 pub use diag::{Diagnostic, Diagnostics, Position, SpecError};
 pub use syntax::{MAX_ITEM_TOKENS, MAX_NESTING};
 
-use proc_macro2::TokenStream;
+use proc_macro2::{TokenStream, TokenTree};
 use std::path::Path;
 use std::str::FromStr;
 
-/// Parses and validates spec source text.
-pub fn parse_str(src: &str) -> Result<MixerSpec, Diagnostics> {
-    match TokenStream::from_str(src) {
-        Ok(ts) => parse_tokens(ts),
-        Err(e) => {
-            let mut d = Diagnostics::new();
-            d.push(lex_diagnostic(src, &e));
-            Err(d)
+/// What a spec file defines: a single mixer, or a transformer block (with
+/// the mixer it wraps).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SpecFile {
+    Mixer(MixerSpec),
+    Block(BlockSpec),
+}
+
+impl SpecFile {
+    /// The mixer's or the block's name.
+    pub fn name(&self) -> &str {
+        match self {
+            SpecFile::Mixer(m) => &m.name,
+            SpecFile::Block(b) => &b.name,
+        }
+    }
+
+    /// The mixer itself, or the one the block wraps.
+    pub fn mixer(&self) -> &MixerSpec {
+        match self {
+            SpecFile::Mixer(m) => m,
+            SpecFile::Block(b) => &b.mixer,
         }
     }
 }
 
+/// Parses and validates spec source text holding one `mixer` item.
+///
+/// A file with a `block` item is refused with one diagnostic at `block`
+/// (read it with [`parse_block_str`] or [`parse_any_str`]).
+pub fn parse_str(src: &str) -> Result<MixerSpec, Diagnostics> {
+    parse_tokens(tokenize(src)?)
+}
+
 /// Parses and validates an already tokenized spec (the `mixer!{}` input).
 pub fn parse_tokens(ts: TokenStream) -> Result<MixerSpec, Diagnostics> {
+    let toks: Vec<TokenTree> = ts.into_iter().collect();
     let mut diags = Diagnostics::new();
-    let spec = syntax::parse_spec(ts, &mut diags).and_then(|raw| check::check(raw, &mut diags));
-    match spec {
-        Some(spec) if diags.is_empty() => Ok(spec),
+    if let Some(kw) = syntax::find_block_keyword(&toks) {
+        diags.push(check_block::not_a_mixer(kw));
+        return Err(diags);
+    }
+    let spec = syntax::parse_spec(toks.into_iter().collect(), &mut diags)
+        .and_then(|raw| check::check(raw, &mut diags));
+    finish(spec, diags)
+}
+
+/// Parses and validates a block file: any number of `mixer` items and
+/// exactly one `block NAME { ... }` item, in any order.
+pub fn parse_block_str(src: &str) -> Result<BlockSpec, Diagnostics> {
+    parse_block_tokens(tokenize(src)?)
+}
+
+/// [`parse_block_str`] on already tokenized source.
+pub fn parse_block_tokens(ts: TokenStream) -> Result<BlockSpec, Diagnostics> {
+    let mut diags = Diagnostics::new();
+    let spec = check_block::parse_block(ts, &mut diags);
+    finish(spec, diags)
+}
+
+/// Parses either kind of spec file: one with a top-level `block` item is a
+/// block file ([`parse_block_str`]), any other a mixer file ([`parse_str`]).
+pub fn parse_any_str(src: &str) -> Result<SpecFile, Diagnostics> {
+    let ts = tokenize(src)?;
+    let toks: Vec<TokenTree> = ts.clone().into_iter().collect();
+    if syntax::find_block_keyword(&toks).is_some() {
+        parse_block_tokens(ts).map(SpecFile::Block)
+    } else {
+        parse_tokens(ts).map(SpecFile::Mixer)
+    }
+}
+
+/// Tokenizes source text; a tokenizer failure becomes one diagnostic.
+fn tokenize(src: &str) -> Result<TokenStream, Diagnostics> {
+    TokenStream::from_str(src).map_err(|e| {
+        let mut d = Diagnostics::new();
+        d.push(lex_diagnostic(src, &e));
+        d
+    })
+}
+
+/// The result of a front end run: the value only when nothing was reported.
+fn finish<T>(value: Option<T>, mut diags: Diagnostics) -> Result<T, Diagnostics> {
+    match value {
+        Some(v) if diags.is_empty() => Ok(v),
         _ => {
             if diags.is_empty() {
                 // Unreachable by construction (validation fails only by
@@ -64,9 +146,39 @@ pub fn parse_tokens(ts: TokenStream) -> Result<MixerSpec, Diagnostics> {
 /// a path such as `/dev/zero` must not be read until memory runs out.
 pub const MAX_SPEC_BYTES: u64 = 1 << 20;
 
-/// Reads and parses a `.mix` file (at most [`MAX_SPEC_BYTES`]); on failure
-/// the diagnostics are rendered against the file's text under its path.
+/// Reads and parses a mixer `.mix` file (at most [`MAX_SPEC_BYTES`]); on
+/// failure the diagnostics are rendered against the file's text under its
+/// path.
 pub fn parse_file(path: &Path) -> Result<MixerSpec, SpecError> {
+    parse_path(path, parse_str)
+}
+
+/// Reads and parses a block file, as [`parse_file`] does a mixer file.
+pub fn parse_block_file(path: &Path) -> Result<BlockSpec, SpecError> {
+    parse_path(path, parse_block_str)
+}
+
+/// Reads and parses a mixer or block file (see [`parse_any_str`]), as
+/// [`parse_file`] does a mixer file.
+pub fn parse_any_file(path: &Path) -> Result<SpecFile, SpecError> {
+    parse_path(path, parse_any_str)
+}
+
+/// Reads `path` (size limit, UTF-8) and runs `parse` on its text, rendering
+/// diagnostics against that text under the path.
+fn parse_path<T>(
+    path: &Path,
+    parse: impl FnOnce(&str) -> Result<T, Diagnostics>,
+) -> Result<T, SpecError> {
+    let src = read_source(path)?;
+    parse(&src).map_err(|d| SpecError::Invalid {
+        rendered: d.render(&path.display().to_string(), &src),
+        count: d.len(),
+    })
+}
+
+/// A spec file's text: at most [`MAX_SPEC_BYTES`], UTF-8.
+fn read_source(path: &Path) -> Result<String, SpecError> {
     use std::io::Read;
     let io = |source| SpecError::Io {
         path: path.to_path_buf(),
@@ -84,15 +196,11 @@ pub fn parse_file(path: &Path) -> Result<MixerSpec, SpecError> {
             MAX_SPEC_BYTES >> 10
         ))));
     }
-    let src = String::from_utf8(bytes).map_err(|e| {
+    String::from_utf8(bytes).map_err(|e| {
         io(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("not UTF-8 text ({e})"),
         ))
-    })?;
-    parse_str(&src).map_err(|d| SpecError::Invalid {
-        rendered: d.render(&path.display().to_string(), &src),
-        count: d.len(),
     })
 }
 

@@ -1,6 +1,7 @@
 //! Syntax: token trees to a spanned, unchecked item list.
 //!
-//! The body of `mixer NAME { ... }` is split at top-level `;` first, so a
+//! The body of `mixer NAME { ... }` (and of `block NAME { ... }`, see
+//! `check_block`) is split at top-level `;` first ([`parse_body`]), so a
 //! syntax error in one item does not hide errors in the others. Right-hand
 //! sides are parsed as `syn::Expr` and interpreted by `check`.
 
@@ -41,11 +42,11 @@ pub(crate) struct KeyItem {
     pub value: syn::Expr,
 }
 
-fn is_punct(tt: &TokenTree, ch: char) -> bool {
+pub(crate) fn is_punct(tt: &TokenTree, ch: char) -> bool {
     matches!(tt, TokenTree::Punct(p) if p.as_char() == ch)
 }
 
-fn is_ident(tt: &TokenTree, name: &str) -> bool {
+pub(crate) fn is_ident(tt: &TokenTree, name: &str) -> bool {
     matches!(tt, TokenTree::Ident(i) if i == name)
 }
 
@@ -70,22 +71,22 @@ pub(crate) fn describe(tt: &TokenTree) -> String {
 }
 
 /// Span of a token; for groups only the opening delimiter, so carets stay short.
-fn head_span(tt: &TokenTree) -> Span {
+pub(crate) fn head_span(tt: &TokenTree) -> Span {
     match tt {
         TokenTree::Group(g) => g.span_open(),
         other => other.span(),
     }
 }
 
-/// Parses the file structure. Returns `None` when the structure itself is
-/// broken (no `mixer NAME { }`); item-level errors are recorded in `diags`
-/// and the items that did parse are still returned.
-pub(crate) fn parse_spec(ts: TokenStream, diags: &mut Diagnostics) -> Option<RawSpec> {
-    let toks: Vec<TokenTree> = ts.into_iter().collect();
-    let mut i = 0;
-
-    // Outer attributes (`#[...]`, and `///` doc comments, which the tokenizer
-    // turns into `#[doc = "..."]`) are accepted and ignored.
+/// Skips the outer attributes starting at `toks[i]` (`#[...]`, and `///`
+/// doc comments, which the tokenizer turns into `#[doc = "..."]`): they are
+/// accepted and ignored. Returns the index after them, or `None` after
+/// reporting a malformed or inner attribute.
+pub(crate) fn skip_attrs(
+    toks: &[TokenTree],
+    mut i: usize,
+    diags: &mut Diagnostics,
+) -> Option<usize> {
     while i < toks.len() && is_punct(&toks[i], '#') {
         match toks.get(i + 1) {
             Some(TokenTree::Group(g)) if g.delimiter() == Delimiter::Bracket => i += 2,
@@ -103,6 +104,41 @@ pub(crate) fn parse_spec(ts: TokenStream, diags: &mut Diagnostics) -> Option<Raw
             }
         }
     }
+    Some(i)
+}
+
+/// Where the file-level keyword `block` starts an item (first token after
+/// the attributes, or right after a previous item's `{ ... }` or an
+/// attribute), if anywhere: such a file defines a transformer block. A
+/// mixer *named* `block` (`mixer block { ... }`) does not count.
+pub(crate) fn find_block_keyword(toks: &[TokenTree]) -> Option<Span> {
+    let mut at_item_start = true;
+    let mut i = 0;
+    while i < toks.len() {
+        let tt = &toks[i];
+        if at_item_start && is_ident(tt, "block") {
+            return Some(tt.span());
+        }
+        if is_punct(tt, '#') {
+            if let Some(TokenTree::Group(g)) = toks.get(i + 1) {
+                if g.delimiter() == Delimiter::Bracket {
+                    i += 2;
+                    continue;
+                }
+            }
+        }
+        at_item_start = matches!(tt, TokenTree::Group(g) if g.delimiter() == Delimiter::Brace);
+        i += 1;
+    }
+    None
+}
+
+/// Parses the file structure. Returns `None` when the structure itself is
+/// broken (no `mixer NAME { }`); item-level errors are recorded in `diags`
+/// and the items that did parse are still returned.
+pub(crate) fn parse_spec(ts: TokenStream, diags: &mut Diagnostics) -> Option<RawSpec> {
+    let toks: Vec<TokenTree> = ts.into_iter().collect();
+    let mut i = skip_attrs(&toks, 0, diags)?;
 
     let Some(first) = toks.get(i) else {
         diags.error_hint(
@@ -195,6 +231,39 @@ pub(crate) fn parse_spec(ts: TokenStream, diags: &mut Diagnostics) -> Option<Raw
         }
     }
 
+    let (items, broken) = parse_body(body, BodyKind::Mixer, diags);
+    Some(RawSpec {
+        name,
+        items,
+        broken,
+    })
+}
+
+/// Whose `{ ... }` body is being split: a mixer's holds `KEY = EXPR;` and
+/// `input` items, a block's only `KEY = EXPR;` items.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyKind {
+    Mixer,
+    Block,
+}
+
+impl BodyKind {
+    fn items_hint(self) -> &'static str {
+        match self {
+            BodyKind::Mixer => "items are `KEY = VALUE;` or `input NAME: f32[dims];`",
+            BodyKind::Block => "items are `KEY = VALUE;`",
+        }
+    }
+}
+
+/// Splits an item body at top-level `;` and parses each piece, so a syntax
+/// error in one item does not hide errors in the others. Returns the items
+/// that parsed and the keys (and input names) of those that did not.
+pub(crate) fn parse_body(
+    body: TokenStream,
+    kind: BodyKind,
+    diags: &mut Diagnostics,
+) -> (Vec<Item>, Vec<String>) {
     let mut items = Vec::new();
     let mut broken = Vec::new();
     let mut chunk: Vec<TokenTree> = Vec::new();
@@ -204,6 +273,7 @@ pub(crate) fn parse_spec(ts: TokenStream, diags: &mut Diagnostics) -> Option<Raw
             parse_items(
                 std::mem::take(&mut chunk),
                 Some(semi),
+                kind,
                 diags,
                 &mut items,
                 &mut broken,
@@ -213,13 +283,9 @@ pub(crate) fn parse_spec(ts: TokenStream, diags: &mut Diagnostics) -> Option<Raw
         }
     }
     if !chunk.is_empty() {
-        parse_items(chunk, None, diags, &mut items, &mut broken);
+        parse_items(chunk, None, kind, diags, &mut items, &mut broken);
     }
-    Some(RawSpec {
-        name,
-        items,
-        broken,
-    })
+    (items, broken)
 }
 
 /// Most tokens one item may have. Parsing and checking recurse on the
@@ -285,6 +351,7 @@ fn starts_item(toks: &[TokenTree]) -> bool {
 fn parse_items(
     toks: Vec<TokenTree>,
     semi: Option<Span>,
+    kind: BodyKind,
     diags: &mut Diagnostics,
     items: &mut Vec<Item>,
     broken: &mut Vec<String>,
@@ -298,7 +365,7 @@ fn parse_items(
     }
     let end_span =
         semi.unwrap_or_else(|| toks.last().map(head_span).unwrap_or_else(Span::call_site));
-    let (item, rest) = parse_one(&toks, end_span, diags);
+    let (item, rest) = parse_one(&toks, end_span, kind, diags);
     match item {
         Some(item) => items.push(item),
         None => match toks.as_slice() {
@@ -330,7 +397,7 @@ fn parse_items(
         "every item ends with `;`",
     );
     if starts_item(&rest) {
-        parse_items(rest, semi, diags, items, broken);
+        parse_items(rest, semi, kind, diags, items, broken);
     }
 }
 
@@ -339,6 +406,7 @@ fn parse_items(
 fn parse_one(
     toks: &[TokenTree],
     end_span: Span,
+    kind: BodyKind,
     diags: &mut Diagnostics,
 ) -> (Option<Item>, Vec<TokenTree>) {
     let first = &toks[0];
@@ -346,12 +414,22 @@ fn parse_one(
         diags.error_hint(
             head_span(first),
             format!("expected an item, found {}", describe(first)),
-            "items are `KEY = VALUE;` or `input NAME: f32[dims];`",
+            kind.items_hint(),
         );
         return (None, Vec::new());
     };
 
     if head == "input" && matches!(toks.get(1), Some(TokenTree::Ident(_))) {
+        if kind == BodyKind::Block {
+            // The whole item up to its `;` is dropped: one error, whatever
+            // the declaration looks like.
+            diags.error_hint(
+                head.span(),
+                "a block declares no inputs",
+                "its weights (norm gains, q/k/v/o projections, FFN) are named by the block itself; declare a mixer's extra inputs inside its `mixer` item",
+            );
+            return (None, Vec::new());
+        }
         return parse_input(toks, end_span, diags);
     }
 
@@ -369,7 +447,7 @@ fn parse_one(
             diags.error_hint(
                 head_span(other),
                 format!("expected `=` after `{head}`, found {}", describe(other)),
-                "items are `KEY = VALUE;` or `input NAME: f32[dims];`",
+                kind.items_hint(),
             );
             return (None, Vec::new());
         }
@@ -377,7 +455,7 @@ fn parse_one(
             diags.error_hint(
                 head.span(),
                 format!("expected `=` after `{head}`"),
-                "items are `KEY = VALUE;` or `input NAME: f32[dims];`",
+                kind.items_hint(),
             );
             return (None, Vec::new());
         }

@@ -24,6 +24,11 @@ CPU tensors run on mixc's CPU backend, which computes in f32: inputs are
 copied into mixc's tensors (bf16/f16 are widened), and the output is
 returned in the inputs' dtype. CUDA tensors are not supported by the
 package yet (the CLI and the Rust library run the CUDA backend).
+
+`mixc.Block` is a whole pre-norm transformer block (a `block` file: norms,
+projections, rotary embedding, the mixer, FFN) as a `torch.nn.Module`
+whose parameters carry Hugging Face Llama names, computed blockwise (the
+Blockwise Parallel Transformer: memory linear in the sequence length).
 """
 
 import os
@@ -33,7 +38,7 @@ import torch
 
 from . import _mixc
 
-__all__ = ["Mixer", "SpecError", "check", "gen", "__version__"]
+__all__ = ["Block", "Mixer", "SpecError", "check", "gen", "__version__"]
 
 SpecError = _mixc.SpecError
 __version__ = _mixc.__version__
@@ -259,3 +264,93 @@ def _backward(ctx, d_o, _d_stat):
 
 
 _mix.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Module(torch.nn.Module):
+    """A namespace module, so parameter names nest as Hugging Face's do."""
+
+
+class Block(torch.nn.Module):
+    """A transformer block file (`block NAME { ... }` around a `mixer`),
+    compiled once, as a module: `out = block(x)` for x `[batch, seq, width]`.
+
+    Parameters are named as one Hugging Face Llama decoder layer's
+    (`input_layernorm.weight`, `self_attn.q_proj.weight`, ...,
+    `mlp.down_proj.weight`; `[out_features, in_features]`), so
+    `block.load_state_dict(...)` takes a layer's weights; they start as the
+    seeded weights `mixc run` uses (`seed`). The CPU backend computes the
+    block blockwise in f32 (`block_rows` rows at a time; the FFN's hidden
+    activations never exist for the whole sequence, and the backward
+    recomputes them); gradients reach x and every parameter.
+    `device="reference"` runs the f64 unfused block (slow; for tests).
+    """
+
+    def __init__(self, spec, *, threads=None, ranks=1, block_rows=None, device="cpu", seed=0):
+        super().__init__()
+        text, origin = _spec_source(spec)
+        self._b = _mixc.Block(text, origin, device, threads, ranks, block_rows)
+        self.info = dict(self._b.info)
+        self.name = self.info["name"]
+        self.width = self.info["width"]
+        self._names = sorted(self.info["weights"])
+        for name in self._names:
+            *path, leaf = name.split(".")
+            owner = self
+            for part in path:
+                if not hasattr(owner, part):
+                    owner.add_module(part, _Module())
+                owner = getattr(owner, part)
+            owner.register_parameter(leaf, torch.nn.Parameter(torch.empty(self.info["weights"][name])))
+        with torch.no_grad():
+            params = dict(self.named_parameters())
+            self._b.init_weights(seed, [(n, params[n].data_ptr()) for n in self._names])
+
+    def extra_repr(self):
+        return f"{self.name}: {self.info['summary']}"
+
+    def _weights(self):
+        params = dict(self.named_parameters())
+        out = []
+        for n in self._names:
+            p = params[n]
+            _expect(n, p, self.info["weights"][n], "f32")
+            out.append(p)
+        return out
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != self.width:
+            raise ValueError(f"`x` must be [batch, seq, {self.width}] (block `{self.name}`), "
+                             f"got {getattr(x, 'shape', x)!r}")
+        _expect("x", x, tuple(x.shape), "f32")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"`x` must have at least one batch row and one position, got {list(x.shape)}")
+        return _BlockFn.apply(self, x, *self._weights())
+
+
+class _BlockFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, block, x, *weights):
+        xc = _f32(x)
+        ws = [_f32(w) for w in weights]
+        out = torch.empty_like(xc)
+        lengths = (xc.shape[0], xc.shape[1])
+        train = any(ctx.needs_input_grad[1:])
+        named = [(n, w.data_ptr()) for n, w in zip(block._names, ws)]
+        saved = block._b.forward(lengths, xc.data_ptr(), named, out.data_ptr(), train)
+        ctx.block, ctx.saved_handle, ctx.lengths = block, saved, lengths
+        ctx.dtypes = [x.dtype] + [w.dtype for w in weights]
+        ctx.save_for_backward(xc, *ws)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        xc, *ws = ctx.saved_tensors
+        block = ctx.block
+        g = _f32(d_out)
+        dx = torch.empty_like(xc)
+        dws = [torch.empty_like(w) for w in ws]
+        named = [(n, w.data_ptr()) for n, w in zip(block._names, ws)]
+        dnamed = [(n, d.data_ptr()) for n, d in zip(block._names, dws)]
+        block._b.backward(ctx.saved_handle, ctx.lengths, xc.data_ptr(), named, g.data_ptr(), dx.data_ptr(), dnamed)
+        grads = [d.to(t) for d, t in zip([dx] + dws, ctx.dtypes)]
+        return (None, *grads)

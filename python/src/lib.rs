@@ -43,6 +43,17 @@ fn runtime_err(e: mixc::Error) -> PyErr {
 /// whether it holds int32 (else f32).
 type ExtraArg = (String, usize, bool);
 
+/// The library's device for a Python device name.
+fn device_of(name: &str) -> PyResult<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "reference" => Ok(Device::Reference),
+        other => Err(PyNotImplementedError::new_err(format!(
+            "device `{other}`: the Python package runs on the CPU so far (`cpu` or `reference`)"
+        ))),
+    }
+}
+
 /// A compiled mixer (one spec, one backend).
 #[pyclass(frozen, module = "mixc._mixc")]
 struct Mixer {
@@ -134,15 +145,7 @@ impl Mixer {
         ranks: usize,
     ) -> PyResult<Self> {
         let spec = mixc::parse(text).map_err(|d| SpecError::new_err(d.render(origin, text)))?;
-        let device = match device {
-            "cpu" => Device::Cpu,
-            "reference" => Device::Reference,
-            other => {
-                return Err(PyNotImplementedError::new_err(format!(
-                    "device `{other}`: the Python package runs on the CPU so far (`cpu` or `reference`)"
-                )))
-            }
-        };
+        let device = device_of(device)?;
         let opts = Options {
             threads,
             ..Options::on(device).with_ranks(ranks)
@@ -310,6 +313,203 @@ impl Mixer {
     }
 }
 
+/// A transformer block (a `block` file) prepared once: the native half of
+/// `mixc.Block`. Weights are passed by address, `(name, address)` of a
+/// live contiguous f32 buffer of the shape `info["weights"][name]`.
+#[pyclass(frozen, module = "mixc._mixc")]
+struct Block {
+    inner: mixc::runtime::block::Block,
+    spec: mixc::dsl::BlockSpec,
+}
+
+/// What a training forward keeps for its backward (q, k, v, o and the
+/// mixer's statistic, O(L·d)), opaque to Python.
+#[pyclass(frozen, module = "mixc._mixc")]
+struct BlockSaved {
+    res: mixc::runtime::block::BlockResiduals,
+}
+
+impl Block {
+    /// The weights, copied from the caller's buffers.
+    ///
+    /// # Safety
+    /// Each address holds its weight's element count of f32.
+    unsafe fn weights(
+        &self,
+        named: &[(String, usize)],
+    ) -> PyResult<mixc::runtime::block::BlockWeights> {
+        let shapes = self.spec.weight_shapes();
+        let mut tensors = BTreeMap::new();
+        for (name, addr) in named {
+            let shape = shapes.get(name).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "`{name}` is not a weight of block `{}`",
+                    self.spec.name
+                ))
+            })?;
+            // SAFETY: forwarded from this function's contract.
+            let data = unsafe { read::<f32>(*addr, shape.iter().product()) };
+            tensors.insert(name.clone(), Tensor::new(shape.clone(), data));
+        }
+        Ok(mixc::runtime::block::BlockWeights { tensors })
+    }
+
+    /// x `[batch, seq, width]` copied from `addr`.
+    ///
+    /// # Safety
+    /// `addr` holds batch * seq * width f32.
+    unsafe fn x(
+        &self,
+        (batch, seq): (usize, usize),
+        addr: usize,
+    ) -> mixc::runtime::block::BlockInputs {
+        let shape = vec![batch, seq, self.spec.width as usize];
+        // SAFETY: forwarded from this function's contract.
+        let data = unsafe { read::<f32>(addr, shape.iter().product()) };
+        mixc::runtime::block::BlockInputs::new(Tensor::new(shape, data))
+    }
+}
+
+#[pymethods]
+impl Block {
+    /// Parses the block file `text` (diagnostics name `origin`) and
+    /// prepares it on `device` (`"cpu"` or `"reference"`).
+    #[new]
+    #[pyo3(signature = (text, origin, device = "cpu", threads = None, ranks = 1, block_rows = None))]
+    fn new(
+        text: &str,
+        origin: &str,
+        device: &str,
+        threads: Option<usize>,
+        ranks: usize,
+        block_rows: Option<usize>,
+    ) -> PyResult<Self> {
+        let spec = mixc::dsl::parse_block_str(text)
+            .map_err(|d| SpecError::new_err(d.render(origin, text)))?;
+        if !spec.mixer.inputs.is_empty() {
+            return Err(PyNotImplementedError::new_err(format!(
+                "block `{}`: its mixer `{}` reads extra inputs, which blocks do not take from Python yet",
+                spec.name, spec.mixer.name
+            )));
+        }
+        let device = device_of(device)?;
+        let opts = Options {
+            threads,
+            ..Options::on(device).with_ranks(ranks)
+        };
+        let mut inner = mixc::runtime::block::Block::new(&spec, opts).map_err(runtime_err)?;
+        if let Some(rows) = block_rows {
+            inner = inner.with_block_rows(rows);
+        }
+        Ok(Block { inner, spec })
+    }
+
+    /// `name`, `width`, `summary`, and `weights`: each weight's name (Hugging
+    /// Face Llama names) and shape.
+    #[getter]
+    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("name", &self.spec.name)?;
+        d.set_item("width", self.spec.width)?;
+        d.set_item("summary", self.spec.summary())?;
+        let w = PyDict::new(py);
+        for (name, shape) in self.spec.weight_shapes() {
+            w.set_item(name, shape)?;
+        }
+        d.set_item("weights", w)?;
+        Ok(d)
+    }
+
+    /// Writes the seeded weights `mixc run` uses into the given buffers.
+    fn init_weights(&self, seed: u64, weights: Vec<(String, usize)>) -> PyResult<()> {
+        let w = mixc::runtime::block::BlockWeights::random(&self.spec, seed);
+        for (name, addr) in weights {
+            let t = w.tensors.get(&name).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "`{name}` is not a weight of block `{}`",
+                    self.spec.name
+                ))
+            })?;
+            // SAFETY: the caller's buffer holds this weight's element count.
+            unsafe { write(addr, &t.data) };
+        }
+        Ok(())
+    }
+
+    /// The forward: writes `out` (f32 `[batch, seq, width]`); with `train`
+    /// returns what the backward needs.
+    #[pyo3(signature = (lengths, x, weights, out, train))]
+    fn forward(
+        &self,
+        py: Python<'_>,
+        lengths: (usize, usize),
+        x: usize,
+        weights: Vec<(String, usize)>,
+        out: usize,
+        train: bool,
+    ) -> PyResult<Option<BlockSaved>> {
+        // SAFETY: the documented contract, checked by the Python side.
+        let (xi, w) = unsafe { (self.x(lengths, x), self.weights(&weights)?) };
+        let (o, saved) = py
+            .detach(|| {
+                if train {
+                    self.inner.forward_train(&xi, &w).map(|(o, r)| (o, Some(r)))
+                } else {
+                    self.inner.forward(&xi, &w).map(|o| (o, None))
+                }
+            })
+            .map_err(runtime_err)?;
+        // SAFETY: `out` holds x's element count of f32 (checked).
+        unsafe { write(out, &o.out.data) };
+        Ok(saved.map(|res| BlockSaved { res }))
+    }
+
+    /// The backward: writes dx and each weight's gradient (`dweights`, by
+    /// name) for the upstream gradient `d_out` (x's shape).
+    #[pyo3(signature = (saved, lengths, x, weights, d_out, dx, dweights))]
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        py: Python<'_>,
+        saved: &BlockSaved,
+        lengths: (usize, usize),
+        x: usize,
+        weights: Vec<(String, usize)>,
+        d_out: usize,
+        dx: usize,
+        dweights: Vec<(String, usize)>,
+    ) -> PyResult<()> {
+        // SAFETY: the documented contract, checked by the Python side.
+        let (xi, w, g) = unsafe {
+            let xi = self.x(lengths, x);
+            let g = Tensor::new(xi.x.shape.clone(), read::<f32>(d_out, xi.x.numel()));
+            (xi, self.weights(&weights)?, g)
+        };
+        let back = py
+            .detach(|| self.inner.backward(&xi, &w, &saved.res, &g))
+            .map_err(runtime_err)?;
+        // SAFETY: each destination holds its tensor's element count (checked).
+        unsafe {
+            write(dx, &back.grads.dx.data);
+            for (name, addr) in &dweights {
+                if let Some(t) = back.grads.weights.get(name) {
+                    write(*addr, &t.data);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<mixc block `{}` ({}) on {}>",
+            self.spec.name,
+            self.spec.summary(),
+            self.inner.backend().name()
+        )
+    }
+}
+
 /// Checks spec text; returns the same one-line summary as `mixc check`.
 #[pyfunction]
 #[pyo3(signature = (text, origin = "<spec>"))]
@@ -356,6 +556,8 @@ fn gen(
 #[pymodule]
 fn _mixc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Mixer>()?;
+    m.add_class::<Block>()?;
+    m.add_class::<BlockSaved>()?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add_function(wrap_pyfunction!(gen, m)?)?;
     m.add("SpecError", m.py().get_type::<SpecError>())?;

@@ -21,7 +21,7 @@ use crate::tensor::{ExtraTensor, MixerInputs, Tensor};
 pub const MAX_POSITION: usize = mixc_dsl::MAX_EXTENT as usize;
 
 /// The rng for one tensor: the seed picks the key, the name picks the stream.
-fn stream(seed: u64, name: &str) -> ChaCha8Rng {
+pub(crate) fn stream(seed: u64, name: &str) -> ChaCha8Rng {
     // FNV-1a: a fixed, documented hash (std's hasher is not stable across releases).
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in name.bytes() {
@@ -35,7 +35,7 @@ fn stream(seed: u64, name: &str) -> ChaCha8Rng {
 
 /// Standard normal samples rounded to f32 (so the f32 data and the f64
 /// reference read exactly the same numbers).
-fn normal_tensor(rng: &mut ChaCha8Rng, shape: Vec<usize>, scale: f64) -> Tensor<f32> {
+pub(crate) fn normal_tensor(rng: &mut ChaCha8Rng, shape: Vec<usize>, scale: f64) -> Tensor<f32> {
     let n = shape.iter().product();
     let data = (0..n)
         .map(|_| (rng.sample::<f64, _>(StandardNormal) * scale) as f32)
@@ -275,7 +275,7 @@ fn check_shape<T>(
 /// branch-free vectorised scan over chunks, spread over threads for large
 /// tensors; only a chunk that holds a bad value is searched element by
 /// element.
-fn first_non_finite(data: &[f32]) -> Option<usize> {
+pub(crate) fn first_non_finite(data: &[f32]) -> Option<usize> {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 14;
     // Exponent all ones: NaN or infinity (no early exit, so it vectorises).

@@ -41,7 +41,7 @@ fn le_chunks<const N: usize>(bytes: &[u8]) -> impl Iterator<Item = [u8; N]> + '_
 }
 
 /// A float tensor of any supported storage type, as f32.
-fn read_f32(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Tensor<f32>> {
+pub(crate) fn read_f32(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Tensor<f32>> {
     let bytes = view.data();
     let data: Vec<f32> = match view.dtype() {
         Dtype::F32 => le_chunks::<4>(bytes).map(f32::from_le_bytes).collect(),
@@ -94,7 +94,7 @@ fn read_i32(path: &Path, name: &str, view: &TensorView<'_>) -> Result<Tensor<i32
 /// device such as `/dev/zero`) is read as far as its safetensors header
 /// says, after admitting that length, so no path can make the read run
 /// until memory is gone.
-fn read_bounded(path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read_bounded(path: &Path) -> Result<Vec<u8>> {
     use std::io::Read;
     let io_err = |source| RuntimeError::Io {
         path: path.display().to_string(),
@@ -313,6 +313,24 @@ pub fn save_tensors_with(
             tensors.push((name.clone(), owned));
         }
     }
+    write_owned(path, &tensors)
+}
+
+/// Writes f32 tensors under their names (a block's weights or gradients),
+/// as [`save_tensors`] writes: through a temporary sibling renamed into
+/// place.
+pub fn save_named<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor<f32>)>,
+) -> Result<()> {
+    let owned: Vec<(String, Owned)> = tensors
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), Owned::f32(t)))
+        .collect();
+    write_owned(path, &owned)
+}
+
+fn write_owned(path: &Path, tensors: &[(String, Owned)]) -> Result<()> {
     let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), &None)
         .map_err(|e| bad_file(path, format!("cannot encode tensors: {e}")))?;
 

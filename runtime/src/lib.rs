@@ -13,6 +13,8 @@ pub mod error;
 pub mod grad;
 pub use error::{Result, RuntimeError};
 pub use grad::Gradients;
+pub mod block;
+pub use block::{Block, BlockGradients, BlockInputs, BlockOutput, BlockResiduals, BlockWeights};
 pub mod check;
 pub mod compile_cache;
 pub mod counters;

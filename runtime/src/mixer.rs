@@ -191,6 +191,11 @@ impl Residuals {
     pub fn from_stat(stat: Tensor<f64>, batch: usize, seq: usize) -> Residuals {
         Residuals { stat, batch, seq }
     }
+
+    /// No statistic (a backward that recomputes it, as the reference does).
+    pub(crate) fn empty(batch: usize, seq: usize) -> Residuals {
+        Residuals::from_stat(Tensor::new(vec![0], Vec::new()), batch, seq)
+    }
 }
 
 /// What [`Mixer::backward`] returns.

@@ -17,8 +17,30 @@ pub fn main(args: Args) -> Result<ExitCode> {
     let mut failed = 0usize;
     for path in &args.files {
         let shown = path.display();
-        match mixc::dsl::parse_file(path) {
-            Ok(spec) => {
+        match mixc::dsl::parse_any_file(path) {
+            Ok(mixc::dsl::SpecFile::Block(block)) => {
+                // Blocks run blockwise on the CPU backend (and as the f64
+                // unfused block on the reference backend).
+                if args.json {
+                    println!(
+                        "{}",
+                        json!({"file": shown.to_string(), "ok": true, "name": block.name,
+                               "kind": "block", "summary": block.summary(),
+                               "parameters": block.parameter_count(),
+                               "weights": block.weight_shapes(), "backends": ["cpu", "reference"],
+                               "spec": block})
+                    );
+                } else {
+                    println!(
+                        "{shown}: ok (block `{}`: {}; {} parameters); runs on cpu, reference \
+                         (forward and gradients); not on cuda yet",
+                        block.name,
+                        block.summary(),
+                        block.parameter_count()
+                    );
+                }
+            }
+            Ok(mixc::dsl::SpecFile::Mixer(spec)) => {
                 // Which backends and architectures can run it, and why not.
                 let support = mixc::capabilities::matrix(&spec);
                 if args.json {

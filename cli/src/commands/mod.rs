@@ -3,6 +3,7 @@ pub mod check;
 pub mod compile;
 pub mod gen;
 pub mod run;
+pub mod run_block;
 pub mod tune;
 
 use anyhow::{bail, Context, Result};

@@ -227,44 +227,46 @@ fn check_grads(
 #[derive(clap::Args)]
 pub struct Args {
     /// Spec file (`.mix`).
-    file: PathBuf,
+    pub(crate) file: PathBuf,
     #[arg(long, value_enum, default_value = "auto")]
-    backend: Backend,
+    pub(crate) backend: Backend,
     /// Sequence length of the random inputs (taken from the file with --inputs).
     #[arg(long, required_unless_present = "inputs")]
-    seq: Option<usize>,
+    pub(crate) seq: Option<usize>,
     /// Key/value length of the random inputs (default: --seq). With fewer
     /// queries than keys the queries are the last positions (a decode step
     /// or a prefill chunk against a KV cache); see --q-offset.
     #[arg(long, requires = "seq")]
-    kv_seq: Option<usize>,
+    pub(crate) kv_seq: Option<usize>,
     /// Position of the first query among the keys (default: kv_seq - seq,
     /// the queries being the newest tokens; 0 when there are more queries
     /// than keys). Masks, biases and decay see these positions.
     #[arg(long)]
-    q_offset: Option<usize>,
+    pub(crate) q_offset: Option<usize>,
     /// Batch size of the random inputs.
     #[arg(long, default_value_t = 1)]
-    batch: usize,
+    pub(crate) batch: usize,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(crate) seed: u64,
     /// Override a shape of the spec for this run: heads, kv_heads, head_dim,
     /// value_dim (repeatable), e.g. `--set heads=8 --set kv_heads=2`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
-    set: Vec<String>,
+    pub(crate) set: Vec<String>,
     /// Storage type of q, k, v (default: the spec's `dtype`). Random inputs are
     /// rounded to it, so every backend and the reference see the same values.
     #[arg(long, value_parser = ["f16", "bf16", "f32"])]
-    dtype: Option<String>,
+    pub(crate) dtype: Option<String>,
     /// Read q, k, v and the declared inputs from a safetensors file.
     #[arg(long, conflicts_with_all = ["seq", "batch", "seed"])]
-    inputs: Option<PathBuf>,
+    pub(crate) inputs: Option<PathBuf>,
     /// Write the output `o` ([batch, seq, heads, value_dim], f32) and the
     /// inputs to a safetensors file (with --grad also `do` and the gradients
-    /// `dq`, `dk`, `dv`, `d<input>`, each in its input's layout).
+    /// `dq`, `dk`, `dv`, `d<input>`, each in its input's layout). Block
+    /// files: `x`, `out` ([batch, seq, width]), every weight under its name,
+    /// and with --grad `dout` and `grad.<name>` for x and each weight.
     #[arg(long)]
-    save: Option<PathBuf>,
+    pub(crate) save: Option<PathBuf>,
     /// Also run the backward pass: the gradients of sum(o * do) for q, k, v
     /// and every float input, with `do` read from --inputs when the file
     /// holds a tensor `do`, else seeded random (standard normal). With
@@ -273,24 +275,36 @@ pub struct Args {
     /// bf16 5e-2); a sampled check covers all positions of 2-4 kv heads
     /// and their query heads.
     #[arg(long)]
-    grad: bool,
+    pub(crate) grad: bool,
     /// Ranks of the ring, each owning a shard of the sequence (CPU: worker
     /// threads; CUDA: virtual ranks dealt round-robin onto the visible GPUs).
     #[arg(long, default_value_t = 1)]
-    ranks: usize,
+    pub(crate) ranks: usize,
     /// How the sequence is sharded over ranks (default: zigzag for causal masks).
     #[arg(long, value_parser = ["contiguous", "zigzag"])]
-    sharding: Option<String>,
+    pub(crate) sharding: Option<String>,
     /// Compare against the f64 reference and fail beyond the tolerance of the
     /// compute type (relative to max |ref|: f32 2e-4, f16 2e-3, bf16 1e-2).
     /// `--check` compares a sample (all rows and heads of small runs; else
     /// 256 rows including the first, the last and every rank boundary, and 4
     /// heads); `--check full` compares everything.
     #[arg(long, num_args = 0..=1, default_missing_value = "sample", value_parser = ["sample", "full"])]
-    check: Option<String>,
+    pub(crate) check: Option<String>,
+    /// Block files: read the block's weights from a safetensors file
+    /// (Hugging Face Llama names; default: seeded random weights).
+    #[arg(long)]
+    pub(crate) weights: Option<PathBuf>,
+    /// Block files: the prefix of the weights' names in --weights, e.g.
+    /// `model.layers.3.` for layer 3 of a whole checkpoint.
+    #[arg(long, default_value = "", requires = "weights")]
+    pub(crate) weights_prefix: String,
+    /// Block files: rows (batch x positions) per block of the blockwise
+    /// schedule (default 512).
+    #[arg(long)]
+    pub(crate) block_rows: Option<usize>,
     /// Print one JSON object instead of text.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 pub use mixc::runtime::reference::check_tolerance;
@@ -311,7 +325,22 @@ fn lengths(x: &MixerInputs) -> String {
 }
 
 pub fn main(args: Args) -> Result<ExitCode> {
-    let mut spec = super::load_spec(&args.file)?;
+    let mut spec =
+        match mixc::dsl::parse_any_file(&args.file).map_err(|e| anyhow::anyhow!("{e}"))? {
+            mixc::dsl::SpecFile::Mixer(spec) => spec,
+            mixc::dsl::SpecFile::Block(block) => return super::run_block::main(&args, block),
+        };
+    for (set, flag) in [
+        (args.weights.is_some(), "--weights"),
+        (args.block_rows.is_some(), "--block-rows"),
+    ] {
+        if set {
+            bail!(
+                "{flag} applies to block files; {} defines a mixer",
+                args.file.display()
+            );
+        }
+    }
     super::apply_shape_overrides(&mut spec, &args.set)?;
     let dtype = match &args.dtype {
         Some(d) => DType::parse(d).context("unknown --dtype")?,
@@ -590,7 +619,7 @@ pub fn input_bytes(inputs: &MixerInputs) -> usize {
 }
 
 /// `out.safetensors` -> `out.failed.safetensors` (beside it).
-fn failed_name(p: &std::path::Path) -> PathBuf {
+pub(crate) fn failed_name(p: &std::path::Path) -> PathBuf {
     let stem = p
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

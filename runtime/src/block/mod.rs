@@ -1,0 +1,635 @@
+//! Transformer blocks around a mixer, computed blockwise (the Blockwise
+//! Parallel Transformer): a [`Block`] is a [`BlockSpec`] prepared once and
+//! called many times, forward and backward, like a [`Mixer`].
+//!
+//! **The schedule** (CPU; [`cpu`]). Rows (batch x positions) are processed
+//! in blocks of `block_rows`:
+//!
+//! 1. per row block: `h = norm1(x)`, `q, k, v = h W*ᵀ`, rotary embedding on
+//!    q and k, written into the whole-sequence q, k, v (O(L·d));
+//! 2. the mixer over the whole sequence: the blocked CPU mixer, on its ring
+//!    of `ranks` (query shards stay, key/value shards travel), which never
+//!    holds more than a tile of scores;
+//! 3. per row block: `y = x + o Woᵀ`, `z = norm2(y)`, the FFN on that block
+//!    alone (a `[block_rows, d_ff]` scratch), `out = y + ffn(z)`.
+//!
+//! Training keeps x, q, k, v, o and the mixer's per-row statistic (all
+//! O(L·d)); the backward recomputes each row block's `y`, norm and FFN
+//! hidden instead of storing them, then runs the mixer's backward and the
+//! projections' gradients block by block. Nothing of size `L x d_ff` or
+//! `L x L` is ever held: peak memory is the inputs, outputs, weights and
+//! their gradients, the O(L·d) residuals and one row block's scratch
+//! ([`Block::train_host_bytes`]).
+//!
+//! **The oracle** is [`reference`]: the same block unfused, in f64, over the
+//! whole sequence at once, with gradients written from the chain rule and
+//! checked against finite differences.
+
+pub(crate) mod cpu;
+pub(crate) mod ops;
+pub mod reference;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use mixc_dsl::{BlockSpec, MixerSpec};
+
+use crate::error::{Result, RuntimeError};
+use crate::inputs::{first_non_finite, normal_tensor, stream};
+use crate::mixer::{BackendKind, Mixer, Options, Residuals};
+use crate::tensor::{ExtraTensor, MixerInputs, Tensor};
+
+/// What a block reads besides its weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockInputs {
+    pub batch: usize,
+    pub seq: usize,
+    /// The residual stream `[batch, seq, width]`.
+    pub x: Tensor<f32>,
+    /// The mixer's extra inputs (tables, gates, segment ids), by name, in
+    /// the shapes the mixer declares.
+    pub extra: BTreeMap<String, ExtraTensor>,
+}
+
+impl BlockInputs {
+    /// Inputs from `x [batch, seq, width]` alone (a mixer with no extra
+    /// inputs).
+    pub fn new(x: Tensor<f32>) -> BlockInputs {
+        let dim = |a: usize| x.shape.get(a).copied().unwrap_or(0);
+        BlockInputs {
+            batch: dim(0),
+            seq: dim(1),
+            x,
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// Adds the mixer's extra input `name`.
+    pub fn with_extra(mut self, name: &str, t: ExtraTensor) -> BlockInputs {
+        self.extra.insert(name.to_string(), t);
+        self
+    }
+}
+
+/// A block's weights by name ([`BlockSpec::weight_shapes`]: Hugging Face
+/// Llama names and `[out, in]` layouts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockWeights {
+    pub tensors: BTreeMap<String, Tensor<f32>>,
+}
+
+impl BlockWeights {
+    /// Seeded weights: projections normal with standard deviation
+    /// `1/sqrt(in_features)` (unit-variance activations), norm gains
+    /// `1 + 0.1 N(0,1)` and biases `0.1 N(0,1)` (not exactly 1 and 0, so
+    /// tests see their gradients act). One stream per weight name.
+    pub fn random(spec: &BlockSpec, seed: u64) -> BlockWeights {
+        let tensors = spec
+            .weight_shapes()
+            .into_iter()
+            .map(|(name, shape)| {
+                let mut rng = stream(seed, &format!("block.{name}"));
+                let t = if shape.len() == 2 {
+                    normal_tensor(&mut rng, shape.clone(), 1.0 / (shape[1] as f64).sqrt())
+                } else {
+                    let mut t = normal_tensor(&mut rng, shape, 0.1);
+                    if !name.ends_with(".bias") {
+                        t.data.iter_mut().for_each(|g| *g += 1.0);
+                    }
+                    t
+                };
+                (name, t)
+            })
+            .collect();
+        BlockWeights { tensors }
+    }
+
+    /// Reads every weight of `spec` from a safetensors file (f32, f16, bf16
+    /// or f64 storage). Names are the block's own
+    /// ([`BlockSpec::weight_shapes`]), optionally under a prefix such as
+    /// `model.layers.3.` (a whole Llama checkpoint's layer 3).
+    pub fn load(path: &Path, spec: &BlockSpec, prefix: &str) -> Result<BlockWeights> {
+        let bytes = crate::io::read_bounded(path)?;
+        let st =
+            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| RuntimeError::BadFile {
+                path: path.display().to_string(),
+                problem: format!("not a valid safetensors file: {e}"),
+            })?;
+        let mut tensors = BTreeMap::new();
+        for name in spec.weight_shapes().into_keys() {
+            let full = format!("{prefix}{name}");
+            let view = st.tensor(&full).map_err(|_| RuntimeError::BadInput {
+                name: full.clone(),
+                problem: format!(
+                    "missing from {} (block `{}` reads {})",
+                    path.display(),
+                    spec.name,
+                    weight_list(spec)
+                ),
+            })?;
+            tensors.insert(name, crate::io::read_f32(path, &full, &view)?);
+        }
+        Ok(BlockWeights { tensors })
+    }
+
+    /// Writes the weights as a safetensors file (f32).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        crate::io::save_named(path, self.tensors.iter().map(|(n, t)| (n.as_str(), t)))
+    }
+
+    fn get(&self, name: &str) -> &[f32] {
+        // Validation checked every name the spec reads is present.
+        &self.tensors[name].data
+    }
+
+    fn get_opt(&self, name: &str) -> Option<&[f32]> {
+        self.tensors.get(name).map(|t| t.data.as_slice())
+    }
+}
+
+fn weight_list(spec: &BlockSpec) -> String {
+    spec.weight_shapes()
+        .iter()
+        .map(|(n, s)| format!("`{n}` {s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Seeded inputs: x standard normal `[batch, seq, width]`, the mixer's
+/// extra inputs as [`crate::inputs::random_inputs`] draws them.
+pub fn random_block_inputs(spec: &BlockSpec, batch: usize, seq: usize, seed: u64) -> BlockInputs {
+    let shape = vec![batch, seq, spec.width as usize];
+    let x = normal_tensor(&mut stream(seed, "block.x"), shape, 1.0);
+    let mixer_extra = if spec.mixer.inputs.is_empty() {
+        BTreeMap::new()
+    } else {
+        crate::inputs::random_inputs(&spec.mixer, batch, seq, seed).extra
+    };
+    BlockInputs {
+        batch,
+        seq,
+        x,
+        extra: mixer_extra,
+    }
+}
+
+/// A seeded upstream gradient for the block's output `[batch, seq, width]`.
+pub fn random_block_upstream(spec: &BlockSpec, batch: usize, seq: usize, seed: u64) -> Tensor<f32> {
+    let shape = vec![batch, seq, spec.width as usize];
+    normal_tensor(&mut stream(seed, "block.dout"), shape, 1.0)
+}
+
+/// Gradients of `sum(out * d_out)`: `dx` `[batch, seq, width]`, one per
+/// weight (by the weight's name, in its shape), and one per float extra
+/// input of the mixer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockGradients<T> {
+    pub dx: Tensor<T>,
+    pub weights: BTreeMap<String, Tensor<T>>,
+    pub extra: BTreeMap<String, Tensor<T>>,
+}
+
+impl<T> BlockGradients<T> {
+    /// Every gradient under the name of what it is the gradient of (`x`,
+    /// each weight, each extra input).
+    pub fn named(&self) -> Vec<(String, &Tensor<T>)> {
+        let mut out = vec![("x".to_string(), &self.dx)];
+        out.extend(self.weights.iter().map(|(n, t)| (n.clone(), t)));
+        out.extend(self.extra.iter().map(|(n, t)| (n.clone(), t)));
+        out
+    }
+}
+
+impl BlockGradients<f64> {
+    /// Rounded to f32.
+    pub fn to_f32(&self) -> BlockGradients<f32> {
+        let conv = |t: &Tensor<f64>| {
+            Tensor::new(t.shape.clone(), t.data.iter().map(|&x| x as f32).collect())
+        };
+        let map = |m: &BTreeMap<String, Tensor<f64>>| {
+            m.iter().map(|(n, t)| (n.clone(), conv(t))).collect()
+        };
+        BlockGradients {
+            dx: conv(&self.dx),
+            weights: map(&self.weights),
+            extra: map(&self.extra),
+        }
+    }
+}
+
+/// A block's output and the time it took.
+#[derive(Debug, Clone)]
+pub struct BlockOutput {
+    /// `[batch, seq, width]`.
+    pub out: Tensor<f32>,
+    pub seconds: f64,
+}
+
+/// A backward call's gradients and time.
+#[derive(Debug, Clone)]
+pub struct BlockBackward {
+    pub grads: BlockGradients<f32>,
+    pub seconds: f64,
+}
+
+/// What [`Block::backward`] needs from [`Block::forward_train`] besides the
+/// inputs and weights: the mixer's inputs (q and k after the rotary
+/// embedding, v), its output and its per-row statistic. O(L·d) in all.
+#[derive(Debug, Clone)]
+pub struct BlockResiduals {
+    pub(crate) mixer_inputs: MixerInputs,
+    pub(crate) o: Tensor<f32>,
+    pub(crate) mixer: Residuals,
+}
+
+impl BlockResiduals {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        let m = &self.mixer_inputs;
+        (m.q.numel() + m.k.numel() + m.v.numel() + self.o.numel()) * 4 + self.mixer.stat.numel() * 8
+    }
+}
+
+/// The default rows per block of the blockwise schedule: large enough that
+/// the projections and FFN run as efficient GEMMs, small enough that one
+/// block's FFN hidden (`rows x d_ff` floats, a few of them) stays tens of
+/// MiB.
+pub const DEFAULT_BLOCK_ROWS: usize = 512;
+
+/// Host bytes each worker thread may hold while a block runs (the GEMM's
+/// packed panels, the mixer's score tiles), counted by
+/// [`Block::train_host_bytes`].
+const THREAD_WORKING_SET: u64 = 1 << 20;
+
+/// A block spec prepared for one backend (its mixer compiled once).
+#[derive(Debug)]
+pub struct Block {
+    spec: BlockSpec,
+    mixer: Mixer,
+    block_rows: usize,
+}
+
+impl Block {
+    /// Prepares `spec`'s mixer with `opts` (backend, ranks, threads, tiles).
+    /// The CPU backend runs blocks blockwise; the reference backend runs
+    /// the f64 unfused block; the CUDA backend does not run blocks yet
+    /// ([`RuntimeError::Unsupported`]).
+    pub fn new(spec: &BlockSpec, opts: Options) -> Result<Block> {
+        let mixer = Mixer::new(&spec.mixer, opts)?;
+        if mixer.backend() == BackendKind::Cuda {
+            return Err(RuntimeError::Unsupported {
+                backend: "cuda",
+                what: format!(
+                    "transformer blocks (block `{}`); the CPU backend runs them",
+                    spec.name
+                ),
+            });
+        }
+        mixer.backward_support()?;
+        Ok(Block {
+            spec: spec.clone(),
+            mixer,
+            block_rows: DEFAULT_BLOCK_ROWS,
+        })
+    }
+
+    /// The same block with `rows` rows per block (at least 1).
+    pub fn with_block_rows(mut self, rows: usize) -> Block {
+        self.block_rows = rows.max(1);
+        self
+    }
+
+    pub fn spec(&self) -> &BlockSpec {
+        &self.spec
+    }
+
+    pub fn backend(&self) -> BackendKind {
+        self.mixer.backend()
+    }
+
+    pub fn block_rows(&self) -> usize {
+        self.block_rows
+    }
+
+    /// The block's output for `inputs`.
+    pub fn forward(&self, inputs: &BlockInputs, weights: &BlockWeights) -> Result<BlockOutput> {
+        Ok(self.forward_impl(inputs, weights, false)?.0)
+    }
+
+    /// [`Block::forward`] that also returns what [`Block::backward`] needs.
+    pub fn forward_train(
+        &self,
+        inputs: &BlockInputs,
+        weights: &BlockWeights,
+    ) -> Result<(BlockOutput, BlockResiduals)> {
+        let (out, res) = self.forward_impl(inputs, weights, true)?;
+        let res = res.ok_or_else(|| RuntimeError::Internal("no residuals saved".into()))?;
+        Ok((out, res))
+    }
+
+    fn forward_impl(
+        &self,
+        inputs: &BlockInputs,
+        weights: &BlockWeights,
+        train: bool,
+    ) -> Result<(BlockOutput, Option<BlockResiduals>)> {
+        let start = Instant::now();
+        validate(&self.spec, inputs, weights)?;
+        crate::memory::admit_host(self.train_host_bytes(inputs.batch, inputs.seq)?)?;
+        let (out, res) = match self.mixer.backend() {
+            BackendKind::Reference => {
+                let out = reference::forward(&self.spec, inputs, weights)?;
+                let out = Tensor::new(out.shape, out.data.iter().map(|&x| x as f32).collect());
+                // The reference backward recomputes everything from the inputs.
+                let res = train.then(|| BlockResiduals {
+                    mixer_inputs: empty_mixer_inputs(inputs),
+                    o: Tensor::new(vec![0], Vec::new()),
+                    mixer: Residuals::empty(inputs.batch, inputs.seq),
+                });
+                (out, res)
+            }
+            _ => cpu::forward(self, inputs, weights, train)?,
+        };
+        Ok((
+            BlockOutput {
+                out,
+                seconds: start.elapsed().as_secs_f64(),
+            },
+            res,
+        ))
+    }
+
+    /// Gradients of `sum(out * d_out)` with respect to x, every weight and
+    /// every float extra input, from the residuals of
+    /// [`Block::forward_train`] on the same inputs and weights.
+    pub fn backward(
+        &self,
+        inputs: &BlockInputs,
+        weights: &BlockWeights,
+        residuals: &BlockResiduals,
+        d_out: &Tensor<f32>,
+    ) -> Result<BlockBackward> {
+        let start = Instant::now();
+        validate(&self.spec, inputs, weights)?;
+        validate_upstream(&self.spec, inputs, d_out)?;
+        if (residuals.mixer_inputs.batch, residuals.mixer_inputs.seq) != (inputs.batch, inputs.seq)
+        {
+            return Err(RuntimeError::BadInput {
+                name: "residuals".into(),
+                problem: format!(
+                    "saved by a forward of batch {} x seq {}, but the inputs are batch {} x seq {}",
+                    residuals.mixer_inputs.batch,
+                    residuals.mixer_inputs.seq,
+                    inputs.batch,
+                    inputs.seq
+                ),
+            });
+        }
+        let grads = match self.mixer.backend() {
+            BackendKind::Reference => {
+                reference::gradients(&self.spec, inputs, weights, d_out)?.to_f32()
+            }
+            _ => cpu::backward(self, inputs, weights, residuals, d_out)?,
+        };
+        Ok(BlockBackward {
+            grads,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Host bytes a training step (forward_train + backward) holds at its
+    /// peak besides the caller's inputs and weights: the mixer's training
+    /// step on q, k, v ([`Mixer::train_host_bytes`]: its inputs, output,
+    /// statistic, gradients and ring scratch), the block's output and dx,
+    /// the weights' gradients, one row block's scratch, and a working set
+    /// per worker thread (GEMM packing, score tiles). Linear in `seq`; no
+    /// `seq x d_ff` term.
+    pub fn train_host_bytes(&self, batch: usize, seq: usize) -> Result<u64> {
+        let (mixer_inputs, mixer_rest) = self.mixer.train_host_bytes(batch, seq)?;
+        let m = &self.spec.mixer;
+        let rows =
+            crate::memory::checked_elems("the block's rows", &[("batch", batch), ("seq", seq)])?
+                as u64;
+        let w = self.spec.width as u64;
+        let qkvo = (m.heads as u64 * (m.head_dim + m.value_dim) as u64)
+            + m.kv_heads as u64 * (m.head_dim + m.value_dim) as u64;
+        let block = self.block_rows.min(batch * seq) as u64;
+        let f = self.spec.ffn.hidden as u64;
+        // The tail's y, z, u, up, a and the backward's da, du, dup, dz (or
+        // the head's h and dh).
+        let scratch = block * (6 * f + 3 * w + qkvo);
+        let grads = self.spec.parameter_count() as u64;
+        let threads = rayon::current_num_threads() as u64;
+        Ok(mixer_inputs
+            .saturating_add(mixer_rest)
+            .saturating_add(4 * rows.saturating_mul(2 * w))
+            .saturating_add(4 * (scratch + grads))
+            .saturating_add(threads * THREAD_WORKING_SET))
+    }
+
+    pub(crate) fn mixer(&self) -> &Mixer {
+        &self.mixer
+    }
+}
+
+/// A comparison of a block's output or gradients with the f64 reference:
+/// per tensor, the largest absolute difference over the largest magnitude
+/// of the reference tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockCheck {
+    /// `(tensor name, relative error)`: `out`, or `x`, each weight, each
+    /// float extra input.
+    pub errors: Vec<(String, f64)>,
+    pub tolerance: f64,
+    /// Elements that are NaN or infinite (a check with any fails).
+    pub non_finite: usize,
+}
+
+impl BlockCheck {
+    pub fn max_rel_error(&self) -> f64 {
+        self.errors.iter().fold(0.0, |m, (_, e)| m.max(*e))
+    }
+    pub fn passed(&self) -> bool {
+        self.non_finite == 0 && self.max_rel_error() <= self.tolerance
+    }
+
+    /// Compares named tensors. A reference tensor that is (nearly) zero in
+    /// exact arithmetic, e.g. the key projection's gradient with a single
+    /// key, is judged against a thousandth of the largest reference tensor
+    /// instead of its own rounding noise.
+    fn compare<'a>(
+        pairs: impl IntoIterator<Item = (String, &'a Tensor<f32>, &'a Tensor<f64>)>,
+        tolerance: f64,
+    ) -> BlockCheck {
+        let pairs: Vec<_> = pairs.into_iter().collect();
+        let max_abs = |t: &Tensor<f64>| t.data.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let floor = 1e-3 * pairs.iter().fold(0.0f64, |m, (_, _, r)| m.max(max_abs(r)));
+        let mut non_finite = 0;
+        let errors = pairs
+            .iter()
+            .map(|(name, got, want)| {
+                non_finite += got.data.iter().filter(|v| !v.is_finite()).count();
+                let diff = got
+                    .data
+                    .iter()
+                    .zip(&want.data)
+                    .fold(0.0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+                let scale = max_abs(want).max(floor).max(f64::MIN_POSITIVE);
+                (name.clone(), diff / scale)
+            })
+            .collect();
+        BlockCheck {
+            errors,
+            tolerance,
+            non_finite,
+        }
+    }
+}
+
+impl Block {
+    /// Compares an output of this block with the f64 reference (the whole
+    /// output), at the f32 tolerance of mixers
+    /// ([`crate::reference::check_tolerance`]).
+    pub fn check(
+        &self,
+        inputs: &BlockInputs,
+        weights: &BlockWeights,
+        out: &Tensor<f32>,
+    ) -> Result<BlockCheck> {
+        let want = reference::forward(&self.spec, inputs, weights)?;
+        let tol = crate::reference::check_tolerance(mixc_dsl::DType::F32);
+        Ok(BlockCheck::compare([("out".to_string(), out, &want)], tol))
+    }
+
+    /// Compares gradients of this block (for upstream `d_out`) with the f64
+    /// reference gradients, every tensor in full, at the f32 gradient
+    /// tolerance of mixers ([`crate::check::grad_tolerance`]).
+    pub fn check_gradients(
+        &self,
+        inputs: &BlockInputs,
+        weights: &BlockWeights,
+        d_out: &Tensor<f32>,
+        grads: &BlockGradients<f32>,
+    ) -> Result<BlockCheck> {
+        let want = reference::gradients(&self.spec, inputs, weights, d_out)?;
+        let tol = crate::check::grad_tolerance(mixc_dsl::DType::F32);
+        let pairs = grads
+            .named()
+            .into_iter()
+            .zip(want.named())
+            .map(|((n, g), (_, w))| (n, g, w));
+        Ok(BlockCheck::compare(pairs, tol))
+    }
+}
+
+fn empty_mixer_inputs(inputs: &BlockInputs) -> MixerInputs {
+    let e = || Tensor::new(vec![0], Vec::new());
+    MixerInputs::self_attention(inputs.batch, inputs.seq, e(), e(), e(), BTreeMap::new())
+}
+
+/// Checks x's shape, the weights (every one present, no unknown name,
+/// shapes, finite values) and the mixer's extra inputs.
+pub fn validate(spec: &BlockSpec, inputs: &BlockInputs, weights: &BlockWeights) -> Result<()> {
+    let bad = |name: &str, problem: String| {
+        Err(RuntimeError::BadInput {
+            name: name.into(),
+            problem,
+        })
+    };
+    let want = [inputs.batch, inputs.seq, spec.width as usize];
+    if inputs.x.shape != want {
+        return bad(
+            "x",
+            format!(
+                "expected [batch, seq, width] = {want:?} (width {} of block `{}`), got {:?}",
+                spec.width, spec.name, inputs.x.shape
+            ),
+        );
+    }
+    if inputs.seq == 0 || inputs.batch == 0 {
+        return bad("x", "needs at least one batch row and one position".into());
+    }
+    if let Some(p) = first_non_finite(&inputs.x.data) {
+        return bad(
+            "x",
+            format!("element {p} is {} (must be finite)", inputs.x.data[p]),
+        );
+    }
+    let shapes = spec.weight_shapes();
+    if let Some(name) = weights.tensors.keys().find(|n| !shapes.contains_key(*n)) {
+        return bad(
+            name,
+            format!(
+                "is not a weight of block `{}` (its weights are {})",
+                spec.name,
+                weight_list(spec)
+            ),
+        );
+    }
+    for (name, shape) in &shapes {
+        let Some(t) = weights.tensors.get(name) else {
+            return bad(name, format!("missing (block `{}` reads it)", spec.name));
+        };
+        if &t.shape != shape {
+            return bad(name, format!("expected shape {shape:?}, got {:?}", t.shape));
+        }
+        if let Some(p) = first_non_finite(&t.data) {
+            return bad(
+                name,
+                format!("element {p} is {} (must be finite)", t.data[p]),
+            );
+        }
+    }
+    // The mixer's own extra inputs: checked as the mixer checks them, on
+    // stand-in q, k, v of the right shapes (no data is read).
+    check_mixer_extras(&spec.mixer, inputs)
+}
+
+fn check_mixer_extras(mixer: &MixerSpec, inputs: &BlockInputs) -> Result<()> {
+    let shapes = mixer.tensor_shapes(inputs.batch, inputs.seq);
+    for (name, t) in &inputs.extra {
+        if mixer.input(name).is_none() {
+            return Err(RuntimeError::BadInput {
+                name: name.clone(),
+                problem: format!("is not an input of mixer `{}`", mixer.name),
+            });
+        }
+        if t.shape() != shapes[name].as_slice() {
+            return Err(RuntimeError::BadInput {
+                name: name.clone(),
+                problem: format!("expected shape {:?}, got {:?}", shapes[name], t.shape()),
+            });
+        }
+    }
+    if let Some(d) = mixer
+        .inputs
+        .iter()
+        .find(|d| !inputs.extra.contains_key(&d.name))
+    {
+        return Err(RuntimeError::BadInput {
+            name: d.name.clone(),
+            problem: format!("missing (mixer `{}` reads it)", mixer.name),
+        });
+    }
+    Ok(())
+}
+
+/// Checks `d_out` has the output's shape and finite values.
+fn validate_upstream(spec: &BlockSpec, inputs: &BlockInputs, d_out: &Tensor<f32>) -> Result<()> {
+    let want = [inputs.batch, inputs.seq, spec.width as usize];
+    let problem = if d_out.shape != want {
+        format!(
+            "the upstream gradient must have the output's shape [batch, seq, width] = {want:?}, got {:?}",
+            d_out.shape
+        )
+    } else if let Some(p) = first_non_finite(&d_out.data) {
+        format!("element {p} is {} (must be finite)", d_out.data[p])
+    } else {
+        return Ok(());
+    };
+    Err(RuntimeError::BadInput {
+        name: "dout".into(),
+        problem,
+    })
+}
