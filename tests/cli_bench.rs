@@ -220,3 +220,59 @@ fn bad_input_gives_clear_errors() {
     assert!(!o.status.success());
     assert!(text(&o).contains("nope.mix"), "{}", text(&o));
 }
+
+/// A block file is timed blockwise (forward, backward, or a training step),
+/// its first run checked against the f64 unfused block, with useful
+/// TFLOP/s counting the projections and FFN as well as the mixer's pairs;
+/// mixer-only flags are refused on it.
+#[test]
+fn blocks_are_timed_and_checked_per_pass() {
+    for pass in ["fwd", "fwdbwd"] {
+        let o = mixc(&[
+            "bench",
+            "examples/blocks/llama_block.mix",
+            "--seq",
+            "32,48",
+            "--pass",
+            pass,
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--check",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let v = json(&o);
+        let rows = v["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 2, "{v}");
+        for (row, seq) in rows.iter().zip([32u64, 48]) {
+            assert_eq!(row["spec"], "llama_block");
+            assert_eq!(row["family"], "block");
+            assert_eq!(row["backend"], "cpu");
+            assert_eq!(row["seq"], seq);
+            // Causal: seq (seq + 1) / 2 pairs per head, 8 heads.
+            assert_eq!(row["useful_pairs"], seq * (seq + 1) / 2 * 8);
+            assert!(row["useful_tflops"].as_f64().unwrap() > 0.0, "{row}");
+            let (e, t) = (
+                row["max_rel_error"].as_f64().unwrap(),
+                row["tolerance"].as_f64().unwrap(),
+            );
+            assert!(e <= t, "{row}");
+        }
+    }
+    let o = mixc(&[
+        "bench",
+        "examples/blocks/llama_block.mix",
+        "--seq",
+        "8",
+        "--set",
+        "heads=2",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("--set does not apply to block file"),
+        "{}",
+        text(&o)
+    );
+}

@@ -19,3 +19,18 @@ pub fn flops_per_pair(spec: &mixc::dsl::MixerSpec) -> f64 {
         mixc::dsl::Score::Filter { .. } => 2.0 * dv,
     }
 }
+
+/// Floating-point operations per position of a transformer block besides
+/// its mixer: the q, k, v and output projections and the FFN's two or
+/// three matrices (2 per multiply-add).
+pub fn block_flops_per_token(spec: &mixc::dsl::BlockSpec) -> f64 {
+    let m = &spec.mixer;
+    let w = spec.width as f64;
+    let (h, kvh) = (m.heads as f64, m.kv_heads as f64);
+    let (dk, dv) = (m.head_dim as f64, m.value_dim as f64);
+    let ffn_mats = match spec.ffn.kind {
+        mixc::dsl::FfnKind::SwiGlu => 3.0,
+        mixc::dsl::FfnKind::Gelu => 2.0,
+    };
+    2.0 * (w * (h * dk + kvh * (dk + dv) + h * dv) + ffn_mats * w * spec.ffn.hidden as f64)
+}

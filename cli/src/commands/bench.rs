@@ -10,7 +10,7 @@
 use super::run::{self, Backend, ExecOptions, Resolved};
 use crate::report;
 use anyhow::{bail, Context, Result};
-use mixc::dsl::{DType, MixerSpec};
+use mixc::dsl::{BlockSpec, DType, MixerSpec, SpecFile};
 use mixc::runtime::inputs;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -19,7 +19,8 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Spec files (`.mix`).
+    /// Spec files (`.mix`): mixers, or transformer blocks (timed blockwise
+    /// on the CPU backend: forward, backward or a training step).
     #[arg(required = true)]
     files: Vec<PathBuf>,
     /// Sequence lengths, comma-separated; `k` means 1024 (e.g. `1k,4k,16k`).
@@ -312,29 +313,12 @@ fn measure(
             (Some((_, b)), _) => (exec.seconds + b.seconds, exec.wall_seconds + b.seconds),
         })
     };
-    for _ in 0..plan.warmup {
-        once()?;
-    }
-    let mut times = Vec::with_capacity(plan.reps);
-    let mut wall = Vec::with_capacity(plan.reps);
-    let started = Instant::now();
-    for _ in 0..plan.reps.max(1) {
-        // Compute time (CUDA: GPU time of the launches, which a peer such as
-        // PyTorch also reports without uploads or module loading).
-        let (t, w) = once()?;
-        times.push(t);
-        wall.push(w);
-        if plan
-            .max_time
-            .is_some_and(|t| started.elapsed().as_secs_f64() >= t)
-        {
-            break;
-        }
-    }
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    let med = median(&sorted);
-    wall.sort_by(f64::total_cmp);
+    let Timing {
+        times,
+        sorted,
+        med,
+        wall,
+    } = time_reps(plan, &mut once)?;
     let useful_pairs =
         mixc::runtime::pairs::useful_pairs_per_head(spec, &inputs) * u64::from(spec.heads);
     // The CPU backend and the reference compute in f32 or better whatever the storage type.
@@ -375,6 +359,154 @@ fn measure(
         error: None,
         batch,
         ..empty_row(plan, file, spec, seq, dtype)
+    })
+}
+
+/// The repetitions of one point: `times` in run order, `sorted`, their
+/// median, and the sorted wall times.
+struct Timing {
+    times: Vec<f64>,
+    sorted: Vec<f64>,
+    med: f64,
+    wall: Vec<f64>,
+}
+
+/// `--warmup` untimed runs of `once`, then up to `--reps` timed ones (fewer
+/// once `--max-time` is spent; at least one).
+fn time_reps(plan: &Plan, once: &mut dyn FnMut() -> Result<(f64, f64)>) -> Result<Timing> {
+    for _ in 0..plan.warmup {
+        once()?;
+    }
+    let mut times = Vec::with_capacity(plan.reps);
+    let mut wall = Vec::with_capacity(plan.reps);
+    let started = Instant::now();
+    for _ in 0..plan.reps.max(1) {
+        // Compute time (CUDA: GPU time of the launches, which a peer such as
+        // PyTorch also reports without uploads or module loading).
+        let (t, w) = once()?;
+        times.push(t);
+        wall.push(w);
+        if plan
+            .max_time
+            .is_some_and(|t| started.elapsed().as_secs_f64() >= t)
+        {
+            break;
+        }
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let med = median(&sorted);
+    wall.sort_by(f64::total_cmp);
+    Ok(Timing {
+        times,
+        sorted,
+        med,
+        wall,
+    })
+}
+
+/// Measures one transformer block at length `seq`: the blockwise CPU
+/// block's forward, backward or both (`--pass`), with `--check` comparing
+/// the first run with the f64 unfused block. Useful FLOPs: the
+/// projections and the FFN (a backward counts 2 forwards of them, the
+/// recomputation not counted) plus the mixer's unmasked pairs.
+fn measure_block(plan: &Plan, file: &str, spec: &BlockSpec, seq: usize, seed: u64) -> Result<Row> {
+    use mixc::runtime::block::{random_block_inputs, random_block_upstream, Block, BlockWeights};
+    let per_point = reset_peak_rss();
+    let device = match plan.backend {
+        Resolved::Reference => mixc::Device::Reference,
+        _ => mixc::Device::Cpu,
+    };
+    let options = mixc::Options {
+        device,
+        ranks: plan.opts_base.ranks,
+        sharding: plan.opts_base.sharding,
+        ..mixc::Options::default()
+    };
+    let block = Block::new(spec, options)?;
+    mixc::runtime::memory::admit_host(block.train_host_bytes(plan.batch, seq)?)?;
+    let weights = BlockWeights::random(spec, seed);
+    let x = random_block_inputs(spec, plan.batch, seq, seed);
+    let d_out = (plan.pass != Pass::Fwd).then(|| random_block_upstream(spec, plan.batch, seq, 1));
+    let mut max_rel_error = None;
+    let mut first = true;
+    let mut once = || -> Result<(f64, f64)> {
+        let (out, back) = match &d_out {
+            None => (block.forward(&x, &weights)?, None),
+            Some(g) => {
+                let (out, saved) = block.forward_train(&x, &weights)?;
+                (out, Some(block.backward(&x, &weights, &saved, g)?))
+            }
+        };
+        if first && plan.check {
+            max_rel_error = Some(
+                match (&back, &d_out) {
+                    (Some(b), Some(g)) => block.check_gradients(&x, &weights, g, &b.grads)?,
+                    _ => block.check(&x, &weights, &out.out)?,
+                }
+                .max_rel_error(),
+            );
+        }
+        first = false;
+        let t = match (&back, plan.pass) {
+            (None, _) => out.seconds,
+            (Some(b), Pass::Bwd) => b.seconds,
+            (Some(b), _) => out.seconds + b.seconds,
+        };
+        Ok((t, t))
+    };
+    let Timing {
+        times,
+        sorted,
+        med,
+        wall,
+    } = time_reps(plan, &mut once)?;
+    let m = &spec.mixer;
+    let mixer_inputs = mixc::MixerInputs::self_attention(
+        plan.batch,
+        seq,
+        inputs::empty_tensor(),
+        inputs::empty_tensor(),
+        inputs::empty_tensor(),
+        Default::default(),
+    );
+    let useful_pairs =
+        mixc::runtime::pairs::useful_pairs_per_head(m, &mixer_inputs) * u64::from(m.heads);
+    let tokens = (plan.batch * seq) as f64;
+    let dense = tokens * report::block_flops_per_token(spec);
+    let mixer = useful_pairs as f64 * report::flops_per_pair(m);
+    let flops = match plan.pass {
+        Pass::Fwd => dense + mixer,
+        Pass::Bwd => 2.0 * dense + 2.5 * mixer,
+        Pass::Fwdbwd => 3.0 * dense + 3.5 * mixer,
+    };
+    let row = empty_row(plan, file, m, seq, DType::F32);
+    Ok(Row {
+        spec: spec.name.clone(),
+        family: "block".into(),
+        backend: block.backend().name().to_string(),
+        reps: times.len(),
+        clock: "wall".into(),
+        config: Some(format!("block_rows {}", block.block_rows())),
+        config_source: Some("default".into()),
+        median_s: Some(med),
+        wall_median_s: Some(median(&wall)),
+        min_s: sorted.first().copied(),
+        max_s: sorted.last().copied(),
+        times_s: times,
+        tokens_per_s: Some(tokens / med),
+        useful_pairs,
+        useful_tflops: Some(flops / med / 1e12),
+        input_bytes: x.x.numel() * 4,
+        output_bytes: x.x.numel() * 4,
+        peak_rss_bytes: report::peak_rss_bytes(),
+        peak_rss_is_per_point: per_point,
+        max_rel_error,
+        tolerance: plan.check.then(|| match plan.pass {
+            Pass::Fwd => run::check_tolerance(DType::F32),
+            _ => mixc::runtime::check::grad_tolerance(DType::F32),
+        }),
+        ..row
     })
 }
 
@@ -506,10 +638,31 @@ pub fn main(args: Args) -> Result<ExitCode> {
     // Load every spec first: a typo in the last file should not cost a long run.
     let mut specs = Vec::new();
     for file in &args.files {
-        let mut spec = super::load_spec(file)?;
-        super::apply_shape_overrides(&mut spec, &args.set)
-            .with_context(|| format!("{}", file.display()))?;
-        specs.push((file.display().to_string(), spec));
+        let loaded = mixc::dsl::parse_any_file(file).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let shown = file.display().to_string();
+        match loaded {
+            SpecFile::Mixer(mut spec) => {
+                super::apply_shape_overrides(&mut spec, &args.set)
+                    .with_context(|| shown.clone())?;
+                specs.push((shown, SpecFile::Mixer(spec)));
+            }
+            SpecFile::Block(block) => {
+                for (set, flag) in [
+                    (!args.set.is_empty(), "--set"),
+                    (!args.dtype.is_empty(), "--dtype"),
+                    (args.decode.is_some(), "--decode"),
+                    (args.inputs.is_some(), "--inputs"),
+                ] {
+                    if set {
+                        bail!(
+                            "{flag} does not apply to block file {shown} (block `{}`)",
+                            block.name
+                        );
+                    }
+                }
+                specs.push((shown, SpecFile::Block(block)));
+            }
+        }
     }
     let dtypes: Vec<Option<DType>> = if args.dtype.is_empty() {
         vec![None]
@@ -553,14 +706,26 @@ pub fn main(args: Args) -> Result<ExitCode> {
             })
             .collect(),
     };
-    for (file, spec) in &specs {
+    for (file, loaded) in &specs {
         for (seq, source) in &sources {
             let seq = *seq;
-            for dtype in &dtypes {
+            let spec = loaded.mixer();
+            // A block computes in f32 whatever --dtype says (refused above).
+            let block_dtypes = [None];
+            let point_dtypes = match loaded {
+                SpecFile::Block(_) => &block_dtypes[..],
+                SpecFile::Mixer(_) => &dtypes[..],
+            };
+            for dtype in point_dtypes {
                 let dtype = dtype.unwrap_or(spec.dtype);
-                let row = match measure(&plan, file, spec, source, dtype) {
+                let measured = match loaded {
+                    SpecFile::Block(block) => measure_block(&plan, file, block, seq, args.seed),
+                    SpecFile::Mixer(spec) => measure(&plan, file, spec, source, dtype),
+                };
+                let row = match measured {
                     Ok(row) => row,
                     Err(e) if args.keep_going => Row {
+                        spec: loaded.name().to_string(),
                         error: Some(format!("{e:#}")),
                         ..empty_row(&plan, file, spec, seq, dtype)
                     },

@@ -10,9 +10,22 @@ use anyhow::{bail, Context, Result};
 use mixc::dsl::MixerSpec;
 use std::path::Path;
 
-/// Loads and validates a spec file; the error carries the rendered diagnostics.
+/// Loads and validates a spec file; the error carries the rendered
+/// diagnostics. A block file gives the mixer it wraps (what `gen`,
+/// `compile` and `tune` act on), with a note on stderr.
 pub fn load_spec(path: &Path) -> Result<MixerSpec> {
-    mixc::dsl::parse_file(path).map_err(|e| anyhow::anyhow!("{e}"))
+    match mixc::dsl::parse_any_file(path).map_err(|e| anyhow::anyhow!("{e}"))? {
+        mixc::dsl::SpecFile::Mixer(spec) => Ok(spec),
+        mixc::dsl::SpecFile::Block(block) => {
+            eprintln!(
+                "note: {} defines block `{}`; using the mixer it wraps, `{}`",
+                path.display(),
+                block.name,
+                block.mixer.name
+            );
+            Ok(block.mixer)
+        }
+    }
 }
 
 /// Shape keys a run may override (`--set heads=8`): the spec's arithmetic does

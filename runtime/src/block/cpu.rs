@@ -477,44 +477,40 @@ pub(crate) fn backward(
     }
     drop((tail, da, du, dup, dz));
 
-    // 2. The mixer's backward over the whole sequence.
+    // 2. The mixer's backward, one group of heads at a time where heads are
+    //    independent (else all at once), each group's dq, dk, dv taken
+    //    straight back through the rotary embedding and its rows of the
+    //    q/k/v projections into dh (so no whole-sequence dq, dk, dv).
     let m = &spec.mixer;
     let d_o = Tensor::new(vec![b, l, m.heads as usize, m.value_dim as usize], d_o);
-    let mg = block
-        .mixer()
-        .backward(&res.mixer_inputs, &res.o, &res.mixer, &d_o)?
-        .grads;
-    drop(d_o);
-    let (mut dq, mut dk, dv) = (mg.dq.data, mg.dk.data, mg.dv.data);
-
-    // 3. Per row block, back through the rotary embedding, the q/k/v
-    //    projections and norm1.
-    let mut h = vec![0.0f32; br * w];
-    let mut dh = vec![0.0f32; br * w];
-    for (r0, r1) in row_blocks(rows, br) {
-        let n = r1 - r0;
-        let hb = &mut h[..n * w];
-        norm_rows(&d.n1, &x[r0 * w..r1 * w], hb, w);
-        let hv = View::new(hb, n, w);
-        let dqb = &mut dq[r0 * d.qd..r1 * d.qd];
-        rope_block(spec, dqb, d.qd, r0, l, true);
-        let dkb = &mut dk[r0 * d.kd..r1 * d.kd];
-        rope_block(spec, dkb, d.kd, r0, l, true);
-        let dhb = &mut dh[..n * w];
-        let parts = [
-            (weight::WQ, View::new(dqb, n, d.qd)),
-            (weight::WK, View::new(dkb, n, d.kd)),
-            (weight::WV, View::new(&dv[r0 * d.vd..r1 * d.vd], n, d.vd)),
-        ];
-        for (i, (name, g)) in parts.into_iter().enumerate() {
-            gw.add_outer(name, g, hv);
-            matmul(dhb, g, d.wn(name), i > 0);
+    let mut dh = vec![0.0f32; rows * w];
+    let extra = match block.head_groups() {
+        Some((part, groups)) => {
+            for g in 0..groups {
+                let grads = group_backward(part, g, groups, res, &d_o)?;
+                project_back(&d, x, grads, (g, groups), &mut dh, &mut gw, (l, br));
+            }
+            Default::default()
         }
+        None => {
+            let mut grads = block
+                .mixer()
+                .backward(&res.mixer_inputs, &res.o, &res.mixer, &d_o)?
+                .grads;
+            let extra = std::mem::take(&mut grads.extra);
+            project_back(&d, x, grads, (0, 1), &mut dh, &mut gw, (l, br));
+            extra
+        }
+    };
+    drop(d_o);
+
+    // 3. Per row block, back through norm1.
+    for (r0, r1) in row_blocks(rows, br) {
         let (dg, db) = gw.pair(weight::NORM1, weight::NORM1_BIAS);
         norm_rows_backward(
             &d.n1,
             &x[r0 * w..r1 * w],
-            dhb,
+            &dh[r0 * w..r1 * w],
             &mut dx[r0 * w..r1 * w],
             w,
             dg,
@@ -529,6 +525,110 @@ pub(crate) fn backward(
             .into_iter()
             .map(|(n, g)| (n.clone(), Tensor::new(shapes[&n].clone(), g)))
             .collect(),
-        extra: mg.extra,
+        extra,
     })
+}
+
+/// Heads `g * n .. (g + 1) * n` of `[batch, seq, heads, d]` rows, `n` the
+/// group's heads.
+fn heads_of(t: &Tensor<f32>, g: usize, groups: usize) -> Tensor<f32> {
+    let (b, l, h, d) = (t.shape[0], t.shape[1], t.shape[2], t.shape[3]);
+    let n = h / groups;
+    let mut data = Vec::with_capacity(b * l * n * d);
+    for row in t.data.chunks_exact(h * d) {
+        data.extend_from_slice(&row[g * n * d..(g + 1) * n * d]);
+    }
+    Tensor::new(vec![b, l, n, d], data)
+}
+
+/// The mixer's backward for group `g` of `groups` groups of heads (heads
+/// independent, see `head_groups`): the group's q, k, v, o, upstream
+/// gradient and row statistic are sliced out and the group's mixer runs on
+/// them, so the mixer's own scratch is that of one group. The gradients
+/// are the group's, `[batch, seq, heads / groups, dim]`.
+fn group_backward(
+    part: &crate::mixer::Mixer,
+    g: usize,
+    groups: usize,
+    res: &BlockResiduals,
+    d_o: &Tensor<f32>,
+) -> Result<crate::grad::Gradients<f32>> {
+    let x = &res.mixer_inputs;
+    let (b, l) = (x.batch, x.seq);
+    let inputs = MixerInputs::self_attention(
+        b,
+        l,
+        heads_of(&x.q, g, groups),
+        heads_of(&x.k, g, groups),
+        heads_of(&x.v, g, groups),
+        Default::default(),
+    );
+    // The statistic is `[batch, heads, seq]`: the group's heads are one run
+    // of each batch row.
+    let stat = &res.mixer.stat;
+    let heads = x.q.shape[2];
+    let n = heads / groups;
+    let stat_g = if stat.data.is_empty() {
+        stat.clone()
+    } else {
+        let data = stat
+            .data
+            .chunks_exact(heads * l)
+            .flat_map(|bh| bh[g * n * l..(g + 1) * n * l].iter().copied())
+            .collect();
+        Tensor::new(vec![b, n, l], data)
+    };
+    let residuals = crate::mixer::Residuals::from_stat(stat_g, b, l);
+    Ok(part
+        .backward(
+            &inputs,
+            &heads_of(&res.o, g, groups),
+            &residuals,
+            &heads_of(d_o, g, groups),
+        )?
+        .grads)
+}
+
+/// Takes group `g`'s (of `groups`) mixer gradients back through the
+/// rotary embedding and the group's rows of the q, k, v projections, row
+/// block by row block (`(seq, block_rows)`): the projections' weight
+/// gradients for those rows, and `dh += dq Wq + dk Wk + dv Wv` restricted
+/// to them. `groups = 1`: every head.
+fn project_back(
+    d: &Dims<'_>,
+    x: &[f32],
+    grads: crate::grad::Gradients<f32>,
+    (g, groups): (usize, usize),
+    dh: &mut [f32],
+    gw: &mut WeightGrads,
+    (seq, br): (usize, usize),
+) {
+    let w = d.width;
+    let (mut dq, mut dk, dv) = (grads.dq.data, grads.dk.data, grads.dv.data);
+    let (qd, kd, vd) = (d.qd / groups, d.kd / groups, d.vd / groups);
+    let rows = dh.len() / w;
+    let mut h = vec![0.0f32; br.min(rows) * w];
+    for (r0, r1) in row_blocks(rows, br) {
+        let n = r1 - r0;
+        let hb = &mut h[..n * w];
+        norm_rows(&d.n1, &x[r0 * w..r1 * w], hb, w);
+        let hv = View::new(hb, n, w);
+        let dqb = &mut dq[r0 * qd..r1 * qd];
+        rope_block(d.spec, dqb, qd, r0, seq, true);
+        let dkb = &mut dk[r0 * kd..r1 * kd];
+        rope_block(d.spec, dkb, kd, r0, seq, true);
+        let dhb = &mut dh[r0 * w..r1 * w];
+        let parts = [
+            (weight::WQ, View::new(dqb, n, qd)),
+            (weight::WK, View::new(dkb, n, kd)),
+            (weight::WV, View::new(&dv[r0 * vd..r1 * vd], n, vd)),
+        ];
+        for (name, gv) in parts {
+            // The group's rows of the weight `[out, in]`.
+            let out = gv.cols;
+            let (a, z) = (g * out * w, (g + 1) * out * w);
+            matmul(&mut gw.get(name)[a..z], gv.t(), hv, true);
+            matmul(dhb, gv, View::new(&d.w.get(name)[a..z], out, w), true);
+        }
+    }
 }

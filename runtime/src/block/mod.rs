@@ -15,8 +15,10 @@
 //!
 //! Training keeps x, q, k, v, o and the mixer's per-row statistic (all
 //! O(L·d)); the backward recomputes each row block's `y`, norm and FFN
-//! hidden instead of storing them, then runs the mixer's backward and the
-//! projections' gradients block by block. Nothing of size `L x d_ff` or
+//! hidden instead of storing them, then runs the mixer's backward (in up
+//! to 4 groups of heads where heads are independent, so the mixer's
+//! scratch is a group's) and takes each group's dq, dk, dv straight back
+//! through its rows of the projections, block by block. Nothing of size `L x d_ff` or
 //! `L x L` is ever held: peak memory is the inputs, outputs, weights and
 //! their gradients, the O(L·d) residuals and one row block's scratch
 //! ([`Block::train_host_bytes`]).
@@ -262,12 +264,39 @@ pub const DEFAULT_BLOCK_ROWS: usize = 512;
 /// [`Block::train_host_bytes`].
 const THREAD_WORKING_SET: u64 = 1 << 20;
 
+/// The most groups of heads the backward splits the mixer into.
+const MAX_HEAD_GROUPS: u32 = 4;
+
 /// A block spec prepared for one backend (its mixer compiled once).
 #[derive(Debug)]
 pub struct Block {
     spec: BlockSpec,
     mixer: Mixer,
     block_rows: usize,
+    /// The mixer over `heads / groups` heads and the group count, where
+    /// heads are independent: the backward then runs the mixer one group of
+    /// heads at a time, so its scratch (copies of q, k, v and gradients in
+    /// the ring's layout) is a fraction of the whole.
+    head_groups: Option<(Mixer, usize)>,
+}
+
+/// How many groups of heads the backward of `m` may run in, each a mixer
+/// of `heads / groups` heads: more than one only when heads are
+/// independent and interchangeable (no bias, transform, decay or extra
+/// input, which could read `h` or `heads`), as many as divide `kv_heads`
+/// up to [`MAX_HEAD_GROUPS`].
+fn head_groups(m: &MixerSpec) -> u32 {
+    let independent = m.bias.is_none()
+        && m.transform.is_none()
+        && m.decay == mixc_dsl::Decay::None
+        && m.inputs.is_empty();
+    if !independent {
+        return 1;
+    }
+    (1..=MAX_HEAD_GROUPS.min(m.kv_heads))
+        .rev()
+        .find(|g| m.kv_heads.is_multiple_of(*g))
+        .unwrap_or(1)
 }
 
 impl Block {
@@ -287,10 +316,21 @@ impl Block {
             });
         }
         mixer.backward_support()?;
+        let groups = head_groups(&spec.mixer);
+        let head_groups = match mixer.backend() {
+            BackendKind::Cpu if groups > 1 => {
+                let mut part = spec.mixer.clone();
+                part.heads /= groups;
+                part.kv_heads /= groups;
+                Some((Mixer::new(&part, mixer.options().clone())?, groups as usize))
+            }
+            _ => None,
+        };
         Ok(Block {
             spec: spec.clone(),
             mixer,
             block_rows: DEFAULT_BLOCK_ROWS,
+            head_groups,
         })
     }
 
@@ -406,7 +446,24 @@ impl Block {
     /// per worker thread (GEMM packing, score tiles). Linear in `seq`; no
     /// `seq x d_ff` term.
     pub fn train_host_bytes(&self, batch: usize, seq: usize) -> Result<u64> {
-        let (mixer_inputs, mixer_rest) = self.mixer.train_host_bytes(batch, seq)?;
+        let (mixer_inputs, mixer_rest) = match &self.head_groups {
+            // The whole mixer's forward (its inputs, output and scratch),
+            // the upstream gradient, and one group's training step.
+            Some((part, _)) => {
+                let (inputs, forward) = self.mixer.host_bytes(batch, seq)?;
+                let (part_inputs, part_rest) = part.train_host_bytes(batch, seq)?;
+                let d_o = (batch * seq) as u64
+                    * u64::from(self.spec.mixer.heads * self.spec.mixer.value_dim)
+                    * 4;
+                (
+                    inputs,
+                    forward
+                        .max(part_inputs.saturating_add(part_rest))
+                        .saturating_add(d_o),
+                )
+            }
+            None => self.mixer.train_host_bytes(batch, seq)?,
+        };
         let m = &self.spec.mixer;
         let rows =
             crate::memory::checked_elems("the block's rows", &[("batch", batch), ("seq", seq)])?
@@ -430,6 +487,12 @@ impl Block {
 
     pub(crate) fn mixer(&self) -> &Mixer {
         &self.mixer
+    }
+
+    /// The per-group mixer and the number of head groups the backward runs
+    /// in (`None`: the whole mixer at once).
+    pub(crate) fn head_groups(&self) -> Option<(&Mixer, usize)> {
+        self.head_groups.as_ref().map(|(m, g)| (m, *g))
     }
 }
 
@@ -632,4 +695,33 @@ fn validate_upstream(spec: &BlockSpec, inputs: &BlockInputs, d_out: &Tensor<f32>
         name: "dout".into(),
         problem,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::head_groups;
+
+    /// Heads split into as many groups as divide kv_heads, up to 4, and
+    /// only when nothing in the spec can tell heads apart.
+    #[test]
+    fn head_groups_only_where_heads_are_interchangeable() {
+        let g = |src: &str| head_groups(&mixc_dsl::parse_str(src).unwrap());
+        assert_eq!(
+            g("mixer m { heads = 32; kv_heads = 8; head_dim = 8; mask = causal; }"),
+            4
+        );
+        assert_eq!(g("mixer m { heads = 12; kv_heads = 6; head_dim = 8; }"), 3);
+        assert_eq!(g("mixer m { heads = 4; kv_heads = 1; head_dim = 8; }"), 1);
+        assert_eq!(
+            g(
+                "mixer m { heads = 8; head_dim = 8; input slopes: f32[heads]; \
+               bias = -slopes[h] * (i - j); mask = causal; }"
+            ),
+            1
+        );
+        assert_eq!(
+            g("mixer m { heads = 8; head_dim = 8; transform = 30 * tanh(s / 30); }"),
+            1
+        );
+    }
 }
