@@ -260,6 +260,16 @@ fn bad_inputs_name_the_tensor() {
         .backward(&x, &w, &res, &Tensor::zeros(&[1, 9, 3]))
         .unwrap_err();
     assert!(e.to_string().contains("upstream gradient"), "{e}");
+    // Residuals of another block (other heads) are refused, not sliced.
+    let (_, gpt) = cases().remove(1);
+    let gpt_blk = Block::new(&gpt, Options::on(Device::Cpu)).unwrap();
+    let gx = BlockInputs::new(Tensor::zeros(&[1, 9, 10]));
+    let (_, gres) = gpt_blk
+        .forward_train(&gx, &BlockWeights::random(&gpt, 1))
+        .unwrap();
+    let e = blk.backward(&x, &w, &gres, &random_block_upstream(&spec, 1, 9, 1));
+    let e = e.unwrap_err().to_string();
+    assert!(e.contains("not saved by a forward of block `b`"), "{e}");
     let other = random_block_inputs(&spec, 1, 10, 2);
     let e = blk.backward(&other, &w, &res, &random_block_upstream(&spec, 1, 10, 1));
     assert!(e

@@ -426,6 +426,9 @@ impl Block {
                 ),
             });
         }
+        if self.mixer.backend() != BackendKind::Reference {
+            self.check_residuals(residuals)?;
+        }
         let grads = match self.mixer.backend() {
             BackendKind::Reference => {
                 reference::gradients(&self.spec, inputs, weights, d_out)?.to_f32()
@@ -483,6 +486,49 @@ impl Block {
             .saturating_add(4 * rows.saturating_mul(2 * w))
             .saturating_add(4 * (scratch + grads))
             .saturating_add(threads * THREAD_WORKING_SET))
+    }
+
+    /// Residuals saved by another block (other heads or dims) would be
+    /// sliced wrongly: refuse them, naming what differs.
+    fn check_residuals(&self, r: &BlockResiduals) -> Result<()> {
+        let m = &r.mixer_inputs;
+        let shapes = self.spec.mixer.tensor_shapes(m.batch, m.seq);
+        let o_shape = [
+            m.batch,
+            m.seq,
+            self.spec.mixer.heads as usize,
+            self.spec.mixer.value_dim as usize,
+        ];
+        let stat_ok = r.mixer.stat.data.is_empty()
+            || r.mixer.stat.shape == [m.batch, self.spec.mixer.heads as usize, m.seq];
+        let bad = [("q", &m.q), ("k", &m.k), ("v", &m.v)]
+            .into_iter()
+            .find(|(n, t)| t.shape != shapes[*n])
+            .map(|(n, t)| {
+                format!(
+                    "its `{n}` has shape {:?}, this block's {:?}",
+                    t.shape, shapes[n]
+                )
+            })
+            .or_else(|| {
+                (r.o.shape != o_shape).then(|| {
+                    format!(
+                        "its `o` has shape {:?}, this block's {o_shape:?}",
+                        r.o.shape
+                    )
+                })
+            })
+            .or_else(|| (!stat_ok).then(|| "its row statistic has another shape".to_string()));
+        match bad {
+            Some(problem) => Err(RuntimeError::BadInput {
+                name: "residuals".into(),
+                problem: format!(
+                    "not saved by a forward of block `{}` ({problem})",
+                    self.spec.name
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn mixer(&self) -> &Mixer {
