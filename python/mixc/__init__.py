@@ -171,8 +171,14 @@ def _f32(t):
 
 def _extra_args(m, extras):
     """(name, address, is_int) per extra input, and the tensors to keep alive."""
+    return _extra_args_of(m.info["inputs"], extras)
+
+
+def _extra_args_of(inputs, extras):
+    """(name, address, is_int) per extra input of a mixer whose inputs are
+    `inputs` (its info's), and the converted tensors to keep alive."""
     args, keep = [], []
-    for spec_in, t in zip(m.info["inputs"], extras):
+    for spec_in, t in zip(inputs, extras):
         if spec_in["dtype"] == "i32":
             c = t.detach().to(torch.int32).contiguous()
         else:
@@ -317,40 +323,71 @@ class Block(torch.nn.Module):
             out.append(p)
         return out
 
-    def forward(self, x):
+    def forward(self, x, **extra):
+        """`out [batch, seq, width]`; the mixer's extra inputs (segment ids,
+        tables, gates) are keyword arguments by their spec names, in the
+        shapes the mixer declares (float ones get gradients)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != self.width:
             raise ValueError(f"`x` must be [batch, seq, {self.width}] (block `{self.name}`), "
                              f"got {getattr(x, 'shape', x)!r}")
         _expect("x", x, tuple(x.shape), "f32")
         if x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(f"`x` must have at least one batch row and one position, got {list(x.shape)}")
-        return _BlockFn.apply(self, x, *self._weights())
+        inputs = self.info["mixer"]["inputs"]
+        names = [i["name"] for i in inputs]
+        unknown = sorted(set(extra) - set(names))
+        if unknown:
+            raise TypeError(f"block `{self.name}` has no input {', '.join(unknown)} (it takes {names or 'none'})")
+        missing = [n for n in names if n not in extra]
+        if missing:
+            raise TypeError(f"block `{self.name}` needs input {', '.join(missing)}")
+        b, seq = x.shape[0], x.shape[1]
+        extras = [extra[n] for n in names]
+        for spec_in, t in zip(inputs, extras):
+            shape = [b if d == "batch" else seq if d == "seq" else d for d in spec_in["dims"]]
+            _expect(spec_in["name"], t, shape, spec_in["dtype"])
+        return _BlockFn.apply(self, x, len(extras), *extras, *self._weights())
 
 
 class _BlockFn(torch.autograd.Function):
+    """apply(block, x, n_extra, *extras, *weights)."""
+
     @staticmethod
-    def forward(ctx, block, x, *weights):
+    def forward(ctx, block, x, n_extra, *rest):
+        extras, weights = rest[:n_extra], rest[n_extra:]
         xc = _f32(x)
         ws = [_f32(w) for w in weights]
+        minfo = block.info["mixer"]
+        args, keep = _extra_args_of(minfo["inputs"], extras)
         out = torch.empty_like(xc)
         lengths = (xc.shape[0], xc.shape[1])
         train = any(ctx.needs_input_grad[1:])
         named = [(n, w.data_ptr()) for n, w in zip(block._names, ws)]
-        saved = block._b.forward(lengths, xc.data_ptr(), named, out.data_ptr(), train)
-        ctx.block, ctx.saved_handle, ctx.lengths = block, saved, lengths
+        saved = block._b.forward(lengths, xc.data_ptr(), args, named, out.data_ptr(), train)
+        ctx.block, ctx.saved_handle, ctx.lengths, ctx.n_extra = block, saved, lengths, n_extra
         ctx.dtypes = [x.dtype] + [w.dtype for w in weights]
-        ctx.save_for_backward(xc, *ws)
+        ctx.extra_dtypes = [t.dtype for t in extras]
+        ctx.save_for_backward(xc, *keep, *ws)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, d_out):
-        xc, *ws = ctx.saved_tensors
+        xc, *rest = ctx.saved_tensors
+        keep, ws = rest[:ctx.n_extra], rest[ctx.n_extra:]
         block = ctx.block
+        minfo = block.info["mixer"]
+        args = [(i["name"], t.data_ptr(), i["dtype"] == "i32") for i, t in zip(minfo["inputs"], keep)]
         g = _f32(d_out)
         dx = torch.empty_like(xc)
         dws = [torch.empty_like(w) for w in ws]
+        diff = set(minfo["differentiable"])
+        dex = [torch.zeros(t.shape, dtype=torch.float32) if i["name"] in diff else None
+               for i, t in zip(minfo["inputs"], keep)]
         named = [(n, w.data_ptr()) for n, w in zip(block._names, ws)]
         dnamed = [(n, d.data_ptr()) for n, d in zip(block._names, dws)]
-        block._b.backward(ctx.saved_handle, ctx.lengths, xc.data_ptr(), named, g.data_ptr(), dx.data_ptr(), dnamed)
+        dex_named = [(i["name"], d.data_ptr()) for i, d in zip(minfo["inputs"], dex) if d is not None]
+        block._b.backward(ctx.saved_handle, ctx.lengths, xc.data_ptr(), args, named, g.data_ptr(),
+                          dx.data_ptr(), dnamed, dex_named)
         grads = [d.to(t) for d, t in zip([dx] + dws, ctx.dtypes)]
-        return (None, *grads)
+        dex = [None if d is None else d.to(t) for d, t in zip(dex, ctx.extra_dtypes)]
+        return (None, grads[0], None, *dex, *grads[1:])

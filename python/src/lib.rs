@@ -85,6 +85,74 @@ unsafe fn write<T: Copy>(addr: usize, data: &[T]) {
     unsafe { std::slice::from_raw_parts_mut(addr as *mut T, data.len()) }.copy_from_slice(data);
 }
 
+/// A mixer's facts for the Python side: `name`, `family`, `heads`,
+/// `kv_heads`, `head_dim`, `value_dim`, `reads_qk`, `inputs` (name,
+/// `f32`/`i32`, dims as ints or `batch`/`seq`) and `differentiable`.
+fn mixer_info<'py>(py: Python<'py>, s: &MixerSpec) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("name", &s.name)?;
+    d.set_item("family", s.family.name())?;
+    d.set_item("heads", s.heads)?;
+    d.set_item("kv_heads", s.kv_heads)?;
+    d.set_item("head_dim", s.head_dim)?;
+    d.set_item("value_dim", s.value_dim)?;
+    d.set_item("reads_qk", matches!(s.score, mixc::dsl::Score::Dot { .. }))?;
+    let inputs = PyList::empty(py);
+    for i in &s.inputs {
+        let e = PyDict::new(py);
+        e.set_item("name", &i.name)?;
+        let elem = if i.elem == mixc::dsl::ElemType::I32 {
+            "i32"
+        } else {
+            "f32"
+        };
+        e.set_item("dtype", elem)?;
+        let dims = PyList::empty(py);
+        for dim in &i.dims {
+            match dim {
+                mixc::dsl::Dim::Fixed(n) => dims.append(*n)?,
+                mixc::dsl::Dim::Batch => dims.append("batch")?,
+                mixc::dsl::Dim::Seq => dims.append("seq")?,
+                mixc::dsl::Dim::Heads => dims.append(s.heads)?,
+                mixc::dsl::Dim::KvHeads => dims.append(s.kv_heads)?,
+            }
+        }
+        e.set_item("dims", dims)?;
+        inputs.append(e)?;
+    }
+    d.set_item("inputs", inputs)?;
+    d.set_item(
+        "differentiable",
+        mixc::runtime::grad::differentiable_inputs(s),
+    )?;
+    Ok(d)
+}
+
+/// The extra inputs, copied from the caller's buffers at the shapes the
+/// spec gives them (names it does not declare are skipped).
+///
+/// # Safety
+/// Each address holds its input's element count of i32 (`is_int`) or f32.
+unsafe fn read_extras(
+    shapes: &BTreeMap<String, Vec<usize>>,
+    extras: &[ExtraArg],
+) -> BTreeMap<String, ExtraTensor> {
+    let mut out = BTreeMap::new();
+    for (name, addr, is_int) in extras {
+        let Some(s) = shapes.get(name) else { continue };
+        let n = s.iter().product();
+        let t = if *is_int {
+            // SAFETY: forwarded from this function's contract.
+            ExtraTensor::I32(Tensor::new(s.clone(), unsafe { read::<i32>(*addr, n) }))
+        } else {
+            // SAFETY: as above.
+            ExtraTensor::F32(Tensor::new(s.clone(), unsafe { read::<f32>(*addr, n) }))
+        };
+        out.insert(name.clone(), t);
+    }
+    out
+}
+
 /// The lengths of one call: batch, queries, keys, and the position of
 /// query 0 among the keys.
 type Lengths = (usize, usize, usize, usize);
@@ -115,17 +183,8 @@ impl Mixer {
         let (q, k, v) = (tensor("q", qkv.0), tensor("k", qkv.1), tensor("v", qkv.2));
         let mut x = MixerInputs::new(q, k, v);
         (x.batch, x.seq, x.kv_seq, x.q_offset) = lengths;
-        for (name, addr, is_int) in extras {
-            let Some(s) = shapes.get(name) else { continue };
-            let n = s.iter().product();
-            let t = if *is_int {
-                // SAFETY: as above.
-                ExtraTensor::I32(Tensor::new(s.clone(), unsafe { read::<i32>(*addr, n) }))
-            } else {
-                ExtraTensor::F32(Tensor::new(s.clone(), unsafe { read::<f32>(*addr, n) }))
-            };
-            x.extra.insert(name.clone(), t);
-        }
+        // SAFETY: as above.
+        x.extra = unsafe { read_extras(&shapes, extras) };
         x
     }
 }
@@ -160,46 +219,7 @@ impl Mixer {
     /// and `differentiable` (the inputs that get a gradient).
     #[getter]
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = &self.spec;
-        let d = PyDict::new(py);
-        d.set_item("name", &s.name)?;
-        d.set_item("family", s.family.name())?;
-        d.set_item("heads", s.heads)?;
-        d.set_item("kv_heads", s.kv_heads)?;
-        d.set_item("head_dim", s.head_dim)?;
-        d.set_item("value_dim", s.value_dim)?;
-        d.set_item("reads_qk", matches!(s.score, mixc::dsl::Score::Dot { .. }))?;
-        let inputs = PyList::empty(py);
-        for i in &s.inputs {
-            let e = PyDict::new(py);
-            e.set_item("name", &i.name)?;
-            e.set_item(
-                "dtype",
-                if i.elem == mixc::dsl::ElemType::I32 {
-                    "i32"
-                } else {
-                    "f32"
-                },
-            )?;
-            let dims = PyList::empty(py);
-            for dim in &i.dims {
-                match dim {
-                    mixc::dsl::Dim::Fixed(n) => dims.append(*n)?,
-                    mixc::dsl::Dim::Batch => dims.append("batch")?,
-                    mixc::dsl::Dim::Seq => dims.append("seq")?,
-                    mixc::dsl::Dim::Heads => dims.append(s.heads)?,
-                    mixc::dsl::Dim::KvHeads => dims.append(s.kv_heads)?,
-                }
-            }
-            e.set_item("dims", dims)?;
-            inputs.append(e)?;
-        }
-        d.set_item("inputs", inputs)?;
-        d.set_item(
-            "differentiable",
-            mixc::runtime::grad::differentiable_inputs(s),
-        )?;
-        Ok(d)
+        mixer_info(py, &self.spec)
     }
 
     /// The forward pass: writes `o` (f32 `[batch, seq, heads, value_dim]`)
@@ -354,19 +374,25 @@ impl Block {
         Ok(mixc::runtime::block::BlockWeights { tensors })
     }
 
-    /// x `[batch, seq, width]` copied from `addr`.
+    /// x `[batch, seq, width]` copied from `addr`, and the mixer's extra
+    /// inputs from theirs.
     ///
     /// # Safety
-    /// `addr` holds batch * seq * width f32.
+    /// `addr` holds batch * seq * width f32; the extras as [`read_extras`].
     unsafe fn x(
         &self,
         (batch, seq): (usize, usize),
         addr: usize,
+        extras: &[ExtraArg],
     ) -> mixc::runtime::block::BlockInputs {
         let shape = vec![batch, seq, self.spec.width as usize];
         // SAFETY: forwarded from this function's contract.
         let data = unsafe { read::<f32>(addr, shape.iter().product()) };
-        mixc::runtime::block::BlockInputs::new(Tensor::new(shape, data))
+        let mut x = mixc::runtime::block::BlockInputs::new(Tensor::new(shape, data));
+        let shapes = self.spec.mixer.tensor_shapes(batch, seq);
+        // SAFETY: as above, for the mixer's extra inputs.
+        x.extra = unsafe { read_extras(&shapes, extras) };
+        x
     }
 }
 
@@ -386,12 +412,6 @@ impl Block {
     ) -> PyResult<Self> {
         let spec = mixc::dsl::parse_block_str(text)
             .map_err(|d| SpecError::new_err(d.render(origin, text)))?;
-        if !spec.mixer.inputs.is_empty() {
-            return Err(PyNotImplementedError::new_err(format!(
-                "block `{}`: its mixer `{}` reads extra inputs, which blocks do not take from Python yet",
-                spec.name, spec.mixer.name
-            )));
-        }
         let device = device_of(device)?;
         let opts = Options {
             threads,
@@ -417,6 +437,7 @@ impl Block {
             w.set_item(name, shape)?;
         }
         d.set_item("weights", w)?;
+        d.set_item("mixer", mixer_info(py, &self.spec.mixer)?)?;
         Ok(d)
     }
 
@@ -438,18 +459,20 @@ impl Block {
 
     /// The forward: writes `out` (f32 `[batch, seq, width]`); with `train`
     /// returns what the backward needs.
-    #[pyo3(signature = (lengths, x, weights, out, train))]
+    #[pyo3(signature = (lengths, x, extras, weights, out, train))]
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         py: Python<'_>,
         lengths: (usize, usize),
         x: usize,
+        extras: Vec<ExtraArg>,
         weights: Vec<(String, usize)>,
         out: usize,
         train: bool,
     ) -> PyResult<Option<BlockSaved>> {
         // SAFETY: the documented contract, checked by the Python side.
-        let (xi, w) = unsafe { (self.x(lengths, x), self.weights(&weights)?) };
+        let (xi, w) = unsafe { (self.x(lengths, x, &extras), self.weights(&weights)?) };
         let (o, saved) = py
             .detach(|| {
                 if train {
@@ -464,9 +487,10 @@ impl Block {
         Ok(saved.map(|res| BlockSaved { res }))
     }
 
-    /// The backward: writes dx and each weight's gradient (`dweights`, by
-    /// name) for the upstream gradient `d_out` (x's shape).
-    #[pyo3(signature = (saved, lengths, x, weights, d_out, dx, dweights))]
+    /// The backward: writes dx, each weight's gradient (`dweights`, by
+    /// name) and each float extra input's (`dextras`) for the upstream
+    /// gradient `d_out` (x's shape).
+    #[pyo3(signature = (saved, lengths, x, extras, weights, d_out, dx, dweights, dextras))]
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
@@ -474,14 +498,16 @@ impl Block {
         saved: &BlockSaved,
         lengths: (usize, usize),
         x: usize,
+        extras: Vec<ExtraArg>,
         weights: Vec<(String, usize)>,
         d_out: usize,
         dx: usize,
         dweights: Vec<(String, usize)>,
+        dextras: Vec<(String, usize)>,
     ) -> PyResult<()> {
         // SAFETY: the documented contract, checked by the Python side.
         let (xi, w, g) = unsafe {
-            let xi = self.x(lengths, x);
+            let xi = self.x(lengths, x, &extras);
             let g = Tensor::new(xi.x.shape.clone(), read::<f32>(d_out, xi.x.numel()));
             (xi, self.weights(&weights)?, g)
         };
@@ -491,9 +517,15 @@ impl Block {
         // SAFETY: each destination holds its tensor's element count (checked).
         unsafe {
             write(dx, &back.grads.dx.data);
-            for (name, addr) in &dweights {
-                if let Some(t) = back.grads.weights.get(name) {
-                    write(*addr, &t.data);
+            let named = [
+                (&dweights, &back.grads.weights),
+                (&dextras, &back.grads.extra),
+            ];
+            for (dests, grads) in named {
+                for (name, addr) in dests {
+                    if let Some(t) = grads.get(name) {
+                        write(*addr, &t.data);
+                    }
                 }
             }
         }

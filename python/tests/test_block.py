@@ -22,7 +22,7 @@ block gpt { width = 16; norm = layernorm(1e-5); ffn = gelu(64); }
 """
 
 
-def torch_block(x, p, heads, kv_heads, head_dim, norm, ffn, rope, eps):
+def torch_block(x, p, heads, kv_heads, head_dim, norm, ffn, rope, eps, attend=None):
     """The block in plain PyTorch, parameters by their Hugging Face names."""
     b, L, w = x.shape
 
@@ -49,7 +49,10 @@ def torch_block(x, p, heads, kv_heads, head_dim, norm, ffn, rope, eps):
     group = heads // kv_heads
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     kt, vt = kt.repeat_interleave(group, 1), vt.repeat_interleave(group, 1)
-    o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=1 / math.sqrt(head_dim))
+    if attend is None:
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=1 / math.sqrt(head_dim))
+    else:
+        o = attend(qt, kt, vt)
     o = o.transpose(1, 2).reshape(b, L, heads * head_dim)
     y = x + o @ p["self_attn.o_proj.weight"].T
     z = nrm(y, "post_attention_layernorm")
@@ -122,3 +125,53 @@ def test_block_refuses_bad_inputs():
         block(torch.randn(1, 0, 16))
     with pytest.raises(mixc.SpecError, match="block"):
         mixc.Block("mixer a { heads = 2; head_dim = 4; }\nblock b { width = 0; norm = rmsnorm; ffn = gelu(4); }")
+
+
+DOCS = """
+mixer attn {
+    heads = 4; kv_heads = 2; head_dim = 8;
+    input doc: i32[batch, seq];
+    input slopes: f32[heads];
+    bias = -slopes[h] * (i - j);
+    mask = causal && segment(doc);
+}
+block packed { width = 24; norm = rmsnorm(1e-6); ffn = swiglu(40); rope = 10000; }
+"""
+
+
+def test_block_passes_the_mixers_inputs_and_returns_their_gradients():
+    """Packed documents (segment ids) and a learned ALiBi-style slope table:
+    the block equals the PyTorch block with the same mask and bias, and the
+    slopes get their gradient."""
+    torch.manual_seed(0)
+    block = mixc.Block(DOCS, block_rows=8)
+    b, L = 2, 19
+    x = torch.randn(b, L, 24, requires_grad=True)
+    doc = torch.tensor([[0] * 7 + [1] * 12, [0] * 19], dtype=torch.int32)
+    slopes = torch.rand(4, requires_grad=True)
+    out = block(x, doc=doc, slopes=slopes)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+
+    params = {n: t.detach().double() for n, t in block.named_parameters()}
+    s64 = slopes.detach().double().requires_grad_()
+    pos = torch.arange(L)
+    allowed = (pos[None, :] <= pos[:, None])[None] & (doc[:, :, None] == doc[:, None, :])  # [b, i, j]
+    bias = -s64[None, :, None, None] * (pos[:, None] - pos[None, :]).double()[None, None]
+    mask = torch.where(allowed[:, None], bias, torch.tensor(float("-inf"), dtype=torch.float64))
+
+    def attend(qt, kt, vt):
+        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=1 / math.sqrt(8))
+
+    x64 = x.detach().double().requires_grad_()
+    want = torch_block(x64, params, heads=4, kv_heads=2, head_dim=8, norm="rms", ffn="swiglu",
+                       rope=10000.0, eps=1e-6, attend=attend)
+    (want * g.double()).sum().backward()
+    assert (out.double() - want).abs().max().item() <= 2e-5 * want.abs().max().item()
+    for name, got, ref in [("x", x.grad, x64.grad), ("slopes", slopes.grad, s64.grad)]:
+        err = (got.double() - ref).abs().max().item() / ref.abs().max().item()
+        assert err <= 1e-4, f"gradient of {name}: {err:.2e}"
+    with pytest.raises(TypeError, match="needs input doc"):
+        block(x, slopes=slopes)
+    with pytest.raises(ValueError, match=r"`doc` has shape \[2, 5\], expected \[2, 19\]"):
+        block(x, doc=doc[:, :5], slopes=slopes)
