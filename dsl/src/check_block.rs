@@ -4,7 +4,9 @@
 //! The file is first cut into top-level items. Each mixer item goes through
 //! the ordinary mixer front end (`syntax::parse_spec` and `check::check`) on
 //! its own tokens, so its diagnostics are exactly those of a mixer file and
-//! its spans those of this file. The block body is split by the same
+//! its spans those of this file. A `mixer NAME { ... }` written inside the
+//! block body (an inline mixer) is taken out first and goes through the same
+//! front end. The rest of the block body is split by the same
 //! `syntax::parse_body` as a mixer body; its keys are checked one by one,
 //! then against the mixer they name. A rule that depends on something that
 //! already failed (a mixer with errors, a key that did not parse, an item
@@ -292,13 +294,100 @@ enum MixerRef<'a> {
     Failed,
 }
 
+/// A `mixer NAME { ... }` item written inside a block body.
+struct InlineMixer {
+    keyword: Span,
+    name: Option<Ident>,
+    /// `None`: it has errors (already reported).
+    spec: Option<MixerSpec>,
+}
+
+/// Does an inline mixer start at `toks[i]`? `at_start`: `toks[i]` begins
+/// an item. Returns the index after its attributes and `{ ... }` body.
+fn inline_mixer_end(toks: &[TokenTree], i: usize, at_start: bool) -> Option<usize> {
+    let mut at = i;
+    if at_start {
+        while at + 1 < toks.len()
+            && is_punct(&toks[at], '#')
+            && matches!(&toks[at + 1], TokenTree::Group(g) if g.delimiter() == Delimiter::Bracket)
+        {
+            at += 2;
+        }
+    }
+    let is_brace = |t: Option<&TokenTree>| matches!(t, Some(TokenTree::Group(g)) if g.delimiter() == Delimiter::Brace);
+    if !toks.get(at).is_some_and(|t| is_ident(t, "mixer")) {
+        return None;
+    }
+    match toks.get(at + 1) {
+        // `mixer NAME { ... }`, wherever it stands.
+        Some(TokenTree::Ident(_)) if is_brace(toks.get(at + 2)) => Some(at + 3),
+        // `mixer { ... }` (its missing name is reported by `parse_spec`).
+        t if at_start && is_brace(t) => Some(at + 2),
+        _ => None,
+    }
+}
+
+/// Takes the inline `mixer` items out of a block body: each runs through
+/// the mixer front end on its own tokens, exactly as a top-level one. The
+/// rest of the body (keys) is returned for `parse_body`. An inline mixer
+/// ends at its `}`; a `;` after it is an empty item, which is harmless.
+fn take_inline_mixers(
+    body: TokenStream,
+    diags: &mut Diagnostics,
+) -> (TokenStream, Vec<InlineMixer>) {
+    let toks: Vec<TokenTree> = body.into_iter().collect();
+    let mut rest: Vec<TokenTree> = Vec::new();
+    let mut inline = Vec::new();
+    let mut at_start = true;
+    let mut i = 0;
+    while i < toks.len() {
+        let Some(end) = inline_mixer_end(&toks, i, at_start) else {
+            at_start = is_punct(&toks[i], ';');
+            rest.push(toks[i].clone());
+            i += 1;
+            continue;
+        };
+        let item = &toks[i..end];
+        let kw = item
+            .iter()
+            .find(|t| is_ident(t, "mixer"))
+            .map_or_else(|| toks[i].span(), |t| t.span());
+        if !at_start {
+            // The key before it lacks its `;`: end that key here.
+            diags.error_hint(
+                kw,
+                "expected `;`, found `mixer`",
+                "every key ends with `;`; an inline mixer ends at its `}`",
+            );
+            let mut semi = proc_macro2::Punct::new(';', proc_macro2::Spacing::Alone);
+            semi.set_span(kw);
+            rest.push(TokenTree::Punct(semi));
+        }
+        let name = match item.iter().skip_while(|t| !is_ident(t, "mixer")).nth(1) {
+            Some(TokenTree::Ident(id)) => Some(id.unraw()),
+            _ => None,
+        };
+        let ts: TokenStream = item.iter().cloned().collect();
+        let spec = parse_spec(ts, diags).and_then(|raw| check::check(raw, diags));
+        inline.push(InlineMixer {
+            keyword: kw,
+            name,
+            spec,
+        });
+        at_start = true;
+        i = end;
+    }
+    (rest.into_iter().collect(), inline)
+}
+
 fn check_block(
     block: &BlockItem,
     mixers: &[MixerEntry],
     unreadable: bool,
     diags: &mut Diagnostics,
 ) -> Option<BlockSpec> {
-    let (items, broken) = parse_body(block.body.stream(), BodyKind::Block, diags);
+    let (body, inline) = take_inline_mixers(block.body.stream(), diags);
+    let (items, broken) = parse_body(body, BodyKind::Block, diags);
     let mut ck = Checker::new(diags);
     let name = &block.name;
 
@@ -364,14 +453,17 @@ fn check_block(
         }
     }
 
-    let mixer = resolve_mixer(
-        &mut ck,
-        block,
-        get("mixer"),
-        is_broken("mixer"),
-        mixers,
-        unreadable,
-    );
+    let mixer = match inline.as_slice() {
+        [] => resolve_mixer(
+            &mut ck,
+            block,
+            get("mixer"),
+            is_broken("mixer"),
+            mixers,
+            unreadable,
+        ),
+        [first, more @ ..] => inline_mixer(&mut ck, block, first, more, get("mixer")),
+    };
     if let MixerRef::Found(m, at) = mixer {
         if let Score::Filter { .. } = m.score {
             ck.err_hint(
@@ -407,6 +499,54 @@ fn check_block(
         ffn: ffn?,
         rope: rope.map(|base| Rope { base }),
     })
+}
+
+/// The block's inline mixer, unless there are several or `mixer = NAME;`
+/// names one as well (each reported; its own errors were reported already).
+fn inline_mixer<'m>(
+    ck: &mut Checker<'_>,
+    block: &BlockItem,
+    first: &'m InlineMixer,
+    more: &[InlineMixer],
+    key: Option<&KeyItem>,
+) -> MixerRef<'m> {
+    let bname = &block.name;
+    let line = line_of(first.keyword);
+    let what = match &first.name {
+        Some(n) => format!("inline mixer `{n}`"),
+        None => "inline mixer".to_string(),
+    };
+    let mut ok = true;
+    for extra in more {
+        ok = false;
+        ck.err_hint(
+            extra.keyword,
+            format!("block `{bname}` has a second inline mixer"),
+            format!(
+                "a block wraps one mixer and the {what} on line {line} is the first: remove one, or move it out of the block"
+            ),
+        );
+    }
+    if let Some(k) = key {
+        ok = false;
+        ck.err_hint(
+            k.key.span(),
+            format!(
+                "block `{bname}` has both an inline mixer and `mixer = {};`",
+                show(&k.value)
+            ),
+            format!(
+                "the {what} on line {line} is the block's mixer: remove `mixer = {};`",
+                show(&k.value)
+            ),
+        );
+    }
+    match &first.spec {
+        Some(spec) if ok => {
+            MixerRef::Found(spec, first.name.as_ref().map_or(first.keyword, Ident::span))
+        }
+        _ => MixerRef::Failed,
+    }
 }
 
 /// The mixer the block wraps: the one `mixer = NAME` names, or the file's

@@ -108,6 +108,67 @@ fn block_may_come_before_its_mixers() {
     assert_eq!(b.mixer.kv_heads, 2);
 }
 
+/// `ATTN` written inside a block body (indented by `block_only`).
+const ATTN_INLINE: &str =
+    "mixer attn {\n    heads = 8;\n    kv_heads = 2;\n    head_dim = 64;\n    mask = causal;\n}";
+
+#[test]
+fn inline_mixer_is_the_same_block_as_by_name() {
+    let keys = format!("{KEYS_OK}\nrope = 10000;");
+    let by_name = parse_block_str(&block(&format!("mixer = attn;\n{keys}"))).unwrap();
+    let omitted = parse_block_str(&block(&keys)).unwrap();
+    // Inline, first or between keys, with no top-level mixer.
+    let first = parse_block_str(&block_only(&format!("{ATTN_INLINE}\n{keys}"))).unwrap();
+    let between = parse_block_str(&block_only(&format!(
+        "width = 512;\n{ATTN_INLINE}\nnorm = rmsnorm;\nffn = swiglu(1792);\nrope = 10000;"
+    )))
+    .unwrap();
+    assert_eq!(first, by_name);
+    assert_eq!(between, by_name);
+    assert_eq!(omitted, by_name);
+    // A top-level mixer beside it is unused, as today.
+    let beside = format!(
+        "mixer other {{ heads = 4; head_dim = 32; }}\n{}",
+        block_only(&format!("{keys}\n{ATTN_INLINE}"))
+    );
+    assert_eq!(parse_block_str(&beside).unwrap(), by_name);
+    // Even one of the same name.
+    let same_name = block(&format!(
+        "{keys}\n{}",
+        ATTN_INLINE.replace("heads = 8", "heads = 16")
+    ));
+    assert_eq!(parse_block_str(&same_name).unwrap().mixer.heads, 16);
+    assert!(matches!(parse_any_str(&beside), Ok(SpecFile::Block(b)) if b == by_name));
+}
+
+#[test]
+fn inline_mixer_with_a_stray_semicolon() {
+    let by_name = parse_block_str(&block(&format!("mixer = attn;\n{KEYS_OK}"))).unwrap();
+    let src = block_only(&format!("{ATTN_INLINE};\n{KEYS_OK}"));
+    assert_eq!(parse_block_str(&src).unwrap(), by_name);
+    let src = block_only(&format!("{KEYS_OK}\n{ATTN_INLINE};"));
+    assert_eq!(parse_block_str(&src).unwrap(), by_name);
+    // Doc comments before it are accepted, as before a top-level mixer.
+    let src = block_only(&format!("{KEYS_OK}\n/// The mixer.\n{ATTN_INLINE}"));
+    assert_eq!(parse_block_str(&src).unwrap(), by_name);
+}
+
+#[test]
+fn inline_mixer_example() {
+    let b = block_example("inline_mixer");
+    assert_eq!(b.name, "inline_mixer");
+    assert_eq!(b.mixer.name, "attn");
+    assert_eq!(
+        (b.mixer.heads, b.mixer.kv_heads, b.mixer.head_dim),
+        (8, 2, 64)
+    );
+    assert_eq!(b.rope.map(|r| r.base), Some(10000.0));
+    let src = std::fs::read_to_string(examples_dir().join("blocks/inline_mixer.mix")).unwrap();
+    assert!(matches!(parse_any_str(&src), Ok(SpecFile::Block(ref a)) if *a == b));
+    // Read as a mixer file, it is refused at `block`.
+    assert!(parse_str(&src).is_err());
+}
+
 #[test]
 fn eps_forms_and_rope_literals() {
     let b = parse_block_str(&block(
@@ -303,6 +364,13 @@ invalid! {
     convolution_mixer: diagnose_block(format!("{CONV}\n{}", block_only(&format!("mixer = conv;\n{KEYS_OK}"))));
     rope_with_odd_head_dim: diagnose_block(format!("mixer attn {{\n    heads = 8;\n    head_dim = 63;\n}}\n\n{}", block_only(&format!("{KEYS_OK}\nrope = 10000;"))));
 
+    // ---- inline mixer ----
+    inline_mixer_and_mixer_key: diagnose_block(block_only(&format!("{ATTN_INLINE}\nmixer = attn;\n{KEYS_OK}")));
+    two_inline_mixers: diagnose_block(block_only(&format!("{ATTN_INLINE}\n{}\n{KEYS_OK}", ATTN_INLINE.replace("attn", "other"))));
+    inline_mixer_error_of_its_own: diagnose_block(block_only(&format!("{}\n{KEYS_OK}\nrope = 10000;", ATTN_INLINE.replace("causal", "causl"))));
+    inline_mixer_missing_name: diagnose_block(block_only(&format!("{}\n{KEYS_OK}", ATTN_INLINE.replace("mixer attn", "mixer"))));
+    inline_mixer_after_missing_semicolon: diagnose_block(block_only(&format!("width = 512\n{ATTN_INLINE}\nnorm = rmsnorm;\nffn = swiglu(1792);")));
+
     // ---- values ----
     width_zero: diagnose_block(block("width = 0;\nnorm = rmsnorm;\nffn = swiglu(1792);"));
     width_float: diagnose_block(block("width = 1.5;\nnorm = rmsnorm;\nffn = swiglu(1792);"));
@@ -422,7 +490,7 @@ fn soup() -> impl Strategy<Value = String> {
 }
 
 fn block_examples() -> Vec<String> {
-    let mut v: Vec<String> = ["llama_block", "gpt_bpt"]
+    let mut v: Vec<String> = ["llama_block", "gpt_bpt", "inline_mixer"]
         .iter()
         .map(|n| std::fs::read_to_string(examples_dir().join(format!("blocks/{n}.mix"))).unwrap())
         .collect();
@@ -481,7 +549,7 @@ proptest! {
 
     #[test]
     fn mutated_block_examples_never_panic(
-        idx in 0..3usize,
+        idx in 0..4usize,
         edits in prop::collection::vec((any::<u8>(), any::<usize>(), any::<usize>()), 1..4),
     ) {
         let src = mutate(&block_examples()[idx], &edits);
