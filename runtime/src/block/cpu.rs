@@ -149,14 +149,14 @@ impl<'a> Dims<'a> {
 
     /// A weight `[out, in]` as the right operand of `x · Wᵀ`.
     fn wt(&self, name: &str) -> View<'a> {
-        let s = &self.spec.weight_shapes()[name];
-        View::new(self.w.get(name), s[0], s[1]).t()
+        self.wn(name).t()
     }
 
-    /// A weight `[out, in]` as the right operand of `g · W`.
+    /// A weight `[out, in]` as the right operand of `g · W` (its shape is
+    /// the spec's: validation checked it).
     fn wn(&self, name: &str) -> View<'a> {
-        let s = &self.spec.weight_shapes()[name];
-        View::new(self.w.get(name), s[0], s[1])
+        let t = &self.w.tensors[name];
+        View::new(&t.data, t.shape[0], t.shape[1])
     }
 }
 

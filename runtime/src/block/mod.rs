@@ -245,14 +245,6 @@ pub struct BlockResiduals {
     pub(crate) mixer: Residuals,
 }
 
-impl BlockResiduals {
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        let m = &self.mixer_inputs;
-        (m.q.numel() + m.k.numel() + m.v.numel() + self.o.numel()) * 4 + self.mixer.stat.numel() * 8
-    }
-}
-
 /// The default rows per block of the blockwise schedule: large enough that
 /// the projections and FFN run as efficient GEMMs, small enough that one
 /// block's FFN hidden (`rows x d_ff` floats, a few of them) stays tens of
