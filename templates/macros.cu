@@ -135,7 +135,10 @@ __device__ __forceinline__ float {{ name }}(float x) {
     masked tiles. `in_bounds` says the key row exists; `seg_i` (optional) is a
     statement that defines seg_i there; `s_pre` (optional) names the score
     before the transform (what the backward's transform derivative reads). Written at the SIMT kernel's
-    indentation; the tensor-core kernel indents it further (`indent` filter). #}
+    indentation; the tensor-core kernel indents it further (`indent` filter).
+    The bias, transform and an expression mask's predicate may read `head`,
+    `batch_idx`, `seq_len` and the hoisted per-CTA values: every caller has
+    them in scope. #}
 {% macro softmax_score(dot, x, in_bounds, score_expr, bias, transform, mask, segment, seg_i="", s_pre="", notes=false) %}
 {%- if score_expr %}
             float s = {{ dot }} * SCALE;

@@ -48,6 +48,26 @@ fn check_rejects_an_invalid_spec_with_a_located_diagnostic() {
 }
 
 #[test]
+fn check_warns_about_a_batch_table_read_without_b_and_still_succeeds() {
+    let w = scratch("warn.mix");
+    std::fs::write(
+        &w,
+        "mixer w {\n    heads = 4;\n    head_dim = 8;\n    input t: f32[batch, heads];\n    bias = t[0][h];\n}\n",
+    )
+    .unwrap();
+    let out = mixc(&["check", w.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warn.mix:5:14: warning:") && err.contains("`b`"),
+        "{err}"
+    );
+    let out = mixc(&["check", "--json", w.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["warnings"].as_str().unwrap().contains("warning:"), "{v}");
+}
+
+#[test]
 fn check_reports_a_missing_file() {
     let out = mixc(&["check", "examples/does_not_exist.mix"]);
     assert!(!out.status.success());

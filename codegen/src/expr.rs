@@ -2,9 +2,16 @@
 //! math is `int`, as the GPU computes them; the reference evaluates the same
 //! tree in f64 / i64.
 //!
-//! Subexpressions that depend on the head only (e.g. `alibi_slope(h)`) are
-//! hoisted: [`lower_expr`] names them `hoistN` and returns their definitions,
-//! which a template evaluates once per CTA instead of once per score.
+//! Booleans (comparisons, `&&`, `||`, `!`, `select` of two conditions) are C
+//! `bool` expressions; the IR holds them as the integers 0 and 1, which is
+//! what C's `bool` converts to. Types follow [`Expr::scalar_type`] exactly.
+//!
+//! Subexpressions that read neither a position nor the score (e.g.
+//! `alibi_slope(h)`, `rel[h][0]`, `log(1.0 * kv_seq)`) are hoisted:
+//! [`lower_expr`] names them `hoistN` and returns their definitions, which a
+//! template evaluates once per CTA instead of once per score. Every template
+//! that prints hoisted values has the head, the batch index and the sequence
+//! length in scope there, constant over the CTA (see [`LowerEnv`]).
 
 use crate::CodegenError;
 use mixc_dsl::ir::{BinOp, Dim, ElemType, Expr, Func, InputDecl, ScalarType, UnOp, Var};
@@ -12,6 +19,10 @@ use serde::Serialize;
 
 /// C names of the variables an expression reads, and what the template has
 /// in scope for the extra inputs.
+///
+/// `h`, `b`, `seq` and `kv_seq` must name values that are constant over a
+/// CTA and defined where the template prints the hoisted definitions
+/// (hoisting moves subexpressions of them there).
 #[derive(Debug, Clone)]
 pub struct LowerEnv<'a> {
     /// Query position (global), key position (global), query head, score.
@@ -19,6 +30,11 @@ pub struct LowerEnv<'a> {
     pub j: &'a str,
     pub h: &'a str,
     pub s: &'a str,
+    /// Batch index, query sequence length and key sequence length (the
+    /// global lengths, across ranks).
+    pub b: &'a str,
+    pub seq: &'a str,
+    pub kv_seq: &'a str,
     /// Number of query heads (for `alibi_slope`).
     pub heads: u32,
     pub kv_heads: u32,
@@ -45,54 +61,17 @@ pub struct Hoisted {
     pub code: String,
 }
 
-/// Static type of an expression, with the IR's rules: `/` is float division,
-/// any float operand makes the operation float.
-pub fn type_of(e: &Expr) -> ScalarType {
-    use ScalarType::{Float, Int};
-    match e {
-        Expr::Int(_) => Int,
-        Expr::Float(_) => Float,
-        Expr::Var(Var::S) => Float,
-        Expr::Var(_) => Int,
-        Expr::Unary(UnOp::Neg, a) => type_of(a),
-        Expr::Binary(BinOp::Div, _, _) => Float,
-        Expr::Binary(_, a, b) => {
-            if type_of(a) == Int && type_of(b) == Int {
-                Int
-            } else {
-                Float
-            }
-        }
-        Expr::Call(f, args) => match f {
-            Func::Abs => type_of(&args[0]),
-            Func::Min | Func::Max | Func::Clamp => {
-                if args.iter().all(|a| type_of(a) == Int) {
-                    Int
-                } else {
-                    Float
-                }
-            }
-            _ => Float,
-        },
-        Expr::Index { .. } => Float,
-    }
-}
-
-/// Lowers `e`; head-only subexpressions with a call or a table read are
+/// Lowers `e`; CTA-constant subexpressions with a call or a table read are
 /// appended to `hoisted` (names continue from `hoisted.len()`).
 pub fn lower_expr(
     e: &Expr,
     env: &LowerEnv<'_>,
     hoisted: &mut Vec<Hoisted>,
 ) -> Result<CExpr, CodegenError> {
-    let ty = type_of(e);
     if is_hoistable(e) {
         let inner = lower_node(e, env, &mut None)?;
-        let c_type = if ty == ScalarType::Int {
-            "int"
-        } else {
-            "float"
-        };
+        let ty = inner.ty;
+        let c_type = c_type(ty);
         // Reuse an identical hoisted value (e.g. the same slope in bias and transform).
         if let Some(h) = hoisted.iter().find(|h| h.code == inner.code) {
             return Ok(CExpr {
@@ -116,10 +95,20 @@ pub fn lower_expr_flat(e: &Expr, env: &LowerEnv<'_>) -> Result<CExpr, CodegenErr
     lower_node(e, env, &mut None)
 }
 
-/// Depends on the head only and costs something worth hoisting.
+/// The C type a value of `ty` is held in.
+pub fn c_type(ty: ScalarType) -> &'static str {
+    match ty {
+        ScalarType::Int => "int",
+        ScalarType::Float => "float",
+        ScalarType::Bool => "bool",
+    }
+}
+
+/// Constant over a CTA (reads only `h`, `b`, `seq`, `kv_seq` and tables at
+/// such indices) and costs something worth hoisting.
 fn is_hoistable(e: &Expr) -> bool {
-    let head_only = !e.uses_var(Var::I) && !e.uses_var(Var::J) && !e.uses_var(Var::S);
-    head_only && has_work(e)
+    let cta_constant = !e.uses_var(Var::I) && !e.uses_var(Var::J) && !e.uses_var(Var::S);
+    cta_constant && has_work(e)
 }
 
 fn has_work(e: &Expr) -> bool {
@@ -166,7 +155,25 @@ pub fn float_literal(v: f64) -> String {
 fn as_float(c: &CExpr) -> String {
     match c.ty {
         ScalarType::Float => c.code.clone(),
-        ScalarType::Int => format!("(float)({})", c.code),
+        ScalarType::Int | ScalarType::Bool => format!("(float)({})", c.code),
+    }
+}
+
+/// `c` as an `int`, the way the IR reads a value as an integer: floats
+/// truncate toward zero and saturate (NaN is 0), booleans are 0 / 1.
+fn as_int(c: &CExpr) -> String {
+    match c.ty {
+        ScalarType::Int => c.code.clone(),
+        ScalarType::Bool => format!("(int)({})", c.code),
+        ScalarType::Float => format!("mixc::f2i({})", c.code),
+    }
+}
+
+/// `c` as a C condition (non-zero is true, as the IR's `!= 0`).
+fn as_bool(c: &CExpr) -> String {
+    match c.ty {
+        ScalarType::Bool => c.code.clone(),
+        _ => format!("({} != 0)", c.code),
     }
 }
 
@@ -175,7 +182,7 @@ fn lower_node(
     env: &LowerEnv<'_>,
     hoisted: &mut Option<&mut Vec<Hoisted>>,
 ) -> Result<CExpr, CodegenError> {
-    use ScalarType::{Float, Int};
+    use ScalarType::{Bool, Float, Int};
     let mut sub = |x: &Expr| -> Result<CExpr, CodegenError> {
         match hoisted {
             Some(h) => lower_expr(x, env, h),
@@ -205,19 +212,64 @@ fn lower_node(
                 Var::J => env.j,
                 Var::H => env.h,
                 Var::S => env.s,
+                Var::B => env.b,
+                Var::Seq => env.seq,
+                Var::KvSeq => env.kv_seq,
             }
             .to_string(),
-            ty: if *v == Var::S { Float } else { Int },
+            ty: v.scalar_type(),
         },
         Expr::Unary(UnOp::Neg, a) => {
             let a = sub(a)?;
+            if a.ty == Bool {
+                return Err(err(
+                    e,
+                    "`-` of a condition (the checker only lets numbers through)",
+                ));
+            }
             CExpr {
                 code: format!("(-{})", a.code),
                 ty: a.ty,
             }
         }
+        Expr::Unary(UnOp::Not, a) => {
+            let a = sub(a)?;
+            CExpr {
+                code: format!("(!{})", a.code),
+                ty: Bool,
+            }
+        }
+        Expr::Binary(op @ (BinOp::And | BinOp::Or), a, b) => {
+            let (a, b) = (sub(a)?, sub(b)?);
+            CExpr {
+                code: format!("({} {} {})", as_bool(&a), op.symbol(), as_bool(&b)),
+                ty: Bool,
+            }
+        }
+        Expr::Binary(op, a, b) if op.is_boolean() => {
+            // A comparison of two numbers: exact in `int`, else in f32.
+            let (a, b) = (sub(a)?, sub(b)?);
+            let (x, y) = if a.ty == Int && b.ty == Int {
+                (a.code, b.code)
+            } else {
+                (as_float(&a), as_float(&b))
+            };
+            CExpr {
+                code: format!("({x} {} {y})", op.symbol()),
+                ty: Bool,
+            }
+        }
         Expr::Binary(op, a, b) => {
             let (a, b) = (sub(a)?, sub(b)?);
+            if a.ty == Bool || b.ty == Bool {
+                return Err(err(
+                    e,
+                    format!(
+                        "`{}` of a condition (the checker only lets numbers through)",
+                        op.symbol()
+                    ),
+                ));
+            }
             let both_int = a.ty == Int && b.ty == Int;
             match op {
                 BinOp::Add | BinOp::Sub | BinOp::Mul => {
@@ -251,6 +303,7 @@ fn lower_node(
                     code: format!("fmodf({}, {})", as_float(&a), as_float(&b)),
                     ty: Float,
                 },
+                _ => unreachable!("boolean operators are lowered above"),
             }
         }
         Expr::Call(f, args) => {
@@ -267,6 +320,21 @@ fn lower_node(
             }
             let a: Vec<CExpr> = args.iter().map(&mut sub).collect::<Result<_, _>>()?;
             let all_int = a.iter().all(|x| x.ty == Int);
+            // Only `select` takes conditions (its first argument, or both
+            // branches); everything else reads numbers.
+            let numeric = match f {
+                Func::Select => &a[..0],
+                _ => &a[..],
+            };
+            if numeric.iter().any(|x| x.ty == Bool) {
+                return Err(err(
+                    e,
+                    format!(
+                        "`{}` of a condition (the checker only lets numbers through)",
+                        f.name()
+                    ),
+                ));
+            }
             let f1 = |name: &str| CExpr {
                 code: format!("{name}({})", as_float(&a[0])),
                 ty: Float,
@@ -276,6 +344,13 @@ fn lower_node(
                 Func::Log => f1("logf"),
                 Func::Sqrt => f1("sqrtf"),
                 Func::Tanh => f1("tanhf"),
+                // `scalar.cuh`'s: no local-memory reduction path.
+                Func::Sin => f1("mixc::sin_f"),
+                Func::Cos => f1("mixc::cos_f"),
+                Func::Sigmoid => CExpr {
+                    code: format!("(1.0f / (1.0f + expf(-{})))", as_float(&a[0])),
+                    ty: Float,
+                },
                 Func::Floor => f1("floorf"),
                 Func::Abs if a[0].ty == Int => CExpr {
                     code: format!("abs({})", a[0].code),
@@ -311,6 +386,34 @@ fn lower_node(
                         as_float(&a[2])
                     ),
                     ty: Float,
+                },
+                Func::Select => {
+                    let types: Vec<ScalarType> = a.iter().map(|x| x.ty).collect();
+                    let ty = f.result_type(&types);
+                    let branch = |x: &CExpr| match ty {
+                        Float => as_float(x),
+                        Int => as_int(x),
+                        Bool => as_bool(x),
+                    };
+                    CExpr {
+                        code: format!(
+                            "({} ? {} : {})",
+                            as_bool(&a[0]),
+                            branch(&a[1]),
+                            branch(&a[2])
+                        ),
+                        ty,
+                    }
+                }
+                // Truncation toward zero (saturating, NaN -> 0); an integer
+                // passes through.
+                Func::Int => CExpr {
+                    code: as_int(&a[0]),
+                    ty: Int,
+                },
+                Func::Div => CExpr {
+                    code: format!("mixc::floordiv({}, {})", as_int(&a[0]), as_int(&a[1])),
+                    ty: Int,
                 },
                 Func::AlibiSlope => {
                     if a[0].ty != Int {
@@ -411,6 +514,11 @@ pub fn table_grads(
         let Some(d) = marked.derivative_s() else {
             return Ok(None);
         };
+        if is_zero(&d) {
+            // A read only under comparisons, `int`, `div` or a `select`
+            // condition: piecewise constant, no gradient flows.
+            continue;
+        }
         let read = Expr::Index {
             input: input.clone(),
             indices: indices.clone(),
@@ -426,6 +534,21 @@ pub fn table_grads(
         });
     }
     Ok(Some(out))
+}
+
+/// Is `e` identically zero by its form (a derivative of a piecewise
+/// constant: `0.0`, `select(c, 0.0, 0.0)`, `0.0 * x`, ...)?
+fn is_zero(e: &Expr) -> bool {
+    match e {
+        Expr::Int(0) => true,
+        Expr::Float(x) => *x == 0.0,
+        Expr::Unary(UnOp::Neg, a) => is_zero(a),
+        Expr::Binary(BinOp::Add | BinOp::Sub, a, b) => is_zero(a) && is_zero(b),
+        Expr::Binary(BinOp::Mul, a, b) => is_zero(a) || is_zero(b),
+        Expr::Binary(BinOp::Div, a, _) => is_zero(a),
+        Expr::Call(Func::Select, args) if args.len() == 3 => is_zero(&args[1]) && is_zero(&args[2]),
+        _ => false,
+    }
 }
 
 fn is_float_table(input: &str, env: &LowerEnv<'_>) -> bool {
@@ -494,6 +617,9 @@ mod tests {
             j: "pos_j",
             h: "head",
             s: "s",
+            b: "batch_idx",
+            seq: "seq_len",
+            kv_seq: "seq_len",
             heads: 16,
             kv_heads: 8,
             inputs,
@@ -579,7 +705,7 @@ mod tests {
     #[test]
     fn integer_division_is_float_and_rem_is_guarded() {
         let e = b(BinOp::Div, Expr::Var(Var::I), Expr::Int(2));
-        assert_eq!(type_of(&e), ScalarType::Float);
+        assert_eq!(e.scalar_type(), ScalarType::Float);
         let c = lower_expr_flat(&e, &env(&[])).unwrap();
         assert_eq!(c.code, "((float)(pos_i) / (float)(2))");
         let r =
@@ -599,6 +725,205 @@ mod tests {
         let big = Expr::Int(1 << 40);
         let e = lower_expr_flat(&big, &env(&[])).unwrap_err().to_string();
         assert!(e.contains("does not fit a 32-bit int"), "{e}");
+    }
+
+    fn call(f: Func, args: Vec<Expr>) -> Expr {
+        Expr::Call(f, args)
+    }
+    fn v(x: Var) -> Expr {
+        Expr::Var(x)
+    }
+
+    #[test]
+    fn conditions_lower_to_c_bool_expressions() {
+        let d = b(BinOp::Sub, v(Var::I), v(Var::J));
+        // j <= i && (i - j) % 4 == 0 || !(b >= seq)
+        let e = b(
+            BinOp::Or,
+            b(
+                BinOp::And,
+                b(BinOp::Le, v(Var::J), v(Var::I)),
+                b(
+                    BinOp::Eq,
+                    b(BinOp::Rem, d.clone(), Expr::Int(4)),
+                    Expr::Int(0),
+                ),
+            ),
+            Expr::Unary(UnOp::Not, Box::new(b(BinOp::Ge, v(Var::B), v(Var::Seq)))),
+        );
+        let c = lower_expr_flat(&e, &env(&[])).unwrap();
+        assert_eq!(c.ty, ScalarType::Bool);
+        assert_eq!(c.ty, e.scalar_type());
+        assert_eq!(
+            c.code,
+            "(((pos_j <= pos_i) && (mixc::rem_or_zero((pos_i - pos_j), 4) == 0)) || \
+             (!(batch_idx >= seq_len)))"
+        );
+        // A comparison with a float operand compares in f32.
+        let f = b(BinOp::Lt, v(Var::KvSeq), Expr::Float(2.5));
+        let c = lower_expr_flat(&f, &env(&[])).unwrap();
+        assert_eq!(c.code, "((float)(seq_len) < 2.5f)");
+        for (op, sym) in [
+            (BinOp::Lt, "<"),
+            (BinOp::Le, "<="),
+            (BinOp::Gt, ">"),
+            (BinOp::Ge, ">="),
+            (BinOp::Eq, "=="),
+            (BinOp::Ne, "!="),
+        ] {
+            let c = lower_expr_flat(&b(op, v(Var::I), v(Var::J)), &env(&[])).unwrap();
+            assert_eq!(c.code, format!("(pos_i {sym} pos_j)"));
+        }
+    }
+
+    #[test]
+    fn select_int_div_and_trig_lower_with_the_ir_types() {
+        let d = b(BinOp::Sub, v(Var::I), v(Var::J));
+        let gt = b(BinOp::Gt, v(Var::I), v(Var::J));
+        // Int branches stay int; a float branch makes both float.
+        let si = call(Func::Select, vec![gt.clone(), v(Var::I), v(Var::J)]);
+        let c = lower_expr_flat(&si, &env(&[])).unwrap();
+        assert_eq!(
+            (c.code.as_str(), c.ty),
+            ("((pos_i > pos_j) ? pos_i : pos_j)", ScalarType::Int)
+        );
+        let sf = call(Func::Select, vec![gt.clone(), d.clone(), Expr::Float(0.0)]);
+        let c = lower_expr_flat(&sf, &env(&[])).unwrap();
+        assert_eq!(
+            c.code,
+            "((pos_i > pos_j) ? (float)((pos_i - pos_j)) : 0.0f)"
+        );
+        assert_eq!(c.ty, ScalarType::Float);
+        // Two conditions: a condition.
+        let sb = call(
+            Func::Select,
+            vec![
+                gt.clone(),
+                b(BinOp::Lt, v(Var::H), Expr::Int(2)),
+                gt.clone(),
+            ],
+        );
+        let c = lower_expr_flat(&sb, &env(&[])).unwrap();
+        assert_eq!(c.ty, ScalarType::Bool);
+        // div is the floor-division helper, int(x) the saturating truncation.
+        let dv = call(Func::Div, vec![d.clone(), Expr::Int(4)]);
+        let c = lower_expr_flat(&dv, &env(&[])).unwrap();
+        assert_eq!(
+            (c.code.as_str(), c.ty),
+            ("mixc::floordiv((pos_i - pos_j), 4)", ScalarType::Int)
+        );
+        let it = call(Func::Int, vec![b(BinOp::Mul, v(Var::S), Expr::Float(4.0))]);
+        let c = lower_expr_flat(&it, &env(&[])).unwrap();
+        assert_eq!(
+            (c.code.as_str(), c.ty),
+            ("mixc::f2i((s * 4.0f))", ScalarType::Int)
+        );
+        let c = lower_expr_flat(&call(Func::Int, vec![v(Var::H)]), &env(&[])).unwrap();
+        assert_eq!(c.code, "head", "int() of an integer passes through");
+        let c = lower_expr_flat(&call(Func::Sin, vec![v(Var::S)]), &env(&[])).unwrap();
+        assert_eq!(c.code, "mixc::sin_f(s)");
+        let c = lower_expr_flat(&call(Func::Cos, vec![v(Var::I)]), &env(&[])).unwrap();
+        assert_eq!(c.code, "mixc::cos_f((float)(pos_i))");
+        let c = lower_expr_flat(&call(Func::Sigmoid, vec![v(Var::S)]), &env(&[])).unwrap();
+        assert_eq!(c.code, "(1.0f / (1.0f + expf(-s)))");
+    }
+
+    #[test]
+    fn batch_and_length_terms_are_hoisted_per_cta() {
+        // -log(1.0 * kv_seq) + s: the log is a CTA constant.
+        let e = b(
+            BinOp::Add,
+            Expr::Unary(
+                UnOp::Neg,
+                Box::new(call(
+                    Func::Log,
+                    vec![b(BinOp::Mul, Expr::Float(1.0), v(Var::KvSeq))],
+                )),
+            ),
+            v(Var::S),
+        );
+        let mut h = vec![];
+        let c = lower_expr(&e, &env(&[]), &mut h).unwrap();
+        assert_eq!(c.code, "(hoist0 + s)");
+        assert_eq!(h[0].code, "(-logf((1.0f * (float)(seq_len))))");
+        // A hoisted condition is a `bool`.
+        let decl = InputDecl {
+            name: "pre".into(),
+            elem: ElemType::F32,
+            dims: vec![Dim::Batch],
+            role: InputRole::Table,
+        };
+        let decls = [decl];
+        let read = Expr::Index {
+            input: "pre".into(),
+            indices: vec![v(Var::B)],
+        };
+        let cond = b(
+            BinOp::And,
+            b(BinOp::Gt, read, Expr::Float(0.5)),
+            b(BinOp::Le, v(Var::J), v(Var::I)),
+        );
+        let mut h = vec![];
+        let c = lower_expr(&cond, &env(&decls), &mut h).unwrap();
+        assert_eq!(c.code, "(hoist0 && (pos_j <= pos_i))");
+        assert_eq!(h[0].c_type, "bool");
+        assert_eq!(
+            h[0].code,
+            "(__ldg(in_pre + mixc::clampi(batch_idx, batch)) > 0.5f)"
+        );
+    }
+
+    #[test]
+    fn table_gradients_skip_piecewise_constant_reads() {
+        let decl = InputDecl {
+            name: "rel".into(),
+            elem: ElemType::F32,
+            dims: vec![Dim::Heads, Dim::Fixed(8)],
+            role: InputRole::Table,
+        };
+        let decls = [decl];
+        let rel = |k: i64| Expr::Index {
+            input: "rel".into(),
+            indices: vec![v(Var::H), Expr::Int(k)],
+        };
+        // select(rel[h][0] > 0.0, 2.0 * rel[h][1], -rel[h][2] + int(rel[h][3]))
+        let e = call(
+            Func::Select,
+            vec![
+                b(BinOp::Gt, rel(0), Expr::Float(0.0)),
+                b(BinOp::Mul, Expr::Float(2.0), rel(1)),
+                b(
+                    BinOp::Add,
+                    Expr::Unary(UnOp::Neg, Box::new(rel(2))),
+                    call(Func::Int, vec![rel(3)]),
+                ),
+            ],
+        );
+        let mut h = vec![];
+        let g = table_grads(&e, &env(&decls), &mut h).unwrap().unwrap();
+        // rel[h][0] (condition) and rel[h][3] (under int) have no gradient.
+        let offsets: Vec<&str> = g.iter().map(|g| g.offset.as_str()).collect();
+        assert_eq!(
+            offsets,
+            [
+                "(mixc::clampi(head, 16)) * (8) + mixc::clampi(1, 8)",
+                "(mixc::clampi(head, 16)) * (8) + mixc::clampi(2, 8)"
+            ]
+        );
+        // The partials are the branch choice (2 where the condition holds, -1
+        // else), CTA constants here (they read the head and the table only).
+        assert_eq!(
+            (g[0].partial.as_str(), g[1].partial.as_str()),
+            ("hoist0", "hoist1")
+        );
+        let cond = "(__ldg(in_rel + (mixc::clampi(head, 16)) * (8) + mixc::clampi(0, 8)) > 0.0f)";
+        assert!(
+            h[0].code.starts_with(&format!("({cond} ? "))
+                && h[0].code.ends_with("(2.0f * 1.0f)) : 0.0f)"),
+            "{}",
+            h[0].code
+        );
+        assert_eq!(h[1].code, format!("({cond} ? 0.0f : ((-1.0f) + 0.0f))"));
     }
 
     #[test]

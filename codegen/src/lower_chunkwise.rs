@@ -150,6 +150,9 @@ pub fn log2_gammas(spec: &MixerSpec, gamma: &mixc_dsl::ir::Expr) -> Result<Vec<f
                 j: 0,
                 h: h as i64,
                 s: 0.0,
+                b: 0,
+                seq: 0,
+                kv_seq: 0,
                 heads: spec.heads,
                 lookup: &lookup,
             };

@@ -3,7 +3,7 @@
 
 use crate::config::round_up;
 use crate::expr::{lower_expr, Hoisted, LowerEnv};
-use crate::mask::{lower_mask, MaskNames};
+use crate::mask::{lower_mask_with, MaskExprs, MaskNames};
 use crate::{
     base_context, c_elem_type, does_not_fit, kernel_name, render, require_16_byte_rows, Arch,
     CodegenError, GeneratedKernel, GridDim, KernelConfig, KernelInfo, KernelParam, ParamRole,
@@ -111,7 +111,7 @@ pub(crate) fn lower(
     let env = lower_env(spec);
     let mut hoisted: Vec<Hoisted> = Vec::new();
     let (bias, transform) = score_code(spec, &env, &mut hoisted)?;
-    let mask = lower_mask(&spec.mask, &MaskNames::default(), &spec.name)?;
+    let mask = lower_softmax_mask(spec, &env, &mut hoisted)?;
 
     let params = params(spec, target);
     let name = kernel_name(spec, target);
@@ -200,19 +200,44 @@ fn softmax_scale(spec: &MixerSpec) -> Result<f64, CodegenError> {
     Ok(scale)
 }
 
-/// Expressions: bias and transform read i, j, h, s by these names in the templates.
+/// Expressions: bias, transform and mask read i, j, h, s, b, seq, kv_seq by
+/// these names in the templates (forward, SIMT and backward alike; `head`,
+/// `batch_idx` and the kernel parameter `seq_len` are CTA constants defined
+/// before the hoisted values). The CUDA backend runs queries and keys of one
+/// sequence, so `seq` and `kv_seq` are both the global length `seq_len`.
 fn lower_env(spec: &MixerSpec) -> LowerEnv<'_> {
     LowerEnv {
         i: "pos_i",
         j: "pos_j",
         h: "head",
         s: "s",
+        b: "batch_idx",
+        seq: "seq_len",
+        kv_seq: "seq_len",
         heads: spec.heads,
         kv_heads: spec.kv_heads,
         inputs: &spec.inputs,
         seq_dim: "seq_len",
         batch_dim: "gridDim.z",
     }
+}
+
+/// The spec's mask for the softmax templates: built-in masks over
+/// `pos_i` / `pos_j` and the tile ranges, expression masks with `env`'s
+/// names (their per-CTA parts hoisted with the bias's).
+fn lower_softmax_mask(
+    spec: &MixerSpec,
+    env: &LowerEnv<'_>,
+    hoisted: &mut Vec<Hoisted>,
+) -> Result<crate::mask::LoweredMask, CodegenError> {
+    let names = MaskNames::default();
+    debug_assert_eq!((names.i, names.j), (env.i, env.j));
+    lower_mask_with(
+        &spec.mask,
+        &names,
+        Some(MaskExprs { env, hoisted }),
+        &spec.name,
+    )
 }
 
 /// The spec's extra inputs, by name (the runtime binds them by role).
@@ -381,7 +406,7 @@ pub(crate) fn lower_backward(
             unsupported("a backward kernel for a bias whose table gradient branches (a table read under abs, min, max or clamp)")
         })?,
     };
-    let mask = lower_mask(&spec.mask, &MaskNames::default(), &spec.name)?;
+    let mask = lower_softmax_mask(spec, &env, &mut hoisted)?;
 
     let t = c_elem_type(target.dtype);
     let cin = format!("const {t}* __restrict__");
@@ -425,8 +450,18 @@ pub(crate) fn lower_backward(
         ));
     }
     params.extend(extra_params(spec));
-    let mut grads: Vec<&str> = table_grads.iter().map(|g| g.input.as_str()).collect();
-    grads.dedup();
+    // Every float input has a gradient accumulator (what the reference
+    // returns), also one that only a mask, a comparison or `int(...)` reads:
+    // nothing is added to it, its gradient is zero.
+    let mut grads: Vec<&str> = spec
+        .inputs
+        .iter()
+        .filter(|d| d.elem == ElemType::F32)
+        .map(|d| d.name.as_str())
+        .collect();
+    debug_assert!(table_grads
+        .iter()
+        .all(|g| grads.contains(&g.input.as_str())));
     grads.sort();
     grads.dedup();
     for name in grads {

@@ -11,9 +11,21 @@
 //! Segment masks depend on data: the predicate compares the two ids, and the
 //! class reads a per-tile class the kernel computes from the ids of the tile
 //! (exact summary: skip when no key id lies in the query block's id range).
+//!
+//! Expression masks (`Mask::Expr`, FlexAttention's `mask_mod`: a boolean
+//! expression of `i`, `j`, `h`, `b`, `seq`, `kv_seq` and tables) lower their
+//! predicate with [`crate::expr`] (tables read through their kernel pointer
+//! parameters, CTA-constant parts hoisted with the bias's). The device makes
+//! no per-tile proof for them: their class is always Partial and their key
+//! range every key, so such a tile is computed and masked per element. The
+//! host plan ([`crate::plan::classify`], interval bounds) may still leave out
+//! whole launches it proves empty; combined with built-in masks, `&&` keeps
+//! the built-in's skips (`causal && (i - j) % 4 == 0` never visits the upper
+//! triangle).
 
+use crate::expr::{lower_expr, Hoisted, LowerEnv};
 use crate::CodegenError;
-use mixc_dsl::ir::Mask;
+use mixc_dsl::ir::{Mask, ScalarType};
 
 /// C names the lowered expressions read.
 #[derive(Debug, Clone)]
@@ -64,6 +76,14 @@ pub struct LoweredMask {
     pub all: bool,
 }
 
+/// How a template lowers the expressions of expression masks: its names for
+/// the variables and inputs (`i` and `j` are taken from [`MaskNames`]), and
+/// the hoisted per-CTA values it prints, shared with the bias and transform.
+pub struct MaskExprs<'e, 'h> {
+    pub env: &'e LowerEnv<'e>,
+    pub hoisted: &'h mut Vec<Hoisted>,
+}
+
 /// Sizes past the `int` range cover any sequence an `int` position can index.
 fn int_const(v: u64, _what: &str) -> Result<String, CodegenError> {
     Ok(i32::try_from(v).unwrap_or(i32::MAX).to_string())
@@ -84,9 +104,21 @@ fn check_rates(m: &Mask) -> Result<(), CodegenError> {
     }
 }
 
+/// Lowers a mask without expression masks in it (an expression mask is
+/// [`CodegenError::Unsupported`] here: use [`lower_mask_with`]).
 pub fn lower_mask(
     mask: &Mask,
     n: &MaskNames<'_>,
+    spec_name: &str,
+) -> Result<LoweredMask, CodegenError> {
+    lower_mask_with(mask, n, None, spec_name)
+}
+
+/// Lowers a mask; expression masks are lowered with `exprs`.
+pub fn lower_mask_with(
+    mask: &Mask,
+    n: &MaskNames<'_>,
+    mut exprs: Option<MaskExprs<'_, '_>>,
     spec_name: &str,
 ) -> Result<LoweredMask, CodegenError> {
     check_rates(mask)?;
@@ -102,7 +134,7 @@ pub fn lower_mask(
         });
     }
     Ok(LoweredMask {
-        predicate: predicate(mask, n)?,
+        predicate: predicate(mask, n, &mut exprs, spec_name)?,
         class: class(mask, n)?,
         key_range: key_range(mask, n)?,
         segment_input: segs.pop(),
@@ -110,10 +142,38 @@ pub fn lower_mask(
     })
 }
 
-fn predicate(m: &Mask, n: &MaskNames<'_>) -> Result<String, CodegenError> {
+fn predicate(
+    m: &Mask,
+    n: &MaskNames<'_>,
+    exprs: &mut Option<MaskExprs<'_, '_>>,
+    spec_name: &str,
+) -> Result<String, CodegenError> {
     let (i, j) = (n.i, n.j);
     Ok(match m {
         Mask::All => "true".into(),
+        Mask::Expr(e) => {
+            let Some(x) = exprs else {
+                return Err(CodegenError::Unsupported {
+                    spec: spec_name.into(),
+                    what: format!(
+                        "expression mask `{e}` in a kernel that has no names for its variables"
+                    ),
+                });
+            };
+            let env = LowerEnv {
+                i,
+                j,
+                ..x.env.clone()
+            };
+            let c = lower_expr(e, &env, x.hoisted)?;
+            if c.ty != ScalarType::Bool {
+                return Err(CodegenError::Expr {
+                    expr: e.to_string(),
+                    reason: "a mask expression must be a condition".into(),
+                });
+            }
+            c.code
+        }
         Mask::Causal => format!("({j} <= {i})"),
         Mask::Window { size } => format!("(abs({i} - {j}) < {})", int_const(*size, "window")?),
         Mask::PrefixLm { prefix } => {
@@ -134,8 +194,16 @@ fn predicate(m: &Mask, n: &MaskNames<'_>) -> Result<String, CodegenError> {
             "(mixc::mod_floor({i} - {j}, {}) == 0)",
             int_const(*rate, "dilation rate")?
         ),
-        Mask::And(a, b) => format!("({} && {})", predicate(a, n)?, predicate(b, n)?),
-        Mask::Or(a, b) => format!("({} || {})", predicate(a, n)?, predicate(b, n)?),
+        Mask::And(a, b) => format!(
+            "({} && {})",
+            predicate(a, n, exprs, spec_name)?,
+            predicate(b, n, exprs, spec_name)?
+        ),
+        Mask::Or(a, b) => format!(
+            "({} || {})",
+            predicate(a, n, exprs, spec_name)?,
+            predicate(b, n, exprs, spec_name)?
+        ),
     })
 }
 
@@ -143,6 +211,8 @@ fn class(m: &Mask, n: &MaskNames<'_>) -> Result<String, CodegenError> {
     let r = format!("{}, {}, {}, {}", n.i0, n.i1, n.j0, n.j1);
     Ok(match m {
         Mask::All => "mixc::FULL".into(),
+        // No device-side proof for expressions: every tile is tested per pair.
+        Mask::Expr(_) => "mixc::PARTIAL".into(),
         Mask::Causal => format!("mixc::class_causal({r})"),
         Mask::Window { size } => {
             format!("mixc::class_window({r}, {})", int_const(*size, "window")?)
@@ -200,7 +270,9 @@ fn key_range(m: &Mask, n: &MaskNames<'_>) -> Result<String, CodegenError> {
             int_const(*global, "global")?
         ),
         // Data-dependent or unbounded: every key may be visible.
-        Mask::All | Mask::Segment { .. } | Mask::Dilated { .. } => "mixc::range_all()".into(),
+        Mask::All | Mask::Segment { .. } | Mask::Dilated { .. } | Mask::Expr(_) => {
+            "mixc::range_all()".into()
+        }
         Mask::And(a, b) => format!(
             "mixc::range_intersect({}, {})",
             key_range(a, n)?,
@@ -269,6 +341,92 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("more than one segment input"), "{e}");
+    }
+
+    fn parse_mask(src: &str) -> mixc_dsl::ir::MixerSpec {
+        mixc_dsl::parse_str(&format!(
+            "mixer t {{ heads = 4; head_dim = 16; {src} score = dot(q, k); norm = softmax; }}"
+        ))
+        .unwrap_or_else(|e| panic!("{src}: {e}"))
+    }
+
+    fn env(spec: &mixc_dsl::ir::MixerSpec) -> LowerEnv<'_> {
+        LowerEnv {
+            i: "unused_i",
+            j: "unused_j",
+            h: "head",
+            s: "s",
+            b: "batch_idx",
+            seq: "seq_len",
+            kv_seq: "seq_len",
+            heads: spec.heads,
+            kv_heads: spec.kv_heads,
+            inputs: &spec.inputs,
+            seq_dim: "seq_len",
+            batch_dim: "gridDim.z",
+        }
+    }
+
+    #[test]
+    fn expression_masks_are_partial_and_keep_builtin_skips() {
+        let spec = parse_mask("mask = causal && (i - j) % 4 == 0;");
+        let mut hoisted = vec![];
+        let exprs = MaskExprs {
+            env: &env(&spec),
+            hoisted: &mut hoisted,
+        };
+        let l = lower_mask_with(&spec.mask, &MaskNames::default(), Some(exprs), "t").unwrap();
+        // `i`, `j` come from the mask names, not the expression environment.
+        assert_eq!(
+            l.predicate,
+            "((pos_j <= pos_i) && (mixc::rem_or_zero((pos_i - pos_j), 4) == 0))"
+        );
+        // causal's closed form still skips the upper triangle.
+        assert_eq!(
+            l.class,
+            "mixc::class_and(mixc::class_causal(i0, i1, j0, j1), mixc::PARTIAL)"
+        );
+        assert_eq!(
+            l.key_range,
+            "mixc::range_intersect(mixc::range_causal(i0, i1), mixc::range_all())"
+        );
+        assert!(!l.all && l.segment_input.is_none() && hoisted.is_empty());
+    }
+
+    #[test]
+    fn expression_masks_read_heads_batches_and_tables() {
+        let spec = parse_mask(
+            "input prefix: f32[batch]; mask = (j <= i && i - j < 8 * (h + 1)) || j < int(prefix[b]);",
+        );
+        assert!(matches!(spec.mask, Mask::Expr(_)), "{:?}", spec.mask);
+        let mut hoisted = vec![];
+        let exprs = MaskExprs {
+            env: &env(&spec),
+            hoisted: &mut hoisted,
+        };
+        let l = lower_mask_with(&spec.mask, &MaskNames::default(), Some(exprs), "t").unwrap();
+        assert_eq!(
+            l.predicate,
+            "(((pos_j <= pos_i) && ((pos_i - pos_j) < (8 * (head + 1)))) || (pos_j < hoist0))"
+        );
+        assert_eq!(
+            (l.class.as_str(), l.key_range.as_str()),
+            ("mixc::PARTIAL", "mixc::range_all()")
+        );
+        // The table is read through its kernel parameter, once per CTA.
+        assert_eq!(hoisted.len(), 1);
+        assert_eq!(
+            hoisted[0].code,
+            "mixc::f2i(__ldg(in_prefix + mixc::clampi(batch_idx, gridDim.z)))"
+        );
+        // Without names for the expression's variables: a clear refusal.
+        let e = lower_mask(&spec.mask, &MaskNames::default(), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cannot generate") && e.contains("expression mask"),
+            "{e}"
+        );
     }
 
     #[test]

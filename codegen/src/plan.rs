@@ -12,7 +12,10 @@
 //! sound (never a wrong `Skip`/`Full`, sometimes a cautious `Partial`) for
 //! `&&` / `||` combinations and for `segment`, which is judged from a per-block
 //! min/max summary of the segment ids computed from the data at run time.
+//! Expression masks are judged by bounding the expression over the tile
+//! (`mixc_dsl::bounds`), per head and batch row where the caller says which.
 
+use mixc_dsl::bounds::{self, Known, TableRead, Tile, Truth};
 use mixc_dsl::ir::Mask;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -66,6 +69,35 @@ pub struct SegRange {
 pub trait SegmentInfo {
     /// Min/max of input `input`'s ids over `range` (non-empty).
     fn range(&self, input: &str, range: Range<usize>) -> Option<SegRange>;
+    /// What is known of `b`, `h` and the lengths for the tiles classified
+    /// (expression masks read them); nothing by default, which is sound.
+    fn known(&self) -> Known {
+        Known::default()
+    }
+    /// The input tables' data, which bounds table reads in expression masks.
+    fn tables(&self) -> Option<&dyn TableRead> {
+        None
+    }
+}
+
+/// Segment information plus the batch row, head and lengths of the tiles
+/// being classified, so expression masks over `h` or `b` classify per head.
+pub struct At<'a> {
+    pub segs: &'a dyn SegmentInfo,
+    pub known: Known,
+    pub tables: Option<&'a dyn TableRead>,
+}
+
+impl SegmentInfo for At<'_> {
+    fn range(&self, input: &str, range: Range<usize>) -> Option<SegRange> {
+        self.segs.range(input, range)
+    }
+    fn known(&self) -> Known {
+        self.known
+    }
+    fn tables(&self) -> Option<&dyn TableRead> {
+        self.tables
+    }
 }
 
 /// No segment information: `segment` masks classify as `Partial`.
@@ -174,6 +206,19 @@ pub fn classify(
     let (dmin, dmax) = (q0 - k1, q1 - k0);
     match mask {
         Mask::All => Full,
+        Mask::Expr(e) => {
+            let tile = Tile {
+                i: (q0, q1),
+                j: (k0, k1),
+                known: segs.known(),
+                tables: segs.tables(),
+            };
+            match bounds::truth(e, &tile) {
+                Truth::Always => Full,
+                Truth::Never => Skip,
+                Truth::Sometimes => Partial,
+            }
+        }
         Mask::Causal => {
             if dmin >= 0 {
                 Full
@@ -306,7 +351,7 @@ fn key_hull_unclipped(mask: &Mask, q0: i64, q1: i64) -> (i64, i64) {
         return (0, 0);
     }
     match mask {
-        Mask::All | Mask::Segment { .. } | Mask::Dilated { .. } => ALL,
+        Mask::All | Mask::Segment { .. } | Mask::Dilated { .. } | Mask::Expr(_) => ALL,
         Mask::Causal => (i64::MIN, q1),
         Mask::Window { size } => {
             let w = *size as i64;
@@ -560,7 +605,28 @@ mod tests {
             Mask::Segment {
                 input: "doc".into(),
             },
+            expr_mask("j <= i && i - j < 3 * (h + 1)"),
+            expr_mask("(i - j) % 3 == 0 || j < 2"),
+            expr_mask("div(i, 4) == div(j, 4)"),
         ]
+    }
+
+    /// An expression mask parsed by the front end (`h` is 0 in these tests).
+    fn expr_mask(src: &str) -> Mask {
+        let spec = mixc_dsl::parse_str(&format!(
+            "mixer m {{ heads = 2; head_dim = 8; mask = {src}; }}"
+        ))
+        .unwrap_or_else(|e| panic!("{src}: {e}"));
+        assert!(spec.mask.has_expr(), "{src}");
+        spec.mask
+    }
+
+    /// `mask.allows` at (i, j) of head 0, batch row 0.
+    fn allows(mask: &Mask, i: i64, j: i64, seg: &dyn Fn(&str, i64) -> i64) -> bool {
+        let lookup = |_: &str, _: &[i64]| 0.0;
+        let mut env = mixc_dsl::ir::EvalEnv::for_head(0, 2, &lookup);
+        (env.i, env.j) = (i, j);
+        mask.allows(&env, seg)
     }
 
     fn and(a: Mask, b: Mask) -> Mask {
@@ -658,7 +724,7 @@ mod tests {
                 }
                 for i in row.q.clone() {
                     for j in kr.clone() {
-                        let ok = mask.allows(i as i64, j as i64, &seg);
+                        let ok = allows(mask, i as i64, j as i64, &seg);
                         match class {
                             BlockClass::Skip => assert!(
                                 !ok,
@@ -679,7 +745,7 @@ mod tests {
             // Every allowed pair of the row is visited exactly once, no other.
             for i in row.q.clone() {
                 for j in keys.clone() {
-                    let ok = mask.allows(i as i64, j as i64, &seg);
+                    let ok = allows(mask, i as i64, j as i64, &seg);
                     let c = covered[(i - row.q.start) * nkeys + j - keys.start];
                     assert_eq!(c, ok as u32, "{mask:?}: pair ({i},{j}) coverage");
                 }
@@ -723,9 +789,17 @@ mod tests {
     #[test]
     fn primitive_classification_is_exact() {
         let none = |_: &str, _: i64| 0;
+        // Conditions are classified soundly, exactly only where their bounds
+        // are (linear in `i - j`): the exact ones are checked here, all of
+        // them for soundness by the tests that combine masks.
+        let exact_conditions = [
+            expr_mask("j <= i && i - j < 3"),
+            expr_mask("j < i || i + 2 < j"),
+        ];
         for mask in prim_masks()
             .iter()
-            .filter(|m| !matches!(m, Mask::Segment { .. }))
+            .filter(|m| !matches!(m, Mask::Segment { .. }) && !m.has_expr())
+            .chain(&exact_conditions)
         {
             for q0 in 0..14 {
                 for q1 in q0 + 1..q0 + 6 {
@@ -735,7 +809,7 @@ mod tests {
                             let mut all = true;
                             for i in q0..q1 {
                                 for j in k0..k1 {
-                                    let ok = mask.allows(i, j, &none);
+                                    let ok = allows(mask, i, j, &none);
                                     any |= ok;
                                     all &= ok;
                                 }

@@ -236,6 +236,21 @@ fn unsupported_specs_are_clear_errors() {
     let mut s = conv();
     s.norm = Norm::Sum { eps: 1e-6 };
     expect_unsupported(&s, "norm = none");
+    // Expression masks (even one equal to causal) are the softmax kernels'.
+    let j_le_i = Expr::Binary(
+        BinOp::Le,
+        Box::new(Expr::Var(Var::J)),
+        Box::new(Expr::Var(Var::I)),
+    );
+    let mut s = linear_elu();
+    s.mask = Mask::Expr(j_le_i.clone());
+    expect_unsupported(&s, "mask = causal");
+    let mut s = gated();
+    s.mask = Mask::And(Box::new(Mask::Causal), Box::new(Mask::Expr(j_le_i.clone())));
+    expect_unsupported(&s, "mask = causal");
+    let mut s = conv();
+    s.mask = Mask::Expr(j_le_i);
+    expect_unsupported(&s, "mask = causal");
 }
 
 #[test]

@@ -236,3 +236,106 @@ fn candidate_configs_start_with_the_default_and_all_generate() {
         }
     }
 }
+
+/// FlexAttention-style specs (expression masks reading `h`, `b` and tables,
+/// `select`, `sin` / `cos`, `div`, `int`, `seq`): the forward (tensor-core and
+/// SIMT) and the backward render with the predicate, a Partial class for the
+/// expression, and the tables the mask reads as kernel parameters.
+#[test]
+fn flex_specs_reach_forward_simt_and_backward_kernels() {
+    let spec = |body: &str| {
+        mixc_dsl::parse_str(&format!(
+            "mixer flex {{ heads = 2; head_dim = 16; {body} score = dot(q, k); norm = softmax; }}"
+        ))
+        .unwrap_or_else(|e| panic!("{body}: {e}"))
+    };
+    let prefix = spec("input prefix: f32[batch]; mask = j <= i || j < int(prefix[b]);");
+    let fwd = generate_default(&prefix, &bf16_sm90()).unwrap();
+    let src = &fwd.source;
+    assert!(
+        src.contains(
+            "const int hoist0 = mixc::f2i(__ldg(in_prefix + mixc::clampi(batch_idx, gridDim.z)));"
+        ),
+        "the per-sequence prefix is read once per CTA"
+    );
+    assert!(src.contains(
+        "const bool visible = r0 + col < kv_end && ((pos_j <= pos_i) || (pos_j < hoist0));"
+    ));
+    assert!(src.contains("int cls = mixc::PARTIAL;"));
+    assert!(src.contains("const mixc::KeyRange keys = mixc::range_all();"));
+    assert!(fwd.kernels[0]
+        .params
+        .iter()
+        .any(|p| p.name == "in_prefix" && p.c_type == "const float* __restrict__"));
+    let simt = generate_default(&prefix, &Target::new(Arch::Sm80, DType::F32)).unwrap();
+    assert!(simt
+        .source
+        .contains("const bool visible = col < n_valid && ((pos_j <= pos_i) || (pos_j < hoist0));"));
+    // The backward masks the same way and owns a (zero) gradient of the
+    // table only the mask reads, as the reference returns one.
+    let t = bf16_sm90();
+    let bwd = mixc_codegen::generate_backward(
+        &prefix,
+        &t,
+        &KernelConfig::backward_default_for(&prefix, &t),
+    )
+    .unwrap();
+    assert!(bwd
+        .source
+        .contains("((pos_j <= pos_i) || (pos_j < hoist0))"));
+    assert!(bwd.kernels[0]
+        .params
+        .iter()
+        .any(|p| p.name == "grad_in_prefix"));
+    assert!(!bwd.source.contains("atomicAdd(grad_in_prefix"));
+
+    // A causal conjunct keeps the device's triangle skipping.
+    let dil = spec("mask = causal && (i - j) % 4 == 0;");
+    let src = generate_default(&dil, &bf16_sm90()).unwrap().source;
+    assert!(src
+        .contains("int cls = mixc::class_and(mixc::class_causal(i0, i1, j0, j1), mixc::PARTIAL);"));
+    assert!(src.contains("mixc::range_intersect(mixc::range_causal(i0, i1), mixc::range_all())"));
+
+    // Score modifications with the new functions, forward and backward.
+    for (body, needles) in [
+        (
+            "mask = causal; transform = s + sin(i * 1.0) * cos(j * 1.0);",
+            &[
+                "mixc::sin_f(((float)(pos_i) * 1.0f))",
+                "mixc::cos_f(((float)(pos_j) * 1.0f))",
+            ][..],
+        ),
+        (
+            "mask = all; bias = select(i > j, -0.5 * (i - j), 0.0);",
+            &["s += ((pos_i > pos_j) ? ((-0.5f) * (float)((pos_i - pos_j))) : 0.0f);"][..],
+        ),
+        (
+            "mask = causal; bias = -log(1.0 * kv_seq);",
+            &[
+                "const float hoist0 = (-logf((1.0f * (float)(seq_len))));",
+                "s += hoist0;",
+            ][..],
+        ),
+        (
+            "input rel: f32[heads, 64]; mask = all; bias = rel[h][div(i - j, 4) + 32];",
+            &["mixc::clampi((mixc::floordiv((pos_i - pos_j), 4) + 32), 64)"][..],
+        ),
+        (
+            "mask = j <= i && i - j < 8 * (h + 1) && b < seq;",
+            &[
+                "(pos_i - pos_j) < (8 * (head + 1))",
+                "(batch_idx < seq_len)",
+            ][..],
+        ),
+    ] {
+        let s = spec(body);
+        let g = generate_default(&s, &bf16_sm90()).unwrap();
+        let b =
+            mixc_codegen::generate_backward(&s, &t, &KernelConfig::backward_default_for(&s, &t))
+                .unwrap();
+        for n in needles {
+            assert!(g.source.contains(n), "{body}: `{n}` not in the forward");
+            assert!(b.source.contains(n), "{body}: `{n}` not in the backward");
+        }
+    }
+}

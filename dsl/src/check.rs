@@ -47,6 +47,12 @@ const FUNCS: &[&str] = &[
     "pow",
     "clamp",
     "alibi_slope",
+    "sin",
+    "cos",
+    "sigmoid",
+    "select",
+    "int",
+    "div",
 ];
 
 /// Largest accepted `heads` / `kv_heads` (far above any real model; keeps
@@ -97,6 +103,8 @@ enum Ctx {
     Transform,
     Decay,
     Scale,
+    /// A boolean mask expression (`mask = j <= i && ...`).
+    Mask,
 }
 
 impl Ctx {
@@ -106,12 +114,13 @@ impl Ctx {
             Ctx::Transform => "transform",
             Ctx::Decay => "decay",
             Ctx::Scale => "scale",
+            Ctx::Mask => "mask",
         }
     }
     fn vars(self) -> &'static [&'static str] {
         match self {
-            Ctx::Bias => &["i", "j", "h"],
-            Ctx::Transform => &["i", "j", "h", "s"],
+            Ctx::Bias | Ctx::Mask => &["i", "j", "h", "b", "seq", "kv_seq"],
+            Ctx::Transform => &["i", "j", "h", "b", "seq", "kv_seq", "s"],
             Ctx::Decay => &["h"],
             Ctx::Scale => &[],
         }
@@ -237,6 +246,8 @@ pub(crate) struct Checker<'a> {
     uses: Vec<Use>,
     /// Known once `heads` checked; used to evaluate per-head decay.
     heads: Option<u32>,
+    /// Known once `kv_heads` checked (warnings about `kv_heads` dims).
+    kv_heads: Option<u32>,
     /// Names whose item had a syntax error (already reported).
     broken: Vec<String>,
 }
@@ -250,6 +261,7 @@ impl<'a> Checker<'a> {
             decls: Vec::new(),
             uses: Vec::new(),
             heads: None,
+            kv_heads: None,
             broken: Vec::new(),
         }
     }
@@ -305,27 +317,11 @@ impl<'a> Checker<'a> {
     /// infinite and `0.0 / 0.0` is NaN (which would mask everything).
     fn finite_constant(&mut self, x: (Expr, ScalarType), span: Span) -> Option<(Expr, ScalarType)> {
         let (e, ty) = &x;
-        let constant = ![Var::I, Var::J, Var::H, Var::S]
-            .iter()
-            .any(|v| e.uses_var(*v))
-            && {
-                let mut read = Vec::new();
-                e.inputs_read(&mut read);
-                read.is_empty()
-            };
-        if !constant || *ty == ScalarType::Int {
+        if !e.is_constant() || *ty != ScalarType::Float {
             return Some(x);
         }
         let lookup = |_: &str, _: &[i64]| 0.0;
-        let env = EvalEnv {
-            i: 0,
-            j: 0,
-            h: 0,
-            s: 0.0,
-            heads: self.heads.unwrap_or(1),
-            lookup: &lookup,
-        };
-        let v = e.eval_f64(&env);
+        let v = e.eval_f64(&EvalEnv::for_head(0, self.heads.unwrap_or(1), &lookup));
         if v.is_finite() && v.abs() <= f32::MAX as f64 {
             return Some(x);
         }
@@ -379,13 +375,35 @@ impl<'a> Checker<'a> {
                 );
                 None
             }
+            other if is_constant_syntax(other) => {
+                // A constant expression: `4 * 1024`, `pow(2, 12)` is a float.
+                let (x, t) = self.expr(other, Ctx::Scale)?;
+                let lookup = |_: &str, _: &[i64]| 0.0;
+                let v = x.eval(&EvalEnv::for_head(0, 1, &lookup));
+                match (t, v) {
+                    (ScalarType::Int, Value::Int(v)) if v >= 0 => Some(v as u64),
+                    (ScalarType::Int, Value::Int(v)) => {
+                        self.err(
+                            other.span(),
+                            format!("{what} must not be negative, found `{}` = {v}", show(other)),
+                        );
+                        None
+                    }
+                    _ => {
+                        self.err_hint(
+                            other.span(),
+                            format!("{what} must be an integer, found `{}`", show(other)),
+                            "integer arithmetic stays integer; `/` is float division, `div(a, b)` integer division",
+                        );
+                        None
+                    }
+                }
+            }
             other => {
-                self.err(
+                self.err_hint(
                     other.span(),
-                    format!(
-                        "expected an integer literal for {what}, found `{}`",
-                        show(other)
-                    ),
+                    format!("expected an integer for {what}, found `{}`", show(other)),
+                    "write a number or a constant expression such as `4 * 1024`",
                 );
                 None
             }
@@ -453,11 +471,11 @@ impl<'a> Checker<'a> {
             self.broken.push(name);
             return;
         }
-        if ["i", "j", "h", "s", "q", "k", "v", "o"].contains(&name.as_str()) {
+        if ["i", "j", "h", "s", "b", "seq", "kv_seq", "q", "k", "v", "o"].contains(&name.as_str()) {
             self.err_hint(
                 it.name.span(),
                 format!("input name `{name}` is reserved"),
-                "`i`, `j`, `h`, `s` are expression variables and `q`, `k`, `v`, `o` the main tensors; pick another name",
+                "`i`, `j`, `h`, `s`, `b`, `seq`, `kv_seq` are expression variables and `q`, `k`, `v`, `o` the main tensors; pick another name",
             );
             self.broken.push(name);
             return;
@@ -658,13 +676,29 @@ impl<'a> Checker<'a> {
             E::Unary(u) => match u.op {
                 syn::UnOp::Neg(_) => {
                     let (a, t) = self.expr(&u.expr, cx)?;
+                    if t == ScalarType::Bool {
+                        self.not_a_number(u.expr.span(), "`-`");
+                        return None;
+                    }
                     self.finite_constant((Expr::Unary(UnOp::Neg, Box::new(a)), t), u.span())
+                }
+                syn::UnOp::Not(_) => {
+                    let (a, t) = self.expr(&u.expr, cx)?;
+                    if t != ScalarType::Bool {
+                        self.err_hint(
+                            u.expr.span(),
+                            "`!` negates a condition, but this is a number",
+                            "compare it first, e.g. `!(x > 0.0)` or `x <= 0.0`",
+                        );
+                        return None;
+                    }
+                    Some((Expr::Unary(UnOp::Not, Box::new(a)), ScalarType::Bool))
                 }
                 _ => {
                     self.err_hint(
                         u.span(),
                         format!("unsupported operator in `{key}`"),
-                        "only unary `-` is allowed",
+                        "the unary operators are `-` and `!`",
                     );
                     None
                 }
@@ -677,42 +711,48 @@ impl<'a> Checker<'a> {
                     B::Mul(_) => Some(BinOp::Mul),
                     B::Div(_) => Some(BinOp::Div),
                     B::Rem(_) => Some(BinOp::Rem),
+                    B::Lt(_) => Some(BinOp::Lt),
+                    B::Le(_) => Some(BinOp::Le),
+                    B::Gt(_) => Some(BinOp::Gt),
+                    B::Ge(_) => Some(BinOp::Ge),
+                    B::Eq(_) => Some(BinOp::Eq),
+                    B::Ne(_) => Some(BinOp::Ne),
+                    B::And(_) => Some(BinOp::And),
+                    B::Or(_) => Some(BinOp::Or),
                     _ => None,
                 };
-                let l = self.expr(&b.left, cx);
-                let r = self.expr(&b.right, cx);
                 let Some(op) = op else {
                     use quote::ToTokens;
                     let sym = b.op.to_token_stream().to_string();
-                    let boolish = matches!(
-                        b.op,
-                        B::Eq(_)
-                            | B::Ne(_)
-                            | B::Lt(_)
-                            | B::Le(_)
-                            | B::Gt(_)
-                            | B::Ge(_)
-                            | B::And(_)
-                            | B::Or(_)
+                    self.err_hint(
+                        b.op.span(),
+                        format!("operator `{sym}` is not supported in `{key}`"),
+                        "operators are `+ - * / %`, comparisons `< <= > >= == !=` and `&& || !`",
                     );
-                    if boolish {
-                        self.err_hint(
-                            b.op.span(),
-                            format!("`{sym}` yields a bool, but `{key}` must be a number"),
-                            "comparisons and `&&`/`||` are only for masks; use `min`, `max`, `clamp` or `abs` in expressions",
-                        );
-                    } else {
-                        self.err_hint(
-                            b.op.span(),
-                            format!("operator `{sym}` is not supported in `{key}`"),
-                            "operators are `+`, `-`, `*`, `/` and `%`",
-                        );
-                    }
                     return None;
                 };
+                let l = self.expr(&b.left, cx);
+                let r = self.expr(&b.right, cx);
                 let ((l, lt), (r, rt)) = (l?, r?);
+                let logic = matches!(op, BinOp::And | BinOp::Or);
+                for (t, side) in [(lt, &b.left), (rt, &b.right)] {
+                    if logic && t != ScalarType::Bool {
+                        self.err_hint(
+                            side.span(),
+                            format!(
+                                "`{}` combines conditions, but this is a number",
+                                op.symbol()
+                            ),
+                            "compare it first, e.g. `x > 0.0`",
+                        );
+                        return None;
+                    }
+                    if !logic && t == ScalarType::Bool {
+                        self.not_a_number(side.span(), &format!("`{}`", op.symbol()));
+                        return None;
+                    }
+                }
                 let ty = match op {
-                    BinOp::Div => ScalarType::Float,
                     BinOp::Rem => {
                         if lt != ScalarType::Int || rt != ScalarType::Int {
                             self.err_hint(
@@ -724,8 +764,7 @@ impl<'a> Checker<'a> {
                         }
                         ScalarType::Int
                     }
-                    _ if lt == ScalarType::Int && rt == ScalarType::Int => ScalarType::Int,
-                    _ => ScalarType::Float,
+                    op => op.result_type(lt, rt),
                 };
                 self.finite_constant((Expr::Binary(op, Box::new(l), Box::new(r)), ty), b.span())
             }
@@ -759,6 +798,25 @@ impl<'a> Checker<'a> {
                     return None;
                 }
                 let args: Vec<(Expr, ScalarType)> = args.into_iter().collect::<Option<_>>()?;
+                // `select` of two conditions is a condition.
+                let bool_branches = f == Func::Select
+                    && args.len() == 3
+                    && args[1..].iter().all(|(_, t)| *t == ScalarType::Bool);
+                for (k, ((_, t), a)) in args.iter().zip(&c.args).enumerate() {
+                    let want_bool = f == Func::Select && (k == 0 || bool_branches);
+                    if want_bool && *t != ScalarType::Bool {
+                        self.err_hint(
+                            a.span(),
+                            "the first argument of `select` must be a condition, but this is a number",
+                            "write `select(x > 0.0, a, b)`",
+                        );
+                        return None;
+                    }
+                    if !want_bool && *t == ScalarType::Bool {
+                        self.not_a_number(a.span(), &format!("`{fname}`"));
+                        return None;
+                    }
+                }
                 let all_int = args.iter().all(|(_, t)| *t == ScalarType::Int);
                 if f == Func::AlibiSlope && !all_int {
                     self.err_hint(
@@ -768,10 +826,16 @@ impl<'a> Checker<'a> {
                     );
                     return None;
                 }
-                let ty = match f {
-                    Func::Abs | Func::Min | Func::Max | Func::Clamp if all_int => ScalarType::Int,
-                    _ => ScalarType::Float,
-                };
+                if f == Func::Div && !all_int {
+                    self.err_hint(
+                        c.span(),
+                        "`div` is integer floor division and needs integer operands",
+                        "for floats write `floor(x / y)`; `int(x)` turns a float into an integer",
+                    );
+                    return None;
+                }
+                let types: Vec<ScalarType> = args.iter().map(|(_, t)| *t).collect();
+                let ty = f.result_type(&types);
                 self.finite_constant(
                     (
                         Expr::Call(f, args.into_iter().map(|(e, _)| e).collect()),
@@ -781,11 +845,12 @@ impl<'a> Checker<'a> {
                 )
             }
             E::Index(_) => self.table_read(e, cx),
+            E::If(x) => self.if_expr(x, cx),
             E::Cast(c) => {
                 self.err_hint(
                     c.span(),
                     format!("casts are not supported in `{key}`"),
-                    "integers convert to floats automatically when mixed with a float; `floor` rounds down",
+                    "integers convert to floats automatically when mixed with a float; `int(x)` truncates a float to an integer",
                 );
                 None
             }
@@ -793,11 +858,124 @@ impl<'a> Checker<'a> {
                 self.err_hint(
                     other.span(),
                     format!("unsupported expression in `{key}`: `{}`", show(other)),
-                    "expressions use numbers, variables, `+ - * / %`, parentheses, function calls and `table[index]` reads",
+                    "expressions use numbers, variables, `+ - * / %`, comparisons, `&& || !`, parentheses, function calls and `table[index]` reads",
                 );
                 None
             }
         }
+    }
+
+    /// `if c { a } else { b }` (with `else if` chains): `select(c, a, b)`.
+    fn if_expr(&mut self, x: &syn::ExprIf, cx: Ctx) -> Option<(Expr, ScalarType)> {
+        let single = |b: &syn::Block| -> Option<syn::Expr> {
+            match b.stmts.as_slice() {
+                [syn::Stmt::Expr(e, None)] => Some(e.clone()),
+                _ => None,
+            }
+        };
+        let Some((_, els)) = &x.else_branch else {
+            self.err_hint(
+                x.span(),
+                "`if` needs an `else` branch",
+                "write `if c { a } else { b }` (or `select(c, a, b)`)",
+            );
+            return None;
+        };
+        let then = single(&x.then_branch);
+        let other = match &**els {
+            syn::Expr::Block(b) => single(&b.block),
+            e @ syn::Expr::If(_) => Some(e.clone()),
+            _ => None,
+        };
+        let (Some(then), Some(other)) = (then, other) else {
+            self.err_hint(
+                x.span(),
+                "each branch of `if` must be a single expression",
+                "write `if c { a } else { b }` without `;` or `let`",
+            );
+            return None;
+        };
+        let c = self.expr(&x.cond, cx);
+        let a = self.expr(&then, cx);
+        let b = self.expr(&other, cx);
+        let ((c, ct), (a, at), (b, bt)) = (c?, a?, b?);
+        if ct != ScalarType::Bool {
+            self.err_hint(
+                x.cond.span(),
+                "the condition of `if` is a number",
+                "compare it, e.g. `if x > 0.0 { .. } else { .. }`",
+            );
+            return None;
+        }
+        if (at == ScalarType::Bool) != (bt == ScalarType::Bool) {
+            self.err_hint(
+                other.span(),
+                "the branches of `if` must both be numbers or both be conditions",
+                "`select(cond, a, b)` and `if` choose between two values of one kind",
+            );
+            return None;
+        }
+        let ty = Func::Select.result_type(&[ct, at, bt]);
+        Some((Expr::Call(Func::Select, vec![c, a, b]), ty))
+    }
+
+    /// Table reads that run but likely do not read what was meant: a
+    /// `batch` dim indexed without `b` (every sequence reads one row), a
+    /// `kv_heads` dim indexed by `h` itself (query heads past the last kv
+    /// head read the last row).
+    fn warn_table_indices(&mut self, name: &str, spans: &[&syn::Expr], indices: &[Expr]) {
+        let Some(d) = self.decls.iter().find(|d| d.name == name) else {
+            return;
+        };
+        if d.dims.len() != indices.len() {
+            return;
+        }
+        let grouped = matches!((self.heads, self.kv_heads), (Some(h), Some(k)) if k < h);
+        let mut found = Vec::new();
+        for (k, ((dim, e), at)) in d.dims.iter().zip(indices).zip(spans).enumerate() {
+            if *dim == Dim::Batch && !e.uses_var(Var::B) {
+                found.push(
+                    Diagnostic::warning(
+                        at.span(),
+                        format!("dim {k} of `{name}` is `batch`, but this index does not read `b`: every sequence reads the same row"),
+                    )
+                    .with_hint("index it with `b`, the batch index"),
+                );
+            }
+            if *dim == Dim::KvHeads && grouped && *e == Expr::Var(Var::H) {
+                found.push(
+                    Diagnostic::warning(
+                        at.span(),
+                        format!("dim {k} of `{name}` is `kv_heads`, but this index reads the query head `h`: heads past the last kv head read the last row"),
+                    )
+                    .with_hint("the kv head of query head `h` is `div(h, heads / kv_heads)`; or declare the dim `heads`"),
+                );
+            }
+        }
+        self.diags.warnings.extend(found);
+    }
+
+    /// A boolean where a number is needed.
+    fn not_a_number(&mut self, span: Span, what: &str) {
+        self.err_hint(
+            span,
+            format!("{what} needs a number, but this is a condition"),
+            "`select(cond, a, b)` turns a condition into a number",
+        );
+    }
+
+    /// An expression whose value must be a number (bias, transform, decay, scale).
+    fn numeric(&mut self, e: &syn::Expr, cx: Ctx) -> Option<(Expr, ScalarType)> {
+        let x = self.expr(e, cx)?;
+        if x.1 == ScalarType::Bool {
+            self.err_hint(
+                e.span(),
+                format!("`{}` must be a number, but this is a condition", cx.key()),
+                "`select(cond, a, b)` turns a condition into a number; conditions alone belong in `mask`",
+            );
+            return None;
+        }
+        Some(x)
     }
 
     fn literal(&mut self, lit: &syn::Lit) -> Option<(Expr, ScalarType)> {
@@ -852,6 +1030,9 @@ impl<'a> Checker<'a> {
             "j" => Some((Var::J, ScalarType::Int)),
             "h" => Some((Var::H, ScalarType::Int)),
             "s" => Some((Var::S, ScalarType::Float)),
+            "b" => Some((Var::B, ScalarType::Int)),
+            "seq" => Some((Var::Seq, ScalarType::Int)),
+            "kv_seq" => Some((Var::KvSeq, ScalarType::Int)),
             _ => None,
         };
         if let Some((v, t)) = var {
@@ -868,6 +1049,11 @@ impl<'a> Checker<'a> {
                     id.span(),
                     format!("`scale` must be a constant, but reads `{name}`"),
                     "position- or head-dependent terms belong in `bias` or `transform`",
+                ),
+                Ctx::Mask => self.err_hint(
+                    id.span(),
+                    "`s` (the score) is not available in `mask`",
+                    "a mask decides from positions, heads and tables; to act on the score use `transform`",
                 ),
                 _ => self.err_hint(
                     id.span(),
@@ -940,18 +1126,21 @@ impl<'a> Checker<'a> {
         for ie in &idx_exprs {
             match self.expr(ie, cx) {
                 Some((x, ScalarType::Int)) => indices.push(x),
-                Some((_, ScalarType::Float)) => {
+                Some((_, ScalarType::Float | ScalarType::Bool)) => {
                     ok = false;
                     self.err_hint(
                         ie.span(),
                         format!("index of `{name}` must be an integer, found a float expression"),
-                        "indices are integer expressions of `i`, `j`, `h` and integer literals",
+                        "indices are integer expressions of `i`, `j`, `h`, `b` and integer literals; `int(x)` truncates a float",
                     );
                 }
                 None => ok = false,
             }
         }
         self.use_input(base, InputRole::Table);
+        if ok {
+            self.warn_table_indices(&name, &idx_exprs, &indices);
+        }
         if let Some(d) = self.decls.iter().find(|d| d.name == name) {
             if d.dims.len() != idx_exprs.len() {
                 let (want, got) = (d.dims.len(), idx_exprs.len());
@@ -1103,14 +1292,19 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// A mask: the built-in masks combined with `&&` / `||`, where any
+    /// operand without a built-in mask in it is a boolean expression.
     fn mask(&mut self, e: &syn::Expr) -> Option<Mask> {
         use syn::Expr as E;
         let hint = || {
             format!(
-                "masks are {}, combined with `&&`, `||` and parentheses",
+                "masks are {}, or conditions such as `j <= i && i - j < 64`, combined with `&&`, `||` and parentheses",
                 list(MASKS)
             )
         };
+        if !has_builtin_mask(e) {
+            return self.mask_expr(e, &hint);
+        }
         match e {
             E::Paren(p) => self.mask(&p.expr),
             E::Group(g) => self.mask(&g.expr),
@@ -1137,8 +1331,8 @@ impl<'a> Checker<'a> {
             E::Unary(u) => {
                 self.err_hint(
                     u.span(),
-                    "masks cannot be negated or otherwise transformed",
-                    hint(),
+                    "built-in masks cannot be negated",
+                    "write the condition itself, e.g. `j > i` for the keys `causal` excludes",
                 );
                 None
             }
@@ -1261,6 +1455,42 @@ impl<'a> Checker<'a> {
                 None
             }
         }
+    }
+
+    /// A mask operand without built-in masks: a boolean expression, unless
+    /// it is a bare name or call that is neither a variable nor a function
+    /// (then it is reported as an unknown mask, with a suggestion).
+    fn mask_expr(&mut self, e: &syn::Expr, hint: &dyn Fn() -> String) -> Option<Mask> {
+        let unknown = match (bare_ident(e), as_call(e)) {
+            (Some(id), _) if !Ctx::Mask.vars().contains(&id.to_string().as_str()) => Some(id),
+            (_, Some((f, _, _))) if Func::from_name(&f.to_string()).is_none() => Some(f),
+            _ => None,
+        };
+        if let Some(id) = unknown {
+            let name = id.to_string();
+            if self.decls.iter().any(|d| d.name == name) && as_call(e).is_none() {
+                self.use_input(id, InputRole::Table);
+                self.err_hint(
+                    id.span(),
+                    format!("input `{name}` is not a mask"),
+                    format!("compare a read of it, e.g. `{name}[b][j] > 0.0`, or use `segment({name})` for document ids"),
+                );
+                return None;
+            }
+            let h = did_you_mean(&name, MASKS.iter().copied()).unwrap_or_else(hint);
+            self.err_hint(id.span(), format!("unknown mask `{name}`"), h);
+            return None;
+        }
+        let (x, t) = self.expr(e, Ctx::Mask)?;
+        if t != ScalarType::Bool {
+            self.err_hint(
+                e.span(),
+                "a mask must be a condition, but this is a number",
+                "compare it, e.g. `i - j < 64` or `flag[b][j] > 0.0`",
+            );
+            return None;
+        }
+        Some(causal_lifted(x))
     }
 
     fn block_sparse(&mut self, args: &[&syn::Expr], span: Span) -> Option<Mask> {
@@ -1432,7 +1662,7 @@ impl<'a> Checker<'a> {
                 };
             }
         }
-        let (x, _) = self.expr(e, Ctx::Decay)?;
+        let (x, _) = self.numeric(e, Ctx::Decay)?;
         // gamma must lie in (0, 1] for every head, or the recurrence blows up.
         if let Some(heads) = self.heads {
             let lookup = |_: &str, _: &[i64]| 0.0;
@@ -1452,21 +1682,21 @@ impl<'a> Checker<'a> {
     }
 
     fn scale(&mut self, e: &syn::Expr) -> Option<f64> {
-        let (x, _) = self.expr(e, Ctx::Scale)?;
+        let (x, _) = self.numeric(e, Ctx::Scale)?;
         let lookup = |_: &str, _: &[i64]| 0.0;
-        let env = EvalEnv {
-            i: 0,
-            j: 0,
-            h: 0,
-            s: 0.0,
-            heads: self.heads.unwrap_or(1),
-            lookup: &lookup,
-        };
-        let v = x.eval_f64(&env);
+        let v = x.eval_f64(&EvalEnv::for_head(0, self.heads.unwrap_or(1), &lookup));
         if !(v.is_finite() && v > 0.0) {
             self.err(
                 e.span(),
                 format!("`scale` must be a positive finite number, but evaluates to {v}"),
+            );
+            return None;
+        }
+        if v > f32::MAX as f64 || (v as f32) == 0.0 {
+            self.err_hint(
+                e.span(),
+                format!("`scale` evaluates to {v:e}, which f32 cannot hold"),
+                "the kernels scale scores in f32: between about 1.4e-45 and 3.4e38",
             );
             return None;
         }
@@ -1477,6 +1707,72 @@ impl<'a> Checker<'a> {
 enum RawScore {
     Dot(FeatureMap, FeatureMap),
     Filter(String, Span),
+}
+
+/// A condition with the conjunct `j <= i` (or `i >= j`) becomes the
+/// built-in `causal` beside the rest, so every backend keeps causal's exact
+/// closed form (tile skipping, loop bounds): `j <= i && i - j < 64` is
+/// `causal && i - j < 64`. The pairs allowed are the same.
+fn causal_lifted(e: Expr) -> Mask {
+    fn conjuncts(e: Expr, out: &mut Vec<Expr>) {
+        match e {
+            Expr::Binary(BinOp::And, a, b) => {
+                conjuncts(*a, out);
+                conjuncts(*b, out);
+            }
+            e => out.push(e),
+        }
+    }
+    let (i, j) = (Expr::Var(Var::I), Expr::Var(Var::J));
+    let is_causal = |c: &Expr| match c {
+        Expr::Binary(BinOp::Le, a, b) => **a == j && **b == i,
+        Expr::Binary(BinOp::Ge, a, b) => **a == i && **b == j,
+        _ => false,
+    };
+    let mut parts = Vec::new();
+    conjuncts(e.clone(), &mut parts);
+    if !parts.iter().any(is_causal) {
+        return Mask::Expr(e);
+    }
+    let rest = parts
+        .into_iter()
+        .filter(|c| !is_causal(c))
+        .reduce(|a, b| Expr::Binary(BinOp::And, Box::new(a), Box::new(b)));
+    match rest {
+        None => Mask::Causal,
+        Some(r) => Mask::And(Box::new(Mask::Causal), Box::new(Mask::Expr(r))),
+    }
+}
+
+/// An expression of literals, operators and function calls only (no
+/// variable, no table): a candidate constant.
+fn is_constant_syntax(e: &syn::Expr) -> bool {
+    use syn::Expr as E;
+    match e {
+        E::Lit(_) => true,
+        E::Paren(p) => is_constant_syntax(&p.expr),
+        E::Group(g) => is_constant_syntax(&g.expr),
+        E::Binary(b) => is_constant_syntax(&b.left) && is_constant_syntax(&b.right),
+        E::Unary(u) => is_constant_syntax(&u.expr),
+        E::Call(c) => bare_ident(&c.func).is_some() && c.args.iter().all(is_constant_syntax),
+        _ => false,
+    }
+}
+
+/// Does `e` mention a built-in mask (`causal`, `window(..)`, ...)?
+fn has_builtin_mask(e: &syn::Expr) -> bool {
+    use syn::Expr as E;
+    match e {
+        E::Paren(p) => has_builtin_mask(&p.expr),
+        E::Group(g) => has_builtin_mask(&g.expr),
+        E::Binary(b) => has_builtin_mask(&b.left) || has_builtin_mask(&b.right),
+        E::Unary(u) => has_builtin_mask(&u.expr),
+        E::Path(_) => bare_ident(e).is_some_and(|id| MASKS.contains(&id.to_string().as_str())),
+        E::Call(c) => {
+            bare_ident(&c.func).is_some_and(|id| MASKS.contains(&id.to_string().as_str()))
+        }
+        _ => false,
+    }
 }
 
 fn mask_usage(m: &str) -> &'static str {
@@ -1508,6 +1804,7 @@ pub(crate) fn check(raw: RawSpec, diags: &mut Diagnostics) -> Option<MixerSpec> 
         decls: Vec::new(),
         uses: Vec::new(),
         heads: None,
+        kv_heads: None,
         broken: raw.broken.clone(),
     };
 
@@ -1542,6 +1839,7 @@ pub(crate) fn check(raw: RawSpec, diags: &mut Diagnostics) -> Option<MixerSpec> 
     let heads = get("heads").and_then(|k| ck.uint_in(&k.value, "`heads`", 1, MAX_HEADS));
     ck.heads = heads.map(|h| h as u32);
     let kv_heads = get("kv_heads").and_then(|k| ck.uint_in(&k.value, "`kv_heads`", 1, MAX_HEADS));
+    ck.kv_heads = kv_heads.map(|v| v as u32);
     let head_dim =
         get("head_dim").and_then(|k| ck.uint_in(&k.value, "`head_dim`", 1, MAX_HEAD_DIM));
     let value_dim =
@@ -1549,8 +1847,8 @@ pub(crate) fn check(raw: RawSpec, diags: &mut Diagnostics) -> Option<MixerSpec> 
     let dtype = get("dtype").map(|k| ck.dtype(&k.value));
     let score = get("score").map(|k| ck.score(&k.value));
     let scale = get("scale").map(|k| ck.scale(&k.value));
-    let bias = get("bias").map(|k| ck.expr(&k.value, Ctx::Bias));
-    let transform = get("transform").map(|k| ck.expr(&k.value, Ctx::Transform));
+    let bias = get("bias").map(|k| ck.numeric(&k.value, Ctx::Bias));
+    let transform = get("transform").map(|k| ck.numeric(&k.value, Ctx::Transform));
     let mask = get("mask").map(|k| ck.mask(&k.value));
     let decay = get("decay").map(|k| ck.decay(&k.value));
     let norm = get("norm").map(|k| ck.norm(&k.value));

@@ -12,12 +12,30 @@ pub struct Position {
     pub column: usize,
 }
 
-/// One error in a spec.
+/// An error makes a spec invalid; a warning points at a likely mistake in
+/// a valid one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+impl Severity {
+    pub fn name(self) -> &'static str {
+        match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        }
+    }
+}
+
+/// One error (or warning) in a spec.
 #[derive(Debug, Clone)]
 pub struct Diagnostic {
     pub span: Span,
     pub message: String,
     pub hint: Option<String>,
+    pub severity: Severity,
     // Resolved when the diagnostic is made: proc-macro2's fallback source map
     // can be cleared (`invalidate_current_thread_spans`) before rendering.
     start: Position,
@@ -31,8 +49,17 @@ impl Diagnostic {
             span,
             message: message.into(),
             hint: None,
+            severity: Severity::Error,
             start,
             end,
+        }
+    }
+
+    /// A warning: the spec stays valid.
+    pub fn warning(span: Span, message: impl Into<String>) -> Self {
+        Diagnostic {
+            severity: Severity::Warning,
+            ..Diagnostic::new(span, message)
         }
     }
 
@@ -70,10 +97,12 @@ fn resolve(span: Span) -> (Position, Position) {
     (start, end)
 }
 
-/// All errors found in one spec, in source order.
+/// All errors found in one spec, in source order, and apart from them the
+/// warnings (which `len`, `is_empty`, `render` and iteration do not count).
 #[derive(Debug, Clone, Default)]
 pub struct Diagnostics {
     pub items: Vec<Diagnostic>,
+    pub warnings: Vec<Diagnostic>,
 }
 
 impl Diagnostics {
@@ -154,8 +183,11 @@ impl std::fmt::Display for Diagnostics {
         for d in &self.items {
             writeln!(
                 f,
-                "{}:{}: error: {}",
-                d.start.line, d.start.column, d.message
+                "{}:{}: {}: {}",
+                d.start.line,
+                d.start.column,
+                d.severity.name(),
+                d.message
             )?;
             if let Some(h) = &d.hint {
                 writeln!(f, "  = hint: {h}")?;
@@ -201,8 +233,11 @@ fn render_one(out: &mut String, d: &Diagnostic, file_name: &str, lines: &[&str])
         .collect();
     let _ = writeln!(
         out,
-        "{file_name}:{}:{}: error: {}",
-        d.start.line, d.start.column, d.message
+        "{file_name}:{}:{}: {}: {}",
+        d.start.line,
+        d.start.column,
+        d.severity.name(),
+        d.message
     );
     let _ = writeln!(out, "{pad} |");
     let _ = writeln!(out, "{line_no} | {text}");

@@ -28,13 +28,15 @@ impl Expr {
     /// over all calls is the chain rule. Subexpression values are recomputed
     /// (expressions are a handful of nodes).
     pub fn backprop<'e>(&'e self, env: &EvalEnv<'_>, g: f64, sink: &mut dyn FnMut(Leaf<'e>, f64)) {
-        if g == 0.0 || self.scalar_type() == ScalarType::Int {
+        if g == 0.0 || self.scalar_type() != ScalarType::Float {
             return;
         }
         match self {
-            Expr::Int(_) | Expr::Float(_) | Expr::Var(Var::I | Var::J | Var::H) => {}
             Expr::Var(Var::S) => sink(Leaf::Score, g),
+            Expr::Int(_) | Expr::Float(_) | Expr::Var(_) => {}
             Expr::Unary(UnOp::Neg, a) => a.backprop(env, -g, sink),
+            // Boolean-valued: returned above.
+            Expr::Unary(UnOp::Not, _) => {}
             Expr::Binary(op, a, b) => {
                 let (x, y) = (a.eval(env).as_f64(), b.eval(env).as_f64());
                 let (da, db) = match op {
@@ -44,6 +46,8 @@ impl Expr {
                     BinOp::Div => (1.0 / y, -x / (y * y)),
                     // x % y = x - trunc(x / y) * y, the quotient piecewise constant.
                     BinOp::Rem => (1.0, -(x / y).trunc()),
+                    // Boolean-valued: returned above.
+                    _ => (0.0, 0.0),
                 };
                 a.backprop(env, g * da, sink);
                 b.backprop(env, g * db, sink);
@@ -60,7 +64,15 @@ impl Expr {
                     Func::Sqrt => d[0] = 0.5 / v[0].sqrt(),
                     Func::Tanh => d[0] = 1.0 - v[0].tanh().powi(2),
                     Func::Abs => d[0] = if v[0] < 0.0 { -1.0 } else { 1.0 },
-                    Func::Floor | Func::AlibiSlope => {}
+                    Func::Floor | Func::AlibiSlope | Func::Int | Func::Div => {}
+                    Func::Sin => d[0] = v[0].cos(),
+                    Func::Cos => d[0] = -v[0].sin(),
+                    Func::Sigmoid => {
+                        let y = 1.0 / (1.0 + (-v[0]).exp());
+                        d[0] = y * (1.0 - y);
+                    }
+                    // The branch the value came from; the condition is piecewise constant.
+                    Func::Select => d[if v[0] != 0.0 { 1 } else { 2 }] = 1.0,
                     Func::Min => d[usize::from(v[1] < v[0])] = 1.0,
                     Func::Max => d[usize::from(v[1] > v[0])] = 1.0,
                     Func::Pow => {
@@ -115,6 +127,7 @@ impl Expr {
             E::Var(Var::S) => E::Float(1.0),
             E::Int(_) | E::Float(_) | E::Var(_) | E::Index { .. } => zero(),
             E::Unary(UnOp::Neg, a) => E::Unary(UnOp::Neg, Box::new(a.derivative_s()?)),
+            E::Unary(UnOp::Not, _) => zero(),
             E::Binary(op, a, b) => {
                 let (da, db) = (a.derivative_s()?, b.derivative_s()?);
                 let (a, b) = ((**a).clone(), (**b).clone());
@@ -135,14 +148,37 @@ impl Expr {
                         ),
                         bin(BinOp::Mul, b.clone(), b),
                     ),
-                    // Integer remainder: no float operand reads `s`.
-                    BinOp::Rem => zero(),
+                    // Integer remainder: no float operand reads `s`; booleans
+                    // are piecewise constant.
+                    _ => zero(),
                 }
             }
+            E::Call(Func::Select, args) if args.len() == 3 => call(
+                Func::Select,
+                vec![
+                    args[0].clone(),
+                    args[1].derivative_s()?,
+                    args[2].derivative_s()?,
+                ],
+            ),
             E::Call(f, args) => {
                 let a = args.first()?.clone();
                 let da = a.derivative_s()?;
                 match f {
+                    Func::Sin => bin(BinOp::Mul, call(Func::Cos, vec![a]), da),
+                    Func::Cos => E::Unary(
+                        UnOp::Neg,
+                        Box::new(bin(BinOp::Mul, call(Func::Sin, vec![a]), da)),
+                    ),
+                    Func::Sigmoid => {
+                        let y = call(Func::Sigmoid, vec![a]);
+                        bin(
+                            BinOp::Mul,
+                            bin(BinOp::Mul, y.clone(), bin(BinOp::Sub, E::Float(1.0), y)),
+                            da,
+                        )
+                    }
+                    Func::Int | Func::Div | Func::Select => zero(),
                     Func::Exp => bin(BinOp::Mul, call(Func::Exp, vec![a]), da),
                     Func::Log => bin(BinOp::Div, da, a),
                     Func::Sqrt => bin(
@@ -253,6 +289,9 @@ mod tests {
                             j: 1,
                             h: 0,
                             s: s0 + ds,
+                            b: 0,
+                            seq: 0,
+                            kv_seq: 0,
                             heads: 8,
                             lookup: &lookup,
                         };
@@ -264,6 +303,9 @@ mod tests {
                         j: 1,
                         h: 0,
                         s: s0,
+                        b: 0,
+                        seq: 0,
+                        kv_seq: 0,
                         heads: 8,
                         lookup: &lookup,
                     };
@@ -315,6 +357,9 @@ mod tests {
                     j: 1,
                     h: 0,
                     s: s0,
+                    b: 0,
+                    seq: 0,
+                    kv_seq: 0,
                     heads: 8,
                     lookup: &lookup,
                 };

@@ -159,12 +159,43 @@ pub enum Var {
     H,
     /// The score (after scale and bias); only inside `transform`.
     S,
+    /// Batch index (which sequence of the batch).
+    B,
+    /// Number of query positions of the call (the whole sequence, across ranks).
+    Seq,
+    /// Number of key positions (`seq` plus any cached prefix when decoding).
+    KvSeq,
+}
+
+impl Var {
+    /// The spelling in specs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Var::I => "i",
+            Var::J => "j",
+            Var::H => "h",
+            Var::S => "s",
+            Var::B => "b",
+            Var::Seq => "seq",
+            Var::KvSeq => "kv_seq",
+        }
+    }
+    /// Every variable but `s` is an integer.
+    pub fn scalar_type(self) -> ScalarType {
+        if self == Var::S {
+            ScalarType::Float
+        } else {
+            ScalarType::Int
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UnOp {
     Neg,
+    /// Logical not of a boolean.
+    Not,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -176,6 +207,16 @@ pub enum BinOp {
     Div,
     /// Integer remainder (both operands integer; result has the sign of the dividend, like C).
     Rem,
+    /// Comparisons: numbers in, a boolean out.
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+    /// Logical and / or of booleans.
+    And,
+    Or,
 }
 
 /// Built-in scalar functions.
@@ -192,6 +233,17 @@ pub enum Func {
     Max,
     Pow,
     Clamp,
+    Sin,
+    Cos,
+    /// `1 / (1 + e^-x)`.
+    Sigmoid,
+    /// `select(c, a, b)`: `a` where the boolean `c` holds, else `b`.
+    Select,
+    /// `int(x)`: float to integer, truncating toward zero (as a C cast or
+    /// `torch.Tensor.long()`); integers pass through.
+    Int,
+    /// `div(a, b)`: integer floor division (Python's `a // b`); `div(a, 0) = 0`.
+    Div,
     /// ALiBi slope of head h: `2^(-8 (h + 1) / heads)` (heads a power of two;
     /// otherwise the interpolation of Press et al. is used, see docs/language.md).
     AlibiSlope,
@@ -211,12 +263,18 @@ impl Func {
             Func::Pow => "pow",
             Func::Clamp => "clamp",
             Func::AlibiSlope => "alibi_slope",
+            Func::Sin => "sin",
+            Func::Cos => "cos",
+            Func::Sigmoid => "sigmoid",
+            Func::Select => "select",
+            Func::Int => "int",
+            Func::Div => "div",
         }
     }
     pub fn arity(self) -> usize {
         match self {
-            Func::Min | Func::Max | Func::Pow => 2,
-            Func::Clamp => 3,
+            Func::Min | Func::Max | Func::Pow | Func::Div => 2,
+            Func::Clamp | Func::Select => 3,
             _ => 1,
         }
     }
@@ -233,6 +291,12 @@ impl Func {
             "pow" => Func::Pow,
             "clamp" => Func::Clamp,
             "alibi_slope" => Func::AlibiSlope,
+            "sin" => Func::Sin,
+            "cos" => Func::Cos,
+            "sigmoid" => Func::Sigmoid,
+            "select" => Func::Select,
+            "int" => Func::Int,
+            "div" => Func::Div,
             _ => return None,
         })
     }
@@ -244,6 +308,9 @@ impl Func {
 pub enum ScalarType {
     Int,
     Float,
+    /// Comparisons and `&&`, `||`, `!`: a mask, or the condition of `select`.
+    /// Held as the integer 0 or 1 during evaluation.
+    Bool,
 }
 
 /// A type-checked scalar expression (bias, transform, per-head decay).
@@ -306,6 +373,10 @@ pub struct EvalEnv<'a> {
     pub j: i64,
     pub h: i64,
     pub s: f64,
+    /// Batch index, query and key sequence lengths.
+    pub b: i64,
+    pub seq: i64,
+    pub kv_seq: i64,
     pub heads: u32,
     /// Looks up `input[indices]` (indices already clamped by the caller's
     /// tensor); returns the element as f64.
@@ -321,6 +392,9 @@ impl<'a> EvalEnv<'a> {
             j: 0,
             h,
             s: 0.0,
+            b: 0,
+            seq: 0,
+            kv_seq: 0,
             heads,
             lookup,
         }
@@ -352,6 +426,21 @@ impl Value {
             Value::Int(_) => ScalarType::Int,
             Value::Float(_) => ScalarType::Float,
         }
+    }
+}
+
+/// `a // b` rounding toward negative infinity, as Python's; `b = 0` gives 0
+/// (like `%`), and the one overflowing case wraps.
+#[inline(always)]
+pub fn floor_div(a: i64, b: i64) -> i64 {
+    if b == 0 {
+        return 0;
+    }
+    let q = a.wrapping_div(b);
+    if a.wrapping_rem(b) != 0 && ((a < 0) != (b < 0)) {
+        q - 1
+    } else {
+        q
     }
 }
 
@@ -394,6 +483,8 @@ pub trait ExprFloat:
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
     fn tanh(self) -> Self;
+    fn sin(self) -> Self;
+    fn cos(self) -> Self;
     fn abs(self) -> Self;
     fn floor(self) -> Self;
     fn min(self, o: Self) -> Self;
@@ -437,6 +528,14 @@ macro_rules! impl_expr_float {
                 <$t>::tanh(self)
             }
             #[inline(always)]
+            fn sin(self) -> Self {
+                <$t>::sin(self)
+            }
+            #[inline(always)]
+            fn cos(self) -> Self {
+                <$t>::cos(self)
+            }
+            #[inline(always)]
             fn abs(self) -> Self {
                 <$t>::abs(self)
             }
@@ -472,19 +571,66 @@ impl UnOp {
         match self {
             // Wrapping like the other integer ops: never panic on i64::MIN.
             UnOp::Neg => a.wrapping_neg(),
+            UnOp::Not => i64::from(a == 0),
         }
     }
+    /// Float semantics (`!` of a float tests it against zero, as the
+    /// integer form does; the checker only lets it see booleans).
     #[inline(always)]
     pub fn apply_float<F: ExprFloat>(self, a: F) -> F {
         match self {
             UnOp::Neg => -a,
+            UnOp::Not => F::from_i64(i64::from(a == F::from_i64(0))),
+        }
+    }
+    /// Type of `op a`.
+    pub fn result_type(self, a: ScalarType) -> ScalarType {
+        match self {
+            UnOp::Neg => a,
+            UnOp::Not => ScalarType::Bool,
         }
     }
 }
 
 impl BinOp {
-    /// Type of `a op b`: integer when both are, except `/` (always float).
+    /// Comparisons and logic give a boolean.
+    pub fn is_boolean(self) -> bool {
+        matches!(
+            self,
+            BinOp::Lt
+                | BinOp::Le
+                | BinOp::Gt
+                | BinOp::Ge
+                | BinOp::Eq
+                | BinOp::Ne
+                | BinOp::And
+                | BinOp::Or
+        )
+    }
+    /// The spelling in specs.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            BinOp::Add => "+",
+            BinOp::Sub => "-",
+            BinOp::Mul => "*",
+            BinOp::Div => "/",
+            BinOp::Rem => "%",
+            BinOp::Lt => "<",
+            BinOp::Le => "<=",
+            BinOp::Gt => ">",
+            BinOp::Ge => ">=",
+            BinOp::Eq => "==",
+            BinOp::Ne => "!=",
+            BinOp::And => "&&",
+            BinOp::Or => "||",
+        }
+    }
+    /// Type of `a op b`: integer when both are, except `/` (always float);
+    /// comparisons and logic are boolean.
     pub fn result_type(self, a: ScalarType, b: ScalarType) -> ScalarType {
+        if self.is_boolean() {
+            return ScalarType::Bool;
+        }
         match (self, a, b) {
             (BinOp::Div, _, _) => ScalarType::Float,
             (_, ScalarType::Int, ScalarType::Int) => ScalarType::Int,
@@ -508,20 +654,45 @@ impl BinOp {
                 }
             }
             BinOp::Div => (x as f64 / y as f64) as i64,
+            BinOp::Lt => i64::from(x < y),
+            BinOp::Le => i64::from(x <= y),
+            BinOp::Gt => i64::from(x > y),
+            BinOp::Ge => i64::from(x >= y),
+            BinOp::Eq => i64::from(x == y),
+            BinOp::Ne => i64::from(x != y),
+            BinOp::And => i64::from(x != 0 && y != 0),
+            BinOp::Or => i64::from(x != 0 || y != 0),
         }
     }
+    /// Float semantics; comparisons and logic give 0 or 1.
     #[inline(always)]
     pub fn apply_float<F: ExprFloat>(self, x: F, y: F) -> F {
+        let b = |t: bool| F::from_i64(i64::from(t));
+        let zero = F::from_i64(0);
         match self {
             BinOp::Add => x + y,
             BinOp::Sub => x - y,
             BinOp::Mul => x * y,
             BinOp::Div => x / y,
             BinOp::Rem => x % y,
+            BinOp::Lt => b(x < y),
+            BinOp::Le => b(x <= y),
+            BinOp::Gt => b(x > y),
+            BinOp::Ge => b(x >= y),
+            BinOp::Eq => b(x == y),
+            BinOp::Ne => b(x != y),
+            BinOp::And => b(x != zero && y != zero),
+            BinOp::Or => b(x != zero || y != zero),
         }
     }
-    /// `a op b` on dynamically typed values.
+    /// `a op b` on dynamically typed values (booleans are the integers 0 and 1).
     pub fn apply(self, a: Value, b: Value) -> Value {
+        if self.is_boolean() {
+            return Value::Int(match (a, b) {
+                (Value::Int(x), Value::Int(y)) => self.apply_int(x, y),
+                _ => i64::from(self.apply_float(a.as_f64(), b.as_f64()) != 0.0),
+            });
+        }
         match (self.result_type(a.scalar_type(), b.scalar_type()), a, b) {
             (ScalarType::Int, Value::Int(x), Value::Int(y)) => Value::Int(self.apply_int(x, y)),
             _ => Value::Float(self.apply_float(a.as_f64(), b.as_f64())),
@@ -535,9 +706,23 @@ impl Func {
     pub fn keeps_int(self) -> bool {
         matches!(self, Func::Abs | Func::Min | Func::Max | Func::Clamp)
     }
-    /// Result type for arguments of types `args`.
+    /// Result type for arguments of types `args` (booleans count as integers).
     pub fn result_type(self, args: &[ScalarType]) -> ScalarType {
-        if self.keeps_int() && args.iter().all(|t| *t == ScalarType::Int) {
+        let int = |t: &ScalarType| *t != ScalarType::Float;
+        match self {
+            Func::Int | Func::Div => return ScalarType::Int,
+            Func::Select => {
+                return if args.len() == 3 && args[1..].iter().all(|t| *t == ScalarType::Bool) {
+                    ScalarType::Bool
+                } else if args.len() == 3 && args[1..].iter().all(int) {
+                    ScalarType::Int
+                } else {
+                    ScalarType::Float
+                }
+            }
+            _ => {}
+        }
+        if self.keeps_int() && args.iter().all(int) {
             ScalarType::Int
         } else {
             ScalarType::Float
@@ -552,6 +737,15 @@ impl Func {
             Func::Min => args[0].min(args[1]),
             Func::Max => args[0].max(args[1]),
             Func::Clamp => args[0].max(args[1]).min(args[2]),
+            Func::Select => {
+                if args[0] != 0 {
+                    args[1]
+                } else {
+                    args[2]
+                }
+            }
+            Func::Int => args[0],
+            Func::Div => floor_div(args[0], args[1]),
             _ => return None,
         })
     }
@@ -572,6 +766,22 @@ impl Func {
             Func::Pow => x(0).powf(x(1)),
             Func::Clamp => x(0).max(x(1)).min(x(2)),
             Func::AlibiSlope => F::from_f64(alibi_slope(x(0).to_i64(), heads)),
+            Func::Sin => x(0).sin(),
+            Func::Cos => x(0).cos(),
+            Func::Sigmoid => {
+                let one = F::from_i64(1);
+                one / (one + (-x(0)).exp())
+            }
+            Func::Select => {
+                if x(0) != F::from_i64(0) {
+                    x(1)
+                } else {
+                    x(2)
+                }
+            }
+            // Integer-valued, held in a float lane.
+            Func::Int => F::from_i64(x(0).to_i64()),
+            Func::Div => F::from_i64(floor_div(x(0).to_i64(), x(1).to_i64())),
         }
     }
     /// `f(args)` on dynamically typed values.
@@ -592,6 +802,18 @@ impl Func {
                 return Value::Float(alibi_slope(ints[0], heads));
             }
         }
+        match self {
+            Func::Int => return Value::Int(args[0].as_i64()),
+            Func::Div => return Value::Int(floor_div(args[0].as_i64(), args[1].as_i64())),
+            Func::Select if args.len() == 3 => {
+                return if args[0].as_f64() != 0.0 {
+                    args[1]
+                } else {
+                    args[2]
+                };
+            }
+            _ => {}
+        }
         let mut fs = [0f64; MAX_ARITY];
         for (d, a) in fs.iter_mut().zip(args) {
             *d = a.as_f64();
@@ -611,6 +833,10 @@ impl Expr {
             Expr::Var(Var::J) => Value::Int(env.j),
             Expr::Var(Var::H) => Value::Int(env.h),
             Expr::Var(Var::S) => Value::Float(env.s),
+            Expr::Var(Var::B) => Value::Int(env.b),
+            Expr::Var(Var::Seq) => Value::Int(env.seq),
+            Expr::Var(Var::KvSeq) => Value::Int(env.kv_seq),
+            Expr::Unary(UnOp::Not, a) => Value::Int(i64::from(a.eval(env).as_f64() == 0.0)),
             Expr::Unary(op, a) => match a.eval(env) {
                 Value::Int(v) => Value::Int(op.apply_int(v)),
                 Value::Float(v) => Value::Float(op.apply_float(v)),
@@ -635,9 +861,10 @@ impl Expr {
     /// The type of the value [`Expr::eval`] returns (table reads are float).
     pub fn scalar_type(&self) -> ScalarType {
         match self {
-            Expr::Int(_) | Expr::Var(Var::I | Var::J | Var::H) => ScalarType::Int,
-            Expr::Float(_) | Expr::Var(Var::S) | Expr::Index { .. } => ScalarType::Float,
-            Expr::Unary(_, a) => a.scalar_type(),
+            Expr::Int(_) => ScalarType::Int,
+            Expr::Var(v) => v.scalar_type(),
+            Expr::Float(_) | Expr::Index { .. } => ScalarType::Float,
+            Expr::Unary(op, a) => op.result_type(a.scalar_type()),
             Expr::Binary(op, a, b) => op.result_type(a.scalar_type(), b.scalar_type()),
             Expr::Call(f, args) => {
                 let ts: Vec<ScalarType> = args.iter().map(Expr::scalar_type).collect();
@@ -660,6 +887,17 @@ impl Expr {
             Expr::Binary(_, a, b) => a.uses_var(var) || b.uses_var(var),
             Expr::Call(_, args) => args.iter().any(|a| a.uses_var(var)),
             Expr::Index { indices, .. } => indices.iter().any(|a| a.uses_var(var)),
+        }
+    }
+
+    /// Reads no variable and no table: a constant.
+    pub fn is_constant(&self) -> bool {
+        match self {
+            Expr::Int(_) | Expr::Float(_) => true,
+            Expr::Var(_) | Expr::Index { .. } => false,
+            Expr::Unary(_, a) => a.is_constant(),
+            Expr::Binary(_, a, b) => a.is_constant() && b.is_constant(),
+            Expr::Call(_, args) => args.iter().all(Expr::is_constant),
         }
     }
 
@@ -709,6 +947,11 @@ impl Expr {
 pub enum Mask {
     /// Every key (no mask).
     All,
+    /// A boolean expression of `b`, `h`, `i`, `j`, `seq`, `kv_seq` and
+    /// tables (FlexAttention's `mask_mod`). Tiles are classified by bounding
+    /// the expression over the tile ([`crate::bounds`]); where nothing can be
+    /// proved the tile is computed and masked per element.
+    Expr(Expr),
     /// `j <= i`.
     Causal,
     /// `|i - j| < size` (combine with `causal` for Mistral-style windows).
@@ -741,9 +984,13 @@ pub enum Mask {
 impl Mask {
     /// Does query `i` see key `j`? `seg` returns the segment id of a
     /// position for a named input (only called for `Segment`).
-    pub fn allows(&self, i: i64, j: i64, seg: &dyn Fn(&str, i64) -> i64) -> bool {
+    /// `env` gives the pair and what an expression mask reads (`b`, `h`,
+    /// the lengths, tables); the built-in masks read only `env.i`, `env.j`.
+    pub fn allows(&self, env: &EvalEnv<'_>, seg: &dyn Fn(&str, i64) -> i64) -> bool {
+        let (i, j) = (env.i, env.j);
         match self {
             Mask::All => true,
+            Mask::Expr(e) => e.eval(env).as_f64() != 0.0,
             Mask::Causal => j <= i,
             Mask::Window { size } => (i - j).unsigned_abs() < *size,
             Mask::PrefixLm { prefix } => j < *prefix as i64 || j <= i,
@@ -758,8 +1005,97 @@ impl Mask {
                 (bi - bj).unsigned_abs() < *local || bj < *global as i64 || bi < *global as i64
             }
             Mask::Dilated { rate } => (i - j).rem_euclid(*rate as i64) == 0,
-            Mask::And(a, b) => a.allows(i, j, seg) && b.allows(i, j, seg),
-            Mask::Or(a, b) => a.allows(i, j, seg) || b.allows(i, j, seg),
+            Mask::And(a, b) => a.allows(env, seg) && b.allows(env, seg),
+            Mask::Or(a, b) => a.allows(env, seg) || b.allows(env, seg),
+        }
+    }
+
+    /// `allows` for a mask known to read nothing but `i` and `j` (tests,
+    /// built-in masks without segments).
+    pub fn allows_at(&self, i: i64, j: i64) -> bool {
+        let lookup = |_: &str, _: &[i64]| 0.0;
+        let mut env = EvalEnv::for_head(0, 1, &lookup);
+        env.i = i;
+        env.j = j;
+        self.allows(&env, &|_, _| 0)
+    }
+
+    /// The whole mask as one condition, for evaluating it over many pairs
+    /// at once; `None` when it reads segment ids (data compared by name,
+    /// not an expression). Equivalent to [`Mask::allows`] at every pair of
+    /// non-negative positions.
+    pub fn to_expr(&self) -> Option<Expr> {
+        let (i, j) = (Expr::Var(Var::I), Expr::Var(Var::J));
+        let bin = |op, a: Expr, b: Expr| Expr::Binary(op, Box::new(a), Box::new(b));
+        let int = |v: u64| Expr::Int(v.min(i64::MAX as u64) as i64);
+        let d = || bin(BinOp::Sub, i.clone(), j.clone());
+        Some(match self {
+            Mask::All => bin(BinOp::Eq, Expr::Int(0), Expr::Int(0)),
+            Mask::Causal => bin(BinOp::Le, j.clone(), i.clone()),
+            Mask::Expr(e) => e.clone(),
+            Mask::Window { size } => bin(BinOp::Lt, Expr::Call(Func::Abs, vec![d()]), int(*size)),
+            Mask::PrefixLm { prefix } => bin(
+                BinOp::Or,
+                bin(BinOp::Lt, j.clone(), int(*prefix)),
+                bin(BinOp::Le, j.clone(), i.clone()),
+            ),
+            Mask::Segment { .. } => return None,
+            Mask::BlockSparse {
+                block,
+                local,
+                global,
+            } => {
+                let blk = |x: &Expr| Expr::Call(Func::Div, vec![x.clone(), int(*block)]);
+                let (bi, bj) = (blk(&i), blk(&j));
+                bin(
+                    BinOp::Or,
+                    bin(
+                        BinOp::Or,
+                        bin(
+                            BinOp::Lt,
+                            Expr::Call(Func::Abs, vec![bin(BinOp::Sub, bi.clone(), bj.clone())]),
+                            int(*local),
+                        ),
+                        bin(BinOp::Lt, bj, int(*global)),
+                    ),
+                    bin(BinOp::Lt, bi, int(*global)),
+                )
+            }
+            Mask::Dilated { rate } => {
+                bin(BinOp::Eq, bin(BinOp::Rem, d(), int(*rate)), Expr::Int(0))
+            }
+            Mask::And(a, b) => bin(BinOp::And, a.to_expr()?, b.to_expr()?),
+            Mask::Or(a, b) => bin(BinOp::Or, a.to_expr()?, b.to_expr()?),
+        })
+    }
+
+    /// Is any part of the mask a condition (an expression)?
+    pub fn has_expr(&self) -> bool {
+        match self {
+            Mask::Expr(_) => true,
+            Mask::And(a, b) | Mask::Or(a, b) => a.has_expr() || b.has_expr(),
+            _ => false,
+        }
+    }
+
+    /// Does the mask read `var` (only expression masks read anything but `i`, `j`)?
+    pub fn uses_var(&self, var: Var) -> bool {
+        match self {
+            Mask::Expr(e) => e.uses_var(var),
+            Mask::And(a, b) | Mask::Or(a, b) => a.uses_var(var) || b.uses_var(var),
+            _ => false,
+        }
+    }
+
+    /// Names of the tables the mask's expressions read.
+    pub fn inputs_read(&self, out: &mut Vec<String>) {
+        match self {
+            Mask::Expr(e) => e.inputs_read(out),
+            Mask::And(a, b) | Mask::Or(a, b) => {
+                a.inputs_read(out);
+                b.inputs_read(out);
+            }
+            _ => {}
         }
     }
 
@@ -768,6 +1104,7 @@ impl Mask {
     pub fn implies_causal(&self) -> bool {
         match self {
             Mask::Causal => true,
+            Mask::Expr(e) => expr_implies_causal(e),
             Mask::And(a, b) => a.implies_causal() || b.implies_causal(),
             Mask::Or(a, b) => a.implies_causal() && b.implies_causal(),
             _ => false,
@@ -784,6 +1121,17 @@ impl Mask {
             }
             _ => {}
         }
+    }
+}
+
+/// A conjunction with a conjunct `j <= i`, `j < i`, `i >= j` or `i > j`.
+fn expr_implies_causal(e: &Expr) -> bool {
+    let (i, j) = (&Expr::Var(Var::I), &Expr::Var(Var::J));
+    match e {
+        Expr::Binary(BinOp::And, a, b) => expr_implies_causal(a) || expr_implies_causal(b),
+        Expr::Binary(BinOp::Le | BinOp::Lt, a, b) => **a == *j && **b == *i,
+        Expr::Binary(BinOp::Ge | BinOp::Gt, a, b) => **a == *i && **b == *j,
+        _ => false,
     }
 }
 
@@ -937,6 +1285,51 @@ impl MixerSpec {
 mod tests {
     use super::*;
 
+    /// Every built-in mask as a condition allows exactly the pairs it does.
+    #[test]
+    fn builtin_masks_as_conditions_agree_with_allows() {
+        let masks = [
+            Mask::All,
+            Mask::Causal,
+            Mask::Window { size: 3 },
+            Mask::PrefixLm { prefix: 5 },
+            Mask::BlockSparse {
+                block: 4,
+                local: 2,
+                global: 1,
+            },
+            Mask::BlockSparse {
+                block: 3,
+                local: 0,
+                global: 2,
+            },
+            Mask::Dilated { rate: 3 },
+            Mask::Or(
+                Box::new(Mask::And(
+                    Box::new(Mask::Causal),
+                    Box::new(Mask::Window { size: 4 }),
+                )),
+                Box::new(Mask::Dilated { rate: 5 }),
+            ),
+        ];
+        for m in masks {
+            let e = m.to_expr().unwrap();
+            for i in 0..30 {
+                for j in 0..30 {
+                    let lookup = |_: &str, _: &[i64]| 0.0;
+                    let mut env = EvalEnv::for_head(0, 1, &lookup);
+                    (env.i, env.j) = (i, j);
+                    assert_eq!(
+                        e.eval(&env).as_f64() != 0.0,
+                        m.allows(&env, &|_, _| 0),
+                        "{m} at ({i}, {j})"
+                    );
+                }
+            }
+        }
+        assert!(Mask::Segment { input: "d".into() }.to_expr().is_none());
+    }
+
     fn env_eval(e: &Expr, i: i64, j: i64, s: f64) -> Value {
         let lookup = |_: &str, idx: &[i64]| idx.iter().sum::<i64>() as f64 * 0.5;
         e.eval(&EvalEnv {
@@ -944,6 +1337,9 @@ mod tests {
             j,
             h: 3,
             s,
+            b: 0,
+            seq: 0,
+            kv_seq: 0,
             heads: 8,
             lookup: &lookup,
         })
@@ -1034,6 +1430,8 @@ impl fmt::Display for Mask {
         match self {
             Mask::All => f.write_str("all"),
             Mask::Causal => f.write_str("causal"),
+            Mask::Expr(e @ Expr::Binary(BinOp::And | BinOp::Or, ..)) => write!(f, "({e})"),
+            Mask::Expr(e) => write!(f, "{e}"),
             Mask::Window { size } => write!(f, "window({size})"),
             Mask::PrefixLm { prefix } => write!(f, "prefix_lm({prefix})"),
             Mask::Segment { input } => write!(f, "segment({input})"),
@@ -1085,23 +1483,10 @@ impl fmt::Display for Expr {
                 let s = format!("{v:?}");
                 f.write_str(&s)
             }
-            Expr::Var(v) => f.write_str(match v {
-                Var::I => "i",
-                Var::J => "j",
-                Var::H => "h",
-                Var::S => "s",
-            }),
+            Expr::Var(v) => f.write_str(v.name()),
             Expr::Unary(UnOp::Neg, a) => write!(f, "-{}", operand(a)),
-            Expr::Binary(op, a, b) => {
-                let op = match op {
-                    BinOp::Add => "+",
-                    BinOp::Sub => "-",
-                    BinOp::Mul => "*",
-                    BinOp::Div => "/",
-                    BinOp::Rem => "%",
-                };
-                write!(f, "{} {op} {}", operand(a), operand(b))
-            }
+            Expr::Unary(UnOp::Not, a) => write!(f, "!{}", operand(a)),
+            Expr::Binary(op, a, b) => write!(f, "{} {} {}", operand(a), op.symbol(), operand(b)),
             Expr::Call(func, args) => {
                 let args: Vec<String> = args.iter().map(Expr::to_string).collect();
                 write!(f, "{}({})", func.name(), args.join(", "))

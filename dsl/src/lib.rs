@@ -22,6 +22,7 @@
 //! assert!(matches!(mixc_dsl::parse_any_str(src), Ok(mixc_dsl::SpecFile::Block(_))));
 //! ```
 pub mod block;
+pub mod bounds;
 pub mod grad;
 pub mod ir;
 pub use block::{BlockNorm, BlockSpec, Ffn, FfnKind, NormKind, Rope};
@@ -35,7 +36,7 @@ mod syntax;
 
 pub use check::{KEYS, MAX_EXTENT, MAX_HEADS, MAX_HEAD_DIM, MAX_IDENT_CHARS};
 pub use check_block::{BLOCK_KEYS, DEFAULT_NORM_EPS, MAX_FFN_HIDDEN, MAX_WIDTH};
-pub use diag::{Diagnostic, Diagnostics, Position, SpecError};
+pub use diag::{Diagnostic, Diagnostics, Position, Severity, SpecError};
 pub use syntax::{MAX_ITEM_TOKENS, MAX_NESTING};
 
 use proc_macro2::{TokenStream, TokenTree};
@@ -112,6 +113,37 @@ pub fn parse_any_str(src: &str) -> Result<SpecFile, Diagnostics> {
     } else {
         parse_tokens(ts).map(SpecFile::Mixer)
     }
+}
+
+/// The warnings of a valid mixer or block spec (likely mistakes that do not
+/// make it invalid, e.g. a `batch` dim of a table indexed without `b`),
+/// as a [`Diagnostics`] whose items are warnings; empty when there are none
+/// or when the spec has errors (which [`parse_any_str`] reports).
+pub fn warnings_str(src: &str) -> Diagnostics {
+    let Ok(ts) = tokenize(src) else {
+        return Diagnostics::new();
+    };
+    let toks: Vec<TokenTree> = ts.clone().into_iter().collect();
+    let mut diags = Diagnostics::new();
+    if syntax::find_block_keyword(&toks).is_some() {
+        let _ = check_block::parse_block(ts, &mut diags);
+    } else if let Some(raw) = syntax::parse_spec(ts, &mut diags) {
+        let _ = check::check(raw, &mut diags);
+    }
+    let mut out = Diagnostics::new();
+    if diags.is_empty() {
+        out.items = diags.warnings;
+        out.sort();
+    }
+    out
+}
+
+/// [`warnings_str`] of a file, rendered against its text under its path;
+/// `None` when there are no warnings.
+pub fn warnings_file(path: &Path) -> Result<Option<String>, SpecError> {
+    let src = read_source(path)?;
+    let w = warnings_str(&src);
+    Ok((!w.is_empty()).then(|| w.render(&path.display().to_string(), &src)))
 }
 
 /// Tokenizes source text; a tokenizer failure becomes one diagnostic.

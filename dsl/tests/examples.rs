@@ -30,7 +30,19 @@ fn every_example_parses() {
             names.push(spec.name);
         }
     }
-    assert_eq!(names.len(), 14, "{names:?}");
+    assert_eq!(names.len(), 15, "{names:?}");
+}
+
+#[test]
+fn llama4_chunked_is_causal_and_a_condition() {
+    let s = example("chunked_llama4");
+    // `j <= i` is lifted to the built-in `causal`, the rest stays a condition.
+    assert!(
+        matches!(&s.mask, Mask::And(a, b) if **a == Mask::Causal && matches!(**b, Mask::Expr(_)))
+    );
+    assert_eq!(s.mask.to_string(), "causal && div(i, 8192) == div(j, 8192)");
+    assert!(s.mask.implies_causal());
+    assert_eq!((s.heads, s.kv_heads, s.head_dim), (40, 8, 128));
 }
 
 #[test]
@@ -83,6 +95,9 @@ fn gemma2_softcap_transform() {
             j: 0,
             h: 0,
             s: score,
+            b: 0,
+            seq: 0,
+            kv_seq: 0,
             heads: s.heads,
             lookup: &lookup,
         })
@@ -127,6 +142,9 @@ fn retnet_per_head_decay() {
             j: 0,
             h,
             s: 0.0,
+            b: 0,
+            seq: 0,
+            kv_seq: 0,
             heads: 8,
             lookup: &lookup,
         };
@@ -179,6 +197,9 @@ fn t5_relative_bias_table() {
         j: 500,
         h: 2,
         s: 0.0,
+        b: 0,
+        seq: 0,
+        kv_seq: 0,
         heads: 8,
         lookup: &lookup,
     };
@@ -196,6 +217,9 @@ fn alibi_bias() {
         j: 4,
         h: 0,
         s: 0.0,
+        b: 0,
+        seq: 0,
+        kv_seq: 0,
         heads: 16,
         lookup: &lookup,
     };

@@ -103,7 +103,7 @@ invalid! {
     remainder_of_float: with("bias = (i - j) % 2.5;");
     comparison_in_bias: with("bias = i < j;");
     score_outside_transform: with("bias = s * 2.0;");
-    unsupported_expression: with("bias = if i > j { 1 } else { 0 };");
+    unsupported_expression: with("bias = [i, j];");
     cast_expression: with("bias = i as f32;");
     float_literal_overflow: with("bias = 1e999 * i;");
     scale_not_constant: with("scale = h * 0.1;");
@@ -160,6 +160,47 @@ invalid! {
     // ---- names (defect 8) ----
     input_fixed_dim_too_large: with("input t: f32[heads, 99999999999];\nbias = t[h][0];\nmask = causal;");
     input_name_too_long: with(&format!("input {}: f32[heads];\nbias = 0.0;", "t".repeat(129)));
+
+    // ---- conditions, expression masks, new functions (issue 18) ----
+    mask_expr_is_a_number: with("mask = i - j;");
+    mask_expr_reads_score: with("mask = s > 0.0;");
+    mask_expr_and_of_number: with("mask = i - j && j < 3;");
+    mask_expr_not_of_number: with("mask = !(i - j);");
+    mask_expr_unknown_variable: with("mask = j <= i && q > 0;");
+    mask_expr_unknown_function: with("mask = foo(i) > 0;");
+    mask_expr_unknown_mask_call: with("mask = causal && foo(i);");
+    mask_input_used_bare: with("input flag: f32[batch, seq];\nmask = flag;");
+    mask_table_read_is_a_number: with("input flag: f32[batch, seq];\nmask = causal && flag[b][j];");
+    mask_expr_float_remainder: with("mask = (i - j) % 2.0 == 0;");
+    mask_expr_score_with_builtin: with("mask = causal || s < 1.0;");
+    neg_of_condition: with("bias = -(i > j);");
+    sum_of_condition: with("bias = (i > j) + 1.0;");
+    function_of_condition: with("bias = exp(i > j);");
+    select_condition_is_a_number: with("bias = select(i - j, 1.0, 0.0);");
+    select_mixed_branches: with("bias = select(i > j, 1.0, j < i);");
+    select_wrong_arity: with("bias = select(i > j, 1.0);");
+    div_of_floats: with("bias = div(i, 2.0);");
+    div_wrong_arity: with("bias = div(i);");
+    int_wrong_arity: with("bias = int(1.5, 2);");
+    sin_wrong_arity: with("bias = sin(i, j);");
+    int_of_condition: with("input rel: f32[heads, 8];\nbias = rel[h][int(i > j)];");
+    if_without_else: with("transform = if s > 0.0 { s };");
+    if_mixed_branches: with("transform = if s > 0.0 { s } else { s > 1.0 };");
+    if_condition_is_a_number: with("bias = if i { 1.0 } else { 0.0 };");
+    if_branch_with_statements: with("bias = if i > j { let x = 1.0; x } else { 0.0 };");
+    chained_comparison: with("mask = j < i < 3;");
+    window_float_expression: with("mask = causal && window(4 * 1024.0);");
+    window_negative_expression: with("mask = causal && window(2 - 8);");
+    window_zero_expression: with("mask = causal && window(4 * 0);");
+    window_of_variable: with("mask = causal && window(seq);");
+    heads_float_expression: with("value_dim = 2 * 4.5;");
+    heads_pow_is_float: with("value_dim = pow(2, 3);");
+    scale_underflows_f32: with("scale = 1e-46;");
+    input_reserved_b: with("input b: f32[batch];\nbias = b[0];");
+    input_reserved_seq: with("input seq: f32[heads];\nbias = seq[h];");
+    decay_reads_batch: with("decay = 0.9 + 0.0 * b;\nmask = causal;\nnorm = none;");
+    scale_reads_seq: with("scale = 1.0 / seq;");
+    bias_is_condition_of_tables: with("input t: f32[heads];\nbias = t[h] > 0.0;");
 }
 
 /// A mixer name of more than `MAX_IDENT_CHARS` characters is refused (a

@@ -97,6 +97,8 @@ SOFTMAX = {
         transform=lambda s: 50.0 * torch.tanh(s / 50.0)),
     "relative_bias_t5": lambda L, x: dict(
         bias=x["rel"][:, (pos(L)[0] - pos(L)[1]).abs().clamp(max=127)].unsqueeze(0)),
+    "chunked_llama4": lambda L, x: dict(
+        mask=(pos(L)[1] <= pos(L)[0]) & (pos(L)[0] // 8192 == pos(L)[1] // 8192)),
     "document_mask": lambda L, x: dict(
         mask=(pos(L)[1] <= pos(L)[0]).unsqueeze(0).unsqueeze(0)
         & (x["doc"][:, None, :, None] == x["doc"][:, None, None, :])),

@@ -306,6 +306,39 @@ fn check_finite(name: &str, t: &Tensor<f32>) -> Result<()> {
     }
 }
 
+/// May table `name` hold `-inf`? Where only a softmax mixer's `bias` reads
+/// it: an additive mask (Hugging Face's convention), where `-inf` gives the
+/// pair weight 0, exactly as the mask does. Anywhere else (a transform, a
+/// mask, a decay, other norms) `-inf` has no such meaning and is refused.
+fn masks_with_neg_inf(spec: &MixerSpec, name: &str) -> bool {
+    let reads = |e: Option<&mixc_dsl::Expr>| {
+        let mut r = Vec::new();
+        if let Some(e) = e {
+            e.inputs_read(&mut r);
+        }
+        r.iter().any(|n| n == name)
+    };
+    let mut in_mask = Vec::new();
+    spec.mask.inputs_read(&mut in_mask);
+    matches!(spec.norm, mixc_dsl::Norm::Softmax)
+        && reads(spec.bias.as_ref())
+        && !reads(spec.transform.as_ref())
+        && !in_mask.iter().any(|n| n == name)
+}
+
+fn check_no_nan_or_pos_inf(name: &str, t: &Tensor<f32>) -> Result<()> {
+    match t.data.iter().position(|x| x.is_nan() || *x == f32::INFINITY) {
+        Some(at) => Err(bad(
+            name,
+            format!(
+                "element {at} is {} (a bias table may hold -inf to mask a pair, but not NaN or +inf)",
+                t.data[at]
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Checks that `inputs` fits `spec`: every tensor present with exactly the
 /// shape `spec.tensor_shapes(batch, seq)` gives and the declared element
 /// type, no undeclared extras, finite values, gates in (0, 1].
@@ -376,7 +409,11 @@ pub fn validate_inputs(spec: &MixerSpec, inputs: &MixerInputs) -> Result<()> {
         match (decl.elem, t) {
             (ElemType::F32, ExtraTensor::F32(t)) => {
                 check_shape(spec, name, t, expected, inputs)?;
-                check_finite(name, t)?;
+                if masks_with_neg_inf(spec, name) {
+                    check_no_nan_or_pos_inf(name, t)?;
+                } else {
+                    check_finite(name, t)?;
+                }
                 if decl.role == InputRole::Gate {
                     if let Some(at) = t.data.iter().position(|&g| !(g > 0.0 && g <= 1.0)) {
                         return Err(bad(

@@ -3,8 +3,9 @@
 //! masked tiles are not flattered). Used by `mixc bench` and the library's
 //! reports.
 
-use mixc_codegen::plan::{BlockClass, BlockPlan, SegmentSummaries, SegmentSummary, Tiling};
-use mixc_dsl::ir::MixerSpec;
+use mixc_codegen::plan::{At, BlockClass, BlockPlan, SegmentSummaries, SegmentSummary, Tiling};
+use mixc_dsl::bounds::Known;
+use mixc_dsl::ir::{EvalEnv, MixerSpec, Var};
 
 use crate::tensor::MixerInputs;
 
@@ -22,15 +23,19 @@ pub fn useful_pairs_per_head(spec: &MixerSpec, inputs: &MixerInputs) -> u64 {
         block_n: 64,
     };
     let plan = BlockPlan::new(&spec.mask, tiling, q0..q0 + seq, 0..kv_seq);
-    // Without segment ids every batch row has the same pairs: count one.
-    let rows = if seg_names.is_empty() {
-        1
+    // Without segment ids (or `b` in the mask) every batch row has the same
+    // pairs: count one. A mask reading `h` is counted per head and averaged.
+    let per_row = !seg_names.is_empty() || spec.mask.uses_var(Var::B);
+    let rows = if per_row { inputs.batch } else { 1 };
+    let heads = if spec.mask.uses_var(Var::H) {
+        spec.heads as usize
     } else {
-        inputs.batch
+        1
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut total = 0u64;
-    for b in 0..rows {
+    let lookup = |name: &str, idx: &[i64]| inputs.extra[name].get_clamped(idx);
+    for (b, h) in (0..rows).flat_map(|b| (0..heads).map(move |h| (b, h))) {
         let ids: Vec<(String, Vec<i64>)> = seg_names
             .iter()
             .filter_map(|name| {
@@ -54,9 +59,22 @@ pub fn useful_pairs_per_head(spec: &MixerSpec, inputs: &MixerInputs) -> u64 {
                 .map_or(0, |(_, v)| v[p as usize])
         };
         let count_blocks = |qbs: std::ops::Range<usize>| -> u64 {
+            let mut base = inputs.eval_env(spec.heads, &lookup);
+            (base.b, base.h) = (b as i64, h as i64);
+            let at = At {
+                segs: &summaries,
+                tables: Some(inputs),
+                known: Known {
+                    batch: Some(b as i64),
+                    head: Some(h as i64),
+                    heads: Some(spec.heads as i64),
+                    seq: Some(base.seq),
+                    kv_seq: Some(base.kv_seq),
+                },
+            };
             let mut n = 0u64;
             for qb in qbs {
-                let row = plan.row(qb, &summaries);
+                let row = plan.row(qb, &at);
                 for (keys, class) in row.tiles(&plan) {
                     n += match class {
                         BlockClass::Full => (row.q.len() * keys.len()) as u64,
@@ -65,7 +83,14 @@ pub fn useful_pairs_per_head(spec: &MixerSpec, inputs: &MixerInputs) -> u64 {
                             .clone()
                             .map(|i| {
                                 keys.clone()
-                                    .filter(|&j| spec.mask.allows(i as i64, j as i64, &seg))
+                                    .filter(|&j| {
+                                        let env = EvalEnv {
+                                            i: i as i64,
+                                            j: j as i64,
+                                            ..base
+                                        };
+                                        spec.mask.allows(&env, &seg)
+                                    })
                                     .count() as u64
                             })
                             .sum(),
@@ -98,11 +123,12 @@ pub fn useful_pairs_per_head(spec: &MixerSpec, inputs: &MixerInputs) -> u64 {
             })
         };
     }
-    if seg_names.is_empty() {
-        total * inputs.batch as u64
-    } else {
+    let total = if per_row {
         total
-    }
+    } else {
+        total * inputs.batch as u64
+    };
+    total / heads as u64
 }
 
 #[cfg(test)]
@@ -119,16 +145,21 @@ mod tests {
         let mut names = Vec::new();
         spec.mask.segment_inputs(&mut names);
         let mut n = 0u64;
+        let lookup = |name: &str, idx: &[i64]| inputs.extra[name].get_clamped(idx);
         for b in 0..inputs.batch {
             let seg = |name: &str, p: i64| inputs.extra[name].get_clamped(&[b as i64, p]) as i64;
             let q0 = inputs.q_offset as i64;
-            for i in q0..q0 + inputs.seq as i64 {
-                for j in 0..inputs.kv_seq as i64 {
-                    n += u64::from(spec.mask.allows(i, j, &seg));
+            for h in 0..spec.heads as i64 {
+                for i in q0..q0 + inputs.seq as i64 {
+                    for j in 0..inputs.kv_seq as i64 {
+                        let mut env = inputs.eval_env(spec.heads, &lookup);
+                        (env.b, env.h, env.i, env.j) = (b as i64, h, i, j);
+                        n += u64::from(spec.mask.allows(&env, &seg));
+                    }
                 }
             }
         }
-        n
+        n / spec.heads as u64
     }
 
     #[test]

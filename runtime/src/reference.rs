@@ -23,7 +23,7 @@
 pub mod grad;
 pub use grad::{gradients, gradients_for};
 
-use mixc_dsl::{Decay, EvalEnv, Expr, MixerSpec, Norm, Score};
+use mixc_dsl::{Decay, Expr, MixerSpec, Norm, Score};
 
 use crate::error::{Result, RuntimeError};
 use crate::inputs::validate_inputs;
@@ -204,7 +204,7 @@ fn fill_decay(spec: &MixerSpec, inputs: &MixerInputs, row: Row, h: usize, decay:
     let gamma_at: Box<dyn Fn(usize) -> f64 + '_> = match &spec.decay {
         Decay::None => return,
         Decay::PerHead(e) => {
-            let g = eval_expr(spec, inputs, e, 0, 0, h, 0.0);
+            let g = eval_expr(spec, inputs, e, (0, 0, 0, h), 0.0);
             Box::new(move |_| g)
         }
         Decay::Gate { input } => {
@@ -229,21 +229,14 @@ fn eval_expr(
     spec: &MixerSpec,
     inputs: &MixerInputs,
     e: &Expr,
-    i: usize,
-    j: usize,
-    h: usize,
+    (b, i, j, h): (usize, usize, usize, usize),
     s: f64,
 ) -> f64 {
     // check_spec guarantees every name read is a declared (hence present) input.
     let lookup = |name: &str, idx: &[i64]| inputs.extra[name].get_clamped(idx);
-    e.eval_f64(&EvalEnv {
-        i: i as i64,
-        j: j as i64,
-        h: h as i64,
-        s,
-        heads: spec.heads,
-        lookup: &lookup,
-    })
+    let mut env = inputs.eval_env(spec.heads, &lookup);
+    (env.b, env.i, env.j, env.h, env.s) = (b as i64, i as i64, j as i64, h as i64, s);
+    e.eval_f64(&env)
 }
 
 /// The weight `a(i, j)` of every key for one query row, `None` where the mask
@@ -258,11 +251,15 @@ fn row_weights(
 ) {
     let (b, i) = (row.b, row.i);
     let seg = |name: &str, pos: i64| inputs.extra[name].get_clamped(&[b as i64, pos]) as i64;
+    let lookup = |name: &str, idx: &[i64]| inputs.extra[name].get_clamped(idx);
+    let mut at = inputs.eval_env(spec.heads, &lookup);
+    (at.b, at.i, at.h) = (b as i64, i as i64, h as i64);
     let kvh = spec.kv_head_of(h as u32) as usize;
     let dk = spec.head_dim as usize;
     for (j, w) in weights.iter_mut().enumerate() {
         *w = None;
-        if !spec.mask.allows(i as i64, j as i64, &seg) {
+        at.j = j as i64;
+        if !spec.mask.allows(&at, &seg) {
             continue;
         }
         let a = match &spec.score {
@@ -284,10 +281,10 @@ fn row_weights(
                     .sum();
                 let mut s = scale * dot;
                 if let Some(bias) = &spec.bias {
-                    s += eval_expr(spec, inputs, bias, i, j, h, 0.0);
+                    s += eval_expr(spec, inputs, bias, (b, i, j, h), 0.0);
                 }
                 let t = match &spec.transform {
-                    Some(tr) => eval_expr(spec, inputs, tr, i, j, h, s),
+                    Some(tr) => eval_expr(spec, inputs, tr, (b, i, j, h), s),
                     None => s,
                 };
                 match spec.decay {

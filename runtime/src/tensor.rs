@@ -2,6 +2,7 @@
 //! safetensors files and the GPU upload path carry); the reference widens to
 //! f64 on read, the CPU backend computes in f32 or f64.
 
+use mixc_dsl::ir::EvalEnv;
 use std::collections::BTreeMap;
 
 /// A dense row-major tensor.
@@ -114,7 +115,28 @@ pub struct MixerInputs {
     pub extra: BTreeMap<String, ExtraTensor>,
 }
 
+impl mixc_dsl::bounds::TableRead for MixerInputs {
+    /// Element of an extra input at clamped indices (0 for an absent name:
+    /// inputs are validated before plans read them).
+    fn read(&self, input: &str, indices: &[i64]) -> f64 {
+        self.extra
+            .get(input)
+            .map_or(0.0, |t| t.get_clamped(indices))
+    }
+}
+
 impl MixerInputs {
+    /// The expression environment of these inputs at pair (0, 0), head 0,
+    /// batch row 0 (callers set `i`, `j`, `h`, `b`, `s`): `seq` is the length
+    /// of the query sequence including a cached prefix (`q_offset + seq`),
+    /// `kv_seq` the number of keys.
+    pub fn eval_env<'a>(&self, heads: u32, lookup: &'a dyn Fn(&str, &[i64]) -> f64) -> EvalEnv<'a> {
+        let mut env = EvalEnv::for_head(0, heads, lookup);
+        env.seq = (self.q_offset + self.seq) as i64;
+        env.kv_seq = self.kv_seq as i64;
+        env
+    }
+
     /// Inputs from q `[batch, seq, heads, head_dim]`, k `[batch, kv_seq,
     /// kv_heads, head_dim]` and v `[batch, kv_seq, kv_heads, value_dim]`:
     /// batch and the lengths are read from q and v (q and k are empty for

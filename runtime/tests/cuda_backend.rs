@@ -25,10 +25,11 @@ use mixc_runtime::ring::Sharding;
 use mixc_runtime::{nvrtc, reference, MixerInputs, Tensor};
 
 /// Every example file; a test below exists for each (checked).
-const EXAMPLES: [&str; 14] = [
+const EXAMPLES: [&str; 15] = [
     "alibi_bloom",
     "block_sparse_bigbird",
     "causal_gqa_llama3",
+    "chunked_llama4",
     "dilated_longnet",
     "document_mask",
     "full_attention",
@@ -209,6 +210,7 @@ example_tests!(
     alibi_bloom,
     block_sparse_bigbird,
     causal_gqa_llama3,
+    chunked_llama4,
     dilated_longnet,
     document_mask,
     full_attention,

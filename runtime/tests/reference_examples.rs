@@ -46,8 +46,7 @@ fn eval(
         j: j as i64,
         h: h as i64,
         s,
-        heads: spec.heads,
-        lookup: &lookup,
+        ..inp.eval_env(spec.heads, &lookup)
     })
 }
 
@@ -71,7 +70,15 @@ fn dense(spec: &MixerSpec, inp: &MixerInputs, rows: &[usize]) -> Vec<f64> {
                 .map(|&i| {
                     (0..l)
                         .map(|j| {
-                            if !spec.mask.allows(i as i64, j as i64, &seg) {
+                            let lookup = |name: &str, idx: &[i64]| inp.extra[name].get_clamped(idx);
+                            let at = EvalEnv {
+                                i: i as i64,
+                                j: j as i64,
+                                h: h as i64,
+                                b: b as i64,
+                                ..inp.eval_env(spec.heads, &lookup)
+                            };
+                            if !spec.mask.allows(&at, &seg) {
                                 return None;
                             }
                             Some(match &spec.score {

@@ -17,6 +17,12 @@ pub fn main(args: Args) -> Result<ExitCode> {
     let mut failed = 0usize;
     for path in &args.files {
         let shown = path.display();
+        // Likely mistakes in a valid spec (rendered; empty when none).
+        let warnings = mixc::dsl::warnings_file(path).ok().flatten();
+        let warned = warnings.clone().unwrap_or_default();
+        if let (Some(w), false) = (&warnings, args.json) {
+            eprint!("{w}");
+        }
         match mixc::dsl::parse_any_file(path) {
             Ok(mixc::dsl::SpecFile::Block(block)) => {
                 // Blocks run blockwise on the CPU backend (and as the f64
@@ -28,7 +34,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
                                "kind": "block", "summary": block.summary(),
                                "parameters": block.parameter_count(),
                                "weights": block.weight_shapes(), "backends": ["cpu", "reference"],
-                               "spec": block})
+                               "warnings": warned, "spec": block})
                     );
                 } else {
                     println!(
@@ -57,7 +63,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
                         "{}",
                         json!({"file": shown.to_string(), "ok": true, "name": spec.name,
                                "family": spec.family.name(), "backends": backends,
-                               "spec": spec})
+                               "warnings": warned, "spec": spec})
                     );
                 } else {
                     let runs: Vec<&str> = support

@@ -20,7 +20,7 @@
 
 use mixc_dsl::*;
 use proc_macro2::TokenStream;
-use quote::quote;
+use quote::{format_ident, quote};
 
 #[proc_macro]
 pub fn mixer(input: proc_macro::TokenStream) -> proc_macro::TokenStream {
@@ -236,27 +236,17 @@ fn expr_tokens(e: &Expr) -> TokenStream {
             let v = float(*v);
             quote!(::mixc_dsl::Expr::Float(#v))
         }
+        // Unit variants print as their own names.
         Expr::Var(v) => {
-            let v = match v {
-                Var::I => quote!(I),
-                Var::J => quote!(J),
-                Var::H => quote!(H),
-                Var::S => quote!(S),
-            };
+            let v = format_ident!("{v:?}");
             quote!(::mixc_dsl::Expr::Var(::mixc_dsl::Var::#v))
         }
-        Expr::Unary(UnOp::Neg, a) => {
-            let a = expr_tokens(a);
-            quote!(::mixc_dsl::Expr::Unary(::mixc_dsl::UnOp::Neg, ::std::boxed::Box::new(#a)))
+        Expr::Unary(op, a) => {
+            let (op, a) = (format_ident!("{op:?}"), expr_tokens(a));
+            quote!(::mixc_dsl::Expr::Unary(::mixc_dsl::UnOp::#op, ::std::boxed::Box::new(#a)))
         }
         Expr::Binary(op, a, b) => {
-            let op = match op {
-                BinOp::Add => quote!(Add),
-                BinOp::Sub => quote!(Sub),
-                BinOp::Mul => quote!(Mul),
-                BinOp::Div => quote!(Div),
-                BinOp::Rem => quote!(Rem),
-            };
+            let op = format_ident!("{op:?}");
             let (a, b) = (expr_tokens(a), expr_tokens(b));
             quote!(::mixc_dsl::Expr::Binary(
                 ::mixc_dsl::BinOp::#op,
@@ -265,19 +255,7 @@ fn expr_tokens(e: &Expr) -> TokenStream {
             ))
         }
         Expr::Call(f, args) => {
-            let f = match f {
-                Func::Exp => quote!(Exp),
-                Func::Log => quote!(Log),
-                Func::Sqrt => quote!(Sqrt),
-                Func::Tanh => quote!(Tanh),
-                Func::Abs => quote!(Abs),
-                Func::Floor => quote!(Floor),
-                Func::Min => quote!(Min),
-                Func::Max => quote!(Max),
-                Func::Pow => quote!(Pow),
-                Func::Clamp => quote!(Clamp),
-                Func::AlibiSlope => quote!(AlibiSlope),
-            };
+            let f = format_ident!("{f:?}");
             let args = args.iter().map(expr_tokens);
             quote!(::mixc_dsl::Expr::Call(::mixc_dsl::Func::#f, ::std::vec![#(#args),*]))
         }
@@ -293,6 +271,10 @@ fn mask_tokens(m: &Mask) -> TokenStream {
     match m {
         Mask::All => quote!(::mixc_dsl::Mask::All),
         Mask::Causal => quote!(::mixc_dsl::Mask::Causal),
+        Mask::Expr(e) => {
+            let e = expr_tokens(e);
+            quote!(::mixc_dsl::Mask::Expr(#e))
+        }
         Mask::Window { size } => quote!(::mixc_dsl::Mask::Window { size: #size }),
         Mask::PrefixLm { prefix } => quote!(::mixc_dsl::Mask::PrefixLm { prefix: #prefix }),
         Mask::Segment { input } => {

@@ -137,3 +137,29 @@ fn compile_fail_cases() {
     t.compile_fail("tests/ui/*.rs");
     t.pass("tests/pass/*.rs");
 }
+
+/// Conditions, `if`, `select`, the new functions and variables, and
+/// expression masks reach the macro's IR exactly as the text parser's.
+#[test]
+fn expression_masks_and_new_functions() {
+    let spec = mixer! {
+        mixer flex_like {
+            heads = 4;
+            head_dim = 16;
+            input prefix: f32[batch];
+            input rel: f32[heads, 16];
+            bias = rel[h][min(div(abs(i - j), 4), 15)] - log(1.0 * kv_seq);
+            transform = if s > 0.0 { sin(s) * cos(s) } else { sigmoid(s) + int(s * 2.0) };
+            mask = (j <= i && i - j < 8 * (h + 1)) || j < int(prefix[b]) || !(j < seq - 2);
+        }
+    };
+    let text = mixc_dsl::parse_str(
+        "mixer flex_like { heads = 4; head_dim = 16; input prefix: f32[batch]; \
+         input rel: f32[heads, 16]; \
+         bias = rel[h][min(div(abs(i - j), 4), 15)] - log(1.0 * kv_seq); \
+         transform = select(s > 0.0, sin(s) * cos(s), sigmoid(s) + int(s * 2.0)); \
+         mask = (j <= i && i - j < 8 * (h + 1)) || j < int(prefix[b]) || !(j < seq - 2); }",
+    )
+    .unwrap();
+    assert_eq!(spec, text);
+}

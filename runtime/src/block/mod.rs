@@ -275,13 +275,14 @@ pub struct Block {
 /// How many groups of heads the backward of `m` may run in, each a mixer
 /// of `heads / groups` heads: more than one only when heads are
 /// independent and interchangeable (no bias, transform, decay or extra
-/// input, which could read `h` or `heads`), as many as divide `kv_heads`
-/// up to [`MAX_HEAD_GROUPS`].
+/// input, and a mask that reads neither `h` nor the head count), as many as
+/// divide `kv_heads` up to [`MAX_HEAD_GROUPS`].
 fn head_groups(m: &MixerSpec) -> u32 {
     let independent = m.bias.is_none()
         && m.transform.is_none()
         && m.decay == mixc_dsl::Decay::None
-        && m.inputs.is_empty();
+        && m.inputs.is_empty()
+        && !m.mask.uses_var(mixc_dsl::ir::Var::H);
     if !independent {
         return 1;
     }
@@ -760,6 +761,15 @@ mod tests {
         assert_eq!(
             g("mixer m { heads = 8; head_dim = 8; transform = 30 * tanh(s / 30); }"),
             1
+        );
+        // A mask that reads the head tells heads apart; one of positions does not.
+        assert_eq!(
+            g("mixer m { heads = 8; head_dim = 8; mask = j <= i && i - j < 8 * (h + 1); }"),
+            1
+        );
+        assert_eq!(
+            g("mixer m { heads = 8; head_dim = 8; mask = j <= i && div(i, 8) == div(j, 8); }"),
+            4
         );
     }
 }

@@ -472,20 +472,20 @@ fn item_backward<T: Real>(
     if it.keys.is_empty() {
         return out;
     }
-    let segs = &ctx.segs[b];
     let softmax = matches!(ctx.spec.norm, Norm::Softmax);
     let dot_score = !shard.k.is_empty();
     for g in 0..group {
         let h = kvh * group + g;
         let x = b * ctx.heads + h;
+        let segs = ctx.tiles_of(b, Some(h));
         let plain = ctx.filter.is_none()
-            && ctx.bias[h].is_none()
-            && ctx.transform[h].is_none()
+            && ctx.bias_at(b, h).is_none()
+            && ctx.transform_at(b, h).is_none()
             && !ctx.has_decay;
         for (qr, row_plans) in plans.iter().enumerate() {
             let q_off = qs_offset(qs, qr);
             for qb in 0..row_plans[0].num_query_blocks() {
-                let rows: Vec<RowPlan> = row_plans.iter().map(|p| p.row(qb, segs)).collect();
+                let rows: Vec<RowPlan> = row_plans.iter().map(|p| p.row(qb, &segs)).collect();
                 let q = row_plans[0].query_block(qb);
                 let nr = q.len();
                 let local = q_off + (q.start - qs.ranges[qr].start);
@@ -545,7 +545,7 @@ fn item_backward<T: Real>(
                     let vis = reset(&mut sc.vis, if partial { kn * nr } else { 0 }, true);
                     let s_pre = reset(
                         &mut sc.s_pre,
-                        if ctx.transform[h].is_some() {
+                        if ctx.transform_at(b, h).is_some() {
                             kn * nr
                         } else {
                             0
@@ -669,22 +669,37 @@ fn weights_pass<T: Real>(
 ) {
     let rows = a.len() / keys.len();
     let seg = |name: &str, pos: i64| ctx.inputs.extra[name].get_clamped(&[b as i64, pos]) as i64;
+    let lookup = |name: &str, idx: &[i64]| ctx.inputs.extra[name].get_clamped(idx);
+    let mut at = ctx.inputs.eval_env(ctx.spec.heads, &lookup);
+    (at.b, at.h) = (b as i64, h as i64);
     let softmax = matches!(ctx.spec.norm, Norm::Softmax);
     let masked = if softmax { T::NEG_INF } else { T::ZERO };
+    let mask = if partial { ctx.mask_at(b, h) } else { None };
+    let mut seen = Vec::new();
     for (c, (arow, j)) in a.chunks_exact_mut(rows).zip(keys.clone()).enumerate() {
         let (i0, jj) = (q0 as i64, j as i64);
+        if let Some(e) = mask {
+            seen.clear();
+            seen.resize(rows, T::ZERO);
+            e.add_to(i0, jj, &mut seen, lanes);
+        }
         if ctx.filter.is_none() {
-            if let Some(e) = &ctx.bias[h] {
+            if let Some(e) = ctx.bias_at(b, h) {
                 e.add_to(i0, jj, arow, lanes);
             }
-            if let Some(e) = &ctx.transform[h] {
+            if let Some(e) = ctx.transform_at(b, h) {
                 s_pre[c * rows..(c + 1) * rows].copy_from_slice(arow);
                 e.apply_to(i0, jj, arow, lanes);
             }
         }
         for (r, x) in arow.iter_mut().enumerate() {
             let i = q0 + r;
-            if partial && !ctx.spec.mask.allows(i as i64, jj, &seg) {
+            (at.i, at.j) = (i as i64, jj);
+            let hidden = match mask {
+                Some(_) => seen[r] == T::ZERO,
+                None => partial && !ctx.spec.mask.allows(&at, &seg),
+            };
+            if hidden {
                 vis[c * rows + r] = false;
                 *x = masked;
                 continue;
@@ -719,13 +734,14 @@ fn chain_pass<T: Real>(
     let rows = da.len() / keys.len();
     let lookup = |name: &str, idx: &[i64]| ctx.inputs.extra[name].get_clamped(idx);
     let spec = ctx.spec;
+    let base = ctx.inputs.eval_env(spec.heads, &lookup);
     let env = |i: usize, j: usize, s: f64| EvalEnv {
         i: i as i64,
         j: j as i64,
         h: h as i64,
+        b: b as i64,
         s,
-        heads: spec.heads,
-        lookup: &lookup,
+        ..base
     };
     let bias_tables = spec.bias.as_ref().is_some_and(|e| {
         let mut r = Vec::new();
@@ -807,8 +823,13 @@ fn transform_derivatives<'a, T>(ctx: &Ctx<'a, T>) -> Vec<Option<FastExpr<'a>>> {
         }
         !r.is_empty()
     };
+    // Per head; a transform reading `b` takes the general path.
     let d = match &spec.transform {
-        Some(tr) if !reads_tables(&spec.transform) && !reads_tables(&spec.bias) => {
+        Some(tr)
+            if !reads_tables(&spec.transform)
+                && !reads_tables(&spec.bias)
+                && !tr.uses_var(mixc_dsl::ir::Var::B) =>
+        {
             tr.derivative_s()
         }
         _ => None,
@@ -816,7 +837,7 @@ fn transform_derivatives<'a, T>(ctx: &Ctx<'a, T>) -> Vec<Option<FastExpr<'a>>> {
     (0..ctx.heads)
         .map(|h| {
             d.as_ref()
-                .map(|d| FastExpr::new(d, h, spec.heads, ctx.inputs))
+                .map(|d| FastExpr::new(d, 0, h, spec.heads, ctx.inputs))
         })
         .collect()
 }

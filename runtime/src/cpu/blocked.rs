@@ -165,14 +165,20 @@ pub(super) fn rank_main<T: Real>(
                     .collect()
             })
             .collect();
-        // Without segment ids the plan is the same for every batch row.
-        let rows_to_check = if ctx.segs.first().is_some_and(|s| s.entries.is_empty()) {
+        // Without segment ids or `b` in the mask the plan is the same for every batch row.
+        let rows_to_check = if ctx.segs.first().is_some_and(|s| s.entries.is_empty())
+            && !ctx.spec.mask.uses_var(mixc_dsl::ir::Var::B)
+        {
             ctx.batch.min(1)
         } else {
             ctx.batch
         };
-        let empty =
-            (0..rows_to_check).all(|b| plans.iter().flatten().all(|p| p.is_empty(&ctx.segs[b])));
+        let empty = (0..rows_to_check).all(|b| {
+            plans
+                .iter()
+                .flatten()
+                .all(|p| p.is_empty(&ctx.tiles_of(b, None)))
+        });
         if empty {
             stats.steps_skipped += 1;
         } else {
@@ -365,9 +371,9 @@ fn compute_item<T: Real>(
     scratch: &mut Scratch<T>,
 ) -> StepStats {
     let (b, h) = (it.b, it.h);
-    let segs = &ctx.segs[b];
+    let segs = ctx.tiles_of(b, Some(h));
     let row_plans = &plans[it.qr];
-    let rows: Vec<RowPlan> = row_plans.iter().map(|p| p.row(it.qb, segs)).collect();
+    let rows: Vec<RowPlan> = row_plans.iter().map(|p| p.row(it.qb, &segs)).collect();
     let mut stats = StepStats::default();
     for r in &rows {
         let c = r.counts();
@@ -405,8 +411,8 @@ fn compute_item<T: Real>(
     let stile = reset(&mut scratch.s, ctx.tiling.block_n * nrows, T::ZERO);
     // Tiles with nothing but `q . k` scores need no per-pair pass when Full.
     let plain = ctx.filter.is_none()
-        && ctx.bias[h].is_none()
-        && ctx.transform[h].is_none()
+        && ctx.bias_at(b, h).is_none()
+        && ctx.transform_at(b, h).is_none()
         && !ctx.has_decay;
 
     for ((row, plan), (&k_off, k_range)) in rows
@@ -485,14 +491,25 @@ pub(super) fn pair_pass<T: Real>(
     let masked = if softmax { T::NEG_INF } else { T::ZERO };
     let partial = class == BlockClass::Partial;
     let seg = |name: &str, pos: i64| ctx.inputs.extra[name].get_clamped(&[b as i64, pos]) as i64;
-    let bias = ctx.bias[h].as_ref();
-    let transform = ctx.transform[h].as_ref();
+    let lookup = |name: &str, idx: &[i64]| ctx.inputs.extra[name].get_clamped(idx);
+    let mut at = ctx.inputs.eval_env(ctx.spec.heads, &lookup);
+    (at.b, at.h) = (b as i64, h as i64);
+    let bias = ctx.bias_at(b, h);
+    let transform = ctx.transform_at(b, h);
     // Filter scores replace `q . k` and take no bias / transform.
     let scored = ctx.filter.is_none() && (bias.is_some() || transform.is_some());
     // What is left per pair once bias / transform are applied row-wise.
     let per_pair = partial || ctx.filter.is_some() || ctx.has_decay;
+    // A mask with conditions: evaluated over the row at once, like a bias.
+    let mask = if partial { ctx.mask_at(b, h) } else { None };
+    let mut seen = Vec::new();
     for (full_row, j) in st.chunks_exact_mut(width).zip(keys.clone()) {
         let srow = &mut full_row[lanes_of_h.clone()];
+        if let Some(e) = mask {
+            seen.clear();
+            seen.resize(srow.len(), T::ZERO);
+            e.add_to(q0 as i64, j as i64, &mut seen, lanes);
+        }
         if scored {
             // One key, a row of queries `i = q0 + lane`: the compiled
             // programs run over the whole row at once. Masked lanes are
@@ -510,7 +527,12 @@ pub(super) fn pair_pass<T: Real>(
         }
         for (r, x) in srow.iter_mut().enumerate() {
             let i = q0 + r;
-            if partial && !ctx.spec.mask.allows(i as i64, j as i64, &seg) {
+            (at.i, at.j) = (i as i64, j as i64);
+            let hidden = match mask {
+                Some(_) => seen[r] == T::ZERO,
+                None => partial && !ctx.spec.mask.allows(&at, &seg),
+            };
+            if hidden {
                 *x = masked;
                 continue;
             }

@@ -120,7 +120,7 @@ pub(super) fn rank_main<T: Real>(ctx: &Ctx<'_, T>, sched: &RingSchedule) -> Rank
         let tiles: Vec<(Range<usize>, BlockClass)> = if nq == 0 {
             Vec::new()
         } else {
-            let row = plan.row(0, &ctx.segs[b]);
+            let row = plan.row(0, &ctx.tiles_of(b, None));
             row.tiles(&plan).collect()
         };
         let splits = (4 * workers)
@@ -221,8 +221,7 @@ fn compute<T: Real>(
         pairs: 0,
         tiles: ClassCounts::default(),
     };
-    let plain =
-        (0..heads).all(|h| ctx.bias[h].is_none() && ctx.transform[h].is_none()) && !ctx.has_decay;
+    let plain = ctx.bias.iter().chain(&ctx.transform).all(Option::is_none) && !ctx.has_decay;
     let identity = ctx.k_map == FeatureMap::Identity;
     for (keys, class) in &it.tiles {
         let kn = keys.len();

@@ -158,8 +158,10 @@ impl<'a> Compiler<'a, '_> {
             };
         }
         match e {
-            // Constants and `h` never read a pair variable: folded above.
-            Expr::Int(_) | Expr::Float(_) | Expr::Var(Var::H) => unreachable!("folded"),
+            // Constants, `h`, `b` and the lengths never read a pair variable: folded above.
+            Expr::Int(_) | Expr::Float(_) | Expr::Var(Var::H | Var::B | Var::Seq | Var::KvSeq) => {
+                unreachable!("folded")
+            }
             Expr::Var(v) => {
                 let float = *v == Var::S;
                 let d = if float { self.float() } else { self.int() };
@@ -188,8 +190,10 @@ impl<'a> Compiler<'a, '_> {
             },
             Expr::Binary(op, a, b) => {
                 let (a, b) = (self.compile(a), self.compile(b));
-                match (op.result_type(ty(a), ty(b)), a, b) {
-                    (ScalarType::Int, Reg::Int(a), Reg::Int(b)) => {
+                // Comparisons of integers stay exact (booleans are integer lanes).
+                let int_result = op.result_type(ty(a), ty(b)) != ScalarType::Float;
+                match (int_result, a, b) {
+                    (true, Reg::Int(a), Reg::Int(b)) => {
                         let d = self.int();
                         self.prog.ops.push(Op::BinInt(*op, d, a, b));
                         Reg::Int(d)
@@ -271,11 +275,13 @@ fn clamp_index(x: i64, len: usize) -> usize {
 }
 
 impl<'a> FastExpr<'a> {
-    /// Specialises `e` to head `h`. Every input it names must be present
-    /// (inputs are validated before a run starts).
-    pub fn new(e: &Expr, h: usize, heads: u32, inputs: &'a MixerInputs) -> FastExpr<'a> {
+    /// Specialises `e` to batch row `b` and head `h` (which, like the
+    /// lengths, it folds). Every input it names must be present (inputs are
+    /// validated before a run starts).
+    pub fn new(e: &Expr, b: usize, h: usize, heads: u32, inputs: &'a MixerInputs) -> FastExpr<'a> {
         let lookup = |name: &str, idx: &[i64]| inputs.extra[name].get_clamped(idx);
-        let env = EvalEnv::for_head(h as i64, heads, &lookup);
+        let mut env = inputs.eval_env(heads, &lookup);
+        (env.b, env.h) = (b as i64, h as i64);
         if !reads_pair(e) {
             return FastExpr::Const(e.eval_f64(&env));
         }
@@ -467,20 +473,40 @@ impl Program<'_> {
                 }
                 Op::UnInt(op, d, a) => {
                     let (src, d) = split(ints, *d, n);
-                    specialise!(op, [UnOp::Neg], |o| map1(d, lanes(src, *a, n), |x| o
-                        .apply_int(x)))
+                    specialise!(op, [UnOp::Neg, UnOp::Not], |o| map1(
+                        d,
+                        lanes(src, *a, n),
+                        |x| o.apply_int(x)
+                    ))
                 }
                 Op::UnFloat(op, d, a) => {
                     let (src, d) = split(floats, *d, n);
-                    specialise!(op, [UnOp::Neg], |o| map1(d, lanes(src, *a, n), |x| o
-                        .apply_float(x)))
+                    specialise!(op, [UnOp::Neg, UnOp::Not], |o| map1(
+                        d,
+                        lanes(src, *a, n),
+                        |x| o.apply_float(x)
+                    ))
                 }
                 Op::BinInt(op, d, a, b) => {
                     let (src, d) = split(ints, *d, n);
                     let (a, b) = (lanes(src, *a, n), lanes(src, *b, n));
                     specialise!(
                         op,
-                        [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div, BinOp::Rem],
+                        [
+                            BinOp::Add,
+                            BinOp::Sub,
+                            BinOp::Mul,
+                            BinOp::Div,
+                            BinOp::Rem,
+                            BinOp::Lt,
+                            BinOp::Le,
+                            BinOp::Gt,
+                            BinOp::Ge,
+                            BinOp::Eq,
+                            BinOp::Ne,
+                            BinOp::And,
+                            BinOp::Or
+                        ],
                         |o| map2(d, a, b, |x, y| o.apply_int(x, y))
                     )
                 }
@@ -489,7 +515,21 @@ impl Program<'_> {
                     let (a, b) = (lanes(src, *a, n), lanes(src, *b, n));
                     specialise!(
                         op,
-                        [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div, BinOp::Rem],
+                        [
+                            BinOp::Add,
+                            BinOp::Sub,
+                            BinOp::Mul,
+                            BinOp::Div,
+                            BinOp::Rem,
+                            BinOp::Lt,
+                            BinOp::Le,
+                            BinOp::Gt,
+                            BinOp::Ge,
+                            BinOp::Eq,
+                            BinOp::Ne,
+                            BinOp::And,
+                            BinOp::Or
+                        ],
                         |o| map2(d, a, b, |x, y| o.apply_float(x, y))
                     )
                 }
@@ -505,6 +545,8 @@ impl Program<'_> {
                         Func::Max => map2(d, a(0), a(1), |x, y| {
                             Func::Max.apply_int(&[x, y]).unwrap_or(0)
                         }),
+                        Func::Int => map1(d, a(0), |x| x),
+                        Func::Div => map2(d, a(0), a(1), mixc_dsl::ir::floor_div),
                         _ => map3(d, a(0), a(1), a(2), |x, y, z| {
                             f.apply_int(&[x, y, z]).unwrap_or(0)
                         }),
@@ -526,13 +568,38 @@ impl Program<'_> {
                         Func::Pow => {
                             map2(d, a(0), a(1), |x, y| Func::Pow.apply_float(&[x, y], heads))
                         }
-                        Func::Clamp => map3(d, a(0), a(1), a(2), |x, y, z| {
-                            Func::Clamp.apply_float(&[x, y, z], heads)
-                        }),
-                        Func::Log | Func::Sqrt | Func::Abs | Func::Floor | Func::AlibiSlope => {
+                        Func::Clamp | Func::Select => specialise!(
+                            f,
+                            [Func::Clamp, Func::Select],
+                            |o| map3(d, a(0), a(1), a(2), |x, y, z| o.apply_float(&[x, y, z], heads)),
+                            _ => unreachable!("the enclosing arm lists these")
+                        ),
+                        // Integer-valued: the compiler puts them on integer lanes.
+                        Func::Div => {
+                            map2(d, a(0), a(1), |x, y| Func::Div.apply_float(&[x, y], heads))
+                        }
+                        Func::Log
+                        | Func::Sqrt
+                        | Func::Abs
+                        | Func::Floor
+                        | Func::AlibiSlope
+                        | Func::Sin
+                        | Func::Cos
+                        | Func::Sigmoid
+                        | Func::Int => {
                             specialise!(
                                 f,
-                                [Func::Log, Func::Sqrt, Func::Abs, Func::Floor, Func::AlibiSlope],
+                                [
+                                    Func::Log,
+                                    Func::Sqrt,
+                                    Func::Abs,
+                                    Func::Floor,
+                                    Func::AlibiSlope,
+                                    Func::Sin,
+                                    Func::Cos,
+                                    Func::Sigmoid,
+                                    Func::Int
+                                ],
                                 |o| map1(d, a(0), |x| o.apply_float(&[x], heads)),
                                 _ => unreachable!("the enclosing arm lists these")
                             )
@@ -682,6 +749,41 @@ mod tests {
             call(Func::Clamp, vec![s.clone(), f(-1.0), j.clone()]),
             call(Func::AlibiSlope, vec![i.clone()]),
             call(Func::AlibiSlope, vec![bin(BinOp::Div, i.clone(), k(2))]),
+            // Comparisons, logic and selection (booleans are integer lanes).
+            call(
+                Func::Select,
+                vec![
+                    bin(
+                        BinOp::And,
+                        bin(BinOp::Le, j.clone(), i.clone()),
+                        Expr::Unary(UnOp::Not, Box::new(bin(BinOp::Eq, i_minus_j.clone(), k(2)))),
+                    ),
+                    s.clone(),
+                    f(-3.0),
+                ],
+            ),
+            call(
+                Func::Select,
+                vec![bin(BinOp::Gt, s.clone(), f(0.25)), i_minus_j.clone(), k(7)],
+            ),
+            bin(
+                BinOp::Or,
+                bin(BinOp::Ne, s.clone(), j.clone()),
+                bin(BinOp::Ge, i.clone(), Expr::Var(Var::Seq)),
+            ),
+            call(Func::Sin, vec![bin(BinOp::Mul, s.clone(), i.clone())]),
+            call(Func::Cos, vec![bin(BinOp::Add, s.clone(), j.clone())]),
+            call(Func::Sigmoid, vec![s.clone()]),
+            call(Func::Int, vec![bin(BinOp::Mul, s.clone(), f(2.5))]),
+            call(Func::Div, vec![i_minus_j.clone(), k(-3)]),
+            call(
+                Func::Div,
+                vec![
+                    i_minus_j.clone(),
+                    bin(BinOp::Sub, j.clone(), Expr::Var(Var::KvSeq)),
+                ],
+            ),
+            bin(BinOp::Mul, i.clone(), Expr::Var(Var::B)),
             // Float and out-of-range indices, an i32 table, two varying axes.
             Expr::Index {
                 input: "ids".into(),
@@ -705,7 +807,7 @@ mod tests {
         let n = 7;
         for e in &exprs() {
             for h in 0..2 {
-                let fast = FastExpr::new(e, h, 2, &inputs);
+                let fast = FastExpr::new(e, 0, h, 2, &inputs);
                 let (mut sc64, mut sc32) = (ExprScratch::<f64>::default(), ExprScratch::default());
                 for i0 in [-3i64, 0, 5] {
                     for j in -2..6i64 {
@@ -714,14 +816,9 @@ mod tests {
                             .collect();
                         let want: Vec<f64> = (0..n)
                             .map(|l| {
-                                e.eval_f64(&EvalEnv {
-                                    i: i0 + l as i64,
-                                    j,
-                                    h: h as i64,
-                                    s: s[l],
-                                    heads: 2,
-                                    lookup: &lookup,
-                                })
+                                let mut env = inputs.eval_env(2, &lookup);
+                                (env.i, env.j, env.h, env.s) = (i0 + l as i64, j, h as i64, s[l]);
+                                e.eval_f64(&env)
                             })
                             .collect();
                         let mut got = s.clone();
@@ -784,7 +881,7 @@ mod tests {
             }
         }
         for e in &exprs() {
-            let FastExpr::Program(p) = FastExpr::new(e, 1, 2, &inputs) else {
+            let FastExpr::Program(p) = FastExpr::new(e, 0, 1, 2, &inputs) else {
                 continue;
             };
             let s32: Vec<f32> = (0..n).map(|l| (l as f32 - 11.0) * 0.73).collect();
@@ -816,7 +913,7 @@ mod tests {
     fn head_only_parts_are_folded() {
         let inputs = inputs();
         let all = exprs();
-        let FastExpr::Program(p) = FastExpr::new(&all[0], 1, 2, &inputs) else {
+        let FastExpr::Program(p) = FastExpr::new(&all[0], 0, 1, 2, &inputs) else {
             panic!("ALiBi reads i and j");
         };
         assert!(!p
@@ -824,7 +921,7 @@ mod tests {
             .iter()
             .any(|o| matches!(o, Op::AlibiInt(..) | Op::CallFloat(..))));
         assert!(matches!(
-            FastExpr::new(&all[all.len() - 1], 1, 2, &inputs),
+            FastExpr::new(&all[all.len() - 1], 0, 1, 2, &inputs),
             FastExpr::Const(_)
         ));
     }

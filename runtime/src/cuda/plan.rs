@@ -320,7 +320,7 @@ mod tests {
     }
 
     fn mask_allows(mask: &Mask, i: usize, j: usize) -> bool {
-        mask.allows(i as i64, j as i64, &|_, _| 0)
+        mask.allows_at(i as i64, j as i64)
     }
 
     #[test]

@@ -149,20 +149,14 @@ impl Acc {
 
 fn env<'a>(
     spec: &MixerSpec,
+    inputs: &MixerInputs,
     lookup: &'a dyn Fn(&str, &[i64]) -> f64,
-    i: usize,
-    j: usize,
-    h: usize,
+    (b, i, j, h): (usize, usize, usize, usize),
     s: f64,
 ) -> EvalEnv<'a> {
-    EvalEnv {
-        i: i as i64,
-        j: j as i64,
-        h: h as i64,
-        s,
-        heads: spec.heads,
-        lookup,
-    }
+    let mut env = inputs.eval_env(spec.heads, lookup);
+    (env.b, env.i, env.j, env.h, env.s) = (b as i64, i as i64, j as i64, h as i64, s);
+    env
 }
 
 /// Adds the gradients of every row of (batch `b`, query head `h`) to `acc`.
@@ -314,7 +308,7 @@ fn chain(
         .zip(k)
         .map(|(&x, &y)| q_map.apply(x as f64) * k_map.apply(y as f64))
         .sum();
-    let eval = |e: &Expr, s: f64| e.eval_f64(&env(spec, lookup, i, j, h, s));
+    let eval = |e: &Expr, s: f64| e.eval_f64(&env(spec, inputs, lookup, (b, i, j, h), s));
     let mut s = scale * dot;
     if let Some(bias) = &spec.bias {
         s += eval(bias, 0.0);
@@ -329,7 +323,7 @@ fn chain(
     let mut ds = 0.0;
     match &spec.transform {
         Some(tr) => tr.backprop(
-            &env(spec, lookup, i, j, h, s),
+            &env(spec, inputs, lookup, (b, i, j, h), s),
             dt,
             &mut |leaf, g| match leaf {
                 Leaf::Score => ds += g,
@@ -339,9 +333,11 @@ fn chain(
         None => ds = dt,
     }
     if let Some(bias) = &spec.bias {
-        bias.backprop(&env(spec, lookup, i, j, h, 0.0), ds, &mut |leaf, g| {
-            acc.table(inputs, leaf, g)
-        });
+        bias.backprop(
+            &env(spec, inputs, lookup, (b, i, j, h), 0.0),
+            ds,
+            &mut |leaf, g| acc.table(inputs, leaf, g),
+        );
     }
     let g = scale * ds;
     for d in 0..dk {

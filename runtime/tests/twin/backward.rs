@@ -230,6 +230,28 @@ fn sim_backward_masks_and_f16_match_the_reference() {
     }
 }
 
+/// FlexAttention-style specs through the backward kernels, f16, at a ragged
+/// length: expression masks (a row with no key, per-head windows, a table
+/// only the mask reads, whose gradient is zero), `select` and `div` in a
+/// bias with a table gradient, `sin` / `cos` and `s * s` in a transform.
+#[test]
+fn sim_backward_flex_specs_match_the_reference() {
+    for body in [
+        "mask = j < i;",
+        "mask = j <= i && i - j < 8 * (h + 1);",
+        "input prefix: f32[batch]; mask = j <= i || j < int(prefix[b]);",
+        "input rel: f32[heads, 64]; mask = (i - j) % 4 != 1; bias = rel[h][div(i - j, 4) + 32];",
+        "mask = all; bias = select(i > j, -0.5 * (i - j), 0.0) - log(1.0 * kv_seq);",
+        "mask = causal; transform = s * s + sin(i * 1.0) * cos(j * 1.0);",
+    ] {
+        let spec = parse(&format!(
+            "mixer flex {{ heads = 2; head_dim = 16; {body} score = dot(q, k); norm = softmax; }}"
+        ));
+        let worst = check_backward_sim(&spec, DType::F16, &[(67, 1, Sharding::Contiguous)]);
+        assert!(worst < 5e-3, "{body}: f16 error {worst:.1e}");
+    }
+}
+
 /// Deleting any one `__syncthreads()` or `cp.async` wait from the backward
 /// kernel must be reported by the simulator (a race, a read of an in-flight
 /// copy) or change the gradients: the tests above would notice a kernel

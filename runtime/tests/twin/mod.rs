@@ -38,6 +38,7 @@ use crate::ring::{RingSchedule, Sharding};
 use crate::tensor::{MixerInputs, Tensor};
 
 mod backward;
+mod flex;
 
 /// Emulated device memory. Buffer `i` starts at address `(i + 1) << 32`, so
 /// every pointer names its buffer and an offset; an access outside the
@@ -253,7 +254,21 @@ fn softmax_kernel(mem: &mut Mem, spec: &MixerSpec, g: &GeneratedKernel, dt: DTyp
                     let mut scores = Vec::new();
                     for c in kv_begin as usize..kv_end as usize {
                         let j = k_pos0 + c as i64;
-                        if !spec.mask.allows(i, j, &seg) {
+                        // The kernels' `b`, `seq` and `kv_seq`: the batch
+                        // index and the global length (queries and keys of
+                        // one sequence).
+                        let env = |s: f64| EvalEnv {
+                            i,
+                            j,
+                            h: head as i64,
+                            s,
+                            b: b as i64,
+                            seq: seq_len,
+                            kv_seq: seq_len,
+                            heads: spec.heads,
+                            lookup: &lookup,
+                        };
+                        if !spec.mask.allows(&env(0.0), &seg) {
                             continue;
                         }
                         let dot: f64 = (0..d)
@@ -267,14 +282,6 @@ fn softmax_kernel(mem: &mut Mem, spec: &MixerSpec, g: &GeneratedKernel, dt: DTyp
                             })
                             .sum();
                         let mut s = dot * scale;
-                        let env = |s: f64| EvalEnv {
-                            i,
-                            j,
-                            h: head as i64,
-                            s,
-                            heads: spec.heads,
-                            lookup: &lookup,
-                        };
                         if let Some(bias) = &spec.bias {
                             s += bias.eval_f64(&env(s));
                         }
@@ -471,6 +478,9 @@ fn chunk_kernel(mem: &mut Mem, spec: &MixerSpec, g: &GeneratedKernel, dt: DType,
                         j: 0,
                         h: h as i64,
                         s: 0.0,
+                        b: 0,
+                        seq: 0,
+                        kv_seq: 0,
                         heads: spec.heads,
                         lookup: &|_, _| panic!("a per-head decay reads no input"),
                     }),
