@@ -205,7 +205,7 @@ fn softmax_scale(spec: &MixerSpec) -> Result<f64, CodegenError> {
 /// `batch_idx` and the kernel parameter `seq_len` are CTA constants defined
 /// before the hoisted values). The CUDA backend runs queries and keys of one
 /// sequence, so `seq` and `kv_seq` are both the global length `seq_len`.
-fn lower_env(spec: &MixerSpec) -> LowerEnv<'_> {
+pub(crate) fn lower_env(spec: &MixerSpec) -> LowerEnv<'_> {
     LowerEnv {
         i: "pos_i",
         j: "pos_j",

@@ -350,20 +350,13 @@ mod tests {
         .unwrap_or_else(|e| panic!("{src}: {e}"))
     }
 
+    /// The softmax templates' names, with `i`, `j` that must not be used
+    /// (a mask takes them from its `MaskNames`).
     fn env(spec: &mixc_dsl::ir::MixerSpec) -> LowerEnv<'_> {
         LowerEnv {
             i: "unused_i",
             j: "unused_j",
-            h: "head",
-            s: "s",
-            b: "batch_idx",
-            seq: "seq_len",
-            kv_seq: "seq_len",
-            heads: spec.heads,
-            kv_heads: spec.kv_heads,
-            inputs: &spec.inputs,
-            seq_dim: "seq_len",
-            batch_dim: "gridDim.z",
+            ..crate::lower_softmax::lower_env(spec)
         }
     }
 

@@ -306,10 +306,12 @@ fn check_finite(name: &str, t: &Tensor<f32>) -> Result<()> {
     }
 }
 
-/// May table `name` hold `-inf`? Where only a softmax mixer's `bias` reads
-/// it: an additive mask (Hugging Face's convention), where `-inf` gives the
-/// pair weight 0, exactly as the mask does. Anywhere else (a transform, a
-/// mask, a decay, other norms) `-inf` has no such meaning and is refused.
+/// May table `name` hold `-inf`? Where only the `bias` of a softmax mixer
+/// without a `transform` reads it: an additive mask (Hugging Face's
+/// convention), where `-inf` gives the pair weight 0, exactly as the mask
+/// does. Anywhere else (through a transform, which could map it to a
+/// finite score, in a mask, a decay, other norms) `-inf` has no such
+/// meaning and is refused.
 fn masks_with_neg_inf(spec: &MixerSpec, name: &str) -> bool {
     let reads = |e: Option<&mixc_dsl::Expr>| {
         let mut r = Vec::new();
@@ -321,8 +323,8 @@ fn masks_with_neg_inf(spec: &MixerSpec, name: &str) -> bool {
     let mut in_mask = Vec::new();
     spec.mask.inputs_read(&mut in_mask);
     matches!(spec.norm, mixc_dsl::Norm::Softmax)
+        && spec.transform.is_none()
         && reads(spec.bias.as_ref())
-        && !reads(spec.transform.as_ref())
         && !in_mask.iter().any(|n| n == name)
 }
 

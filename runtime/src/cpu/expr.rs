@@ -380,6 +380,31 @@ macro_rules! specialise {
     };
 }
 
+/// [`specialise!`] over every binary operator.
+macro_rules! specialise_binop {
+    ($v:expr, |$o:ident| $body:expr) => {
+        specialise!(
+            $v,
+            [
+                BinOp::Add,
+                BinOp::Sub,
+                BinOp::Mul,
+                BinOp::Div,
+                BinOp::Rem,
+                BinOp::Lt,
+                BinOp::Le,
+                BinOp::Gt,
+                BinOp::Ge,
+                BinOp::Eq,
+                BinOp::Ne,
+                BinOp::And,
+                BinOp::Or
+            ],
+            |$o| $body
+        )
+    };
+}
+
 /// Splits `regs` (registers of `n` lanes) into the destination `d`, mutable,
 /// and everything below it (its sources), shared.
 #[inline(always)]
@@ -490,48 +515,12 @@ impl Program<'_> {
                 Op::BinInt(op, d, a, b) => {
                     let (src, d) = split(ints, *d, n);
                     let (a, b) = (lanes(src, *a, n), lanes(src, *b, n));
-                    specialise!(
-                        op,
-                        [
-                            BinOp::Add,
-                            BinOp::Sub,
-                            BinOp::Mul,
-                            BinOp::Div,
-                            BinOp::Rem,
-                            BinOp::Lt,
-                            BinOp::Le,
-                            BinOp::Gt,
-                            BinOp::Ge,
-                            BinOp::Eq,
-                            BinOp::Ne,
-                            BinOp::And,
-                            BinOp::Or
-                        ],
-                        |o| map2(d, a, b, |x, y| o.apply_int(x, y))
-                    )
+                    specialise_binop!(op, |o| map2(d, a, b, |x, y| o.apply_int(x, y)))
                 }
                 Op::BinFloat(op, d, a, b) => {
                     let (src, d) = split(floats, *d, n);
                     let (a, b) = (lanes(src, *a, n), lanes(src, *b, n));
-                    specialise!(
-                        op,
-                        [
-                            BinOp::Add,
-                            BinOp::Sub,
-                            BinOp::Mul,
-                            BinOp::Div,
-                            BinOp::Rem,
-                            BinOp::Lt,
-                            BinOp::Le,
-                            BinOp::Gt,
-                            BinOp::Ge,
-                            BinOp::Eq,
-                            BinOp::Ne,
-                            BinOp::And,
-                            BinOp::Or
-                        ],
-                        |o| map2(d, a, b, |x, y| o.apply_float(x, y))
-                    )
+                    specialise_binop!(op, |o| map2(d, a, b, |x, y| o.apply_float(x, y)))
                 }
                 Op::CallInt(f, d, (args, _)) => {
                     let (src, d) = split(ints, *d, n);

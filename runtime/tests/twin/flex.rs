@@ -139,3 +139,50 @@ fn sim_flex_masks_read_the_batch_index() {
         "sequence 1 ignores its prefix"
     );
 }
+
+/// A Hugging Face additive mask (`0` / `-inf` per pair) as a bias table:
+/// sequence 0 hides every key past 50 and all keys of row 7 (a row that
+/// sees nothing: the kernels treat a row maximum of `-inf` as a row with no
+/// key, as the reference does), sequence 1 every key but multiples of 3.
+#[test]
+fn sim_neg_inf_bias_tables_mask_like_the_reference() {
+    let spec = spec(
+        "additive",
+        "input am: f32[batch, seq, seq]; mask = all; bias = am[b][i][j];",
+    );
+    let mut x = crate::inputs::random_inputs(&spec, 2, L, 91);
+    let mut am = vec![0f32; 2 * L * L];
+    for i in 0..L {
+        for j in 0..L {
+            let hide0 = j > 50 || i == 7;
+            let hide1 = j % 3 != 0;
+            if hide0 {
+                am[i * L + j] = f32::NEG_INFINITY;
+            }
+            if hide1 {
+                am[L * L + i * L + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    x.extra.insert(
+        "am".into(),
+        ExtraTensor::F32(Tensor::new(vec![2, L, L], am)),
+    );
+    for dt in [DType::Bf16, DType::F32] {
+        let mut x = x.clone();
+        crate::inputs::round_to_dtype(&mut x, dt);
+        crate::inputs::validate_inputs(&spec, &x).expect("-inf is allowed in a bias table");
+        let want = crate::reference::evaluate(&spec, &x).unwrap();
+        let (got, _) = run_sim(&spec, &x, dt, None, 1, Sharding::Contiguous);
+        assert!(
+            got.data.iter().all(|v| v.is_finite()),
+            "{dt:?}: non-finite output"
+        );
+        let err = max_rel_err(&got, &want);
+        let tol = if dt == DType::F32 { 2e-4 } else { 1e-2 };
+        assert!(err <= tol, "{dt:?}: error {err:.2e}");
+        // Row 7 of sequence 0 sees nothing: exactly 0.
+        let row = 2 * 16;
+        assert!(got.data[7 * row..8 * row].iter().all(|&v| v == 0.0));
+    }
+}
