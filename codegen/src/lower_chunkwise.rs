@@ -79,9 +79,10 @@ pub fn default_config(spec: &MixerSpec, target: &Target) -> KernelConfig {
     if target.uses_tensor_cores() {
         let dkp = round_up(spec.head_dim, 16);
         let warps = if dkp > 128 { 8 } else { 4 };
-        // Per thread, the state slice is ceil(dkp / (16 warps)) * block_dv / 2 floats.
+        // Per thread, the state slice is ceil(dkp / (16 warps)) * block_dv / 2
+        // floats; block_dv is a multiple of 16 (head dims 257..512 take 16).
         let s_iters = dkp.div_ceil(16 * warps);
-        let block_dv = (64 / s_iters).clamp(16, 64).min(dvp);
+        let block_dv = (64 / s_iters / 16 * 16).clamp(16, 64).min(dvp);
         let mut cfg = KernelConfig {
             block_m: 64,
             block_n: 64,

@@ -141,7 +141,10 @@ fn chunkwise_head_dims_compile_without_spills_on_sm90() {
         .into_iter()
         .find(|s| s.name == "retention_retnet")
         .unwrap();
-    for d in [64, 80, 96, 128, 192, 256] {
+    // 257..384: three state slices per thread (block_dv 16). At 512 (four)
+    // the default still compiles but spills 16 bytes under 8 warps' limit
+    // of 128 registers.
+    for d in [64, 80, 96, 128, 192, 256, 272, 320, 384] {
         for dtype in [DType::Bf16, DType::F32] {
             let mut s = base.clone();
             s.head_dim = d;
@@ -172,7 +175,10 @@ fn convolution_value_dims_compile_without_spills_on_sm90() {
         .into_iter()
         .find(|s| s.name == "long_conv_hyena")
         .unwrap();
-    for d in [64, 80, 96, 128, 192, 256] {
+    // 257..384: three state slices per thread (block_dv 16). At 512 (four)
+    // the default still compiles but spills 16 bytes under 8 warps' limit
+    // of 128 registers.
+    for d in [64, 80, 96, 128, 192, 256, 272, 320, 384] {
         for dtype in [DType::Bf16, DType::F32] {
             let mut s = base.clone();
             s.head_dim = d;
