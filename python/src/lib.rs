@@ -197,6 +197,7 @@ impl Mixer {
     #[new]
     #[pyo3(signature = (text, origin, device = "cpu", threads = None, ranks = 1))]
     fn new(
+        py: Python<'_>,
         text: &str,
         origin: &str,
         device: &str,
@@ -204,6 +205,14 @@ impl Mixer {
         ranks: usize,
     ) -> PyResult<Self> {
         let spec = mixc::parse(text).map_err(|d| SpecError::new_err(d.render(origin, text)))?;
+        // Likely mistakes in a valid spec, as Python warnings (UserWarning).
+        let warnings = mixc::dsl::warnings_str(text);
+        if !warnings.is_empty() {
+            let category = py.get_type::<pyo3::exceptions::PyUserWarning>();
+            let message = std::ffi::CString::new(warnings.render(origin, text))
+                .unwrap_or_else(|_| c"spec warnings (not printable)".to_owned());
+            PyErr::warn(py, &category, &message, 1)?;
+        }
         let device = device_of(device)?;
         let opts = Options {
             threads,

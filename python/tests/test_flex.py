@@ -189,3 +189,16 @@ def test_additive_neg_inf_bias_masks_like_hugging_face():
     assert (o - want).abs().max().item() < 1e-5
     with pytest.raises(ValueError, match="NaN"):
         m(q, k, v, am=torch.full((2, 12), float("nan")))
+
+
+def test_spec_warnings_are_python_warnings():
+    """A valid spec with a likely mistake (a `batch` table read without `b`)
+    warns; one without does not."""
+    bad = "mixer w { heads = 2; head_dim = 8; input t: f32[batch, heads]; bias = t[0][h]; }"
+    with pytest.warns(UserWarning, match="does not read `b`"):
+        mixc.Mixer(bad)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mixc.Mixer(bad.replace("t[0][h]", "t[b][h]"))

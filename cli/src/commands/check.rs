@@ -18,10 +18,12 @@ pub fn main(args: Args) -> Result<ExitCode> {
     for path in &args.files {
         let shown = path.display();
         // Likely mistakes in a valid spec (rendered; empty when none).
-        let warnings = mixc::dsl::warnings_file(path).ok().flatten();
-        let warned = warnings.clone().unwrap_or_default();
-        if let (Some(w), false) = (&warnings, args.json) {
-            eprint!("{w}");
+        let warned = mixc::dsl::warnings_file(path)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        if !args.json {
+            super::print_warnings(path);
         }
         match mixc::dsl::parse_any_file(path) {
             Ok(mixc::dsl::SpecFile::Block(block)) => {

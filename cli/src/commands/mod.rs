@@ -13,7 +13,15 @@ use std::path::Path;
 /// Loads and validates a spec file; the error carries the rendered
 /// diagnostics. A block file gives the mixer it wraps (what `gen`,
 /// `compile` and `tune` act on), with a note on stderr.
+/// Prints the spec's warnings (likely mistakes in a valid spec) on stderr.
+pub fn print_warnings(path: &Path) {
+    if let Ok(Some(w)) = mixc::dsl::warnings_file(path) {
+        eprint!("{w}");
+    }
+}
+
 pub fn load_spec(path: &Path) -> Result<MixerSpec> {
+    print_warnings(path);
     match mixc::dsl::parse_any_file(path).map_err(|e| anyhow::anyhow!("{e}"))? {
         mixc::dsl::SpecFile::Mixer(spec) => Ok(spec),
         mixc::dsl::SpecFile::Block(block) => {

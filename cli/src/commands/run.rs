@@ -325,6 +325,7 @@ fn lengths(x: &MixerInputs) -> String {
 }
 
 pub fn main(args: Args) -> Result<ExitCode> {
+    super::print_warnings(&args.file);
     let mut spec =
         match mixc::dsl::parse_any_file(&args.file).map_err(|e| anyhow::anyhow!("{e}"))? {
             mixc::dsl::SpecFile::Mixer(spec) => spec,
