@@ -15,17 +15,16 @@
 //! Expression masks (`Mask::Expr`, FlexAttention's `mask_mod`: a boolean
 //! expression of `i`, `j`, `h`, `b`, `seq`, `kv_seq` and tables) lower their
 //! predicate with [`crate::expr`] (tables read through their kernel pointer
-//! parameters, CTA-constant parts hoisted with the bias's). The device makes
-//! no per-tile proof for them: their class is always Partial and their key
-//! range every key, so such a tile is computed and masked per element. The
-//! host plan ([`crate::plan::classify`], interval bounds) may still leave out
-//! whole launches it proves empty; combined with built-in masks, `&&` keeps
-//! the built-in's skips (`causal && (i - j) % 4 == 0` never visits the upper
-//! triangle).
+//! parameters, CTA-constant parts hoisted with the bias's). Their class
+//! bounds the condition over the tile with `mask.cuh`'s interval helpers
+//! (the rules of `mixc_dsl::bounds`; the CTA's head, batch row, lengths and
+//! tables read at them are points), so chunked attention and per-head
+//! windows skip tiles on the device too; a table read at a position makes
+//! the class Partial. Their key range is every key.
 
 use crate::expr::{lower_expr, Hoisted, LowerEnv};
 use crate::CodegenError;
-use mixc_dsl::ir::{Mask, ScalarType};
+use mixc_dsl::ir::{BinOp, Expr, Func, Mask, ScalarType, UnOp, Var};
 
 /// C names the lowered expressions read.
 #[derive(Debug, Clone)]
@@ -135,7 +134,7 @@ pub fn lower_mask_with(
     }
     Ok(LoweredMask {
         predicate: predicate(mask, n, &mut exprs, spec_name)?,
-        class: class(mask, n)?,
+        class: class(mask, n, &mut exprs)?,
         key_range: key_range(mask, n)?,
         segment_input: segs.pop(),
         all: matches!(mask, Mask::All),
@@ -207,12 +206,20 @@ fn predicate(
     })
 }
 
-fn class(m: &Mask, n: &MaskNames<'_>) -> Result<String, CodegenError> {
+fn class(
+    m: &Mask,
+    n: &MaskNames<'_>,
+    exprs: &mut Option<MaskExprs<'_, '_>>,
+) -> Result<String, CodegenError> {
     let r = format!("{}, {}, {}, {}", n.i0, n.i1, n.j0, n.j1);
     Ok(match m {
         Mask::All => "mixc::FULL".into(),
-        // No device-side proof for expressions: every tile is tested per pair.
-        Mask::Expr(_) => "mixc::PARTIAL".into(),
+        // The condition bounded over the tile (mixc_dsl::bounds's rules in
+        // mask.cuh); Partial where it reads what the device cannot bound.
+        Mask::Expr(e) => match exprs.as_mut().and_then(|x| bounds_code(e, n, x)) {
+            Some(iv) => format!("mixc::class_of_iv({iv})"),
+            None => "mixc::PARTIAL".into(),
+        },
         Mask::Causal => format!("mixc::class_causal({r})"),
         Mask::Window { size } => {
             format!("mixc::class_window({r}, {})", int_const(*size, "window")?)
@@ -238,8 +245,90 @@ fn class(m: &Mask, n: &MaskNames<'_>) -> Result<String, CodegenError> {
             "mixc::class_dilated({r}, {})",
             int_const(*rate, "dilation rate")?
         ),
-        Mask::And(a, b) => format!("mixc::class_and({}, {})", class(a, n)?, class(b, n)?),
-        Mask::Or(a, b) => format!("mixc::class_or({}, {})", class(a, n)?, class(b, n)?),
+        Mask::And(a, b) => format!(
+            "mixc::class_and({}, {})",
+            class(a, n, exprs)?,
+            class(b, n, exprs)?
+        ),
+        Mask::Or(a, b) => format!(
+            "mixc::class_or({}, {})",
+            class(a, n, exprs)?,
+            class(b, n, exprs)?
+        ),
+    })
+}
+
+/// C code of a `mixc::Iv` bounding `e` over the tile `[i0, i1] x [j0, j1]`.
+/// A part that reads neither `i` nor `j` is one value per CTA (head, batch
+/// row, lengths, tables read at those): its point, lowered (and hoisted) as
+/// the predicate lowers it. `None` where a table is read at a position,
+/// which the device does not bound.
+fn bounds_code(e: &Expr, n: &MaskNames<'_>, x: &mut MaskExprs<'_, '_>) -> Option<String> {
+    if !e.uses_var(Var::I) && !e.uses_var(Var::J) && !e.uses_var(Var::S) {
+        let env = LowerEnv {
+            i: n.i,
+            j: n.j,
+            ..x.env.clone()
+        };
+        let c = lower_expr(e, &env, x.hoisted).ok()?;
+        return Some(format!("mixc::iv_pt((double)({}))", c.code));
+    }
+    let env = x.env;
+    let mut sub = |y: &Expr| bounds_code(y, n, x);
+    Some(match e {
+        Expr::Int(v) => format!("mixc::iv_pt({v}.0)"),
+        Expr::Float(v) => format!("mixc::iv_pt({v:?})"),
+        Expr::Var(Var::I) => format!("mixc::iv((double){}, (double){})", n.i0, n.i1),
+        Expr::Var(Var::J) => format!("mixc::iv((double){}, (double){})", n.j0, n.j1),
+        Expr::Var(Var::H) => format!("mixc::iv_pt((double){})", env.h),
+        Expr::Var(Var::B) => format!("mixc::iv_pt((double){})", env.b),
+        Expr::Var(Var::Seq) => format!("mixc::iv_pt((double){})", env.seq),
+        Expr::Var(Var::KvSeq) => format!("mixc::iv_pt((double){})", env.kv_seq),
+        Expr::Var(Var::S) | Expr::Index { .. } => return None,
+        Expr::Unary(UnOp::Neg, a) => format!("mixc::iv_neg({})", sub(a)?),
+        Expr::Unary(UnOp::Not, a) => format!("mixc::iv_not({})", sub(a)?),
+        Expr::Binary(op, a, b) => {
+            let f = match op {
+                BinOp::Add => "add",
+                BinOp::Sub => "sub",
+                BinOp::Mul => "mul",
+                BinOp::Div => "div",
+                BinOp::Rem => "rem",
+                BinOp::Lt => "lt",
+                BinOp::Le => "le",
+                BinOp::Gt => "gt",
+                BinOp::Ge => "ge",
+                BinOp::Eq => "eq",
+                BinOp::Ne => "ne",
+                BinOp::And => "and",
+                BinOp::Or => "or",
+            };
+            let (a, b) = (sub(a)?, sub(b)?);
+            format!("mixc::iv_{f}({a}, {b})")
+        }
+        Expr::Call(f, args) => {
+            let a: Vec<String> = args.iter().map(&mut sub).collect::<Option<_>>()?;
+            let name = match f {
+                Func::Exp => "exp",
+                Func::Log => "log",
+                Func::Sqrt => "sqrt",
+                Func::Tanh => "tanh",
+                Func::Sigmoid => "sigmoid",
+                Func::Floor => "floor",
+                Func::Int => "trunc",
+                Func::Abs => "abs",
+                Func::Min => "min",
+                Func::Max => "max",
+                Func::Clamp => "clamp",
+                Func::Select => "select",
+                Func::Div => "floordiv",
+                // Every value lies in [-1, 1], every slope in (0, 1].
+                Func::Sin | Func::Cos => return Some("mixc::iv_unit()".into()),
+                Func::AlibiSlope => return Some("mixc::iv(0.0, 1.0)".into()),
+                Func::Pow => return Some("mixc::iv_any()".into()),
+            };
+            format!("mixc::iv_{name}({})", a.join(", "))
+        }
     })
 }
 
@@ -361,7 +450,7 @@ mod tests {
     }
 
     #[test]
-    fn expression_masks_are_partial_and_keep_builtin_skips() {
+    fn expression_masks_are_bounded_and_keep_builtin_skips() {
         let spec = parse_mask("mask = causal && (i - j) % 4 == 0;");
         let mut hoisted = vec![];
         let exprs = MaskExprs {
@@ -374,10 +463,13 @@ mod tests {
             l.predicate,
             "((pos_j <= pos_i) && (mixc::rem_or_zero((pos_i - pos_j), 4) == 0))"
         );
-        // causal's closed form still skips the upper triangle.
+        // causal's closed form still skips the upper triangle; the
+        // condition is bounded over the tile (mask.cuh's interval rules).
         assert_eq!(
             l.class,
-            "mixc::class_and(mixc::class_causal(i0, i1, j0, j1), mixc::PARTIAL)"
+            "mixc::class_and(mixc::class_causal(i0, i1, j0, j1), mixc::class_of_iv(\
+             mixc::iv_eq(mixc::iv_rem(mixc::iv_sub(mixc::iv((double)i0, (double)i1), \
+             mixc::iv((double)j0, (double)j1)), mixc::iv_pt((double)(4))), mixc::iv_pt((double)(0)))))"
         );
         assert_eq!(
             l.key_range,
@@ -402,10 +494,15 @@ mod tests {
             l.predicate,
             "(((pos_j <= pos_i) && ((pos_i - pos_j) < (8 * (head + 1)))) || (pos_j < hoist0))"
         );
+        // The head's window and the (hoisted) prefix are points per CTA.
         assert_eq!(
-            (l.class.as_str(), l.key_range.as_str()),
-            ("mixc::PARTIAL", "mixc::range_all()")
+            l.class,
+            "mixc::class_of_iv(mixc::iv_or(mixc::iv_and(mixc::iv_le(mixc::iv((double)j0, (double)j1), \
+             mixc::iv((double)i0, (double)i1)), mixc::iv_lt(mixc::iv_sub(mixc::iv((double)i0, (double)i1), \
+             mixc::iv((double)j0, (double)j1)), mixc::iv_pt((double)((8 * (head + 1)))))), \
+             mixc::iv_lt(mixc::iv((double)j0, (double)j1), mixc::iv_pt((double)(hoist0)))))"
         );
+        assert_eq!(l.key_range, "mixc::range_all()");
         // The table is read through its kernel parameter, once per CTA.
         assert_eq!(hoisted.len(), 1);
         assert_eq!(

@@ -261,7 +261,13 @@ fn flex_specs_reach_forward_simt_and_backward_kernels() {
     assert!(src.contains(
         "const bool visible = r0 + col < kv_end && ((pos_j <= pos_i) || (pos_j < hoist0));"
     ));
-    assert!(src.contains("int cls = mixc::PARTIAL;"));
+    // The tile class bounds the condition: causal's triangle and the prefix
+    // (a point per CTA) both prove tiles Full or Skip.
+    assert!(src.contains(
+        "int cls = mixc::class_of_iv(mixc::iv_or(mixc::iv_le(mixc::iv((double)j0, (double)j1), \
+         mixc::iv((double)i0, (double)i1)), mixc::iv_lt(mixc::iv((double)j0, (double)j1), \
+         mixc::iv_pt((double)(hoist0)))));"
+    ));
     assert!(src.contains("const mixc::KeyRange keys = mixc::range_all();"));
     assert!(fwd.kernels[0]
         .params
@@ -292,8 +298,9 @@ fn flex_specs_reach_forward_simt_and_backward_kernels() {
     // A causal conjunct keeps the device's triangle skipping.
     let dil = spec("mask = causal && (i - j) % 4 == 0;");
     let src = generate_default(&dil, &bf16_sm90()).unwrap().source;
-    assert!(src
-        .contains("int cls = mixc::class_and(mixc::class_causal(i0, i1, j0, j1), mixc::PARTIAL);"));
+    assert!(src.contains(
+        "int cls = mixc::class_and(mixc::class_causal(i0, i1, j0, j1), mixc::class_of_iv("
+    ));
     assert!(src.contains("mixc::range_intersect(mixc::range_causal(i0, i1), mixc::range_all())"));
 
     // Score modifications with the new functions, forward and backward.

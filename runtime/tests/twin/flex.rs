@@ -186,3 +186,41 @@ fn sim_neg_inf_bias_tables_mask_like_the_reference() {
         assert!(got.data[7 * row..8 * row].iter().all(|&v| v == 0.0));
     }
 }
+
+/// The device bounds a condition over each tile (mask.cuh's interval rules),
+/// so chunked attention (Llama 4's pattern, chunks of one query tile) skips
+/// every tile across chunks that causal alone computes: half the
+/// tensor-core work of plain causal for the same inputs, and the
+/// reference's answer.
+#[test]
+fn sim_condition_masks_skip_tiles_on_the_device() {
+    const LEN: usize = 384;
+    let chunked = spec(
+        "chunked_long",
+        "mask = j <= i && div(i, 128) == div(j, 128);",
+    );
+    let causal = spec("causal_long", "mask = causal;");
+    let mut x = crate::inputs::random_inputs(&chunked, 1, LEN, 5);
+    crate::inputs::round_to_dtype(&mut x, DType::Bf16);
+    let mut mma = Vec::new();
+    for s in [&chunked, &causal] {
+        let want = crate::reference::evaluate(s, &x).unwrap();
+        let (got, st) = run_sim(s, &x, DType::Bf16, None, 1, Sharding::Contiguous);
+        let err = max_rel_err(&got, &want);
+        assert!(err <= 1e-2, "{}: error {err:.2e}", s.name);
+        mma.push(st.mma);
+    }
+    eprintln!(
+        "tensor-core instructions: chunked {}, causal {}",
+        mma[0], mma[1]
+    );
+    // Query blocks of 128 over key tiles of 64: causal computes 2 + 4 + 6
+    // tiles, chunked 2 + 2 + 2.
+    assert_eq!(
+        2 * mma[0],
+        mma[1],
+        "chunked {} vs causal {}",
+        mma[0],
+        mma[1]
+    );
+}
