@@ -20,8 +20,10 @@ use mixc_runtime::inputs::{random_inputs, random_upstream};
 use mixc_runtime::tensor::ExtraTensor;
 use mixc_runtime::{reference, MixerInputs, Tensor};
 
-const HEADS: usize = 4;
-const DIM: usize = 16;
+mod flex_support;
+
+use flex_support::{DIM, HEADS};
+
 const BATCH: usize = 2;
 
 /// What a score_mod / mask_mod reads.
@@ -55,8 +57,6 @@ type MaskMod = fn(&At) -> bool;
 
 struct Case {
     name: &'static str,
-    /// Spec items after `heads`, `head_dim` (softmax, default scale).
-    items: &'static str,
     score_mod: ScoreMod,
     mask_mod: MaskMod,
 }
@@ -81,183 +81,153 @@ fn cases() -> Vec<Case> {
     vec![
         Case {
             name: "identity",
-            items: "",
             score_mod: keep,
             mask_mod: everything,
         },
         Case {
             name: "times_two",
-            items: "transform = s * 2.0;",
             score_mod: |s, _| s * 2.0,
             mask_mod: everything,
         },
         Case {
             name: "squared",
-            items: "transform = s * s;",
             score_mod: |s, _| s * s,
             mask_mod: everything,
         },
         Case {
             name: "causal",
-            items: "mask = j <= i;",
             score_mod: keep,
             mask_mod: |a| a.q >= a.kv,
         },
         Case {
             name: "inverse_causal",
-            items: "mask = i <= j;",
             score_mod: keep,
             mask_mod: |a| a.q <= a.kv,
         },
         Case {
             // Row 0 sees no key at all: output 0.
             name: "strictly_past",
-            items: "mask = j < i;",
             score_mod: keep,
             mask_mod: |a| a.kv < a.q,
         },
         Case {
             name: "rel_bias",
-            items: "bias = i - j;",
             score_mod: |s, a| s + a.d(),
             mask_mod: everything,
         },
         Case {
             name: "rel_causal",
-            items: "bias = i - j; mask = causal;",
             score_mod: |s, a| s + a.d(),
             mask_mod: |a| a.q >= a.kv,
         },
         Case {
             // FlexAttention's `_generate_alibi_bias(num_heads)`.
             name: "alibi",
-            items: "bias = (j - i) * pow(2.0, -(h + 1) * 8.0 / 4.0);",
             score_mod: |s, a| s - a.d() * (-((a.h + 1) as f64) * 8.0 / HEADS as f64).exp2(),
             mask_mod: everything,
         },
         Case {
             name: "alibi_slope",
-            items: "bias = alibi_slope(h) * (j - i);",
             score_mod: |s, a| s - a.d() * (-((a.h + 1) as f64) * 8.0 / HEADS as f64).exp2(),
             mask_mod: everything,
         },
         Case {
             name: "head_offset",
-            items: "input off: f32[heads]; transform = s * off[h];",
             score_mod: |s, a| s * a.f("off", &[a.h]),
             mask_mod: everything,
         },
         Case {
             // torch.sin(torch.cos(score)) + torch.tan(b)
             name: "trig",
-            items: "transform = sin(cos(s)) + sin(1.0 * b) / cos(1.0 * b);",
             score_mod: |s, a| s.cos().sin() + (a.b as f64).tan(),
             mask_mod: everything,
         },
         Case {
             name: "trig2",
-            items: "transform = cos(s) * sin(s) + sin(1.0 * b) / cos(1.0 * b);",
             score_mod: |s, a| s.cos() * s.sin() + (a.b as f64).tan(),
             mask_mod: everything,
         },
         Case {
             // `_generate_windowed(offset = 3)`: q + offset >= kv.
             name: "windowed",
-            items: "mask = i + 3 >= j;",
             score_mod: keep,
             mask_mod: |a| a.q + 3 >= a.kv,
         },
         Case {
             // prefix_lengths[b] >= kv, or causal.
             name: "prefix_lm_per_example",
-            items: "input prefix: f32[batch]; mask = j <= int(prefix[b]) || j <= i;",
             score_mod: keep,
             mask_mod: |a| a.kv as f64 <= a.f("prefix", &[a.b]) || a.kv <= a.q,
         },
         Case {
             name: "document",
-            items: "input doc: i32[batch, seq]; mask = segment(doc);",
             score_mod: keep,
             mask_mod: |a| a.f("doc", &[a.b, a.q]) == a.f("doc", &[a.b, a.kv]),
         },
         Case {
             name: "causal_document_expression",
-            items: "input doc: f32[batch, seq]; mask = j <= i && doc[b][i] == doc[b][j];",
             score_mod: keep,
             mask_mod: |a| a.kv <= a.q && a.f("doc", &[a.b, a.q]) == a.f("doc", &[a.b, a.kv]),
         },
         Case {
             name: "sliding_window",
-            items: "mask = j <= i && i - j <= 8;",
             score_mod: keep,
             mask_mod: |a| a.kv <= a.q && a.q - a.kv <= 8,
         },
         Case {
             name: "softcap",
-            items: "transform = 0.5 * tanh(s / 0.5);",
             score_mod: |s, _| 0.5 * (s / 0.5).tanh(),
             mask_mod: everything,
         },
         Case {
             name: "batch_bias",
-            items: "input bb: f32[batch]; bias = bb[b];",
             score_mod: |s, a| s + a.f("bb", &[a.b]),
             mask_mod: everything,
         },
         Case {
             name: "batch_head_bias",
-            items: "input bh: f32[batch, heads]; bias = bh[b][h]; mask = causal;",
             score_mod: |s, a| s + a.f("bh", &[a.b, a.h]),
             mask_mod: |a| a.kv <= a.q,
         },
         Case {
             name: "per_head_window",
-            items: "mask = j <= i && i - j < 8 * (h + 1);",
             score_mod: keep,
             mask_mod: |a| a.kv <= a.q && a.q - a.kv < 8 * (a.h + 1),
         },
         Case {
             name: "expression_dilation",
-            items: "mask = (i - j) % 4 == 0;",
             score_mod: keep,
             mask_mod: |a| (a.q as i64 - a.kv as i64) % 4 == 0,
         },
         Case {
             name: "t5_log_buckets",
-            items: "input rel: f32[heads, 16]; bias = rel[h][select(abs(i - j) < 8, abs(i - j), \
-                    min(8 + int(log(abs(i - j) / 8.0) / log(16.0) * 8.0), 15))];",
             score_mod: |s, a| s + a.f("rel", &[a.h, t5_bucket(a.d().abs())]),
             mask_mod: everything,
         },
         Case {
             name: "sigmoid_length_bias",
-            items: "bias = -log(1.0 * kv_seq); mask = j <= i || j >= seq - 4;",
             score_mod: |s, a| s - (a.seq as f64).ln(),
             mask_mod: |a| a.kv <= a.q || a.kv + 4 >= a.seq,
         },
         Case {
             name: "global_tokens_flag",
-            items: "input flag: f32[batch, seq]; mask = j <= i && (flag[b][j] > 0.5 || i - j < 4);",
             score_mod: keep,
             mask_mod: |a| a.kv <= a.q && (a.f("flag", &[a.b, a.kv]) > 0.5 || a.q - a.kv < 4),
         },
         Case {
             // Hugging Face's additive mask: 0 or -inf per key.
             name: "additive_neg_inf",
-            items: "input am: f32[batch, seq]; bias = am[b][j];",
             score_mod: |s, a| s + a.f("am", &[a.b, a.kv]),
             mask_mod: everything,
         },
         Case {
             name: "select_bias",
-            items: "bias = select(i > j, -0.5 * (i - j), 0.0); mask = !(j > i + 2);",
             score_mod: |s, a| s + if a.q > a.kv { -0.5 * a.d() } else { 0.0 },
             mask_mod: |a| a.kv <= a.q + 2,
         },
         Case {
             // Chunked attention (Llama 4 style), written with floor division.
             name: "chunked",
-            items: "mask = j <= i && div(i, 16) == div(j, 16);",
             score_mod: keep,
             mask_mod: |a| a.kv <= a.q && a.q / 16 == a.kv / 16,
         },
@@ -265,18 +235,14 @@ fn cases() -> Vec<Case> {
 }
 
 fn spec_of(c: &Case) -> MixerSpec {
-    let src = format!(
-        "mixer {} {{ heads = {HEADS}; head_dim = {DIM}; dtype = f32; {} }}",
-        c.name, c.items
-    );
-    mixc_dsl::parse_str(&src).unwrap_or_else(|e| panic!("{}: {e}", c.name))
+    flex_support::spec(c.name, "f32")
 }
 
 /// Random q, k, v; the tables given values that make each case bite.
 fn inputs_of(spec: &MixerSpec, seq: usize, seed: u64) -> MixerInputs {
     let mut inp = random_inputs(spec, BATCH, seq, seed);
-    let set = |inp: &mut MixerInputs, name: &str, f: &dyn Fn(&[usize]) -> f32| {
-        if let Some(ExtraTensor::F32(t)) = inp.extra.get_mut(name) {
+    for (name, t) in inp.extra.iter_mut() {
+        if let ExtraTensor::F32(t) = t {
             let shape = t.shape.clone();
             for (x, v) in t.data.iter_mut().enumerate() {
                 let mut idx = vec![0; shape.len()];
@@ -285,23 +251,23 @@ fn inputs_of(spec: &MixerSpec, seq: usize, seed: u64) -> MixerInputs {
                     idx[d] = r % shape[d];
                     r /= shape[d];
                 }
-                *v = f(&idx);
+                if let Some(y) = flex_support::table_value(name, &idx) {
+                    *v = y;
+                }
             }
         }
-    };
-    set(&mut inp, "prefix", &|i| [5.0, 23.0][i[0] % 2]);
-    // Documents of 11 positions (sorted ids, as packed sequences are).
-    set(&mut inp, "doc", &|i| (i[1] / 11) as f32);
-    set(&mut inp, "flag", &|i| f32::from(i[1] % 10 == 3));
-    // Batch row 1 masks every key but multiples of 3; row 0 keeps all.
-    set(&mut inp, "am", &|i| {
-        if i[0] == 1 && i[1] % 3 != 0 {
-            f32::NEG_INFINITY
-        } else {
-            0.0
-        }
-    });
+    }
     inp
+}
+
+/// The oracles here and the specs of `flex_support` name the same cases.
+#[test]
+fn every_shared_spec_has_an_oracle() {
+    let mut ours: Vec<&str> = cases().iter().map(|c| c.name).collect();
+    let mut shared: Vec<&str> = flex_support::SPECS.iter().map(|(n, _)| *n).collect();
+    ours.sort_unstable();
+    shared.sort_unstable();
+    assert_eq!(ours, shared);
 }
 
 /// The FlexAttention-style oracle: `[batch, seq, heads, dim]`.

@@ -224,3 +224,39 @@ fn sim_condition_masks_skip_tiles_on_the_device() {
         mma[1]
     );
 }
+
+#[path = "../flex_support/mod.rs"]
+mod flex_support;
+
+/// Every FlexAttention mod of the shared list (`flex_support::SPECS`, the
+/// cases `flex_parity.rs` checks on the CPU against a FlexAttention-style
+/// oracle) through the generated forward kernel (bf16 tensor cores) against
+/// the reference, at L = 67, batch 2, tables set as the CPU test sets them.
+#[test]
+fn sim_every_shared_flex_case_matches_the_reference() {
+    for (n, (name, _)) in flex_support::SPECS.iter().enumerate() {
+        let spec = flex_support::spec(name, "bf16");
+        let mut x = crate::inputs::random_inputs(&spec, 2, L, 500 + n as u64);
+        for (input, t) in x.extra.iter_mut() {
+            if let ExtraTensor::F32(t) = t {
+                let shape = t.shape.clone();
+                for (e, v) in t.data.iter_mut().enumerate() {
+                    let (mut idx, mut r) = (vec![0; shape.len()], e);
+                    for d in (0..shape.len()).rev() {
+                        idx[d] = r % shape[d];
+                        r /= shape[d];
+                    }
+                    if let Some(y) = flex_support::table_value(input, &idx) {
+                        *v = y;
+                    }
+                }
+            }
+        }
+        crate::inputs::round_to_dtype(&mut x, DType::Bf16);
+        let want = crate::reference::evaluate(&spec, &x).unwrap();
+        let (got, st) = run_sim(&spec, &x, DType::Bf16, None, 1, Sharding::Contiguous);
+        let err = max_rel_err(&got, &want);
+        assert!(st.ctas > 0, "{name}: nothing ran");
+        assert!(err <= 1e-2, "{name}: error {err:.2e}");
+    }
+}
