@@ -100,7 +100,7 @@ pub fn table_value(name: &str, idx: &[usize]) -> Option<f32> {
         "prefix" => [5.0, 23.0][idx[0] % 2],
         "doc" => (idx[1] / 11) as f32,
         "flag" => f32::from(idx[1] % 10 == 3),
-        "am" if idx[0] == 1 && idx[1] % 3 != 0 => f32::NEG_INFINITY,
+        "am" if idx[0] == 1 && !idx[1].is_multiple_of(3) => f32::NEG_INFINITY,
         "am" => 0.0,
         _ => return None,
     })
