@@ -1714,29 +1714,15 @@ enum RawScore {
 /// closed form (tile skipping, loop bounds): `j <= i && i - j < 64` is
 /// `causal && i - j < 64`. The pairs allowed are the same.
 fn causal_lifted(e: Expr) -> Mask {
-    fn conjuncts(e: Expr, out: &mut Vec<Expr>) {
-        match e {
-            Expr::Binary(BinOp::And, a, b) => {
-                conjuncts(*a, out);
-                conjuncts(*b, out);
-            }
-            e => out.push(e),
-        }
-    }
-    let (i, j) = (Expr::Var(Var::I), Expr::Var(Var::J));
-    let is_causal = |c: &Expr| match c {
-        Expr::Binary(BinOp::Le, a, b) => **a == j && **b == i,
-        Expr::Binary(BinOp::Ge, a, b) => **a == i && **b == j,
-        _ => false,
-    };
-    let mut parts = Vec::new();
-    conjuncts(e.clone(), &mut parts);
-    if !parts.iter().any(is_causal) {
+    let is_causal = |c: &Expr| c.causal_comparison() == Some(false);
+    let parts = e.conjuncts();
+    if !parts.iter().any(|c| is_causal(c)) {
         return Mask::Expr(e);
     }
     let rest = parts
         .into_iter()
         .filter(|c| !is_causal(c))
+        .cloned()
         .reduce(|a, b| Expr::Binary(BinOp::And, Box::new(a), Box::new(b)));
     match rest {
         None => Mask::Causal,

@@ -1126,12 +1126,39 @@ impl Mask {
 
 /// A conjunction with a conjunct `j <= i`, `j < i`, `i >= j` or `i > j`.
 fn expr_implies_causal(e: &Expr) -> bool {
-    let (i, j) = (&Expr::Var(Var::I), &Expr::Var(Var::J));
-    match e {
-        Expr::Binary(BinOp::And, a, b) => expr_implies_causal(a) || expr_implies_causal(b),
-        Expr::Binary(BinOp::Le | BinOp::Lt, a, b) => **a == *j && **b == *i,
-        Expr::Binary(BinOp::Ge | BinOp::Gt, a, b) => **a == *i && **b == *j,
-        _ => false,
+    e.conjuncts()
+        .iter()
+        .any(|c| c.causal_comparison().is_some())
+}
+
+impl Expr {
+    /// The operands of a chain of `&&` (the expression itself when it is
+    /// not one), left to right.
+    pub fn conjuncts(&self) -> Vec<&Expr> {
+        match self {
+            Expr::Binary(BinOp::And, a, b) => {
+                let mut v = a.conjuncts();
+                v.extend(b.conjuncts());
+                v
+            }
+            e => vec![e],
+        }
+    }
+
+    /// `Some(strict)` when this is `j <= i` / `i >= j` (`false`) or
+    /// `j < i` / `i > j` (`true`): a comparison that allows only keys at or
+    /// before the query.
+    pub fn causal_comparison(&self) -> Option<bool> {
+        let (i, j) = (&Expr::Var(Var::I), &Expr::Var(Var::J));
+        match self {
+            Expr::Binary(op @ (BinOp::Le | BinOp::Lt), a, b) if **a == *j && **b == *i => {
+                Some(*op == BinOp::Lt)
+            }
+            Expr::Binary(op @ (BinOp::Ge | BinOp::Gt), a, b) if **a == *i && **b == *j => {
+                Some(*op == BinOp::Gt)
+            }
+            _ => None,
+        }
     }
 }
 

@@ -4,7 +4,6 @@
 //! reports.
 
 use mixc_codegen::plan::{At, BlockClass, BlockPlan, SegmentSummaries, SegmentSummary, Tiling};
-use mixc_dsl::bounds::Known;
 use mixc_dsl::ir::{EvalEnv, MixerSpec, Var};
 
 use crate::tensor::MixerInputs;
@@ -64,13 +63,7 @@ pub fn useful_pairs_per_head(spec: &MixerSpec, inputs: &MixerInputs) -> u64 {
             let at = At {
                 segs: &summaries,
                 tables: Some(inputs),
-                known: Known {
-                    batch: Some(b as i64),
-                    head: Some(h as i64),
-                    heads: Some(spec.heads as i64),
-                    seq: Some(base.seq),
-                    kv_seq: Some(base.kv_seq),
-                },
+                known: inputs.known(spec.heads, b, Some(h)),
             };
             let mut n = 0u64;
             for qb in qbs {

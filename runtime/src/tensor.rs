@@ -126,6 +126,19 @@ impl mixc_dsl::bounds::TableRead for MixerInputs {
 }
 
 impl MixerInputs {
+    /// What the block plan may know of the tiles of batch row `b` (and head
+    /// `h`, when given) under these inputs: the variables an expression
+    /// mask reads, with the lengths as [`MixerInputs::eval_env`] gives them.
+    pub fn known(&self, heads: u32, b: usize, h: Option<usize>) -> mixc_dsl::bounds::Known {
+        mixc_dsl::bounds::Known {
+            batch: Some(b as i64),
+            head: h.map(|h| h as i64),
+            heads: Some(heads as i64),
+            seq: Some((self.q_offset + self.seq) as i64),
+            kv_seq: Some(self.kv_seq as i64),
+        }
+    }
+
     /// The expression environment of these inputs at pair (0, 0), head 0,
     /// batch row 0 (callers set `i`, `j`, `h`, `b`, `s`): `seq` is the length
     /// of the query sequence including a cached prefix (`q_offset + seq`),

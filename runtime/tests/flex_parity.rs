@@ -243,18 +243,7 @@ fn inputs_of(spec: &MixerSpec, seq: usize, seed: u64) -> MixerInputs {
     let mut inp = random_inputs(spec, BATCH, seq, seed);
     for (name, t) in inp.extra.iter_mut() {
         if let ExtraTensor::F32(t) = t {
-            let shape = t.shape.clone();
-            for (x, v) in t.data.iter_mut().enumerate() {
-                let mut idx = vec![0; shape.len()];
-                let mut r = x;
-                for d in (0..shape.len()).rev() {
-                    idx[d] = r % shape[d];
-                    r /= shape[d];
-                }
-                if let Some(y) = flex_support::table_value(name, &idx) {
-                    *v = y;
-                }
-            }
+            flex_support::fill_table(name, &t.shape, &mut t.data);
         }
     }
     inp

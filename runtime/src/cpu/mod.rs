@@ -31,7 +31,6 @@ pub mod real;
 use std::time::{Duration, Instant};
 
 use mixc_codegen::plan::{At, ClassCounts, SegmentSummaries, SegmentSummary, Tiling};
-use mixc_dsl::bounds::Known;
 use mixc_dsl::ir::{Decay, EvalEnv, Family, FeatureMap, Mask, MixerSpec, Norm, Score};
 use serde::{Deserialize, Serialize};
 
@@ -585,13 +584,7 @@ impl<'a, T> Ctx<'a, T> {
         At {
             segs: &self.segs[b],
             tables: Some(self.inputs),
-            known: Known {
-                batch: Some(b as i64),
-                head: h.map(|h| h as i64),
-                heads: Some(self.heads as i64),
-                seq: Some((self.q_offset + self.seq) as i64),
-                kv_seq: Some(self.positions as i64),
-            },
+            known: self.inputs.known(self.spec.heads, b, h),
         }
     }
 }

@@ -91,6 +91,21 @@ pub fn spec(name: &str, dtype: &str) -> mixc_dsl::ir::MixerSpec {
     mixc_dsl::parse_str(&src).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
+/// Overwrites the elements of table `name` (row-major `shape`) that
+/// [`table_value`] sets.
+pub fn fill_table(name: &str, shape: &[usize], data: &mut [f32]) {
+    for (e, v) in data.iter_mut().enumerate() {
+        let (mut idx, mut r) = (vec![0; shape.len()], e);
+        for d in (0..shape.len()).rev() {
+            idx[d] = r % shape[d];
+            r /= shape[d];
+        }
+        if let Some(y) = table_value(name, &idx) {
+            *v = y;
+        }
+    }
+}
+
 /// The value a case's table holds at `idx` (`None`: keep the random one),
 /// chosen so each case bites: per-example prefixes 5 and 23, documents of
 /// 11 positions, a flag on every tenth key, and an additive mask hiding all

@@ -239,17 +239,7 @@ fn sim_every_shared_flex_case_matches_the_reference() {
         let mut x = crate::inputs::random_inputs(&spec, 2, L, 500 + n as u64);
         for (input, t) in x.extra.iter_mut() {
             if let ExtraTensor::F32(t) = t {
-                let shape = t.shape.clone();
-                for (e, v) in t.data.iter_mut().enumerate() {
-                    let (mut idx, mut r) = (vec![0; shape.len()], e);
-                    for d in (0..shape.len()).rev() {
-                        idx[d] = r % shape[d];
-                        r /= shape[d];
-                    }
-                    if let Some(y) = flex_support::table_value(input, &idx) {
-                        *v = y;
-                    }
-                }
+                flex_support::fill_table(input, &t.shape, &mut t.data);
             }
         }
         crate::inputs::round_to_dtype(&mut x, DType::Bf16);
