@@ -173,6 +173,25 @@ fn run_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// A checked run's error is within the tolerance it reports, which is the
+/// one of the arithmetic it reports (bf16 products for bf16 specs on CPUs
+/// with AVX-512 BF16, else f32).
+fn within_tolerance(v: &serde_json::Value) -> bool {
+    let compute = match v["compute_dtype"].as_str().unwrap() {
+        "f32" => mixc::DType::F32,
+        "f16" => mixc::DType::F16,
+        "bf16" => mixc::DType::Bf16,
+        other => panic!("compute_dtype {other}"),
+    };
+    let tol = v["tolerance"].as_f64().unwrap();
+    assert_eq!(
+        tol,
+        mixc::runtime::reference::check_tolerance(compute),
+        "{v}"
+    );
+    v["max_rel_error"].as_f64().unwrap() < tol
+}
+
 #[test]
 fn run_set_overrides_shapes_and_keeps_the_check_passing() {
     let v = run_json(&[
@@ -194,7 +213,7 @@ fn run_set_overrides_shapes_and_keeps_the_check_passing() {
     // d_v follows d_k when the spec does not set it.
     assert_eq!(v["output_shape"], serde_json::json!([1, 100, 4, 32]));
     assert_eq!(v["kv_heads"], 2);
-    assert!(v["max_rel_error"].as_f64().unwrap() < 2e-4);
+    assert!(within_tolerance(&v), "{v}");
 }
 
 /// A decode step (`--seq 4 --kv-seq 700`: the queries are the newest four
@@ -239,7 +258,7 @@ fn run_decode_and_cross_attention_shapes_check_against_the_reference() {
         );
         assert_eq!(v["kv_seq"], lengths[1].parse::<usize>().unwrap());
         assert_eq!(v["q_offset"], offset);
-        assert!(v["max_rel_error"].as_f64().unwrap() < 2e-4, "{spec}: {v}");
+        assert!(within_tolerance(&v), "{spec}: {v}");
     }
     // Queries past the keys of a positional input are refused, naming it.
     let out = mixc(&[
@@ -309,12 +328,38 @@ fn run_dtype_rounds_the_inputs_that_every_backend_sees() {
     let (bf16, f32) = (run("bf16"), run("f32"));
     assert_eq!(bf16["dtype"], "bf16");
     assert_eq!(f32["dtype"], "f32");
-    // The reference sees the rounded inputs too, so the CPU backend (f32 compute)
-    // still meets the f32 tolerance.
-    for v in [&bf16, &f32] {
-        assert!(v["max_rel_error"].as_f64().unwrap() < 2e-4, "{v}");
-        assert_eq!(v["tolerance"].as_f64().unwrap(), 2e-4);
-    }
+    assert_eq!(f32["compute_dtype"], "f32");
+    // bf16 products where the CPU has them, judged at the bf16 tolerance.
+    let products = mixc::runtime::cpu::bf16::enabled();
+    assert_eq!(bf16["compute_dtype"], if products { "bf16" } else { "f32" });
+    assert!(
+        within_tolerance(&bf16) && within_tolerance(&f32),
+        "{bf16} {f32}"
+    );
+    // MIXC_CPU_BF16=0 forces the f32 products: the reference sees the
+    // rounded inputs too, so the run meets the f32 tolerance.
+    let out = common::mixc_env(
+        &[
+            "run",
+            "examples/full_attention.mix",
+            "--backend",
+            "cpu",
+            "--seq",
+            "33",
+            "--set",
+            "heads=2",
+            "--dtype",
+            "bf16",
+            "--check",
+            "--json",
+        ],
+        &[("MIXC_CPU_BF16", std::path::Path::new("0"))],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let forced: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(forced["compute_dtype"], "f32", "{forced}");
+    assert_eq!(forced["tolerance"].as_f64().unwrap(), 2e-4);
+    assert!(within_tolerance(&forced), "{forced}");
 }
 
 /// `check --json` lists, per spec, which backends and CUDA architectures run
@@ -438,7 +483,7 @@ fn check_samples_long_runs_unless_asked_for_all() {
     let full = run(&["--check", "full"]);
     assert_eq!(full["check_full"], true);
     assert_eq!(full["checked"], "all 600 positions x all 8 heads");
-    assert!(full["max_rel_error"].as_f64().unwrap() < 2e-4);
+    assert!(within_tolerance(&full), "{full}");
 }
 
 /// Shapes whose sizes overflow a machine word, and runs that cannot fit in

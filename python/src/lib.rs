@@ -214,9 +214,13 @@ impl Mixer {
             PyErr::warn(py, &category, &message, 1)?;
         }
         let device = device_of(device)?;
+        // The tensors arrive as f32 whatever their dtype, so the products are
+        // f32 too (a bf16 spec would otherwise round f32 tensors to bf16).
         let opts = Options {
             threads,
-            ..Options::on(device).with_ranks(ranks)
+            ..Options::on(device)
+                .with_ranks(ranks)
+                .with_dtype(mixc::DType::F32)
         };
         let inner = mixc::Mixer::new(&spec, opts).map_err(runtime_err)?;
         Ok(Mixer { inner, spec })

@@ -366,11 +366,15 @@ impl Mixer {
     }
 
     /// The arithmetic type of the backend (what [`reference::check_tolerance`]
-    /// is judged on): the storage type on CUDA, f32 on the CPU, f64 for the
-    /// reference.
+    /// is judged on): the storage type on CUDA; on the CPU bf16 for bf16
+    /// storage where the CPU multiplies in bf16 ([`crate::cpu::bf16::enabled`]),
+    /// else f32; f64 for the reference.
     pub fn compute_dtype(&self) -> DType {
         match self.backend {
             BackendKind::Cuda => self.dtype,
+            BackendKind::Cpu if self.dtype == DType::Bf16 && crate::cpu::bf16::enabled() => {
+                DType::Bf16
+            }
             BackendKind::Cpu | BackendKind::Reference => DType::F32,
         }
     }
@@ -417,7 +421,12 @@ impl Mixer {
                 if let Some(t) = opts.threads {
                     cfg.threads = t;
                 }
-                cfg.precision = Precision::F32;
+                // bf16 storage: bf16 tile products where the CPU has them.
+                cfg.precision = if self.dtype == DType::Bf16 {
+                    Precision::Bf16
+                } else {
+                    Precision::F32
+                };
                 Choice::Cpu(cfg, source)
             }
             BackendKind::Cuda => {
@@ -459,8 +468,13 @@ impl Mixer {
                 ConfigSource::Default { note: None },
             ),
             Choice::Cpu(cfg, source) => {
+                let products = if cfg.precision == Precision::Bf16 && crate::cpu::bf16::enabled() {
+                    ", bf16 products"
+                } else {
+                    ""
+                };
                 let desc = format!(
-                    "block {}x{}, chunk {}, {} threads",
+                    "block {}x{}, chunk {}, {} threads{products}",
                     cfg.block_m, cfg.block_n, cfg.chunk, cfg.threads
                 );
                 (

@@ -46,6 +46,7 @@ fn check_spec(spec: &MixerSpec, seq: usize, base: &CpuConfig) {
                 let tol = match precision {
                     Precision::F32 => F32_TOL,
                     Precision::F64 => F64_TOL,
+                    Precision::Bf16 => unreachable!("bf16 runs: tests/cpu_bf16.rs"),
                 };
                 assert!(
                     err <= tol,

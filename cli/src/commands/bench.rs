@@ -321,12 +321,9 @@ fn measure(
     } = time_reps(plan, &mut once)?;
     let useful_pairs =
         mixc::runtime::pairs::useful_pairs_per_head(spec, &inputs) * u64::from(spec.heads);
-    // The CPU backend and the reference compute in f32 or better whatever the storage type.
-    let compute = if plan.backend == Resolved::Cuda {
-        dtype
-    } else {
-        DType::F32
-    };
+    // The storage type on CUDA; f32 or better on the reference and the CPU
+    // backend, but bf16 products there for bf16 storage where the CPU has them.
+    let compute = mixer.compute_dtype();
     Ok(Row {
         reps: times.len(),
         clock: clock(plan.backend).to_string(),

@@ -499,6 +499,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
         "output_bytes": output.numel() * 4,
         "max_rel_error": max_rel_error,
         "tolerance": check.is_some().then_some(tolerance),
+        "compute_dtype": mixer.compute_dtype().name(),
         "checked": check.as_ref().map(|c| c.compared.clone()),
         "check_full": check.as_ref().map(|c| c.full),
         "output_shape": output.shape,

@@ -296,8 +296,14 @@ impl Block {
     /// Prepares `spec`'s mixer with `opts` (backend, ranks, threads, tiles).
     /// The CPU backend runs blocks blockwise; the reference backend runs
     /// the f64 unfused block; the CUDA backend does not run blocks yet
-    /// ([`RuntimeError::Unsupported`]).
+    /// ([`RuntimeError::Unsupported`]). The mixer computes in f32 unless
+    /// `opts.dtype` names another storage type.
     pub fn new(spec: &BlockSpec, opts: Options) -> Result<Block> {
+        // Activations are f32, so is the mixer's arithmetic unless asked.
+        let opts = match opts.dtype {
+            Some(_) => opts,
+            None => opts.with_dtype(mixc_dsl::DType::F32),
+        };
         let mixer = Mixer::new(&spec.mixer, opts)?;
         if mixer.backend() == BackendKind::Cuda {
             return Err(RuntimeError::Unsupported {

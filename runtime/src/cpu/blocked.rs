@@ -10,6 +10,7 @@ use mixc_codegen::plan::{BlockClass, BlockPlan, ClassCounts, RowPlan};
 use mixc_dsl::ir::{Decay, Norm, Score};
 use rayon::prelude::*;
 
+use super::bf16;
 use super::expr::ExprScratch;
 use super::microkernel::{col_sums_add, gemm_tn, softmax_cols, Mat, MatMut};
 use super::real::{scale, Real};
@@ -26,6 +27,93 @@ pub(super) struct KvShard<T> {
     pub(super) n: usize,
     pub(super) k: Vec<T>,
     pub(super) v: Vec<T>,
+    /// The same keys and values as bf16 pairs when the run's products are
+    /// bf16 (`Ctx::bf16`; `k` and `v` are then empty).
+    pub(super) pairs: Option<PairShard>,
+}
+
+/// A shard's keys and values as bf16 pairs ([`bf16`]), `[batch][kv_head]`
+/// blocks of `n` positions, each range starting at an even position
+/// (`offsets`) and padded to an even length with zeros, so a tile's key
+/// pairs never straddle two ranges:
+/// - `k`: `n x dk2` per block, key `c`'s dims `2p, 2p + 1` in pair `p`
+///   (the broadcast operand of `Sᵀ = K Qᵀ`);
+/// - `v`: `n / 2 x dv` per block, the values of keys `2p, 2p + 1` in pair
+///   row `p` (the row operand of `O += P V`).
+pub(super) struct PairShard {
+    pub(super) offsets: Vec<usize>,
+    pub(super) n: usize,
+    pub(super) dk2: usize,
+    pub(super) k: Vec<u32>,
+    pub(super) v: Vec<u32>,
+}
+
+impl PairShard {
+    fn build<T: Real>(ctx: &Ctx<'_, T>, ranges: &[Range<usize>]) -> Self {
+        let mut offs = Vec::with_capacity(ranges.len());
+        let mut n = 0;
+        for r in ranges {
+            offs.push(n);
+            n += r.len().next_multiple_of(2);
+        }
+        let (b_, kvh_, dk, dv) = (ctx.batch, ctx.kv_heads, ctx.dk, ctx.dv);
+        let dk2 = dk.div_ceil(2);
+        let mut k = vec![0u32; b_ * kvh_ * n * dk2];
+        let mut v = vec![0u32; b_ * kvh_ * n / 2 * dv];
+        let fill = |x: usize, kh: &mut [u32], vh: &mut [u32]| {
+            let (b, kvh) = (x / kvh_, x % kvh_);
+            let key = |pos: usize| {
+                let src = ctx.inputs.k.offset(&[b, pos, kvh, 0]);
+                &ctx.inputs.k.data[src..src + dk]
+            };
+            let val = |pos: usize| {
+                let src = ctx.inputs.v.offset(&[b, pos, kvh, 0]);
+                &ctx.inputs.v.data[src..src + dv]
+            };
+            for (r, &off) in ranges.iter().zip(&offs) {
+                for (t, pos) in r.clone().enumerate() {
+                    let row = key(pos);
+                    let map = |d: usize| {
+                        row.get(d)
+                            .map_or(0.0, |&y| ctx.k_map.apply(y as f64) as f32)
+                    };
+                    for (p, out) in kh[(off + t) * dk2..][..dk2].iter_mut().enumerate() {
+                        *out = bf16::pair(map(2 * p), map(2 * p + 1));
+                    }
+                }
+                for (t, pos) in r.clone().step_by(2).enumerate() {
+                    let lo = val(pos);
+                    let hi = (pos + 1 < r.end).then(|| val(pos + 1));
+                    for (c, out) in vh[(off / 2 + t) * dv..][..dv].iter_mut().enumerate() {
+                        *out = bf16::pair(lo[c], hi.map_or(0.0, |h| h[c]));
+                    }
+                }
+            }
+        };
+        if n > 0 {
+            let run = |(x, (kh, vh)): (usize, (&mut [u32], &mut [u32]))| fill(x, kh, vh);
+            if inline(ctx, b_ * kvh_) {
+                k.chunks_mut(n * dk2)
+                    .zip(v.chunks_mut(n / 2 * dv))
+                    .enumerate()
+                    .for_each(run);
+            } else {
+                ctx.pool.install(|| {
+                    k.par_chunks_mut(n * dk2)
+                        .zip(v.par_chunks_mut(n / 2 * dv))
+                        .enumerate()
+                        .for_each(run)
+                });
+            }
+        }
+        PairShard {
+            offsets: offs,
+            n,
+            dk2,
+            k,
+            v,
+        }
+    }
 }
 
 pub(super) fn offsets(ranges: &[Range<usize>]) -> (Vec<usize>, usize) {
@@ -49,6 +137,16 @@ impl<T: Real> KvShard<T> {
     /// query head of the kv group, on every rank the shard visits.
     pub(super) fn build(ctx: &Ctx<'_, T>, ranges: &[Range<usize>]) -> Self {
         let (offs, n) = offsets(ranges);
+        if ctx.bf16 {
+            return KvShard {
+                ranges: ranges.to_vec(),
+                offsets: offs,
+                n,
+                k: Vec::new(),
+                v: Vec::new(),
+                pairs: Some(PairShard::build(ctx, ranges)),
+            };
+        }
         let (b_, kvh_, dk, dv) = (ctx.batch, ctx.kv_heads, ctx.dk, ctx.dv);
         let bn = ctx.tiling.block_n;
         let with_k = matches!(ctx.spec.score, Score::Dot { .. });
@@ -108,6 +206,7 @@ impl<T: Real> KvShard<T> {
             n,
             k,
             v,
+            pairs: None,
         }
     }
 }
@@ -339,6 +438,9 @@ struct Scratch<T> {
     s: Vec<T>,
     /// Registers of the bias / transform lane programs.
     lanes: ExprScratch<T>,
+    /// bf16 products only: the query tile and the tile's probabilities as pairs.
+    q16: Vec<u32>,
+    p16: Vec<u32>,
 }
 
 impl<T> Default for Scratch<T> {
@@ -350,8 +452,21 @@ impl<T> Default for Scratch<T> {
             pl: Vec::new(),
             s: Vec::new(),
             lanes: ExprScratch::default(),
+            q16: Vec::new(),
+            p16: Vec::new(),
         }
     }
+}
+
+/// An f32 tile as f32: the bf16 products run only in f32 runs (`Ctx::bf16`).
+fn f32s<T: Real>(x: &mut [T]) -> &mut [f32] {
+    assert_eq!(
+        std::any::TypeId::of::<T>(),
+        std::any::TypeId::of::<f32>(),
+        "bf16 products in an f64 run"
+    );
+    // SAFETY: `T` is `f32` (checked above), so the slice is reinterpreted as itself.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) }
 }
 
 /// `v` resized to `len` and filled with `x`.
@@ -395,16 +510,34 @@ fn compute_item<T: Real>(
     // (`d_k x rows`) so that each tile's scores come out transposed too:
     // `Sᵀ = K Qᵀ` puts queries on the contiguous axis, where the softmax is
     // plain vector arithmetic and `Pᵀ` is the operand `O += P V` wants.
-    let qt = reset(&mut scratch.q, dk * nrows, T::ZERO);
+    // With bf16 products the tile is pairs of dims (`dk2 x rows`), unscaled
+    // (the scale multiplies the f32 scores, so bf16 inputs stay exact).
+    let pairs = shard.pairs.as_ref();
+    let (qlen, q16len) = match pairs {
+        Some(ps) => (0, ps.dk2 * nrows),
+        None => (dk * nrows, 0),
+    };
+    let qt = reset(&mut scratch.q, qlen, T::ZERO);
+    let q16 = reset(&mut scratch.q16, q16len, 0);
+    let mut score_scale = 1.0;
     if let Score::Dot { q_map, scale, .. } = &ctx.spec.score {
         for (r, i) in q.clone().enumerate() {
             let src = ctx.inputs.q.offset(&[b, i - ctx.q_offset, h, 0]);
-            for (d, &x) in ctx.inputs.q.data[src..src + dk].iter().enumerate() {
-                qt[d * nrows + r] = T::from_f64(q_map.apply(x as f64) * scale);
+            let row = &ctx.inputs.q.data[src..src + dk];
+            if pairs.is_some() {
+                let map = |d: usize| row.get(d).map_or(0.0, |&x| q_map.apply(x as f64) as f32);
+                for p in 0..q16.len() / nrows {
+                    q16[p * nrows + r] = bf16::pair(map(2 * p), map(2 * p + 1));
+                }
+            } else {
+                for (d, &x) in row.iter().enumerate() {
+                    qt[d * nrows + r] = T::from_f64(q_map.apply(x as f64) * scale);
+                }
             }
         }
+        score_scale = *scale as f32;
     }
-    let qt = &*qt;
+    let (qt, q16) = (&*qt, &*q16);
     let po = reset(&mut scratch.po, nrows * dv, T::ZERO);
     let pm = reset(&mut scratch.pm, nrows, T::NEG_INF);
     let pl = reset(&mut scratch.pl, nrows, T::ZERO);
@@ -415,18 +548,33 @@ fn compute_item<T: Real>(
         && ctx.transform_at(b, h).is_none()
         && !ctx.has_decay;
 
-    for ((row, plan), (&k_off, k_range)) in rows
+    for (ri, ((row, plan), (&k_off, k_range))) in rows
         .iter()
         .zip(row_plans)
         .zip(shard.offsets.iter().zip(&shard.ranges))
+        .enumerate()
     {
         for (keys, class) in row.tiles(plan) {
             let kn = keys.len();
             let base = (b * ctx.kv_heads + kvh) * shard.n + k_off + keys.start - k_range.start;
-            let vt = &shard.v[base * dv..(base + kn) * dv];
             // Sᵀ: `kn x rows`.
             let st = &mut stile[..kn * nrows];
-            if !shard.k.is_empty() {
+            let pair_base = pairs.map(|ps| {
+                (b * ctx.kv_heads + kvh) * ps.n + ps.offsets[ri] + keys.start - k_range.start
+            });
+            if let (Some(ps), Some(pb)) = (pairs, pair_base) {
+                debug_assert!(pb.is_multiple_of(2), "key tiles start at even pair rows");
+                bf16::gemm(
+                    false,
+                    bf16::Pairs::dense(&ps.k[pb * ps.dk2..(pb + kn) * ps.dk2], kn, ps.dk2),
+                    bf16::Pairs::dense(q16, ps.dk2, nrows),
+                    f32s(st),
+                    nrows,
+                    kn,
+                    score_scale,
+                    false,
+                );
+            } else if !shard.k.is_empty() {
                 let kt = &shard.k[base * dk..(base + kn) * dk];
                 gemm_tn(
                     Mat::dense(kt, dk, kn),
@@ -455,12 +603,28 @@ fn compute_item<T: Real>(
             } else {
                 col_sums_add(st, pl);
             }
-            gemm_tn(
-                Mat::dense(st, kn, nrows),
-                Mat::dense(vt, kn, dv),
-                MatMut::dense(po, nrows, dv),
-                true,
-            );
+            if let (Some(ps), Some(pb)) = (pairs, pair_base) {
+                let kn2 = kn.div_ceil(2);
+                let p16 = reset(&mut scratch.p16, kn2 * nrows, 0);
+                bf16::pack_row_pairs(f32s(st), kn, nrows, p16);
+                bf16::gemm(
+                    true,
+                    bf16::Pairs::dense(p16, kn2, nrows),
+                    bf16::Pairs::dense(&ps.v[pb / 2 * dv..(pb / 2 + kn2) * dv], kn2, dv),
+                    f32s(po),
+                    dv,
+                    nrows,
+                    1.0,
+                    true,
+                );
+            } else {
+                gemm_tn(
+                    Mat::dense(st, kn, nrows),
+                    Mat::dense(&shard.v[base * dv..(base + kn) * dv], kn, dv),
+                    MatMut::dense(po, nrows, dv),
+                    true,
+                );
+            }
         }
     }
     merge(softmax, po, pm, pl, it.o, it.m, it.l, dv);

@@ -21,6 +21,7 @@
 
 mod backward;
 mod backward_chunkwise;
+pub mod bf16;
 mod blocked;
 mod chunkwise;
 mod decode;
@@ -50,6 +51,10 @@ use real::Real;
 pub enum Precision {
     F32,
     F64,
+    /// f32 arithmetic with the tile products in bf16 (f32 accumulation),
+    /// for runs whose storage type is bf16: AVX-512 BF16 where the CPU has
+    /// it ([`bf16::enabled`]), else exactly [`Precision::F32`].
+    Bf16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +198,10 @@ pub struct RunStats {
     /// keys: the keys split over the workers, a kv group's query heads in
     /// one tile, no packed shard).
     pub decode: bool,
+    /// The blocked path's tile products ran in bf16 ([`bf16`]; a bf16 run
+    /// on a CPU with AVX-512 BF16).
+    #[serde(default)]
+    pub bf16_products: bool,
     pub elapsed: Duration,
 }
 
@@ -325,7 +334,7 @@ impl CpuMixer {
         let start = Instant::now();
         let pool = &*self.pool;
         let (output, stat, mut stats) = match cfg.precision {
-            Precision::F32 => {
+            Precision::F32 | Precision::Bf16 => {
                 let (t, st, s) =
                     run_typed::<f32>(spec, inputs, cfg, &sched, pool, path, keep_stat)?;
                 (CpuOutput::F32(t), st, s)
@@ -418,7 +427,7 @@ impl CpuMixer {
         let up = backward::Upstream { o, stat, d_o };
         let pool = &*self.pool;
         Ok(match cfg.precision {
-            Precision::F32 => CpuGradients::F32(backward_typed::<f32>(
+            Precision::F32 | Precision::Bf16 => CpuGradients::F32(backward_typed::<f32>(
                 spec, inputs, cfg, &sched, pool, path, &up,
             )?),
             Precision::F64 => CpuGradients::F64(backward_typed::<f64>(
@@ -438,7 +447,9 @@ fn backward_typed<T: Real>(
     up: &backward::Upstream<'_>,
 ) -> Result<Gradients<T>> {
     // (Built for the blocked path: its cumulative log-gates serve both.)
-    let ctx = build_ctx::<T>(spec, inputs, cfg, pool, CpuPath::Blocked);
+    // The backward's products are f32 (bf16 runs included).
+    let mut ctx = build_ctx::<T>(spec, inputs, cfg, pool, CpuPath::Blocked);
+    ctx.bf16 = false;
     let ranks = match path {
         CpuPath::Chunkwise => spawn_ranks(sched.ranks, |ep| {
             let qside = backward::q_side(&ctx, up, sched.shard(ep.rank));
@@ -552,6 +563,10 @@ pub(crate) struct Ctx<'a, T> {
     segs: Vec<SegmentSummaries>,
     /// Whether the ranks report each row's statistic (training).
     keep_stat: bool,
+    /// Whether the blocked path's tile products run in bf16 ([`bf16`]):
+    /// a bf16 run on a CPU that has the instructions, dot scores, an even
+    /// `block_n` (key pairs never straddle two tiles).
+    bf16: bool,
 }
 
 impl<'a, T> Ctx<'a, T> {
@@ -723,6 +738,11 @@ fn build_ctx<'a, T: Real>(
         gate_cum,
         segs,
         keep_stat: false,
+        bf16: cfg.precision == Precision::Bf16
+            && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+            && matches!(spec.score, Score::Dot { .. })
+            && cfg.block_n.is_multiple_of(2)
+            && bf16::enabled(),
     }
 }
 
@@ -761,6 +781,7 @@ fn run_typed<T: Real>(
         steps_skipped: 0,
         tiles: ClassCounts::default(),
         decode: false,
+        bf16_products: false,
         elapsed: Duration::ZERO,
     };
     for o in outs {
@@ -787,6 +808,7 @@ fn run_typed<T: Real>(
         stats.tiles.partial += o.stats.tiles.partial;
         stats.tiles.skip += o.stats.tiles.skip;
     }
+    stats.bf16_products = ctx.bf16 && path == CpuPath::Blocked && !stats.decode;
     Ok((out, stat, stats))
 }
 
