@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # mixc's CPU backend vs PyTorch's CPU scaled_dot_product_attention (causal,
-# f32, batch 1, 8 heads, d = 128, L in {1k, 4k, 16k}): time and peak memory
-# of each in its own process, one table with mixc/PyTorch ratios, and the
-# full results as JSON (results/cpu-vs-torch.json).
+# f32 and bf16, batch 1, 8 heads, d = 128, L in {1k, 4k, 16k}): time and peak
+# memory of each in its own process, in interleaved rounds (the time of a
+# point is the median over rounds), one table with mixc/PyTorch ratios,
+# mixc's useful GFLOP/s and its fraction of the limit (`mixc bench --peak`:
+# mixc's own tile products on in-cache tiles; PyTorch's large GEMM is
+# reported beside it), and the full results as JSON (results/cpu-vs-torch.json).
 #
 #   scripts/bench-cpu-vs-torch.sh [--smoke] [--no-torch] [--seq 1k,4k,16k] [--reps N]
-#                                 [--pass fwd|bwd|fwdbwd]
+#                                 [--dtype f32,bf16] [--rounds N] [--pass fwd|bwd|fwdbwd]
 #
 # --pass bwd times the backward alone (mixc: `mixc bench --pass bwd`;
 # PyTorch: `out.backward(do)` through autograd), the forward of each
@@ -21,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SMOKE=0 TORCH=1 SEQ="1k,4k,16k" REPS=3 HEADS=8 HEAD_DIM=128 PASS=fwd
+SMOKE=0 TORCH=1 SEQ="1k,4k,16k" REPS=3 HEADS=8 HEAD_DIM=128 PASS=fwd DTYPE=f32,bf16 ROUNDS=3 MATMUL=4096
 OUT_DIR="${OUT_DIR:-results}"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -30,14 +33,16 @@ while [ $# -gt 0 ]; do
         --seq) SEQ="$2"; shift ;;
         --reps) REPS="$2"; shift ;;
         --pass) PASS="$2"; shift ;;
+        --dtype) DTYPE="$2"; shift ;;
+        --rounds) ROUNDS="$2"; shift ;;
         --out-dir) OUT_DIR="$2"; shift ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "bench-cpu-vs-torch: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
 if [ "$SMOKE" = 1 ]; then
-    SEQ="128,256" REPS=1 HEADS=2
+    SEQ="128,256" REPS=1 HEADS=2 ROUNDS=1 MATMUL=256
 fi
 
 if [ -n "${MIXC_BIN:-}" ]; then
@@ -75,5 +80,6 @@ SUFFIX=""
 [ "$SMOKE" = 1 ] && SUFFIX="$SUFFIX-smoke"
 python3 scripts/bench/compare_cpu.py --mixc "$MIXC" "${TORCH_ARGS[@]}" \
     --seq "$SEQ" --reps "$REPS" --heads "$HEADS" --head-dim "$HEAD_DIM" --pass "$PASS" \
+    --dtype "$DTYPE" --rounds "$ROUNDS" --matmul "$MATMUL" \
     --out "$OUT_DIR/cpu-vs-torch$SUFFIX.json" --markdown "$OUT_DIR/cpu-vs-torch$SUFFIX.md"
 echo "wrote $OUT_DIR/cpu-vs-torch$SUFFIX.json and .md" >&2

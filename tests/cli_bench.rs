@@ -276,3 +276,27 @@ fn blocks_are_timed_and_checked_per_pass() {
         text(&o)
     );
 }
+
+/// `--peak` measures the CPU backend's own tile products (bf16 only where
+/// the CPU has them, and never when `MIXC_CPU_BF16=0`), and takes no files.
+#[test]
+fn peak_reports_the_tile_product_rates() {
+    let o = mixc(&["bench", "--peak", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let p = json(&o);
+    assert!(p["f32_gflops"].as_f64().is_some_and(|g| g > 0.0), "{p}");
+    assert!(p["threads"].as_u64().is_some_and(|t| t >= 1), "{p}");
+    assert_eq!(
+        p["bf16_gflops"].as_f64().is_some(),
+        mixc::runtime::cpu::bf16::enabled(),
+        "{p}"
+    );
+    let off = common::mixc_env(
+        &["bench", "--peak", "--json"],
+        &[("MIXC_CPU_BF16", std::path::Path::new("off"))],
+    );
+    assert!(off.status.success(), "{}", text(&off));
+    assert!(json(&off)["bf16_gflops"].is_null(), "{}", text(&off));
+    let both = mixc(&["bench", "--peak", "examples/full_attention.mix"]);
+    assert!(!both.status.success(), "{}", text(&both));
+}

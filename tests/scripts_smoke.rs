@@ -117,13 +117,27 @@ fn cpu_vs_torch_smoke_times_mixc_and_says_torch_was_not_run() {
     );
     assert!(stderr.contains("NOT EXERCISED: PyTorch"), "{stderr}");
     assert!(
-        stdout.contains("| L | mixc time | PyTorch time |"),
+        stdout.contains("| L | dtype | mixc time | PyTorch time |"),
         "{stdout}"
     );
     let doc = read_json(&out.join("cpu-vs-torch-smoke.json"));
+    // The limit: mixc's own f32 tile product, always measured.
+    let limit = doc["limit"]["mixc_kernels"]["f32_gflops"].as_f64();
+    assert!(limit.is_some_and(|g| g > 0.0), "{doc}");
     let rows = doc["rows"].as_array().expect("rows");
-    assert_eq!(rows.len(), 2, "{doc}");
+    // Two lengths x f32 and bf16, in that order.
+    let points: Vec<(u64, &str)> = rows
+        .iter()
+        .map(|r| (r["seq"].as_u64().unwrap(), r["dtype"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        points,
+        [(128, "f32"), (128, "bf16"), (256, "f32"), (256, "bf16")],
+        "{doc}"
+    );
     for r in rows {
+        let frac = r["limit_fraction"].as_f64().expect("fraction of the limit");
+        assert!(frac > 0.0 && frac < 1.5, "{r}");
         assert!(
             r["mixc"]["median_s"].as_f64().is_some_and(|s| s > 0.0),
             "{r}"

@@ -21,11 +21,16 @@ use std::time::Instant;
 pub struct Args {
     /// Spec files (`.mix`): mixers, or transformer blocks (timed blockwise
     /// on the CPU backend: forward, backward or a training step).
-    #[arg(required = true)]
+    #[arg(required_unless_present = "peak")]
     files: Vec<PathBuf>,
     /// Sequence lengths, comma-separated; `k` means 1024 (e.g. `1k,4k,16k`).
-    #[arg(long, required_unless_present = "inputs", value_delimiter = ',', value_parser = parse_seq)]
+    #[arg(long, required_unless_present_any = ["inputs", "peak"], value_delimiter = ',', value_parser = parse_seq)]
     seq: Vec<usize>,
+    /// Measure this machine's limit instead: the CPU backend's own tile
+    /// products (f32, and bf16 where the CPU has AVX-512 BF16) on in-cache
+    /// tiles on every core, in GFLOP/s.
+    #[arg(long, conflicts_with_all = ["files", "seq", "inputs"])]
+    peak: bool,
     /// Time on the q, k, v and declared inputs of this safetensors file (as
     /// `mixc run --inputs`) instead of random ones; batch and L come from it.
     /// Lets a peer (PyTorch) and mixc run on the same data.
@@ -612,6 +617,9 @@ fn table_line(r: &Row) -> String {
 }
 
 pub fn main(args: Args) -> Result<ExitCode> {
+    if args.peak {
+        return peak(&args);
+    }
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
@@ -768,6 +776,28 @@ pub fn main(args: Args) -> Result<ExitCode> {
     if failed {
         eprintln!("error: some points failed (see the table's error / check columns)");
         return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--peak`: the tile products' rates on every core (`--threads` of the
+/// CPU backend's default: all of them).
+fn peak(args: &Args) -> Result<ExitCode> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let p = mixc::runtime::cpu::peak::peak_rates(threads, std::time::Duration::from_millis(300));
+    if args.json {
+        println!("{}", serde_json::to_string(&p)?);
+    } else {
+        println!(
+            "CPU tile products on {} threads ({}): f32 {:.1} GFLOP/s, bf16 {}",
+            p.threads,
+            p.isa,
+            p.f32_gflops,
+            p.bf16_gflops.map_or(
+                "not on this CPU (no AVX-512 BF16, or MIXC_CPU_BF16=0)".into(),
+                |g| format!("{g:.1} GFLOP/s")
+            )
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -77,18 +77,57 @@ pub fn pack_row_pairs(x: &[f32], rows: usize, cols: usize, out: &mut [u32]) {
         x.len(),
         out.len()
     );
+    for (k2, o) in out
+        .chunks_exact_mut(cols.max(1))
+        .take(rows.div_ceil(2))
+        .enumerate()
+    {
+        let lo = &x[2 * k2 * cols..][..cols];
+        let hi = (2 * k2 + 1 < rows).then(|| &x[(2 * k2 + 1) * cols..][..cols]);
+        pack_pairs(lo, hi, o);
+    }
+}
+
+/// `out[c] = pair(lo[c], hi[c])` (`hi` absent: 0), for `c < out.len()`:
+/// two rows of values as one row of pairs.
+///
+/// # Panics
+/// When `lo` or `hi` is shorter than `out`.
+pub fn pack_pairs(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
+    let n = out.len();
+    assert!(
+        lo.len() >= n && hi.is_none_or(|h| h.len() >= n),
+        "pack_pairs: short rows"
+    );
     #[cfg(target_arch = "x86_64")]
     if has_avx512_bf16_cached() {
         // SAFETY: the CPU reported the features; lengths were checked above.
-        unsafe { x86::pack_row_pairs(x, rows, cols, out) };
+        unsafe { x86::pack_pairs(lo.as_ptr(), hi.map(|h| h.as_ptr()), out) };
         return;
     }
-    for k2 in 0..rows.div_ceil(2) {
-        let lo = &x[2 * k2 * cols..][..cols];
-        let hi = (2 * k2 + 1 < rows).then(|| &x[(2 * k2 + 1) * cols..][..cols]);
-        for (c, o) in out[k2 * cols..][..cols].iter_mut().enumerate() {
-            *o = pair(lo[c], hi.map_or(0.0, |h| h[c]));
-        }
+    for (c, o) in out.iter_mut().enumerate() {
+        *o = pair(lo[c], hi.map_or(0.0, |h| h[c]));
+    }
+}
+
+/// `out[p] = pair(x[2p], x[2p + 1])` (past the end of `x`: 0), for
+/// `p < out.len()`: a row of values as pairs of neighbours.
+///
+/// # Panics
+/// When `x` is too short for `out` (fewer than `2 out.len() - 1` values).
+pub fn pack_row(x: &[f32], out: &mut [u32]) {
+    assert!(
+        x.len() >= (2 * out.len()).saturating_sub(1),
+        "pack_row: short row"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bf16_cached() {
+        // SAFETY: the CPU reported the features; lengths were checked above.
+        unsafe { x86::pack_row(x, out) };
+        return;
+    }
+    for (p, o) in out.iter_mut().enumerate() {
+        *o = pair(x[2 * p], x.get(2 * p + 1).copied().unwrap_or(0.0));
     }
 }
 
@@ -319,37 +358,54 @@ mod x86 {
         std::mem::transmute::<__m512i, __m512bh>(x)
     }
 
-    /// [`super::pack_row_pairs`]: 16 columns at a time, each value rounded to
-    /// bf16 (nearest even) by `vcvtneps2bf16`, zero-extended, the odd row
-    /// shifted into the high half.
+    /// [`super::pack_pairs`]: 16 columns at a time, each value rounded to
+    /// bf16 (nearest even) by `vcvtneps2bf16`, zero-extended, the `hi`
+    /// value shifted into the high half.
     #[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx2,fma")]
-    pub(super) unsafe fn pack_row_pairs(x: &[f32], rows: usize, cols: usize, out: &mut [u32]) {
-        let xp = x.as_ptr();
-        let op = out.as_mut_ptr() as *mut i32;
-        for k2 in 0..rows.div_ceil(2) {
-            let lo = xp.add(2 * k2 * cols);
-            let has_hi = 2 * k2 + 1 < rows;
-            let hi = xp.add((2 * k2 + 1).min(rows - 1) * cols);
-            let dst = op.add(k2 * cols);
-            let mut c = 0;
-            while c < cols {
-                let w = (cols - c).min(16);
-                let m: __mmask16 = if w == 16 { 0xffff } else { (1u16 << w) - 1 };
-                let a = _mm512_maskz_loadu_ps(m, lo.add(c));
-                let b = if has_hi {
-                    _mm512_maskz_loadu_ps(m, hi.add(c))
-                } else {
-                    _mm512_setzero_ps()
-                };
-                let a16 = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(a));
-                let b16 = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(b));
-                let pairs = _mm512_or_si512(
-                    _mm512_cvtepu16_epi32(a16),
-                    _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b16)),
-                );
-                _mm512_mask_storeu_epi32(dst.add(c), m, pairs);
-                c += 16;
-            }
+    pub(super) unsafe fn pack_pairs(lo: *const f32, hi: Option<*const f32>, out: &mut [u32]) {
+        let cols = out.len();
+        let dst = out.as_mut_ptr() as *mut i32;
+        let mut c = 0;
+        while c < cols {
+            let w = (cols - c).min(16);
+            let m: __mmask16 = if w == 16 { 0xffff } else { (1u16 << w) - 1 };
+            let a = _mm512_maskz_loadu_ps(m, lo.add(c));
+            let b = match hi {
+                Some(h) => _mm512_maskz_loadu_ps(m, h.add(c)),
+                None => _mm512_setzero_ps(),
+            };
+            let a16 = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(a));
+            let b16 = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(b));
+            let pairs = _mm512_or_si512(
+                _mm512_cvtepu16_epi32(a16),
+                _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b16)),
+            );
+            _mm512_mask_storeu_epi32(dst.add(c), m, pairs);
+            c += 16;
+        }
+    }
+
+    /// [`super::pack_row`]: 16 values (8 pairs) at a time; bf16 values in
+    /// order are pairs of neighbours, low half first.
+    #[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub(super) unsafe fn pack_row(x: &[f32], out: &mut [u32]) {
+        let n = x.len().min(2 * out.len());
+        let dst = out.as_mut_ptr() as *mut u16;
+        let mut i = 0;
+        while i < 2 * out.len() {
+            let w = n.saturating_sub(i).min(16);
+            let m: __mmask16 = if w == 16 { 0xffff } else { (1u16 << w) - 1 };
+            let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
+            let h = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+            // Whole pairs only: an odd tail's partner lane is 0 from the load.
+            let lanes = (2 * out.len() - i).min(16);
+            let sm: __mmask16 = if lanes == 16 {
+                0xffff
+            } else {
+                (1u16 << lanes) - 1
+            };
+            _mm256_mask_storeu_epi16(dst.add(i) as *mut i16, sm, h);
+            i += 16;
         }
     }
 }
@@ -468,6 +524,19 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn pack_row_pairs_neighbours_and_pads_an_odd_tail() {
+        for n in [0usize, 1, 2, 15, 16, 17, 31, 33, 128] {
+            let x = lcg(n, n as u64);
+            let mut out = vec![u32::MAX; n.div_ceil(2)];
+            pack_row(&x, &mut out);
+            for (p, &o) in out.iter().enumerate() {
+                let hi = x.get(2 * p + 1).copied().unwrap_or(0.0);
+                assert_eq!(o, pair(x[2 * p], hi), "n {n} pair {p}");
             }
         }
     }

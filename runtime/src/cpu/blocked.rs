@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use mixc_codegen::plan::{BlockClass, BlockPlan, ClassCounts, RowPlan};
-use mixc_dsl::ir::{Decay, Norm, Score};
+use mixc_dsl::ir::{Decay, FeatureMap, Norm, Score};
 use rayon::prelude::*;
 
 use super::bf16;
@@ -60,51 +60,54 @@ impl PairShard {
         let dk2 = dk.div_ceil(2);
         let mut k = vec![0u32; b_ * kvh_ * n * dk2];
         let mut v = vec![0u32; b_ * kvh_ * n / 2 * dv];
-        let fill = |x: usize, kh: &mut [u32], vh: &mut [u32]| {
-            let (b, kvh) = (x / kvh_, x % kvh_);
-            let key = |pos: usize| {
-                let src = ctx.inputs.k.offset(&[b, pos, kvh, 0]);
-                &ctx.inputs.k.data[src..src + dk]
-            };
-            let val = |pos: usize| {
-                let src = ctx.inputs.v.offset(&[b, pos, kvh, 0]);
-                &ctx.inputs.v.data[src..src + dv]
-            };
-            for (r, &off) in ranges.iter().zip(&offs) {
-                for (t, pos) in r.clone().enumerate() {
-                    let row = key(pos);
-                    let map = |d: usize| {
-                        row.get(d)
-                            .map_or(0.0, |&y| ctx.k_map.apply(y as f64) as f32)
-                    };
-                    for (p, out) in kh[(off + t) * dk2..][..dk2].iter_mut().enumerate() {
-                        *out = bf16::pair(map(2 * p), map(2 * p + 1));
-                    }
-                }
-                for (t, pos) in r.clone().step_by(2).enumerate() {
-                    let lo = val(pos);
-                    let hi = (pos + 1 < r.end).then(|| val(pos + 1));
-                    for (c, out) in vh[(off / 2 + t) * dv..][..dv].iter_mut().enumerate() {
-                        *out = bf16::pair(lo[c], hi.map_or(0.0, |h| h[c]));
+        // Tasks of up to 64 positions (an even count, so value pairs stay in
+        // one task) read the inputs in memory order, every kv head of a
+        // position at once: a (batch, kv head) block's rows are a page
+        // apart in the input, which per-block reading pays in TLB misses.
+        let tasks = tile_tasks(ranges, 64);
+        let (kp, vp) = (Shared(k.as_mut_ptr()), Shared(v.as_mut_ptr()));
+        let fill = |&(ri, t0, t1): &(usize, usize, usize)| {
+            let (r, off) = (&ranges[ri], offs[ri]);
+            let mut mapped = vec![0.0f32; dk];
+            for b in 0..b_ {
+                for t in t0..t1 {
+                    let pos = r.start + t;
+                    let src = ctx.inputs.k.offset(&[b, pos, 0, 0]);
+                    let keys = &ctx.inputs.k.data[src..src + kvh_ * dk];
+                    let vsrc = ctx.inputs.v.offset(&[b, pos, 0, 0]);
+                    let vals = &ctx.inputs.v.data[vsrc..vsrc + kvh_ * dv];
+                    let next = (pos + 1 < r.end && t % 2 == 0).then(|| {
+                        let s = ctx.inputs.v.offset(&[b, pos + 1, 0, 0]);
+                        &ctx.inputs.v.data[s..s + kvh_ * dv]
+                    });
+                    for kvh in 0..kvh_ {
+                        let blk = b * kvh_ + kvh;
+                        let row = map_row(ctx.k_map, &keys[kvh * dk..][..dk], &mut mapped);
+                        // SAFETY: rows `off + t0..off + t1` of every block
+                        // (pair rows `(off + t0) / 2..`) belong to this task
+                        // alone, and lie inside `k` / `v` (sized above).
+                        let krow = unsafe {
+                            std::slice::from_raw_parts_mut(kp.at((blk * n + off + t) * dk2), dk2)
+                        };
+                        bf16::pack_row(row, krow);
+                        if t % 2 == 0 {
+                            let vrow = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    vp.at((blk * n / 2 + (off + t) / 2) * dv),
+                                    dv,
+                                )
+                            };
+                            let hi = next.map(|x| &x[kvh * dv..][..dv]);
+                            bf16::pack_pairs(&vals[kvh * dv..][..dv], hi, vrow);
+                        }
                     }
                 }
             }
         };
-        if n > 0 {
-            let run = |(x, (kh, vh)): (usize, (&mut [u32], &mut [u32]))| fill(x, kh, vh);
-            if inline(ctx, b_ * kvh_) {
-                k.chunks_mut(n * dk2)
-                    .zip(v.chunks_mut(n / 2 * dv))
-                    .enumerate()
-                    .for_each(run);
-            } else {
-                ctx.pool.install(|| {
-                    k.par_chunks_mut(n * dk2)
-                        .zip(v.par_chunks_mut(n / 2 * dv))
-                        .enumerate()
-                        .for_each(run)
-                });
-            }
+        if inline(ctx, tasks.len()) {
+            tasks.iter().for_each(fill);
+        } else {
+            ctx.pool.install(|| tasks.par_iter().for_each(fill));
         }
         PairShard {
             offsets: offs,
@@ -152,53 +155,54 @@ impl<T: Real> KvShard<T> {
         let with_k = matches!(ctx.spec.score, Score::Dot { .. });
         let mut k = vec![T::ZERO; if with_k { b_ * kvh_ * n * dk } else { 0 }];
         let mut v = vec![T::ZERO; b_ * kvh_ * n * dv];
-        // One (batch, kv head) per task: `kh` / `vh` are its `n x d` blocks.
-        let fill = |x: usize, kh: &mut [T], vh: &mut [T]| {
-            let (b, kvh) = (x / kvh_, x % kvh_);
-            for (r, &off) in ranges.iter().zip(&offs) {
-                for (t, pos) in r.clone().enumerate() {
-                    let src = ctx.inputs.v.offset(&[b, pos, kvh, 0]);
-                    let row = &ctx.inputs.v.data[src..src + dv];
-                    for (x, &y) in vh[(off + t) * dv..(off + t + 1) * dv].iter_mut().zip(row) {
-                        *x = T::from_f64(y as f64);
-                    }
-                }
-                if kh.is_empty() {
-                    continue;
-                }
-                for t0 in (0..r.len()).step_by(bn) {
-                    let kn = bn.min(r.len() - t0);
-                    let tile = &mut kh[(off + t0) * dk..(off + t0 + kn) * dk];
-                    for c in 0..kn {
-                        let src = ctx.inputs.k.offset(&[b, r.start + t0 + c, kvh, 0]);
-                        let row = &ctx.inputs.k.data[src..src + dk];
-                        for (d, &y) in row.iter().enumerate() {
+        // One key tile of every (batch, kv head) per task, read in memory
+        // order (see `PairShard::build`).
+        let tasks = tile_tasks(ranges, bn);
+        let (kp, vp) = (Shared(k.as_mut_ptr()), Shared(v.as_mut_ptr()));
+        let fill = |&(ri, t0, t1): &(usize, usize, usize)| {
+            let (r, off, kn) = (&ranges[ri], offs[ri], t1 - t0);
+            for b in 0..b_ {
+                for c in 0..kn {
+                    let pos = r.start + t0 + c;
+                    let vsrc = ctx.inputs.v.offset(&[b, pos, 0, 0]);
+                    let vals = &ctx.inputs.v.data[vsrc..vsrc + kvh_ * dv];
+                    let keys: &[f32] = if with_k {
+                        let ksrc = ctx.inputs.k.offset(&[b, pos, 0, 0]);
+                        &ctx.inputs.k.data[ksrc..ksrc + kvh_ * dk]
+                    } else {
+                        &[]
+                    };
+                    for kvh in 0..kvh_ {
+                        let blk = b * kvh_ + kvh;
+                        // SAFETY: rows `off + t0..off + t1` of every block
+                        // belong to this task alone, inside `k` / `v`.
+                        let vrow = unsafe {
+                            std::slice::from_raw_parts_mut(vp.at((blk * n + off + t0 + c) * dv), dv)
+                        };
+                        for (x, &y) in vrow.iter_mut().zip(&vals[kvh * dv..][..dv]) {
+                            *x = T::from_f64(y as f64);
+                        }
+                        if !with_k {
+                            continue;
+                        }
+                        // The tile transposed: `d_k x kn`, key `c` in column `c`.
+                        let tile = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                kp.at((blk * n + off + t0) * dk),
+                                kn * dk,
+                            )
+                        };
+                        for (d, &y) in keys[kvh * dk..][..dk].iter().enumerate() {
                             tile[d * kn + c] = T::from_f64(ctx.k_map.apply(y as f64));
                         }
                     }
                 }
             }
         };
-        if n > 0 && inline(ctx, b_ * kvh_) {
-            let vs = v.chunks_mut(n * dv).enumerate();
-            if with_k {
-                k.chunks_mut(n * dk)
-                    .zip(vs)
-                    .for_each(|(kh, (x, vh))| fill(x, kh, vh));
-            } else {
-                vs.for_each(|(x, vh)| fill(x, &mut [], vh));
-            }
+        if n > 0 && inline(ctx, tasks.len()) {
+            tasks.iter().for_each(fill);
         } else if n > 0 {
-            ctx.pool.install(|| {
-                let vs = v.par_chunks_mut(n * dv).enumerate();
-                if with_k {
-                    k.par_chunks_mut(n * dk)
-                        .zip(vs)
-                        .for_each(|(kh, (x, vh))| fill(x, kh, vh));
-                } else {
-                    vs.for_each(|(x, vh)| fill(x, &mut [], vh));
-                }
-            });
+            ctx.pool.install(|| tasks.par_iter().for_each(fill));
         }
         KvShard {
             ranges: ranges.to_vec(),
@@ -209,6 +213,71 @@ impl<T: Real> KvShard<T> {
             pairs: None,
         }
     }
+}
+
+/// Pieces of a shard's ranges for the tasks that gather it: `(range, start,
+/// end)` with starts at multiples of `span` from each range's start.
+fn tile_tasks(ranges: &[Range<usize>], span: usize) -> Vec<(usize, usize, usize)> {
+    ranges
+        .iter()
+        .enumerate()
+        .flat_map(|(ri, r)| {
+            (0..r.len())
+                .step_by(span.max(1))
+                .map(move |t0| (ri, t0, (t0 + span).min(r.len())))
+        })
+        .collect()
+}
+
+/// A buffer many tasks write disjoint parts of (the gathers of
+/// `KvShard::build` and `PairShard::build`).
+struct Shared<T>(*mut T);
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Shared<T> {}
+// SAFETY: only used for writes to disjoint ranges, by tasks that end
+// before the buffer is read or dropped.
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    fn at(self, i: usize) -> *mut T {
+        // SAFETY (callers): `i` is inside the allocation.
+        unsafe { self.0.add(i) }
+    }
+}
+
+/// Asks for `x`'s cache lines ahead of use (a hint; nothing on other targets).
+#[inline]
+fn prefetch<T>(x: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let bytes = std::mem::size_of_val(x);
+        let p = x.as_ptr() as *const i8;
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: prefetching is a hint and never faults; the address is
+            // inside `x`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
+/// `row` with the feature map applied (into `buf`), or `row` itself for
+/// the identity map.
+fn map_row<'r>(map: FeatureMap, row: &'r [f32], buf: &'r mut [f32]) -> &'r [f32] {
+    if map == FeatureMap::Identity {
+        return row;
+    }
+    for (b, &x) in buf.iter_mut().zip(row) {
+        *b = map.apply(x as f64) as f32;
+    }
+    &buf[..row.len()]
 }
 
 /// A rank's running result for its queries, `[batch][head][position]`:
@@ -438,9 +507,12 @@ struct Scratch<T> {
     s: Vec<T>,
     /// Registers of the bias / transform lane programs.
     lanes: ExprScratch<T>,
-    /// bf16 products only: the query tile and the tile's probabilities as pairs.
+    /// bf16 products only: the query tile and the tile's probabilities as
+    /// pairs, and one query row (mapped, then paired) on its way in.
     q16: Vec<u32>,
     p16: Vec<u32>,
+    q_row: Vec<f32>,
+    q_pairs: Vec<u32>,
 }
 
 impl<T> Default for Scratch<T> {
@@ -454,6 +526,8 @@ impl<T> Default for Scratch<T> {
             lanes: ExprScratch::default(),
             q16: Vec::new(),
             p16: Vec::new(),
+            q_row: Vec::new(),
+            q_pairs: Vec::new(),
         }
     }
 }
@@ -521,13 +595,28 @@ fn compute_item<T: Real>(
     let q16 = reset(&mut scratch.q16, q16len, 0);
     let mut score_scale = 1.0;
     if let Score::Dot { q_map, scale, .. } = &ctx.spec.score {
-        for (r, i) in q.clone().enumerate() {
+        // A head's query rows lie a page or more apart in the input, where
+        // the hardware prefetchers stop: fetch a few rows ahead by hand.
+        const AHEAD: usize = 8;
+        let q_row = |i: usize| {
             let src = ctx.inputs.q.offset(&[b, i - ctx.q_offset, h, 0]);
-            let row = &ctx.inputs.q.data[src..src + dk];
+            &ctx.inputs.q.data[src..src + dk]
+        };
+        for i in q.clone().take(AHEAD) {
+            prefetch(q_row(i));
+        }
+        for (r, i) in q.clone().enumerate() {
+            if i + AHEAD < q.end {
+                prefetch(q_row(i + AHEAD));
+            }
+            let row = q_row(i);
             if pairs.is_some() {
-                let map = |d: usize| row.get(d).map_or(0.0, |&x| q_map.apply(x as f64) as f32);
-                for p in 0..q16.len() / nrows {
-                    q16[p * nrows + r] = bf16::pair(map(2 * p), map(2 * p + 1));
+                let (mapped, row_pairs) = (&mut scratch.q_row, &mut scratch.q_pairs);
+                mapped.resize(dk, 0.0);
+                row_pairs.resize(dk.div_ceil(2), 0);
+                bf16::pack_row(map_row(*q_map, row, mapped), row_pairs);
+                for (p, &x) in row_pairs.iter().enumerate() {
+                    q16[p * nrows + r] = x;
                 }
             } else {
                 for (d, &x) in row.iter().enumerate() {

@@ -27,6 +27,7 @@ mod chunkwise;
 mod decode;
 pub mod expr;
 mod microkernel;
+pub mod peak;
 pub mod real;
 
 use std::time::{Duration, Instant};
