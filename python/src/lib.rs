@@ -57,8 +57,28 @@ fn device_of(name: &str) -> PyResult<Device> {
 /// A compiled mixer (one spec, one backend).
 #[pyclass(frozen, module = "mixc._mixc")]
 struct Mixer {
+    /// f32 products: f32 and f16 tensors, and every backward.
     inner: mixc::Mixer,
+    /// bf16 products for bf16 tensors (whose values bf16 holds exactly),
+    /// prepared on the first such call.
+    inner_bf16: std::sync::OnceLock<mixc::Mixer>,
+    opts: Options,
     spec: MixerSpec,
+}
+
+impl Mixer {
+    /// The mixer a forward on tensors of this kind runs.
+    fn for_call(&self, bf16: bool) -> PyResult<&mixc::Mixer> {
+        if !bf16 {
+            return Ok(&self.inner);
+        }
+        if let Some(m) = self.inner_bf16.get() {
+            return Ok(m);
+        }
+        let opts = self.opts.clone().with_dtype(mixc::DType::Bf16);
+        let m = mixc::Mixer::new(&self.spec, opts).map_err(runtime_err)?;
+        Ok(self.inner_bf16.get_or_init(|| m))
+    }
 }
 
 /// Copies `n` elements from `addr`.
@@ -222,8 +242,13 @@ impl Mixer {
                 .with_ranks(ranks)
                 .with_dtype(mixc::DType::F32)
         };
-        let inner = mixc::Mixer::new(&spec, opts).map_err(runtime_err)?;
-        Ok(Mixer { inner, spec })
+        let inner = mixc::Mixer::new(&spec, opts.clone()).map_err(runtime_err)?;
+        Ok(Mixer {
+            inner,
+            inner_bf16: std::sync::OnceLock::new(),
+            opts,
+            spec,
+        })
     }
 
     /// The spec's facts the Python side checks tensors against: `name`,
@@ -235,7 +260,9 @@ impl Mixer {
         mixer_info(py, &self.spec)
     }
 
-    /// The forward pass: writes `o` (f32 `[batch, seq, heads, value_dim]`)
+    /// The forward pass (with `bf16`: q, k and v hold bf16 values, so the
+    /// tile products may run in bf16, see `cpu_bf16_products`): writes `o`
+    /// (f32 `[batch, seq, heads, value_dim]`)
     /// and, when `stat` is given, each row's statistic for the backward
     /// (f64 `[batch, heads, seq]`). `lengths` is `(batch, seq, kv_seq,
     /// q_offset)`: queries, keys and the position of query 0 among the keys.
@@ -245,7 +272,7 @@ impl Mixer {
     /// convolution family); `extras` by name, int32 or f32 in their declared
     /// shapes (a `seq` axis has kv_seq entries). Every one live, contiguous
     /// and as large as the shapes say (the Python package checks it).
-    #[pyo3(signature = (lengths, q, k, v, extras, o, stat = None))]
+    #[pyo3(signature = (lengths, q, k, v, extras, o, stat = None, bf16 = false))]
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -257,14 +284,16 @@ impl Mixer {
         extras: Vec<ExtraArg>,
         o: usize,
         stat: Option<usize>,
+        bf16: bool,
     ) -> PyResult<()> {
         // SAFETY: the documented contract, checked by the Python side.
         let x = unsafe { self.inputs(lengths, (q, k, v), &extras) };
         let (batch, seq) = (lengths.0, lengths.1);
+        let m = self.for_call(bf16)?;
         let (out, saved) = py
             .detach(|| match stat {
-                Some(_) => self.inner.forward_train(&x).map(|(o, r)| (o, Some(r))),
-                None => self.inner.forward(&x).map(|o| (o, None)),
+                Some(_) => m.forward_train(&x).map(|(o, r)| (o, Some(r))),
+                None => m.forward(&x).map(|o| (o, None)),
             })
             .map_err(runtime_err)?;
         // SAFETY: `o` holds batch * seq * heads * value_dim f32 (checked).
@@ -556,6 +585,13 @@ impl Block {
 }
 
 /// Checks spec text; returns the same one-line summary as `mixc check`.
+/// Whether this CPU runs bf16 tensors' tile products in bf16 (AVX-512
+/// BF16, and `MIXC_CPU_BF16` not `0`); else they run in f32.
+#[pyfunction]
+fn cpu_bf16_products() -> bool {
+    mixc::runtime::cpu::bf16::enabled()
+}
+
 #[pyfunction]
 #[pyo3(signature = (text, origin = "<spec>"))]
 fn check(text: &str, origin: &str) -> PyResult<String> {
@@ -604,6 +640,7 @@ fn _mixc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Block>()?;
     m.add_class::<BlockSaved>()?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_bf16_products, m)?)?;
     m.add_function(wrap_pyfunction!(gen, m)?)?;
     m.add("SpecError", m.py().get_type::<SpecError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -277,6 +277,24 @@ def test_bf16_inputs_give_bf16_outputs_and_grads():
     assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()
 
 
+def test_bf16_tensors_use_bf16_products_where_the_cpu_has_them():
+    # Causal softmax at 70 positions (two 64-key tiles), against SDPA in f64
+    # on the same (bf16) values: within the bf16 tolerance (1e-2 of max |o|).
+    m = mixc.Mixer("mixer c { heads = 4; kv_heads = 2; head_dim = 32; mask = causal; }")
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 70, 4, 32, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(2, 70, 2, 32, generator=g).to(torch.bfloat16) for _ in range(2))
+    o = m(q, k, v).double()
+    want = torch.nn.functional.scaled_dot_product_attention(
+        *(t.double().transpose(1, 2) for t in (q, k, v)), is_causal=True, enable_gqa=True).transpose(1, 2)
+    assert rel(o, want) < 1e-2
+    # The same values as f32 tensors take the f32 products: the two differ
+    # (by rounding) exactly when this CPU multiplies bf16 in bf16.
+    o32 = m(q.float(), k.float(), v.float()).double()
+    assert rel(o32, want) < 2e-3
+    assert (not torch.equal(o, o32.to(torch.bfloat16).double())) == mixc.cpu_bf16_products()
+
+
 def test_bad_spec_raises_spec_error_with_the_caret():
     with pytest.raises(mixc.SpecError) as e:
         mixc.Mixer("mixer bad {\n    heads = 8;\n    head_dim = 64;\n    mask = causl;\n}\n")
