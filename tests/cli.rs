@@ -309,8 +309,9 @@ fn run_set_rejects_bad_overrides() {
 
 #[test]
 fn run_dtype_rounds_the_inputs_that_every_backend_sees() {
-    let run = |dtype: &str| {
-        run_json(&[
+    // `env`: MIXC_CPU_BF16's value, when set.
+    let run_env = |dtype: &str, env: Option<&str>| {
+        let args = [
             "run",
             "examples/full_attention.mix",
             "--backend",
@@ -323,7 +324,17 @@ fn run_dtype_rounds_the_inputs_that_every_backend_sees() {
             dtype,
             "--check",
             "--json",
-        ])
+        ];
+        let envs: Vec<(&str, &std::path::Path)> = env
+            .map(|v| ("MIXC_CPU_BF16", std::path::Path::new(v)))
+            .into_iter()
+            .collect();
+        common::mixc_env(&args, &envs)
+    };
+    let run = |dtype: &str| {
+        let out = run_env(dtype, None);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
     let (bf16, f32) = (run("bf16"), run("f32"));
     assert_eq!(bf16["dtype"], "bf16");
@@ -338,23 +349,7 @@ fn run_dtype_rounds_the_inputs_that_every_backend_sees() {
     );
     // MIXC_CPU_BF16=0 forces the f32 products: the reference sees the
     // rounded inputs too, so the run meets the f32 tolerance.
-    let out = common::mixc_env(
-        &[
-            "run",
-            "examples/full_attention.mix",
-            "--backend",
-            "cpu",
-            "--seq",
-            "33",
-            "--set",
-            "heads=2",
-            "--dtype",
-            "bf16",
-            "--check",
-            "--json",
-        ],
-        &[("MIXC_CPU_BF16", std::path::Path::new("0"))],
-    );
+    let out = run_env("bf16", Some("0"));
     assert!(out.status.success(), "{}", text(&out));
     let forced: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(forced["compute_dtype"], "f32", "{forced}");

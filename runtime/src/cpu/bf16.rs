@@ -290,29 +290,7 @@ mod x86 {
     /// kernel: 16 accumulators, two rows of `b` and one broadcast.
     #[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx2,fma")]
     pub(super) unsafe fn gemm<const TA: bool>(g: &G) {
-        const R: usize = 8;
-        let m_main = g.m / R * R;
-        let mut j = 0;
-        while j + 32 <= g.n {
-            for i in (0..m_main).step_by(R) {
-                tile::<R, 2, TA>(g, i, j, 0xffff);
-            }
-            for i in m_main..g.m {
-                tile::<1, 2, TA>(g, i, j, 0xffff);
-            }
-            j += 32;
-        }
-        while j < g.n {
-            let w = (g.n - j).min(16);
-            let mask: __mmask16 = if w == 16 { 0xffff } else { (1u16 << w) - 1 };
-            for i in (0..m_main).step_by(R) {
-                tile::<R, 1, TA>(g, i, j, mask);
-            }
-            for i in m_main..g.m {
-                tile::<1, 1, TA>(g, i, j, mask);
-            }
-            j += 16;
-        }
+        crate::cpu::microkernel::avx512_blocks!(g, tile, TA);
     }
 
     #[inline(always)]

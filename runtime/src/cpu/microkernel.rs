@@ -289,6 +289,43 @@ unsafe fn block<T: Real, const R: usize, const C: usize, const FMA: bool, const 
     }
 }
 
+/// The AVX-512 products' walk over `c` (`g.m x g.n`): blocks of 8 rows x 32
+/// columns (`$tile::<8, 2, TA>`), then 16-column steps with a lane mask at
+/// the ragged right edge, single rows for the ragged bottom. Shared by the
+/// f32 kernel and the bf16 one ([`super::bf16`]), whose tiles differ only
+/// in the inner product instruction.
+#[cfg(target_arch = "x86_64")]
+macro_rules! avx512_blocks {
+    ($g:expr, $tile:ident, $ta:ident) => {{
+        let g = $g;
+        const R: usize = 8;
+        let m_main = g.m / R * R;
+        let mut j = 0;
+        while j + 32 <= g.n {
+            for i in (0..m_main).step_by(R) {
+                $tile::<R, 2, $ta>(g, i, j, 0xffff);
+            }
+            for i in m_main..g.m {
+                $tile::<1, 2, $ta>(g, i, j, 0xffff);
+            }
+            j += 32;
+        }
+        while j < g.n {
+            let w = (g.n - j).min(16);
+            let mask: __mmask16 = if w == 16 { 0xffff } else { (1u16 << w) - 1 };
+            for i in (0..m_main).step_by(R) {
+                $tile::<R, 1, $ta>(g, i, j, mask);
+            }
+            for i in m_main..g.m {
+                $tile::<1, 1, $ta>(g, i, j, mask);
+            }
+            j += 16;
+        }
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+pub(super) use avx512_blocks;
+
 /// f32 products written with intrinsics: the autovectorised generic loop
 /// keeps its accumulators in memory, these keep them in registers. Shapes:
 /// `R` rows x `V` vectors of columns, `R` broadcasts of `a` per loaded row
@@ -302,29 +339,7 @@ mod x86 {
 
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn gemm_f32_avx512<const TA: bool>(g: &Gemm<f32>) {
-        const R: usize = 8;
-        let m_main = g.m / R * R;
-        let mut j = 0;
-        while j + 32 <= g.n {
-            for i in (0..m_main).step_by(R) {
-                tile512::<R, 2, TA>(g, i, j, 0xffff);
-            }
-            for i in m_main..g.m {
-                tile512::<1, 2, TA>(g, i, j, 0xffff);
-            }
-            j += 32;
-        }
-        while j < g.n {
-            let w = (g.n - j).min(16);
-            let mask: __mmask16 = if w == 16 { 0xffff } else { (1u16 << w) - 1 };
-            for i in (0..m_main).step_by(R) {
-                tile512::<R, 1, TA>(g, i, j, mask);
-            }
-            for i in m_main..g.m {
-                tile512::<1, 1, TA>(g, i, j, mask);
-            }
-            j += 16;
-        }
+        super::avx512_blocks!(g, tile512, TA);
     }
 
     /// `R x 16 V` block at `(i, j)`; `mask` selects the live columns of the
