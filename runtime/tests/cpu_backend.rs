@@ -178,3 +178,37 @@ fn every_example_file_is_covered() {
     names.sort();
     assert_eq!(files, names);
 }
+
+/// Long convolutions on one rank run as an FFT (`RunStats::fft`), and equal
+/// the reference like the blocked Toeplitz tiles a ring runs: f64 to 1e-10,
+/// f32 to the f32 tolerance, batch 2 and a kv group of 2, lengths at and past
+/// the threshold (256), a power of two and not.
+#[test]
+fn long_convolutions_run_as_an_fft_and_match_the_reference() {
+    let mut spec = examples()
+        .into_iter()
+        .find(|s| matches!(s.score, mixc_dsl::ir::Score::Filter { .. }))
+        .expect("a convolution example");
+    spec.heads = 4;
+    spec.kv_heads = 2;
+    for seq in [256, 300, 1000] {
+        let inputs = random_inputs(&spec, 2, seq, 3 + seq as u64);
+        let want = reference::evaluate(&spec, &inputs).expect("reference");
+        for (precision, tol) in [(Precision::F64, F64_TOL), (Precision::F32, F32_TOL)] {
+            for ranks in [1, 2] {
+                let c = CpuConfig {
+                    precision,
+                    ..cfg(ranks, Sharding::Zigzag, precision)
+                };
+                let run = cpu::run(&spec, &inputs, &c).unwrap();
+                assert_eq!(run.stats.fft, ranks == 1, "L={seq} R={ranks}");
+                let err = rel_err(&run.output.to_f64(), &want);
+                assert!(err <= tol, "L={seq} R={ranks} {precision:?}: {err:e}");
+            }
+        }
+    }
+    // Below the threshold the tiles run.
+    let inputs = random_inputs(&spec, 1, 255, 1);
+    let run = cpu::run(&spec, &inputs, &cfg(1, Sharding::Zigzag, Precision::F32)).unwrap();
+    assert!(!run.stats.fft);
+}

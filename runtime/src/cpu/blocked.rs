@@ -307,6 +307,9 @@ pub(super) fn rank_main<T: Real>(
     if super::decode::applies(ctx, sched) {
         return Ok(super::decode::rank_main(ctx, sched));
     }
+    if super::fft::applies(ctx, sched) {
+        return Ok(super::fft::rank_main(ctx));
+    }
     let r = ep.rank;
     let q_ranges = sched.shard(r).to_vec();
     let (_, nq) = offsets(&q_ranges);

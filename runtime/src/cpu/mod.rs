@@ -8,6 +8,9 @@
 //!   [`BlockPlan`](mixc_codegen::plan::BlockPlan) says (Skip tiles and wholly
 //!   skipped steps cost nothing, Full tiles skip mask tests), then merges the
 //!   partial into its accumulator (online-softmax merge, or addition).
+//!   On one rank it has two special forms: decode (few queries against many
+//!   keys, `decode`) and, for plain causal convolutions of at least 256
+//!   positions, an FFT (`fft`: O(L log L) instead of O(L²)).
 //! - **chunkwise** (linear / retention / gated, causal mask, no bias or
 //!   transform): the chunkwise state form; only the `d_k x d_v` state travels
 //!   between ranks, in sequence order.
@@ -26,6 +29,7 @@ mod blocked;
 mod chunkwise;
 mod decode;
 pub mod expr;
+mod fft;
 mod microkernel;
 pub mod peak;
 pub mod real;
@@ -203,6 +207,10 @@ pub struct RunStats {
     /// on a CPU with AVX-512 BF16).
     #[serde(default)]
     pub bf16_products: bool,
+    /// A convolution ran as an FFT (long filters on one rank; see
+    /// `cpu::fft`), not as blocked Toeplitz tiles.
+    #[serde(default)]
+    pub fft: bool,
     pub elapsed: Duration,
 }
 
@@ -619,6 +627,7 @@ pub(crate) struct RankOutput<T> {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct RankStats {
     decode: bool,
+    fft: bool,
     pairs: u64,
     steps_computed: u64,
     steps_skipped: u64,
@@ -783,6 +792,7 @@ fn run_typed<T: Real>(
         tiles: ClassCounts::default(),
         decode: false,
         bf16_products: false,
+        fft: false,
         elapsed: Duration::ZERO,
     };
     for o in outs {
@@ -803,6 +813,7 @@ fn run_typed<T: Real>(
         }
         stats.pairs_per_rank.push(o.stats.pairs);
         stats.decode |= o.stats.decode;
+        stats.fft |= o.stats.fft;
         stats.steps_computed += o.stats.steps_computed;
         stats.steps_skipped += o.stats.steps_skipped;
         stats.tiles.full += o.stats.tiles.full;
