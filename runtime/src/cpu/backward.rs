@@ -42,7 +42,7 @@ use rayon::prelude::*;
 use super::blocked::{offsets, written, KvShard};
 use super::expr::{ExprScratch, FastExpr};
 use super::microkernel::{gemm, gemm_tn, softmax_grad_cols, Mat, MatMut};
-use super::real::Real;
+use super::real::{feature, Real};
 use super::Ctx;
 use crate::error::Result;
 use crate::grad::{differentiable_inputs, Gradients};
@@ -136,7 +136,7 @@ pub(super) fn q_side<T: Real>(
             if dot_score {
                 let src = ctx.inputs.q.offset(&[b, i, h, 0]);
                 for (d, &y) in ctx.inputs.q.data[src..src + dk].iter().enumerate() {
-                    qs[row * dk + d] = T::from_f64(q_map.apply(y as f64) * scale);
+                    qs[row * dk + d] = feature::<T>(q_map, y) * T::from_f64(scale);
                 }
             }
             let stat = up.stat.data[x * ctx.seq + i];

@@ -31,7 +31,7 @@ use rayon::prelude::*;
 use super::backward::{BwdShard, QSide, RankGrads};
 use super::blocked::{written, KvShard};
 use super::microkernel::{gemm, gemm_tn, Mat, MatMut};
-use super::real::{axpy, dot, transpose, Real};
+use super::real::{axpy, dot, feature, transpose, Real};
 use super::Ctx;
 use crate::error::{Result, RuntimeError};
 use crate::ring::{Endpoint, RingSchedule};
@@ -107,7 +107,7 @@ fn cum<T>(ctx: &Ctx<'_, T>, b: usize, h: usize, p: isize) -> f64 {
 fn kv_rows<T: Real>(ctx: &Ctx<'_, T>, b: usize, kvh: usize, pos: usize, k: &mut [T], v: &mut [T]) {
     let ko = ctx.inputs.k.offset(&[b, pos, kvh, 0]);
     for (x, &y) in k.iter_mut().zip(&ctx.inputs.k.data[ko..ko + ctx.dk]) {
-        *x = T::from_f64(ctx.k_map.apply(y as f64));
+        *x = feature::<T>(ctx.k_map, y);
     }
     let vo = ctx.inputs.v.offset(&[b, pos, kvh, 0]);
     for (x, &y) in v.iter_mut().zip(&ctx.inputs.v.data[vo..vo + ctx.dv]) {

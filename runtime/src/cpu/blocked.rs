@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::bf16;
 use super::expr::ExprScratch;
 use super::microkernel::{col_sums_add, gemm_tn, softmax_cols, Mat, MatMut};
-use super::real::{scale, Real};
+use super::real::{feature, scale, Real};
 use super::{Ctx, RankOutput, RankStats};
 use crate::error::Result;
 use crate::ring::{Endpoint, RingSchedule};
@@ -193,7 +193,7 @@ impl<T: Real> KvShard<T> {
                             )
                         };
                         for (d, &y) in keys[kvh * dk..][..dk].iter().enumerate() {
-                            tile[d * kn + c] = T::from_f64(ctx.k_map.apply(y as f64));
+                            tile[d * kn + c] = feature::<T>(ctx.k_map, y);
                         }
                     }
                 }
@@ -275,7 +275,7 @@ fn map_row<'r>(map: FeatureMap, row: &'r [f32], buf: &'r mut [f32]) -> &'r [f32]
         return row;
     }
     for (b, &x) in buf.iter_mut().zip(row) {
-        *b = map.apply(x as f64) as f32;
+        *b = feature::<f32>(map, x);
     }
     &buf[..row.len()]
 }
@@ -623,7 +623,7 @@ fn compute_item<T: Real>(
                 }
             } else {
                 for (d, &x) in row.iter().enumerate() {
-                    qt[d * nrows + r] = T::from_f64(q_map.apply(x as f64) * scale);
+                    qt[d * nrows + r] = feature::<T>(*q_map, x) * T::from_f64(*scale);
                 }
             }
         }

@@ -10,12 +10,12 @@
 use std::ops::Range;
 
 use mixc_codegen::plan::chunks;
-use mixc_dsl::ir::{Decay, Norm, Score};
+use mixc_dsl::ir::{Decay, FeatureMap, Norm, Score};
 use rayon::prelude::*;
 
 use super::blocked::written;
 use super::microkernel::{gemm, row_sum, Mat, MatMut};
-use super::real::{axpy, dot, scale, transpose, Real};
+use super::real::{axpy, dot, feature_row, scale, transpose, Real};
 use super::{Ctx, RankOutput, RankStats};
 use crate::error::{Result, RuntimeError};
 use crate::ring::{Endpoint, RingSchedule};
@@ -201,12 +201,12 @@ fn local_pass<T: Real>(ctx: &Ctx<'_, T>, b: usize, h: usize, range: Range<usize>
     let mut cl = vec![0.0f64; n + 1];
     for (t, pos) in range.clone().enumerate() {
         let qo = ctx.inputs.q.offset(&[b, pos, h, 0]);
-        for (x, &src) in q[t * dk..(t + 1) * dk]
-            .iter_mut()
-            .zip(&ctx.inputs.q.data[qo..qo + dk])
-        {
-            *x = T::from_f64(q_map.apply(src as f64) * qk_scale);
-        }
+        feature_row(
+            *q_map,
+            &ctx.inputs.q.data[qo..qo + dk],
+            T::from_f64(*qk_scale),
+            &mut q[t * dk..(t + 1) * dk],
+        );
         cl[t + 1] = cl[t] + log_gamma(ctx, b, h, pos);
     }
     let gather = |c: &Range<usize>, kc: &mut [T], vc: &mut [T]| {
@@ -215,18 +215,18 @@ fn local_pass<T: Real>(ctx: &Ctx<'_, T>, b: usize, h: usize, range: Range<usize>
                 ctx.inputs.k.offset(&[b, pos, kvh, 0]),
                 ctx.inputs.v.offset(&[b, pos, kvh, 0]),
             );
-            for (x, &src) in kc[u * dk..(u + 1) * dk]
-                .iter_mut()
-                .zip(&ctx.inputs.k.data[ko..ko + dk])
-            {
-                *x = T::from_f64(k_map.apply(src as f64));
-            }
-            for (x, &src) in vc[u * dv..(u + 1) * dv]
-                .iter_mut()
-                .zip(&ctx.inputs.v.data[vo..vo + dv])
-            {
-                *x = T::from_f64(src as f64);
-            }
+            feature_row(
+                *k_map,
+                &ctx.inputs.k.data[ko..ko + dk],
+                T::ONE,
+                &mut kc[u * dk..(u + 1) * dk],
+            );
+            feature_row(
+                FeatureMap::Identity,
+                &ctx.inputs.v.data[vo..vo + dv],
+                T::ONE,
+                &mut vc[u * dv..(u + 1) * dv],
+            );
         }
     };
     let decays = ctx.has_decay;
@@ -429,6 +429,7 @@ pub(super) fn rank_main_global<T: Real>(
                 let mut s = vec![T::ZERO; dk * dv];
                 let mut z = vec![T::ZERO; dk];
                 let mut kt = vec![T::ZERO; dk * step];
+                let mut krow = vec![T::ZERO; dk];
                 let mut v = vec![T::ZERO; step * dv];
                 let all: Vec<usize> = positions().collect();
                 for ch in all.chunks(step) {
@@ -441,8 +442,8 @@ pub(super) fn rank_main_global<T: Real>(
                         for (d, x) in v[u * dv..(u + 1) * dv].iter_mut().enumerate() {
                             *x = T::from_f64(ctx.inputs.v.data[vo + d] as f64);
                         }
-                        for (d, zd) in z.iter_mut().enumerate() {
-                            let kd = T::from_f64(k_map.apply(ctx.inputs.k.data[ko + d] as f64));
+                        feature_row(*k_map, &ctx.inputs.k.data[ko..ko + dk], T::ONE, &mut krow);
+                        for (d, (zd, &kd)) in z.iter_mut().zip(&krow).enumerate() {
                             kt[d * nc + u] = kd;
                             *zd += kd;
                         }
@@ -487,11 +488,12 @@ pub(super) fn rank_main_global<T: Real>(
                     let nc = ch.len();
                     for (t, &pos) in ch.iter().enumerate() {
                         let qo = ctx.inputs.q.offset(&[b, pos, h, 0]);
-                        for (d, x) in q[t * dk..(t + 1) * dk].iter_mut().enumerate() {
-                            *x = T::from_f64(
-                                q_map.apply(ctx.inputs.q.data[qo + d] as f64) * qk_scale,
-                            );
-                        }
+                        feature_row(
+                            *q_map,
+                            &ctx.inputs.q.data[qo..qo + dk],
+                            T::from_f64(*qk_scale),
+                            &mut q[t * dk..(t + 1) * dk],
+                        );
                     }
                     gemm(
                         Mat::dense(&q[..nc * dk], nc, dk),

@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use super::blocked::{finalize, merge, pair_pass, reset, Acc};
 use super::expr::ExprScratch;
 use super::microkernel::{dot_rows, gemm, row_sum, softmax_rows, Mat, MatMut};
-use super::real::Real;
+use super::real::{feature, Real};
 use super::{Ctx, RankOutput, RankStats};
 use crate::ring::RingSchedule;
 
@@ -208,7 +208,7 @@ fn compute<T: Real>(
             let src = ctx.inputs.q.offset(&[b, i - ctx.q_offset, h, 0]);
             let dst = &mut qr[(h * nq + t) * dk..(h * nq + t + 1) * dk];
             for (y, &x) in dst.iter_mut().zip(&ctx.inputs.q.data[src..src + dk]) {
-                *y = T::from_f64(q_map.apply(x as f64) * scale);
+                *y = feature::<T>(*q_map, x) * T::from_f64(*scale);
             }
         }
     }
@@ -249,7 +249,7 @@ fn compute<T: Real>(
                 } else {
                     kdst.iter_mut()
                         .zip(krow)
-                        .for_each(|(x, &y)| *x = T::from_f64(ctx.k_map.apply(y as f64)));
+                        .for_each(|(x, &y)| *x = feature::<T>(ctx.k_map, y));
                 }
                 vc[(kvh * kn + c) * dv..(kvh * kn + c + 1) * dv]
                     .iter_mut()

@@ -204,3 +204,80 @@ pub fn transpose<T: Real>(a: &[T], rows: usize, cols: usize, out: &mut [T]) {
         }
     }
 }
+
+/// `map(x)` computed in `T`, as every CPU path applies the feature maps:
+/// `exp` through [`Real::exp_expr`], so f32 runs never call libm's f64 `exp`
+/// per element (that was a third of a linear-attention forward); f64 runs
+/// get `FeatureMap::apply` exactly.
+#[inline(always)]
+pub fn feature<T: Real>(map: mixc_dsl::ir::FeatureMap, x: f32) -> T {
+    use mixc_dsl::ir::FeatureMap;
+    let x = T::from_f64(x as f64);
+    match map {
+        FeatureMap::Identity => x,
+        FeatureMap::Elu1 => {
+            if x > T::ZERO {
+                x + T::ONE
+            } else {
+                x.exp_expr()
+            }
+        }
+        FeatureMap::Relu => x.max(T::ZERO),
+    }
+}
+
+/// `dst[i] = map(src[i]) * scale` over a row, branch-free so it vectorises
+/// (AVX-512 or AVX2 where the CPU has them): the feature maps' `exp` per
+/// element, scalar, was most of a linear-attention forward.
+pub fn feature_row<T: Real>(map: mixc_dsl::ir::FeatureMap, src: &[f32], scale: T, dst: &mut [T]) {
+    use super::microkernel::{detected_isa, Isa};
+    assert!(src.len() >= dst.len(), "feature_row: short source row");
+    match detected_isa() {
+        // SAFETY: each variant runs only on a CPU that reported its features.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { feature_row_avx512(map, src, scale, dst) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { feature_row_avx2(map, src, scale, dst) },
+        _ => feature_row_body(map, src, scale, dst),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn feature_row_avx512<T: Real>(
+    map: mixc_dsl::ir::FeatureMap,
+    src: &[f32],
+    scale: T,
+    dst: &mut [T],
+) {
+    feature_row_body(map, src, scale, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn feature_row_avx2<T: Real>(
+    map: mixc_dsl::ir::FeatureMap,
+    src: &[f32],
+    scale: T,
+    dst: &mut [T],
+) {
+    feature_row_body(map, src, scale, dst)
+}
+
+#[inline(always)]
+fn feature_row_body<T: Real>(map: mixc_dsl::ir::FeatureMap, src: &[f32], scale: T, dst: &mut [T]) {
+    use mixc_dsl::ir::FeatureMap;
+    let pairs = dst.iter_mut().zip(src);
+    match map {
+        FeatureMap::Identity => pairs.for_each(|(d, &s)| *d = T::from_f64(s as f64) * scale),
+        FeatureMap::Relu => {
+            pairs.for_each(|(d, &s)| *d = T::from_f64(s as f64).max(T::ZERO) * scale)
+        }
+        FeatureMap::Elu1 => pairs.for_each(|(d, &s)| {
+            let x = T::from_f64(s as f64);
+            // exp of min(x, 0): both sides computed, one kept (a select).
+            let e = (if x < T::ZERO { x } else { T::ZERO }).exp_expr();
+            *d = (if x > T::ZERO { x + T::ONE } else { e }) * scale;
+        }),
+    }
+}
