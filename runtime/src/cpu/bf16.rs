@@ -16,6 +16,8 @@
 
 use std::sync::OnceLock;
 
+use super::microkernel::{fits, Mat};
+
 /// Whether bf16 runs use the bf16 products: the CPU has AVX-512 BF16 and
 /// `MIXC_CPU_BF16` is not `0`/`off`/`false` (which forces the f32 fallback,
 /// e.g. to compare the two on one machine). Decided once per process.
@@ -137,28 +139,7 @@ fn has_avx512_bf16_cached() -> bool {
 }
 
 /// A `rows x cols` matrix of pairs, row-major with stride `ld`.
-#[derive(Debug, Clone, Copy)]
-pub struct Pairs<'a> {
-    pub data: &'a [u32],
-    pub rows: usize,
-    pub cols: usize,
-    pub ld: usize,
-}
-
-impl<'a> Pairs<'a> {
-    pub fn dense(data: &'a [u32], rows: usize, cols: usize) -> Self {
-        Pairs {
-            data,
-            rows,
-            cols,
-            ld: cols,
-        }
-    }
-}
-
-fn fits(len: usize, rows: usize, cols: usize, ld: usize) -> bool {
-    rows == 0 || cols == 0 || (cols <= ld && (rows - 1) * ld + cols <= len)
-}
+pub type Pairs<'a> = Mat<'a, u32>;
 
 /// `c = alpha a b` (or `c += alpha a b` with `accumulate`) in f32, where
 /// `a` (`m x k2`, or `k2 x m` stored transposed with `ta`) and `b`

@@ -90,7 +90,7 @@ impl<'a, T> MatMut<'a, T> {
 
 /// True when every element of a `rows x cols` view with stride `ld` lies in
 /// a slice of length `len`.
-fn fits(len: usize, rows: usize, cols: usize, ld: usize) -> bool {
+pub(super) fn fits(len: usize, rows: usize, cols: usize, ld: usize) -> bool {
     rows == 0 || cols == 0 || (cols <= ld && (rows - 1) * ld + cols <= len)
 }
 
