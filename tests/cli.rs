@@ -177,12 +177,7 @@ fn run_json(args: &[&str]) -> serde_json::Value {
 /// one of the arithmetic it reports (bf16 products for bf16 specs on CPUs
 /// with AVX-512 BF16, else f32).
 fn within_tolerance(v: &serde_json::Value) -> bool {
-    let compute = match v["compute_dtype"].as_str().unwrap() {
-        "f32" => mixc::DType::F32,
-        "f16" => mixc::DType::F16,
-        "bf16" => mixc::DType::Bf16,
-        other => panic!("compute_dtype {other}"),
-    };
+    let compute = mixc::DType::parse(v["compute_dtype"].as_str().unwrap()).expect("a dtype");
     let tol = v["tolerance"].as_f64().unwrap();
     assert_eq!(
         tol,

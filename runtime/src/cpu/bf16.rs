@@ -16,7 +16,7 @@
 
 use std::sync::OnceLock;
 
-use super::microkernel::{fits, Mat};
+use super::microkernel::{check_product, Mat};
 
 /// Whether bf16 runs use the bf16 products: the CPU has AVX-512 BF16 and
 /// `MIXC_CPU_BF16` is not `0`/`off`/`false` (which forces the f32 fallback,
@@ -159,31 +159,8 @@ pub fn gemm(
     alpha: f32,
     accumulate: bool,
 ) {
-    let k2 = b.rows;
-    let n = b.cols;
-    let (am, ak) = if ta {
-        (a.cols, a.rows)
-    } else {
-        (a.rows, a.cols)
-    };
-    assert!(
-        am == m && ak == k2,
-        "bf16 gemm shapes: a {}x{}{}, b {}x{}, c {m}x{n}",
-        a.rows,
-        a.cols,
-        if ta { " (transposed)" } else { "" },
-        b.rows,
-        b.cols
-    );
-    assert!(
-        fits(a.data.len(), a.rows, a.cols, a.ld),
-        "bf16 gemm: a out of range"
-    );
-    assert!(
-        fits(b.data.len(), b.rows, b.cols, b.ld),
-        "bf16 gemm: b out of range"
-    );
-    assert!(fits(c.len(), m, n, ldc), "bf16 gemm: c out of range");
+    let (k2, n) = (b.rows, b.cols);
+    check_product("bf16 gemm", ta, &a, &b, c.len(), (m, n, ldc));
     let g = G {
         a: a.data.as_ptr(),
         lda: a.ld,

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::bf16;
 use super::expr::ExprScratch;
 use super::microkernel::{col_sums_add, gemm_tn, softmax_cols, Mat, MatMut};
-use super::real::{feature, scale, Real};
+use super::real::{feature, feature_row, scale, Real};
 use super::{Ctx, RankOutput, RankStats};
 use crate::error::Result;
 use crate::ring::{Endpoint, RingSchedule};
@@ -274,10 +274,9 @@ fn map_row<'r>(map: FeatureMap, row: &'r [f32], buf: &'r mut [f32]) -> &'r [f32]
     if map == FeatureMap::Identity {
         return row;
     }
-    for (b, &x) in buf.iter_mut().zip(row) {
-        *b = feature::<f32>(map, x);
-    }
-    &buf[..row.len()]
+    let buf = &mut buf[..row.len()];
+    feature_row(map, row, 1.0, buf);
+    buf
 }
 
 /// A rank's running result for its queries, `[batch][head][position]`:

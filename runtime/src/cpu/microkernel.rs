@@ -88,6 +88,43 @@ impl<'a, T> MatMut<'a, T> {
     }
 }
 
+/// Panics unless `c (rows x cols, stride ld, in a slice of c_len) = a b`
+/// (`a` transposed with `ta`) is a well-formed product whose views all lie
+/// inside their slices: checked once per product, so the kernels' inner
+/// loops need no bounds checks. Shared by the f32 and the bf16 products.
+pub(super) fn check_product<A, B>(
+    what: &str,
+    ta: bool,
+    a: &Mat<'_, A>,
+    b: &Mat<'_, B>,
+    c_len: usize,
+    (rows, cols, ld): (usize, usize, usize),
+) {
+    let (m, k) = if ta {
+        (a.cols, a.rows)
+    } else {
+        (a.rows, a.cols)
+    };
+    assert!(
+        k == b.rows && rows == m && cols == b.cols,
+        "{what} shapes: a {}x{}{}, b {}x{}, c {rows}x{cols}",
+        a.rows,
+        a.cols,
+        if ta { " (transposed)" } else { "" },
+        b.rows,
+        b.cols,
+    );
+    assert!(
+        fits(a.data.len(), a.rows, a.cols, a.ld),
+        "{what}: a out of range"
+    );
+    assert!(
+        fits(b.data.len(), b.rows, b.cols, b.ld),
+        "{what}: b out of range"
+    );
+    assert!(fits(c_len, rows, cols, ld), "{what}: c out of range");
+}
+
 /// True when every element of a `rows x cols` view with stride `ld` lies in
 /// a slice of length `len`.
 pub(super) fn fits(len: usize, rows: usize, cols: usize, ld: usize) -> bool {
@@ -119,34 +156,8 @@ pub fn gemm_on<T: Real>(
     c: MatMut<'_, T>,
     accumulate: bool,
 ) {
-    let (m, k) = if ta {
-        (a.cols, a.rows)
-    } else {
-        (a.rows, a.cols)
-    };
-    assert!(
-        k == b.rows && c.rows == m && c.cols == b.cols,
-        "gemm shapes: a {}x{}{}, b {}x{}, c {}x{}",
-        a.rows,
-        a.cols,
-        if ta { " (transposed)" } else { "" },
-        b.rows,
-        b.cols,
-        c.rows,
-        c.cols
-    );
-    assert!(
-        fits(a.data.len(), a.rows, a.cols, a.ld),
-        "gemm: a out of range"
-    );
-    assert!(
-        fits(b.data.len(), b.rows, b.cols, b.ld),
-        "gemm: b out of range"
-    );
-    assert!(
-        fits(c.data.len(), c.rows, c.cols, c.ld),
-        "gemm: c out of range"
-    );
+    check_product("gemm", ta, &a, &b, c.data.len(), (c.rows, c.cols, c.ld));
+    let (m, k) = (c.rows, b.rows);
     let g = Gemm {
         a: a.data.as_ptr(),
         lda: a.ld,
