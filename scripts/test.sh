@@ -24,7 +24,7 @@ PY_ENV="${MIXC_PY_ENV:-$PWD/.venv-py}"
 if [ ! -x "$PY_ENV/bin/python" ]; then
     python3 -m venv "$PY_ENV"
 fi
-"$PY_ENV/bin/python" -m pip install -q --disable-pip-version-check "torch>=2.4" numpy "maturin>=1.5,<2" pytest
+"$PY_ENV/bin/python" -m pip install -q --disable-pip-version-check "torch>=2.4" numpy "maturin>=1.5,<2" pytest transformers
 # No build isolation: maturin from the environment; the dev profile, so cargo
 # reuses what the tests above compiled in target/.
 PATH="$PY_ENV/bin:$PATH" MATURIN_PEP517_ARGS="--profile dev" "$PY_ENV/bin/python" -m pip install \

@@ -25,6 +25,9 @@ copied into mixc's tensors (bf16/f16 are widened), and the output is
 returned in the inputs' dtype. CUDA tensors are not supported by the
 package yet (the CLI and the Rust library run the CUDA backend).
 
+`mixc.transformers.register()` makes mixc a Hugging Face transformers
+attention implementation (`attn_implementation="mixc"`).
+
 `mixc.Block` is a whole pre-norm transformer block (a `block` file: norms,
 projections, rotary embedding, the mixer, FFN) as a `torch.nn.Module`
 whose parameters carry Hugging Face Llama names, computed blockwise (the
