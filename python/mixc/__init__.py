@@ -40,8 +40,10 @@ import weakref
 import torch
 
 from . import _mixc
+from ._ring import ring_shards, shard, unshard
 
-__all__ = ["Block", "Mixer", "SpecError", "check", "cpu_bf16_products", "gen", "__version__"]
+__all__ = ["Block", "Mixer", "SpecError", "check", "cpu_bf16_products", "gen", "ring_shards", "shard", "unshard",
+           "__version__"]
 
 SpecError = _mixc.SpecError
 __version__ = _mixc.__version__
@@ -92,11 +94,16 @@ class Mixer:
     `threads` (default: every core) and `ranks` (ring ranks inside this
     process; the result does not depend on it) are the CPU backend's.
     `device="reference"` runs the f64 reference evaluator (slow; for tests).
+    `sharding` (`"zigzag"`, `"contiguous"`; default zigzag for causal
+    masks) deals positions to ring ranks, those of `ranks` and those of a
+    process group: `m(q, k, v, group=pg)` takes this process's shards
+    (`mixc.shard`) and returns its rows of `o`, the ring running over the
+    `torch.distributed` group, forward and backward.
     """
 
-    def __init__(self, spec, *, threads=None, ranks=1, device="cpu"):
+    def __init__(self, spec, *, threads=None, ranks=1, device="cpu", sharding=None):
         text, origin = _spec_source(spec)
-        self._m = _mixc.Mixer(text, origin, device, threads, ranks)
+        self._m = _mixc.Mixer(text, origin, device, threads, ranks, sharding)
         self.info = dict(self._m.info)
         self.name = self.info["name"]
         self._handle = id(self)
@@ -105,7 +112,7 @@ class Mixer:
     def __repr__(self):
         return repr(self._m)
 
-    def __call__(self, q, k, v, *, q_offset=None, **extra):
+    def __call__(self, q, k, v, *, q_offset=None, group=None, **extra):
         """`o [batch, seq, heads, value_dim]` for q `[batch, seq, heads,
         head_dim]`, k and v `[batch, kv_seq, kv_heads, dim]`. Query `i` sits
         at position `i + q_offset` among the keys (masks, biases and decay
@@ -124,6 +131,13 @@ class Mixer:
             q = v.new_empty(0) if q is None else q
             k = v.new_empty(0) if k is None else k
         extras = [extra[n] for n in names]
+        if group is not None:
+            if q_offset is not None:
+                raise ValueError("a ring over a process group (group=) runs queries and keys of one sequence; "
+                                 "q_offset is not taken")
+            from ._ring import ring_call
+
+            return ring_call(self, q, k, v, extras, group)
         q_offset = _validate(self, q, k, v, extras, q_offset)
         o, _stat = torch.ops.mixc.mix(self._handle, q, k, v, extras, q_offset)
         return o

@@ -18,7 +18,8 @@ use mixc::{Device, ExtraTensor, MixerInputs, MixerSpec, Options, Residuals, Tens
 use pyo3::create_exception;
 use pyo3::exceptions::{PyNotImplementedError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList};
+use std::sync::Arc;
 
 create_exception!(
     _mixc,
@@ -209,13 +210,157 @@ impl Mixer {
     }
 }
 
+/// A ring's transport made of a Python object (the package's
+/// `torch.distributed` link): `send(to, bytes)` must not wait for the
+/// receiver, `recv()` returns the next message's bytes from any rank.
+struct PyTransport {
+    obj: Py<PyAny>,
+    rank: usize,
+    ranks: usize,
+}
+
+impl PyTransport {
+    fn failed(e: PyErr) -> mixc::Error {
+        mixc::Error::Transport(e.to_string())
+    }
+}
+
+impl mixc::Transport for PyTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn ranks(&self) -> usize {
+        self.ranks
+    }
+    fn send(&self, to: usize, msg: Vec<u8>) -> mixc::Result<()> {
+        Python::attach(|py| {
+            self.obj
+                .call_method1(py, "send", (to, PyBytes::new(py, &msg)))
+                .map(drop)
+                .map_err(Self::failed)
+        })
+    }
+    fn recv(&self) -> mixc::Result<Vec<u8>> {
+        Python::attach(|py| {
+            let got = self.obj.call_method0(py, "recv").map_err(Self::failed)?;
+            let bytes = got
+                .cast_bound::<PyBytes>(py)
+                .map_err(|e| Self::failed(e.into()))?;
+            Ok(bytes.as_bytes().to_vec())
+        })
+    }
+}
+
+/// One rank's rows of a ring: the positions it owns, in order, and the
+/// whole sequence's length.
+struct RankRows {
+    seq: usize,
+    positions: Vec<usize>,
+}
+
+impl RankRows {
+    fn new(seq: usize, ranks: usize, rank: usize, sharding: mixc::Sharding) -> PyResult<Self> {
+        let sched = mixc::RingSchedule::new(seq, ranks, sharding).map_err(runtime_err)?;
+        let positions = sched.shard(rank).iter().flat_map(|r| r.clone()).collect();
+        Ok(RankRows { seq, positions })
+    }
+
+    /// A `[batch, seq, rest...]` tensor of the whole sequence, zero except
+    /// this rank's rows, which come from `local` (`[batch, n, rest...]`).
+    /// The zeros are a zeroed allocation: pages never written cost nothing.
+    fn scatter(&self, local: &[f32], shape: &[usize]) -> Tensor<f32> {
+        let mut full = Tensor::<f32>::zeros(shape);
+        let (batch, n) = (shape[0], self.positions.len());
+        let row: usize = shape[2..].iter().product();
+        for b in 0..batch {
+            for (t, &p) in self.positions.iter().enumerate() {
+                let dst = (b * self.seq + p) * row;
+                full.data[dst..dst + row].copy_from_slice(&local[(b * n + t) * row..][..row]);
+            }
+        }
+        full
+    }
+
+    /// This rank's rows of a `[batch, seq, rest...]` tensor.
+    fn gather<T: Copy>(&self, full: &Tensor<T>) -> Vec<T> {
+        let (batch, n) = (full.shape[0], self.positions.len());
+        let row: usize = full.shape[2..].iter().product();
+        let mut out = Vec::with_capacity(batch * n * row);
+        for b in 0..batch {
+            for &p in &self.positions {
+                let src = (b * self.seq + p) * row;
+                out.extend_from_slice(&full.data[src..src + row]);
+            }
+        }
+        out
+    }
+
+    /// A `[batch, heads, seq]` statistic, zero except this rank's
+    /// positions, from `local` (`[batch, heads, n]`).
+    fn scatter_stat(&self, local: &[f64], batch_heads: usize) -> Tensor<f64> {
+        let n = self.positions.len();
+        let mut full = vec![0.0; batch_heads * self.seq];
+        for x in 0..batch_heads {
+            for (t, &p) in self.positions.iter().enumerate() {
+                full[x * self.seq + p] = local[x * n + t];
+            }
+        }
+        Tensor::new(vec![batch_heads, self.seq], full)
+    }
+
+    /// This rank's positions of a `[batch, heads, seq]` statistic.
+    fn gather_stat(&self, full: &[f64]) -> Vec<f64> {
+        full.chunks_exact(self.seq)
+            .flat_map(|row| self.positions.iter().map(move |&p| row[p]))
+            .collect()
+    }
+}
+
+impl Mixer {
+    fn transport(&self, obj: Py<PyAny>, rank: usize, ranks: usize) -> Arc<dyn mixc::Transport> {
+        Arc::new(PyTransport { obj, rank, ranks })
+    }
+
+    /// The whole-sequence inputs of one rank: q, k, v from the rank's rows
+    /// (`[batch, n, ...]` at the addresses), extras whole.
+    ///
+    /// # Safety
+    /// As [`Mixer::inputs`], q, k and v holding `n` rows.
+    unsafe fn rank_inputs(
+        &self,
+        rows: &RankRows,
+        batch: usize,
+        qkv: (usize, usize, usize),
+        extras: &[ExtraArg],
+    ) -> MixerInputs {
+        let (seq, n) = (rows.seq, rows.positions.len());
+        let shapes = self.shapes((batch, seq, seq, 0));
+        let tensor = |name: &str, addr: usize| -> Tensor<f32> {
+            match shapes.get(name) {
+                Some(s) => {
+                    let count = batch * n * s[2..].iter().product::<usize>();
+                    // SAFETY: forwarded from this function's contract.
+                    rows.scatter(&unsafe { read::<f32>(addr, count) }, s)
+                }
+                None => Tensor::new(vec![0], Vec::new()),
+            }
+        };
+        let (q, k, v) = (tensor("q", qkv.0), tensor("k", qkv.1), tensor("v", qkv.2));
+        let mut x = MixerInputs::new(q, k, v);
+        (x.batch, x.seq, x.kv_seq, x.q_offset) = (batch, seq, seq, 0);
+        // SAFETY: as above.
+        x.extra = unsafe { read_extras(&shapes, extras) };
+        x
+    }
+}
+
 #[pymethods]
 impl Mixer {
     /// Parses `text` (diagnostics name `origin`) and prepares the mixer on
     /// `device` (`"cpu"` or `"reference"`) with `threads` CPU workers
     /// (`None`: every core) and `ranks` ring ranks.
     #[new]
-    #[pyo3(signature = (text, origin, device = "cpu", threads = None, ranks = 1))]
+    #[pyo3(signature = (text, origin, device = "cpu", threads = None, ranks = 1, sharding = None))]
     fn new(
         py: Python<'_>,
         text: &str,
@@ -223,6 +368,7 @@ impl Mixer {
         device: &str,
         threads: Option<usize>,
         ranks: usize,
+        sharding: Option<&str>,
     ) -> PyResult<Self> {
         let spec = mixc::parse(text).map_err(|d| SpecError::new_err(d.render(origin, text)))?;
         // Likely mistakes in a valid spec, as Python warnings (UserWarning).
@@ -236,10 +382,22 @@ impl Mixer {
         let device = device_of(device)?;
         // The tensors arrive as f32 whatever their dtype, so the products are
         // f32 too (a bf16 spec would otherwise round f32 tensors to bf16).
+        // Always explicit, so rings over processes and `ring_shards` agree
+        // with the mixer whatever tiles it picks.
+        let sharding = match sharding {
+            Some(name) => mixc::Sharding::parse(name).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "sharding must be \"zigzag\" or \"contiguous\", not {name:?}"
+                ))
+            })?,
+            None if spec.mask.implies_causal() => mixc::Sharding::Zigzag,
+            None => mixc::Sharding::Contiguous,
+        };
         let opts = Options {
             threads,
             ..Options::on(device)
                 .with_ranks(ranks)
+                .with_sharding(sharding)
                 .with_dtype(mixc::DType::F32)
         };
         let inner = mixc::Mixer::new(&spec, opts.clone()).map_err(runtime_err)?;
@@ -257,7 +415,9 @@ impl Mixer {
     /// and `differentiable` (the inputs that get a gradient).
     #[getter]
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        mixer_info(py, &self.spec)
+        let d = mixer_info(py, &self.spec)?;
+        d.set_item("sharding", self.inner.sharding().name())?;
+        Ok(d)
     }
 
     /// The forward pass (with `bf16`: q, k and v hold bf16 values, so the
@@ -356,6 +516,114 @@ impl Mixer {
                 write(dk, &g.dk.data);
             }
             write(dv, &g.dv.data);
+            for (name, addr) in &dextras {
+                if let Some(t) = g.extra.get(name) {
+                    write(*addr, &t.data);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// This process's rank of a ring over processes (`transport`: an object
+    /// with `send(to, bytes)` and `recv() -> bytes`; `rank` of `ranks`),
+    /// the mixer's sharding dealing the positions. `lengths` is `(batch,
+    /// seq)`, `seq` the whole sequence's length; q, k and v hold this rank's
+    /// rows (`[batch, n, heads, dim]`, its positions in order), extras are
+    /// whole; `o` (and `stat`, `[batch, heads, n]` f64) get this rank's rows.
+    #[pyo3(signature = (lengths, rank, ranks, transport, q, k, v, extras, o, stat = None, bf16 = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn forward_rank(
+        &self,
+        py: Python<'_>,
+        lengths: (usize, usize),
+        rank: usize,
+        ranks: usize,
+        transport: Py<PyAny>,
+        q: usize,
+        k: usize,
+        v: usize,
+        extras: Vec<ExtraArg>,
+        o: usize,
+        stat: Option<usize>,
+        bf16: bool,
+    ) -> PyResult<()> {
+        let (batch, seq) = lengths;
+        let rows = RankRows::new(seq, ranks, rank, self.inner.sharding())?;
+        // SAFETY: the documented contract, checked by the Python side.
+        let x = unsafe { self.rank_inputs(&rows, batch, (q, k, v), &extras) };
+        let m = self.for_call(bf16)?;
+        let t = self.transport(transport, rank, ranks);
+        let (out, saved) = py
+            .detach(|| m.forward_rank(&x, stat.is_some(), &t))
+            .map_err(runtime_err)?;
+        drop(x);
+        // SAFETY: `o` holds batch * n * heads * value_dim f32 (checked).
+        unsafe { write(o, &rows.gather(&out.o)) };
+        if let Some(addr) = stat {
+            if !saved.stat.data.is_empty() {
+                // SAFETY: `stat` holds batch * heads * n f64 (checked).
+                unsafe { write(addr, &rows.gather_stat(&saved.stat.data)) };
+            }
+        }
+        Ok(())
+    }
+
+    /// The backward of [`Mixer::forward_rank`]: this rank's rows of q, k,
+    /// v, `o`, `d_o` (and `stat`, `[batch, heads, n]`) in; this rank's
+    /// rows of `dq`, `dk`, `dv` out, and this rank's part of each extra
+    /// input's gradient (whole; their sum over the ranks is the gradient).
+    #[pyo3(signature = (lengths, rank, ranks, transport, q, k, v, extras, o, stat, d_o, dq, dk, dv, dextras))]
+    #[allow(clippy::too_many_arguments)]
+    fn backward_rank(
+        &self,
+        py: Python<'_>,
+        lengths: (usize, usize),
+        rank: usize,
+        ranks: usize,
+        transport: Py<PyAny>,
+        q: usize,
+        k: usize,
+        v: usize,
+        extras: Vec<ExtraArg>,
+        o: usize,
+        stat: usize,
+        d_o: usize,
+        dq: usize,
+        dk: usize,
+        dv: usize,
+        dextras: Vec<(String, usize)>,
+    ) -> PyResult<()> {
+        let (batch, seq) = lengths;
+        let rows = RankRows::new(seq, ranks, rank, self.inner.sharding())?;
+        let n = rows.positions.len();
+        let (h, dvw) = (self.spec.heads as usize, self.spec.value_dim as usize);
+        let o_shape = [batch, seq, h, dvw];
+        let o_n = batch * n * h * dvw;
+        // SAFETY: the documented contract, checked by the Python side.
+        let (x, o_t, d_o_t, stat_t) = unsafe {
+            (
+                self.rank_inputs(&rows, batch, (q, k, v), &extras),
+                rows.scatter(&read::<f32>(o, o_n), &o_shape),
+                rows.scatter(&read::<f32>(d_o, o_n), &o_shape),
+                rows.scatter_stat(&read::<f64>(stat, batch * h * n), batch * h),
+            )
+        };
+        let stat_t = Tensor::new(vec![batch, h, seq], stat_t.data);
+        let residuals = Residuals::from_stat(stat_t, batch, seq);
+        let t = self.transport(transport, rank, ranks);
+        let back = py
+            .detach(|| self.inner.backward_rank(&x, &o_t, &residuals, &d_o_t, &t))
+            .map_err(runtime_err)?;
+        let g = back.grads;
+        // SAFETY: each destination holds this rank's rows of its input, or
+        // the whole extra input (checked).
+        unsafe {
+            if !g.dq.data.is_empty() {
+                write(dq, &rows.gather(&g.dq));
+                write(dk, &rows.gather(&g.dk));
+            }
+            write(dv, &rows.gather(&g.dv));
             for (name, addr) in &dextras {
                 if let Some(t) = g.extra.get(name) {
                     write(*addr, &t.data);
@@ -634,8 +902,25 @@ fn gen(
         .map_err(|e| PyNotImplementedError::new_err(e.to_string()))
 }
 
+/// The positions each rank of a ring owns: per rank, its `(start, end)`
+/// ranges in order, for `seq` positions over `ranks` ranks dealt by
+/// `sharding` (`"zigzag"` or `"contiguous"`), as the mixers deal them.
+#[pyfunction]
+fn ring_shards(seq: usize, ranks: usize, sharding: &str) -> PyResult<Vec<Vec<(usize, usize)>>> {
+    let sharding = mixc::Sharding::parse(sharding).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "sharding must be \"zigzag\" or \"contiguous\", not {sharding:?}"
+        ))
+    })?;
+    let sched = mixc::RingSchedule::new(seq, ranks, sharding).map_err(runtime_err)?;
+    Ok((0..ranks)
+        .map(|r| sched.shard(r).iter().map(|x| (x.start, x.end)).collect())
+        .collect())
+}
+
 #[pymodule]
 fn _mixc(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(ring_shards, m)?)?;
     m.add_class::<Mixer>()?;
     m.add_class::<Block>()?;
     m.add_class::<BlockSaved>()?;

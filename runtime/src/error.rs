@@ -48,6 +48,10 @@ pub enum RuntimeError {
     #[error("internal error: {0}")]
     Internal(String),
     /// A CUDA driver call failed.
+    /// A ring over processes: the caller's transport failed (a peer left,
+    /// a collective raised).
+    #[error("the ring's transport failed: {0}")]
+    Transport(String),
     #[error("CUDA: {op} failed: {message}")]
     Driver { op: String, message: String },
     #[error("{path}: {source}")]

@@ -27,7 +27,7 @@ use crate::cuda::{dist::DistEnv, CudaMixer, CudaOptions};
 use crate::error::{Result, RuntimeError};
 use crate::grad::Gradients;
 use crate::reference;
-use crate::ring::{RingSchedule, Sharding};
+use crate::ring::{RingSchedule, Sharding, Transport};
 use crate::tensor::{MixerInputs, Tensor};
 use crate::tune::{self, CpuTiles, Pass};
 
@@ -557,7 +557,7 @@ impl Mixer {
     /// ([`MixerInputs::q_offset`]: a decode step, a prefill chunk,
     /// cross-attention) on the CPU and reference backends.
     pub fn forward(&self, inputs: &MixerInputs) -> Result<Output> {
-        Ok(self.forward_impl(inputs, false)?.0)
+        Ok(self.forward_impl(inputs, false, None)?.0)
     }
 
     /// [`Mixer::forward`] for training: also returns what
@@ -565,13 +565,66 @@ impl Mixer {
     /// log-sum-exp or weight sum; O(batch * heads * seq)).
     pub fn forward_train(&self, inputs: &MixerInputs) -> Result<(Output, Residuals)> {
         self.backward_support()?;
-        let (out, stat) = self.forward_impl(inputs, true)?;
+        let (out, stat) = self.forward_impl(inputs, true, None)?;
         let residuals = Residuals {
             stat: stat.unwrap_or_else(|| Tensor::new(vec![0], Vec::new())),
             batch: inputs.batch,
             seq: inputs.seq,
         };
         Ok((out, residuals))
+    }
+
+    /// This process's rank of a ring over processes: `transport` carries
+    /// the ring's messages (key/value shards, states) to the other ranks,
+    /// each a process making the same call on the same mixer, and says
+    /// this rank and the rank count; the mixer's sharding
+    /// ([`Options::sharding`]) deals the positions.
+    ///
+    /// `inputs` have the whole sequence's shapes, but only this rank's
+    /// positions ([`RingSchedule::shard`]) of q, k and v are read: the rest
+    /// may be zeros never written (a zeroed allocation costs no memory for
+    /// pages nobody touches). Extra inputs are whole on every rank. Only
+    /// this rank's rows of `o` (and of the residuals, with `train`) are
+    /// written. Queries and keys must be one sequence. CPU backend only.
+    pub fn forward_rank(
+        &self,
+        inputs: &MixerInputs,
+        train: bool,
+        transport: &Arc<dyn Transport>,
+    ) -> Result<(Output, Residuals)> {
+        if train {
+            self.backward_support()?;
+        }
+        let (out, stat) = self.forward_impl(inputs, train, Some(transport))?;
+        let residuals = Residuals {
+            stat: stat.unwrap_or_else(|| Tensor::new(vec![0], Vec::new())),
+            batch: inputs.batch,
+            seq: inputs.seq,
+        };
+        Ok((out, residuals))
+    }
+
+    /// The backward of [`Mixer::forward_rank`]: reads this rank's positions
+    /// of the inputs, `o`, the residuals and `d_o`; writes this rank's
+    /// positions of the q, k and v gradients. The extra inputs' gradients
+    /// are this rank's part: summed over the ranks they are the gradient.
+    pub fn backward_rank(
+        &self,
+        inputs: &MixerInputs,
+        o: &Tensor<f32>,
+        residuals: &Residuals,
+        d_o: &Tensor<f32>,
+        transport: &Arc<dyn Transport>,
+    ) -> Result<BackwardOutput> {
+        self.backward_impl(inputs, o, residuals, d_o, Some(transport))
+    }
+
+    fn remote_unsupported(&self) -> RuntimeError {
+        RuntimeError::Unsupported {
+            backend: self.backend.name(),
+            what: "a ring over processes through a caller's transport (the CPU backend runs it)"
+                .into(),
+        }
     }
 
     /// The gradients of `sum(o * d_o)` with respect to q, k, v and every
@@ -587,6 +640,17 @@ impl Mixer {
         o: &Tensor<f32>,
         residuals: &Residuals,
         d_o: &Tensor<f32>,
+    ) -> Result<BackwardOutput> {
+        self.backward_impl(inputs, o, residuals, d_o, None)
+    }
+
+    fn backward_impl(
+        &self,
+        inputs: &MixerInputs,
+        o: &Tensor<f32>,
+        residuals: &Residuals,
+        d_o: &Tensor<f32>,
+        remote: Option<&Arc<dyn Transport>>,
     ) -> Result<BackwardOutput> {
         self.backward_support()?;
         let start = Instant::now();
@@ -615,8 +679,13 @@ impl Mixer {
             p => p,
         };
         let grads = match prepared {
+            Prepared::Cpu(m) => match remote {
+                Some(t) => m.backward_rank(inputs, o, &residuals.stat, d_o, t)?,
+                None => m.backward(inputs, o, &residuals.stat, d_o)?,
+            }
+            .into_f32(),
+            _ if remote.is_some() => return Err(self.remote_unsupported()),
             Prepared::Reference => reference::gradients(&self.spec, inputs, d_o)?.to_f32(),
-            Prepared::Cpu(m) => m.backward(inputs, o, &residuals.stat, d_o)?.into_f32(),
             Prepared::Cuda(m) => {
                 let lse = Tensor::new(
                     residuals.stat.shape.clone(),
@@ -698,6 +767,7 @@ impl Mixer {
         &self,
         inputs: &MixerInputs,
         keep_stat: bool,
+        remote: Option<&Arc<dyn Transport>>,
     ) -> Result<(Output, Option<Tensor<f64>>)> {
         let start = Instant::now();
         // What the call allocates beyond its inputs must fit; small calls
@@ -727,6 +797,9 @@ impl Mixer {
             p => p,
         };
         let mut stat = None;
+        if remote.is_some() && !matches!(prepared, Prepared::Cpu(_)) {
+            return Err(self.remote_unsupported());
+        }
         let (o, seconds, pairs_per_rank, dist_rank) = match prepared {
             Prepared::Reference => {
                 let out64 = reference::evaluate(&self.spec, inputs)?;
@@ -737,10 +810,10 @@ impl Mixer {
                 (o, None, None, None)
             }
             Prepared::Cpu(m) => {
-                let run = if keep_stat {
-                    m.run_train(inputs)?
-                } else {
-                    m.run(inputs)?
+                let run = match remote {
+                    Some(t) => m.run_rank(inputs, keep_stat, t)?,
+                    None if keep_stat => m.run_train(inputs)?,
+                    None => m.run(inputs)?,
                 };
                 if keep_stat {
                     stat = Some(run.stat);
@@ -749,7 +822,7 @@ impl Mixer {
                     run.output.into_f32(),
                     Some(run.stats.elapsed.as_secs_f64()),
                     Some(run.stats.pairs_per_rank),
-                    None,
+                    remote.map(|t| (t.rank(), t.ranks())),
                 )
             }
             Prepared::Cuda(m) => {

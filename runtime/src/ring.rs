@@ -8,6 +8,7 @@
 
 use std::ops::Range;
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -194,12 +195,113 @@ impl RingSchedule {
     }
 }
 
-/// One rank's end of the ring: senders to every other rank and its own inbox.
+/// Carries a ring's messages between processes: the link a caller gives
+/// when each process runs one rank of the ring (the Python package's
+/// `torch.distributed` groups; any other message layer a library user
+/// has). Ranks are the ring's, `0..ranks()`.
+pub trait Transport: Send + Sync {
+    /// This process's rank.
+    fn rank(&self) -> usize;
+    /// How many ranks the ring has.
+    fn ranks(&self) -> usize;
+    /// Sends `msg` to rank `to` (never this rank). Must not wait for the
+    /// receiver to take it: every rank sends before it receives.
+    fn send(&self, to: usize, msg: Vec<u8>) -> Result<()>;
+    /// The next message sent to this rank, from any rank; messages from one
+    /// sender arrive in the order it sent them.
+    fn recv(&self) -> Result<Vec<u8>>;
+}
+
+/// A message as bytes, for rings whose ranks are in other processes
+/// ([`Transport`]). Within one process messages are moved, never encoded.
+pub trait Wire: Sized {
+    fn encode(&self, out: &mut Vec<u8>);
+    fn decode(bytes: &mut &[u8]) -> Result<Self>;
+}
+
+/// Little-endian pieces of a [`Wire`] encoding.
+pub mod wire {
+    use super::{Result, RuntimeError};
+    use std::ops::Range;
+
+    fn short() -> RuntimeError {
+        RuntimeError::Invalid("a ring message ended early (the ranks run different mixers?)".into())
+    }
+
+    pub fn put_usize(out: &mut Vec<u8>, x: usize) {
+        out.extend_from_slice(&(x as u64).to_le_bytes());
+    }
+    pub fn get_usize(b: &mut &[u8]) -> Result<usize> {
+        let (head, rest) = b.split_first_chunk::<8>().ok_or_else(short)?;
+        *b = rest;
+        usize::try_from(u64::from_le_bytes(*head)).map_err(|_| short())
+    }
+    /// A length-prefixed slice of plain numbers.
+    pub fn put_slice<T: bytemuck::Pod>(out: &mut Vec<u8>, xs: &[T]) {
+        put_usize(out, xs.len());
+        out.extend_from_slice(bytemuck::cast_slice(xs));
+    }
+    pub fn get_vec<T: bytemuck::Pod>(b: &mut &[u8]) -> Result<Vec<T>> {
+        let n = get_usize(b)?;
+        let bytes = n.checked_mul(std::mem::size_of::<T>()).ok_or_else(short)?;
+        if b.len() < bytes {
+            return Err(short());
+        }
+        let (head, rest) = b.split_at(bytes);
+        *b = rest;
+        Ok(bytemuck::pod_collect_to_vec(head))
+    }
+    pub fn put_ranges(out: &mut Vec<u8>, rs: &[Range<usize>]) {
+        let flat: Vec<u64> = rs
+            .iter()
+            .flat_map(|r| [r.start as u64, r.end as u64])
+            .collect();
+        put_slice(out, &flat);
+    }
+    pub fn get_ranges(b: &mut &[u8]) -> Result<Vec<Range<usize>>> {
+        let flat: Vec<u64> = get_vec(b)?;
+        Ok(flat
+            .chunks_exact(2)
+            .map(|p| p[0] as usize..p[1] as usize)
+            .collect())
+    }
+}
+
+impl Wire for usize {
+    fn encode(&self, out: &mut Vec<u8>) {
+        wire::put_usize(out, *self);
+    }
+    fn decode(bytes: &mut &[u8]) -> Result<Self> {
+        wire::get_usize(bytes)
+    }
+}
+
+impl<M: Wire> Wire for std::sync::Arc<M> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        (**self).encode(out);
+    }
+    fn decode(bytes: &mut &[u8]) -> Result<Self> {
+        M::decode(bytes).map(std::sync::Arc::new)
+    }
+}
+
+/// How messages reach the other ranks.
+enum Link<M> {
+    /// Rank threads of one process: senders to every other rank, and this
+    /// rank's inbox.
+    Local {
+        senders: Vec<Option<Sender<M>>>,
+        inbox: Receiver<M>,
+    },
+    /// One rank per process, through the caller's transport.
+    Remote(Arc<dyn Transport>),
+}
+
+/// One rank's end of the ring.
 pub struct Endpoint<M> {
     pub rank: usize,
     ranks: usize,
-    senders: Vec<Option<Sender<M>>>,
-    inbox: Receiver<M>,
+    link: Link<M>,
 }
 
 /// Creates the endpoints of `ranks` ranks (index = rank). Endpoints hold no
@@ -212,24 +314,50 @@ pub fn endpoints<M>(ranks: usize) -> Vec<Endpoint<M>> {
         .map(|(rank, inbox)| Endpoint {
             rank,
             ranks,
-            senders: txs
-                .iter()
-                .enumerate()
-                .map(|(r, t)| (r != rank).then(|| t.clone()))
-                .collect(),
-            inbox,
+            link: Link::Local {
+                senders: txs
+                    .iter()
+                    .enumerate()
+                    .map(|(r, t)| (r != rank).then(|| t.clone()))
+                    .collect(),
+                inbox,
+            },
         })
         .collect()
 }
 
 impl<M> Endpoint<M> {
+    /// The endpoint of this process's rank in a ring over processes.
+    pub fn remote(transport: Arc<dyn Transport>) -> Endpoint<M> {
+        Endpoint {
+            rank: transport.rank(),
+            ranks: transport.ranks(),
+            link: Link::Remote(transport),
+        }
+    }
+}
+
+impl<M: Wire> Endpoint<M> {
     /// Sends to rank `to` (not to oneself).
     pub fn send_to(&self, to: usize, msg: M) -> Result<()> {
-        let tx = self.senders[to].as_ref().ok_or_else(|| {
-            RuntimeError::Invalid(format!("rank {} tried to send to itself", self.rank))
-        })?;
-        tx.send(msg)
-            .map_err(|_| RuntimeError::Invalid(format!("rank {to} left the ring early")))
+        if to == self.rank || to >= self.ranks {
+            return Err(RuntimeError::Invalid(format!(
+                "rank {} tried to send to rank {to} of {}",
+                self.rank, self.ranks
+            )));
+        }
+        match &self.link {
+            Link::Local { senders, .. } => senders[to]
+                .as_ref()
+                .expect("a sender to every other rank")
+                .send(msg)
+                .map_err(|_| RuntimeError::Invalid(format!("rank {to} left the ring early"))),
+            Link::Remote(t) => {
+                let mut bytes = Vec::new();
+                msg.encode(&mut bytes);
+                t.send(to, bytes)
+            }
+        }
     }
     /// Sends to the next rank in ring order.
     pub fn send_next(&self, msg: M) -> Result<()> {
@@ -253,12 +381,28 @@ impl<M> Endpoint<M> {
     }
     /// Waits for the next message.
     pub fn recv(&self) -> Result<M> {
-        self.inbox.recv().map_err(|_| {
-            RuntimeError::Invalid(format!(
-                "rank {}: its peers left the ring before sending",
-                self.rank
-            ))
-        })
+        match &self.link {
+            Link::Local { inbox, .. } => inbox.recv().map_err(|_| {
+                RuntimeError::Invalid(format!(
+                    "rank {}: its peers left the ring before sending",
+                    self.rank
+                ))
+            }),
+            Link::Remote(t) => {
+                let bytes = t.recv()?;
+                let mut rest = &bytes[..];
+                let msg = M::decode(&mut rest)?;
+                if !rest.is_empty() {
+                    return Err(RuntimeError::Invalid(format!(
+                        "rank {}: a ring message had {} bytes too many (the ranks run \
+                         different mixers?)",
+                        self.rank,
+                        rest.len()
+                    )));
+                }
+                Ok(msg)
+            }
+        }
     }
 }
 

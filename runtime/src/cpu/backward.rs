@@ -46,7 +46,7 @@ use super::real::{feature, Real};
 use super::Ctx;
 use crate::error::Result;
 use crate::grad::{differentiable_inputs, Gradients};
-use crate::ring::{Endpoint, RingSchedule};
+use crate::ring::{wire, Endpoint, RingSchedule, Wire};
 use crate::tensor::Tensor;
 
 /// A key/value shard with its gradient accumulators, as it travels.
@@ -59,6 +59,23 @@ pub(super) struct BwdShard<T> {
     /// Key side of the cumulative log-gate gradient, `[batch * kv_heads][n][group]`
     /// (gated decay only).
     pub(super) dcol: Vec<f64>,
+}
+
+impl<T: Real> Wire for BwdShard<T> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        self.kv.encode(out);
+        wire::put_slice(out, &self.dk);
+        wire::put_slice(out, &self.dv);
+        wire::put_slice(out, &self.dcol);
+    }
+    fn decode(b: &mut &[u8]) -> Result<Self> {
+        Ok(BwdShard {
+            kv: KvShard::decode(b)?,
+            dk: wire::get_vec(b)?,
+            dv: wire::get_vec(b)?,
+            dcol: wire::get_vec(b)?,
+        })
+    }
 }
 
 /// Gradients of inputs read anywhere in the sequence: bias / transform
@@ -876,7 +893,7 @@ pub(super) fn assemble<T: Real>(
     // dC[b][h][p]: gradient of the cumulative log-gate at p.
     let mut d_cum = vec![0.0f64; if gated { batch * heads * positions } else { 0 }];
     let mut partials = empty_partials(ctx);
-    for (rank, rg) in ranks.into_iter().enumerate() {
+    for rg in ranks {
         let q_pos: Vec<usize> = rg.ranges.iter().flat_map(|r| r.clone()).collect();
         let nq = q_pos.len();
         for x in 0..batch * heads {
@@ -897,7 +914,7 @@ pub(super) fn assemble<T: Real>(
         }
         // The home shard: this rank's keys.
         let home = &rg.home;
-        debug_assert_eq!(home.kv.ranges, sched.kv_shard(rank));
+        debug_assert!(sched.kv_shards.contains(&home.kv.ranges));
         let n = home.kv.n;
         let k_pos: Vec<usize> = home.kv.ranges.iter().flat_map(|r| r.clone()).collect();
         for y in 0..batch * ctx.kv_heads {

@@ -34,7 +34,7 @@ use super::microkernel::{gemm, gemm_tn, Mat, MatMut};
 use super::real::{axpy, dot, feature, transpose, Real};
 use super::Ctx;
 use crate::error::{Result, RuntimeError};
-use crate::ring::{Endpoint, RingSchedule};
+use crate::ring::{wire, Endpoint, RingSchedule, Wire};
 
 /// A state for one range boundary, for every (batch, head): forward (`s`,
 /// `z`: positions before `pos`, decayed to `pos - 1`) or backward (`G`,
@@ -45,6 +45,23 @@ pub(super) struct StateMsg<T> {
     forward: bool,
     s: Vec<T>,
     z: Vec<T>,
+}
+
+impl<T: Real> Wire for StateMsg<T> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        wire::put_usize(out, self.pos);
+        wire::put_usize(out, usize::from(self.forward));
+        wire::put_slice(out, &self.s);
+        wire::put_slice(out, &self.z);
+    }
+    fn decode(b: &mut &[u8]) -> Result<Self> {
+        Ok(StateMsg {
+            pos: wire::get_usize(b)?,
+            forward: wire::get_usize(b)? != 0,
+            s: wire::get_vec(b)?,
+            z: wire::get_vec(b)?,
+        })
+    }
 }
 
 impl<T: Real> StateMsg<T> {
@@ -70,7 +87,7 @@ impl<T: Real> StateMsg<T> {
 }
 
 /// Receives the message for (`pos`, `forward`), keeping others for later.
-fn recv_for<T>(
+fn recv_for<T: Real>(
     ep: &Endpoint<StateMsg<T>>,
     pending: &mut Vec<StateMsg<T>>,
     pos: usize,
@@ -390,7 +407,7 @@ fn backward_sweep<T: Real>(
 
 /// Sends `msg` to the owner of the range it is for, or keeps it when that
 /// is this rank.
-fn send_or_keep<T>(
+fn send_or_keep<T: Real>(
     ep: &Endpoint<StateMsg<T>>,
     owner: usize,
     msg: StateMsg<T>,

@@ -16,7 +16,7 @@ use super::microkernel::{col_sums_add, gemm_tn, softmax_cols, Mat, MatMut};
 use super::real::{feature, feature_row, scale, Real};
 use super::{Ctx, RankOutput, RankStats};
 use crate::error::Result;
-use crate::ring::{Endpoint, RingSchedule};
+use crate::ring::{wire, Endpoint, RingSchedule, Wire};
 
 /// A key/value shard as it travels the ring: k (feature map applied) and v,
 /// laid out `[batch][kv_head][position][dim]` so a key tile is contiguous.
@@ -116,6 +116,58 @@ impl PairShard {
             k,
             v,
         }
+    }
+}
+
+impl Wire for PairShard {
+    fn encode(&self, out: &mut Vec<u8>) {
+        wire::put_slice(
+            out,
+            &self.offsets.iter().map(|&x| x as u64).collect::<Vec<_>>(),
+        );
+        wire::put_usize(out, self.n);
+        wire::put_usize(out, self.dk2);
+        wire::put_slice(out, &self.k);
+        wire::put_slice(out, &self.v);
+    }
+    fn decode(b: &mut &[u8]) -> Result<Self> {
+        let offsets: Vec<u64> = wire::get_vec(b)?;
+        Ok(PairShard {
+            offsets: offsets.into_iter().map(|x| x as usize).collect(),
+            n: wire::get_usize(b)?,
+            dk2: wire::get_usize(b)?,
+            k: wire::get_vec(b)?,
+            v: wire::get_vec(b)?,
+        })
+    }
+}
+
+impl<T: Real> Wire for KvShard<T> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        wire::put_ranges(out, &self.ranges);
+        wire::put_slice(out, &self.k);
+        wire::put_slice(out, &self.v);
+        wire::put_usize(out, usize::from(self.pairs.is_some()));
+        if let Some(p) = &self.pairs {
+            p.encode(out);
+        }
+    }
+    fn decode(b: &mut &[u8]) -> Result<Self> {
+        let ranges = wire::get_ranges(b)?;
+        let (offsets, n) = offsets(&ranges);
+        let (k, v) = (wire::get_vec(b)?, wire::get_vec(b)?);
+        let pairs = match wire::get_usize(b)? {
+            0 => None,
+            _ => Some(PairShard::decode(b)?),
+        };
+        Ok(KvShard {
+            ranges,
+            offsets,
+            n,
+            k,
+            v,
+            pairs,
+        })
     }
 }
 

@@ -18,7 +18,7 @@ use super::microkernel::{gemm, row_sum, Mat, MatMut};
 use super::real::{axpy, dot, feature_row, scale, transpose, Real};
 use super::{Ctx, RankOutput, RankStats};
 use crate::error::{Result, RuntimeError};
-use crate::ring::{Endpoint, RingSchedule};
+use crate::ring::{wire, Endpoint, RingSchedule, Wire};
 
 /// The state of every position before `start`, decayed to `start - 1`, for
 /// every (batch, head): `s` is `[bh][d_k][d_v]`, `z` is `[bh][d_k]`.
@@ -34,6 +34,21 @@ impl<T: Real> PrefixState<T> {
     fn add(&mut self, other: &Self) {
         self.s.iter_mut().zip(&other.s).for_each(|(a, b)| *a += *b);
         self.z.iter_mut().zip(&other.z).for_each(|(a, b)| *a += *b);
+    }
+}
+
+impl<T: Real> Wire for PrefixState<T> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        wire::put_usize(out, self.start);
+        wire::put_slice(out, &self.s);
+        wire::put_slice(out, &self.z);
+    }
+    fn decode(b: &mut &[u8]) -> Result<Self> {
+        Ok(PrefixState {
+            start: wire::get_usize(b)?,
+            s: wire::get_vec(b)?,
+            z: wire::get_vec(b)?,
+        })
     }
 }
 
@@ -149,7 +164,7 @@ pub(super) fn rank_main<T: Real>(
 }
 
 /// Receives the state for `start`, keeping any that arrive for later ranges.
-fn recv_for<T>(
+fn recv_for<T: Real>(
     ep: &Endpoint<PrefixState<T>>,
     start: usize,
     early: &mut Vec<PrefixState<T>>,

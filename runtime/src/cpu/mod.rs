@@ -44,10 +44,11 @@ use crate::error::{Result, RuntimeError};
 use crate::grad::Gradients;
 use crate::inputs::validate_inputs;
 pub use crate::ring::Sharding;
-use crate::ring::{endpoints, RingSchedule};
+use crate::ring::{endpoints, RingSchedule, Transport};
 use crate::tensor::{MixerInputs, Tensor};
 use expr::FastExpr;
 use real::Real;
+use std::sync::Arc;
 
 /// Arithmetic of a CPU run: f32 like the kernels, f64 to compare with the
 /// reference at tight tolerances.
@@ -327,9 +328,32 @@ impl CpuMixer {
         self.run_keeping(inputs, true)
     }
 
+    /// This process's rank of a ring over processes (`transport`: the
+    /// ring's rank count and this rank; the configuration's rank count is
+    /// not used). `inputs` have the whole sequence's shapes, but only this
+    /// rank's positions of q, k and v ([`RingSchedule::shard`] under the
+    /// configuration's sharding) are read: the rest may be zeros that were
+    /// never written (a zeroed allocation costs no memory for pages never
+    /// touched). Only this rank's rows of the output (and statistic, with
+    /// `keep_stat`) are written; the others are zeros. Extra inputs are
+    /// whole. Queries and keys must be one sequence.
+    pub fn run_rank(
+        &self,
+        inputs: &MixerInputs,
+        keep_stat: bool,
+        transport: &Arc<dyn Transport>,
+    ) -> Result<CpuRun> {
+        self.run_on(inputs, keep_stat, Ranks::Remote(transport))
+    }
+
     fn run_keeping(&self, inputs: &MixerInputs, keep_stat: bool) -> Result<CpuRun> {
+        self.run_on(inputs, keep_stat, Ranks::Threads(self.cfg.ranks))
+    }
+
+    fn run_on(&self, inputs: &MixerInputs, keep_stat: bool, ranks: Ranks<'_>) -> Result<CpuRun> {
         let (spec, cfg) = (&self.spec, &self.cfg);
         validate_inputs(spec, inputs)?;
+        ranks.check(inputs)?;
         // The state forms walk one sequence of positions; queries elsewhere
         // than their keys (decode, chunked prefill, cross-attention) run
         // blocked, which any family can (`forward_with_state` is the O(1)
@@ -339,18 +363,22 @@ impl CpuMixer {
         } else {
             CpuPath::Blocked
         };
-        let sched = RingSchedule::for_inputs(inputs, cfg.ranks, cfg.sharding)?;
+        let sched = RingSchedule::for_inputs(inputs, ranks.count(), cfg.sharding)?;
         let start = Instant::now();
         let pool = &*self.pool;
+        let run = RunOn {
+            sched: &sched,
+            ranks,
+            path,
+            keep_stat,
+        };
         let (output, stat, mut stats) = match cfg.precision {
             Precision::F32 | Precision::Bf16 => {
-                let (t, st, s) =
-                    run_typed::<f32>(spec, inputs, cfg, &sched, pool, path, keep_stat)?;
+                let (t, st, s) = run_typed::<f32>(spec, inputs, cfg, pool, &run)?;
                 (CpuOutput::F32(t), st, s)
             }
             Precision::F64 => {
-                let (t, st, s) =
-                    run_typed::<f64>(spec, inputs, cfg, &sched, pool, path, keep_stat)?;
+                let (t, st, s) = run_typed::<f64>(spec, inputs, cfg, pool, &run)?;
                 (CpuOutput::F64(t), st, s)
             }
         };
@@ -395,8 +423,36 @@ impl CpuMixer {
         stat: &Tensor<f64>,
         d_o: &Tensor<f32>,
     ) -> Result<CpuGradients> {
+        self.backward_on(inputs, o, stat, d_o, Ranks::Threads(self.cfg.ranks))
+    }
+
+    /// This process's rank of the backward of a ring over processes (see
+    /// [`CpuMixer::run_rank`]): only this rank's positions of q, k, v, `o`,
+    /// `stat` and `d_o` are read, and only this rank's positions of the
+    /// q, k and v gradients are written. The gradients of extra inputs are
+    /// this rank's part: their sum over the ranks is the gradient.
+    pub fn backward_rank(
+        &self,
+        inputs: &MixerInputs,
+        o: &Tensor<f32>,
+        stat: &Tensor<f64>,
+        d_o: &Tensor<f32>,
+        transport: &Arc<dyn Transport>,
+    ) -> Result<CpuGradients> {
+        self.backward_on(inputs, o, stat, d_o, Ranks::Remote(transport))
+    }
+
+    fn backward_on(
+        &self,
+        inputs: &MixerInputs,
+        o: &Tensor<f32>,
+        stat: &Tensor<f64>,
+        d_o: &Tensor<f32>,
+        ranks: Ranks<'_>,
+    ) -> Result<CpuGradients> {
         let (spec, cfg) = (&self.spec, &self.cfg);
         validate_inputs(spec, inputs)?;
+        ranks.check(inputs)?;
         crate::grad::validate_upstream(spec, inputs, d_o)?;
         let o_shape = [
             inputs.batch,
@@ -432,16 +488,22 @@ impl CpuMixer {
                 ),
             });
         };
-        let sched = RingSchedule::for_inputs(inputs, cfg.ranks, cfg.sharding)?;
+        let sched = RingSchedule::for_inputs(inputs, ranks.count(), cfg.sharding)?;
         let up = backward::Upstream { o, stat, d_o };
         let pool = &*self.pool;
+        let run = RunOn {
+            sched: &sched,
+            ranks,
+            path,
+            keep_stat: true,
+        };
         Ok(match cfg.precision {
-            Precision::F32 | Precision::Bf16 => CpuGradients::F32(backward_typed::<f32>(
-                spec, inputs, cfg, &sched, pool, path, &up,
-            )?),
-            Precision::F64 => CpuGradients::F64(backward_typed::<f64>(
-                spec, inputs, cfg, &sched, pool, path, &up,
-            )?),
+            Precision::F32 | Precision::Bf16 => {
+                CpuGradients::F32(backward_typed::<f32>(spec, inputs, cfg, pool, &run, &up)?)
+            }
+            Precision::F64 => {
+                CpuGradients::F64(backward_typed::<f64>(spec, inputs, cfg, pool, &run, &up)?)
+            }
         })
     }
 }
@@ -450,25 +512,25 @@ fn backward_typed<T: Real>(
     spec: &MixerSpec,
     inputs: &MixerInputs,
     cfg: &CpuConfig,
-    sched: &RingSchedule,
     pool: &rayon::ThreadPool,
-    path: CpuPath,
+    run: &RunOn<'_>,
     up: &backward::Upstream<'_>,
 ) -> Result<Gradients<T>> {
     // (Built for the blocked path: its cumulative log-gates serve both.)
     // The backward's products are f32 (bf16 runs included).
     let mut ctx = build_ctx::<T>(spec, inputs, cfg, pool, CpuPath::Blocked);
     ctx.bf16 = false;
-    let ranks = match path {
-        CpuPath::Chunkwise => spawn_ranks(sched.ranks, |ep| {
+    let sched = run.sched;
+    let ranks = match run.path {
+        CpuPath::Chunkwise => run.ranks.run(|ep| {
             let qside = backward::q_side(&ctx, up, sched.shard(ep.rank));
             backward_chunkwise::rank_main(&ctx, sched, &qside, ep)
         }),
-        CpuPath::GlobalState => spawn_ranks(sched.ranks, |ep| {
+        CpuPath::GlobalState => run.ranks.run(|ep| {
             let qside = backward::q_side(&ctx, up, sched.shard(ep.rank));
             backward_chunkwise::rank_main_global(&ctx, &qside, ep)
         }),
-        _ => spawn_ranks(sched.ranks, |ep| backward::rank_main(&ctx, sched, up, ep)),
+        _ => run.ranks.run(|ep| backward::rank_main(&ctx, sched, up, ep)),
     }
     .into_iter()
     .collect::<Result<Vec<_>>>()?;
@@ -760,20 +822,19 @@ fn run_typed<T: Real>(
     spec: &MixerSpec,
     inputs: &MixerInputs,
     cfg: &CpuConfig,
-    sched: &RingSchedule,
     pool: &rayon::ThreadPool,
-    path: CpuPath,
-    keep_stat: bool,
+    run: &RunOn<'_>,
 ) -> Result<(Tensor<T>, Tensor<f64>, RunStats)> {
+    let (sched, path, keep_stat) = (run.sched, run.path, run.keep_stat);
     let mut ctx = build_ctx::<T>(spec, inputs, cfg, pool, path);
     ctx.keep_stat = keep_stat;
     let ranks = sched.ranks;
     let outs: Vec<Result<RankOutput<T>>> = match path {
-        CpuPath::Blocked => spawn_ranks(ranks, |ep| blocked::rank_main(&ctx, sched, ep)),
-        CpuPath::Chunkwise => spawn_ranks(ranks, |ep| chunkwise::rank_main(&ctx, sched, ep)),
-        CpuPath::GlobalState => {
-            spawn_ranks(ranks, |ep| chunkwise::rank_main_global(&ctx, sched, ep))
-        }
+        CpuPath::Blocked => run.ranks.run(|ep| blocked::rank_main(&ctx, sched, ep)),
+        CpuPath::Chunkwise => run.ranks.run(|ep| chunkwise::rank_main(&ctx, sched, ep)),
+        CpuPath::GlobalState => run
+            .ranks
+            .run(|ep| chunkwise::rank_main_global(&ctx, sched, ep)),
     };
     let (heads, dv) = (ctx.heads, ctx.dv);
     let mut out = Tensor::<T>::zeros(&[inputs.batch, inputs.seq, heads, dv]);
@@ -822,6 +883,65 @@ fn run_typed<T: Real>(
     }
     stats.bf16_products = ctx.bf16 && path == CpuPath::Blocked && !stats.decode;
     Ok((out, stat, stats))
+}
+
+/// Which ranks of the ring this process runs.
+#[derive(Clone, Copy)]
+enum Ranks<'a> {
+    /// All of them, a thread each.
+    Threads(usize),
+    /// One, whose peers are other processes reached through the transport.
+    Remote(&'a Arc<dyn Transport>),
+}
+
+impl Ranks<'_> {
+    /// The ring's rank count.
+    fn count(self) -> usize {
+        match self {
+            Ranks::Threads(n) => n,
+            Ranks::Remote(t) => t.ranks(),
+        }
+    }
+
+    fn check(self, inputs: &MixerInputs) -> Result<()> {
+        match self {
+            Ranks::Remote(t) if t.rank() >= t.ranks() => Err(RuntimeError::Invalid(format!(
+                "rank {} of a ring of {} ranks",
+                t.rank(),
+                t.ranks()
+            ))),
+            Ranks::Remote(_) if !inputs.is_self_aligned() => Err(RuntimeError::Unsupported {
+                backend: "CPU",
+                what: format!(
+                    "a ring over processes with {} queries at offset {} against {} keys \
+                     (queries and keys must be one sequence)",
+                    inputs.seq, inputs.q_offset, inputs.kv_seq
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs `rank_main` for each rank this process runs, with its endpoint;
+    /// outputs in rank order.
+    fn run<O: Send, M: Send, F>(self, rank_main: F) -> Vec<Result<O>>
+    where
+        F: Fn(crate::ring::Endpoint<M>) -> Result<O> + Sync,
+    {
+        match self {
+            Ranks::Threads(n) => spawn_ranks(n, rank_main),
+            Ranks::Remote(t) => vec![rank_main(crate::ring::Endpoint::remote(Arc::clone(t)))],
+        }
+    }
+}
+
+/// What one forward or backward call runs: its ring, the ranks of it this
+/// process runs, and the algorithm.
+struct RunOn<'a> {
+    sched: &'a RingSchedule,
+    ranks: Ranks<'a>,
+    path: CpuPath,
+    keep_stat: bool,
 }
 
 /// Runs one scoped worker thread per rank, each with its ring endpoint, and

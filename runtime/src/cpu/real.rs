@@ -12,7 +12,7 @@ use mixc_dsl::ir::ExprFloat;
 /// expression function) come from [`ExprFloat`], the trait the spec IR's
 /// evaluator is written over, so the CPU backend cannot drift from it.
 pub trait Real:
-    ExprFloat + Debug + Default + Send + Sync + AddAssign + MulAssign + Sum + 'static
+    ExprFloat + Debug + Default + Send + Sync + AddAssign + MulAssign + Sum + bytemuck::Pod + 'static
 {
     const ZERO: Self;
     const ONE: Self;

@@ -1,0 +1,177 @@
+"""Rings over `torch.distributed`: each process holds its shard of the
+sequence and runs its rank of the library's ring (the same schedule the
+CPU backend runs as threads), the ring's messages (key/value shards,
+states, gradients on their way home) carried by the process group."""
+
+import torch
+import torch.distributed as dist
+
+from . import _mixc
+
+
+def ring_shards(seq, world, sharding="zigzag"):
+    """Per rank, the `(start, end)` position ranges it owns, in order:
+    `seq` positions dealt over `world` ranks by `sharding` (`"zigzag"`:
+    chunks r and 2R-1-r, balanced under a causal mask; `"contiguous"`)."""
+    return _mixc.ring_shards(seq, world, sharding)
+
+
+def shard(x, rank, world, *, sharding="zigzag", dim=1):
+    """Rank `rank`'s shard of a whole-sequence tensor (sequence axis `dim`):
+    its positions' slices, concatenated in order."""
+    ranges = ring_shards(x.shape[dim], world, sharding)[rank]
+    return torch.cat([x.narrow(dim, a, b - a) for a, b in ranges], dim)
+
+
+def unshard(parts, *, sharding="zigzag", dim=1):
+    """The whole-sequence tensor from every rank's shard (`parts[r]` is
+    rank r's, as `shard` gives it); differentiable."""
+    world = len(parts)
+    seq = sum(p.shape[dim] for p in parts)
+    pieces = []
+    for part, ranges in zip(parts, ring_shards(seq, world, sharding)):
+        off = 0
+        for a, b in ranges:
+            pieces.append((a, part.narrow(dim, off, b - a)))
+            off += b - a
+    pieces.sort(key=lambda p: p[0])
+    return torch.cat([p for _, p in pieces], dim)
+
+
+class _GroupTransport:
+    """The ring's byte messages over a process group: a header (length,
+    sender) then the payload, each an `isend` that is waited for only when
+    the call ends (every rank sends before it receives); receives take the
+    next header from any rank, then that rank's payload."""
+
+    _HEADER, _PAYLOAD = 1, 2
+
+    def __init__(self, group):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.pending = []
+
+    def _global(self, r):
+        return r if self.group is None else dist.get_global_rank(self.group, r)
+
+    def send(self, to, data):
+        dst = self._global(to)
+        header = torch.tensor([len(data), self.rank], dtype=torch.int64)
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        for t, tag in ((header, self._HEADER), (payload, self._PAYLOAD)):
+            self.pending.append((dist.isend(t, dst, group=self.group, tag=tag), t))
+
+    def recv(self):
+        header = torch.empty(2, dtype=torch.int64)
+        dist.recv(header, src=None, group=self.group, tag=self._HEADER)
+        n, src = header.tolist()
+        payload = torch.empty(n, dtype=torch.uint8)
+        dist.recv(payload, src=self._global(src), group=self.group, tag=self._PAYLOAD)
+        return payload.numpy().tobytes()
+
+    def finish(self):
+        for work, _ in self.pending:
+            work.wait()
+        self.pending.clear()
+
+
+def _seq_of(n, group):
+    """The whole sequence's length: the sum of the ranks' shard lengths."""
+    t = torch.tensor([n], dtype=torch.int64)
+    dist.all_reduce(t, group=group)
+    return int(t.item())
+
+
+class _RingMix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, m, group, seq, train, q, k, v, *extras):
+        from . import _extra_args, _f32
+
+        transport = _GroupTransport(group)
+        b, n = v.shape[0], v.shape[1]
+        info = m.info
+        qc, kc, vc = _f32(q), _f32(k), _f32(v)
+        args, keep = _extra_args(m, extras)
+        o = torch.empty((b, n, info["heads"], info["value_dim"]), dtype=torch.float32)
+        stat = torch.zeros((b, info["heads"], n), dtype=torch.float64) if train else None
+        try:
+            m._m.forward_rank((b, seq), transport.rank, transport.world, transport, qc.data_ptr(),
+                              kc.data_ptr(), vc.data_ptr(), args, o.data_ptr(),
+                              None if stat is None else stat.data_ptr(), bf16=v.dtype == torch.bfloat16)
+        finally:
+            transport.finish()
+        del keep
+        ctx.m, ctx.group, ctx.seq = m, group, seq
+        if train:
+            ctx.save_for_backward(q, k, v, o, stat, *extras)
+        return o.to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, d_o):
+        from . import _extra_args, _f32
+
+        m, group, seq = ctx.m, ctx.group, ctx.seq
+        q, k, v, o, stat, *extras = ctx.saved_tensors
+        transport = _GroupTransport(group)
+        b = v.shape[0]
+        qc, kc, vc, doc = _f32(q), _f32(k), _f32(v), _f32(d_o)
+        args, keep = _extra_args(m, extras)
+        dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32) for t in (qc, kc, vc))
+        dex = [torch.zeros(t.shape, dtype=torch.float32) for t in extras]
+        diff = set(m.info["differentiable"])
+        dex_args = [(i["name"], d.data_ptr()) for i, d in zip(m.info["inputs"], dex) if i["name"] in diff]
+        try:
+            m._m.backward_rank((b, seq), transport.rank, transport.world, transport, qc.data_ptr(),
+                               kc.data_ptr(), vc.data_ptr(), args, o.data_ptr(), stat.data_ptr(),
+                               doc.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dex_args)
+        finally:
+            transport.finish()
+        del keep
+        grads = []
+        for i, d, t in zip(m.info["inputs"], dex, extras):
+            if i["name"] in diff and t.requires_grad:
+                # Each rank holds its part of the whole input's gradient.
+                dist.all_reduce(d, group=group)
+                grads.append(d.to(t.dtype))
+            else:
+                grads.append(None)
+        if not m.info["reads_qk"]:
+            dq = dk = None
+        else:
+            dq, dk = dq.to(q.dtype), dk.to(k.dtype)
+        return (None, None, None, None, dq, dk, dv.to(v.dtype), *grads)
+
+
+def ring_call(m, q, k, v, extras, group):
+    """`o` (this rank's rows) of a ring over `group`: q, k, v are this
+    rank's shards (`[batch, n, heads, dim]`, `shard`'s order under the
+    mixer's sharding), extras whole."""
+    from . import _expect
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("group= needs torch.distributed initialised (init_process_group)")
+    info = m.info
+    if not isinstance(v, torch.Tensor) or v.dim() != 4:
+        raise ValueError(f"`v` must be [batch, n, kv_heads, value_dim], got {getattr(v, 'shape', v)!r}")
+    b, n = v.shape[0], v.shape[1]
+    seq = _seq_of(n, group)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    want = ring_shards(seq, world, info["sharding"]) if world <= seq else None
+    if want is None or sum(e - s for s, e in want[rank]) != n:
+        raise ValueError(
+            f"rank {rank} holds {n} positions of a {seq}-position sequence over {world} ranks, "
+            f"which is not its {info['sharding']} shard: shard with mixc.shard(x, rank, world, "
+            f"sharding={info['sharding']!r})")
+    if info["reads_qk"]:
+        _expect("q", q, (b, n, info["heads"], info["head_dim"]))
+        _expect("k", k, (b, n, info["kv_heads"], info["head_dim"]))
+    else:
+        q = v.new_empty(0) if q is None else q
+        k = v.new_empty(0) if k is None else k
+    _expect("v", v, (b, n, info["kv_heads"], info["value_dim"]))
+    for spec_in, t in zip(info["inputs"], extras):
+        shape = [b if d == "batch" else seq if d == "seq" else d for d in spec_in["dims"]]
+        _expect(spec_in["name"], t, shape, spec_in["dtype"])
+    train = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *extras))
+    return _RingMix.apply(m, group, seq, train, q, k, v, *extras)

@@ -1,0 +1,119 @@
+"""One process of a ring over torch.distributed (gloo), run by
+test_ring.py: `python ring_worker.py RANK WORLD INIT_FILE`. For each case
+it computes the whole sequence in this process (the single-process
+answer), then its shard through `m(q, k, v, group=...)`, and checks its
+rows of `o` and of every gradient (and the whole extra inputs' gradients)
+against the single-process ones. Exits non-zero on any mismatch."""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import mixc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# (example, sequence length): softmax (GQA, zigzag; a bias table; document
+# ids), the linear family, a gated one (a gate input with a gradient), a
+# non-causal linear mixer (global state), and the convolution.
+CASES = [
+    ("causal_gqa_llama3", 45),
+    ("relative_bias_t5", 38),
+    ("document_mask", 41),
+    ("linear_elu", 50),
+    ("gated_mamba2", 47),
+    ("long_conv_hyena", 40),
+]
+
+
+def extras_for(info, b, seq, gen):
+    out = {}
+    for i in info["inputs"]:
+        shape = [b if d == "batch" else seq if d == "seq" else d for d in i["dims"]]
+        if i["dtype"] == "i32":
+            out[i["name"]] = torch.sort(torch.randint(0, 4, shape, generator=gen), dim=-1).values.to(torch.int32)
+        elif i["name"] == "g":
+            out[i["name"]] = 0.9 + 0.1 * torch.rand(shape, generator=gen)
+        else:
+            out[i["name"]] = 0.5 * torch.randn(shape, generator=gen)
+    return out
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-6)).item()
+
+
+def run_case(name, seq, rank, world, spec_text=None, sharding=None):
+    m = mixc.Mixer(spec_text or os.path.join(ROOT, "examples", name + ".mix"), threads=1, sharding=sharding)
+    info = m.info
+    sharding = info["sharding"]
+    gen = torch.Generator().manual_seed(seq)
+    b, h, kvh, dk, dv = 2, info["heads"], info["kv_heads"], info["head_dim"], info["value_dim"]
+    q = torch.randn(b, seq, h, dk, generator=gen)
+    k = torch.randn(b, seq, kvh, dk, generator=gen)
+    v = torch.randn(b, seq, kvh, dv, generator=gen)
+    extra = extras_for(info, b, seq, gen)
+    d_o = torch.randn(b, seq, h, dv, generator=gen)
+    diff = set(info["differentiable"])
+    reads_qk = info["reads_qk"]
+
+    # The whole sequence in this process.
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    ex = {n: (t.clone().requires_grad_() if n in diff else t) for n, t in extra.items()}
+    want = m(*(ins if reads_qk else (None, None, ins[2])), **ex)
+    want.backward(d_o)
+
+    # This rank's shard through the ring.
+    mine = [mixc.shard(t, rank, world, sharding=sharding).requires_grad_() for t in (q, k, v)]
+    ex_r = {n: (t.clone().requires_grad_() if n in diff else t) for n, t in extra.items()}
+    got = m(*(mine if reads_qk else (None, None, mine[2])), group=dist.group.WORLD, **ex_r)
+    got.backward(mixc.shard(d_o, rank, world, sharding=sharding))
+
+    errs = {"o": rel(got, mixc.shard(want.detach(), rank, world, sharding=sharding))}
+    for label, g, w, used in (("dq", mine[0], ins[0], reads_qk), ("dk", mine[1], ins[1], reads_qk),
+                              ("dv", mine[2], ins[2], True)):
+        if used:
+            errs[label] = rel(g.grad, mixc.shard(w.grad, rank, world, sharding=sharding))
+    for n in diff:
+        errs["d" + n] = rel(ex_r[n].grad, ex[n].grad)
+    bad = {key: e for key, e in errs.items() if not e < 1e-4}
+    if bad:
+        raise AssertionError(f"rank {rank}/{world} {name} L={seq} {sharding}: {errs}")
+    # The whole output, gathered: the shards put back in order.
+    parts = [None] * world  # shard lengths differ by a position or two
+    dist.all_gather_object(parts, got.detach())
+    whole = mixc.unshard(parts, sharding=sharding)
+    if rel(whole, want.detach()) >= 1e-4:
+        raise AssertionError(f"{name}: unshard of the gathered shards differs")
+
+
+def main():
+    rank, world, init = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        for name, seq in CASES:
+            run_case(name, seq, rank, world)
+        # Contiguous sharding of a causal mixer (the sharding is the mixer's).
+        run_case("causal_gqa_llama3", 33, rank, world, sharding="contiguous")
+        # A shard that is not this rank's is refused, naming the fix.
+        m = mixc.Mixer(os.path.join(ROOT, "examples", "causal_gqa_llama3.mix"))
+        n = 5 + 3 * rank  # no rank's zigzag shard of the whole (13 or 38 positions)
+        x = torch.randn(1, n, 32, 128)
+        y = torch.randn(1, n, 8, 128)
+        try:
+            m(x, y, y, group=dist.group.WORLD)
+        except ValueError as e:
+            if "mixc.shard" not in str(e):
+                raise
+        else:
+            if world > 1:
+                raise AssertionError("a wrong shard length was accepted")
+    finally:
+        dist.destroy_process_group()
+    print(f"rank {rank}/{world}: ok")
+
+
+if __name__ == "__main__":
+    main()
