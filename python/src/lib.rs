@@ -94,6 +94,19 @@ unsafe fn read<T: Copy>(addr: usize, n: usize) -> Vec<T> {
     unsafe { std::slice::from_raw_parts(addr as *const T, n) }.to_vec()
 }
 
+/// The `n` elements at `addr`, borrowed (for the length of the call).
+///
+/// # Safety
+/// `addr` points to `n` live, aligned elements of `T`, not written while
+/// the slice lives.
+unsafe fn view<'a, T>(addr: usize, n: usize) -> &'a [T] {
+    if n == 0 {
+        return &[];
+    }
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts(addr as *const T, n) }
+}
+
 /// Writes `data` to `addr`.
 ///
 /// # Safety
@@ -340,7 +353,7 @@ impl Mixer {
                 Some(s) => {
                     let count = batch * n * s[2..].iter().product::<usize>();
                     // SAFETY: forwarded from this function's contract.
-                    rows.scatter(&unsafe { read::<f32>(addr, count) }, s)
+                    rows.scatter(unsafe { view::<f32>(addr, count) }, s)
                 }
                 None => Tensor::new(vec![0], Vec::new()),
             }
@@ -604,9 +617,9 @@ impl Mixer {
         let (x, o_t, d_o_t, stat_t) = unsafe {
             (
                 self.rank_inputs(&rows, batch, (q, k, v), &extras),
-                rows.scatter(&read::<f32>(o, o_n), &o_shape),
-                rows.scatter(&read::<f32>(d_o, o_n), &o_shape),
-                rows.scatter_stat(&read::<f64>(stat, batch * h * n), batch * h),
+                rows.scatter(view::<f32>(o, o_n), &o_shape),
+                rows.scatter(view::<f32>(d_o, o_n), &o_shape),
+                rows.scatter_stat(view::<f64>(stat, batch * h * n), batch * h),
             )
         };
         let stat_t = Tensor::new(vec![batch, h, seq], stat_t.data);
