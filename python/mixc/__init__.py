@@ -42,8 +42,8 @@ import torch
 from . import _mixc
 from ._ring import ring_shards, shard, unshard
 
-__all__ = ["Block", "Mixer", "SpecError", "check", "cpu_bf16_products", "gen", "ring_shards", "shard", "unshard",
-           "__version__"]
+__all__ = ["Block", "Mixer", "SpecError", "check", "cpu_bf16_products", "gen", "ring_shards", "shard", "tune",
+           "unshard", "__version__"]
 
 SpecError = _mixc.SpecError
 __version__ = _mixc.__version__
@@ -86,6 +86,23 @@ def gen(spec, arch="sm_90", dtype=None, *, backward=False):
     the backward kernels (softmax family). Needs no GPU."""
     text, origin = _spec_source(spec)
     return _mixc.gen(text, origin, arch, dtype, backward)
+
+
+def tune(spec, seq, *, batch=1, backward=False, budget=10.0, reps=3, force=False, seed=0, top=5):
+    """Tunes the CPU backend's tiles for a spec (text or path) at `batch x
+    seq`, as `mixc tune --backend cpu` does (the same library session): a
+    cached entry is returned unless `force=True`; otherwise the candidates
+    are timed (`reps` each, no new one after `budget` seconds) against the
+    reference and the winner stored in the tuning cache (`MIXC_CACHE_DIR`,
+    else `~/.cache/mixc`), where every `Mixer` of this spec built later
+    finds it for lengths in the same power-of-two bucket. `backward=True`
+    tunes the backward pass. Returns a dict: `result` (`"tuned"` or
+    `"cache_hit"`), `entry` (the stored entry: the chosen tiles, their and
+    the default's median times, the best candidates), `path`, `warnings`."""
+    import json
+
+    text, origin = _spec_source(spec)
+    return json.loads(_mixc.tune(text, origin, seq, batch, backward, budget, reps, force, seed, top))
 
 
 class Mixer:

@@ -915,6 +915,76 @@ fn gen(
         .map_err(|e| PyNotImplementedError::new_err(e.to_string()))
 }
 
+/// Tunes the CPU backend's tiles for `spec` at `batch x seq` (the forward,
+/// or with `backward` the backward pass), as `mixc tune --backend cpu`
+/// does, through the same library session: a cached entry is returned
+/// unless `force`; otherwise candidates are timed (`reps` each, within
+/// `budget` seconds) against the reference and the winner is stored in the
+/// tuning cache, where every later `Mixer` of this spec finds it. Returns
+/// JSON: `{"result": "cache_hit" | "tuned", "entry": ..., "path": ...,
+/// "warnings": [...]}`.
+#[pyfunction]
+#[pyo3(signature = (text, origin, seq, batch = 1, backward = false, budget = 10.0, reps = 3, force = false, seed = 0, top = 5))]
+#[allow(clippy::too_many_arguments)]
+fn tune(
+    py: Python<'_>,
+    text: &str,
+    origin: &str,
+    seq: usize,
+    batch: usize,
+    backward: bool,
+    budget: f64,
+    reps: usize,
+    force: bool,
+    seed: u64,
+    top: usize,
+) -> PyResult<String> {
+    use mixc::runtime::tune::{self, Pass, TuneRequest, TuneResult};
+    let spec = mixc::parse(text).map_err(|d| SpecError::new_err(d.render(origin, text)))?;
+    if !(budget.is_finite() && budget >= 0.0) {
+        return Err(PyValueError::new_err(format!(
+            "budget must be a non-negative number of seconds, not {budget}"
+        )));
+    }
+    let req = TuneRequest {
+        backend: mixc::BackendKind::Cpu,
+        batch,
+        seq,
+        dtype: spec.dtype,
+        reps,
+        seed,
+        budget: std::time::Duration::from_secs_f64(budget),
+        force,
+        top: top.max(1),
+        pass: if backward { Pass::Bwd } else { Pass::Fwd },
+    };
+    let session = py
+        .detach(|| tune::tune(&spec, &req, &mut |_| {}, &mut |_| {}))
+        .map_err(runtime_err)?;
+    let (result, entry, path) = match session.result {
+        TuneResult::CacheHit { entry, path } => ("cache_hit", entry, Some(path)),
+        TuneResult::Tuned { entry, written, .. } => ("tuned", entry, written),
+        TuneResult::NothingPassed { report } => {
+            let why: Vec<String> = report
+                .results
+                .iter()
+                .map(|r| r.candidate.label.clone())
+                .collect();
+            return Err(PyRuntimeError::new_err(format!(
+                "no tile configuration passed the check against the reference (tried {})",
+                why.join(", ")
+            )));
+        }
+    };
+    let v = serde_json::json!({
+        "result": result,
+        "entry": entry,
+        "path": path.map(|p| p.display().to_string()),
+        "warnings": session.warnings,
+    });
+    Ok(v.to_string())
+}
+
 /// The positions each rank of a ring owns: per rank, its `(start, end)`
 /// ranges in order, for `seq` positions over `ranks` ranks dealt by
 /// `sharding` (`"zigzag"` or `"contiguous"`), as the mixers deal them.
@@ -934,6 +1004,7 @@ fn ring_shards(seq: usize, ranks: usize, sharding: &str) -> PyResult<Vec<Vec<(us
 #[pymodule]
 fn _mixc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ring_shards, m)?)?;
+    m.add_function(wrap_pyfunction!(tune, m)?)?;
     m.add_class::<Mixer>()?;
     m.add_class::<Block>()?;
     m.add_class::<BlockSaved>()?;
