@@ -3,9 +3,11 @@
 //! [`mixc::Mixer`]). The Python package (`python/mixc/__init__.py`) is the
 //! public face: it validates torch tensors (device, dtype, shape,
 //! contiguity), allocates the outputs with torch, and passes this module
-//! their addresses; this module copies the inputs into mixc's tensors, runs
+//! their addresses; this module reads the inputs in place (mixc tensors
+//! borrowing the caller's memory for the length of the call: no copy), runs
 //! the mixer with the GIL released, and writes the results into the
-//! caller's buffers.
+//! caller's buffers. (`Block` copies its inputs: its saved residuals
+//! outlive the call.)
 //!
 //! The address-taking methods are private to the package: their contract
 //! (documented on each) is that every address points to a live, contiguous
@@ -162,6 +164,32 @@ fn mixer_info<'py>(py: Python<'py>, s: &MixerSpec) -> PyResult<Bound<'py, PyDict
     Ok(d)
 }
 
+/// The extra inputs, read in place from the caller's buffers at the shapes
+/// the spec gives them (names it does not declare are skipped).
+///
+/// # Safety
+/// Each address holds its input's element count of i32 (`is_int`) or f32,
+/// alive and unwritten while the returned tensors live.
+unsafe fn borrow_extras(
+    shapes: &BTreeMap<String, Vec<usize>>,
+    extras: &[ExtraArg],
+) -> BTreeMap<String, ExtraTensor> {
+    let mut out = BTreeMap::new();
+    for (name, addr, is_int) in extras {
+        let Some(s) = shapes.get(name) else { continue };
+        // SAFETY: forwarded from this function's contract.
+        let t = unsafe {
+            if *is_int {
+                ExtraTensor::I32(Tensor::borrowed(s.clone(), *addr as *const i32))
+            } else {
+                ExtraTensor::F32(Tensor::borrowed(s.clone(), *addr as *const f32))
+            }
+        };
+        out.insert(name.clone(), t);
+    }
+    out
+}
+
 /// The extra inputs, copied from the caller's buffers at the shapes the
 /// spec gives them (names it does not declare are skipped).
 ///
@@ -196,10 +224,11 @@ impl Mixer {
         self.spec.tensor_shapes_kv(batch, seq, kv_seq)
     }
 
-    /// The inputs, copied from the caller's buffers.
+    /// The inputs, read in place from the caller's buffers (no copy).
     ///
     /// # Safety
-    /// As [`read`], for every tensor at the shape the spec gives it.
+    /// Every tensor at the shape the spec gives it, live, aligned and
+    /// unwritten while the returned inputs live.
     unsafe fn inputs(
         &self,
         lengths: Lengths,
@@ -210,7 +239,7 @@ impl Mixer {
         let tensor = |name: &str, addr: usize| -> Tensor<f32> {
             match shapes.get(name) {
                 // SAFETY: forwarded from this function's contract.
-                Some(s) => Tensor::new(s.clone(), unsafe { read(addr, s.iter().product()) }),
+                Some(s) => unsafe { Tensor::borrowed(s.clone(), addr as *const f32) },
                 None => Tensor::new(vec![0], Vec::new()),
             }
         };
@@ -218,7 +247,7 @@ impl Mixer {
         let mut x = MixerInputs::new(q, k, v);
         (x.batch, x.seq, x.kv_seq, x.q_offset) = lengths;
         // SAFETY: as above.
-        x.extra = unsafe { read_extras(&shapes, extras) };
+        x.extra = unsafe { borrow_extras(&shapes, extras) };
         x
     }
 }
@@ -310,15 +339,15 @@ impl RankRows {
 
     /// A `[batch, heads, seq]` statistic, zero except this rank's
     /// positions, from `local` (`[batch, heads, n]`).
-    fn scatter_stat(&self, local: &[f64], batch_heads: usize) -> Tensor<f64> {
+    fn scatter_stat(&self, local: &[f64], batch: usize, heads: usize) -> Tensor<f64> {
         let n = self.positions.len();
-        let mut full = vec![0.0; batch_heads * self.seq];
-        for x in 0..batch_heads {
+        let mut full = vec![0.0; batch * heads * self.seq];
+        for x in 0..batch * heads {
             for (t, &p) in self.positions.iter().enumerate() {
                 full[x * self.seq + p] = local[x * n + t];
             }
         }
-        Tensor::new(vec![batch_heads, self.seq], full)
+        Tensor::new(vec![batch, heads, self.seq], full)
     }
 
     /// This rank's positions of a `[batch, heads, seq]` statistic.
@@ -362,7 +391,7 @@ impl Mixer {
         let mut x = MixerInputs::new(q, k, v);
         (x.batch, x.seq, x.kv_seq, x.q_offset) = (batch, seq, seq, 0);
         // SAFETY: as above.
-        x.extra = unsafe { read_extras(&shapes, extras) };
+        x.extra = unsafe { borrow_extras(&shapes, extras) };
         x
     }
 }
@@ -507,14 +536,13 @@ impl Mixer {
         let (batch, seq) = (lengths.0, lengths.1);
         let (h, dvw) = (self.spec.heads as usize, self.spec.value_dim as usize);
         let o_shape = vec![batch, seq, h, dvw];
-        let o_n = batch * seq * h * dvw;
         // SAFETY: the documented contract, checked by the Python side.
         let (x, o_t, d_o_t, stat_t) = unsafe {
             (
                 self.inputs(lengths, (q, k, v), &extras),
-                Tensor::new(o_shape.clone(), read::<f32>(o, o_n)),
-                Tensor::new(o_shape, read::<f32>(d_o, o_n)),
-                Tensor::new(vec![batch, h, seq], read::<f64>(stat, batch * h * seq)),
+                Tensor::borrowed(o_shape.clone(), o as *const f32),
+                Tensor::borrowed(o_shape, d_o as *const f32),
+                Tensor::borrowed(vec![batch, h, seq], stat as *const f64),
             )
         };
         let residuals = Residuals::from_stat(stat_t, batch, seq);
@@ -619,10 +647,9 @@ impl Mixer {
                 self.rank_inputs(&rows, batch, (q, k, v), &extras),
                 rows.scatter(view::<f32>(o, o_n), &o_shape),
                 rows.scatter(view::<f32>(d_o, o_n), &o_shape),
-                rows.scatter_stat(view::<f64>(stat, batch * h * n), batch * h),
+                rows.scatter_stat(view::<f64>(stat, batch * h * n), batch, h),
             )
         };
-        let stat_t = Tensor::new(vec![batch, h, seq], stat_t.data);
         let residuals = Residuals::from_stat(stat_t, batch, seq);
         let t = self.transport(transport, rank, ranks);
         let back = py

@@ -9,14 +9,150 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor<T> {
     pub shape: Vec<usize>,
-    pub data: Vec<T>,
+    pub data: Storage<T>,
+}
+
+/// A tensor's elements: its own vector, or a caller's memory read in
+/// place (see [`Storage::borrowed`]), copied on the first write.
+pub struct Storage<T> {
+    inner: Inner<T>,
+}
+
+enum Inner<T> {
+    Owned(Vec<T>),
+    Borrowed { ptr: *const T, len: usize },
+}
+
+// SAFETY: a borrowed storage is a shared slice (`&[T]`), which is Send and
+// Sync when T is Sync; an owned one is a Vec.
+unsafe impl<T: Sync + Send> Send for Storage<T> {}
+unsafe impl<T: Sync> Sync for Storage<T> {}
+
+impl<T> Storage<T> {
+    /// The `len` elements at `ptr`, read in place.
+    ///
+    /// # Safety
+    /// `ptr` points to `len` initialised, aligned elements that stay alive
+    /// and unwritten for as long as this storage (and every tensor holding
+    /// it) lives. Writes through the storage copy the elements first.
+    pub unsafe fn borrowed(ptr: *const T, len: usize) -> Self {
+        Storage {
+            inner: Inner::Borrowed { ptr, len },
+        }
+    }
+    pub fn as_slice(&self) -> &[T] {
+        self
+    }
+    /// Whether the elements are a caller's memory read in place.
+    pub fn is_borrowed(&self) -> bool {
+        matches!(self.inner, Inner::Borrowed { .. })
+    }
+    /// The elements as a vector (a copy when borrowed).
+    pub fn into_vec(self) -> Vec<T>
+    where
+        T: Clone,
+    {
+        match self.inner {
+            Inner::Owned(v) => v,
+            Inner::Borrowed { .. } => self.to_vec(),
+        }
+    }
+    /// The owned vector, copied from the caller's memory first if borrowed.
+    pub fn vec_mut(&mut self) -> &mut Vec<T>
+    where
+        T: Clone,
+    {
+        if let Inner::Borrowed { .. } = self.inner {
+            self.inner = Inner::Owned(self.to_vec());
+        }
+        match &mut self.inner {
+            Inner::Owned(v) => v,
+            Inner::Borrowed { .. } => unreachable!("made owned above"),
+        }
+    }
+}
+
+impl<T> std::ops::Deref for Storage<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match &self.inner {
+            Inner::Owned(v) => v,
+            Inner::Borrowed { ptr, len } if *len == 0 => {
+                let _ = ptr;
+                &[]
+            }
+            // SAFETY: `Storage::borrowed`'s contract.
+            Inner::Borrowed { ptr, len } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
+        }
+    }
+}
+
+impl<T: Clone> std::ops::DerefMut for Storage<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        self.vec_mut()
+    }
+}
+
+impl<T> From<Vec<T>> for Storage<T> {
+    fn from(v: Vec<T>) -> Self {
+        Storage {
+            inner: Inner::Owned(v),
+        }
+    }
+}
+
+impl<T: Clone> Clone for Storage<T> {
+    /// An owned copy (a clone never borrows the caller's memory longer).
+    fn clone(&self) -> Self {
+        Storage::from(self.to_vec())
+    }
+}
+
+impl<T: PartialEq> PartialEq for Storage<T> {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl<T: PartialEq> PartialEq<Vec<T>> for Storage<T> {
+    fn eq(&self, other: &Vec<T>) -> bool {
+        **self == **other
+    }
+}
+
+impl<T: PartialEq> PartialEq<Storage<T>> for Vec<T> {
+    fn eq(&self, other: &Storage<T>) -> bool {
+        **self == **other
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Storage<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+impl<'a, T: Clone> IntoIterator for &'a mut Storage<T> {
+    type Item = &'a mut T;
+    type IntoIter = std::slice::IterMut<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter_mut()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a Storage<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
 }
 
 impl<T: Copy + Default> Tensor<T> {
     pub fn zeros(shape: &[usize]) -> Self {
         Tensor {
             shape: shape.to_vec(),
-            data: vec![T::default(); shape.iter().product()],
+            data: vec![T::default(); shape.iter().product()].into(),
         }
     }
 }
@@ -28,7 +164,22 @@ impl<T> Tensor<T> {
             data.len(),
             "shape does not match data"
         );
-        Tensor { shape, data }
+        Tensor {
+            shape,
+            data: data.into(),
+        }
+    }
+    /// A tensor whose elements are the caller's memory, read in place.
+    ///
+    /// # Safety
+    /// As [`Storage::borrowed`], for `shape`'s element count at `ptr`.
+    pub unsafe fn borrowed(shape: Vec<usize>, ptr: *const T) -> Self {
+        let len = shape.iter().product();
+        Tensor {
+            shape,
+            // SAFETY: forwarded from this function's contract.
+            data: unsafe { Storage::borrowed(ptr, len) },
+        }
     }
     pub fn numel(&self) -> usize {
         self.data.len()
@@ -241,3 +392,31 @@ impl MixerInputs {
 
 /// The output of a run: `[batch, seq, heads, value_dim]`.
 pub type MixerOutput<T> = Tensor<T>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn borrowed_storage_reads_in_place_and_copies_on_write() {
+        let caller = vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        // SAFETY: `caller` outlives `t` and is not written while `t` lives.
+        let mut t = unsafe { Tensor::borrowed(vec![2, 3], caller.as_ptr()) };
+        assert!(t.data.is_borrowed());
+        assert_eq!(t.data.as_ptr(), caller.as_ptr(), "no copy");
+        assert_eq!(t.offset(&[1, 2]), 5);
+        assert_eq!(t.data[5], 6.0);
+        // A clone is an owned copy.
+        let c = t.clone();
+        assert!(!c.data.is_borrowed());
+        assert_eq!(c, t);
+        // A write copies first: the caller's memory is never written.
+        t.data[0] = 10.0;
+        assert!(!t.data.is_borrowed());
+        assert_eq!(caller[0], 1.0);
+        assert_eq!(t.data.to_vec(), vec![10.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        // An empty borrowed tensor.
+        let e = unsafe { Tensor::<f32>::borrowed(vec![0, 4], std::ptr::null()) };
+        assert!(e.data.is_empty());
+    }
+}

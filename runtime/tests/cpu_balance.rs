@@ -172,7 +172,7 @@ fn bad_configurations_are_clear_errors() {
     // Inputs that do not fit the spec are rejected before any work starts.
     let mut wrong = inputs.clone();
     wrong.v.shape[2] += 1;
-    wrong.v.data.extend(vec![0.0; 10 * 16]);
+    wrong.v.data.vec_mut().extend(vec![0.0; 10 * 16]);
     assert!(matches!(
         cpu::run(&s, &wrong, &cfg(1, Sharding::Zigzag)).unwrap_err(),
         RuntimeError::BadInput { .. }

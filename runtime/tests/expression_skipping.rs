@@ -61,7 +61,7 @@ fn computed_fraction(spec: &MixerSpec, inp: &MixerInputs) -> (f64, Vec<f64>) {
     let nt = L / TILE;
     (
         (t.full + t.partial) as f64 / (HEADS * nt * nt) as f64,
-        run.output.to_f64().data,
+        run.output.to_f64().data.into_vec(),
     )
 }
 

@@ -48,7 +48,7 @@ enum Which<'a> {
     Extra(&'a str),
 }
 
-fn tensor_mut<'i>(inputs: &'i mut MixerInputs, w: Which<'_>) -> &'i mut Vec<f32> {
+fn tensor_mut<'i>(inputs: &'i mut MixerInputs, w: Which<'_>) -> &'i mut [f32] {
     match w {
         Which::Q => &mut inputs.q.data,
         Which::K => &mut inputs.k.data,

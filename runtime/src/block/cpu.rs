@@ -417,7 +417,7 @@ pub(crate) fn backward(
 
     // 1. Per row block, back through the FFN, norm2 and the output
     //    projection, recomputing the block's tail.
-    let mut dx = d_out.data.clone();
+    let mut dx = d_out.data.to_vec();
     let mut d_o = vec![0.0f32; rows * d.od];
     let mut tail = Tail::new(&d, br);
     let mut da = vec![0.0f32; br * f];

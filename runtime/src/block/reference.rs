@@ -152,7 +152,9 @@ fn run_forward(spec: &BlockSpec, inputs: &BlockInputs, w: &Weights) -> Result<Fo
         narrow(vec![b, l, kvh, dv], &v),
         inputs.extra.clone(),
     );
-    let o = crate::reference::evaluate(m, &mixer_inputs)?.data;
+    let o = crate::reference::evaluate(m, &mixer_inputs)?
+        .data
+        .into_vec();
     let attn = proj(&o, h * dv, w.get(weight::WO), width);
     let y: Vec<f64> = x.iter().zip(&attn).map(|(a, b)| a + b).collect();
     let n2 = NormParams::new(&spec.norm, w.get(weight::NORM2), w.opt(weight::NORM2_BIAS));

@@ -165,7 +165,7 @@ impl RunHeader {
         for (name, t) in &inputs.extra {
             let n: usize = t.shape().iter().product();
             let vals: Vec<f32> = match t {
-                crate::tensor::ExtraTensor::F32(x) => x.data.clone(),
+                crate::tensor::ExtraTensor::F32(x) => x.data.to_vec(),
                 crate::tensor::ExtraTensor::I32(x) => x.data.iter().map(|&v| v as f32).collect(),
             };
             sample(name, &mut vals.into_iter(), n);
