@@ -65,6 +65,7 @@ pub use mixc_dsl::{DType, Diagnostics, Family, MixerSpec, SpecError};
 pub use mixc_runtime::mixer::capabilities;
 pub use mixc_runtime::ring::{RingSchedule, Sharding, Transport};
 pub use mixc_runtime::tune::CpuTiles;
+pub use mixc_runtime::varlen::Varlen;
 pub use mixc_runtime::{
     BackendKind, BackwardOutput, ConfigSource, Device, ExtraTensor, Gradients, Mixer, MixerInputs,
     Options, Output, Residuals, Tensor, Tiles,

@@ -32,3 +32,5 @@ pub mod nvrtc;
 pub mod reference;
 pub mod ring;
 pub mod tune;
+pub mod varlen;
+pub use varlen::Varlen;

@@ -30,6 +30,7 @@ use crate::reference;
 use crate::ring::{RingSchedule, Sharding, Transport};
 use crate::tensor::{MixerInputs, Tensor};
 use crate::tune::{self, CpuTiles, Pass};
+use crate::varlen::Varlen;
 
 /// Where a [`Mixer`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -617,6 +618,204 @@ impl Mixer {
         transport: &Arc<dyn Transport>,
     ) -> Result<BackwardOutput> {
         self.backward_impl(inputs, o, residuals, d_o, Some(transport))
+    }
+
+    /// [`Mixer::forward`] of a packed variable-length batch: batch 1, the
+    /// sequences concatenated, `varlen` their boundaries (see
+    /// [`crate::varlen`] for the layout of every input). Each sequence runs
+    /// alone on this mixer (its rows of q, k, v read in place); `o` is
+    /// packed like q.
+    pub fn forward_varlen(&self, inputs: &MixerInputs, varlen: &Varlen) -> Result<Output> {
+        Ok(self.varlen_forward(inputs, varlen, false)?.0)
+    }
+
+    /// [`Mixer::forward_train`] of a packed variable-length batch; the
+    /// residuals are packed like `o`.
+    pub fn forward_train_varlen(
+        &self,
+        inputs: &MixerInputs,
+        varlen: &Varlen,
+    ) -> Result<(Output, Residuals)> {
+        self.backward_support()?;
+        let (out, stat) = self.varlen_forward(inputs, varlen, true)?;
+        let residuals = Residuals::from_stat(stat, 1, inputs.seq);
+        Ok((out, residuals))
+    }
+
+    fn varlen_forward(
+        &self,
+        inputs: &MixerInputs,
+        varlen: &Varlen,
+        train: bool,
+    ) -> Result<(Output, Tensor<f64>)> {
+        varlen.check(&self.spec, inputs)?;
+        let (h, dv) = (self.spec.heads as usize, self.spec.value_dim as usize);
+        let total = inputs.seq;
+        let start = Instant::now();
+        let mut o = Tensor::<f32>::zeros(&[1, total, h, dv]);
+        let empty_stat = if self.spec.norm == mixc_dsl::ir::Norm::Softmax {
+            f64::NEG_INFINITY
+        } else {
+            0.0
+        };
+        let mut stat = Tensor::new(
+            vec![1, h, if train { total } else { 0 }],
+            vec![empty_stat; if train { h * total } else { 0 }],
+        );
+        let mut seconds = 0.0;
+        let mut pairs: Option<Vec<u64>> = None;
+        let mut first: Option<Output> = None;
+        for s in 0..varlen.sequences() {
+            let (qr, kr) = (varlen.q_rows(s), varlen.kv_rows(s));
+            if qr.is_empty() || kr.is_empty() {
+                // No query, or queries with no key: rows of 0 (stat as above).
+                continue;
+            }
+            let part = varlen.part(&self.spec, inputs, s);
+            let (out, res) = if train {
+                let (o, r) = self.forward_train(&part)?;
+                (o, Some(r))
+            } else {
+                (self.forward(&part)?, None)
+            };
+            o.data[qr.start * h * dv..qr.end * h * dv].copy_from_slice(&out.o.data);
+            if let Some(r) = res.filter(|r| !r.stat.data.is_empty()) {
+                for x in 0..h {
+                    stat.data[x * total + qr.start..x * total + qr.end]
+                        .copy_from_slice(&r.stat.data[x * qr.len()..(x + 1) * qr.len()]);
+                }
+            }
+            seconds += out.seconds;
+            match (&mut pairs, &out.pairs_per_rank) {
+                (Some(acc), Some(p)) => acc.iter_mut().zip(p).for_each(|(a, b)| *a += b),
+                (None, Some(p)) => pairs = Some(p.clone()),
+                _ => {}
+            }
+            first.get_or_insert(out);
+        }
+        let (config, config_source) = match first {
+            Some(f) => (f.config, f.config_source),
+            None => (self.base.config.clone(), self.base.source.clone()),
+        };
+        let wall_seconds = start.elapsed().as_secs_f64();
+        Ok((
+            Output {
+                o,
+                seconds,
+                wall_seconds,
+                pairs_per_rank: pairs,
+                config,
+                config_source,
+                dist_rank: None,
+            },
+            stat,
+        ))
+    }
+
+    /// [`Mixer::backward`] of a packed variable-length batch: `o`, the
+    /// residuals and `d_o` packed as [`Mixer::forward_train_varlen`] gave
+    /// them; the gradients packed like their inputs (see [`crate::varlen`]).
+    pub fn backward_varlen(
+        &self,
+        inputs: &MixerInputs,
+        o: &Tensor<f32>,
+        residuals: &Residuals,
+        d_o: &Tensor<f32>,
+        varlen: &Varlen,
+    ) -> Result<BackwardOutput> {
+        self.backward_support()?;
+        varlen.check(&self.spec, inputs)?;
+        let (h, dv) = (self.spec.heads as usize, self.spec.value_dim as usize);
+        let total = inputs.seq;
+        let want = [1, total, h, dv];
+        for (name, t) in [("o", o), ("d_o", d_o)] {
+            if t.shape != want {
+                return Err(RuntimeError::BadInput {
+                    name: name.into(),
+                    problem: format!("must have shape {want:?}, got {:?}", t.shape),
+                });
+            }
+        }
+        let stat = &residuals.stat;
+        let stat_kept = !stat.data.is_empty();
+        if stat_kept && stat.shape != [1, h, total] {
+            return Err(RuntimeError::BadInput {
+                name: "residuals".into(),
+                problem: format!(
+                    "saved by a forward of another batch: shape {:?}, expected {:?}",
+                    stat.shape,
+                    [1, h, total]
+                ),
+            });
+        }
+        let start = Instant::now();
+        let zeros = |t: &Tensor<f32>| Tensor::<f32>::zeros(&t.shape);
+        let mut grads = Gradients {
+            dq: zeros(&inputs.q),
+            dk: zeros(&inputs.k),
+            dv: zeros(&inputs.v),
+            extra: Default::default(),
+        };
+        for decl in &self.spec.inputs {
+            if let Some(crate::tensor::ExtraTensor::F32(t)) = inputs.extra.get(&decl.name) {
+                if crate::grad::differentiable_inputs(&self.spec).contains(&decl.name) {
+                    grads.extra.insert(decl.name.clone(), zeros(t));
+                }
+            }
+        }
+        let mut last: Option<BackwardOutput> = None;
+        for s in 0..varlen.sequences() {
+            let (qr, kr) = (varlen.q_rows(s), varlen.kv_rows(s));
+            if qr.is_empty() || kr.is_empty() {
+                continue;
+            }
+            let part = varlen.part(&self.spec, inputs, s);
+            let part_stat = if stat_kept {
+                let n = qr.len();
+                let data = (0..h)
+                    .flat_map(|x| stat.data[x * total + qr.start..x * total + qr.end].to_vec())
+                    .collect();
+                Tensor::new(vec![1, h, n], data)
+            } else {
+                Tensor::new(vec![0], Vec::new())
+            };
+            let res = Residuals::from_stat(part_stat, 1, qr.len());
+            let back = self.backward(
+                &part,
+                &crate::varlen::rows(o, &qr),
+                &res,
+                &crate::varlen::rows(d_o, &qr),
+            )?;
+            let g = &back.grads;
+            for (whole, part, r) in [
+                (&mut grads.dq, &g.dq, &qr),
+                (&mut grads.dk, &g.dk, &kr),
+                (&mut grads.dv, &g.dv, &kr),
+            ] {
+                if !part.data.is_empty() {
+                    let w: usize = whole.shape[2..].iter().product();
+                    whole.data[r.start * w..r.end * w].copy_from_slice(&part.data);
+                }
+            }
+            for decl in &self.spec.inputs {
+                if let (Some(whole), Some(p)) =
+                    (grads.extra.get_mut(&decl.name), g.extra.get(&decl.name))
+                {
+                    varlen.scatter_add_extra(decl, s, p, whole);
+                }
+            }
+            last = Some(back);
+        }
+        let (config, config_source) = match last {
+            Some(b) => (b.config, b.config_source),
+            None => (self.base.config.clone(), self.base.source.clone()),
+        };
+        Ok(BackwardOutput {
+            grads,
+            seconds: start.elapsed().as_secs_f64(),
+            config,
+            config_source,
+        })
     }
 
     fn remote_unsupported(&self) -> RuntimeError {

@@ -399,7 +399,7 @@ mod tests {
 
     #[test]
     fn borrowed_storage_reads_in_place_and_copies_on_write() {
-        let caller = vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let caller = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
         // SAFETY: `caller` outlives `t` and is not written while `t` lives.
         let mut t = unsafe { Tensor::borrowed(vec![2, 3], caller.as_ptr()) };
         assert!(t.data.is_borrowed());
