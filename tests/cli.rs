@@ -211,6 +211,46 @@ fn run_set_overrides_shapes_and_keeps_the_check_passing() {
     assert!(within_tolerance(&v), "{v}");
 }
 
+#[test]
+fn run_varlen_packs_sequences_and_checks_each_alone() {
+    for example in ["document_mask", "gated_mamba2", "long_conv_hyena"] {
+        let v = run_json(&[
+            "run",
+            &format!("examples/{example}.mix"),
+            "--backend",
+            "cpu",
+            "--varlen",
+            "100,1,0,257",
+            "--set",
+            "heads=4",
+            "--check",
+            "--json",
+        ]);
+        assert_eq!(v["tokens"], 358, "{v}");
+        assert_eq!(v["output_shape"][1], 358, "{v}");
+        assert!(within_tolerance(&v), "{v}");
+    }
+    let out = mixc(&[
+        "run",
+        "examples/causal_gqa_llama3.mix",
+        "--varlen",
+        "5,6",
+        "--grad",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--grad"), "{}", text(&out));
+    let out = mixc(&[
+        "run",
+        "examples/causal_gqa_llama3.mix",
+        "--backend",
+        "cpu",
+        "--varlen",
+        "0,0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("no token"), "{}", text(&out));
+}
+
 /// A decode step (`--seq 4 --kv-seq 700`: the queries are the newest four
 /// positions), a chunk at an explicit offset, and cross-attention with
 /// more queries than keys, each checked against the reference.

@@ -129,14 +129,24 @@ class Mixer:
     def __repr__(self):
         return repr(self._m)
 
-    def __call__(self, q, k, v, *, q_offset=None, group=None, **extra):
+    def __call__(self, q, k, v, *, q_offset=None, group=None, cu_seqlens=None, cu_seqlens_q=None,
+                 cu_seqlens_k=None, **extra):
         """`o [batch, seq, heads, value_dim]` for q `[batch, seq, heads,
         head_dim]`, k and v `[batch, kv_seq, kv_heads, dim]`. Query `i` sits
         at position `i + q_offset` among the keys (masks, biases and decay
         see positions); the default `kv_seq - seq` (0 when there are more
         queries than keys) makes the queries the newest tokens. Extra inputs
         are keyword arguments by their spec names; their `seq` axis spans the
-        kv_seq key positions."""
+        kv_seq key positions.
+
+        A packed variable-length batch (FlashAttention's varlen): q
+        `[1, total_q, heads, head_dim]`, k and v `[1, total_k, kv_heads,
+        dim]`, the sequences concatenated, with `cu_seqlens_q` and
+        `cu_seqlens_k` (int tensors or lists, `[n + 1]`, from 0) their
+        boundaries, or `cu_seqlens` for both; each sequence attends only
+        within itself, its positions restarting at 0. Extra inputs with a
+        `seq` axis are packed the same way; those with a `batch` axis but no
+        `seq` axis hold one entry per sequence."""
         names = [i["name"] for i in self.info["inputs"]]
         unknown = sorted(set(extra) - set(names))
         if unknown:
@@ -148,6 +158,17 @@ class Mixer:
             q = v.new_empty(0) if q is None else q
             k = v.new_empty(0) if k is None else k
         extras = [extra[n] for n in names]
+        if cu_seqlens is not None or cu_seqlens_q is not None or cu_seqlens_k is not None:
+            if group is not None or q_offset is not None:
+                raise ValueError("a packed batch (cu_seqlens) takes no q_offset or group")
+            cu_q = cu_seqlens_q if cu_seqlens_q is not None else cu_seqlens
+            cu_k = cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens
+            if cu_q is None or cu_k is None:
+                raise ValueError("a packed batch needs cu_seqlens, or both cu_seqlens_q and cu_seqlens_k")
+            cu_q, cu_k = _cu(cu_q, "cu_seqlens_q"), _cu(cu_k, "cu_seqlens_k")
+            _validate_packed(self, q, k, v, extras, cu_q, cu_k)
+            o, _stat = torch.ops.mixc.mix_varlen(self._handle, q, k, v, extras, cu_q, cu_k)
+            return o
         if group is not None:
             if q_offset is not None:
                 raise ValueError("a ring over a process group (group=) runs queries and keys of one sequence; "
@@ -204,6 +225,38 @@ def _validate(m, q, k, v, extras, q_offset):
     if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
         raise ValueError(f"`q_offset` must be a non-negative int, got {q_offset!r}")
     return q_offset
+
+
+def _cu(x, name):
+    """Cumulative lengths as an int64 CPU tensor."""
+    t = torch.as_tensor(x)
+    if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"`{name}` must be a 1-D integer tensor or list of cumulative lengths, got {x!r}")
+    return t.to(device="cpu", dtype=torch.int64).contiguous()
+
+
+def _validate_packed(m, q, k, v, extras, cu_q, cu_k):
+    info = m.info
+    if not isinstance(v, torch.Tensor) or v.dim() != 4:
+        raise ValueError(f"`v` must be [1, total_k, kv_heads, value_dim], got {getattr(v, 'shape', v)!r}")
+    if torch.compiler.is_compiling():
+        # The boundaries are data here; the native call checks them.
+        tq, tk = (q.shape[1] if info["reads_qk"] else v.shape[1]), v.shape[1]
+    else:
+        tq, tk = int(cu_q[-1]) if len(cu_q) else 0, int(cu_k[-1]) if len(cu_k) else 0
+    h, kvh, dk, dv = info["heads"], info["kv_heads"], info["head_dim"], info["value_dim"]
+    if info["reads_qk"]:
+        _expect("q", q, (1, tq, h, dk))
+        _expect("k", k, (1, tk, kvh, dk))
+        for name, t in (("q", q), ("k", k)):
+            if t.dtype != v.dtype:
+                raise TypeError(f"`{name}` holds {t.dtype} but `v` holds {v.dtype}")
+    _expect("v", v, (1, tk, kvh, dv))
+    for spec_in, t in zip(info["inputs"], extras):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"`{spec_in['name']}` must be a torch.Tensor, not {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise ValueError(f"`{spec_in['name']}` is on {t.device}; the mixc package runs CPU tensors so far")
 
 
 def _f32(t):
@@ -312,6 +365,81 @@ def _backward(ctx, d_o, _d_stat):
 
 
 _mix.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _packed_out_shape(m, q, v, cu_q):
+    return (1, q.shape[1] if m.info["reads_qk"] else v.shape[1], m.info["heads"], m.info["value_dim"])
+
+
+@torch.library.custom_op("mixc::mix_varlen", mutates_args=())
+def _mix_varlen(handle: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extras: list[torch.Tensor],
+                cu_q: torch.Tensor, cu_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    m = _MIXERS[handle]
+    qc, kc, vc = _f32(q), _f32(k), _f32(v)
+    args, keep = _extra_args(m, extras)
+    shape = _packed_out_shape(m, q, v, cu_q)
+    o = torch.empty(shape, dtype=torch.float32)
+    stat = torch.zeros((1, m.info["heads"], shape[1]), dtype=torch.float64)
+    m._m.forward_varlen(cu_q.tolist(), cu_k.tolist(), qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), args,
+                        o.data_ptr(), stat.data_ptr(), bf16=v.dtype == torch.bfloat16)
+    del keep
+    return o.to(v.dtype), stat
+
+
+@_mix_varlen.register_fake
+def _mix_varlen_fake(handle, q, k, v, extras, cu_q, cu_k):
+    m = _MIXERS[handle]
+    shape = _packed_out_shape(m, q, v, cu_q)
+    return v.new_empty(shape), v.new_empty((1, m.info["heads"], shape[1]), dtype=torch.float64)
+
+
+@torch.library.custom_op("mixc::mix_varlen_backward", mutates_args=())
+def _mix_varlen_backward(handle: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         extras: list[torch.Tensor], cu_q: torch.Tensor, cu_k: torch.Tensor, o: torch.Tensor,
+                         stat: torch.Tensor, d_o: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    m = _MIXERS[handle]
+    qc, kc, vc, oc, doc = _f32(q), _f32(k), _f32(v), _f32(o), _f32(d_o)
+    statc = stat.detach().to(torch.float64).contiguous()
+    args, keep = _extra_args(m, extras)
+    dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32) for t in (qc, kc, vc))
+    dex = [torch.zeros(t.shape, dtype=torch.float32) for t in extras]
+    dex_args = [(i["name"], d.data_ptr()) for i, d in zip(m.info["inputs"], dex)
+                if i["name"] in m.info["differentiable"]]
+    m._m.backward_varlen(cu_q.tolist(), cu_k.tolist(), qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), args,
+                         oc.data_ptr(), statc.data_ptr(), doc.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                         dex_args)
+    del keep
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+            [d.to(t.dtype) if t.is_floating_point() else d for d, t in zip(dex, extras)])
+
+
+@_mix_varlen_backward.register_fake
+def _mix_varlen_backward_fake(handle, q, k, v, extras, cu_q, cu_k, o, stat, d_o):
+    return _mix_backward_fake(handle, q, k, v, extras, 0, o, stat, d_o)
+
+
+def _setup_varlen(ctx, inputs, output):
+    handle, q, k, v, extras, cu_q, cu_k = inputs
+    o, stat = output
+    ctx.handle = handle
+    ctx.n_extra = len(extras)
+    ctx.save_for_backward(q, k, v, o, stat, cu_q, cu_k, *extras)
+
+
+def _backward_varlen(ctx, d_o, _d_stat):
+    q, k, v, o, stat, cu_q, cu_k, *extras = ctx.saved_tensors
+    m = _MIXERS[ctx.handle]
+    dq, dk, dv, dex = torch.ops.mixc.mix_varlen_backward(ctx.handle, q, k, v, list(extras), cu_q, cu_k, o, stat,
+                                                         d_o.contiguous())
+    diff = set(m.info["differentiable"])
+    dex = [d if i["name"] in diff else None for i, d in zip(m.info["inputs"], dex)]
+    if not m.info["reads_qk"]:
+        dq = dk = None
+    return None, dq, dk, dv, dex, None, None
+
+
+_mix_varlen.register_autograd(_backward_varlen, setup_context=_setup_varlen)
 
 
 class _Module(torch.nn.Module):

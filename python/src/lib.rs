@@ -252,6 +252,28 @@ impl Mixer {
     }
 }
 
+impl Mixer {
+    /// The packed inputs of a variable-length batch, read in place; each
+    /// extra input at the packed shape its role gives (see `mixc::varlen`).
+    ///
+    /// # Safety
+    /// As [`Mixer::inputs`], at the packed shapes.
+    unsafe fn packed_inputs(
+        &self,
+        varlen: &mixc::Varlen,
+        qkv: (usize, usize, usize),
+        extras: &[ExtraArg],
+    ) -> PyResult<MixerInputs> {
+        let (tq, tk) = (varlen.total_q(), varlen.total_kv());
+        // SAFETY: forwarded from this function's contract.
+        let mut x = unsafe { self.inputs((1, tq, tk, 0), qkv, &[]) };
+        let shapes = varlen.packed_shapes(&self.spec);
+        // SAFETY: as above.
+        x.extra = unsafe { borrow_extras(&shapes, extras) };
+        Ok(x)
+    }
+}
+
 /// A ring's transport made of a Python object (the package's
 /// `torch.distributed` link): `send(to, bytes)` must not wait for the
 /// receiver, `recv()` returns the next message's bytes from any rank.
@@ -548,6 +570,106 @@ impl Mixer {
         let residuals = Residuals::from_stat(stat_t, batch, seq);
         let back = py
             .detach(|| self.inner.backward(&x, &o_t, &residuals, &d_o_t))
+            .map_err(runtime_err)?;
+        let g = back.grads;
+        // SAFETY: each destination holds its input's element count (checked).
+        unsafe {
+            if !g.dq.data.is_empty() {
+                write(dq, &g.dq.data);
+                write(dk, &g.dk.data);
+            }
+            write(dv, &g.dv.data);
+            for (name, addr) in &dextras {
+                if let Some(t) = g.extra.get(name) {
+                    write(*addr, &t.data);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The forward pass of a packed variable-length batch (batch 1; see
+    /// `mixc::varlen`): `cu_q`, `cu_kv` the sequences' cumulative query and
+    /// key lengths; q `[1, total_q, heads, head_dim]`, k, v `[1, total_kv,
+    /// kv_heads, dim]`, extras packed by role; writes `o` (f32, packed like
+    /// q) and, when given, `stat` (f64 `[1, heads, total_q]`).
+    #[pyo3(signature = (cu_q, cu_kv, q, k, v, extras, o, stat = None, bf16 = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn forward_varlen(
+        &self,
+        py: Python<'_>,
+        cu_q: Vec<usize>,
+        cu_kv: Vec<usize>,
+        q: usize,
+        k: usize,
+        v: usize,
+        extras: Vec<ExtraArg>,
+        o: usize,
+        stat: Option<usize>,
+        bf16: bool,
+    ) -> PyResult<()> {
+        let varlen = mixc::Varlen::new(cu_q, cu_kv).map_err(runtime_err)?;
+        // SAFETY: the documented contract, checked by the Python side.
+        let x = unsafe { self.packed_inputs(&varlen, (q, k, v), &extras)? };
+        let m = self.for_call(bf16)?;
+        let (out, stat_t) = py
+            .detach(|| match stat {
+                Some(_) => m
+                    .forward_train_varlen(&x, &varlen)
+                    .map(|(o, r)| (o, Some(r.stat))),
+                None => m.forward_varlen(&x, &varlen).map(|o| (o, None)),
+            })
+            .map_err(runtime_err)?;
+        // SAFETY: `o` holds total_q * heads * value_dim f32 (checked).
+        unsafe { write(o, &out.o.data) };
+        if let (Some(addr), Some(st)) = (stat, stat_t) {
+            if st.numel() == self.spec.heads as usize * varlen.total_q() {
+                // SAFETY: `stat` holds heads * total_q f64 (checked).
+                unsafe { write(addr, &st.data) };
+            }
+        }
+        Ok(())
+    }
+
+    /// The backward of [`Mixer::forward_varlen`]: gradients packed like
+    /// their inputs (an extra input per its role).
+    #[pyo3(signature = (cu_q, cu_kv, q, k, v, extras, o, stat, d_o, dq, dk, dv, dextras))]
+    #[allow(clippy::too_many_arguments)]
+    fn backward_varlen(
+        &self,
+        py: Python<'_>,
+        cu_q: Vec<usize>,
+        cu_kv: Vec<usize>,
+        q: usize,
+        k: usize,
+        v: usize,
+        extras: Vec<ExtraArg>,
+        o: usize,
+        stat: usize,
+        d_o: usize,
+        dq: usize,
+        dk: usize,
+        dv: usize,
+        dextras: Vec<(String, usize)>,
+    ) -> PyResult<()> {
+        let varlen = mixc::Varlen::new(cu_q, cu_kv).map_err(runtime_err)?;
+        let (h, dvw) = (self.spec.heads as usize, self.spec.value_dim as usize);
+        let total = varlen.total_q();
+        // SAFETY: the documented contract, checked by the Python side.
+        let (x, o_t, d_o_t, stat_t) = unsafe {
+            (
+                self.packed_inputs(&varlen, (q, k, v), &extras)?,
+                Tensor::borrowed(vec![1, total, h, dvw], o as *const f32),
+                Tensor::borrowed(vec![1, total, h, dvw], d_o as *const f32),
+                Tensor::borrowed(vec![1, h, total], stat as *const f64),
+            )
+        };
+        let residuals = Residuals::from_stat(stat_t, 1, total);
+        let back = py
+            .detach(|| {
+                self.inner
+                    .backward_varlen(&x, &o_t, &residuals, &d_o_t, &varlen)
+            })
             .map_err(runtime_err)?;
         let g = back.grads;
         // SAFETY: each destination holds its input's element count (checked).

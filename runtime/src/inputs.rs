@@ -158,6 +158,38 @@ pub fn random_inputs_kv(
     }
 }
 
+/// Random inputs of a packed variable-length batch (see [`crate::varlen`]):
+/// q `[1, total_q, ...]`, k and v `[1, total_kv, ...]`, extra inputs
+/// packed by role (one entry per sequence for those with a `batch` axis
+/// and no `seq` axis).
+pub fn random_varlen_inputs(
+    spec: &MixerSpec,
+    varlen: &crate::varlen::Varlen,
+    seed: u64,
+) -> MixerInputs {
+    let (tq, tk) = (varlen.total_q(), varlen.total_kv());
+    let shapes = spec.tensor_shapes_kv(1, tq, tk);
+    let qkv = |name: &str| match shapes.get(name) {
+        Some(shape) => normal_tensor(&mut stream(seed, name), shape.clone(), 1.0),
+        None => empty_tensor(),
+    };
+    let (q, k, v) = (qkv("q"), qkv("k"), qkv("v"));
+    let extra: BTreeMap<String, ExtraTensor> = spec
+        .inputs
+        .iter()
+        .map(|d| {
+            let per_sequence = d.dims.contains(&Dim::Batch) && !d.dims.contains(&Dim::Seq);
+            let batch = if per_sequence { varlen.sequences() } else { 1 };
+            (d.name.clone(), random_extra(spec, d, batch, tk, seed))
+        })
+        .collect();
+    MixerInputs {
+        kv_seq: tk,
+        q_offset: 0,
+        ..MixerInputs::self_attention(1, tq, q, k, v, extra)
+    }
+}
+
 /// The expected shape of a tensor with its axes named, for error messages:
 /// `[batch=2, seq=33, kv_heads=2, head_dim=16]`.
 pub fn describe_shape(spec: &MixerSpec, name: &str, batch: usize, seq: usize) -> String {

@@ -167,6 +167,17 @@ impl Varlen {
         Ok(())
     }
 
+    /// Every extra input's shape in the packed call, by name.
+    pub fn packed_shapes(
+        &self,
+        spec: &MixerSpec,
+    ) -> std::collections::BTreeMap<String, Vec<usize>> {
+        spec.inputs
+            .iter()
+            .map(|d| (d.name.clone(), self.packed_shape(spec, d)))
+            .collect()
+    }
+
     /// The shape an extra input has in the packed call (see the module docs).
     fn packed_shape(&self, spec: &MixerSpec, decl: &InputDecl) -> Vec<usize> {
         let per_sequence = per_sequence(decl);
@@ -183,9 +194,10 @@ impl Varlen {
             .collect()
     }
 
-    /// Sequence `s`'s own call: q, k and v read in place from the packed
-    /// ones; the extra inputs' parts (copies, small).
-    pub(crate) fn part(&self, spec: &MixerSpec, x: &MixerInputs, s: usize) -> MixerInputs {
+    /// Sequence `s`'s own inputs, as if it ran alone: q, k and v read in
+    /// place from the packed ones (the view lives no longer than `x`); the
+    /// extra inputs' parts (copies, small).
+    pub fn part(&self, spec: &MixerSpec, x: &MixerInputs, s: usize) -> MixerInputs {
         let (qr, kr) = (self.q_rows(s), self.kv_rows(s));
         let mut p = MixerInputs::new(rows(&x.q, &qr), rows(&x.k, &kr), rows(&x.v, &kr));
         (p.batch, p.seq, p.kv_seq) = (1, qr.len(), kr.len());
@@ -241,8 +253,9 @@ fn per_sequence(decl: &InputDecl) -> bool {
     decl.dims.contains(&Dim::Batch) && !decl.dims.contains(&Dim::Seq)
 }
 
-/// Rows `r` of a `[1, n, ...]` tensor, read in place.
-pub(crate) fn rows<T: Copy>(t: &Tensor<T>, r: &Range<usize>) -> Tensor<T> {
+/// Rows `r` of a `[1, n, ...]` tensor, read in place (the view must not
+/// outlive `t`).
+pub fn rows<T: Copy>(t: &Tensor<T>, r: &Range<usize>) -> Tensor<T> {
     if t.shape.len() < 2 || t.data.is_empty() {
         return Tensor::new(t.shape.clone(), t.data.to_vec());
     }

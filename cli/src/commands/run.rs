@@ -187,6 +187,110 @@ impl LazyBar {
 /// Compares `output` with the f64 reference (the documented sample, or
 /// everything with `full`), with a progress bar on a terminal when the
 /// reference takes more than a second.
+/// `mixc run --varlen`: a packed batch of random sequences, forward, and
+/// with --check each sequence against the reference run on it alone.
+fn run_varlen(
+    args: &Args,
+    spec: &mixc::MixerSpec,
+    mixer: &Mixer,
+    opts: &ExecOptions,
+    lengths: &[usize],
+) -> Result<ExitCode> {
+    if lengths.is_empty() {
+        bail!("--varlen needs at least one sequence length");
+    }
+    if args.batch != 1 {
+        bail!("--varlen packs its sequences into batch 1; --batch does not apply");
+    }
+    let varlen = mixc::Varlen::from_lengths(lengths)?;
+    let total = varlen.total_q();
+    if total == 0 {
+        bail!("--varlen: the sequences hold no token");
+    }
+    mixer.admit(1, total)?;
+    let dtype = mixer.dtype();
+    let mut inputs = mixc::runtime::inputs::random_varlen_inputs(spec, &varlen, args.seed);
+    inputs::round_to_dtype(&mut inputs, dtype);
+    let what = format!(
+        "running {} on {}: {} packed sequences, {total} tokens",
+        spec.name,
+        opts.backend.name(),
+        lengths.len()
+    );
+    let run = with_spinner(&what, args.json, || -> Result<_> {
+        Ok(mixer.forward_varlen(&inputs, &varlen)?)
+    })?;
+    let mut worst: Option<CheckReport> = None;
+    if let Some(mode) = args.check.as_deref() {
+        for s in 0..varlen.sequences() {
+            let rows = varlen.q_rows(s);
+            if rows.is_empty() {
+                continue;
+            }
+            let part = varlen.part(spec, &inputs, s);
+            let o = mixc::runtime::varlen::rows(&run.o, &rows);
+            let c = check_output(mixer, &part, &o, mode == "full", true)?;
+            let worse = worst.as_ref().is_none_or(|w| {
+                !(c.max_rel_error <= w.max_rel_error) || c.non_finite > w.non_finite
+            });
+            if worse {
+                worst = Some(c);
+            }
+        }
+    }
+    let tokens = total as f64;
+    let tolerance = reference::check_tolerance(mixer.compute_dtype());
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "spec": spec.name,
+                "family": spec.family.name(),
+                "backend": opts.backend.name(),
+                "dtype": dtype.name(),
+                "compute_dtype": mixer.compute_dtype().name(),
+                "varlen": lengths,
+                "tokens": total,
+                "seconds": run.seconds,
+                "wall_seconds": run.wall_seconds,
+                "tokens_per_s": tokens / run.seconds,
+                "config": run.config,
+                "max_rel_error": worst.as_ref().map(|c| c.max_rel_error),
+                "tolerance": worst.is_some().then_some(tolerance),
+                "output_shape": run.o.shape,
+            })
+        );
+    } else {
+        println!(
+            "{} ({}) on {}: {} packed sequences ({} tokens) in {:.3} s ({:.0} tokens/s)",
+            spec.name,
+            spec.family.name(),
+            opts.backend.name(),
+            lengths.len(),
+            total,
+            run.seconds,
+            tokens / run.seconds
+        );
+        if let Some(c) = &worst {
+            println!(
+                "check: max relative error {:.3e} vs f64 reference, each sequence alone \
+                 (tolerance {tolerance:.0e})",
+                c.max_rel_error
+            );
+        }
+    }
+    match &worst {
+        Some(c) if !c.passed() => {
+            eprintln!(
+                "error: check failed: max relative error {:.3e} exceeds {tolerance:.0e}",
+                c.max_rel_error
+            );
+            Ok(ExitCode::FAILURE)
+        }
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
+
 pub fn check_output(
     mixer: &Mixer,
     inputs: &MixerInputs,
@@ -231,8 +335,16 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "auto")]
     pub(crate) backend: Backend,
     /// Sequence length of the random inputs (taken from the file with --inputs).
-    #[arg(long, required_unless_present = "inputs")]
+    #[arg(long, required_unless_present_any = ["inputs", "varlen"])]
     pub(crate) seq: Option<usize>,
+    /// A packed variable-length batch of random sequences of these lengths
+    /// (e.g. `100,37,2048`): concatenated along the sequence axis (batch 1),
+    /// each attending only within itself, its positions restarting at 0.
+    /// With --check each sequence is compared with the f64 reference run on
+    /// it alone. Forward only.
+    #[arg(long, value_delimiter = ',', value_name = "LENGTHS",
+          conflicts_with_all = ["seq", "kv_seq", "q_offset", "inputs", "grad", "save"])]
+    pub(crate) varlen: Option<Vec<usize>>,
     /// Key/value length of the random inputs (default: --seq). With fewer
     /// queries than keys the queries are the last positions (a decode step
     /// or a prefill chunk against a KV cache); see --q-offset.
@@ -360,6 +472,9 @@ pub fn main(args: Args) -> Result<ExitCode> {
     let mixer = build_mixer(&spec, &opts)?;
     if args.grad {
         mixer.backward_support()?;
+    }
+    if let Some(lengths) = &args.varlen {
+        return run_varlen(&args, &spec, &mixer, &opts, lengths);
     }
     let mut d_o_file = None;
     let inputs: MixerInputs = match &args.inputs {
