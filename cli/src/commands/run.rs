@@ -231,7 +231,10 @@ fn run_varlen(
             let o = mixc::runtime::varlen::rows(&run.o, &rows);
             let c = check_output(mixer, &part, &o, mode == "full", true)?;
             let worse = worst.as_ref().is_none_or(|w| {
-                !(c.max_rel_error <= w.max_rel_error) || c.non_finite > w.non_finite
+                // A NaN error is the worst.
+                c.max_rel_error.is_nan()
+                    || c.max_rel_error > w.max_rel_error
+                    || c.non_finite > w.non_finite
             });
             if worse {
                 worst = Some(c);
