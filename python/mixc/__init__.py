@@ -130,7 +130,7 @@ class Mixer:
         return repr(self._m)
 
     def __call__(self, q, k, v, *, q_offset=None, group=None, cu_seqlens=None, cu_seqlens_q=None,
-                 cu_seqlens_k=None, **extra):
+                 cu_seqlens_k=None, block_table=None, seq_lens=None, **extra):
         """`o [batch, seq, heads, value_dim]` for q `[batch, seq, heads,
         head_dim]`, k and v `[batch, kv_seq, kv_heads, dim]`. Query `i` sits
         at position `i + q_offset` among the keys (masks, biases and decay
@@ -146,7 +146,13 @@ class Mixer:
         boundaries, or `cu_seqlens` for both; each sequence attends only
         within itself, its positions restarting at 0. Extra inputs with a
         `seq` axis are packed the same way; those with a `batch` axis but no
-        `seq` axis hold one entry per sequence."""
+        `seq` axis hold one entry per sequence.
+
+        A paged KV cache (vLLM / FlashInfer layout, inference only): k and v
+        `[num_pages, page_size, kv_heads, dim]`, `block_table` `[batch,
+        max_pages]` (ints: row b's pages in order) and `seq_lens` (row b's
+        key count); q `[batch, seq, heads, head_dim]` are each row's newest
+        positions. Extra inputs must have no `seq` axis."""
         names = [i["name"] for i in self.info["inputs"]]
         unknown = sorted(set(extra) - set(names))
         if unknown:
@@ -158,6 +164,10 @@ class Mixer:
             q = v.new_empty(0) if q is None else q
             k = v.new_empty(0) if k is None else k
         extras = [extra[n] for n in names]
+        if block_table is not None or seq_lens is not None:
+            if block_table is None or seq_lens is None:
+                raise ValueError("a paged KV cache needs both block_table and seq_lens")
+            return _paged_call(self, q, k, v, extras, block_table, seq_lens)
         if cu_seqlens is not None or cu_seqlens_q is not None or cu_seqlens_k is not None:
             if group is not None or q_offset is not None:
                 raise ValueError("a packed batch (cu_seqlens) takes no q_offset or group")
@@ -257,6 +267,43 @@ def _validate_packed(m, q, k, v, extras, cu_q, cu_k):
             raise TypeError(f"`{spec_in['name']}` must be a torch.Tensor, not {type(t).__name__}")
         if t.device.type != "cpu":
             raise ValueError(f"`{spec_in['name']}` is on {t.device}; the mixc package runs CPU tensors so far")
+
+
+def _paged_call(m, q, k, v, extras, block_table, seq_lens):
+    """`o [batch, seq, heads, value_dim]` against a paged cache (no autograd)."""
+    info = m.info
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v) if isinstance(t, torch.Tensor)):
+        raise NotImplementedError("a paged KV cache call is for inference: it has no backward "
+                                  "(run it under torch.no_grad(), or use a contiguous cache)")
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"`{name}` must be a paged cache [num_pages, page_size, kv_heads, dim], "
+                             f"got {getattr(t, 'shape', t)!r}")
+    pages, page_size = k.shape[0], k.shape[1]
+    _expect("k", k, (pages, page_size, info["kv_heads"], info["head_dim"]))
+    _expect("v", v, (pages, page_size, info["kv_heads"], info["value_dim"]))
+    lens = [int(x) for x in (seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else seq_lens)]
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"`q` must be [batch, seq, heads, head_dim], got {getattr(q, 'shape', q)!r}")
+    _expect("q", q, (len(lens), q.shape[1], info["heads"], info["head_dim"]))
+    bt = torch.as_tensor(block_table)
+    if bt.dim() != 2 or bt.shape[0] != len(lens) or bt.dtype.is_floating_point:
+        raise ValueError(f"`block_table` must be an integer [batch={len(lens)}, max_pages] tensor, "
+                         f"got {tuple(bt.shape)} {bt.dtype}")
+    bt = bt.to(torch.int32).contiguous()
+    for spec_in, t in zip(info["inputs"], extras):
+        if "seq" in spec_in["dims"]:
+            raise NotImplementedError(f"input `{spec_in['name']}` is indexed by position; with a paged KV cache "
+                                      "give inputs without a `seq` axis (tables, one entry per row)")
+        shape = [len(lens) if d == "batch" else d for d in spec_in["dims"]]
+        _expect(spec_in["name"], t, shape, spec_in["dtype"])
+    qc, kc, vc = _f32(q), _f32(k), _f32(v)
+    args, keep = _extra_args(m, extras)
+    o = torch.empty((len(lens), q.shape[1], info["heads"], info["value_dim"]), dtype=torch.float32)
+    m._m.forward_paged(qc.data_ptr(), q.shape[1], kc.data_ptr(), vc.data_ptr(), pages, page_size, bt.data_ptr(),
+                       bt.shape[1], lens, args, o.data_ptr(), bf16=v.dtype == torch.bfloat16)
+    del keep
+    return o.to(v.dtype)
 
 
 def _f32(t):

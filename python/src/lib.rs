@@ -588,6 +588,63 @@ impl Mixer {
         Ok(())
     }
 
+    /// One call against a paged KV cache (inference; see `mixc::paged`):
+    /// q `[batch, seq, heads, head_dim]` (f32), `k`/`v` f32 `[num_pages,
+    /// page_size, kv_heads, dim]` (`pages`, `page_size`), `block_table`
+    /// int32 `[batch, max_pages]`, `seq_lens` one length per row, extras
+    /// without a `seq` axis; writes `o` (f32 `[batch, seq, heads,
+    /// value_dim]`).
+    #[pyo3(signature = (q, q_seq, k, v, pages, page_size, block_table, max_pages, seq_lens, extras, o, bf16 = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn forward_paged(
+        &self,
+        py: Python<'_>,
+        q: usize,
+        q_seq: usize,
+        k: usize,
+        v: usize,
+        pages: usize,
+        page_size: usize,
+        block_table: usize,
+        max_pages: usize,
+        seq_lens: Vec<usize>,
+        extras: Vec<ExtraArg>,
+        o: usize,
+        bf16: bool,
+    ) -> PyResult<()> {
+        let s = &self.spec;
+        let (h, kvh, dk, dv) = (
+            s.heads as usize,
+            s.kv_heads as usize,
+            s.head_dim as usize,
+            s.value_dim as usize,
+        );
+        let batch = seq_lens.len();
+        // SAFETY: the documented contract, checked by the Python side.
+        let (qt, kt, vt, bt, ex) = unsafe {
+            (
+                Tensor::borrowed(vec![batch, q_seq, h, dk], q as *const f32),
+                Tensor::borrowed(vec![pages, page_size, kvh, dk], k as *const f32),
+                Tensor::borrowed(vec![pages, page_size, kvh, dv], v as *const f32),
+                Tensor::borrowed(vec![batch, max_pages], block_table as *const i32),
+                borrow_extras(&s.tensor_shapes(batch, 1), &extras),
+            )
+        };
+        let cache = mixc::PagedKv {
+            k: &kt,
+            v: &vt,
+            block_table: &bt,
+            seq_lens: &seq_lens,
+        };
+        let m = self.for_call(bf16)?;
+        let out = py
+            .detach(|| m.forward_paged(&qt, &cache, &ex))
+            .map_err(runtime_err)?;
+        // SAFETY: `o` holds batch * seq * heads * value_dim f32 (checked).
+        unsafe { write(o, &out.o.data) };
+        Ok(())
+    }
+
     /// The forward pass of a packed variable-length batch (batch 1; see
     /// `mixc::varlen`): `cu_q`, `cu_kv` the sequences' cumulative query and
     /// key lengths; q `[1, total_q, heads, head_dim]`, k, v `[1, total_kv,

@@ -104,3 +104,40 @@ def test_packed_calls_compile_with_fullgraph():
     assert torch.allclose(eager, compiled)
     compiled.backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
+
+
+def test_paged_kv_cache_equals_the_contiguous_cache():
+    m = mixc.Mixer("mixer paged { heads = 4; kv_heads = 2; head_dim = 16; mask = causal && window(50); }")
+    g = torch.Generator().manual_seed(5)
+    lens, page, sq = [37, 1, 130], 16, 4
+    need = [-(-n // page) for n in lens]
+    pages = sum(need) + 2
+    perm = torch.randperm(pages, generator=g).tolist()
+    k_cache = torch.zeros(pages, page, 2, 16)
+    v_cache = torch.zeros(pages, page, 2, 16)
+    table = torch.full((3, max(need)), -1, dtype=torch.int64)
+    q = torch.randn(3, sq, 4, 16, generator=g)
+    wants, nxt = [], 0
+    for b, n in enumerate(lens):
+        k = torch.randn(1, n, 2, 16, generator=g)
+        v = torch.randn(1, n, 2, 16, generator=g)
+        for c in range(need[b]):
+            table[b, c] = perm[nxt]
+            nxt += 1
+        for pos in range(n):
+            k_cache[table[b, pos // page], pos % page] = k[0, pos]
+            v_cache[table[b, pos // page], pos % page] = v[0, pos]
+        rows = min(sq, n)
+        wants.append(m(q[b:b + 1, sq - rows:], k, v))
+    with torch.no_grad():
+        o = m(q, k_cache, v_cache, block_table=table, seq_lens=lens)
+    assert o.shape == (3, sq, 4, 16)
+    for b, want in enumerate(wants):
+        rows = want.shape[1]
+        assert torch.allclose(o[b:b + 1, sq - rows:], want, atol=1e-6), b
+    with pytest.raises(ValueError, match="block_table"):
+        m(q, k_cache, v_cache, block_table=table[:2], seq_lens=lens)
+    with pytest.raises(ValueError, match="seq_lens"):
+        m(q, k_cache, v_cache, block_table=table)
+    with pytest.raises(NotImplementedError, match="inference"):
+        m(q.clone().requires_grad_(), k_cache, v_cache, block_table=table, seq_lens=lens)

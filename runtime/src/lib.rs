@@ -29,8 +29,10 @@ pub use mixer::{
     BackendKind, BackwardOutput, ConfigSource, Device, Mixer, Options, Output, Residuals, Tiles,
 };
 pub mod nvrtc;
+pub mod paged;
 pub mod reference;
 pub mod ring;
 pub mod tune;
 pub mod varlen;
+pub use paged::PagedKv;
 pub use varlen::Varlen;

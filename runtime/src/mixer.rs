@@ -818,6 +818,28 @@ impl Mixer {
         })
     }
 
+    /// One call against a paged KV cache (see [`crate::paged`]): q
+    /// `[batch, seq, heads, head_dim]`, row `b`'s queries the last `seq` of
+    /// its `seq_lens[b]` positions; returns `o [batch, seq, heads,
+    /// value_dim]`. Extra inputs without a `seq` axis (tables, one entry per
+    /// row for those with a `batch` axis).
+    pub fn forward_paged(
+        &self,
+        q: &Tensor<f32>,
+        cache: &crate::paged::PagedKv<'_>,
+        extra: &std::collections::BTreeMap<String, crate::tensor::ExtraTensor>,
+    ) -> Result<Output> {
+        let (x, varlen) = cache.packed(&self.spec, q, extra)?;
+        let mut out = self.forward_varlen(&x, &varlen)?;
+        out.o.shape = vec![
+            q.shape[0],
+            q.shape[1],
+            self.spec.heads as usize,
+            self.spec.value_dim as usize,
+        ];
+        Ok(out)
+    }
+
     fn remote_unsupported(&self) -> RuntimeError {
         RuntimeError::Unsupported {
             backend: self.backend.name(),
