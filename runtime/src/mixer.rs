@@ -840,6 +840,46 @@ impl Mixer {
         Ok(out)
     }
 
+    /// A forward of a causal linear, retention or gated mixer that
+    /// continues from `state` (everything before the inputs' position 0;
+    /// `None`: nothing) and returns the state after its last position, so
+    /// a prefill and then decode steps of one token (or a few) each cost
+    /// O(d_k d_v) per token instead of a pass over the whole cache, and
+    /// equal one long forward. CPU backend; queries, keys and values are
+    /// the new tokens alike (see [`crate::cpu::RecurrentState`]).
+    pub fn forward_state(
+        &self,
+        inputs: &MixerInputs,
+        state: Option<&crate::cpu::RecurrentState>,
+    ) -> Result<(Output, crate::cpu::RecurrentState)> {
+        let ready = self.ready_for(inputs.batch, inputs.seq, Pass::Fwd)?;
+        let prepared = match &ready.prepared {
+            Prepared::Shared(base) => &base.prepared,
+            p => p,
+        };
+        let Prepared::Cpu(m) = prepared else {
+            return Err(RuntimeError::Unsupported {
+                backend: self.backend.name(),
+                what: "a recurrent state in and out (the CPU backend carries one)".into(),
+            });
+        };
+        let start = Instant::now();
+        let run = m.run_state(inputs, state)?;
+        let state = run
+            .state
+            .ok_or_else(|| RuntimeError::Internal("a state run returned no state".into()))?;
+        let out = Output {
+            o: run.output.into_f32(),
+            seconds: run.stats.elapsed.as_secs_f64(),
+            wall_seconds: start.elapsed().as_secs_f64(),
+            pairs_per_rank: Some(run.stats.pairs_per_rank),
+            config: ready.config.clone(),
+            config_source: ready.source.clone(),
+            dist_rank: None,
+        };
+        Ok((out, state))
+    }
+
     fn remote_unsupported(&self) -> RuntimeError {
         RuntimeError::Unsupported {
             backend: self.backend.name(),

@@ -24,9 +24,11 @@ use crate::ring::{wire, Endpoint, RingSchedule, Wire};
 /// every (batch, head): `s` is `[bh][d_k][d_v]`, `z` is `[bh][d_k]`.
 #[derive(Clone)]
 pub(super) struct PrefixState<T> {
-    start: usize,
-    s: Vec<T>,
-    z: Vec<T>,
+    pub(super) start: usize,
+    /// `[batch * heads][dk][dv]`.
+    pub(super) s: Vec<T>,
+    /// `[batch * heads][dk]`.
+    pub(super) z: Vec<T>,
 }
 
 impl<T: Real> PrefixState<T> {
@@ -92,7 +94,8 @@ pub(super) fn rank_main<T: Real>(
         stats.pairs += locals.iter().map(|l| l.pairs).sum::<u64>();
         stats.steps_computed += 1;
         let prefix = if range.start == 0 {
-            None
+            // A caller's state from before this call (`CpuMixer::run_state`).
+            ctx.state_in.clone()
         } else if kept.as_ref().is_some_and(|p| p.start == range.start) {
             kept.take()
         } else {
@@ -110,7 +113,8 @@ pub(super) fn rank_main<T: Real>(
                 })
             });
         }
-        if range.end < sched.seq {
+        let keep_final = range.end == sched.seq && ctx.state_out.is_some();
+        if range.end < sched.seq || keep_final {
             let mut next = PrefixState {
                 start: range.end,
                 s: vec![T::ZERO; bh * dk * dv],
@@ -132,17 +136,23 @@ pub(super) fn rank_main<T: Real>(
                 s.iter_mut().zip(&loc.s).for_each(|(a, b)| *a += *b);
                 z.iter_mut().zip(&loc.z).for_each(|(a, b)| *a += *b);
             }
-            let owner = order
-                .iter()
-                .find(|(r, _)| r.start == range.end)
-                .map(|(_, o)| *o)
-                .ok_or_else(|| {
-                    RuntimeError::Invalid(format!("no rank owns position {}", range.end))
-                })?;
-            if owner == ep.rank {
-                kept = Some(next);
+            if keep_final {
+                if let Some(out) = &ctx.state_out {
+                    *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(next);
+                }
             } else {
-                ep.send_to(owner, next)?;
+                let owner = order
+                    .iter()
+                    .find(|(r, _)| r.start == range.end)
+                    .map(|(_, o)| *o)
+                    .ok_or_else(|| {
+                        RuntimeError::Invalid(format!("no rank owns position {}", range.end))
+                    })?;
+                if owner == ep.rank {
+                    kept = Some(next);
+                } else {
+                    ep.send_to(owner, next)?;
+                }
             }
         }
         finish(ctx, &locals, range.len(), &mut y_all, n, off);

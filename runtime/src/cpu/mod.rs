@@ -238,6 +238,50 @@ pub struct CpuRun {
     /// that sees no key), the weight sum `l` (before `eps`) for sum, 0 for none.
     pub stat: Tensor<f64>,
     pub stats: RunStats,
+    /// The recurrent state after the last position ([`CpuMixer::run_state`]
+    /// only).
+    pub state: Option<RecurrentState>,
+}
+
+/// The recurrent state of a causal linear, retention or gated mixer after
+/// a run (the chunkwise forms): per (batch row, head) `S = sum_j
+/// decay(j) psi(k_j) v_j^T` and `z = sum_j decay(j) psi(k_j)`, decayed to
+/// the last position. A later run that starts from it continues the
+/// sequence in O(d_k d_v) per token, whatever came before.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecurrentState {
+    /// `[batch, heads, head_dim, value_dim]`.
+    pub s: Tensor<f32>,
+    /// `[batch, heads, head_dim]`.
+    pub z: Tensor<f32>,
+}
+
+impl RecurrentState {
+    /// The state of an empty prefix.
+    pub fn zeros(batch: usize, heads: usize, dk: usize, dv: usize) -> RecurrentState {
+        RecurrentState {
+            s: Tensor::zeros(&[batch, heads, dk, dv]),
+            z: Tensor::zeros(&[batch, heads, dk]),
+        }
+    }
+
+    fn to_prefix<T: Real>(&self) -> chunkwise::PrefixState<T> {
+        let cast = |x: &[f32]| x.iter().map(|&v| T::from_f64(v as f64)).collect();
+        chunkwise::PrefixState {
+            start: 0,
+            s: cast(&self.s.data),
+            z: cast(&self.z.data),
+        }
+    }
+
+    fn from_prefix<T: Real>(p: &chunkwise::PrefixState<T>, shape: [usize; 4]) -> Self {
+        let [b, h, dk, dv] = shape;
+        let cast = |x: &[T]| x.iter().map(|v| v.to_f64() as f32).collect();
+        RecurrentState {
+            s: Tensor::new(vec![b, h, dk, dv], cast(&p.s)),
+            z: Tensor::new(vec![b, h, dk], cast(&p.z)),
+        }
+    }
 }
 
 /// A spec prepared for the CPU backend: validated once, its algorithm
@@ -343,14 +387,73 @@ impl CpuMixer {
         keep_stat: bool,
         transport: &Arc<dyn Transport>,
     ) -> Result<CpuRun> {
-        self.run_on(inputs, keep_stat, Ranks::Remote(transport))
+        self.run_on(inputs, keep_stat, Ranks::Remote(transport), None)
     }
 
     fn run_keeping(&self, inputs: &MixerInputs, keep_stat: bool) -> Result<CpuRun> {
-        self.run_on(inputs, keep_stat, Ranks::Threads(self.cfg.ranks))
+        self.run_on(inputs, keep_stat, Ranks::Threads(self.cfg.ranks), None)
     }
 
-    fn run_on(&self, inputs: &MixerInputs, keep_stat: bool, ranks: Ranks<'_>) -> Result<CpuRun> {
+    /// A run of a causal linear, retention or gated mixer (the chunkwise
+    /// form) that continues from `state` (the state of everything before
+    /// the inputs' position 0; `None`: nothing came before) and returns the
+    /// state after its last position ([`CpuRun::state`]): a prefill, then
+    /// decode steps of a token or a few, each O(d_k d_v) per token. One
+    /// rank; queries and keys one sequence.
+    pub fn run_state(
+        &self,
+        inputs: &MixerInputs,
+        state: Option<&RecurrentState>,
+    ) -> Result<CpuRun> {
+        let spec = &self.spec;
+        if self.path != CpuPath::Chunkwise {
+            return Err(RuntimeError::Unsupported {
+                backend: "CPU",
+                what: format!(
+                    "a recurrent state for `{}`: only causal linear, retention and gated mixers \
+                     without bias or transform carry one",
+                    spec.name
+                ),
+            });
+        }
+        if !inputs.is_self_aligned() {
+            return Err(RuntimeError::BadInput {
+                name: "q".into(),
+                problem: format!(
+                    "a run that carries a state takes the new tokens' queries, keys and \
+                     values alike ({} queries against {} keys)",
+                    inputs.seq, inputs.kv_seq
+                ),
+            });
+        }
+        let (h, dk, dv) = (
+            spec.heads as usize,
+            spec.head_dim as usize,
+            spec.value_dim as usize,
+        );
+        if let Some(st) = state {
+            let (ws, wz) = ([inputs.batch, h, dk, dv], [inputs.batch, h, dk]);
+            if st.s.shape != ws || st.z.shape != wz {
+                return Err(RuntimeError::BadInput {
+                    name: "state".into(),
+                    problem: format!(
+                        "must be s {ws:?} and z {wz:?} (batch, heads, head_dim, value_dim), \
+                         got {:?} and {:?}",
+                        st.s.shape, st.z.shape
+                    ),
+                });
+            }
+        }
+        self.run_on(inputs, false, Ranks::Threads(1), Some(state))
+    }
+
+    fn run_on(
+        &self,
+        inputs: &MixerInputs,
+        keep_stat: bool,
+        ranks: Ranks<'_>,
+        state: Option<Option<&RecurrentState>>,
+    ) -> Result<CpuRun> {
         let (spec, cfg) = (&self.spec, &self.cfg);
         validate_inputs(spec, inputs)?;
         ranks.check(inputs)?;
@@ -371,15 +474,16 @@ impl CpuMixer {
             ranks,
             path,
             keep_stat,
+            state,
         };
-        let (output, stat, mut stats) = match cfg.precision {
+        let (output, stat, mut stats, state) = match cfg.precision {
             Precision::F32 | Precision::Bf16 => {
-                let (t, st, s) = run_typed::<f32>(spec, inputs, cfg, pool, &run)?;
-                (CpuOutput::F32(t), st, s)
+                let r = run_typed::<f32>(spec, inputs, cfg, pool, &run)?;
+                (CpuOutput::F32(r.out), r.stat, r.stats, r.state)
             }
             Precision::F64 => {
-                let (t, st, s) = run_typed::<f64>(spec, inputs, cfg, pool, &run)?;
-                (CpuOutput::F64(t), st, s)
+                let r = run_typed::<f64>(spec, inputs, cfg, pool, &run)?;
+                (CpuOutput::F64(r.out), r.stat, r.stats, r.state)
             }
         };
         stats.elapsed = start.elapsed();
@@ -387,6 +491,7 @@ impl CpuMixer {
             output,
             stat,
             stats,
+            state,
         })
     }
 }
@@ -496,6 +601,7 @@ impl CpuMixer {
             ranks,
             path,
             keep_stat: true,
+            state: None,
         };
         Ok(match cfg.precision {
             Precision::F32 | Precision::Bf16 => {
@@ -638,6 +744,11 @@ pub(crate) struct Ctx<'a, T> {
     /// a bf16 run on a CPU that has the instructions, dot scores, an even
     /// `block_n` (key pairs never straddle two tiles).
     bf16: bool,
+    /// The chunkwise forms' recurrent state: the state before position 0
+    /// (a previous call's), and where the state after the last position
+    /// goes when the caller keeps it ([`CpuMixer::run_state`]).
+    state_in: Option<chunkwise::PrefixState<T>>,
+    state_out: Option<std::sync::Mutex<Option<chunkwise::PrefixState<T>>>>,
 }
 
 impl<'a, T> Ctx<'a, T> {
@@ -815,6 +926,8 @@ fn build_ctx<'a, T: Real>(
             && matches!(spec.score, Score::Dot { .. })
             && cfg.block_n.is_multiple_of(2)
             && bf16::enabled(),
+        state_in: None,
+        state_out: None,
     }
 }
 
@@ -824,10 +937,14 @@ fn run_typed<T: Real>(
     cfg: &CpuConfig,
     pool: &rayon::ThreadPool,
     run: &RunOn<'_>,
-) -> Result<(Tensor<T>, Tensor<f64>, RunStats)> {
+) -> Result<TypedRun<T>> {
     let (sched, path, keep_stat) = (run.sched, run.path, run.keep_stat);
     let mut ctx = build_ctx::<T>(spec, inputs, cfg, pool, path);
     ctx.keep_stat = keep_stat;
+    if let Some(state) = run.state {
+        ctx.state_in = state.map(RecurrentState::to_prefix);
+        ctx.state_out = Some(std::sync::Mutex::new(None));
+    }
     let ranks = sched.ranks;
     let outs: Vec<Result<RankOutput<T>>> = match path {
         CpuPath::Blocked => run.ranks.run(|ep| blocked::rank_main(&ctx, sched, ep)),
@@ -882,7 +999,32 @@ fn run_typed<T: Real>(
         stats.tiles.skip += o.stats.tiles.skip;
     }
     stats.bf16_products = ctx.bf16 && path == CpuPath::Blocked && !stats.decode;
-    Ok((out, stat, stats))
+    let shape = [inputs.batch, heads, ctx.dk, dv];
+    let state = ctx.state_out.take().map(|m| {
+        match m.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(p) => RecurrentState::from_prefix(&p, shape),
+            // Zero positions: the state comes through unchanged.
+            None => match run.state.flatten() {
+                Some(s) => s.clone(),
+                None => RecurrentState::zeros(shape[0], shape[1], shape[2], shape[3]),
+            },
+        }
+    });
+    Ok(TypedRun {
+        out,
+        stat,
+        stats,
+        state,
+    })
+}
+
+/// What [`run_typed`] returns: the output in the run's precision, the row
+/// statistics, the run's figures, and the recurrent state when carried.
+struct TypedRun<T> {
+    out: Tensor<T>,
+    stat: Tensor<f64>,
+    stats: RunStats,
+    state: Option<RecurrentState>,
 }
 
 /// Which ranks of the ring this process runs.
@@ -942,6 +1084,9 @@ struct RunOn<'a> {
     ranks: Ranks<'a>,
     path: CpuPath,
     keep_stat: bool,
+    /// `Some`: carry the recurrent state (from the given one, or from
+    /// nothing) and return it.
+    state: Option<Option<&'a RecurrentState>>,
 }
 
 /// Runs one scoped worker thread per rank, each with its ring endpoint, and
