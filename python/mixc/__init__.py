@@ -129,6 +129,41 @@ class Mixer:
     def __repr__(self):
         return repr(self._m)
 
+    def forward_state(self, q, k, v, state=None, **extra):
+        """A forward of a causal linear, retention or gated mixer that
+        continues from `state` (None: nothing came before) and returns `(o,
+        next_state)`: prefill once, then decode a token (or a few) at a time
+        in O(d_k d_v) per token, equal to one long forward. q, k, v (and
+        seq-indexed extras such as gates) are the new tokens; a state is the
+        pair `(s [batch, heads, head_dim, value_dim], z [batch, heads,
+        head_dim])`. Inference only (no autograd)."""
+        info = self.info
+        names = [i["name"] for i in info["inputs"]]
+        if sorted(extra) != sorted(names):
+            raise TypeError(f"mixer `{self.name}` takes inputs {names}, got {sorted(extra)}")
+        extras = [extra[n] for n in names]
+        _validate(self, q, k, v, extras, 0)
+        if q.shape[1] != v.shape[1]:
+            raise ValueError("forward_state takes the new tokens' q, k and v alike (one length)")
+        b, n = v.shape[0], v.shape[1]
+        h, dk, dv = info["heads"], info["head_dim"], info["value_dim"]
+        if state is not None:
+            if not (isinstance(state, (tuple, list)) and len(state) == 2):
+                raise TypeError("state must be the pair (s, z) a previous forward_state returned")
+            _expect("state s", state[0], (b, h, dk, dv))
+            _expect("state z", state[1], (b, h, dk))
+            sin = tuple(_f32(t) for t in state)
+        qc, kc, vc = _f32(q), _f32(k), _f32(v)
+        args, keep = _extra_args(self, extras)
+        o = torch.empty((b, n, h, dv), dtype=torch.float32)
+        s_out = torch.empty((b, h, dk, dv), dtype=torch.float32)
+        z_out = torch.empty((b, h, dk), dtype=torch.float32)
+        self._m.forward_state((b, n), qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), args, o.data_ptr(),
+                              None if state is None else (sin[0].data_ptr(), sin[1].data_ptr()),
+                              (s_out.data_ptr(), z_out.data_ptr()))
+        del keep
+        return o.to(v.dtype), (s_out, z_out)
+
     def __call__(self, q, k, v, *, q_offset=None, group=None, cu_seqlens=None, cu_seqlens_q=None,
                  cu_seqlens_k=None, block_table=None, seq_lens=None, **extra):
         """`o [batch, seq, heads, value_dim]` for q `[batch, seq, heads,

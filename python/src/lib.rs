@@ -588,6 +588,51 @@ impl Mixer {
         Ok(())
     }
 
+    /// A forward that carries the recurrent state of a causal linear,
+    /// retention or gated mixer (see `Mixer::forward_state`): q, k, v the
+    /// new tokens (`lengths` = (batch, seq)), `state_in` the addresses of
+    /// `s` (f32 `[batch, heads, head_dim, value_dim]`) and `z` (f32 `[batch,
+    /// heads, head_dim]`) or None; writes `o` and the next state to
+    /// `state_out` (same shapes).
+    #[pyo3(signature = (lengths, q, k, v, extras, o, state_in, state_out))]
+    #[allow(clippy::too_many_arguments)]
+    fn forward_state(
+        &self,
+        py: Python<'_>,
+        lengths: (usize, usize),
+        q: usize,
+        k: usize,
+        v: usize,
+        extras: Vec<ExtraArg>,
+        o: usize,
+        state_in: Option<(usize, usize)>,
+        state_out: (usize, usize),
+    ) -> PyResult<()> {
+        let (batch, seq) = lengths;
+        let s = &self.spec;
+        let (h, dk, dv) = (s.heads as usize, s.head_dim as usize, s.value_dim as usize);
+        // SAFETY: the documented contract, checked by the Python side.
+        let (x, st) = unsafe {
+            (
+                self.inputs((batch, seq, seq, 0), (q, k, v), &extras),
+                state_in.map(|(sa, za)| mixc::RecurrentState {
+                    s: Tensor::borrowed(vec![batch, h, dk, dv], sa as *const f32),
+                    z: Tensor::borrowed(vec![batch, h, dk], za as *const f32),
+                }),
+            )
+        };
+        let (out, next) = py
+            .detach(|| self.inner.forward_state(&x, st.as_ref()))
+            .map_err(runtime_err)?;
+        // SAFETY: each destination holds its tensor's element count (checked).
+        unsafe {
+            write(o, &out.o.data);
+            write(state_out.0, &next.s.data);
+            write(state_out.1, &next.z.data);
+        }
+        Ok(())
+    }
+
     /// One call against a paged KV cache (inference; see `mixc::paged`):
     /// q `[batch, seq, heads, head_dim]` (f32), `k`/`v` f32 `[num_pages,
     /// page_size, kv_heads, dim]` (`pages`, `page_size`), `block_table`

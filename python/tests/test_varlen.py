@@ -141,3 +141,37 @@ def test_paged_kv_cache_equals_the_contiguous_cache():
         m(q, k_cache, v_cache, block_table=table)
     with pytest.raises(NotImplementedError, match="inference"):
         m(q.clone().requires_grad_(), k_cache, v_cache, block_table=table, seq_lens=lens)
+
+
+@pytest.mark.parametrize("example", ["linear_elu", "retention_retnet", "gated_mamba2"])
+def test_decode_steps_with_a_recurrent_state_equal_one_forward(example):
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    m = mixc.Mixer(os.path.join(root, "examples", example + ".mix"))
+    info = m.info
+    g = torch.Generator().manual_seed(6)
+    L = 70
+    q = torch.randn(2, L, info["heads"], info["head_dim"], generator=g)
+    k = torch.randn(2, L, info["kv_heads"], info["head_dim"], generator=g)
+    v = torch.randn(2, L, info["kv_heads"], info["value_dim"], generator=g)
+    extra = {}
+    if example == "gated_mamba2":
+        extra["g"] = 0.9 + 0.1 * torch.rand(2, L, info["heads"], generator=g)
+    want = m(q, k, v, **extra)
+    state, outs, at = None, [], 0
+    for n in (60, 1, 1, 1, 7):
+        part = {name: t[:, at:at + n] for name, t in extra.items()}
+        o, state = m.forward_state(q[:, at:at + n], k[:, at:at + n], v[:, at:at + n], state, **part)
+        outs.append(o)
+        at += n
+    assert rel(torch.cat(outs, 1), want) < 1e-5
+    with pytest.raises(ValueError, match="state"):
+        m.forward_state(q[:1, :3], k[:1, :3], v[:1, :3], state, **{n: t[:1, :3] for n, t in extra.items()})
+
+
+def test_softmax_mixers_carry_no_recurrent_state():
+    m = mixc.Mixer(CAUSAL)
+    x = torch.randn(1, 4, 4, 16)
+    kv = torch.randn(1, 4, 2, 16)
+    with pytest.raises(NotImplementedError, match="recurrent state"):
+        m.forward_state(x, kv, kv)
