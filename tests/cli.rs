@@ -944,3 +944,97 @@ fn run_block_checks_the_blockwise_block_against_the_unfused_one() {
     assert!(!out.status.success());
     assert!(text(&out).contains("--block-rows applies to block files"));
 }
+
+/// Issue 19's defect 10: messages that say what is wrong, in the user's
+/// terms, and a bounded amount of them.
+#[test]
+fn messages_say_the_right_thing() {
+    // Inputs files that hold nothing to run are refused like --batch 0.
+    let saved = scratch("zero_src.safetensors");
+    let out = mixc(&[
+        "run",
+        "examples/causal_gqa_llama3.mix",
+        "--backend",
+        "cpu",
+        "--seq",
+        "5",
+        "--set",
+        "heads=2",
+        "--set",
+        "kv_heads=1",
+        "--save",
+        saved.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    for (axis, name) in [(0usize, "batch0"), (1, "seq0")] {
+        // The same header with one axis of q, k, v and o at 0, no data.
+        let bytes = std::fs::read(&saved).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        let mut h = serde_json::Map::new();
+        for (k, v) in header.as_object().unwrap() {
+            if k == "__metadata__" {
+                h.insert(k.clone(), v.clone());
+                continue;
+            }
+            let mut shape: Vec<u64> = serde_json::from_value(v["shape"].clone()).unwrap();
+            shape[axis] = 0;
+            h.insert(
+                k.clone(),
+                serde_json::json!({"dtype": v["dtype"], "shape": shape, "data_offsets": [0, 0]}),
+            );
+        }
+        let mut hb = serde_json::to_vec(&h).unwrap();
+        while hb.len() % 8 != 0 {
+            hb.push(b' ');
+        }
+        let file = scratch(&format!("{name}.safetensors"));
+        let mut data = (hb.len() as u64).to_le_bytes().to_vec();
+        data.extend(hb);
+        std::fs::write(&file, data).unwrap();
+        let out = mixc(&[
+            "run",
+            "examples/causal_gqa_llama3.mix",
+            "--backend",
+            "cpu",
+            "--set",
+            "heads=2",
+            "--set",
+            "kv_heads=1",
+            "--inputs",
+            file.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", text(&out));
+        let t = text(&out);
+        assert!(
+            t.contains("nothing to run") && !t.contains("--ranks"),
+            "{name}: {t}"
+        );
+    }
+    // A tile size beyond u32 says so, not "expected a non-negative integer".
+    let out = mixc(&[
+        "gen",
+        "examples/causal_gqa_llama3.mix",
+        "--config",
+        "block_m=99999999999",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("too large"), "{}", text(&out));
+    // 5000 duplicate keys: the first 50 diagnostics and a count, not 30k lines.
+    let dup = scratch("dup.mix");
+    let mut spec = String::from("mixer dup {\n");
+    for _ in 0..5000 {
+        spec.push_str("heads = 4;\n");
+    }
+    spec.push_str("head_dim = 8; }\n");
+    std::fs::write(&dup, spec).unwrap();
+    let out = mixc(&["check", dup.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let t = text(&out);
+    assert!(
+        t.contains("and 4949 more"),
+        "{}",
+        &t[t.len().saturating_sub(500)..]
+    );
+    assert!(t.lines().count() < 500, "{} lines", t.lines().count());
+}

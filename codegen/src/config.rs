@@ -260,11 +260,19 @@ impl KernelConfig {
                     ))
                 })?;
                 let (key, value) = (key.trim(), value.trim());
-                let n: u32 = value.parse().map_err(|_| {
-                    CodegenError::InvalidConfig(format!(
-                        "`{key}={value}`: expected a non-negative integer"
-                    ))
-                })?;
+                let n: u32 = match value.parse::<u64>() {
+                    Ok(n) => u32::try_from(n).map_err(|_| {
+                        CodegenError::InvalidConfig(format!(
+                            "`{key}={value}`: too large (tile sizes are at most {})",
+                            u32::MAX
+                        ))
+                    })?,
+                    Err(_) => {
+                        return Err(CodegenError::InvalidConfig(format!(
+                            "`{key}={value}`: expected a non-negative integer"
+                        )))
+                    }
+                };
                 self.set(key, n)?;
             }
         }

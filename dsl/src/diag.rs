@@ -154,11 +154,17 @@ impl Diagnostics {
     pub fn render(&self, file_name: &str, source: &str) -> String {
         let lines: Vec<&str> = source.split('\n').collect();
         let mut out = String::new();
-        for (n, d) in self.items.iter().enumerate() {
+        for (n, d) in self.items.iter().take(MAX_RENDERED).enumerate() {
             if n > 0 {
                 out.push('\n');
             }
             render_one(&mut out, d, file_name, &lines);
+        }
+        if self.items.len() > MAX_RENDERED {
+            out.push_str(&format!(
+                "\n... and {} more diagnostics (the first {MAX_RENDERED} are shown)\n",
+                self.items.len() - MAX_RENDERED
+            ));
         }
         out
     }
@@ -180,7 +186,14 @@ impl Diagnostics {
 impl std::fmt::Display for Diagnostics {
     /// Messages only, one per line (use `render` for source excerpts).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for d in &self.items {
+        if self.items.len() > MAX_RENDERED {
+            writeln!(
+                f,
+                "({} diagnostics; the first {MAX_RENDERED} follow)",
+                self.items.len()
+            )?;
+        }
+        for d in self.items.iter().take(MAX_RENDERED) {
             writeln!(
                 f,
                 "{}:{}: {}: {}",
@@ -206,6 +219,11 @@ impl IntoIterator for Diagnostics {
         self.items.into_iter()
     }
 }
+
+/// Diagnostics [`Diagnostics::render`] prints in full; the rest are
+/// counted ("and N more"), so a file of a million bad lines prints a page,
+/// not hundreds of megabytes.
+pub const MAX_RENDERED: usize = 50;
 
 fn render_one(out: &mut String, d: &Diagnostic, file_name: &str, lines: &[&str]) {
     // Positions come from the tokenizer of this same source, but be defensive:

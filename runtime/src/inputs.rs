@@ -450,10 +450,15 @@ pub fn validate_inputs(spec: &MixerSpec, inputs: &MixerInputs) -> Result<()> {
                 }
                 if decl.role == InputRole::Gate {
                     if let Some(at) = t.data.iter().position(|&g| !(g > 0.0 && g <= 1.0)) {
+                        // [batch, seq, heads]: say which (row, position, head).
+                        let heads = t.shape.get(2).copied().unwrap_or(1).max(1);
+                        let seq = t.shape.get(1).copied().unwrap_or(1).max(1);
+                        let (b, pos, h) = (at / (seq * heads), at / heads % seq, at % heads);
                         return Err(bad(
                             name,
                             format!(
-                                "gate element {at} is {}; decay gates must lie in (0, 1]",
+                                "gate [{b}, {pos}, {h}] (batch row, position, head) is {}; \
+                                 decay gates must lie in (0, 1]",
                                 t.data[at]
                             ),
                         ));
@@ -512,6 +517,23 @@ pub fn round_to_dtype(inputs: &mut MixerInputs, dtype: DType) {
 #[cfg(test)]
 mod tests {
     use super::first_non_finite;
+
+    /// A bad gate is named by its (batch row, position, head).
+    #[test]
+    fn a_bad_gate_is_named_by_its_index() {
+        let spec = mixc_dsl::parse_str(
+            "mixer g { heads = 3; head_dim = 4; input g: f32[batch, seq, heads]; \
+             score = dot(q, k); decay = gate(g); mask = causal; norm = none; }",
+        )
+        .unwrap();
+        let mut x = super::random_inputs(&spec, 2, 5, 1);
+        if let Some(crate::ExtraTensor::F32(t)) = x.extra.get_mut("g") {
+            let at = t.offset(&[1, 3, 2]);
+            t.data[at] = 1.5;
+        }
+        let e = super::validate_inputs(&spec, &x).unwrap_err().to_string();
+        assert!(e.contains("gate [1, 3, 2]") && e.contains("1.5"), "{e}");
+    }
 
     /// The chunked scan finds the first bad value wherever it lies (chunk
     /// edges, the parallel path for large tensors, several bad values).

@@ -484,6 +484,16 @@ pub fn main(args: Args) -> Result<ExitCode> {
         Some(path) => {
             let (inputs, mut more) = io::load_inputs_with(path, &spec, &["do"])?;
             d_o_file = more.remove("do");
+            if inputs.batch == 0 || inputs.seq == 0 || inputs.kv_seq == 0 {
+                bail!(
+                    "{}: the inputs hold batch {} x seq {} x kv_seq {}: nothing to run \
+                     (batch and lengths must be at least 1, as with --batch and --seq)",
+                    path.display(),
+                    inputs.batch,
+                    inputs.seq,
+                    inputs.kv_seq
+                );
+            }
             inputs
         }
         None => {
