@@ -985,7 +985,7 @@ fn messages_say_the_right_thing() {
             );
         }
         let mut hb = serde_json::to_vec(&h).unwrap();
-        while hb.len() % 8 != 0 {
+        while !hb.len().is_multiple_of(8) {
             hb.push(b' ');
         }
         let file = scratch(&format!("{name}.safetensors"));
