@@ -121,6 +121,31 @@ unsafe fn write<T: Copy>(addr: usize, data: &[T]) {
     unsafe { std::slice::from_raw_parts_mut(addr as *mut T, data.len()) }.copy_from_slice(data);
 }
 
+/// Writes q, k, v and extra-input gradients to the caller's buffers (q and
+/// k skipped for the convolution family, which has none).
+///
+/// # Safety
+/// Each address holds its gradient's element count of f32.
+unsafe fn write_grads(
+    g: &mixc::Gradients<f32>,
+    (dq, dk, dv): (usize, usize, usize),
+    dextras: &[(String, usize)],
+) {
+    // SAFETY: the caller's contract, for each write.
+    unsafe {
+        if !g.dq.data.is_empty() {
+            write(dq, &g.dq.data);
+            write(dk, &g.dk.data);
+        }
+        write(dv, &g.dv.data);
+        for (name, addr) in dextras {
+            if let Some(t) = g.extra.get(name) {
+                write(*addr, &t.data);
+            }
+        }
+    }
+}
+
 /// A mixer's facts for the Python side: `name`, `family`, `heads`,
 /// `kv_heads`, `head_dim`, `value_dim`, `reads_qk`, `inputs` (name,
 /// `f32`/`i32`, dims as ints or `batch`/`seq`) and `differentiable`.
@@ -571,20 +596,8 @@ impl Mixer {
         let back = py
             .detach(|| self.inner.backward(&x, &o_t, &residuals, &d_o_t))
             .map_err(runtime_err)?;
-        let g = back.grads;
         // SAFETY: each destination holds its input's element count (checked).
-        unsafe {
-            if !g.dq.data.is_empty() {
-                write(dq, &g.dq.data);
-                write(dk, &g.dk.data);
-            }
-            write(dv, &g.dv.data);
-            for (name, addr) in &dextras {
-                if let Some(t) = g.extra.get(name) {
-                    write(*addr, &t.data);
-                }
-            }
-        }
+        unsafe { write_grads(&back.grads, (dq, dk, dv), &dextras) };
         Ok(())
     }
 
@@ -773,20 +786,8 @@ impl Mixer {
                     .backward_varlen(&x, &o_t, &residuals, &d_o_t, &varlen)
             })
             .map_err(runtime_err)?;
-        let g = back.grads;
         // SAFETY: each destination holds its input's element count (checked).
-        unsafe {
-            if !g.dq.data.is_empty() {
-                write(dq, &g.dq.data);
-                write(dk, &g.dk.data);
-            }
-            write(dv, &g.dv.data);
-            for (name, addr) in &dextras {
-                if let Some(t) = g.extra.get(name) {
-                    write(*addr, &t.data);
-                }
-            }
-        }
+        unsafe { write_grads(&back.grads, (dq, dk, dv), &dextras) };
         Ok(())
     }
 

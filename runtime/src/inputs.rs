@@ -168,26 +168,16 @@ pub fn random_varlen_inputs(
     seed: u64,
 ) -> MixerInputs {
     let (tq, tk) = (varlen.total_q(), varlen.total_kv());
-    let shapes = spec.tensor_shapes_kv(1, tq, tk);
-    let qkv = |name: &str| match shapes.get(name) {
-        Some(shape) => normal_tensor(&mut stream(seed, name), shape.clone(), 1.0),
-        None => empty_tensor(),
-    };
-    let (q, k, v) = (qkv("q"), qkv("k"), qkv("v"));
-    let extra: BTreeMap<String, ExtraTensor> = spec
-        .inputs
-        .iter()
-        .map(|d| {
-            let per_sequence = d.dims.contains(&Dim::Batch) && !d.dims.contains(&Dim::Seq);
-            let batch = if per_sequence { varlen.sequences() } else { 1 };
-            (d.name.clone(), random_extra(spec, d, batch, tk, seed))
-        })
-        .collect();
-    MixerInputs {
-        kv_seq: tk,
-        q_offset: 0,
-        ..MixerInputs::self_attention(1, tq, q, k, v, extra)
+    let mut x = random_inputs_kv(spec, 1, tq, tk, seed);
+    for d in &spec.inputs {
+        if d.dims.contains(&Dim::Batch) && !d.dims.contains(&Dim::Seq) {
+            let per_sequence = random_extra(spec, d, varlen.sequences(), tk, seed);
+            x.extra.insert(d.name.clone(), per_sequence);
+        }
     }
+    // Each sequence places its own queries (`Varlen::part`).
+    x.q_offset = 0;
+    x
 }
 
 /// The expected shape of a tensor with its axes named, for error messages:
