@@ -64,7 +64,7 @@ pub use mixc_runtime as runtime;
 pub use mixc_dsl::{DType, Diagnostics, Family, MixerSpec, SpecError};
 pub use mixc_runtime::cpu::RecurrentState;
 pub use mixc_runtime::mixer::capabilities;
-pub use mixc_runtime::paged::PagedKv;
+pub use mixc_runtime::paged::{PagedKv, Pages};
 pub use mixc_runtime::ring::{RingSchedule, Sharding, Transport};
 pub use mixc_runtime::tune::CpuTiles;
 pub use mixc_runtime::varlen::Varlen;

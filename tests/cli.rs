@@ -251,6 +251,50 @@ fn run_varlen_packs_sequences_and_checks_each_alone() {
     assert!(text(&out).contains("no token"), "{}", text(&out));
 }
 
+#[test]
+fn run_paged_reads_a_shuffled_page_table_and_checks() {
+    for page in ["16", "64"] {
+        let v = run_json(&[
+            "run",
+            "examples/sliding_window_mistral.mix",
+            "--backend",
+            "cpu",
+            "--seq",
+            "4",
+            "--kv-seq",
+            "300",
+            "--batch",
+            "3",
+            "--set",
+            "heads=4",
+            "--set",
+            "kv_heads=2",
+            "--paged",
+            page,
+            "--check",
+            "--json",
+        ]);
+        assert_eq!(v["output_shape"], serde_json::json!([3, 4, 4, 128]), "{v}");
+        assert!(within_tolerance(&v), "{v}");
+    }
+    for (args, says) in [
+        (
+            vec!["examples/document_mask.mix", "--paged", "16"],
+            "indexed by position",
+        ),
+        (
+            vec!["examples/causal_gqa_llama3.mix", "--paged", "0"],
+            "--paged",
+        ),
+    ] {
+        let mut a = vec!["run", "--backend", "cpu", "--seq", "4", "--kv-seq", "40"];
+        a.extend(args);
+        let out = mixc(&a);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(text(&out).contains(says), "{}", text(&out));
+    }
+}
+
 /// A decode step (`--seq 4 --kv-seq 700`: the queries are the newest four
 /// positions), a chunk at an explicit offset, and cross-attention with
 /// more queries than keys, each checked against the reference.

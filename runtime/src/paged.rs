@@ -170,3 +170,117 @@ impl PagedKv<'_> {
         Ok((x, varlen))
     }
 }
+
+/// An owned paged cache made from contiguous keys and values (for tests,
+/// benchmarks and `mixc run --paged`): each row's positions cut into pages
+/// of `page_size`, the pages placed in a shuffled order (from `seed`) with
+/// two unused pages among them.
+#[derive(Debug, Clone)]
+pub struct Pages {
+    pub k: Tensor<f32>,
+    pub v: Tensor<f32>,
+    pub block_table: Tensor<i32>,
+    pub seq_lens: Vec<usize>,
+}
+
+impl Pages {
+    /// Pages holding `k` and `v` (`[batch, kv_seq, kv_heads, dim]`).
+    pub fn from_contiguous(
+        k: &Tensor<f32>,
+        v: &Tensor<f32>,
+        page_size: usize,
+        seed: u64,
+    ) -> Result<Pages> {
+        if page_size == 0 {
+            return Err(bad("page_size", "must be at least 1".into()));
+        }
+        let (batch, len) = (v.shape[0], v.shape[1]);
+        let per_row = len.div_ceil(page_size);
+        let pages = batch * per_row + 2;
+        // A fixed shuffle: a step coprime with the page count.
+        let step = (1..)
+            .map(|s| 2 * s + 1 + (seed as usize % 7) * 2)
+            .find(|s| gcd(*s, pages) == 1)
+            .unwrap_or(1);
+        let order: Vec<usize> = (0..pages).map(|i| (i * step + 1) % pages).collect();
+        let mut table = vec![-1i32; batch * per_row.max(1)];
+        let place = |t: &Tensor<f32>| -> Tensor<f32> {
+            let row: usize = t.shape[2..].iter().product();
+            let mut out = Tensor::zeros(&[pages, page_size, t.shape[2], t.shape[3]]);
+            for b in 0..batch {
+                for pos in 0..len {
+                    let page = order[b * per_row + pos / page_size];
+                    let dst = (page * page_size + pos % page_size) * row;
+                    let src = (b * len + pos) * row;
+                    out.data[dst..dst + row].copy_from_slice(&t.data[src..src + row]);
+                }
+            }
+            out
+        };
+        for b in 0..batch {
+            for c in 0..per_row {
+                table[b * per_row.max(1) + c] = order[b * per_row + c] as i32;
+            }
+        }
+        Ok(Pages {
+            k: if k.data.is_empty() {
+                k.clone()
+            } else {
+                place(k)
+            },
+            v: place(v),
+            block_table: Tensor::new(vec![batch, per_row.max(1)], table),
+            seq_lens: vec![len; batch],
+        })
+    }
+
+    /// The borrowed cache a call takes.
+    pub fn as_paged(&self) -> PagedKv<'_> {
+        PagedKv {
+            k: &self.k,
+            v: &self.v,
+            block_table: &self.block_table,
+            seq_lens: &self.seq_lens,
+        }
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_hold_every_position_once_through_the_table() {
+        let (batch, len, kvh, d) = (3, 37, 2, 4);
+        let k = Tensor::new(
+            vec![batch, len, kvh, d],
+            (0..batch * len * kvh * d).map(|x| x as f32).collect(),
+        );
+        for page in [1, 16, 64] {
+            let p = Pages::from_contiguous(&k, &k, page, 5).unwrap();
+            let per_row = len.div_ceil(page);
+            let mut used: Vec<i32> = p.block_table.data.to_vec();
+            used.sort();
+            used.dedup();
+            assert_eq!(used.len(), batch * per_row, "pages are not shared");
+            assert!(p.k.shape[0] >= batch * per_row + 2, "unused pages exist");
+            for b in 0..batch {
+                for pos in 0..len {
+                    let page_no = p.block_table.data[b * per_row + pos / page] as usize;
+                    let at = (page_no * page + pos % page) * kvh * d;
+                    let want = (b * len + pos) * kvh * d;
+                    assert_eq!(p.k.data[at], want as f32, "page {page} row {b} pos {pos}");
+                }
+            }
+        }
+        assert!(Pages::from_contiguous(&k, &k, 0, 1).is_err());
+    }
+}

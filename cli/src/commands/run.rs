@@ -348,6 +348,13 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', value_name = "LENGTHS",
           conflicts_with_all = ["seq", "kv_seq", "q_offset", "inputs", "grad", "save"])]
     pub(crate) varlen: Option<Vec<usize>>,
+    /// Run against a paged KV cache: the keys and values cut into pages of
+    /// PAGE_SIZE positions, placed in a shuffled order and read through a
+    /// block table (as vLLM and FlashInfer store them). Each batch row's
+    /// queries are its newest positions; --check compares with the
+    /// reference on the contiguous cache. Forward only.
+    #[arg(long, value_name = "PAGE_SIZE", conflicts_with_all = ["varlen", "q_offset", "grad"])]
+    pub(crate) paged: Option<usize>,
     /// Key/value length of the random inputs (default: --seq). With fewer
     /// queries than keys the queries are the last positions (a decode step
     /// or a prefill chunk against a KV cache); see --q-offset.
@@ -479,6 +486,9 @@ pub fn main(args: Args) -> Result<ExitCode> {
     if let Some(lengths) = &args.varlen {
         return run_varlen(&args, &spec, &mixer, &opts, lengths);
     }
+    if args.paged == Some(0) {
+        bail!("--paged takes a page size of at least 1 position");
+    }
     let mut d_o_file = None;
     let inputs: MixerInputs = match &args.inputs {
         Some(path) => {
@@ -542,10 +552,14 @@ pub fn main(args: Args) -> Result<ExitCode> {
         })?;
         (run, Some((d_o, back)))
     } else {
-        (
-            with_spinner(&what, args.json, || execute(&mixer, &inputs))?,
-            None,
-        )
+        let run = match args.paged {
+            Some(page) => with_spinner(&what, args.json, || -> Result<_> {
+                let pages = mixc::Pages::from_contiguous(&inputs.k, &inputs.v, page, args.seed)?;
+                Ok(mixer.forward_paged(&inputs.q, &pages.as_paged(), &inputs.extra)?)
+            })?,
+            None => with_spinner(&what, args.json, || execute(&mixer, &inputs))?,
+        };
+        (run, None)
     };
     if run.dist_rank.is_some_and(|(rank, _)| rank != 0) {
         // This rank's rows went to rank 0, which checks, saves and reports;
