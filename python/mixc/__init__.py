@@ -111,6 +111,9 @@ class Mixer:
     `threads` (default: every core) and `ranks` (ring ranks inside this
     process; the result does not depend on it) are the CPU backend's.
     `device="reference"` runs the f64 reference evaluator (slow; for tests).
+    `config` fixes the CPU tiles (`{"block_m": 64, "block_n": 64, "chunk":
+    64}`, any subset; default: a tuned entry from `mixc.tune`, else the
+    default tiles).
     `sharding` (`"zigzag"`, `"contiguous"`; default zigzag for causal
     masks) deals positions to ring ranks, those of `ranks` and those of a
     process group: `m(q, k, v, group=pg)` takes this process's shards
@@ -118,9 +121,11 @@ class Mixer:
     `torch.distributed` group, forward and backward.
     """
 
-    def __init__(self, spec, *, threads=None, ranks=1, device="cpu", sharding=None):
+    def __init__(self, spec, *, threads=None, ranks=1, device="cpu", sharding=None, config=None):
         text, origin = _spec_source(spec)
-        self._m = _mixc.Mixer(text, origin, device, threads, ranks, sharding)
+        if config is not None and not isinstance(config, dict):
+            raise TypeError(f"config must be a dict of CPU tiles (block_m, block_n, chunk), not {config!r}")
+        self._m = _mixc.Mixer(text, origin, device, threads, ranks, sharding, config)
         self.info = dict(self._m.info)
         self.name = self.info["name"]
         self._handle = id(self)

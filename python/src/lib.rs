@@ -449,7 +449,8 @@ impl Mixer {
     /// `device` (`"cpu"` or `"reference"`) with `threads` CPU workers
     /// (`None`: every core) and `ranks` ring ranks.
     #[new]
-    #[pyo3(signature = (text, origin, device = "cpu", threads = None, ranks = 1, sharding = None))]
+    #[pyo3(signature = (text, origin, device = "cpu", threads = None, ranks = 1, sharding = None, config = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         text: &str,
@@ -458,6 +459,7 @@ impl Mixer {
         threads: Option<usize>,
         ranks: usize,
         sharding: Option<&str>,
+        config: Option<BTreeMap<String, usize>>,
     ) -> PyResult<Self> {
         let spec = mixc::parse(text).map_err(|d| SpecError::new_err(d.render(origin, text)))?;
         // Likely mistakes in a valid spec, as Python warnings (UserWarning).
@@ -482,13 +484,34 @@ impl Mixer {
             None if spec.mask.implies_causal() => mixc::Sharding::Zigzag,
             None => mixc::Sharding::Contiguous,
         };
-        let opts = Options {
+        let mut opts = Options {
             threads,
             ..Options::on(device)
                 .with_ranks(ranks)
                 .with_sharding(sharding)
                 .with_dtype(mixc::DType::F32)
         };
+        // Explicit CPU tiles instead of a tuned or default choice.
+        if let Some(config) = config {
+            let mut base = mixc::runtime::cpu::CpuConfig::default_for(&spec, 0);
+            if let Some(t) = threads {
+                base.threads = t;
+            }
+            let mut tiles = mixc::CpuTiles::of(&base);
+            for (key, value) in config {
+                match key.as_str() {
+                    "block_m" => tiles.block_m = value,
+                    "block_n" => tiles.block_n = value,
+                    "chunk" => tiles.chunk = value,
+                    other => {
+                        return Err(PyValueError::new_err(format!(
+                            "config key `{other}`: the CPU tiles are block_m, block_n and chunk"
+                        )))
+                    }
+                }
+            }
+            opts = opts.with_tiles(mixc::Tiles::Cpu(tiles));
+        }
         let inner = mixc::Mixer::new(&spec, opts.clone()).map_err(runtime_err)?;
         Ok(Mixer {
             inner,

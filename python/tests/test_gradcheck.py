@@ -119,3 +119,22 @@ def test_tune_stores_an_entry_that_the_next_call_hits(tmp_path, monkeypatch):
         mixc.tune(spec, 64, budget=-1.0)
     with pytest.raises(mixc.SpecError):
         mixc.tune("mixer broken { heads = ; }", 64)
+
+
+def test_explicit_cpu_tiles_give_the_same_result():
+    spec = SPECS["softmax"].replace("gc_softmax", "gc_tiles")
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 70, 2, 3, generator=g)
+    k = torch.randn(1, 70, 1, 3, generator=g)
+    v = torch.randn(1, 70, 1, 2, generator=g)
+    rel = torch.randn(2, 8, generator=g)
+    want = mixc.Mixer(spec)(q, k, v, rel=rel)
+    for config in ({"block_m": 16, "block_n": 32}, {"block_m": 8, "block_n": 8, "chunk": 16}):
+        got = mixc.Mixer(spec, config=config)(q, k, v, rel=rel)
+        assert torch.allclose(got, want, atol=1e-5), config
+    with pytest.raises(ValueError, match="block_m, block_n and chunk"):
+        mixc.Mixer(spec, config={"tile": 4})
+    with pytest.raises(ValueError, match="at least 1"):
+        mixc.Mixer(spec, config={"block_m": 0})
+    with pytest.raises(TypeError, match="dict"):
+        mixc.Mixer(spec, config=64)
