@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 
+use mixc::runtime::ring::RankRows;
 use mixc::{Device, ExtraTensor, MixerInputs, MixerSpec, Options, Residuals, Tensor};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyNotImplementedError, PyRuntimeError, PyValueError};
@@ -337,71 +338,6 @@ impl mixc::Transport for PyTransport {
                 .map_err(|e| Self::failed(e.into()))?;
             Ok(bytes.as_bytes().to_vec())
         })
-    }
-}
-
-/// One rank's rows of a ring: the positions it owns, in order, and the
-/// whole sequence's length.
-struct RankRows {
-    seq: usize,
-    positions: Vec<usize>,
-}
-
-impl RankRows {
-    fn new(seq: usize, ranks: usize, rank: usize, sharding: mixc::Sharding) -> PyResult<Self> {
-        let sched = mixc::RingSchedule::new(seq, ranks, sharding).map_err(runtime_err)?;
-        let positions = sched.shard(rank).iter().flat_map(|r| r.clone()).collect();
-        Ok(RankRows { seq, positions })
-    }
-
-    /// A `[batch, seq, rest...]` tensor of the whole sequence, zero except
-    /// this rank's rows, which come from `local` (`[batch, n, rest...]`).
-    /// The zeros are a zeroed allocation: pages never written cost nothing.
-    fn scatter(&self, local: &[f32], shape: &[usize]) -> Tensor<f32> {
-        let mut full = Tensor::<f32>::zeros(shape);
-        let (batch, n) = (shape[0], self.positions.len());
-        let row: usize = shape[2..].iter().product();
-        for b in 0..batch {
-            for (t, &p) in self.positions.iter().enumerate() {
-                let dst = (b * self.seq + p) * row;
-                full.data[dst..dst + row].copy_from_slice(&local[(b * n + t) * row..][..row]);
-            }
-        }
-        full
-    }
-
-    /// This rank's rows of a `[batch, seq, rest...]` tensor.
-    fn gather<T: Copy>(&self, full: &Tensor<T>) -> Vec<T> {
-        let (batch, n) = (full.shape[0], self.positions.len());
-        let row: usize = full.shape[2..].iter().product();
-        let mut out = Vec::with_capacity(batch * n * row);
-        for b in 0..batch {
-            for &p in &self.positions {
-                let src = (b * self.seq + p) * row;
-                out.extend_from_slice(&full.data[src..src + row]);
-            }
-        }
-        out
-    }
-
-    /// A `[batch, heads, seq]` statistic, zero except this rank's
-    /// positions, from `local` (`[batch, heads, n]`).
-    fn scatter_stat(&self, local: &[f64], batch: usize, heads: usize) -> Tensor<f64> {
-        let n = self.positions.len();
-        let mut full = vec![0.0; batch * heads * self.seq];
-        for x in 0..batch * heads {
-            for (t, &p) in self.positions.iter().enumerate() {
-                full[x * self.seq + p] = local[x * n + t];
-            }
-        }
-        Tensor::new(vec![batch, heads, self.seq], full)
-    }
-
-    /// This rank's positions of a `[batch, heads, seq]` statistic.
-    fn gather_stat(&self, full: &[f64]) -> Vec<f64> {
-        full.chunks_exact(self.seq)
-            .flat_map(|row| self.positions.iter().map(move |&p| row[p]))
-            .collect()
     }
 }
 
@@ -838,7 +774,7 @@ impl Mixer {
         bf16: bool,
     ) -> PyResult<()> {
         let (batch, seq) = lengths;
-        let rows = RankRows::new(seq, ranks, rank, self.inner.sharding())?;
+        let rows = RankRows::new(seq, ranks, rank, self.inner.sharding()).map_err(runtime_err)?;
         // SAFETY: the documented contract, checked by the Python side.
         let x = unsafe { self.rank_inputs(&rows, batch, (q, k, v), &extras) };
         let m = self.for_call(bf16)?;
@@ -884,7 +820,7 @@ impl Mixer {
         dextras: Vec<(String, usize)>,
     ) -> PyResult<()> {
         let (batch, seq) = lengths;
-        let rows = RankRows::new(seq, ranks, rank, self.inner.sharding())?;
+        let rows = RankRows::new(seq, ranks, rank, self.inner.sharding()).map_err(runtime_err)?;
         let n = rows.positions.len();
         let (h, dvw) = (self.spec.heads as usize, self.spec.value_dim as usize);
         let o_shape = [batch, seq, h, dvw];

@@ -29,16 +29,10 @@ CASES = [
 
 
 def extras_for(info, b, seq, gen):
-    out = {}
-    for i in info["inputs"]:
-        shape = [b if d == "batch" else seq if d == "seq" else d for d in i["dims"]]
-        if i["dtype"] == "i32":
-            out[i["name"]] = torch.sort(torch.randint(0, 4, shape, generator=gen), dim=-1).values.to(torch.int32)
-        elif i["name"] == "g":
-            out[i["name"]] = 0.9 + 0.1 * torch.rand(shape, generator=gen)
-        else:
-            out[i["name"]] = 0.5 * torch.randn(shape, generator=gen)
-    return out
+    """The Python tests' extra inputs (test_mixc.random_extra), in f32."""
+    from test_mixc import random_extra
+
+    return {n: (t.float() if t.is_floating_point() else t) for n, t in random_extra(info, b, seq, gen).items()}
 
 
 def rel(a, b):

@@ -193,6 +193,12 @@ impl Residuals {
         Residuals { stat, batch, seq }
     }
 
+    /// What a forward of `inputs` kept (nothing: an empty statistic).
+    fn kept(stat: Option<Tensor<f64>>, inputs: &MixerInputs) -> Residuals {
+        let stat = stat.unwrap_or_else(|| Tensor::new(vec![0], Vec::new()));
+        Residuals::from_stat(stat, inputs.batch, inputs.seq)
+    }
+
     /// No statistic (a backward that recomputes it, as the reference does).
     pub(crate) fn empty(batch: usize, seq: usize) -> Residuals {
         Residuals::from_stat(Tensor::new(vec![0], Vec::new()), batch, seq)
@@ -567,12 +573,7 @@ impl Mixer {
     pub fn forward_train(&self, inputs: &MixerInputs) -> Result<(Output, Residuals)> {
         self.backward_support()?;
         let (out, stat) = self.forward_impl(inputs, true, None)?;
-        let residuals = Residuals {
-            stat: stat.unwrap_or_else(|| Tensor::new(vec![0], Vec::new())),
-            batch: inputs.batch,
-            seq: inputs.seq,
-        };
-        Ok((out, residuals))
+        Ok((out, Residuals::kept(stat, inputs)))
     }
 
     /// This process's rank of a ring over processes: `transport` carries
@@ -597,12 +598,7 @@ impl Mixer {
             self.backward_support()?;
         }
         let (out, stat) = self.forward_impl(inputs, train, Some(transport))?;
-        let residuals = Residuals {
-            stat: stat.unwrap_or_else(|| Tensor::new(vec![0], Vec::new())),
-            batch: inputs.batch,
-            seq: inputs.seq,
-        };
-        Ok((out, residuals))
+        Ok((out, Residuals::kept(stat, inputs)))
     }
 
     /// The backward of [`Mixer::forward_rank`]: reads this rank's positions

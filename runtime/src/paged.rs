@@ -48,14 +48,12 @@ impl PagedKv<'_> {
     fn check(&self, spec: &MixerSpec, q: &Tensor<f32>) -> Result<()> {
         for d in &spec.inputs {
             if d.dims.contains(&Dim::Seq) {
-                return Err(RuntimeError::Unsupported {
-                    backend: "paged KV",
-                    what: format!(
-                        "input `{}` is indexed by position; with a paged cache give inputs \
-                         without a `seq` axis (tables, one entry per row)",
-                        d.name
-                    ),
-                });
+                return Err(bad(
+                    &d.name,
+                    "is indexed by position; with a paged cache give inputs without a \
+                     `seq` axis (tables, one entry per row)"
+                        .into(),
+                ));
             }
         }
         let (kvh, dk, dv) = (

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, RuntimeError};
+use crate::tensor::Tensor;
 
 /// How positions are dealt to ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -403,6 +404,74 @@ impl<M: Wire> Endpoint<M> {
                 Ok(msg)
             }
         }
+    }
+}
+
+/// One rank's rows of a ring over processes ([`Transport`]): the positions
+/// it owns, in order, and the whole sequence's length; it moves the rank's
+/// rows (`[batch, n, ...]`) into and out of the whole-sequence tensors
+/// that `Mixer::forward_rank` and `backward_rank` take.
+pub struct RankRows {
+    pub seq: usize,
+    /// The rank's positions, in order.
+    pub positions: Vec<usize>,
+}
+
+impl RankRows {
+    pub fn new(seq: usize, ranks: usize, rank: usize, sharding: Sharding) -> Result<Self> {
+        let sched = RingSchedule::new(seq, ranks, sharding)?;
+        let positions = sched.shard(rank).iter().flat_map(|r| r.clone()).collect();
+        Ok(RankRows { seq, positions })
+    }
+
+    /// A `[batch, seq, rest...]` tensor of the whole sequence, zero except
+    /// this rank's rows, which come from `local` (`[batch, n, rest...]`).
+    /// The zeros are a zeroed allocation: pages never written cost nothing.
+    pub fn scatter(&self, local: &[f32], shape: &[usize]) -> Tensor<f32> {
+        let mut full = Tensor::<f32>::zeros(shape);
+        let (batch, n) = (shape[0], self.positions.len());
+        let row: usize = shape[2..].iter().product();
+        for b in 0..batch {
+            for (t, &p) in self.positions.iter().enumerate() {
+                let dst = (b * self.seq + p) * row;
+                full.data[dst..dst + row].copy_from_slice(&local[(b * n + t) * row..][..row]);
+            }
+        }
+        full
+    }
+
+    /// This rank's rows of a `[batch, seq, rest...]` tensor.
+    pub fn gather<T: Copy>(&self, full: &Tensor<T>) -> Vec<T> {
+        let (batch, n) = (full.shape[0], self.positions.len());
+        let row: usize = full.shape[2..].iter().product();
+        let mut out = Vec::with_capacity(batch * n * row);
+        for b in 0..batch {
+            for &p in &self.positions {
+                let src = (b * self.seq + p) * row;
+                out.extend_from_slice(&full.data[src..src + row]);
+            }
+        }
+        out
+    }
+
+    /// A `[batch, heads, seq]` statistic, zero except this rank's
+    /// positions, from `local` (`[batch, heads, n]`).
+    pub fn scatter_stat(&self, local: &[f64], batch: usize, heads: usize) -> Tensor<f64> {
+        let n = self.positions.len();
+        let mut full = vec![0.0; batch * heads * self.seq];
+        for x in 0..batch * heads {
+            for (t, &p) in self.positions.iter().enumerate() {
+                full[x * self.seq + p] = local[x * n + t];
+            }
+        }
+        Tensor::new(vec![batch, heads, self.seq], full)
+    }
+
+    /// This rank's positions of a `[batch, heads, seq]` statistic.
+    pub fn gather_stat(&self, full: &[f64]) -> Vec<f64> {
+        full.chunks_exact(self.seq)
+            .flat_map(|row| self.positions.iter().map(move |&p| row[p]))
+            .collect()
     }
 }
 
