@@ -54,6 +54,15 @@ fn main() -> ExitCode {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
+    // SIGINT / SIGTERM (and SIGHUP) in the middle of a `--save` would leave
+    // the save's temporary file (often hundreds of megabytes) beside its
+    // target: remove it, then exit as an interrupted program does.
+    if let Err(e) = ctrlc::set_handler(|| {
+        mixc::runtime::io::remove_unfinished_saves();
+        std::process::exit(130);
+    }) {
+        eprintln!("warning: cannot install the interrupt handler ({e}); an interrupted --save may leave a temporary file");
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check(a) => commands::check::main(a),

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use mixc_dsl::{DType, Dim, ElemType, InputDecl, InputRole, MixerSpec, Score};
+use mixc_dsl::{DType, Dim, ElemType, FeatureMap, InputDecl, InputRole, MixerSpec, Norm, Score};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -121,7 +121,8 @@ pub fn random_upstream(spec: &MixerSpec, batch: usize, seq: usize, seed: u64) ->
 }
 
 /// Deterministic inputs for `spec`: q, k, v standard normal (q, k empty for
-/// the convolution family), gates in [0.9, 1), sorted ragged document ids,
+/// the convolution family; under `norm = sum` a side with the identity
+/// feature map is drawn as |normal| so the normaliser stays positive), gates in [0.9, 1), sorted ragged document ids,
 /// tables normal * 0.5, filters with a decaying envelope. The same
 /// `(spec, batch, seq, seed)` gives the same bits on every platform.
 pub fn random_inputs(spec: &MixerSpec, batch: usize, seq: usize, seed: u64) -> MixerInputs {
@@ -141,8 +142,25 @@ pub fn random_inputs_kv(
     seed: u64,
 ) -> MixerInputs {
     let shapes = spec.tensor_shapes_kv(batch, seq, kv_seq);
+    // Under `norm = sum` a signed score makes the denominator cross zero, and
+    // the output near such a row is ill-conditioned whatever computes it: a
+    // side without a positive feature map is drawn non-negative (|x|).
+    let non_negative = |name: &str| match (&spec.norm, &spec.score) {
+        (Norm::Sum { .. }, Score::Dot { q_map, k_map, .. }) => match name {
+            "q" => *q_map == FeatureMap::Identity,
+            "k" => *k_map == FeatureMap::Identity,
+            _ => false,
+        },
+        _ => false,
+    };
     let qkv = |name: &str| match shapes.get(name) {
-        Some(shape) => normal_tensor(&mut stream(seed, name), shape.clone(), 1.0),
+        Some(shape) => {
+            let mut t = normal_tensor(&mut stream(seed, name), shape.clone(), 1.0);
+            if non_negative(name) {
+                t.data.iter_mut().for_each(|x| *x = x.abs());
+            }
+            t
+        }
         None => empty_tensor(),
     };
     let (q, k, v) = (qkv("q"), qkv("k"), qkv("v"));
@@ -441,14 +459,12 @@ pub fn validate_inputs(spec: &MixerSpec, inputs: &MixerInputs) -> Result<()> {
                 if decl.role == InputRole::Gate {
                     if let Some(at) = t.data.iter().position(|&g| !(g > 0.0 && g <= 1.0)) {
                         // [batch, seq, heads]: say which (row, position, head).
-                        let heads = t.shape.get(2).copied().unwrap_or(1).max(1);
-                        let seq = t.shape.get(1).copied().unwrap_or(1).max(1);
-                        let (b, pos, h) = (at / (seq * heads), at / heads % seq, at % heads);
                         return Err(bad(
                             name,
                             format!(
-                                "gate [{b}, {pos}, {h}] (batch row, position, head) is {}; \
+                                "gate {:?} (batch row, position, head) is {}; \
                                  decay gates must lie in (0, 1]",
+                                t.index_of(at),
                                 t.data[at]
                             ),
                         ));
@@ -493,15 +509,39 @@ pub fn validate_inputs(spec: &MixerSpec, inputs: &MixerInputs) -> Result<()> {
 
 /// Rounds q, k and v to the storage type `dtype` (kept in f32), so every
 /// backend and the f64 reference see exactly the values a GPU run stores.
-pub fn round_to_dtype(inputs: &mut MixerInputs, dtype: DType) {
-    let round: fn(f32) -> f32 = match dtype {
-        DType::F32 => return,
-        DType::F16 => |x| half::f16::from_f32(x).to_f32(),
-        DType::Bf16 => |x| half::bf16::from_f32(x).to_f32(),
+/// A finite value the type cannot hold (an f16 q of 70000 would become
+/// infinite on the GPU) is refused as [`RuntimeError::BadInput`] naming the
+/// tensor, the element and the type's largest value; nothing is changed then.
+pub fn round_to_dtype(inputs: &mut MixerInputs, dtype: DType) -> Result<()> {
+    let (round, max): (fn(f32) -> f32, f32) = match dtype {
+        DType::F32 => return Ok(()),
+        DType::F16 => (|x| half::f16::from_f32(x).to_f32(), half::f16::MAX.to_f32()),
+        DType::Bf16 => (
+            |x| half::bf16::from_f32(x).to_f32(),
+            half::bf16::MAX.to_f32(),
+        ),
     };
+    for (name, t) in [("q", &inputs.q), ("k", &inputs.k), ("v", &inputs.v)] {
+        if let Some(at) = t
+            .data
+            .iter()
+            .position(|&x| x.is_finite() && round(x).is_infinite())
+        {
+            return Err(RuntimeError::BadInput {
+                name: name.into(),
+                problem: format!(
+                    "element {:?} is {}, beyond the largest {dtype} value ({max}); scale the \
+                     inputs or run in a wider dtype",
+                    t.index_of(at),
+                    t.data[at]
+                ),
+            });
+        }
+    }
     for t in [&mut inputs.q, &mut inputs.k, &mut inputs.v] {
         t.data.iter_mut().for_each(|x| *x = round(*x));
     }
+    Ok(())
 }
 
 #[cfg(test)]

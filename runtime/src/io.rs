@@ -9,7 +9,8 @@
 
 use std::borrow::Cow;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use mixc_dsl::{ElemType, MixerSpec, Score};
 use safetensors::tensor::TensorView;
@@ -359,10 +360,48 @@ fn write_owned(path: &Path, tensors: &[(String, Owned)]) -> Result<()> {
         _ => Path::new("."),
     };
     let mut tmp = temp_with_mode(dir, mode).map_err(io_err)?;
+    let _pending = Unfinished::register(tmp.path());
     tmp.write_all(&bytes).map_err(io_err)?;
     tmp.as_file().sync_all().map_err(io_err)?;
     tmp.persist(&target).map_err(|e| io_err(e.error))?;
     Ok(())
+}
+
+/// The temporary files of saves still being written. A save that returns
+/// removes its own (by rename or on drop); one cut short by a signal cannot,
+/// so a program's signal handler calls [`remove_unfinished_saves`].
+static UNFINISHED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Registers a temporary file in [`UNFINISHED`] for as long as it lives.
+struct Unfinished(PathBuf);
+
+impl Unfinished {
+    fn register(path: &Path) -> Unfinished {
+        let mut list = UNFINISHED.lock().unwrap_or_else(|e| e.into_inner());
+        list.push(path.to_path_buf());
+        Unfinished(path.to_path_buf())
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let mut list = UNFINISHED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = list.iter().position(|p| *p == self.0) {
+            list.swap_remove(at);
+        }
+    }
+}
+
+/// Deletes the temporary file of every save still in progress, for a signal
+/// handler to call before the process exits (SIGINT or SIGTERM during a
+/// save of hundreds of megabytes would otherwise leave its `.tmpXXXX` file
+/// beside the target). The target itself is untouched: it still holds what
+/// it held before the save began. Returns how many files it removed.
+pub fn remove_unfinished_saves() -> usize {
+    let mut list = UNFINISHED.lock().unwrap_or_else(|e| e.into_inner());
+    list.drain(..)
+        .filter(|p| std::fs::remove_file(p).is_ok())
+        .count()
 }
 
 /// Where a save to `path` writes: `path`, or what a symlink there points to

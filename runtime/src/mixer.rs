@@ -1178,11 +1178,13 @@ impl Mixer {
     /// [`Mixer::admit`] for a training step ([`Mixer::train_host_bytes`]).
     pub fn admit_train(&self, batch: usize, seq: usize) -> Result<()> {
         let (inputs, rest) = self.train_host_bytes(batch, seq)?;
-        crate::memory::admit_host(inputs.saturating_add(rest))
+        crate::memory::admit_host(inputs.saturating_add(rest))?;
+        self.admit_device(batch, seq)
     }
 
     /// Whether a call at `batch x seq`, its inputs included, fits in the
-    /// host memory still available (call it before making the inputs):
+    /// host memory still available and, for a CUDA mixer, in each GPU's
+    /// free memory (call it before making the inputs):
     /// [`RuntimeError::OutOfMemory`] with both figures when it does not.
     pub fn admit(&self, batch: usize, seq: usize) -> Result<()> {
         self.admit_kv(batch, seq, seq)
@@ -1191,7 +1193,21 @@ impl Mixer {
     /// [`Mixer::admit`] for `seq` queries against `kv_seq` keys.
     pub fn admit_kv(&self, batch: usize, seq: usize, kv_seq: usize) -> Result<()> {
         let (inputs, rest) = self.host_bytes_kv(batch, seq, kv_seq)?;
-        crate::memory::admit_host(inputs.saturating_add(rest))
+        crate::memory::admit_host(inputs.saturating_add(rest))?;
+        self.admit_device(batch, seq.max(kv_seq))
+    }
+
+    /// A CUDA mixer's share of [`Mixer::admit`]: the forward's device
+    /// bytes against each GPU's free memory (`CudaMixer::admit`).
+    fn admit_device(&self, batch: usize, seq: usize) -> Result<()> {
+        let prepared = match &self.base.prepared {
+            Prepared::Shared(base) => &base.prepared,
+            p => p,
+        };
+        match prepared {
+            Prepared::Cuda(m) => m.admit(batch, seq),
+            _ => Ok(()),
+        }
     }
 
     /// One call on caller-owned CUDA buffers, launched on the caller's

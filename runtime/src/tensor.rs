@@ -195,6 +195,17 @@ impl<T> Tensor<T> {
         }
         off
     }
+    /// The full index of a row-major flat offset (the inverse of
+    /// [`Tensor::offset`]), for messages that name an element.
+    pub fn index_of(&self, mut flat: usize) -> Vec<usize> {
+        let mut idx = vec![0; self.shape.len()];
+        for (x, &n) in idx.iter_mut().zip(&self.shape).rev() {
+            let n = n.max(1);
+            *x = flat % n;
+            flat /= n;
+        }
+        idx
+    }
 }
 
 /// An extra input (gates, segment ids, tables, filters).

@@ -30,7 +30,7 @@ fn cfg(ranks: usize, block: usize, precision: Precision) -> CpuConfig {
 
 fn bf16_inputs(spec: &MixerSpec, seq: usize, kv_seq: usize, seed: u64) -> MixerInputs {
     let mut inputs = random_inputs_kv(spec, 2, seq, kv_seq, seed);
-    round_to_dtype(&mut inputs, DType::Bf16);
+    round_to_dtype(&mut inputs, DType::Bf16).unwrap();
     inputs
 }
 

@@ -260,7 +260,7 @@ fn measure(
         }
         Source::File(path) => mixc::runtime::io::load_inputs(path, spec)?,
     };
-    mixc::runtime::inputs::round_to_dtype(&mut inputs, dtype);
+    mixc::runtime::inputs::round_to_dtype(&mut inputs, dtype)?;
     let (batch, seq) = (inputs.batch, inputs.seq);
     if plan.opts_base.ranks > inputs.kv_seq {
         bail!(

@@ -210,7 +210,7 @@ fn run_varlen(
     mixer.admit(1, total)?;
     let dtype = mixer.dtype();
     let mut inputs = mixc::runtime::inputs::random_varlen_inputs(spec, &varlen, args.seed);
-    inputs::round_to_dtype(&mut inputs, dtype);
+    inputs::round_to_dtype(&mut inputs, dtype)?;
     let what = format!(
         "running {} on {}: {} packed sequences, {total} tokens",
         spec.name,
@@ -375,8 +375,9 @@ pub struct Args {
     /// value_dim (repeatable), e.g. `--set heads=8 --set kv_heads=2`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub(crate) set: Vec<String>,
-    /// Storage type of q, k, v (default: the spec's `dtype`). Random inputs are
-    /// rounded to it, so every backend and the reference see the same values.
+    /// Storage type of q, k, v (default: the spec's `dtype`). Random and
+    /// `--inputs` values are rounded to it, so every backend and the reference
+    /// see the same values; a value it cannot hold (an f16 70000) is refused.
     #[arg(long, value_parser = ["f16", "bf16", "f32"])]
     pub(crate) dtype: Option<String>,
     /// Read q, k, v and the declared inputs from a safetensors file.
@@ -490,7 +491,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
         bail!("--paged takes a page size of at least 1 position");
     }
     let mut d_o_file = None;
-    let inputs: MixerInputs = match &args.inputs {
+    let mut inputs: MixerInputs = match &args.inputs {
         Some(path) => {
             let (inputs, mut more) = io::load_inputs_with(path, &spec, &["do"])?;
             d_o_file = more.remove("do");
@@ -517,11 +518,12 @@ pub fn main(args: Args) -> Result<ExitCode> {
             } else {
                 mixer.admit_kv(args.batch, seq, kv_seq)?;
             }
-            let mut inputs = inputs::random_inputs_kv(&spec, args.batch, seq, kv_seq, args.seed);
-            inputs::round_to_dtype(&mut inputs, dtype);
-            inputs
+            inputs::random_inputs_kv(&spec, args.batch, seq, kv_seq, args.seed)
         }
     };
+    // Given and random inputs alike hold what the storage type can: every
+    // backend and the reference see the values a GPU run stores.
+    inputs::round_to_dtype(&mut inputs, dtype)?;
     let inputs = match args.q_offset {
         Some(offset) => inputs.with_q_offset(offset),
         None => inputs,
@@ -613,6 +615,8 @@ pub fn main(args: Args) -> Result<ExitCode> {
     }
     let backend = opts.backend.name();
     let tokens = (inputs.batch * inputs.seq) as f64;
+    let useful_pairs =
+        mixc::runtime::pairs::useful_pairs_per_head(&spec, &inputs) * u64::from(spec.heads);
     let max_rel_error = check.as_ref().map(|c| c.max_rel_error);
     let summary = json!({
         "spec": spec.name,
@@ -633,9 +637,10 @@ pub fn main(args: Args) -> Result<ExitCode> {
         "config": run.config,
         "config_source": source_text(&run.config_source),
         "tokens_per_s": tokens / seconds,
-        "tflops": run.pairs_per_rank.as_ref().map(|p| {
-            p.iter().sum::<u64>() as f64 * report::flops_per_pair(&spec) / seconds / 1e12
-        }),
+        // One definition with `bench`: useful (unmasked) pairs, not the
+        // pairs of the tiles computed (those are `pairs_per_rank`).
+        "useful_pairs": useful_pairs,
+        "useful_tflops": useful_pairs as f64 * report::flops_per_pair(&spec) / seconds / 1e12,
         "pairs_per_rank": run.pairs_per_rank,
         "input_bytes": input_bytes(&inputs),
         "output_bytes": output.numel() * 4,

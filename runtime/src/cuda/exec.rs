@@ -162,6 +162,108 @@ impl Backend {
     }
 
     /// Uploads `inputs` for a ring of `sched` and plans its launches.
+    /// Bytes of the extra inputs the kernels read (f32 or i32, uploaded
+    /// whole to every GPU).
+    fn extra_bytes(&self, inputs: &MixerInputs) -> usize {
+        self.info()
+            .params
+            .iter()
+            .filter_map(|p| match &p.role {
+                ParamRole::Input(n) => inputs
+                    .extra
+                    .get(n)
+                    .map(|t| t.shape().iter().product::<usize>() * 4),
+                _ => None,
+            })
+            .sum()
+    }
+
+    /// The direct call's `o` (storage type) and softmax `lse` (f32) bytes.
+    fn output_bytes(&self, batch: usize, seq: usize) -> (usize, usize) {
+        let (h, dv) = (self.spec.heads as usize, self.spec.value_dim as usize);
+        let lse = if self.spec.family == Family::Softmax {
+            batch * h * seq * 4
+        } else {
+            0
+        };
+        (batch * seq * h * dv * elem_bytes(self.dtype), lse)
+    }
+
+    /// Device bytes of a direct (one-rank) run: q, k and v in the storage
+    /// type, `o`, `lse` and the extra inputs.
+    fn direct_need(
+        &self,
+        q_elems: usize,
+        kv_elems: usize,
+        batch: usize,
+        seq: usize,
+        extra: usize,
+    ) -> usize {
+        let (o, lse) = self.output_bytes(batch, seq);
+        (q_elems + kv_elems) * elem_bytes(self.dtype) + o + lse + extra
+    }
+
+    /// Device bytes per GPU of a pairwise (softmax, convolution) ring: the
+    /// extra inputs on every GPU; per rank its shard, the two ring buffers
+    /// a step reads and fills, and its outputs and partials.
+    fn pairwise_need(&self, b: usize, sched: &RingSchedule, extra: usize) -> Vec<usize> {
+        let spec = &self.spec;
+        let (h, kvh) = (spec.heads as usize, spec.kv_heads as usize);
+        let (dk, dv) = (spec.head_dim as usize, spec.value_dim as usize);
+        let e = elem_bytes(self.dtype);
+        let softmax = spec.family == Family::Softmax;
+        let with_k = self.has_role(&ParamRole::K);
+        let ranks = sched.ranks;
+        let max_rows = (0..ranks).map(|r| sched.shard_len(r)).max().unwrap_or(0);
+        let kv_row_bytes = kvh * (if with_k { dk } else { 0 } + dv) * e;
+        let mut need = vec![0usize; self.gpus.len()];
+        for (d, n) in need.iter_mut().enumerate() {
+            *n = extra;
+            for r in (0..ranks).filter(|&r| device_of(r, self.gpus.len()) == d) {
+                let nq = sched.shard_len(r);
+                let ring = if ranks > 1 {
+                    2 * b * max_rows * kv_row_bytes
+                } else {
+                    0
+                };
+                *n += b * nq * kv_row_bytes + ring;
+                *n += if softmax {
+                    b * nq * h * (dk * e + dv * 4 + dv * e) + 2 * b * h * nq * 4
+                } else {
+                    b * nq * h * dv * 4
+                };
+            }
+        }
+        need
+    }
+
+    /// Device bytes per GPU of a chunkwise (linear, retention, gated) run:
+    /// each range's q, k, v, o and gates, the carried state (and its copy
+    /// where the state moves to another GPU).
+    fn chunkwise_need(&self, b: usize, sched: &RingSchedule) -> Vec<usize> {
+        let spec = &self.spec;
+        let (h, kvh) = (spec.heads as usize, spec.kv_heads as usize);
+        let (dk, dv) = (spec.head_dim as usize, spec.value_dim as usize);
+        let e = elem_bytes(self.dtype);
+        let gate = matches!(spec.decay, Decay::Gate { .. });
+        let ndev = self.gpus.len();
+        let state_bytes = b * h * dk * dv * 4;
+        let z_bytes = b * h * dk * 4;
+        let mut need = vec![0usize; ndev];
+        let mut prev_dev = None;
+        for (range, owner) in &sched.ranges_in_order() {
+            let d = device_of(*owner, ndev);
+            let n = range.len();
+            need[d] += b * n * (h * dk + kvh * dk + kvh * dv + h * dv) * e + state_bytes + z_bytes;
+            need[d] += if gate { b * n * h * 4 } else { 0 };
+            if prev_dev.is_some_and(|p| p != d) {
+                need[d] += state_bytes + z_bytes;
+            }
+            prev_dev = Some(d);
+        }
+        need
+    }
+
     fn prepare(&self, inputs: &MixerInputs, sched: &RingSchedule) -> Result<Job> {
         validate_inputs(&self.spec, inputs)?;
         check_int_sizes(inputs.batch, inputs.seq)?;
@@ -207,39 +309,10 @@ impl Backend {
         let tiling = tiling_of(&cfg);
         let segs = segment_summaries(spec, inputs, tiling);
         let max_rows = (0..ranks).map(|r| sched.shard_len(r)).max().unwrap_or(0);
-        let kv_row_bytes = kvh * (if with_k { dk } else { 0 } + dv) * e;
 
         // Memory per device, checked before anything is allocated.
-        let extra_bytes_total: usize = self
-            .info()
-            .params
-            .iter()
-            .filter_map(|p| match &p.role {
-                ParamRole::Input(n) => inputs
-                    .extra
-                    .get(n)
-                    .map(|t| t.shape().iter().product::<usize>() * 4),
-                _ => None,
-            })
-            .sum();
-        let mut need = vec![0usize; self.gpus.len()];
-        for (d, n) in need.iter_mut().enumerate() {
-            *n = extra_bytes_total;
-            for r in (0..ranks).filter(|&r| device_of(r, self.gpus.len()) == d) {
-                let nq = sched.shard_len(r);
-                let ring = if ranks > 1 {
-                    2 * b * max_rows * kv_row_bytes
-                } else {
-                    0
-                };
-                *n += b * nq * kv_row_bytes + ring;
-                *n += if softmax {
-                    b * nq * h * (dk * e + dv * 4 + dv * e) + 2 * b * h * nq * 4
-                } else {
-                    b * nq * h * dv * 4
-                };
-            }
-        }
+        let extra_bytes_total = self.extra_bytes(inputs);
+        let need = self.pairwise_need(b, sched, extra_bytes_total);
         for (g, n) in self.gpus.iter().zip(&need) {
             g.check_fits(*n)?;
         }
@@ -357,18 +430,7 @@ impl Backend {
         let order = sched.ranges_in_order();
         let state_bytes = b * h * dk * dv * 4;
         let z_bytes = b * h * dk * 4;
-        let mut need = vec![0usize; ndev];
-        let mut prev_dev = None;
-        for (range, owner) in &order {
-            let d = device_of(*owner, ndev);
-            let n = range.len();
-            need[d] += b * n * (h * dk + kvh * dk + kvh * dv + h * dv) * e + state_bytes + z_bytes;
-            need[d] += if gate.is_some() { b * n * h * 4 } else { 0 };
-            if prev_dev.is_some_and(|p| p != d) {
-                need[d] += state_bytes + z_bytes;
-            }
-            prev_dev = Some(d);
-        }
+        let need = self.chunkwise_need(b, sched);
         for (g, n) in self.gpus.iter().zip(&need) {
             g.check_fits(*n)?;
         }
@@ -604,17 +666,15 @@ impl Backend {
         validate_inputs(&self.spec, inputs)?;
         check_int_sizes(inputs.batch, inputs.seq)?;
         let (batch, seq) = (inputs.batch, inputs.seq);
-        let (h, dv) = (self.spec.heads as usize, self.spec.value_dim as usize);
-        let e = elem_bytes(self.dtype);
         let g = &self.gpus[0];
-        let o_bytes = batch * seq * h * dv * e;
-        let lse_bytes = if self.spec.family == Family::Softmax {
-            batch * h * seq * 4
-        } else {
-            0
-        };
-        let qkv_elems = inputs.q.numel() + inputs.k.numel() + inputs.v.numel();
-        g.check_fits(qkv_elems * e + o_bytes + lse_bytes + inputs.extra_bytes())?;
+        let (o_bytes, lse_bytes) = self.output_bytes(batch, seq);
+        g.check_fits(self.direct_need(
+            inputs.q.numel(),
+            inputs.k.numel() + inputs.v.numel(),
+            batch,
+            seq,
+            self.extra_bytes(inputs),
+        ))?;
         let q = g.upload(&encode(self.dtype, &inputs.q.data))?;
         let k = g.upload(&encode(self.dtype, &inputs.k.data))?;
         let v = g.upload(&encode(self.dtype, &inputs.v.data))?;
@@ -1081,6 +1141,45 @@ impl Prepared {
         for x in &launches {
             // SAFETY: the caller's buffers and stream, as documented.
             unsafe { g.launch_on(&g.kernels[0], x, stream as cudarc::driver::sys::CUstream) }?;
+        }
+        Ok(())
+    }
+
+    /// Device bytes per GPU of one forward at `batch x seq`, by the plan
+    /// [`Prepared::run`] takes, with the inputs' sizes read off the spec.
+    pub(crate) fn device_need(&self, batch: usize, seq: usize) -> Result<Vec<usize>> {
+        let b = &self.backend;
+        let shapes = b.spec.tensor_shapes(batch, seq);
+        let elems = |name: &str| shapes.get(name).map_or(0, |s| s.iter().product::<usize>());
+        let extra: usize = b
+            .spec
+            .inputs
+            .iter()
+            .filter(|d| b.has_role(&ParamRole::Input(d.name.clone())))
+            .map(|d| elems(&d.name) * 4)
+            .sum();
+        if self.ranks == 1 && b.gpus.len() == 1 {
+            return Ok(vec![b.direct_need(
+                elems("q"),
+                elems("k") + elems("v"),
+                batch,
+                seq,
+                extra,
+            )]);
+        }
+        let sched = RingSchedule::new(seq, self.ranks, self.sharding)?;
+        Ok(match b.spec.family {
+            Family::Softmax | Family::Convolution => b.pairwise_need(batch, &sched, extra),
+            Family::Linear | Family::Retention | Family::Gated => b.chunkwise_need(batch, &sched),
+        })
+    }
+
+    /// [`super::CudaMixer::admit`].
+    pub(crate) fn admit(&self, batch: usize, seq: usize) -> Result<()> {
+        check_int_sizes(batch, seq)?;
+        let need = self.device_need(batch, seq)?;
+        for (g, n) in self.backend.gpus.iter().zip(need) {
+            g.check_fits(n)?;
         }
         Ok(())
     }

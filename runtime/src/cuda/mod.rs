@@ -289,6 +289,21 @@ impl CudaMixer {
         guarded(|| unsafe { p.forward_device(call, stream) })
     }
 
+    /// Whether a forward at `batch x seq` fits in each GPU's free memory,
+    /// estimated from the spec before any input is made (the estimate the
+    /// run checks again before it allocates): [`RuntimeError::OutOfMemory`]
+    /// naming the GPU with both figures when it does not. A multi-process
+    /// rank is checked by its own run.
+    pub fn admit(&self, batch: usize, seq: usize) -> Result<()> {
+        match &self.prepared {
+            Some(p) => {
+                let p = p.lock().unwrap_or_else(|e| e.into_inner());
+                guarded(|| p.admit(batch, seq))
+            }
+            None => Ok(()),
+        }
+    }
+
     /// One run on `inputs` (calls on one handle are serialised).
     pub fn run(&self, inputs: &MixerInputs) -> Result<CudaRun> {
         match (&self.prepared, &self.opts.world) {

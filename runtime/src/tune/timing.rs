@@ -289,7 +289,7 @@ impl CudaTimer {
         let mut inputs = Vec::with_capacity(sets);
         for r in 0..sets {
             let mut i = random_inputs(spec, batch, seq, opts.seed.wrapping_add(r as u64));
-            crate::inputs::round_to_dtype(&mut i, dtype);
+            crate::inputs::round_to_dtype(&mut i, dtype)?;
             inputs.push(i);
         }
         let rows = sample_rows(seq, opts.check_rows);

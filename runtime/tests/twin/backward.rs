@@ -144,7 +144,7 @@ fn case(
     seed: u64,
 ) -> (MixerInputs, Tensor<f32>, Gradients<f64>) {
     let mut x = crate::inputs::random_inputs(spec, 1, seq, seed);
-    crate::inputs::round_to_dtype(&mut x, dt);
+    crate::inputs::round_to_dtype(&mut x, dt).unwrap();
     let mut d_o = crate::inputs::random_upstream(spec, 1, seq, seed + 1000);
     for v in &mut d_o.data {
         *v = super::decode(dt, &super::encode(dt, &[*v]))[0];
@@ -289,7 +289,7 @@ fn barrier_mutations(spec: &MixerSpec) -> Vec<String> {
     .unwrap();
     let seq = 150;
     let mut x = crate::inputs::random_inputs(spec, 1, seq, 3);
-    crate::inputs::round_to_dtype(&mut x, dt);
+    crate::inputs::round_to_dtype(&mut x, dt).unwrap();
     let d_o = crate::inputs::random_upstream(spec, 1, seq, 4);
     let want = crate::reference::gradients(spec, &x, &d_o).unwrap();
     let ptx = |src: &str| crate::nvrtc::compile_ptx("bwd", src, Arch::Sm90, false).unwrap();

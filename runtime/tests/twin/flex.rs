@@ -69,7 +69,7 @@ fn sim_flex_attention_specs_match_the_reference() {
         };
         for &dt in dts {
             let mut x = x.clone();
-            crate::inputs::round_to_dtype(&mut x, dt);
+            crate::inputs::round_to_dtype(&mut x, dt).unwrap();
             let want = crate::reference::evaluate(spec, &x).unwrap();
             let t0 = std::time::Instant::now();
             let (got, st) = run_sim(spec, &x, dt, None, 1, Sharding::Contiguous);
@@ -110,7 +110,7 @@ fn sim_flex_masks_read_the_batch_index() {
     let spec = &flex_specs()[3];
     assert_eq!(spec.name, "prefix_lm_batch");
     let mut x = crate::inputs::random_inputs(spec, 2, L, 77);
-    crate::inputs::round_to_dtype(&mut x, DType::Bf16);
+    crate::inputs::round_to_dtype(&mut x, DType::Bf16).unwrap();
     let run = |x: &crate::tensor::MixerInputs| {
         run_sim(spec, x, DType::Bf16, None, 1, Sharding::Contiguous).0
     };
@@ -170,7 +170,7 @@ fn sim_neg_inf_bias_tables_mask_like_the_reference() {
     );
     for dt in [DType::Bf16, DType::F32] {
         let mut x = x.clone();
-        crate::inputs::round_to_dtype(&mut x, dt);
+        crate::inputs::round_to_dtype(&mut x, dt).unwrap();
         crate::inputs::validate_inputs(&spec, &x).expect("-inf is allowed in a bias table");
         let want = crate::reference::evaluate(&spec, &x).unwrap();
         let (got, _) = run_sim(&spec, &x, dt, None, 1, Sharding::Contiguous);
@@ -201,7 +201,7 @@ fn sim_condition_masks_skip_tiles_on_the_device() {
     );
     let causal = spec("causal_long", "mask = causal;");
     let mut x = crate::inputs::random_inputs(&chunked, 1, LEN, 5);
-    crate::inputs::round_to_dtype(&mut x, DType::Bf16);
+    crate::inputs::round_to_dtype(&mut x, DType::Bf16).unwrap();
     let mut mma = Vec::new();
     for s in [&chunked, &causal] {
         let want = crate::reference::evaluate(s, &x).unwrap();
@@ -242,7 +242,7 @@ fn sim_every_shared_flex_case_matches_the_reference() {
                 flex_support::fill_table(input, &t.shape, &mut t.data);
             }
         }
-        crate::inputs::round_to_dtype(&mut x, DType::Bf16);
+        crate::inputs::round_to_dtype(&mut x, DType::Bf16).unwrap();
         let want = crate::reference::evaluate(&spec, &x).unwrap();
         let (got, st) = run_sim(&spec, &x, DType::Bf16, None, 1, Sharding::Contiguous);
         let err = max_rel_err(&got, &want);
