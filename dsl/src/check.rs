@@ -955,6 +955,29 @@ impl<'a> Checker<'a> {
         self.diags.warnings.extend(found);
     }
 
+    /// `l && r` (`and`) or `l || r` where one side is within the other
+    /// ([`Mask::within`]): the combination is just one side, which a reader
+    /// (or the writer) likely did not mean; a warning says which.
+    fn warn_redundant_mask(&mut self, e: &syn::Expr, l: &Mask, r: &Mask, and: bool) {
+        let (op, kept) = match (and, l.within(r), r.within(l)) {
+            (true, true, _) => ("&&", l),
+            (true, false, true) => ("&&", r),
+            (false, true, _) => ("||", r),
+            (false, false, true) => ("||", l),
+            _ => return,
+        };
+        let other = if std::ptr::eq(kept, l) { r } else { l };
+        let why = if and {
+            format!("every pair `{kept}` allows, `{other}` allows too")
+        } else {
+            format!("every pair `{other}` allows, `{kept}` allows too")
+        };
+        self.diags.warnings.push(
+            Diagnostic::warning(e.span(), format!("`{l} {op} {r}` is just `{kept}`: {why}"))
+                .with_hint(format!("write `{kept}`, or the mask you meant")),
+        );
+    }
+
     /// A boolean where a number is needed.
     fn not_a_number(&mut self, span: Span, what: &str) {
         self.err_hint(
@@ -1312,8 +1335,16 @@ impl<'a> Checker<'a> {
                 let l = self.mask(&b.left);
                 let r = self.mask(&b.right);
                 match b.op {
-                    syn::BinOp::And(_) => Some(Mask::And(Box::new(l?), Box::new(r?))),
-                    syn::BinOp::Or(_) => Some(Mask::Or(Box::new(l?), Box::new(r?))),
+                    syn::BinOp::And(_) => {
+                        let (l, r) = (l?, r?);
+                        self.warn_redundant_mask(e, &l, &r, true);
+                        Some(Mask::And(Box::new(l), Box::new(r)))
+                    }
+                    syn::BinOp::Or(_) => {
+                        let (l, r) = (l?, r?);
+                        self.warn_redundant_mask(e, &l, &r, false);
+                        Some(Mask::Or(Box::new(l), Box::new(r)))
+                    }
                     _ => {
                         use quote::ToTokens;
                         self.err_hint(

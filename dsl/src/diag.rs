@@ -225,6 +225,11 @@ impl IntoIterator for Diagnostics {
 /// not hundreds of megabytes.
 pub const MAX_RENDERED: usize = 50;
 
+/// Characters of a source line shown in an excerpt; longer lines are cut
+/// to a window starting this many characters before the span.
+const MAX_EXCERPT_CHARS: usize = 160;
+const EXCERPT_CONTEXT_CHARS: usize = 40;
+
 fn render_one(out: &mut String, d: &Diagnostic, file_name: &str, lines: &[&str]) {
     // Positions come from the tokenizer of this same source, but be defensive:
     // a span from elsewhere (e.g. call_site) must still render, never panic.
@@ -234,13 +239,39 @@ fn render_one(out: &mut String, d: &Diagnostic, file_name: &str, lines: &[&str])
         .copied()
         .unwrap_or("")
         .trim_end_matches('\r');
-    let chars: Vec<char> = text.chars().collect();
-    let col0 = (d.start.column - 1).min(chars.len());
+    let all: Vec<char> = text.chars().collect();
+    let col0 = (d.start.column - 1).min(all.len());
     let end0 = if d.end.line == d.start.line {
-        (d.end.column - 1).min(chars.len())
+        (d.end.column - 1).min(all.len())
     } else {
-        chars.len()
+        all.len()
     };
+    // A long line (a megabyte-long name) is shown as a window around the
+    // span's start, marked with `...` where it is cut.
+    let from = if all.len() > MAX_EXCERPT_CHARS {
+        col0.saturating_sub(EXCERPT_CONTEXT_CHARS)
+    } else {
+        0
+    };
+    let to = all.len().min(from + MAX_EXCERPT_CHARS);
+    let mut chars: Vec<char> = Vec::new();
+    if from > 0 {
+        chars.extend("...".chars());
+    }
+    let shift = chars.len();
+    chars.extend(&all[from..to]);
+    let text: String = if to < all.len() {
+        chars
+            .iter()
+            .chain("...".chars().collect::<Vec<_>>().iter())
+            .collect()
+    } else {
+        chars.iter().collect()
+    };
+    let (col0, end0) = (
+        col0 - from + shift,
+        end0.min(to).saturating_sub(from) + shift,
+    );
     let width = end0.saturating_sub(col0).max(1);
     let gutter = line_no.to_string().len();
     let pad = " ".repeat(gutter);

@@ -982,6 +982,32 @@ pub enum Mask {
 }
 
 impl Mask {
+    /// Whether every pair this mask allows, `other` allows too, as far as
+    /// the built-in masks' definitions prove it (`false` when unknown):
+    /// anything is within `all`; `causal` within `prefix_lm(n)`; a window,
+    /// prefix or dilation within a wider one; `a && b` within `a`; `a`
+    /// within `a || b`; a mask within itself.
+    pub fn within(&self, other: &Mask) -> bool {
+        use Mask::*;
+        if self == other {
+            return true;
+        }
+        match (self, other) {
+            (_, All) => true,
+            (_, Dilated { rate: 1 }) => true,
+            (Or(a, b), _) => a.within(other) && b.within(other),
+            (And(a, b), _) if a.within(other) || b.within(other) => true,
+            (_, And(a, b)) => self.within(a) && self.within(b),
+            (_, Or(a, b)) => self.within(a) || self.within(b),
+            (Causal, PrefixLm { .. }) => true,
+            (Window { size }, Causal | PrefixLm { .. }) => *size <= 1,
+            (Window { size: a }, Window { size: b }) => a <= b,
+            (PrefixLm { prefix: a }, PrefixLm { prefix: b }) => a <= b,
+            (Dilated { rate: a }, Dilated { rate: b }) => a % b == 0,
+            _ => false,
+        }
+    }
+
     /// Does query `i` see key `j`? `seg` returns the segment id of a
     /// position for a named input (only called for `Segment`).
     /// `env` gives the pair and what an expression mask reads (`b`, `h`,

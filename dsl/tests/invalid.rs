@@ -220,6 +220,9 @@ fn a_long_mixer_name_is_refused() {
         "{}",
         &msg[..msg.len().min(400)]
     );
+    // The excerpt shows a window of the line, not half a megabyte of it.
+    assert!(msg.len() < 1000, "{}", &msg[..msg.len().min(400)]);
+    assert!(msg.contains("| mixer mmmm") && msg.contains("m..."), "{msg}");
     // At the limit it is fine.
     parse_str(&format!(
         "mixer {} {{ heads = 2; head_dim = 8; }}",
