@@ -567,6 +567,8 @@ class Block(torch.nn.Module):
         with torch.no_grad():
             params = dict(self.named_parameters())
             self._b.init_weights(seed, [(n, params[n].data_ptr()) for n in self._names])
+        self._handle = id(self)
+        _BLOCKS[self._handle] = self
 
     def extra_repr(self):
         return f"{self.name}: {self.info['summary']}"
@@ -603,48 +605,105 @@ class Block(torch.nn.Module):
         for spec_in, t in zip(inputs, extras):
             shape = [b if d == "batch" else seq if d == "seq" else d for d in spec_in["dims"]]
             _expect(spec_in["name"], t, shape, spec_in["dtype"])
-        return _BlockFn.apply(self, x, len(extras), *extras, *self._weights())
+        weights = self._weights()
+        train = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)
+                                             or any(t.requires_grad for t in extras))
+        out, _ = torch.ops.mixc.block(self._handle, x, extras, weights, train)
+        return out
 
 
-class _BlockFn(torch.autograd.Function):
-    """apply(block, x, n_extra, *extras, *weights)."""
+_BLOCKS = weakref.WeakValueDictionary()
 
-    @staticmethod
-    def forward(ctx, block, x, n_extra, *rest):
-        extras, weights = rest[:n_extra], rest[n_extra:]
-        xc = _f32(x)
-        ws = [_f32(w) for w in weights]
-        minfo = block.info["mixer"]
-        args, keep = _extra_args_of(minfo["inputs"], extras)
-        out = torch.empty_like(xc)
-        lengths = (xc.shape[0], xc.shape[1])
-        train = any(ctx.needs_input_grad[1:])
-        named = [(n, w.data_ptr()) for n, w in zip(block._names, ws)]
-        saved = block._b.forward(lengths, xc.data_ptr(), args, named, out.data_ptr(), train)
-        ctx.block, ctx.saved_handle, ctx.lengths, ctx.n_extra = block, saved, lengths, n_extra
-        ctx.dtypes = [x.dtype] + [w.dtype for w in weights]
-        ctx.extra_dtypes = [t.dtype for t in extras]
-        ctx.save_for_backward(xc, *keep, *ws)
-        return out.to(x.dtype)
 
-    @staticmethod
-    def backward(ctx, d_out):
-        xc, *rest = ctx.saved_tensors
-        keep, ws = rest[:ctx.n_extra], rest[ctx.n_extra:]
-        block = ctx.block
-        minfo = block.info["mixer"]
-        args = [(i["name"], t.data_ptr(), i["dtype"] == "i32") for i, t in zip(minfo["inputs"], keep)]
-        g = _f32(d_out)
-        dx = torch.empty_like(xc)
-        dws = [torch.empty_like(w) for w in ws]
-        diff = set(minfo["differentiable"])
-        dex = [torch.zeros(t.shape, dtype=torch.float32) if i["name"] in diff else None
-               for i, t in zip(minfo["inputs"], keep)]
-        named = [(n, w.data_ptr()) for n, w in zip(block._names, ws)]
-        dnamed = [(n, d.data_ptr()) for n, d in zip(block._names, dws)]
-        dex_named = [(i["name"], d.data_ptr()) for i, d in zip(minfo["inputs"], dex) if d is not None]
-        block._b.backward(ctx.saved_handle, ctx.lengths, xc.data_ptr(), args, named, g.data_ptr(),
-                          dx.data_ptr(), dnamed, dex_named)
-        grads = [d.to(t) for d, t in zip([dx] + dws, ctx.dtypes)]
-        dex = [None if d is None else d.to(t) for d, t in zip(dex, ctx.extra_dtypes)]
-        return (None, grads[0], None, *dex, *grads[1:])
+def _saved_shapes(block, b, seq):
+    """Shapes and dtypes of what a training forward keeps: q, k, v, o and
+    the statistic (see `BlockResiduals::parts`)."""
+    m = block.info["mixer"]
+    h, kvh, dk, dv = m["heads"], m["kv_heads"], m["head_dim"], m["value_dim"]
+    f32, f64 = torch.float32, torch.float64
+    return [((b, seq, h, dk), f32), ((b, seq, kvh, dk), f32), ((b, seq, kvh, dv), f32),
+            ((b, seq, h, dv), f32), ((b, h, seq), f64)]
+
+
+@torch.library.custom_op("mixc::block", mutates_args=())
+def _block(handle: int, x: torch.Tensor, extras: list[torch.Tensor], weights: list[torch.Tensor],
+           train: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    block = _BLOCKS[handle]
+    xc = _f32(x)
+    ws = [_f32(w) for w in weights]
+    args, keep = _extra_args_of(block.info["mixer"]["inputs"], extras)
+    out = torch.empty_like(xc)
+    b, seq = xc.shape[0], xc.shape[1]
+    saved = [torch.zeros(shape, dtype=dt) for shape, dt in _saved_shapes(block, b, seq)] if train else []
+    named = [(n, w.data_ptr()) for n, w in zip(block._names, ws)]
+    block._b.forward((b, seq), xc.data_ptr(), args, named, out.data_ptr(),
+                     tuple(t.data_ptr() for t in saved) if train else None)
+    del keep
+    return out.to(x.dtype), saved
+
+
+@_block.register_fake
+def _block_fake(handle, x, extras, weights, train):
+    block = _BLOCKS[handle]
+    saved = ([x.new_empty(shape, dtype=dt) for shape, dt in _saved_shapes(block, x.shape[0], x.shape[1])]
+             if train else [])
+    return torch.empty_like(x), saved
+
+
+@torch.library.custom_op("mixc::block_backward", mutates_args=())
+def _block_backward(handle: int, x: torch.Tensor, extras: list[torch.Tensor], weights: list[torch.Tensor],
+                    saved: list[torch.Tensor], d_out: torch.Tensor
+                    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    block = _BLOCKS[handle]
+    minfo = block.info["mixer"]
+    xc = _f32(x)
+    ws = [_f32(w) for w in weights]
+    args, keep = _extra_args_of(minfo["inputs"], extras)
+    sv = [t.detach().contiguous() for t in saved]
+    g = _f32(d_out)
+    dx = torch.empty_like(xc)
+    dws = [torch.empty_like(w) for w in ws]
+    dex = [torch.zeros(t.shape, dtype=torch.float32) for t in extras]
+    diff = set(minfo["differentiable"])
+    named = [(n, w.data_ptr()) for n, w in zip(block._names, ws)]
+    dnamed = [(n, d.data_ptr()) for n, d in zip(block._names, dws)]
+    dex_named = [(i["name"], d.data_ptr()) for i, d in zip(minfo["inputs"], dex) if i["name"] in diff]
+    block._b.backward((xc.shape[0], xc.shape[1]), xc.data_ptr(), args, named, tuple(t.data_ptr() for t in sv),
+                      g.data_ptr(), dx.data_ptr(), dnamed, dex_named)
+    del keep
+    return (dx.to(x.dtype), [d.to(w.dtype) for d, w in zip(dws, weights)],
+            [d.to(t.dtype) if t.is_floating_point() else d for d, t in zip(dex, extras)])
+
+
+@_block_backward.register_fake
+def _block_backward_fake(handle, x, extras, weights, saved, d_out):
+    return (torch.empty_like(x), [torch.empty_like(w) for w in weights],
+            [torch.empty(t.shape, dtype=t.dtype if t.is_floating_point() else torch.float32) for t in extras])
+
+
+def _setup_block(ctx, inputs, output):
+    handle, x, extras, weights, train = inputs
+    _, saved = output
+    ctx.train = train
+    ctx.handle = handle
+    ctx.n_extra, ctx.n_weights = len(extras), len(weights)
+    ctx.save_for_backward(x, *extras, *weights, *saved)
+
+
+def _backward_block(ctx, d_out, _d_saved):
+    if not ctx.train:
+        raise RuntimeError("mixc: this block ran without keeping what its backward needs "
+                           "(no input or parameter required grad when it was called)")
+    x, *rest = ctx.saved_tensors
+    extras = rest[:ctx.n_extra]
+    weights = rest[ctx.n_extra:ctx.n_extra + ctx.n_weights]
+    saved = rest[ctx.n_extra + ctx.n_weights:]
+    block = _BLOCKS[ctx.handle]
+    dx, dws, dex = torch.ops.mixc.block_backward(ctx.handle, x, list(extras), list(weights), list(saved),
+                                                 d_out.contiguous())
+    diff = set(block.info["mixer"]["differentiable"])
+    dex = [d if i["name"] in diff else None for i, d in zip(block.info["mixer"]["inputs"], dex)]
+    return None, dx, dex, dws, None
+
+
+_block.register_autograd(_backward_block, setup_context=_setup_block)

@@ -876,12 +876,10 @@ struct Block {
     spec: mixc::dsl::BlockSpec,
 }
 
-/// What a training forward keeps for its backward (q, k, v, o and the
-/// mixer's statistic, O(L·d)), opaque to Python.
-#[pyclass(frozen, module = "mixc._mixc")]
-struct BlockSaved {
-    res: mixc::runtime::block::BlockResiduals,
-}
+/// The addresses of what a training forward keeps for its backward,
+/// tensors the Python op saves for autograd: q, k, v, o (f32, the mixer's
+/// layouts) and the statistic (f64 `[batch, heads, seq]`).
+type SavedArgs = (usize, usize, usize, usize, usize);
 
 impl Block {
     /// The weights, copied from the caller's buffers.
@@ -991,9 +989,10 @@ impl Block {
         Ok(())
     }
 
-    /// The forward: writes `out` (f32 `[batch, seq, width]`); with `train`
-    /// returns what the backward needs.
-    #[pyo3(signature = (lengths, x, extras, weights, out, train))]
+    /// The forward: writes `out` (f32 `[batch, seq, width]`) and, given
+    /// `saved`, what the backward needs into those buffers (full size; left
+    /// as they are on the reference backend, whose backward recomputes).
+    #[pyo3(signature = (lengths, x, extras, weights, out, saved))]
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -1003,50 +1002,78 @@ impl Block {
         extras: Vec<ExtraArg>,
         weights: Vec<(String, usize)>,
         out: usize,
-        train: bool,
-    ) -> PyResult<Option<BlockSaved>> {
+        saved: Option<SavedArgs>,
+    ) -> PyResult<()> {
         // SAFETY: the documented contract, checked by the Python side.
         let (xi, w) = unsafe { (self.x(lengths, x, &extras), self.weights(&weights)?) };
-        let (o, saved) = py
+        let (o, res) = py
             .detach(|| {
-                if train {
+                if saved.is_some() {
                     self.inner.forward_train(&xi, &w).map(|(o, r)| (o, Some(r)))
                 } else {
                     self.inner.forward(&xi, &w).map(|o| (o, None))
                 }
             })
             .map_err(runtime_err)?;
-        // SAFETY: `out` holds x's element count of f32 (checked).
-        unsafe { write(out, &o.out.data) };
-        Ok(saved.map(|res| BlockSaved { res }))
+        // SAFETY: `out` holds x's element count of f32, and each saved
+        // buffer its residual's full size (checked by the Python side).
+        unsafe {
+            write(out, &o.out.data);
+            if let (Some((q, k, v, o, stat)), Some(res)) = (saved, res) {
+                let (tq, tk, tv, to, ts) = res.parts();
+                write(q, &tq.data);
+                write(k, &tk.data);
+                write(v, &tv.data);
+                write(o, &to.data);
+                write(stat, &ts.data);
+            }
+        }
+        Ok(())
     }
 
     /// The backward: writes dx, each weight's gradient (`dweights`, by
     /// name) and each float extra input's (`dextras`) for the upstream
-    /// gradient `d_out` (x's shape).
-    #[pyo3(signature = (saved, lengths, x, extras, weights, d_out, dx, dweights, dextras))]
+    /// gradient `d_out` (x's shape), from what the forward wrote to `saved`.
+    #[pyo3(signature = (lengths, x, extras, weights, saved, d_out, dx, dweights, dextras))]
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         py: Python<'_>,
-        saved: &BlockSaved,
         lengths: (usize, usize),
         x: usize,
         extras: Vec<ExtraArg>,
         weights: Vec<(String, usize)>,
+        saved: SavedArgs,
         d_out: usize,
         dx: usize,
         dweights: Vec<(String, usize)>,
         dextras: Vec<(String, usize)>,
     ) -> PyResult<()> {
+        let (batch, seq) = lengths;
+        let m = &self.spec.mixer;
+        let (h, kvh) = (m.heads as usize, m.kv_heads as usize);
+        let (dk, dv) = (m.head_dim as usize, m.value_dim as usize);
         // SAFETY: the documented contract, checked by the Python side.
-        let (xi, w, g) = unsafe {
+        let (xi, w, g, res) = unsafe {
             let xi = self.x(lengths, x, &extras);
             let g = Tensor::new(xi.x.shape.clone(), read::<f32>(d_out, xi.x.numel()));
-            (xi, self.weights(&weights)?, g)
+            let (q, k, v, o, stat) = saved;
+            let t = |addr, shape: Vec<usize>| {
+                let n = shape.iter().product();
+                Tensor::new(shape, read::<f32>(addr, n))
+            };
+            let parts = (
+                t(q, vec![batch, seq, h, dk]),
+                t(k, vec![batch, seq, kvh, dk]),
+                t(v, vec![batch, seq, kvh, dv]),
+                t(o, vec![batch, seq, h, dv]),
+                Tensor::new(vec![batch, h, seq], read::<f64>(stat, batch * h * seq)),
+            );
+            let res = mixc::runtime::block::BlockResiduals::from_parts(&xi, parts);
+            (xi, self.weights(&weights)?, g, res)
         };
         let back = py
-            .detach(|| self.inner.backward(&xi, &w, &saved.res, &g))
+            .detach(|| self.inner.backward(&xi, &w, &res, &g))
             .map_err(runtime_err)?;
         // SAFETY: each destination holds its tensor's element count (checked).
         unsafe {
@@ -1218,7 +1245,6 @@ fn _mixc(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tune, m)?)?;
     m.add_class::<Mixer>()?;
     m.add_class::<Block>()?;
-    m.add_class::<BlockSaved>()?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_bf16_products, m)?)?;
     m.add_function(wrap_pyfunction!(gen, m)?)?;

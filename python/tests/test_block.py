@@ -175,3 +175,58 @@ def test_block_passes_the_mixers_inputs_and_returns_their_gradients():
         block(x, slopes=slopes)
     with pytest.raises(ValueError, match=r"`doc` has shape \[2, 5\], expected \[2, 19\]"):
         block(x, doc=doc[:, :5], slopes=slopes)
+
+
+def test_block_compiles_fullgraph_and_trains_as_eager():
+    """`mixc.Block` is a `torch.library` op (`mixc::block`, with a fake
+    implementation and a registered backward): a model of two blocks and a
+    linear head compiles with `fullgraph=True` (no graph break) and its
+    output and every gradient equal eager's; what the backward keeps (q, k,
+    v, o and the statistic) are tensors autograd saves, and a block called
+    without gradients keeps none."""
+    torch.manual_seed(3)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b1 = mixc.Block(DOCS, block_rows=8)
+            self.b2 = mixc.Block(DOCS, block_rows=8, seed=1)
+            self.head = torch.nn.Linear(24, 5)
+
+        def forward(self, x, doc, slopes):
+            return self.head(self.b2(self.b1(x, doc=doc, slopes=slopes), doc=doc, slopes=slopes))
+
+    model = Model()
+    x = torch.randn(2, 19, 24, requires_grad=True)
+    doc = torch.tensor([[0] * 7 + [1] * 12, [0] * 19], dtype=torch.int32)
+    slopes = torch.rand(4, requires_grad=True)
+
+    def step(fn):
+        model.zero_grad()
+        x.grad = slopes.grad = None
+        out = fn(x, doc, slopes)
+        out.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        return out.detach(), x.grad.clone(), slopes.grad.clone(), grads
+
+    eager = step(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = step(compiled)
+    assert torch.allclose(got[0], eager[0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got[1], eager[1], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(got[2], eager[2], rtol=1e-4, atol=1e-6)
+    assert eager[3].keys() == got[3].keys() and len(got[3]) == 2 * 9 + 2
+    for n in eager[3]:
+        assert torch.allclose(got[3][n], eager[3][n], rtol=1e-4, atol=1e-6), n
+
+    # The op under torch.library's own checks (fake tensors, schema, autograd registration).
+    block = mixc.Block(GPT)
+    xs = torch.randn(1, 6, 16, requires_grad=True)
+    torch.library.opcheck(torch.ops.mixc.block.default,
+                          (block._handle, xs, [], block._weights(), True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    # Inference keeps nothing.
+    with torch.no_grad():
+        out, saved = torch.ops.mixc.block(block._handle, xs, [], block._weights(), False)
+    assert saved == [] and out.shape == xs.shape

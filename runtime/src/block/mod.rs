@@ -245,6 +245,48 @@ pub struct BlockResiduals {
     pub(crate) mixer: Residuals,
 }
 
+impl BlockResiduals {
+    /// What the backward reads, for a caller that keeps it between the
+    /// forward and the backward itself (the Python op saves them as tensors
+    /// for autograd): `q`, `k`, `v` and the mixer's output `o` in the
+    /// mixer's layouts (`[batch, seq, heads, dim]`), and its statistic
+    /// `[batch, heads, seq]` (f64; empty where the mixer keeps none). All
+    /// empty on the reference backend, whose backward recomputes.
+    pub fn parts(
+        &self,
+    ) -> (
+        &Tensor<f32>,
+        &Tensor<f32>,
+        &Tensor<f32>,
+        &Tensor<f32>,
+        &Tensor<f64>,
+    ) {
+        let m = &self.mixer_inputs;
+        (&m.q, &m.k, &m.v, &self.o, &self.mixer.stat)
+    }
+
+    /// Residuals from the [`BlockResiduals::parts`] of a forward on
+    /// `inputs` (whose extra inputs the mixer read): the backward checks
+    /// their shapes against the block.
+    pub fn from_parts(
+        inputs: &BlockInputs,
+        (q, k, v, o, stat): (
+            Tensor<f32>,
+            Tensor<f32>,
+            Tensor<f32>,
+            Tensor<f32>,
+            Tensor<f64>,
+        ),
+    ) -> BlockResiduals {
+        let (batch, seq) = (inputs.batch, inputs.seq);
+        BlockResiduals {
+            mixer_inputs: MixerInputs::self_attention(batch, seq, q, k, v, inputs.extra.clone()),
+            o,
+            mixer: Residuals::from_stat(stat, batch, seq),
+        }
+    }
+}
+
 /// The default rows per block of the blockwise schedule: large enough that
 /// the projections and FFN run as efficient GEMMs, small enough that one
 /// block's FFN hidden (`rows x d_ff` floats, a few of them) stays tens of
