@@ -160,9 +160,53 @@ pub fn admit_host(needed: u64) -> Result<()> {
     }
 }
 
+/// Hands the whole pages inside `buf` back to the operating system now
+/// (Linux: `madvise(MADV_DONTNEED)`), for a large buffer whose contents
+/// are spent but which is dropped later: copying a rank's result into the
+/// output slab by slab, the process then holds one slab of both, not two
+/// whole copies. Afterwards the released elements read as zero (hence
+/// `&mut`: the caller gives up their values). Elsewhere a no-op.
+pub(crate) fn release_pages<T: bytemuck::Pod>(buf: &mut [T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let bytes = bytemuck::cast_slice_mut::<T, u8>(buf);
+        let start = bytes.as_mut_ptr() as usize;
+        let first = start.next_multiple_of(PAGE);
+        let end = (start + bytes.len()) / PAGE * PAGE;
+        if end > first {
+            // SAFETY: [first, end) lies inside `buf`, which this call
+            // borrows mutably, and is page aligned. MADV_DONTNEED on private
+            // anonymous memory (what the allocator hands out) only replaces
+            // those pages by zero-filled ones on their next touch: no other
+            // memory is affected, and the values it drops are `buf`'s, which
+            // the caller gave up.
+            unsafe {
+                libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_DONTNEED);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Released elements read as zero; those outside the whole pages keep
+    /// their values; the buffer stays usable.
+    #[test]
+    fn released_pages_read_as_zero() {
+        let mut v = vec![1.5f32; 10_000];
+        release_pages(&mut v[100..9000]);
+        assert!(v[..100].iter().all(|&x| x == 1.5));
+        assert!(v[9000..].iter().all(|&x| x == 1.5));
+        #[cfg(target_os = "linux")]
+        assert!(v[2048..8000].contains(&0.0));
+        v[5000] = 2.0;
+        assert_eq!(v[5000], 2.0);
+    }
 
     fn spec() -> MixerSpec {
         mixc_dsl::parse_str("mixer m { heads = 32; kv_heads = 8; head_dim = 128; mask = causal; }")

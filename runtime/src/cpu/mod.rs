@@ -974,19 +974,29 @@ fn run_typed<T: Real>(
         elapsed: Duration::ZERO,
     };
     for o in outs {
-        let o = o?;
-        let n: usize = o.ranges.iter().map(|r| r.len()).sum();
-        for x in 0..inputs.batch * heads {
-            let (b, h) = (x / heads, x % heads);
-            for (t, pos) in o.ranges.iter().flat_map(|r| r.clone()).enumerate() {
-                let src = &o.y[(x * n + t) * dv..(x * n + t + 1) * dv];
-                // Rank ranges hold query positions; rows are query indices.
-                let row = pos - inputs.q_offset;
-                let dst = out.offset(&[b, row, h, 0]);
-                out.data[dst..dst + dv].copy_from_slice(src);
-                if keep_stat {
-                    stat.data[x * inputs.seq + row] = o.stat[x * n + t];
+        let mut o = o?;
+        let positions: Vec<usize> = o.ranges.iter().flat_map(|r| r.clone()).collect();
+        let n = positions.len();
+        // A few thousand positions at a time, every (batch, head): the
+        // rank's rows of those positions go into `out` and then their pages
+        // go back, so the rank's result and the output never both exist
+        // whole (one output-sized buffer less at the peak).
+        const POSITIONS_PER_PASS: usize = 4096;
+        for t0 in (0..n).step_by(POSITIONS_PER_PASS) {
+            let t1 = (t0 + POSITIONS_PER_PASS).min(n);
+            for x in 0..inputs.batch * heads {
+                let (b, h) = (x / heads, x % heads);
+                for (t, &pos) in positions.iter().enumerate().take(t1).skip(t0) {
+                    let src = &o.y[(x * n + t) * dv..(x * n + t + 1) * dv];
+                    // Rank ranges hold query positions; rows are query indices.
+                    let row = pos - inputs.q_offset;
+                    let dst = out.offset(&[b, row, h, 0]);
+                    out.data[dst..dst + dv].copy_from_slice(src);
+                    if keep_stat {
+                        stat.data[x * inputs.seq + row] = o.stat[x * n + t];
+                    }
                 }
+                crate::memory::release_pages(&mut o.y[(x * n + t0) * dv..(x * n + t1) * dv]);
             }
         }
         stats.pairs_per_rank.push(o.stats.pairs);
