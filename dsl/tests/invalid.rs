@@ -222,7 +222,10 @@ fn a_long_mixer_name_is_refused() {
     );
     // The excerpt shows a window of the line, not half a megabyte of it.
     assert!(msg.len() < 1000, "{}", &msg[..msg.len().min(400)]);
-    assert!(msg.contains("| mixer mmmm") && msg.contains("m..."), "{msg}");
+    assert!(
+        msg.contains("| mixer mmmm") && msg.contains("m..."),
+        "{msg}"
+    );
     // At the limit it is fine.
     parse_str(&format!(
         "mixer {} {{ heads = 2; head_dim = 8; }}",

@@ -94,7 +94,11 @@ fn masks_that_combine_two_real_constraints_warn_nothing() {
         };
         let src = format!("mixer ok {{ heads = 4; head_dim = 8; {doc} mask = {mask}; }}");
         parse_str(&src).unwrap();
-        assert!(warnings_str(&src).is_empty(), "{src}: {}", warnings_str(&src));
+        assert!(
+            warnings_str(&src).is_empty(),
+            "{src}: {}",
+            warnings_str(&src)
+        );
     }
 }
 

@@ -548,10 +548,10 @@ class Block(torch.nn.Module):
     `device="reference"` runs the f64 unfused block (slow; for tests).
     """
 
-    def __init__(self, spec, *, threads=None, ranks=1, block_rows=None, device="cpu", seed=0):
+    def __init__(self, spec, *, threads=None, ranks=1, block_rows=None, device="cpu", seed=0, sharding=None):
         super().__init__()
         text, origin = _spec_source(spec)
-        self._b = _mixc.Block(text, origin, device, threads, ranks, block_rows)
+        self._b = _mixc.Block(text, origin, device, threads, ranks, block_rows, sharding)
         self.info = dict(self._b.info)
         self.name = self.info["name"]
         self.width = self.info["width"]
@@ -582,10 +582,18 @@ class Block(torch.nn.Module):
             out.append(p)
         return out
 
-    def forward(self, x, **extra):
+    def forward(self, x, *, group=None, **extra):
         """`out [batch, seq, width]`; the mixer's extra inputs (segment ids,
         tables, gates) are keyword arguments by their spec names, in the
-        shapes the mixer declares (float ones get gradients)."""
+        shapes the mixer declares (float ones get gradients).
+
+        With `group=` (a `torch.distributed` process group), x is this
+        process's shard of the sequence (`mixc.shard(x, rank, world,
+        sharding=block.info["sharding"])`) and the result its rows of the
+        output: the projections, norms and FFN run on the shard, and the
+        mixer's keys and values travel around the ring (Ring Attention);
+        the extra inputs are whole on every rank, and the weights' and
+        extras' gradients are summed over the group."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != self.width:
             raise ValueError(f"`x` must be [batch, seq, {self.width}] (block `{self.name}`), "
                              f"got {getattr(x, 'shape', x)!r}")
@@ -601,6 +609,10 @@ class Block(torch.nn.Module):
         if missing:
             raise TypeError(f"block `{self.name}` needs input {', '.join(missing)}")
         b, seq = x.shape[0], x.shape[1]
+        if group is not None:
+            from ._ring import check_shard, _seq_of
+            seq = _seq_of(x.shape[1], group)
+            check_shard(x.shape[1], seq, group, self.info["sharding"])
         extras = [extra[n] for n in names]
         for spec_in, t in zip(inputs, extras):
             shape = [b if d == "batch" else seq if d == "seq" else d for d in spec_in["dims"]]
@@ -608,6 +620,9 @@ class Block(torch.nn.Module):
         weights = self._weights()
         train = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)
                                              or any(t.requires_grad for t in extras))
+        if group is not None:
+            from ._ring import _RingBlock
+            return _RingBlock.apply(self, group, seq, train, len(extras), x, *extras, *weights)
         out, _ = torch.ops.mixc.block(self._handle, x, extras, weights, train)
         return out
 
@@ -615,14 +630,15 @@ class Block(torch.nn.Module):
 _BLOCKS = weakref.WeakValueDictionary()
 
 
-def _saved_shapes(block, b, seq):
-    """Shapes and dtypes of what a training forward keeps: q, k, v, o and
-    the statistic (see `BlockResiduals::parts`)."""
+def _saved_shapes(block, b, n, seq=None):
+    """Shapes and dtypes of what a training forward on `n` rows keeps: q,
+    k, v, o of those rows and the statistic over the whole sequence `seq`
+    (see `BlockResiduals::parts`)."""
     m = block.info["mixer"]
     h, kvh, dk, dv = m["heads"], m["kv_heads"], m["head_dim"], m["value_dim"]
     f32, f64 = torch.float32, torch.float64
-    return [((b, seq, h, dk), f32), ((b, seq, kvh, dk), f32), ((b, seq, kvh, dv), f32),
-            ((b, seq, h, dv), f32), ((b, h, seq), f64)]
+    return [((b, n, h, dk), f32), ((b, n, kvh, dk), f32), ((b, n, kvh, dv), f32),
+            ((b, n, h, dv), f32), ((b, h, n if seq is None else seq), f64)]
 
 
 @torch.library.custom_op("mixc::block", mutates_args=())

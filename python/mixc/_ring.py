@@ -143,6 +143,89 @@ class _RingMix(torch.autograd.Function):
         return (None, None, None, None, dq, dk, dv.to(v.dtype), *grads)
 
 
+def check_shard(n, seq, group, sharding):
+    """That this rank's `n` positions are its shard of `seq` under `sharding`."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("group= needs torch.distributed initialised (init_process_group)")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    want = ring_shards(seq, world, sharding) if world <= seq else None
+    if want is None or sum(e - s for s, e in want[rank]) != n:
+        raise ValueError(
+            f"rank {rank} holds {n} positions of a {seq}-position sequence over {world} ranks, "
+            f"which is not its {sharding} shard: shard with mixc.shard(x, rank, world, "
+            f"sharding={sharding!r})")
+
+
+class _RingBlock(torch.autograd.Function):
+    """apply(block, group, seq, train, n_extra, x, *extras, *weights): this
+    rank's rows of a block's output, the block's ring over `group`."""
+
+    @staticmethod
+    def forward(ctx, block, group, seq, train, n_extra, x, *rest):
+        from . import _extra_args_of, _f32, _saved_shapes
+
+        extras, weights = rest[:n_extra], rest[n_extra:]
+        transport = _GroupTransport(group)
+        xc = _f32(x)
+        ws = [_f32(w) for w in weights]
+        args, keep = _extra_args_of(block.info["mixer"]["inputs"], extras)
+        out = torch.empty_like(xc)
+        b, n = xc.shape[0], xc.shape[1]
+        saved = [torch.zeros(s, dtype=dt) for s, dt in _saved_shapes(block, b, n, seq)] if train else []
+        named = [(name, w.data_ptr()) for name, w in zip(block._names, ws)]
+        try:
+            block._b.forward_rank((b, seq), transport.rank, transport.world, transport, xc.data_ptr(), args,
+                                  named, out.data_ptr(), tuple(t.data_ptr() for t in saved) if train else None)
+        finally:
+            transport.finish()
+        del keep
+        ctx.block, ctx.group, ctx.seq, ctx.n_extra, ctx.n_weights = block, group, seq, n_extra, len(weights)
+        if train:
+            ctx.save_for_backward(x, *extras, *weights, *saved)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        from . import _extra_args_of, _f32
+
+        block, group, seq = ctx.block, ctx.group, ctx.seq
+        x, *rest = ctx.saved_tensors
+        extras = rest[:ctx.n_extra]
+        weights = rest[ctx.n_extra:ctx.n_extra + ctx.n_weights]
+        saved = rest[ctx.n_extra + ctx.n_weights:]
+        minfo = block.info["mixer"]
+        transport = _GroupTransport(group)
+        xc, g = _f32(x), _f32(d_out)
+        ws = [_f32(w) for w in weights]
+        args, keep = _extra_args_of(minfo["inputs"], extras)
+        dx = torch.empty_like(xc)
+        dws = [torch.zeros_like(w) for w in ws]
+        diff = set(minfo["differentiable"])
+        dex = [torch.zeros(t.shape, dtype=torch.float32) for t in extras]
+        named = [(name, w.data_ptr()) for name, w in zip(block._names, ws)]
+        dnamed = [(name, d.data_ptr()) for name, d in zip(block._names, dws)]
+        dex_named = [(i["name"], d.data_ptr()) for i, d in zip(minfo["inputs"], dex) if i["name"] in diff]
+        try:
+            block._b.backward_rank((xc.shape[0], seq), transport.rank, transport.world, transport, xc.data_ptr(),
+                                   args, named, tuple(t.data_ptr() for t in saved), g.data_ptr(), dx.data_ptr(),
+                                   dnamed, dex_named)
+        finally:
+            transport.finish()
+        del keep
+        # Each rank holds its part of the weights' (and whole extras') gradients.
+        for d in dws:
+            dist.all_reduce(d, group=group)
+        dex_out = []
+        for i, d, t in zip(minfo["inputs"], dex, extras):
+            if i["name"] in diff and t.requires_grad:
+                dist.all_reduce(d, group=group)
+                dex_out.append(d.to(t.dtype))
+            else:
+                dex_out.append(None)
+        dws = [d.to(w.dtype) for d, w in zip(dws, weights)]
+        return (None, None, None, None, None, dx.to(x.dtype), *dex_out, *dws)
+
+
 def ring_call(m, q, k, v, extras, group):
     """`o` (this rank's rows) of a ring over `group`: q, k, v are this
     rank's shards (`[batch, n, heads, dim]`, `shard`'s order under the
@@ -156,13 +239,7 @@ def ring_call(m, q, k, v, extras, group):
         raise ValueError(f"`v` must be [batch, n, kv_heads, value_dim], got {getattr(v, 'shape', v)!r}")
     b, n = v.shape[0], v.shape[1]
     seq = _seq_of(n, group)
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    want = ring_shards(seq, world, info["sharding"]) if world <= seq else None
-    if want is None or sum(e - s for s, e in want[rank]) != n:
-        raise ValueError(
-            f"rank {rank} holds {n} positions of a {seq}-position sequence over {world} ranks, "
-            f"which is not its {info['sharding']} shard: shard with mixc.shard(x, rank, world, "
-            f"sharding={info['sharding']!r})")
+    check_shard(n, seq, group, info["sharding"])
     if info["reads_qk"]:
         _expect("q", q, (b, n, info["heads"], info["head_dim"]))
         _expect("k", k, (b, n, info["kv_heads"], info["head_dim"]))

@@ -341,11 +341,28 @@ impl mixc::Transport for PyTransport {
     }
 }
 
-impl Mixer {
-    fn transport(&self, obj: Py<PyAny>, rank: usize, ranks: usize) -> Arc<dyn mixc::Transport> {
-        Arc::new(PyTransport { obj, rank, ranks })
+/// The ring sharding `name` (`"zigzag"` or `"contiguous"`), or by default
+/// zigzag under a causal mask (balanced) and contiguous otherwise. Always
+/// explicit, so rings over processes and `ring_shards` agree with the
+/// mixer whatever tiles it picks.
+fn sharding_for(spec: &mixc::MixerSpec, name: Option<&str>) -> PyResult<mixc::Sharding> {
+    match name {
+        Some(name) => mixc::Sharding::parse(name).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "sharding must be \"zigzag\" or \"contiguous\", not {name:?}"
+            ))
+        }),
+        None if spec.mask.implies_causal() => Ok(mixc::Sharding::Zigzag),
+        None => Ok(mixc::Sharding::Contiguous),
     }
+}
 
+/// A process group's transport (a `_GroupTransport`) as the library's.
+fn group_transport(obj: Py<PyAny>, rank: usize, ranks: usize) -> Arc<dyn mixc::Transport> {
+    Arc::new(PyTransport { obj, rank, ranks })
+}
+
+impl Mixer {
     /// The whole-sequence inputs of one rank: q, k, v from the rank's rows
     /// (`[batch, n, ...]` at the addresses), extras whole.
     ///
@@ -411,15 +428,7 @@ impl Mixer {
         // f32 too (a bf16 spec would otherwise round f32 tensors to bf16).
         // Always explicit, so rings over processes and `ring_shards` agree
         // with the mixer whatever tiles it picks.
-        let sharding = match sharding {
-            Some(name) => mixc::Sharding::parse(name).ok_or_else(|| {
-                PyValueError::new_err(format!(
-                    "sharding must be \"zigzag\" or \"contiguous\", not {name:?}"
-                ))
-            })?,
-            None if spec.mask.implies_causal() => mixc::Sharding::Zigzag,
-            None => mixc::Sharding::Contiguous,
-        };
+        let sharding = sharding_for(&spec, sharding)?;
         let mut opts = Options {
             threads,
             ..Options::on(device)
@@ -778,7 +787,7 @@ impl Mixer {
         // SAFETY: the documented contract, checked by the Python side.
         let x = unsafe { self.rank_inputs(&rows, batch, (q, k, v), &extras) };
         let m = self.for_call(bf16)?;
-        let t = self.transport(transport, rank, ranks);
+        let t = group_transport(transport, rank, ranks);
         let (out, saved) = py
             .detach(|| m.forward_rank(&x, stat.is_some(), &t))
             .map_err(runtime_err)?;
@@ -835,7 +844,7 @@ impl Mixer {
             )
         };
         let residuals = Residuals::from_stat(stat_t, batch, seq);
-        let t = self.transport(transport, rank, ranks);
+        let t = group_transport(transport, rank, ranks);
         let back = py
             .detach(|| self.inner.backward_rank(&x, &o_t, &residuals, &d_o_t, &t))
             .map_err(runtime_err)?;
@@ -874,6 +883,56 @@ impl Mixer {
 struct Block {
     inner: mixc::runtime::block::Block,
     spec: mixc::dsl::BlockSpec,
+}
+
+/// Writes a forward's output to `out` and, given `saved`, its residuals.
+///
+/// # Safety
+/// `out` holds the output's element count of f32, each saved buffer its
+/// residual's (see [`SavedArgs`]).
+unsafe fn write_forward(
+    out: usize,
+    o: &mixc::runtime::block::BlockOutput,
+    saved: Option<SavedArgs>,
+    res: Option<&mixc::runtime::block::BlockResiduals>,
+) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        write(out, &o.out.data);
+        if let (Some((q, k, v, o, stat)), Some(res)) = (saved, res) {
+            let (parts, ts) = res.parts();
+            for (addr, t) in [q, k, v, o].into_iter().zip(parts) {
+                write(addr, &t.data);
+            }
+            write(stat, &ts.data);
+        }
+    }
+}
+
+/// Writes a backward's dx and the named weight and extra-input gradients.
+///
+/// # Safety
+/// Each destination holds its tensor's element count of f32.
+unsafe fn write_backward(
+    back: &mixc::runtime::block::BlockBackward,
+    dx: usize,
+    dweights: &[(String, usize)],
+    dextras: &[(String, usize)],
+) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        write(dx, &back.grads.dx.data);
+        for (dests, grads) in [
+            (dweights, &back.grads.weights),
+            (dextras, &back.grads.extra),
+        ] {
+            for (name, addr) in dests {
+                if let Some(t) = grads.get(name) {
+                    write(*addr, &t.data);
+                }
+            }
+        }
+    }
 }
 
 /// The addresses of what a training forward keeps for its backward,
@@ -917,7 +976,67 @@ impl Block {
         addr: usize,
         extras: &[ExtraArg],
     ) -> mixc::runtime::block::BlockInputs {
-        let shape = vec![batch, seq, self.spec.width as usize];
+        // SAFETY: forwarded.
+        unsafe { self.x_rows((batch, seq, seq), addr, extras) }
+    }
+
+    /// What a backward call reads: x (`n` of `seq` rows), the weights,
+    /// `d_out` (x's shape) and the residuals from the `saved` buffers (q, k,
+    /// v, o of the `n` rows; the statistic `[batch, heads, seq]`).
+    ///
+    /// # Safety
+    /// As [`Block::x_rows`] and [`Block::weights`]; `d_out` holds x's
+    /// element count of f32, each saved buffer its residual's.
+    #[allow(clippy::type_complexity)]
+    unsafe fn backward_inputs(
+        &self,
+        (batch, n, seq): (usize, usize, usize),
+        x: usize,
+        extras: &[ExtraArg],
+        weights: &[(String, usize)],
+        saved: SavedArgs,
+        d_out: usize,
+    ) -> PyResult<(
+        mixc::runtime::block::BlockInputs,
+        mixc::runtime::block::BlockWeights,
+        Tensor<f32>,
+        mixc::runtime::block::BlockResiduals,
+    )> {
+        let m = &self.spec.mixer;
+        let (h, kvh) = (m.heads as usize, m.kv_heads as usize);
+        let (dk, dv) = (m.head_dim as usize, m.value_dim as usize);
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            let xi = self.x_rows((batch, n, seq), x, extras);
+            let g = Tensor::new(xi.x.shape.clone(), read::<f32>(d_out, xi.x.numel()));
+            let (q, k, v, o, stat) = saved;
+            let t = |addr, shape: Vec<usize>| {
+                let len = shape.iter().product();
+                Tensor::new(shape, read::<f32>(addr, len))
+            };
+            let parts = [
+                t(q, vec![batch, n, h, dk]),
+                t(k, vec![batch, n, kvh, dk]),
+                t(v, vec![batch, n, kvh, dv]),
+                t(o, vec![batch, n, h, dv]),
+            ];
+            let stat = Tensor::new(vec![batch, h, seq], read::<f64>(stat, batch * h * seq));
+            let res = mixc::runtime::block::BlockResiduals::from_parts(&xi, parts, stat);
+            Ok((xi, self.weights(weights)?, g, res))
+        }
+    }
+
+    /// [`Block::x`] for `n` rows of x (a rank's) and extras of `seq`.
+    ///
+    /// # Safety
+    /// As [`Block::x`], `addr` holding batch * n * width f32.
+    unsafe fn x_rows(
+        &self,
+        (batch, n, seq): (usize, usize, usize),
+        addr: usize,
+        extras: &[ExtraArg],
+    ) -> mixc::runtime::block::BlockInputs {
+        let shape = vec![batch, n, self.spec.width as usize];
         // SAFETY: forwarded from this function's contract.
         let data = unsafe { read::<f32>(addr, shape.iter().product()) };
         let mut x = mixc::runtime::block::BlockInputs::new(Tensor::new(shape, data));
@@ -933,7 +1052,7 @@ impl Block {
     /// Parses the block file `text` (diagnostics name `origin`) and
     /// prepares it on `device` (`"cpu"` or `"reference"`).
     #[new]
-    #[pyo3(signature = (text, origin, device = "cpu", threads = None, ranks = 1, block_rows = None))]
+    #[pyo3(signature = (text, origin, device = "cpu", threads = None, ranks = 1, block_rows = None, sharding = None))]
     fn new(
         text: &str,
         origin: &str,
@@ -941,13 +1060,16 @@ impl Block {
         threads: Option<usize>,
         ranks: usize,
         block_rows: Option<usize>,
+        sharding: Option<&str>,
     ) -> PyResult<Self> {
         let spec = mixc::dsl::parse_block_str(text)
             .map_err(|d| SpecError::new_err(d.render(origin, text)))?;
         let device = device_of(device)?;
         let opts = Options {
             threads,
-            ..Options::on(device).with_ranks(ranks)
+            ..Options::on(device)
+                .with_ranks(ranks)
+                .with_sharding(sharding_for(&spec.mixer, sharding)?)
         };
         let mut inner = mixc::runtime::block::Block::new(&spec, opts).map_err(runtime_err)?;
         if let Some(rows) = block_rows {
@@ -970,6 +1092,7 @@ impl Block {
         }
         d.set_item("weights", w)?;
         d.set_item("mixer", mixer_info(py, &self.spec.mixer)?)?;
+        d.set_item("sharding", self.inner.sharding().name())?;
         Ok(d)
     }
 
@@ -1015,19 +1138,8 @@ impl Block {
                 }
             })
             .map_err(runtime_err)?;
-        // SAFETY: `out` holds x's element count of f32, and each saved
-        // buffer its residual's full size (checked by the Python side).
-        unsafe {
-            write(out, &o.out.data);
-            if let (Some((q, k, v, o, stat)), Some(res)) = (saved, res) {
-                let (tq, tk, tv, to, ts) = res.parts();
-                write(q, &tq.data);
-                write(k, &tk.data);
-                write(v, &tv.data);
-                write(o, &to.data);
-                write(stat, &ts.data);
-            }
-        }
+        // SAFETY: as `write_forward` requires (checked by the Python side).
+        unsafe { write_forward(out, &o, saved, res.as_ref()) };
         Ok(())
     }
 
@@ -1050,46 +1162,90 @@ impl Block {
         dextras: Vec<(String, usize)>,
     ) -> PyResult<()> {
         let (batch, seq) = lengths;
-        let m = &self.spec.mixer;
-        let (h, kvh) = (m.heads as usize, m.kv_heads as usize);
-        let (dk, dv) = (m.head_dim as usize, m.value_dim as usize);
         // SAFETY: the documented contract, checked by the Python side.
-        let (xi, w, g, res) = unsafe {
-            let xi = self.x(lengths, x, &extras);
-            let g = Tensor::new(xi.x.shape.clone(), read::<f32>(d_out, xi.x.numel()));
-            let (q, k, v, o, stat) = saved;
-            let t = |addr, shape: Vec<usize>| {
-                let n = shape.iter().product();
-                Tensor::new(shape, read::<f32>(addr, n))
-            };
-            let parts = (
-                t(q, vec![batch, seq, h, dk]),
-                t(k, vec![batch, seq, kvh, dk]),
-                t(v, vec![batch, seq, kvh, dv]),
-                t(o, vec![batch, seq, h, dv]),
-                Tensor::new(vec![batch, h, seq], read::<f64>(stat, batch * h * seq)),
-            );
-            let res = mixc::runtime::block::BlockResiduals::from_parts(&xi, parts);
-            (xi, self.weights(&weights)?, g, res)
-        };
+        let (xi, w, g, res) =
+            unsafe { self.backward_inputs((batch, seq, seq), x, &extras, &weights, saved, d_out)? };
         let back = py
             .detach(|| self.inner.backward(&xi, &w, &res, &g))
             .map_err(runtime_err)?;
-        // SAFETY: each destination holds its tensor's element count (checked).
-        unsafe {
-            write(dx, &back.grads.dx.data);
-            let named = [
-                (&dweights, &back.grads.weights),
-                (&dextras, &back.grads.extra),
-            ];
-            for (dests, grads) in named {
-                for (name, addr) in dests {
-                    if let Some(t) = grads.get(name) {
-                        write(*addr, &t.data);
-                    }
-                }
-            }
-        }
+        // SAFETY: as `write_backward` requires (checked by the Python side).
+        unsafe { write_backward(&back, dx, &dweights, &dextras) };
+        Ok(())
+    }
+
+    /// This process's rank of a ring over processes (`transport` a
+    /// `_GroupTransport`): x holds the rank's rows `[batch, n, width]`
+    /// (its positions under the block's sharding of `seq`, `lengths` =
+    /// `(batch, seq)`), extras are whole. Writes the rank's rows of `out`
+    /// and, given `saved`, what `backward_rank` needs: q, k, v, o of the
+    /// rank's rows, the statistic `[batch, heads, seq]` (whole).
+    #[pyo3(signature = (lengths, rank, ranks, transport, x, extras, weights, out, saved))]
+    #[allow(clippy::too_many_arguments)]
+    fn forward_rank(
+        &self,
+        py: Python<'_>,
+        lengths: (usize, usize),
+        rank: usize,
+        ranks: usize,
+        transport: Py<PyAny>,
+        x: usize,
+        extras: Vec<ExtraArg>,
+        weights: Vec<(String, usize)>,
+        out: usize,
+        saved: Option<SavedArgs>,
+    ) -> PyResult<()> {
+        let (batch, seq) = lengths;
+        let rows = RankRows::new(seq, ranks, rank, self.inner.sharding()).map_err(runtime_err)?;
+        let n = rows.positions.len();
+        // SAFETY: the documented contract, checked by the Python side.
+        let (xi, w) = unsafe {
+            (
+                self.x_rows((batch, n, seq), x, &extras),
+                self.weights(&weights)?,
+            )
+        };
+        let t = group_transport(transport, rank, ranks);
+        let (o, res) = py
+            .detach(|| self.inner.forward_rank(&xi, &w, &rows, saved.is_some(), &t))
+            .map_err(runtime_err)?;
+        // SAFETY: as `write_forward` requires (checked by the Python side).
+        unsafe { write_forward(out, &o, saved, res.as_ref()) };
+        Ok(())
+    }
+
+    /// The backward of `forward_rank`: this rank's rows of dx, and this
+    /// rank's part of each weight's and float extra input's gradient
+    /// (summed over the ranks, the gradient).
+    #[pyo3(signature = (lengths, rank, ranks, transport, x, extras, weights, saved, d_out, dx, dweights, dextras))]
+    #[allow(clippy::too_many_arguments)]
+    fn backward_rank(
+        &self,
+        py: Python<'_>,
+        lengths: (usize, usize),
+        rank: usize,
+        ranks: usize,
+        transport: Py<PyAny>,
+        x: usize,
+        extras: Vec<ExtraArg>,
+        weights: Vec<(String, usize)>,
+        saved: SavedArgs,
+        d_out: usize,
+        dx: usize,
+        dweights: Vec<(String, usize)>,
+        dextras: Vec<(String, usize)>,
+    ) -> PyResult<()> {
+        let (batch, seq) = lengths;
+        let rows = RankRows::new(seq, ranks, rank, self.inner.sharding()).map_err(runtime_err)?;
+        let n = rows.positions.len();
+        // SAFETY: the documented contract, checked by the Python side.
+        let (xi, w, g, res) =
+            unsafe { self.backward_inputs((batch, n, seq), x, &extras, &weights, saved, d_out)? };
+        let t = group_transport(transport, rank, ranks);
+        let back = py
+            .detach(|| self.inner.backward_rank(&xi, &w, &res, &g, &rows, &t))
+            .map_err(runtime_err)?;
+        // SAFETY: as `write_backward` requires (checked by the Python side).
+        unsafe { write_backward(&back, dx, &dweights, &dextras) };
         Ok(())
     }
 

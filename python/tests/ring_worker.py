@@ -83,6 +83,69 @@ def run_case(name, seq, rank, world, spec_text=None, sharding=None):
         raise AssertionError(f"{name}: unshard of the gathered shards differs")
 
 
+# Blocks around a ring (test_block's blocks): Llama-style with GQA and
+# rope (zigzag), and packed documents with a learned slope table (a whole
+# extra input whose gradient is summed over the ranks).
+BLOCK_CASES = [
+    ("""
+mixer attn { heads = 4; kv_heads = 2; head_dim = 8; mask = causal; }
+block llama { width = 24; norm = rmsnorm(1e-6); ffn = swiglu(40); rope = 10000; }
+""", 29, None),
+    ("""
+mixer attn {
+    heads = 4; kv_heads = 2; head_dim = 8;
+    input doc: i32[batch, seq];
+    input slopes: f32[heads];
+    bias = -slopes[h] * (i - j);
+    mask = causal && segment(doc);
+}
+block packed { width = 24; norm = rmsnorm(1e-6); ffn = swiglu(40); rope = 10000; }
+""", 31, "contiguous"),
+]
+
+
+def run_block_case(text, seq, rank, world, sharding):
+    """A block's shard through the ring equals its rows of the whole
+    sequence's block in this process, forward and backward: dx rows, every
+    weight's gradient (summed over the group) and the slopes' gradient."""
+    torch.manual_seed(seq)
+    block = mixc.Block(text, threads=1, block_rows=8, sharding=sharding)
+    sharding = block.info["sharding"]
+    b = 2
+    x = torch.randn(b, seq, block.width)
+    g = torch.randn(b, seq, block.width)
+    names = [i["name"] for i in block.info["mixer"]["inputs"]]
+    extra = {}
+    if "doc" in names:
+        extra["doc"] = torch.tensor([[0] * (seq // 3) + [1] * (seq - seq // 3), [0] * seq], dtype=torch.int32)
+        extra["slopes"] = torch.rand(4)
+
+    def run(xin, ex, group):
+        block.zero_grad()
+        ex = {n: (t.clone().requires_grad_() if t.is_floating_point() else t) for n, t in ex.items()}
+        xin = xin.clone().requires_grad_()
+        out = block(xin, group=group, **ex)
+        return out, xin, ex
+
+    want, xw, exw = run(x, extra, None)
+    (want * g).sum().backward()
+    w_grads = {n: p.grad.clone() for n, p in block.named_parameters()}
+    got, xr, exr = run(mixc.shard(x, rank, world, sharding=sharding), extra, dist.group.WORLD)
+    (got * mixc.shard(g, rank, world, sharding=sharding)).sum().backward()
+    errs = {"out": rel(got, mixc.shard(want.detach(), rank, world, sharding=sharding)),
+            "dx": rel(xr.grad, mixc.shard(xw.grad, rank, world, sharding=sharding))}
+    for n, p in block.named_parameters():
+        errs[n] = rel(p.grad, w_grads[n])
+    for n, t in exr.items():
+        if t.is_floating_point():
+            errs["d" + n] = rel(t.grad, exw[n].grad)
+    bad = {key: e for key, e in errs.items() if not e < 1e-4}
+    if bad:
+        raise AssertionError(f"rank {rank}/{world} block L={seq} {sharding}: {bad}")
+    if len(errs) < 2 + 9:
+        raise AssertionError(f"too few gradients compared: {sorted(errs)}")
+
+
 def main():
     rank, world, init = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
@@ -91,6 +154,8 @@ def main():
             run_case(name, seq, rank, world)
         # Contiguous sharding of a causal mixer (the sharding is the mixer's).
         run_case("causal_gqa_llama3", 33, rank, world, sharding="contiguous")
+        for text, seq, sharding in BLOCK_CASES:
+            run_block_case(text, seq, rank, world, sharding)
         # A shard that is not this rank's is refused, naming the fix.
         m = mixc.Mixer(os.path.join(ROOT, "examples", "causal_gqa_llama3.mix"))
         n = 5 + 3 * rank  # no rank's zigzag shard of the whole (13 or 38 positions)

@@ -11,7 +11,39 @@ use rayon::prelude::*;
 use super::ops::{activate, activate_backward, rope_angles, rope_row, NormParams};
 use super::{Block, BlockGradients, BlockInputs, BlockResiduals, BlockWeights};
 use crate::error::Result;
+use crate::ring::{RankRows, Transport};
 use crate::tensor::{MixerInputs, Tensor};
+
+/// Where a call's rows sit in the sequence: all of it, or this process's
+/// rank of a ring over processes (its positions, and the transport that
+/// carries the mixer's ring messages to the other ranks).
+#[derive(Clone, Copy)]
+pub(crate) enum Place<'a> {
+    Whole,
+    Rank {
+        rows: &'a RankRows,
+        transport: &'a std::sync::Arc<dyn Transport>,
+    },
+}
+
+impl Place<'_> {
+    /// The whole sequence's length, for a call on `n` positions.
+    pub(crate) fn seq(&self, n: usize) -> usize {
+        match self {
+            Place::Whole => n,
+            Place::Rank { rows, .. } => rows.seq,
+        }
+    }
+
+    /// The sequence position of flattened row `r` of `[batch, n, ...]`
+    /// rows (`n` rows per batch row).
+    fn position(&self, r: usize, n: usize) -> usize {
+        match self {
+            Place::Whole => r % n,
+            Place::Rank { rows, .. } => rows.positions[r % n],
+        }
+    }
+}
 
 /// A strided matrix view (`rs`, `cs`: element strides of rows and columns).
 #[derive(Clone, Copy)]
@@ -204,14 +236,22 @@ fn norm_rows_backward(
 }
 
 /// The rotary embedding (or its inverse) on a block's `[rows, heads * d]`
-/// rows, the block's first row at flattened row `r0` (position `row % seq`).
-fn rope_block(spec: &BlockSpec, t: &mut [f32], row_len: usize, r0: usize, seq: usize, inv: bool) {
+/// rows, the block's first row at flattened row `r0` of rows `n` per batch
+/// row, placed by `place`.
+fn rope_block(
+    spec: &BlockSpec,
+    t: &mut [f32],
+    row_len: usize,
+    (r0, n): (usize, usize),
+    place: Place<'_>,
+    inv: bool,
+) {
     let Some(rope) = spec.rope else { return };
     let d = spec.mixer.head_dim as usize;
     t.par_chunks_mut(row_len).enumerate().for_each_init(
         Vec::new,
         |cs: &mut Vec<(f32, f32)>, (i, row)| {
-            rope_angles(rope.base, d, (r0 + i) % seq, cs);
+            rope_angles(rope.base, d, place.position(r0 + i, n), cs);
             rope_row(row, d, cs, inv);
         },
     );
@@ -294,6 +334,7 @@ pub(crate) fn forward(
     inputs: &BlockInputs,
     weights: &BlockWeights,
     train: bool,
+    place: Place<'_>,
 ) -> Result<(Tensor<f32>, Option<BlockResiduals>)> {
     let spec = block.spec();
     let d = Dims::new(spec, weights);
@@ -315,10 +356,10 @@ pub(crate) fn forward(
         let hv = View::new(hb, n, w);
         let qb = &mut q[r0 * d.qd..r1 * d.qd];
         matmul(qb, hv, d.wt(weight::WQ), false);
-        rope_block(spec, qb, d.qd, r0, l, false);
+        rope_block(spec, qb, d.qd, (r0, l), place, false);
         let kb = &mut k[r0 * d.kd..r1 * d.kd];
         matmul(kb, hv, d.wt(weight::WK), false);
-        rope_block(spec, kb, d.kd, r0, l, false);
+        rope_block(spec, kb, d.kd, (r0, l), place, false);
         matmul(&mut v[r0 * d.vd..r1 * d.vd], hv, d.wt(weight::WV), false);
     }
     drop(h);
@@ -333,12 +374,22 @@ pub(crate) fn forward(
         inputs.extra.clone(),
     );
 
-    // 2. The mixer over the whole sequence (its own blocks and ring).
-    let (o, mixer_res) = if train {
-        let (out, res) = block.mixer().forward_train(&mixer_inputs)?;
-        (out.o, Some(res))
-    } else {
-        (block.mixer().forward(&mixer_inputs)?.o, None)
+    // 2. The mixer over the whole sequence (its own blocks and ring), or
+    //    this rank's part of a ring over processes: its rows placed in
+    //    whole-sequence tensors (pages of the others never touched), and
+    //    its rows of `o` taken back.
+    let (o, mixer_res) = match place {
+        Place::Whole if train => {
+            let (out, res) = block.mixer().forward_train(&mixer_inputs)?;
+            (out.o, Some(res))
+        }
+        Place::Whole => (block.mixer().forward(&mixer_inputs)?.o, None),
+        Place::Rank { rows, transport } => {
+            let whole = whole_inputs(rows, &mixer_inputs);
+            let (out, res) = block.mixer().forward_rank(&whole, train, transport)?;
+            let o = Tensor::new(vec![b, l, hq, dv], rows.gather(&out.o));
+            (o, train.then_some(res))
+        }
     };
 
     // 3. Per row block: the output projection, norm, FFN and residuals.
@@ -405,6 +456,7 @@ pub(crate) fn backward(
     weights: &BlockWeights,
     res: &BlockResiduals,
     d_out: &Tensor<f32>,
+    place: Place<'_>,
 ) -> Result<BlockGradients<f32>> {
     let spec = block.spec();
     let d = Dims::new(spec, weights);
@@ -484,21 +536,41 @@ pub(crate) fn backward(
     let m = &spec.mixer;
     let d_o = Tensor::new(vec![b, l, m.heads as usize, m.value_dim as usize], d_o);
     let mut dh = vec![0.0f32; rows * w];
-    let extra = match block.head_groups() {
-        Some((part, groups)) => {
+    let extra = match (place, block.head_groups()) {
+        (Place::Rank { rows, transport }, _) => {
+            // This rank's part of the ring's backward on whole-sequence
+            // tensors; dk and dv come home from the other ranks.
+            let whole = whole_inputs(rows, &res.mixer_inputs);
+            let o_whole = scatter(rows, &res.o);
+            let d_o_whole = scatter(rows, &d_o);
+            let stat = crate::mixer::Residuals::from_stat(res.mixer.stat.clone(), b, rows.seq);
+            let mut grads = block
+                .mixer()
+                .backward_rank(&whole, &o_whole, &stat, &d_o_whole, transport)?
+                .grads;
+            for t in [&mut grads.dq, &mut grads.dk, &mut grads.dv] {
+                let mut shape = t.shape.clone();
+                shape[1] = l;
+                *t = Tensor::new(shape, rows.gather(t));
+            }
+            let extra = std::mem::take(&mut grads.extra);
+            project_back(&d, x, grads, (0, 1), &mut dh, &mut gw, (l, br), place);
+            extra
+        }
+        (Place::Whole, Some((part, groups))) => {
             for g in 0..groups {
                 let grads = group_backward(part, g, groups, res, &d_o)?;
-                project_back(&d, x, grads, (g, groups), &mut dh, &mut gw, (l, br));
+                project_back(&d, x, grads, (g, groups), &mut dh, &mut gw, (l, br), place);
             }
             Default::default()
         }
-        None => {
+        (Place::Whole, None) => {
             let mut grads = block
                 .mixer()
                 .backward(&res.mixer_inputs, &res.o, &res.mixer, &d_o)?
                 .grads;
             let extra = std::mem::take(&mut grads.extra);
-            project_back(&d, x, grads, (0, 1), &mut dh, &mut gw, (l, br));
+            project_back(&d, x, grads, (0, 1), &mut dh, &mut gw, (l, br), place);
             extra
         }
     };
@@ -594,6 +666,7 @@ fn group_backward(
 /// block by row block (`(seq, block_rows)`): the projections' weight
 /// gradients for those rows, and `dh += dq Wq + dk Wk + dv Wv` restricted
 /// to them. `groups = 1`: every head.
+#[allow(clippy::too_many_arguments)]
 fn project_back(
     d: &Dims<'_>,
     x: &[f32],
@@ -602,6 +675,7 @@ fn project_back(
     dh: &mut [f32],
     gw: &mut WeightGrads,
     (seq, br): (usize, usize),
+    place: Place<'_>,
 ) {
     let w = d.width;
     let (mut dq, mut dk, dv) = (grads.dq.data, grads.dk.data, grads.dv.data);
@@ -614,9 +688,9 @@ fn project_back(
         norm_rows(&d.n1, &x[r0 * w..r1 * w], hb, w);
         let hv = View::new(hb, n, w);
         let dqb = &mut dq[r0 * qd..r1 * qd];
-        rope_block(d.spec, dqb, qd, r0, seq, true);
+        rope_block(d.spec, dqb, qd, (r0, seq), place, true);
         let dkb = &mut dk[r0 * kd..r1 * kd];
-        rope_block(d.spec, dkb, kd, r0, seq, true);
+        rope_block(d.spec, dkb, kd, (r0, seq), place, true);
         let dhb = &mut dh[r0 * w..r1 * w];
         let parts = [
             (weight::WQ, View::new(dqb, n, qd)),
@@ -631,4 +705,24 @@ fn project_back(
             matmul(dhb, gv, View::new(&d.w.get(name)[a..z], out, w), true);
         }
     }
+}
+
+/// A rank's `[batch, n, ...]` rows placed in a whole-sequence tensor.
+fn scatter(rows: &RankRows, local: &Tensor<f32>) -> Tensor<f32> {
+    let mut shape = local.shape.clone();
+    shape[1] = rows.seq;
+    rows.scatter(&local.data, &shape)
+}
+
+/// A rank's mixer inputs (q, k, v of its rows; extra inputs whole) as the
+/// whole-sequence inputs `Mixer::forward_rank` and `backward_rank` read.
+fn whole_inputs(rows: &RankRows, local: &MixerInputs) -> MixerInputs {
+    MixerInputs::self_attention(
+        local.batch,
+        rows.seq,
+        scatter(rows, &local.q),
+        scatter(rows, &local.k),
+        scatter(rows, &local.v),
+        local.extra.clone(),
+    )
 }

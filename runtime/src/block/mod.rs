@@ -40,7 +40,10 @@ use mixc_dsl::{BlockSpec, MixerSpec};
 use crate::error::{Result, RuntimeError};
 use crate::inputs::{first_non_finite, normal_tensor, stream};
 use crate::mixer::{BackendKind, Mixer, Options, Residuals};
+use crate::ring::{RankRows, Transport};
 use crate::tensor::{ExtraTensor, MixerInputs, Tensor};
+use cpu::Place;
+use std::sync::Arc;
 
 /// What a block reads besides its weights.
 #[derive(Debug, Clone, PartialEq)]
@@ -248,21 +251,13 @@ pub struct BlockResiduals {
 impl BlockResiduals {
     /// What the backward reads, for a caller that keeps it between the
     /// forward and the backward itself (the Python op saves them as tensors
-    /// for autograd): `q`, `k`, `v` and the mixer's output `o` in the
-    /// mixer's layouts (`[batch, seq, heads, dim]`), and its statistic
-    /// `[batch, heads, seq]` (f64; empty where the mixer keeps none). All
-    /// empty on the reference backend, whose backward recomputes.
-    pub fn parts(
-        &self,
-    ) -> (
-        &Tensor<f32>,
-        &Tensor<f32>,
-        &Tensor<f32>,
-        &Tensor<f32>,
-        &Tensor<f64>,
-    ) {
+    /// for autograd): `[q, k, v, o]` (the mixer's inputs and output in its
+    /// layouts, `[batch, seq, heads, dim]`) and its statistic `[batch,
+    /// heads, seq]` (f64; empty where the mixer keeps none). All empty on
+    /// the reference backend, whose backward recomputes.
+    pub fn parts(&self) -> ([&Tensor<f32>; 4], &Tensor<f64>) {
         let m = &self.mixer_inputs;
-        (&m.q, &m.k, &m.v, &self.o, &self.mixer.stat)
+        ([&m.q, &m.k, &m.v, &self.o], &self.mixer.stat)
     }
 
     /// Residuals from the [`BlockResiduals::parts`] of a forward on
@@ -270,13 +265,8 @@ impl BlockResiduals {
     /// their shapes against the block.
     pub fn from_parts(
         inputs: &BlockInputs,
-        (q, k, v, o, stat): (
-            Tensor<f32>,
-            Tensor<f32>,
-            Tensor<f32>,
-            Tensor<f32>,
-            Tensor<f64>,
-        ),
+        [q, k, v, o]: [Tensor<f32>; 4],
+        stat: Tensor<f64>,
     ) -> BlockResiduals {
         let (batch, seq) = (inputs.batch, inputs.seq);
         BlockResiduals {
@@ -393,9 +383,83 @@ impl Block {
         self.block_rows
     }
 
+    /// How the mixer's ring deals positions to ranks (also those of a ring
+    /// over processes, [`Block::forward_rank`]).
+    pub fn sharding(&self) -> crate::ring::Sharding {
+        self.mixer.sharding()
+    }
+
     /// The block's output for `inputs`.
     pub fn forward(&self, inputs: &BlockInputs, weights: &BlockWeights) -> Result<BlockOutput> {
-        Ok(self.forward_impl(inputs, weights, false)?.0)
+        Ok(self.forward_impl(inputs, weights, false, Place::Whole)?.0)
+    }
+
+    /// This process's rank of a ring over processes (Ring Attention around
+    /// the blockwise block): `inputs.x` holds this rank's rows `[batch, n,
+    /// width]`, the positions `rows` gives (`RankRows::new` with the
+    /// mixer's sharding), while the mixer's extra inputs are whole on every
+    /// rank. The projections, rotary embedding (at the rows' positions),
+    /// norms and FFN run on this rank's rows; only the mixer's key/value
+    /// shards travel, over `transport`, to the other ranks, each a process
+    /// making the same call. Returns this rank's rows of the output and,
+    /// with `train`, what [`Block::backward_rank`] needs. CPU backend only.
+    pub fn forward_rank(
+        &self,
+        inputs: &BlockInputs,
+        weights: &BlockWeights,
+        rows: &RankRows,
+        train: bool,
+        transport: &Arc<dyn Transport>,
+    ) -> Result<(BlockOutput, Option<BlockResiduals>)> {
+        self.rank_support(inputs, rows)?;
+        self.forward_impl(inputs, weights, train, Place::Rank { rows, transport })
+    }
+
+    /// The backward of [`Block::forward_rank`]: this rank's rows of dx, and
+    /// this rank's part of every weight's and float extra input's gradient
+    /// (summed over the ranks, they are the gradient).
+    pub fn backward_rank(
+        &self,
+        inputs: &BlockInputs,
+        weights: &BlockWeights,
+        residuals: &BlockResiduals,
+        d_out: &Tensor<f32>,
+        rows: &RankRows,
+        transport: &Arc<dyn Transport>,
+    ) -> Result<BlockBackward> {
+        self.rank_support(inputs, rows)?;
+        self.backward_impl(
+            inputs,
+            weights,
+            residuals,
+            d_out,
+            Place::Rank { rows, transport },
+        )
+    }
+
+    /// A rank call runs on the CPU backend, with `x` holding the rank's rows.
+    fn rank_support(&self, inputs: &BlockInputs, rows: &RankRows) -> Result<()> {
+        if self.mixer.backend() != BackendKind::Cpu {
+            return Err(RuntimeError::Unsupported {
+                backend: self.mixer.backend().name(),
+                what: format!(
+                    "block `{}` as a rank of a ring over processes",
+                    self.spec.name
+                ),
+            });
+        }
+        if inputs.seq != rows.positions.len() {
+            return Err(RuntimeError::BadInput {
+                name: "x".into(),
+                problem: format!(
+                    "holds {} positions, but this rank owns {} of the {} in the ring",
+                    inputs.seq,
+                    rows.positions.len(),
+                    rows.seq
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// [`Block::forward`] that also returns what [`Block::backward`] needs.
@@ -404,7 +468,7 @@ impl Block {
         inputs: &BlockInputs,
         weights: &BlockWeights,
     ) -> Result<(BlockOutput, BlockResiduals)> {
-        let (out, res) = self.forward_impl(inputs, weights, true)?;
+        let (out, res) = self.forward_impl(inputs, weights, true, Place::Whole)?;
         let res = res.ok_or_else(|| RuntimeError::Internal("no residuals saved".into()))?;
         Ok((out, res))
     }
@@ -414,9 +478,10 @@ impl Block {
         inputs: &BlockInputs,
         weights: &BlockWeights,
         train: bool,
+        place: Place<'_>,
     ) -> Result<(BlockOutput, Option<BlockResiduals>)> {
         let start = Instant::now();
-        validate(&self.spec, inputs, weights)?;
+        validate_at(&self.spec, inputs, weights, place.seq(inputs.seq))?;
         crate::memory::admit_host(self.train_host_bytes(inputs.batch, inputs.seq)?)?;
         let (out, res) = match self.mixer.backend() {
             BackendKind::Reference => {
@@ -430,7 +495,7 @@ impl Block {
                 });
                 (out, res)
             }
-            _ => cpu::forward(self, inputs, weights, train)?,
+            _ => cpu::forward(self, inputs, weights, train, place)?,
         };
         Ok((
             BlockOutput {
@@ -451,8 +516,19 @@ impl Block {
         residuals: &BlockResiduals,
         d_out: &Tensor<f32>,
     ) -> Result<BlockBackward> {
+        self.backward_impl(inputs, weights, residuals, d_out, Place::Whole)
+    }
+
+    fn backward_impl(
+        &self,
+        inputs: &BlockInputs,
+        weights: &BlockWeights,
+        residuals: &BlockResiduals,
+        d_out: &Tensor<f32>,
+        place: Place<'_>,
+    ) -> Result<BlockBackward> {
         let start = Instant::now();
-        validate(&self.spec, inputs, weights)?;
+        validate_at(&self.spec, inputs, weights, place.seq(inputs.seq))?;
         validate_upstream(&self.spec, inputs, d_out)?;
         if (residuals.mixer_inputs.batch, residuals.mixer_inputs.seq) != (inputs.batch, inputs.seq)
         {
@@ -468,13 +544,13 @@ impl Block {
             });
         }
         if self.mixer.backend() != BackendKind::Reference {
-            self.check_residuals(residuals)?;
+            self.check_residuals(residuals, place.seq(inputs.seq))?;
         }
         let grads = match self.mixer.backend() {
             BackendKind::Reference => {
                 reference::gradients(&self.spec, inputs, weights, d_out)?.to_f32()
             }
-            _ => cpu::backward(self, inputs, weights, residuals, d_out)?,
+            _ => cpu::backward(self, inputs, weights, residuals, d_out, place)?,
         };
         Ok(BlockBackward {
             grads,
@@ -531,7 +607,7 @@ impl Block {
 
     /// Residuals saved by another block (other heads or dims) would be
     /// sliced wrongly: refuse them, naming what differs.
-    fn check_residuals(&self, r: &BlockResiduals) -> Result<()> {
+    fn check_residuals(&self, r: &BlockResiduals, stat_seq: usize) -> Result<()> {
         let m = &r.mixer_inputs;
         let shapes = self.spec.mixer.tensor_shapes(m.batch, m.seq);
         let o_shape = [
@@ -541,7 +617,7 @@ impl Block {
             self.spec.mixer.value_dim as usize,
         ];
         let stat_ok = r.mixer.stat.data.is_empty()
-            || r.mixer.stat.shape == [m.batch, self.spec.mixer.heads as usize, m.seq];
+            || r.mixer.stat.shape == [m.batch, self.spec.mixer.heads as usize, stat_seq];
         let bad = [("q", &m.q), ("k", &m.k), ("v", &m.v)]
             .into_iter()
             .find(|(n, t)| t.shape != shapes[*n])
@@ -681,6 +757,17 @@ fn empty_mixer_inputs(inputs: &BlockInputs) -> MixerInputs {
 /// Checks x's shape, the weights (every one present, no unknown name,
 /// shapes, finite values) and the mixer's extra inputs.
 pub fn validate(spec: &BlockSpec, inputs: &BlockInputs, weights: &BlockWeights) -> Result<()> {
+    validate_at(spec, inputs, weights, inputs.seq)
+}
+
+/// [`validate`] for `x` of `inputs.seq` positions and mixer extra inputs
+/// of `seq` (more on a rank of a ring: its rows of x, the extras whole).
+fn validate_at(
+    spec: &BlockSpec,
+    inputs: &BlockInputs,
+    weights: &BlockWeights,
+    seq: usize,
+) -> Result<()> {
     let bad = |name: &str, problem: String| {
         Err(RuntimeError::BadInput {
             name: name.into(),
@@ -733,11 +820,11 @@ pub fn validate(spec: &BlockSpec, inputs: &BlockInputs, weights: &BlockWeights) 
     }
     // The mixer's own extra inputs: checked as the mixer checks them, on
     // stand-in q, k, v of the right shapes (no data is read).
-    check_mixer_extras(&spec.mixer, inputs)
+    check_mixer_extras(&spec.mixer, inputs, seq)
 }
 
-fn check_mixer_extras(mixer: &MixerSpec, inputs: &BlockInputs) -> Result<()> {
-    let shapes = mixer.tensor_shapes(inputs.batch, inputs.seq);
+fn check_mixer_extras(mixer: &MixerSpec, inputs: &BlockInputs, seq: usize) -> Result<()> {
+    let shapes = mixer.tensor_shapes(inputs.batch, seq);
     for (name, t) in &inputs.extra {
         if mixer.input(name).is_none() {
             return Err(RuntimeError::BadInput {
