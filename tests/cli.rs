@@ -876,6 +876,10 @@ fn an_interrupted_save_leaves_no_temporary_file() {
         .parent()
         .unwrap()
         .to_path_buf();
+    // What an earlier, failed run of this test left.
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let _ = std::fs::remove_file(e.unwrap().path());
+    }
     let target = dir.join("out.safetensors");
     let temps = || -> Vec<PathBuf> {
         std::fs::read_dir(&dir)

@@ -359,27 +359,34 @@ fn write_owned(path: &Path, tensors: &[(String, Owned)]) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let mut tmp = temp_with_mode(dir, mode).map_err(io_err)?;
-    let _pending = Unfinished::register(tmp.path());
+    // Registered before the file exists, so a signal at any moment finds
+    // it: the handler removes what in `dir` starts with this process's
+    // prefix.
+    let prefix = format!(".mixc-save-{}-", std::process::id());
+    let _pending = Unfinished::register(dir, &prefix);
+    let mut tmp = temp_with_mode(dir, mode, &prefix).map_err(io_err)?;
     tmp.write_all(&bytes).map_err(io_err)?;
     tmp.as_file().sync_all().map_err(io_err)?;
     tmp.persist(&target).map_err(|e| io_err(e.error))?;
     Ok(())
 }
 
-/// The temporary files of saves still being written. A save that returns
-/// removes its own (by rename or on drop); one cut short by a signal cannot,
-/// so a program's signal handler calls [`remove_unfinished_saves`].
-static UNFINISHED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// The temporary files of saves still being written, as (folder, name
+/// prefix). A save that returns removes its own file (by rename or on
+/// drop); one cut short by a signal cannot, so a program's signal handler
+/// calls [`remove_unfinished_saves`].
+static UNFINISHED: Mutex<Vec<(PathBuf, String)>> = Mutex::new(Vec::new());
 
-/// Registers a temporary file in [`UNFINISHED`] for as long as it lives.
-struct Unfinished(PathBuf);
+/// Registers a save's temporary-file prefix in [`UNFINISHED`] for as long
+/// as it lives.
+struct Unfinished((PathBuf, String));
 
 impl Unfinished {
-    fn register(path: &Path) -> Unfinished {
+    fn register(dir: &Path, prefix: &str) -> Unfinished {
+        let entry = (dir.to_path_buf(), prefix.to_string());
         let mut list = UNFINISHED.lock().unwrap_or_else(|e| e.into_inner());
-        list.push(path.to_path_buf());
-        Unfinished(path.to_path_buf())
+        list.push(entry.clone());
+        Unfinished(entry)
     }
 }
 
@@ -394,14 +401,25 @@ impl Drop for Unfinished {
 
 /// Deletes the temporary file of every save still in progress, for a signal
 /// handler to call before the process exits (SIGINT or SIGTERM during a
-/// save of hundreds of megabytes would otherwise leave its `.tmpXXXX` file
+/// save of hundreds of megabytes would otherwise leave its temporary file
 /// beside the target). The target itself is untouched: it still holds what
 /// it held before the save began. Returns how many files it removed.
 pub fn remove_unfinished_saves() -> usize {
-    let mut list = UNFINISHED.lock().unwrap_or_else(|e| e.into_inner());
-    list.drain(..)
-        .filter(|p| std::fs::remove_file(p).is_ok())
-        .count()
+    let list = UNFINISHED.lock().unwrap_or_else(|e| e.into_inner());
+    let mut removed = 0;
+    for (dir, prefix) in list.iter() {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(prefix.as_str())
+                && std::fs::remove_file(e.path()).is_ok()
+            {
+                removed += 1;
+            }
+        }
+    }
+    removed
 }
 
 /// Where a save to `path` writes: `path`, or what a symlink there points to
@@ -436,14 +454,19 @@ fn file_mode(_: &std::fs::Metadata) -> u32 {
 
 /// A temporary file in `dir` created with `mode` (less the umask).
 #[cfg(unix)]
-fn temp_with_mode(dir: &Path, mode: u32) -> std::io::Result<tempfile::NamedTempFile> {
+fn temp_with_mode(dir: &Path, mode: u32, prefix: &str) -> std::io::Result<tempfile::NamedTempFile> {
     use std::os::unix::fs::PermissionsExt;
     tempfile::Builder::new()
+        .prefix(prefix)
         .permissions(std::fs::Permissions::from_mode(mode))
         .tempfile_in(dir)
 }
 
 #[cfg(not(unix))]
-fn temp_with_mode(dir: &Path, _mode: u32) -> std::io::Result<tempfile::NamedTempFile> {
-    tempfile::NamedTempFile::new_in(dir)
+fn temp_with_mode(
+    dir: &Path,
+    _mode: u32,
+    prefix: &str,
+) -> std::io::Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new().prefix(prefix).tempfile_in(dir)
 }
