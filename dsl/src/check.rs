@@ -1973,6 +1973,7 @@ pub(crate) fn check(raw: RawSpec, diags: &mut Diagnostics) -> Option<MixerSpec> 
             scale: 0.0,
         },
     };
+    let default_scale = matches!(score, Score::Dot { .. }) && scale.flatten().is_none();
     let score = match score {
         Score::Dot { q_map, k_map, .. } => Score::Dot {
             q_map,
@@ -2008,5 +2009,6 @@ pub(crate) fn check(raw: RawSpec, diags: &mut Diagnostics) -> Option<MixerSpec> 
         decay,
         norm: norm_v,
         family,
+        default_scale,
     })
 }

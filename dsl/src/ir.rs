@@ -1266,9 +1266,115 @@ pub struct MixerSpec {
     pub decay: Decay,
     pub norm: Norm,
     pub family: Family,
+    /// The dot score's scale is the default (`1/sqrt(head_dim)` under
+    /// softmax, else 1), not written in the spec: it follows `head_dim`
+    /// when [`MixerSpec::with_shape`] changes it.
+    #[serde(default)]
+    pub default_scale: bool,
+}
+
+/// New head counts or widths for a spec ([`MixerSpec::with_shape`]); `None`
+/// keeps the spec's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shape {
+    pub heads: Option<u32>,
+    pub kv_heads: Option<u32>,
+    pub head_dim: Option<u32>,
+    pub value_dim: Option<u32>,
+}
+
+impl Shape {
+    /// The keys [`Shape::set`] takes.
+    pub const KEYS: &'static [&'static str] = &["heads", "kv_heads", "head_dim", "value_dim"];
+
+    /// Sets `key` (one of [`Shape::KEYS`]) to `value`, checked against the
+    /// language's limits.
+    pub fn set(&mut self, key: &str, value: u64) -> Result<(), ShapeError> {
+        let (slot, max) = match key {
+            "heads" => (&mut self.heads, crate::check::MAX_HEADS),
+            "kv_heads" => (&mut self.kv_heads, crate::check::MAX_HEADS),
+            "head_dim" => (&mut self.head_dim, crate::check::MAX_HEAD_DIM),
+            "value_dim" => (&mut self.value_dim, crate::check::MAX_HEAD_DIM),
+            _ => return Err(ShapeError::UnknownKey(key.to_string())),
+        };
+        if value == 0 || value > max {
+            return Err(ShapeError::OutOfRange {
+                key: key.to_string(),
+                value,
+                max,
+            });
+        }
+        *slot = Some(value as u32);
+        Ok(())
+    }
+}
+
+/// Why [`MixerSpec::with_shape`] or [`Shape::set`] refused a shape.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ShapeError {
+    #[error("unknown key `{0}`; the keys are heads, kv_heads, head_dim, value_dim")]
+    UnknownKey(String),
+    #[error("{key} = {value} is out of range: it must be between 1 and {max}")]
+    OutOfRange { key: String, value: u64, max: u64 },
+    #[error("kv_heads = {kv_heads} must divide heads = {heads}")]
+    KvHeads { heads: u32, kv_heads: u32 },
+    #[error(
+        "with {heads} heads the decay evaluates to {gamma} for head {head}; it must lie in (0, 1]"
+    )]
+    Decay { heads: u32, head: u32, gamma: f64 },
 }
 
 impl MixerSpec {
+    /// The spec with other head counts or widths (`shape`), one spec file
+    /// serving a small test and a model-sized run: the spec's arithmetic
+    /// is the same, only tensor sizes change. Ties are kept: without its
+    /// own value, `value_dim` follows `head_dim` where the spec had them
+    /// equal, `kv_heads` follows `heads` likewise; a default scale follows
+    /// `head_dim`. What depends on the head count is checked again
+    /// (`kv_heads` divides `heads`; a per-head decay stays in (0, 1]).
+    pub fn with_shape(&self, shape: Shape) -> Result<MixerSpec, ShapeError> {
+        let mut s = self.clone();
+        s.heads = shape.heads.unwrap_or(self.heads);
+        s.head_dim = shape.head_dim.unwrap_or(self.head_dim);
+        s.kv_heads = match shape.kv_heads {
+            Some(k) => k,
+            None if self.kv_heads == self.heads => s.heads,
+            None => self.kv_heads,
+        };
+        s.value_dim = match shape.value_dim {
+            Some(v) => v,
+            None if self.value_dim == self.head_dim => s.head_dim,
+            None => self.value_dim,
+        };
+        if !s.heads.is_multiple_of(s.kv_heads) {
+            return Err(ShapeError::KvHeads {
+                heads: s.heads,
+                kv_heads: s.kv_heads,
+            });
+        }
+        if let Decay::PerHead(gamma) = &s.decay {
+            let lookup = |_: &str, _: &[i64]| 0.0;
+            for h in 0..s.heads {
+                let g = gamma.eval_f64(&EvalEnv::for_head(h as i64, s.heads, &lookup));
+                if !(g > 0.0 && g <= 1.0) {
+                    return Err(ShapeError::Decay {
+                        heads: s.heads,
+                        head: h,
+                        gamma: g,
+                    });
+                }
+            }
+        }
+        if let (true, Score::Dot { scale, .. }) = (s.default_scale, &mut s.score) {
+            *scale = if s.norm == Norm::Softmax {
+                1.0 / f64::from(s.head_dim).sqrt()
+            } else {
+                1.0
+            };
+        }
+        Ok(s)
+    }
+
     /// Query heads per kv head.
     pub fn group_size(&self) -> u32 {
         self.heads / self.kv_heads

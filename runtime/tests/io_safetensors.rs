@@ -51,6 +51,7 @@ fn spec_with_extras() -> MixerSpec {
         decay: Decay::Gate { input: "g".into() },
         norm: Norm::None,
         family: Family::Gated,
+        default_scale: false,
     }
 }
 

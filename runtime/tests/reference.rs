@@ -37,6 +37,7 @@ fn base(name: &str, heads: u32, kv_heads: u32, dk: u32, dv: u32) -> MixerSpec {
         decay: Decay::None,
         norm: Norm::Softmax,
         family: Family::Softmax,
+        default_scale: false,
     }
 }
 

@@ -162,6 +162,7 @@ fn spec_tokens(s: &MixerSpec) -> TokenStream {
         Family::Gated => quote!(Gated),
         Family::Convolution => quote!(Convolution),
     };
+    let default_scale = s.default_scale;
     quote! {
         ::mixc_dsl::MixerSpec {
             name: #name,
@@ -178,6 +179,7 @@ fn spec_tokens(s: &MixerSpec) -> TokenStream {
             decay: #decay,
             norm: #norm,
             family: ::mixc_dsl::Family::#family,
+            default_scale: #default_scale,
         }
     }
 }
