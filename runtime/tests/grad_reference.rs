@@ -191,6 +191,29 @@ fn every_score_piece_matches_finite_differences() {
 /// set (bottom-right, and at an explicit offset), cross-attention with more
 /// queries than keys, with a position bias, a window and a prefix.
 #[test]
+fn decaying_mixers_with_two_lengths_match_finite_differences() {
+    let specs = [
+        "mixer r { heads = 2; head_dim = 4; score = dot(q, k); decay = 0.9 - 0.1 * h; \
+         mask = causal; norm = none; }",
+        "mixer g { heads = 2; head_dim = 4; input g: f32[batch, seq, heads]; score = dot(q, k); \
+         decay = gate(g); mask = causal; norm = none; }",
+        "mixer s { heads = 2; head_dim = 4; input g: f32[batch, seq, heads]; \
+         score = dot(elu1(q), elu1(k)); decay = gate(g); mask = causal && window(5); \
+         norm = sum(eps = 1e-3); }",
+    ];
+    for src in specs {
+        let spec = mixc_dsl::parse_str(src).unwrap_or_else(|d| panic!("{src}: {d:?}"));
+        for (seq, kv_seq, offset) in [(3, 11, None), (2, 9, Some(4)), (1, 6, None)] {
+            let mut x = mixc_runtime::inputs::random_inputs_kv(&spec, 2, seq, kv_seq, 17);
+            if let Some(o) = offset {
+                x.q_offset = o;
+            }
+            check_inputs(&spec, on_grid(x), 19);
+        }
+    }
+}
+
+#[test]
 fn two_lengths_match_finite_differences() {
     let specs = [
         "mixer w { heads = 4; kv_heads = 2; head_dim = 4; input t: f32[heads, 8]; \

@@ -6,7 +6,7 @@
 mod cpu_support;
 
 use cpu_support::{example_specs, rel_err, F32_TOL, F64_TOL};
-use mixc_dsl::ir::{Decay, MixerSpec, Score};
+use mixc_dsl::ir::{MixerSpec, Score};
 use mixc_runtime::cpu::{CpuConfig, CpuMixer, Precision, Sharding};
 use mixc_runtime::inputs::{random_inputs, random_inputs_kv};
 use mixc_runtime::{reference, MixerInputs, RuntimeError, Tensor};
@@ -176,13 +176,11 @@ fn cpu_cross_attention_matches_the_reference() {
 
 /// Gradients with two lengths: the CPU backward (rings of 1 and 2) equals
 /// the f64 reference gradients (themselves checked against finite
-/// differences in grad_reference.rs) for every softmax example without decay.
+/// differences in grad_reference.rs) for every dot-score example, decaying
+/// ones (retention, gated: the gates' gradients too) included.
 #[test]
 fn cpu_backward_with_two_lengths_matches_the_reference() {
-    for spec in dot_examples()
-        .into_iter()
-        .filter(|s| s.decay == Decay::None)
-    {
+    for spec in dot_examples() {
         for (seq, kv_seq) in [(5, 90), (40, 61)] {
             let x = random_inputs_kv(&spec, 2, seq, kv_seq, 3);
             let d_o = random_inputs_kv(&spec, 2, kv_seq, seq, 4).q;
@@ -254,23 +252,5 @@ fn two_lengths_refusals_name_the_problem() {
     assert!(
         msg.contains("input `v`") && msg.contains("kv_seq=40"),
         "{msg}"
-    );
-    // Gradients of a decaying mixer need queries at their keys' positions.
-    let gated = by_name("gated_mamba2");
-    let x = random_inputs_kv(&gated, 1, 4, 20, 1);
-    let m = cpu(&gated);
-    let fwd = m
-        .run_train(&x)
-        .expect("a decode forward of a gated mixer runs");
-    let d_o = Tensor::new(
-        fwd.output.shape().to_vec(),
-        vec![1.0; fwd.output.to_f32().numel()],
-    );
-    let err = m
-        .backward(&x, &fwd.output.to_f32(), &fwd.stat, &d_o)
-        .unwrap_err();
-    assert!(
-        matches!(err, RuntimeError::Unsupported { .. }) && err.to_string().contains("decay"),
-        "{err}"
     );
 }

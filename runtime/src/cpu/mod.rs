@@ -579,19 +579,11 @@ impl CpuMixer {
                 });
             }
         }
+        // As the forward: queries elsewhere than their keys run blocked.
         let path = if inputs.is_self_aligned() {
             path_for(spec)
-        } else if spec.decay == Decay::None {
-            CpuPath::Blocked
         } else {
-            return Err(RuntimeError::Unsupported {
-                backend: "CPU",
-                what: format!(
-                    "gradients of the decaying mixer `{}` with {} queries at offset {} against \
-                     {} keys (decay gradients need queries and keys at the same positions)",
-                    spec.name, inputs.seq, inputs.q_offset, inputs.kv_seq
-                ),
-            });
+            CpuPath::Blocked
         };
         let sched = RingSchedule::for_inputs(inputs, ranks.count(), cfg.sharding)?;
         let up = backward::Upstream { o, stat, d_o };

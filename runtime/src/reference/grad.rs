@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use mixc_dsl::{Decay, EvalEnv, Expr, Leaf, MixerSpec, Norm, Score};
 
 use super::{check_spec, fill_decay, normalise, row_weights, Row};
-use crate::error::{Result, RuntimeError};
+use crate::error::Result;
 use crate::grad::{differentiable_inputs, reads_qk, validate_upstream, Gradients};
 use crate::inputs::validate_inputs;
 use crate::tensor::{MixerInputs, Tensor};
@@ -59,16 +59,6 @@ pub fn gradients_for(
     check_spec(spec)?;
     validate_inputs(spec, inputs)?;
     validate_upstream(spec, inputs, d_o)?;
-    if !matches!(spec.decay, Decay::None) && !inputs.is_self_aligned() {
-        return Err(RuntimeError::Unsupported {
-            backend: "reference",
-            what: format!(
-                "gradients of the decaying mixer `{}` with {} queries at offset {} against {} keys \
-                 (decay gradients need queries and keys at the same positions)",
-                spec.name, inputs.seq, inputs.q_offset, inputs.kv_seq
-            ),
-        });
-    }
     let heads = spec.heads as usize;
     let tasks: Vec<(usize, usize)> = (0..inputs.batch)
         .flat_map(|b| {
