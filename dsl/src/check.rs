@@ -613,7 +613,8 @@ impl<'a> Checker<'a> {
                     elem == ElemType::F32 && dims == [Dim::Batch, Dim::Seq, Dim::Heads]
                 }
                 InputRole::Filter => elem == ElemType::F32 && dims == [Dim::Heads, Dim::Seq],
-                InputRole::Table => elem == ElemType::F32,
+                // i32 tables (lengths, flags, ids) are read as numbers too.
+                InputRole::Table => true,
             };
             if !fits {
                 self.err_hint(

@@ -160,6 +160,16 @@ fn cases() -> Vec<Case> {
             mask_mod: |a| a.kv as f64 <= a.f("prefix", &[a.b]) || a.kv <= a.q,
         },
         Case {
+            name: "prefix_lm_i32_lengths",
+            score_mod: keep,
+            mask_mod: |a| (a.kv as f64) < a.f("plen", &[a.b]) || a.kv <= a.q,
+        },
+        Case {
+            name: "document_i32_expression",
+            score_mod: |s, a| s + 0.25 * a.f("ids", &[a.b, a.kv]),
+            mask_mod: |a| a.kv <= a.q && a.f("ids", &[a.b, a.q]) == a.f("ids", &[a.b, a.kv]),
+        },
+        Case {
             name: "document",
             score_mod: keep,
             mask_mod: |a| a.f("doc", &[a.b, a.q]) == a.f("doc", &[a.b, a.kv]),
@@ -242,8 +252,9 @@ fn spec_of(c: &Case) -> MixerSpec {
 fn inputs_of(spec: &MixerSpec, seq: usize, seed: u64) -> MixerInputs {
     let mut inp = random_inputs(spec, BATCH, seq, seed);
     for (name, t) in inp.extra.iter_mut() {
-        if let ExtraTensor::F32(t) = t {
-            flex_support::fill_table(name, &t.shape, &mut t.data);
+        match t {
+            ExtraTensor::F32(t) => flex_support::fill_table(name, &t.shape, &mut t.data),
+            ExtraTensor::I32(t) => flex_support::fill_table_i32(name, &t.shape, &mut t.data),
         }
     }
     inp

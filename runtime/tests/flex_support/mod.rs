@@ -43,6 +43,16 @@ pub const SPECS: &[(&str, &str)] = &[
         "document",
         "input doc: i32[batch, seq]; mask = segment(doc);",
     ),
+    // i32 tables read in expressions (lengths and ids as PyTorch holds them).
+    (
+        "prefix_lm_i32_lengths",
+        "input plen: i32[batch]; mask = j < plen[b] || j <= i;",
+    ),
+    (
+        "document_i32_expression",
+        "input ids: i32[batch, seq]; mask = j <= i && ids[b][i] == ids[b][j]; \
+         bias = 0.25 * ids[b][j];",
+    ),
     (
         "causal_document_expression",
         "input doc: f32[batch, seq]; mask = j <= i && doc[b][i] == doc[b][j];",
@@ -93,6 +103,13 @@ pub fn spec(name: &str, dtype: &str) -> mixc_dsl::ir::MixerSpec {
 
 /// Overwrites the elements of table `name` (row-major `shape`) that
 /// [`table_value`] sets.
+/// [`fill_table`] for an i32 table (the same integral values).
+pub fn fill_table_i32(name: &str, shape: &[usize], data: &mut [i32]) {
+    let mut f: Vec<f32> = data.iter().map(|&x| x as f32).collect();
+    fill_table(name, shape, &mut f);
+    data.iter_mut().zip(f).for_each(|(x, y)| *x = y as i32);
+}
+
 pub fn fill_table(name: &str, shape: &[usize], data: &mut [f32]) {
     for (e, v) in data.iter_mut().enumerate() {
         let (mut idx, mut r) = (vec![0; shape.len()], e);
@@ -112,8 +129,8 @@ pub fn fill_table(name: &str, shape: &[usize], data: &mut [f32]) {
 /// keys but multiples of 3 in batch row 1.
 pub fn table_value(name: &str, idx: &[usize]) -> Option<f32> {
     Some(match name {
-        "prefix" => [5.0, 23.0][idx[0] % 2],
-        "doc" => (idx[1] / 11) as f32,
+        "prefix" | "plen" => [5.0, 23.0][idx[0] % 2],
+        "doc" | "ids" => (idx[1] / 11) as f32,
         "flag" => f32::from(idx[1] % 10 == 3),
         "am" if idx[0] == 1 && !idx[1].is_multiple_of(3) => f32::NEG_INFINITY,
         "am" => 0.0,

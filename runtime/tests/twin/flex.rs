@@ -238,8 +238,9 @@ fn sim_every_shared_flex_case_matches_the_reference() {
         let spec = flex_support::spec(name, "bf16");
         let mut x = crate::inputs::random_inputs(&spec, 2, L, 500 + n as u64);
         for (input, t) in x.extra.iter_mut() {
-            if let ExtraTensor::F32(t) = t {
-                flex_support::fill_table(input, &t.shape, &mut t.data);
+            match t {
+                ExtraTensor::F32(t) => flex_support::fill_table(input, &t.shape, &mut t.data),
+                ExtraTensor::I32(t) => flex_support::fill_table_i32(input, &t.shape, &mut t.data),
             }
         }
         crate::inputs::round_to_dtype(&mut x, DType::Bf16).unwrap();
