@@ -161,7 +161,18 @@ impl KernelConfig {
     /// parts the dK / dV columns are split into, so each thread keeps about
     /// 64 to 128 f32 accumulators at any head size.
     pub fn backward_default_for(spec: &MixerSpec, _target: &Target) -> KernelConfig {
+        // A bias or transform adds its derivative (and a table's gradient
+        // atomics) to each thread's state: at d = 64, four warps then need
+        // more than 255 registers and spill 48-96 bytes (a T5 table with a
+        // transform, measured with NVRTC); eight warps hold the same
+        // 64 x 64 tile in ~215 without spilling. Eight warps pair up on a
+        // key fragment, each taking half of the (16-padded) widths, so
+        // they need widths that halve into multiples of 16.
+        let halves = |d: u32| round_up(d, 16).is_multiple_of(32);
+        let score_expr = spec.bias.is_some() || spec.transform.is_some();
+        let eight = score_expr && halves(spec.head_dim) && halves(spec.value_dim);
         let (block_m, block_n, warps) = match spec.head_dim.max(spec.value_dim) {
+            0..=64 if eight => (64, 64, 8),
             0..=64 => (64, 64, 4),
             65..=128 => (64, 64, 8),
             _ => (64, 32, 8),
