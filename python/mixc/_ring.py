@@ -83,64 +83,125 @@ def _seq_of(n, group):
     return int(t.item())
 
 
-class _RingMix(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, m, group, seq, train, q, k, v, *extras):
-        from . import _extra_args, _f32
+def _group(name):
+    """The process group a ring op names (by `group_name`, which
+    torch.compile keeps as a constant in the graph)."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
 
-        transport = _GroupTransport(group)
-        b, n = v.shape[0], v.shape[1]
-        info = m.info
-        qc, kc, vc = _f32(q), _f32(k), _f32(v)
-        args, keep = _extra_args(m, extras)
-        o = torch.empty((b, n, info["heads"], info["value_dim"]), dtype=torch.float32)
-        stat = torch.zeros((b, info["heads"], n), dtype=torch.float64) if train else None
-        try:
-            m._m.forward_rank((b, seq), transport.rank, transport.world, transport, qc.data_ptr(),
-                              kc.data_ptr(), vc.data_ptr(), args, o.data_ptr(),
-                              None if stat is None else stat.data_ptr(), bf16=v.dtype == torch.bfloat16)
-        finally:
-            transport.finish()
-        del keep
-        ctx.m, ctx.group, ctx.seq = m, group, seq
-        if train:
-            ctx.save_for_backward(q, k, v, o, stat, *extras)
-        return o.to(v.dtype)
+    return _resolve_process_group(name)
 
-    @staticmethod
-    def backward(ctx, d_o):
-        from . import _extra_args, _f32
 
-        m, group, seq = ctx.m, ctx.group, ctx.seq
-        q, k, v, o, stat, *extras = ctx.saved_tensors
-        transport = _GroupTransport(group)
-        b = v.shape[0]
-        qc, kc, vc, doc = _f32(q), _f32(k), _f32(v), _f32(d_o)
-        args, keep = _extra_args(m, extras)
-        dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32) for t in (qc, kc, vc))
-        dex = [torch.zeros(t.shape, dtype=torch.float32) for t in extras]
-        diff = set(m.info["differentiable"])
-        dex_args = [(i["name"], d.data_ptr()) for i, d in zip(m.info["inputs"], dex) if i["name"] in diff]
-        try:
-            m._m.backward_rank((b, seq), transport.rank, transport.world, transport, qc.data_ptr(),
-                               kc.data_ptr(), vc.data_ptr(), args, o.data_ptr(), stat.data_ptr(),
-                               doc.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dex_args)
-        finally:
-            transport.finish()
-        del keep
-        grads = []
-        for i, d, t in zip(m.info["inputs"], dex, extras):
-            if i["name"] in diff and t.requires_grad:
-                # Each rank holds its part of the whole input's gradient.
-                dist.all_reduce(d, group=group)
-                grads.append(d.to(t.dtype))
-            else:
-                grads.append(None)
-        if not m.info["reads_qk"]:
-            dq = dk = None
-        else:
-            dq, dk = dq.to(q.dtype), dk.to(k.dtype)
-        return (None, None, None, None, dq, dk, dv.to(v.dtype), *grads)
+def _ring_seq(m, group, b, n, extras):
+    """The whole sequence's length (one all-reduce), after checking that
+    this rank's `n` positions are its shard and the extras are whole."""
+    from . import _expect
+
+    seq = _seq_of(n, group)
+    check_shard(n, seq, group, m.info["sharding"])
+    for spec_in, t in zip(m.info["inputs"], extras):
+        shape = [b if d == "batch" else seq if d == "seq" else d for d in spec_in["dims"]]
+        _expect(spec_in["name"], t, shape, spec_in["dtype"])
+    return seq
+
+
+@torch.library.custom_op("mixc::mix_ring", mutates_args=())
+def _mix_ring(handle: int, group: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              extras: list[torch.Tensor], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import _MIXERS, _extra_args, _f32
+
+    m, pg = _MIXERS[handle], _group(group)
+    b, n = v.shape[0], v.shape[1]
+    seq = _ring_seq(m, pg, b, n, extras)
+    transport = _GroupTransport(pg)
+    info = m.info
+    qc, kc, vc = _f32(q), _f32(k), _f32(v)
+    args, keep = _extra_args(m, extras)
+    o = torch.empty((b, n, info["heads"], info["value_dim"]), dtype=torch.float32)
+    stat = torch.zeros((b, info["heads"], n) if train else (0,), dtype=torch.float64)
+    try:
+        m._m.forward_rank((b, seq), transport.rank, transport.world, transport, qc.data_ptr(),
+                          kc.data_ptr(), vc.data_ptr(), args, o.data_ptr(),
+                          stat.data_ptr() if train else None, bf16=v.dtype == torch.bfloat16)
+    finally:
+        transport.finish()
+    del keep
+    return o.to(v.dtype), stat
+
+
+@_mix_ring.register_fake
+def _mix_ring_fake(handle, group, q, k, v, extras, train):
+    from . import _MIXERS
+
+    info = _MIXERS[handle].info
+    b, n = v.shape[0], v.shape[1]
+    return (v.new_empty((b, n, info["heads"], info["value_dim"])),
+            v.new_empty((b, info["heads"], n) if train else (0,), dtype=torch.float64))
+
+
+@torch.library.custom_op("mixc::mix_ring_backward", mutates_args=())
+def _mix_ring_backward(handle: int, group: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       extras: list[torch.Tensor], o: torch.Tensor, stat: torch.Tensor, d_o: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    from . import _MIXERS, _extra_args, _f32
+
+    m, pg = _MIXERS[handle], _group(group)
+    b, n = v.shape[0], v.shape[1]
+    seq = _seq_of(n, pg)
+    transport = _GroupTransport(pg)
+    qc, kc, vc, oc, doc = _f32(q), _f32(k), _f32(v), _f32(o), _f32(d_o)
+    statc = stat.detach().to(torch.float64).contiguous()
+    args, keep = _extra_args(m, extras)
+    dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32) for t in (qc, kc, vc))
+    dex = [torch.zeros(t.shape, dtype=torch.float32) for t in extras]
+    diff = set(m.info["differentiable"])
+    dex_args = [(i["name"], d.data_ptr()) for i, d in zip(m.info["inputs"], dex) if i["name"] in diff]
+    try:
+        m._m.backward_rank((b, seq), transport.rank, transport.world, transport, qc.data_ptr(),
+                           kc.data_ptr(), vc.data_ptr(), args, oc.data_ptr(), statc.data_ptr(),
+                           doc.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dex_args)
+    finally:
+        transport.finish()
+    del keep
+    # Each rank holds its part of the whole inputs' gradients: summed here.
+    for i, d in zip(m.info["inputs"], dex):
+        if i["name"] in diff:
+            dist.all_reduce(d, group=pg)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+            [d.to(t.dtype) if t.is_floating_point() else d for d, t in zip(dex, extras)])
+
+
+@_mix_ring_backward.register_fake
+def _mix_ring_backward_fake(handle, group, q, k, v, extras, o, stat, d_o):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            [torch.empty(t.shape, dtype=t.dtype if t.is_floating_point() else torch.float32)
+             for t in extras])
+
+
+def _setup_ring(ctx, inputs, output):
+    handle, group, q, k, v, extras, train = inputs
+    o, stat = output
+    ctx.handle, ctx.group, ctx.train = handle, group, train
+    ctx.save_for_backward(q, k, v, o, stat, *extras)
+
+
+def _backward_ring(ctx, d_o, _d_stat):
+    from . import _MIXERS
+
+    if not ctx.train:
+        raise RuntimeError("mixc: this ring call ran without keeping what its backward needs "
+                           "(no input required grad when it was called)")
+    q, k, v, o, stat, *extras = ctx.saved_tensors
+    m = _MIXERS[ctx.handle]
+    dq, dk, dv, dex = torch.ops.mixc.mix_ring_backward(ctx.handle, ctx.group, q, k, v, list(extras), o, stat,
+                                                       d_o.contiguous())
+    diff = set(m.info["differentiable"])
+    dex = [d if i["name"] in diff else None for i, d in zip(m.info["inputs"], dex)]
+    if not m.info["reads_qk"]:
+        dq = dk = None
+    return None, None, dq, dk, dv, dex, None
+
+
+_mix_ring.register_autograd(_backward_ring, setup_context=_setup_ring)
 
 
 def check_shard(n, seq, group, sharding):
@@ -229,17 +290,16 @@ class _RingBlock(torch.autograd.Function):
 def ring_call(m, q, k, v, extras, group):
     """`o` (this rank's rows) of a ring over `group`: q, k, v are this
     rank's shards (`[batch, n, heads, dim]`, `shard`'s order under the
-    mixer's sharding), extras whole."""
+    mixer's sharding), extras whole. The call is the op `mixc::mix_ring`
+    (the group passed by name), so it compiles under torch.compile."""
     from . import _expect
 
-    if not dist.is_available() or not dist.is_initialized():
+    if not torch.compiler.is_compiling() and (not dist.is_available() or not dist.is_initialized()):
         raise RuntimeError("group= needs torch.distributed initialised (init_process_group)")
     info = m.info
     if not isinstance(v, torch.Tensor) or v.dim() != 4:
         raise ValueError(f"`v` must be [batch, n, kv_heads, value_dim], got {getattr(v, 'shape', v)!r}")
     b, n = v.shape[0], v.shape[1]
-    seq = _seq_of(n, group)
-    check_shard(n, seq, group, info["sharding"])
     if info["reads_qk"]:
         _expect("q", q, (b, n, info["heads"], info["head_dim"]))
         _expect("k", k, (b, n, info["kv_heads"], info["head_dim"]))
@@ -247,8 +307,7 @@ def ring_call(m, q, k, v, extras, group):
         q = v.new_empty(0) if q is None else q
         k = v.new_empty(0) if k is None else k
     _expect("v", v, (b, n, info["kv_heads"], info["value_dim"]))
-    for spec_in, t in zip(info["inputs"], extras):
-        shape = [b if d == "batch" else seq if d == "seq" else d for d in spec_in["dims"]]
-        _expect(spec_in["name"], t, shape, spec_in["dtype"])
     train = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *extras))
-    return _RingMix.apply(m, group, seq, train, q, k, v, *extras)
+    name = group.group_name if group is not None else dist.group.WORLD.group_name
+    o, _stat = torch.ops.mixc.mix_ring(m._handle, name, q, k, v, list(extras), train)
+    return o
