@@ -609,20 +609,19 @@ class Block(torch.nn.Module):
         if missing:
             raise TypeError(f"block `{self.name}` needs input {', '.join(missing)}")
         b, seq = x.shape[0], x.shape[1]
-        if group is not None:
-            from ._ring import check_shard, _seq_of
-            seq = _seq_of(x.shape[1], group)
-            check_shard(x.shape[1], seq, group, self.info["sharding"])
         extras = [extra[n] for n in names]
-        for spec_in, t in zip(inputs, extras):
-            shape = [b if d == "batch" else seq if d == "seq" else d for d in spec_in["dims"]]
-            _expect(spec_in["name"], t, shape, spec_in["dtype"])
+        if group is None:
+            # (With a group, the whole sequence's length is known only
+            # inside the ring op, which checks the extras then.)
+            for spec_in, t in zip(inputs, extras):
+                shape = [b if d == "batch" else seq if d == "seq" else d for d in spec_in["dims"]]
+                _expect(spec_in["name"], t, shape, spec_in["dtype"])
         weights = self._weights()
         train = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)
                                              or any(t.requires_grad for t in extras))
         if group is not None:
-            from ._ring import _RingBlock
-            return _RingBlock.apply(self, group, seq, train, len(extras), x, *extras, *weights)
+            from ._ring import block_ring_call
+            return block_ring_call(self, x, extras, weights, train, group)
         out, _ = torch.ops.mixc.block(self._handle, x, extras, weights, train)
         return out
 
@@ -630,15 +629,15 @@ class Block(torch.nn.Module):
 _BLOCKS = weakref.WeakValueDictionary()
 
 
-def _saved_shapes(block, b, n, seq=None):
-    """Shapes and dtypes of what a training forward on `n` rows keeps: q,
-    k, v, o of those rows and the statistic over the whole sequence `seq`
-    (see `BlockResiduals::parts`)."""
+def _saved_shapes(block, b, n):
+    """Shapes and dtypes of what a training forward on `n` rows (all, or a
+    rank's) keeps: q, k, v, o and the statistic of those rows (see
+    `BlockResiduals::parts`)."""
     m = block.info["mixer"]
     h, kvh, dk, dv = m["heads"], m["kv_heads"], m["head_dim"], m["value_dim"]
     f32, f64 = torch.float32, torch.float64
     return [((b, n, h, dk), f32), ((b, n, kvh, dk), f32), ((b, n, kvh, dv), f32),
-            ((b, n, h, dv), f32), ((b, h, n if seq is None else seq), f64)]
+            ((b, n, h, dv), f32), ((b, h, n), f64)]
 
 
 @torch.library.custom_op("mixc::block", mutates_args=())

@@ -217,74 +217,124 @@ def check_shard(n, seq, group, sharding):
             f"sharding={sharding!r})")
 
 
-class _RingBlock(torch.autograd.Function):
-    """apply(block, group, seq, train, n_extra, x, *extras, *weights): this
-    rank's rows of a block's output, the block's ring over `group`."""
+@torch.library.custom_op("mixc::block_ring", mutates_args=())
+def _block_ring(handle: int, group: str, x: torch.Tensor, extras: list[torch.Tensor],
+                weights: list[torch.Tensor], train: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """This rank's rows of a block's output, the block's ring over the
+    group named `group`; with `train`, what its backward needs (this rank's
+    rows of q, k, v, o and of the statistic)."""
+    from . import _BLOCKS, _expect, _extra_args_of, _f32, _saved_shapes
 
-    @staticmethod
-    def forward(ctx, block, group, seq, train, n_extra, x, *rest):
-        from . import _extra_args_of, _f32, _saved_shapes
+    block, pg = _BLOCKS[handle], _group(group)
+    b, n = x.shape[0], x.shape[1]
+    seq = _seq_of(n, pg)
+    check_shard(n, seq, pg, block.info["sharding"])
+    for spec_in, t in zip(block.info["mixer"]["inputs"], extras):
+        shape = [b if d == "batch" else seq if d == "seq" else d for d in spec_in["dims"]]
+        _expect(spec_in["name"], t, shape, spec_in["dtype"])
+    transport = _GroupTransport(pg)
+    xc = _f32(x)
+    ws = [_f32(w) for w in weights]
+    args, keep = _extra_args_of(block.info["mixer"]["inputs"], extras)
+    out = torch.empty_like(xc)
+    saved = [torch.zeros(s, dtype=dt) for s, dt in _saved_shapes(block, b, n)] if train else []
+    named = [(name, w.data_ptr()) for name, w in zip(block._names, ws)]
+    try:
+        block._b.forward_rank((b, seq), transport.rank, transport.world, transport, xc.data_ptr(), args,
+                              named, out.data_ptr(), tuple(t.data_ptr() for t in saved) if train else None)
+    finally:
+        transport.finish()
+    del keep
+    return out.to(x.dtype), saved
 
-        extras, weights = rest[:n_extra], rest[n_extra:]
-        transport = _GroupTransport(group)
-        xc = _f32(x)
-        ws = [_f32(w) for w in weights]
-        args, keep = _extra_args_of(block.info["mixer"]["inputs"], extras)
-        out = torch.empty_like(xc)
-        b, n = xc.shape[0], xc.shape[1]
-        saved = [torch.zeros(s, dtype=dt) for s, dt in _saved_shapes(block, b, n, seq)] if train else []
-        named = [(name, w.data_ptr()) for name, w in zip(block._names, ws)]
-        try:
-            block._b.forward_rank((b, seq), transport.rank, transport.world, transport, xc.data_ptr(), args,
-                                  named, out.data_ptr(), tuple(t.data_ptr() for t in saved) if train else None)
-        finally:
-            transport.finish()
-        del keep
-        ctx.block, ctx.group, ctx.seq, ctx.n_extra, ctx.n_weights = block, group, seq, n_extra, len(weights)
-        if train:
-            ctx.save_for_backward(x, *extras, *weights, *saved)
-        return out.to(x.dtype)
 
-    @staticmethod
-    def backward(ctx, d_out):
-        from . import _extra_args_of, _f32
+@_block_ring.register_fake
+def _block_ring_fake(handle, group, x, extras, weights, train):
+    from . import _BLOCKS, _saved_shapes
 
-        block, group, seq = ctx.block, ctx.group, ctx.seq
-        x, *rest = ctx.saved_tensors
-        extras = rest[:ctx.n_extra]
-        weights = rest[ctx.n_extra:ctx.n_extra + ctx.n_weights]
-        saved = rest[ctx.n_extra + ctx.n_weights:]
-        minfo = block.info["mixer"]
-        transport = _GroupTransport(group)
-        xc, g = _f32(x), _f32(d_out)
-        ws = [_f32(w) for w in weights]
-        args, keep = _extra_args_of(minfo["inputs"], extras)
-        dx = torch.empty_like(xc)
-        dws = [torch.zeros_like(w) for w in ws]
-        diff = set(minfo["differentiable"])
-        dex = [torch.zeros(t.shape, dtype=torch.float32) for t in extras]
-        named = [(name, w.data_ptr()) for name, w in zip(block._names, ws)]
-        dnamed = [(name, d.data_ptr()) for name, d in zip(block._names, dws)]
-        dex_named = [(i["name"], d.data_ptr()) for i, d in zip(minfo["inputs"], dex) if i["name"] in diff]
-        try:
-            block._b.backward_rank((xc.shape[0], seq), transport.rank, transport.world, transport, xc.data_ptr(),
-                                   args, named, tuple(t.data_ptr() for t in saved), g.data_ptr(), dx.data_ptr(),
-                                   dnamed, dex_named)
-        finally:
-            transport.finish()
-        del keep
-        # Each rank holds its part of the weights' (and whole extras') gradients.
-        for d in dws:
-            dist.all_reduce(d, group=group)
-        dex_out = []
-        for i, d, t in zip(minfo["inputs"], dex, extras):
-            if i["name"] in diff and t.requires_grad:
-                dist.all_reduce(d, group=group)
-                dex_out.append(d.to(t.dtype))
-            else:
-                dex_out.append(None)
-        dws = [d.to(w.dtype) for d, w in zip(dws, weights)]
-        return (None, None, None, None, None, dx.to(x.dtype), *dex_out, *dws)
+    shapes = _saved_shapes(_BLOCKS[handle], x.shape[0], x.shape[1]) if train else []
+    return torch.empty_like(x), [x.new_empty(s, dtype=dt) for s, dt in shapes]
+
+
+@torch.library.custom_op("mixc::block_ring_backward", mutates_args=())
+def _block_ring_backward(handle: int, group: str, x: torch.Tensor, extras: list[torch.Tensor],
+                         weights: list[torch.Tensor], saved: list[torch.Tensor], d_out: torch.Tensor
+                         ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    from . import _BLOCKS, _extra_args_of, _f32
+
+    block, pg = _BLOCKS[handle], _group(group)
+    minfo = block.info["mixer"]
+    seq = _seq_of(x.shape[1], pg)
+    transport = _GroupTransport(pg)
+    xc, g = _f32(x), _f32(d_out)
+    ws = [_f32(w) for w in weights]
+    sv = [t.detach().contiguous() for t in saved]
+    args, keep = _extra_args_of(minfo["inputs"], extras)
+    dx = torch.empty_like(xc)
+    dws = [torch.zeros_like(w) for w in ws]
+    diff = set(minfo["differentiable"])
+    dex = [torch.zeros(t.shape, dtype=torch.float32) for t in extras]
+    named = [(name, w.data_ptr()) for name, w in zip(block._names, ws)]
+    dnamed = [(name, d.data_ptr()) for name, d in zip(block._names, dws)]
+    dex_named = [(i["name"], d.data_ptr()) for i, d in zip(minfo["inputs"], dex) if i["name"] in diff]
+    try:
+        block._b.backward_rank((xc.shape[0], seq), transport.rank, transport.world, transport, xc.data_ptr(),
+                               args, named, tuple(t.data_ptr() for t in sv), g.data_ptr(), dx.data_ptr(),
+                               dnamed, dex_named)
+    finally:
+        transport.finish()
+    del keep
+    # Each rank holds its part of the weights' (and whole extras') gradients.
+    for d in dws:
+        dist.all_reduce(d, group=pg)
+    for i, d in zip(minfo["inputs"], dex):
+        if i["name"] in diff:
+            dist.all_reduce(d, group=pg)
+    return (dx.to(x.dtype), [d.to(w.dtype) for d, w in zip(dws, weights)],
+            [d.to(t.dtype) if t.is_floating_point() else d for d, t in zip(dex, extras)])
+
+
+@_block_ring_backward.register_fake
+def _block_ring_backward_fake(handle, group, x, extras, weights, saved, d_out):
+    return (torch.empty_like(x), [torch.empty_like(w) for w in weights],
+            [torch.empty(t.shape, dtype=t.dtype if t.is_floating_point() else torch.float32) for t in extras])
+
+
+def _setup_block_ring(ctx, inputs, output):
+    handle, group, x, extras, weights, train = inputs
+    _, saved = output
+    ctx.handle, ctx.group, ctx.train = handle, group, train
+    ctx.n_extra, ctx.n_weights = len(extras), len(weights)
+    ctx.save_for_backward(x, *extras, *weights, *saved)
+
+
+def _backward_block_ring(ctx, d_out, _d_saved):
+    from . import _BLOCKS
+
+    if not ctx.train:
+        raise RuntimeError("mixc: this block ran without keeping what its backward needs "
+                           "(no input or parameter required grad when it was called)")
+    x, *rest = ctx.saved_tensors
+    extras = rest[:ctx.n_extra]
+    weights = rest[ctx.n_extra:ctx.n_extra + ctx.n_weights]
+    saved = rest[ctx.n_extra + ctx.n_weights:]
+    minfo = _BLOCKS[ctx.handle].info["mixer"]
+    dx, dws, dex = torch.ops.mixc.block_ring_backward(ctx.handle, ctx.group, x, list(extras), list(weights),
+                                                      list(saved), d_out.contiguous())
+    diff = set(minfo["differentiable"])
+    dex = [d if i["name"] in diff else None for i, d in zip(minfo["inputs"], dex)]
+    return None, None, dx, dex, dws, None
+
+
+_block_ring.register_autograd(_backward_block_ring, setup_context=_setup_block_ring)
+
+
+def block_ring_call(block, x, extras, weights, train, group):
+    """This rank's rows of `block`'s output over `group` (x this rank's shard)."""
+    if not torch.compiler.is_compiling() and (not dist.is_available() or not dist.is_initialized()):
+        raise RuntimeError("group= needs torch.distributed initialised (init_process_group)")
+    out, _ = torch.ops.mixc.block_ring(block._handle, group.group_name, x, list(extras), list(weights), train)
+    return out
 
 
 def ring_call(m, q, k, v, extras, group):

@@ -895,6 +895,7 @@ unsafe fn write_forward(
     o: &mixc::runtime::block::BlockOutput,
     saved: Option<SavedArgs>,
     res: Option<&mixc::runtime::block::BlockResiduals>,
+    rows: Option<&RankRows>,
 ) {
     // SAFETY: forwarded from this function's contract.
     unsafe {
@@ -904,7 +905,11 @@ unsafe fn write_forward(
             for (addr, t) in [q, k, v, o].into_iter().zip(parts) {
                 write(addr, &t.data);
             }
-            write(stat, &ts.data);
+            // A rank's statistic is kept for its own rows only.
+            match rows {
+                Some(rows) if !ts.data.is_empty() => write(stat, &rows.gather_stat(&ts.data)),
+                _ => write(stat, &ts.data),
+            }
         }
     }
 }
@@ -982,7 +987,7 @@ impl Block {
 
     /// What a backward call reads: x (`n` of `seq` rows), the weights,
     /// `d_out` (x's shape) and the residuals from the `saved` buffers (q, k,
-    /// v, o of the `n` rows; the statistic `[batch, heads, seq]`).
+    /// v, o and the statistic `[batch, heads, n]` of the `n` rows; `rows` places a rank's).
     ///
     /// # Safety
     /// As [`Block::x_rows`] and [`Block::weights`]; `d_out` holds x's
@@ -996,6 +1001,7 @@ impl Block {
         weights: &[(String, usize)],
         saved: SavedArgs,
         d_out: usize,
+        rows: Option<&RankRows>,
     ) -> PyResult<(
         mixc::runtime::block::BlockInputs,
         mixc::runtime::block::BlockWeights,
@@ -1020,7 +1026,12 @@ impl Block {
                 t(v, vec![batch, n, kvh, dv]),
                 t(o, vec![batch, n, h, dv]),
             ];
-            let stat = Tensor::new(vec![batch, h, seq], read::<f64>(stat, batch * h * seq));
+            // The statistic of the `n` rows (a rank's, placed back among all).
+            let stat_rows = view::<f64>(stat, batch * h * n);
+            let stat = match rows {
+                Some(rows) => rows.scatter_stat(stat_rows, batch, h),
+                None => Tensor::new(vec![batch, h, seq], stat_rows.to_vec()),
+            };
             let res = mixc::runtime::block::BlockResiduals::from_parts(&xi, parts, stat);
             Ok((xi, self.weights(weights)?, g, res))
         }
@@ -1139,7 +1150,7 @@ impl Block {
             })
             .map_err(runtime_err)?;
         // SAFETY: as `write_forward` requires (checked by the Python side).
-        unsafe { write_forward(out, &o, saved, res.as_ref()) };
+        unsafe { write_forward(out, &o, saved, res.as_ref(), None) };
         Ok(())
     }
 
@@ -1163,8 +1174,9 @@ impl Block {
     ) -> PyResult<()> {
         let (batch, seq) = lengths;
         // SAFETY: the documented contract, checked by the Python side.
-        let (xi, w, g, res) =
-            unsafe { self.backward_inputs((batch, seq, seq), x, &extras, &weights, saved, d_out)? };
+        let (xi, w, g, res) = unsafe {
+            self.backward_inputs((batch, seq, seq), x, &extras, &weights, saved, d_out, None)?
+        };
         let back = py
             .detach(|| self.inner.backward(&xi, &w, &res, &g))
             .map_err(runtime_err)?;
@@ -1178,7 +1190,7 @@ impl Block {
     /// (its positions under the block's sharding of `seq`, `lengths` =
     /// `(batch, seq)`), extras are whole. Writes the rank's rows of `out`
     /// and, given `saved`, what `backward_rank` needs: q, k, v, o of the
-    /// rank's rows, the statistic `[batch, heads, seq]` (whole).
+    /// rank's rows and the statistic `[batch, heads, n]` of its rows.
     #[pyo3(signature = (lengths, rank, ranks, transport, x, extras, weights, out, saved))]
     #[allow(clippy::too_many_arguments)]
     fn forward_rank(
@@ -1209,7 +1221,7 @@ impl Block {
             .detach(|| self.inner.forward_rank(&xi, &w, &rows, saved.is_some(), &t))
             .map_err(runtime_err)?;
         // SAFETY: as `write_forward` requires (checked by the Python side).
-        unsafe { write_forward(out, &o, saved, res.as_ref()) };
+        unsafe { write_forward(out, &o, saved, res.as_ref(), Some(&rows)) };
         Ok(())
     }
 
@@ -1238,8 +1250,17 @@ impl Block {
         let rows = RankRows::new(seq, ranks, rank, self.inner.sharding()).map_err(runtime_err)?;
         let n = rows.positions.len();
         // SAFETY: the documented contract, checked by the Python side.
-        let (xi, w, g, res) =
-            unsafe { self.backward_inputs((batch, n, seq), x, &extras, &weights, saved, d_out)? };
+        let (xi, w, g, res) = unsafe {
+            self.backward_inputs(
+                (batch, n, seq),
+                x,
+                &extras,
+                &weights,
+                saved,
+                d_out,
+                Some(&rows),
+            )?
+        };
         let t = group_transport(transport, rank, ranks);
         let back = py
             .detach(|| self.inner.backward_rank(&xi, &w, &res, &g, &rows, &t))

@@ -175,6 +175,28 @@ def run_compiled(rank, world):
     if not all(e < 1e-5 for e in errs.values()):
         raise AssertionError(f"rank {rank}/{world} compiled ring: {errs}")
 
+    # A block's ring (the op mixc::block_ring) too: x's and every weight's gradient.
+    text, bseq, _ = BLOCK_CASES[0]
+    block = mixc.Block(text, threads=1, block_rows=8)
+    x = mixc.shard(torch.randn(2, bseq, block.width, generator=gen), rank, world,
+                   sharding=block.info["sharding"])
+
+    def run_block(fn):
+        block.zero_grad()
+        xin = x.clone().requires_grad_()
+        fn(xin).square().sum().backward()
+        return [xin.grad] + [p.grad.clone() for _, p in sorted(block.named_parameters())]
+
+    def block_layer(xin):
+        return block(xin, group=dist.group.WORLD)
+
+    want = run_block(block_layer)
+    torch._dynamo.reset()
+    got = run_block(torch.compile(block_layer, fullgraph=True, backend="aot_eager"))
+    errs = [rel(g, w) for g, w in zip(got, want)]
+    if len(errs) != 10 or not all(e < 1e-5 for e in errs):
+        raise AssertionError(f"rank {rank}/{world} compiled block ring: {errs}")
+
 
 def main():
     rank, world, init = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
