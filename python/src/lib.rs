@@ -992,7 +992,7 @@ impl Block {
     /// # Safety
     /// As [`Block::x_rows`] and [`Block::weights`]; `d_out` holds x's
     /// element count of f32, each saved buffer its residual's.
-    #[allow(clippy::type_complexity)]
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     unsafe fn backward_inputs(
         &self,
         (batch, n, seq): (usize, usize, usize),
