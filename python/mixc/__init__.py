@@ -369,6 +369,37 @@ def _extra_args_of(inputs, extras):
     return args, keep
 
 
+def _extra_grad_buffers(info, extras):
+    """Zeroed f32 gradient buffers for the extra inputs, and (name, address)
+    of the differentiable ones' for the native call (`info`: a mixer's)."""
+    dex = [torch.zeros(t.shape, dtype=torch.float32) for t in extras]
+    diff = set(info["differentiable"])
+    return dex, [(i["name"], d.data_ptr()) for i, d in zip(info["inputs"], dex) if i["name"] in diff]
+
+
+def _as_inputs(dex, extras):
+    """The extra inputs' gradients in their inputs' dtypes (f32 for integer ones)."""
+    return [d.to(t.dtype) if t.is_floating_point() else d for d, t in zip(dex, extras)]
+
+
+def _extras_fake(extras):
+    """Fake gradients of the extra inputs (`_as_inputs`'s shapes and dtypes)."""
+    return [torch.empty(t.shape, dtype=t.dtype if t.is_floating_point() else torch.float32) for t in extras]
+
+
+def _differentiable_only(info, dex):
+    """The extras' gradients autograd gets: None for those without one."""
+    diff = set(info["differentiable"])
+    return [d if i["name"] in diff else None for i, d in zip(info["inputs"], dex)]
+
+
+def _mixer_grads_out(m, dq, dk, dv, dex):
+    """What a mixer op's autograd formula returns for q, k, v and the extras."""
+    if not m.info["reads_qk"]:
+        dq = dk = None
+    return dq, dk, dv, _differentiable_only(m.info, dex)
+
+
 def _out_shape(m, q, v):
     b, seq, _ = _lengths(m, q, v)
     return (b, seq, m.info["heads"], m.info["value_dim"])
@@ -410,24 +441,17 @@ def _mix_backward(handle: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     qc, kc, vc, oc, doc = _f32(q), _f32(k), _f32(v), _f32(o), _f32(d_o)
     statc = stat.detach().to(torch.float64).contiguous()
     args, keep = _extra_args(m, extras)
-    dq = torch.zeros(qc.shape, dtype=torch.float32)
-    dk = torch.zeros(kc.shape, dtype=torch.float32)
-    dv = torch.zeros(vc.shape, dtype=torch.float32)
-    dex = [torch.zeros(t.shape, dtype=torch.float32) for t in extras]
-    dex_args = [(i["name"], d.data_ptr()) for i, d in zip(m.info["inputs"], dex)
-                if i["name"] in m.info["differentiable"]]
+    dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32) for t in (qc, kc, vc))
+    dex, dex_args = _extra_grad_buffers(m.info, extras)
     m._m.backward((b, seq, kv_seq, q_offset), qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), args, oc.data_ptr(),
                   statc.data_ptr(), doc.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dex_args)
     del keep
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
-            [d.to(t.dtype) if t.is_floating_point() else d for d, t in zip(dex, extras)])
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _as_inputs(dex, extras)
 
 
 @_mix_backward.register_fake
 def _mix_backward_fake(handle, q, k, v, extras, q_offset, o, stat, d_o):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            [torch.empty(t.shape, dtype=t.dtype if t.is_floating_point() else torch.float32)
-             for t in extras])
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), _extras_fake(extras)
 
 
 def _setup_context(ctx, inputs, output):
@@ -444,10 +468,7 @@ def _backward(ctx, d_o, _d_stat):
     m = _MIXERS[ctx.handle]
     dq, dk, dv, dex = torch.ops.mixc.mix_backward(ctx.handle, q, k, v, list(extras), ctx.q_offset, o, stat,
                                                   d_o.contiguous())
-    diff = set(m.info["differentiable"])
-    dex = [d if i["name"] in diff else None for i, d in zip(m.info["inputs"], dex)]
-    if not m.info["reads_qk"]:
-        dq = dk = None
+    dq, dk, dv, dex = _mixer_grads_out(m, dq, dk, dv, dex)
     return None, dq, dk, dv, dex, None
 
 
@@ -490,15 +511,12 @@ def _mix_varlen_backward(handle: int, q: torch.Tensor, k: torch.Tensor, v: torch
     statc = stat.detach().to(torch.float64).contiguous()
     args, keep = _extra_args(m, extras)
     dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32) for t in (qc, kc, vc))
-    dex = [torch.zeros(t.shape, dtype=torch.float32) for t in extras]
-    dex_args = [(i["name"], d.data_ptr()) for i, d in zip(m.info["inputs"], dex)
-                if i["name"] in m.info["differentiable"]]
+    dex, dex_args = _extra_grad_buffers(m.info, extras)
     m._m.backward_varlen(cu_q.tolist(), cu_k.tolist(), qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), args,
                          oc.data_ptr(), statc.data_ptr(), doc.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
                          dex_args)
     del keep
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
-            [d.to(t.dtype) if t.is_floating_point() else d for d, t in zip(dex, extras)])
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _as_inputs(dex, extras)
 
 
 @_mix_varlen_backward.register_fake
@@ -519,10 +537,7 @@ def _backward_varlen(ctx, d_o, _d_stat):
     m = _MIXERS[ctx.handle]
     dq, dk, dv, dex = torch.ops.mixc.mix_varlen_backward(ctx.handle, q, k, v, list(extras), cu_q, cu_k, o, stat,
                                                          d_o.contiguous())
-    diff = set(m.info["differentiable"])
-    dex = [d if i["name"] in diff else None for i, d in zip(m.info["inputs"], dex)]
-    if not m.info["reads_qk"]:
-        dq = dk = None
+    dq, dk, dv, dex = _mixer_grads_out(m, dq, dk, dv, dex)
     return None, dq, dk, dv, dex, None, None
 
 
@@ -670,30 +685,50 @@ def _block_backward(handle: int, x: torch.Tensor, extras: list[torch.Tensor], we
                     saved: list[torch.Tensor], d_out: torch.Tensor
                     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     block = _BLOCKS[handle]
-    minfo = block.info["mixer"]
-    xc = _f32(x)
-    ws = [_f32(w) for w in weights]
-    args, keep = _extra_args_of(minfo["inputs"], extras)
-    sv = [t.detach().contiguous() for t in saved]
-    g = _f32(d_out)
-    dx = torch.empty_like(xc)
-    dws = [torch.empty_like(w) for w in ws]
-    dex = [torch.zeros(t.shape, dtype=torch.float32) for t in extras]
-    diff = set(minfo["differentiable"])
-    named = [(n, w.data_ptr()) for n, w in zip(block._names, ws)]
-    dnamed = [(n, d.data_ptr()) for n, d in zip(block._names, dws)]
-    dex_named = [(i["name"], d.data_ptr()) for i, d in zip(minfo["inputs"], dex) if i["name"] in diff]
-    block._b.backward((xc.shape[0], xc.shape[1]), xc.data_ptr(), args, named, tuple(t.data_ptr() for t in sv),
-                      g.data_ptr(), dx.data_ptr(), dnamed, dex_named)
-    del keep
-    return (dx.to(x.dtype), [d.to(w.dtype) for d, w in zip(dws, weights)],
-            [d.to(t.dtype) if t.is_floating_point() else d for d, t in zip(dex, extras)])
+    c = _BlockBackwardCall(block, x, extras, weights, saved, d_out)
+    block._b.backward((c.xc.shape[0], c.xc.shape[1]), *c.args())
+    return c.results(x, extras, weights)
+
+
+class _BlockBackwardCall:
+    """The buffers of a block backward call (the plain one and a rank's):
+    f32 inputs, gradient buffers, and their addresses in the native
+    call's order after the lengths (and the rank's transport)."""
+
+    def __init__(self, block, x, extras, weights, saved, d_out):
+        minfo = block.info["mixer"]
+        self.xc, self.g = _f32(x), _f32(d_out)
+        self.ws = [_f32(w) for w in weights]
+        self.extra_args, self.keep = _extra_args_of(minfo["inputs"], extras)
+        self.sv = [t.detach().contiguous() for t in saved]
+        self.dx = torch.empty_like(self.xc)
+        self.dws = [torch.zeros_like(w) for w in self.ws]
+        self.dex, self.dex_named = _extra_grad_buffers(minfo, extras)
+        self.names = block._names
+
+    def args(self):
+        return (self.xc.data_ptr(), self.extra_args, [(n, w.data_ptr()) for n, w in zip(self.names, self.ws)],
+                tuple(t.data_ptr() for t in self.sv), self.g.data_ptr(), self.dx.data_ptr(),
+                [(n, d.data_ptr()) for n, d in zip(self.names, self.dws)], self.dex_named)
+
+    def results(self, x, extras, weights):
+        return (self.dx.to(x.dtype), [d.to(w.dtype) for d, w in zip(self.dws, weights)],
+                _as_inputs(self.dex, extras))
 
 
 @_block_backward.register_fake
 def _block_backward_fake(handle, x, extras, weights, saved, d_out):
-    return (torch.empty_like(x), [torch.empty_like(w) for w in weights],
-            [torch.empty(t.shape, dtype=t.dtype if t.is_floating_point() else torch.float32) for t in extras])
+    return torch.empty_like(x), [torch.empty_like(w) for w in weights], _extras_fake(extras)
+
+
+def _block_saved(ctx):
+    """x, extras, weights and the residuals a block op's context kept."""
+    if not ctx.train:
+        raise RuntimeError("mixc: this block ran without keeping what its backward needs "
+                           "(no input or parameter required grad when it was called)")
+    x, *rest = ctx.saved_tensors
+    e, w = ctx.n_extra, ctx.n_weights
+    return x, list(rest[:e]), list(rest[e:e + w]), list(rest[e + w:])
 
 
 def _setup_block(ctx, inputs, output):
@@ -706,18 +741,9 @@ def _setup_block(ctx, inputs, output):
 
 
 def _backward_block(ctx, d_out, _d_saved):
-    if not ctx.train:
-        raise RuntimeError("mixc: this block ran without keeping what its backward needs "
-                           "(no input or parameter required grad when it was called)")
-    x, *rest = ctx.saved_tensors
-    extras = rest[:ctx.n_extra]
-    weights = rest[ctx.n_extra:ctx.n_extra + ctx.n_weights]
-    saved = rest[ctx.n_extra + ctx.n_weights:]
-    block = _BLOCKS[ctx.handle]
-    dx, dws, dex = torch.ops.mixc.block_backward(ctx.handle, x, list(extras), list(weights), list(saved),
-                                                 d_out.contiguous())
-    diff = set(block.info["mixer"]["differentiable"])
-    dex = [d if i["name"] in diff else None for i, d in zip(block.info["mixer"]["inputs"], dex)]
+    x, extras, weights, saved = _block_saved(ctx)
+    dx, dws, dex = torch.ops.mixc.block_backward(ctx.handle, x, extras, weights, saved, d_out.contiguous())
+    dex = _differentiable_only(_BLOCKS[ctx.handle].info["mixer"], dex)
     return None, dx, dex, dws, None
 
 

@@ -142,7 +142,7 @@ def _mix_ring_fake(handle, group, q, k, v, extras, train):
 def _mix_ring_backward(handle: int, group: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        extras: list[torch.Tensor], o: torch.Tensor, stat: torch.Tensor, d_o: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    from . import _MIXERS, _extra_args, _f32
+    from . import _MIXERS, _as_inputs, _extra_args, _extra_grad_buffers, _f32
 
     m, pg = _MIXERS[handle], _group(group)
     b, n = v.shape[0], v.shape[1]
@@ -152,9 +152,8 @@ def _mix_ring_backward(handle: int, group: str, q: torch.Tensor, k: torch.Tensor
     statc = stat.detach().to(torch.float64).contiguous()
     args, keep = _extra_args(m, extras)
     dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32) for t in (qc, kc, vc))
-    dex = [torch.zeros(t.shape, dtype=torch.float32) for t in extras]
+    dex, dex_args = _extra_grad_buffers(m.info, extras)
     diff = set(m.info["differentiable"])
-    dex_args = [(i["name"], d.data_ptr()) for i, d in zip(m.info["inputs"], dex) if i["name"] in diff]
     try:
         m._m.backward_rank((b, seq), transport.rank, transport.world, transport, qc.data_ptr(),
                            kc.data_ptr(), vc.data_ptr(), args, oc.data_ptr(), statc.data_ptr(),
@@ -166,15 +165,14 @@ def _mix_ring_backward(handle: int, group: str, q: torch.Tensor, k: torch.Tensor
     for i, d in zip(m.info["inputs"], dex):
         if i["name"] in diff:
             dist.all_reduce(d, group=pg)
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
-            [d.to(t.dtype) if t.is_floating_point() else d for d, t in zip(dex, extras)])
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _as_inputs(dex, extras)
 
 
 @_mix_ring_backward.register_fake
 def _mix_ring_backward_fake(handle, group, q, k, v, extras, o, stat, d_o):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            [torch.empty(t.shape, dtype=t.dtype if t.is_floating_point() else torch.float32)
-             for t in extras])
+    from . import _mix_backward_fake
+
+    return _mix_backward_fake(handle, q, k, v, extras, 0, o, stat, d_o)
 
 
 def _setup_ring(ctx, inputs, output):
@@ -185,19 +183,15 @@ def _setup_ring(ctx, inputs, output):
 
 
 def _backward_ring(ctx, d_o, _d_stat):
-    from . import _MIXERS
+    from . import _MIXERS, _mixer_grads_out
 
     if not ctx.train:
         raise RuntimeError("mixc: this ring call ran without keeping what its backward needs "
                            "(no input required grad when it was called)")
     q, k, v, o, stat, *extras = ctx.saved_tensors
-    m = _MIXERS[ctx.handle]
     dq, dk, dv, dex = torch.ops.mixc.mix_ring_backward(ctx.handle, ctx.group, q, k, v, list(extras), o, stat,
                                                        d_o.contiguous())
-    diff = set(m.info["differentiable"])
-    dex = [d if i["name"] in diff else None for i, d in zip(m.info["inputs"], dex)]
-    if not m.info["reads_qk"]:
-        dq = dk = None
+    dq, dk, dv, dex = _mixer_grads_out(_MIXERS[ctx.handle], dq, dk, dv, dex)
     return None, None, dq, dk, dv, dex, None
 
 
@@ -260,44 +254,31 @@ def _block_ring_fake(handle, group, x, extras, weights, train):
 def _block_ring_backward(handle: int, group: str, x: torch.Tensor, extras: list[torch.Tensor],
                          weights: list[torch.Tensor], saved: list[torch.Tensor], d_out: torch.Tensor
                          ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    from . import _BLOCKS, _extra_args_of, _f32
+    from . import _BLOCKS, _BlockBackwardCall
 
     block, pg = _BLOCKS[handle], _group(group)
-    minfo = block.info["mixer"]
     seq = _seq_of(x.shape[1], pg)
     transport = _GroupTransport(pg)
-    xc, g = _f32(x), _f32(d_out)
-    ws = [_f32(w) for w in weights]
-    sv = [t.detach().contiguous() for t in saved]
-    args, keep = _extra_args_of(minfo["inputs"], extras)
-    dx = torch.empty_like(xc)
-    dws = [torch.zeros_like(w) for w in ws]
-    diff = set(minfo["differentiable"])
-    dex = [torch.zeros(t.shape, dtype=torch.float32) for t in extras]
-    named = [(name, w.data_ptr()) for name, w in zip(block._names, ws)]
-    dnamed = [(name, d.data_ptr()) for name, d in zip(block._names, dws)]
-    dex_named = [(i["name"], d.data_ptr()) for i, d in zip(minfo["inputs"], dex) if i["name"] in diff]
+    c = _BlockBackwardCall(block, x, extras, weights, saved, d_out)
     try:
-        block._b.backward_rank((xc.shape[0], seq), transport.rank, transport.world, transport, xc.data_ptr(),
-                               args, named, tuple(t.data_ptr() for t in sv), g.data_ptr(), dx.data_ptr(),
-                               dnamed, dex_named)
+        block._b.backward_rank((c.xc.shape[0], seq), transport.rank, transport.world, transport, *c.args())
     finally:
         transport.finish()
-    del keep
     # Each rank holds its part of the weights' (and whole extras') gradients.
-    for d in dws:
+    diff = set(block.info["mixer"]["differentiable"])
+    for d in c.dws:
         dist.all_reduce(d, group=pg)
-    for i, d in zip(minfo["inputs"], dex):
+    for i, d in zip(block.info["mixer"]["inputs"], c.dex):
         if i["name"] in diff:
             dist.all_reduce(d, group=pg)
-    return (dx.to(x.dtype), [d.to(w.dtype) for d, w in zip(dws, weights)],
-            [d.to(t.dtype) if t.is_floating_point() else d for d, t in zip(dex, extras)])
+    return c.results(x, extras, weights)
 
 
 @_block_ring_backward.register_fake
 def _block_ring_backward_fake(handle, group, x, extras, weights, saved, d_out):
-    return (torch.empty_like(x), [torch.empty_like(w) for w in weights],
-            [torch.empty(t.shape, dtype=t.dtype if t.is_floating_point() else torch.float32) for t in extras])
+    from . import _block_backward_fake
+
+    return _block_backward_fake(handle, x, extras, weights, saved, d_out)
 
 
 def _setup_block_ring(ctx, inputs, output):
@@ -309,20 +290,12 @@ def _setup_block_ring(ctx, inputs, output):
 
 
 def _backward_block_ring(ctx, d_out, _d_saved):
-    from . import _BLOCKS
+    from . import _BLOCKS, _block_saved, _differentiable_only
 
-    if not ctx.train:
-        raise RuntimeError("mixc: this block ran without keeping what its backward needs "
-                           "(no input or parameter required grad when it was called)")
-    x, *rest = ctx.saved_tensors
-    extras = rest[:ctx.n_extra]
-    weights = rest[ctx.n_extra:ctx.n_extra + ctx.n_weights]
-    saved = rest[ctx.n_extra + ctx.n_weights:]
-    minfo = _BLOCKS[ctx.handle].info["mixer"]
-    dx, dws, dex = torch.ops.mixc.block_ring_backward(ctx.handle, ctx.group, x, list(extras), list(weights),
-                                                      list(saved), d_out.contiguous())
-    diff = set(minfo["differentiable"])
-    dex = [d if i["name"] in diff else None for i, d in zip(minfo["inputs"], dex)]
+    x, extras, weights, saved = _block_saved(ctx)
+    dx, dws, dex = torch.ops.mixc.block_ring_backward(ctx.handle, ctx.group, x, extras, weights, saved,
+                                                      d_out.contiguous())
+    dex = _differentiable_only(_BLOCKS[ctx.handle].info["mixer"], dex)
     return None, None, dx, dex, dws, None
 
 
