@@ -108,6 +108,11 @@ def tune(spec, seq, *, batch=1, backward=False, budget=10.0, reps=3, force=False
 class Mixer:
     """A spec compiled once for the CPU backend; call it on torch tensors.
 
+    `dtype` (`"f32"`, `"bf16"`, `"f16"` or the torch dtype; default: the
+    tensors') is the storage type the mixer computes on: inputs of another
+    dtype are rounded to it first, and `"bf16"` takes bf16 products on CPUs
+    that have them (f32 tensors included), `"f32"` keeps f32 products for
+    bf16 tensors. The output keeps the inputs' dtype.
     `threads` (default: every core) and `ranks` (ring ranks inside this
     process; the result does not depend on it) are the CPU backend's.
     `device="reference"` runs the f64 reference evaluator (slow; for tests).
@@ -121,10 +126,11 @@ class Mixer:
     `torch.distributed` group, forward and backward.
     """
 
-    def __init__(self, spec, *, threads=None, ranks=1, device="cpu", sharding=None, config=None):
+    def __init__(self, spec, *, dtype=None, threads=None, ranks=1, device="cpu", sharding=None, config=None):
         text, origin = _spec_source(spec)
         if config is not None and not isinstance(config, dict):
             raise TypeError(f"config must be a dict of CPU tiles (block_m, block_n, chunk), not {config!r}")
+        self.dtype = _storage_dtype(dtype)
         self._m = _mixc.Mixer(text, origin, device, threads, ranks, sharding, config)
         self.info = dict(self._m.info)
         self.name = self.info["name"]
@@ -133,6 +139,20 @@ class Mixer:
 
     def __repr__(self):
         return repr(self._m)
+
+    def _qkv(self, q, k, v):
+        """q, k and v as f32 holding this call's storage type's values (the
+        mixer's `dtype`, else the tensors'), and whether the CPU may take
+        bf16 products (bf16 storage)."""
+        storage = self.dtype or v.dtype
+
+        def f32(t):
+            t = t.detach()
+            if t.dtype != storage and storage in (torch.bfloat16, torch.float16):
+                t = t.to(storage)
+            return t.to(torch.float32).contiguous()
+
+        return f32(q), f32(k), f32(v), storage == torch.bfloat16
 
     def forward_state(self, q, k, v, state=None, **extra):
         """A forward of a causal linear, retention or gated mixer that
@@ -158,7 +178,7 @@ class Mixer:
             _expect("state s", state[0], (b, h, dk, dv))
             _expect("state z", state[1], (b, h, dk))
             sin = tuple(_f32(t) for t in state)
-        qc, kc, vc = _f32(q), _f32(k), _f32(v)
+        qc, kc, vc, _ = self._qkv(q, k, v)
         args, keep = _extra_args(self, extras)
         o = torch.empty((b, n, h, dv), dtype=torch.float32)
         s_out = torch.empty((b, h, dk, dv), dtype=torch.float32)
@@ -337,13 +357,26 @@ def _paged_call(m, q, k, v, extras, block_table, seq_lens):
                                       "give inputs without a `seq` axis (tables, one entry per row)")
         shape = [len(lens) if d == "batch" else d for d in spec_in["dims"]]
         _expect(spec_in["name"], t, shape, spec_in["dtype"])
-    qc, kc, vc = _f32(q), _f32(k), _f32(v)
+    qc, kc, vc, bf16 = m._qkv(q, k, v)
     args, keep = _extra_args(m, extras)
     o = torch.empty((len(lens), q.shape[1], info["heads"], info["value_dim"]), dtype=torch.float32)
     m._m.forward_paged(qc.data_ptr(), q.shape[1], kc.data_ptr(), vc.data_ptr(), pages, page_size, bt.data_ptr(),
-                       bt.shape[1], lens, args, o.data_ptr(), bf16=v.dtype == torch.bfloat16)
+                       bt.shape[1], lens, args, o.data_ptr(), bf16=bf16)
     del keep
     return o.to(v.dtype)
+
+
+_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def _storage_dtype(dtype):
+    """`Mixer(dtype=)`: None (the tensors' dtype decides), or f32 / bf16 /
+    f16 as a name or a torch dtype."""
+    if dtype is None or dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype must be None, 'f32', 'bf16', 'f16' or the torch dtype, not {dtype!r}")
 
 
 def _f32(t):
@@ -415,13 +448,13 @@ def _mix(handle: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
          extras: list[torch.Tensor], q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     m = _MIXERS[handle]
     b, seq, kv_seq = _lengths(m, q, v)
-    qc, kc, vc = _f32(q), _f32(k), _f32(v)
+    qc, kc, vc, bf16 = m._qkv(q, k, v)
     args, keep = _extra_args(m, extras)
     o = torch.empty(_out_shape(m, q, v), dtype=torch.float32)
     stat = torch.zeros(_stat_shape(m, q, v), dtype=torch.float64)
-    # bf16 tensors (all three share one dtype): bf16 tile products where the CPU has them.
+    # bf16 storage: bf16 tile products where the CPU has them.
     m._m.forward((b, seq, kv_seq, q_offset), qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), args,
-                 o.data_ptr(), stat.data_ptr(), bf16=v.dtype == torch.bfloat16)
+                 o.data_ptr(), stat.data_ptr(), bf16=bf16)
     del keep
     return o.to(v.dtype), stat
 
@@ -438,7 +471,7 @@ def _mix_backward(handle: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                   d_o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     m = _MIXERS[handle]
     b, seq, kv_seq = _lengths(m, q, v)
-    qc, kc, vc, oc, doc = _f32(q), _f32(k), _f32(v), _f32(o), _f32(d_o)
+    (qc, kc, vc, _), oc, doc = m._qkv(q, k, v), _f32(o), _f32(d_o)
     statc = stat.detach().to(torch.float64).contiguous()
     args, keep = _extra_args(m, extras)
     dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32) for t in (qc, kc, vc))
@@ -458,6 +491,9 @@ def _setup_context(ctx, inputs, output):
     handle, q, k, v, extras, q_offset = inputs
     o, stat = output
     ctx.handle = handle
+    # A strong reference: the backward finds the handle's object even when
+    # the caller's was a temporary.
+    ctx.owner = _MIXERS[handle]
     ctx.q_offset = q_offset
     ctx.n_extra = len(extras)
     ctx.save_for_backward(q, k, v, o, stat, *extras)
@@ -483,13 +519,13 @@ def _packed_out_shape(m, q, v, cu_q):
 def _mix_varlen(handle: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extras: list[torch.Tensor],
                 cu_q: torch.Tensor, cu_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m = _MIXERS[handle]
-    qc, kc, vc = _f32(q), _f32(k), _f32(v)
+    qc, kc, vc, bf16 = m._qkv(q, k, v)
     args, keep = _extra_args(m, extras)
     shape = _packed_out_shape(m, q, v, cu_q)
     o = torch.empty(shape, dtype=torch.float32)
     stat = torch.zeros((1, m.info["heads"], shape[1]), dtype=torch.float64)
     m._m.forward_varlen(cu_q.tolist(), cu_k.tolist(), qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), args,
-                        o.data_ptr(), stat.data_ptr(), bf16=v.dtype == torch.bfloat16)
+                        o.data_ptr(), stat.data_ptr(), bf16=bf16)
     del keep
     return o.to(v.dtype), stat
 
@@ -507,7 +543,7 @@ def _mix_varlen_backward(handle: int, q: torch.Tensor, k: torch.Tensor, v: torch
                          stat: torch.Tensor, d_o: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     m = _MIXERS[handle]
-    qc, kc, vc, oc, doc = _f32(q), _f32(k), _f32(v), _f32(o), _f32(d_o)
+    (qc, kc, vc, _), oc, doc = m._qkv(q, k, v), _f32(o), _f32(d_o)
     statc = stat.detach().to(torch.float64).contiguous()
     args, keep = _extra_args(m, extras)
     dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32) for t in (qc, kc, vc))
@@ -528,6 +564,9 @@ def _setup_varlen(ctx, inputs, output):
     handle, q, k, v, extras, cu_q, cu_k = inputs
     o, stat = output
     ctx.handle = handle
+    # A strong reference: the backward finds the handle's object even when
+    # the caller's was a temporary.
+    ctx.owner = _MIXERS[handle]
     ctx.n_extra = len(extras)
     ctx.save_for_backward(q, k, v, o, stat, cu_q, cu_k, *extras)
 
@@ -736,6 +775,9 @@ def _setup_block(ctx, inputs, output):
     _, saved = output
     ctx.train = train
     ctx.handle = handle
+    # A strong reference: the backward finds the handle's object even when
+    # the caller's was a temporary.
+    ctx.owner = _BLOCKS[handle]
     ctx.n_extra, ctx.n_weights = len(extras), len(weights)
     ctx.save_for_backward(x, *extras, *weights, *saved)
 

@@ -107,21 +107,21 @@ def _ring_seq(m, group, b, n, extras):
 @torch.library.custom_op("mixc::mix_ring", mutates_args=())
 def _mix_ring(handle: int, group: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               extras: list[torch.Tensor], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from . import _MIXERS, _extra_args, _f32
+    from . import _MIXERS, _extra_args
 
     m, pg = _MIXERS[handle], _group(group)
     b, n = v.shape[0], v.shape[1]
     seq = _ring_seq(m, pg, b, n, extras)
     transport = _GroupTransport(pg)
     info = m.info
-    qc, kc, vc = _f32(q), _f32(k), _f32(v)
+    qc, kc, vc, bf16 = m._qkv(q, k, v)
     args, keep = _extra_args(m, extras)
     o = torch.empty((b, n, info["heads"], info["value_dim"]), dtype=torch.float32)
     stat = torch.zeros((b, info["heads"], n) if train else (0,), dtype=torch.float64)
     try:
         m._m.forward_rank((b, seq), transport.rank, transport.world, transport, qc.data_ptr(),
                           kc.data_ptr(), vc.data_ptr(), args, o.data_ptr(),
-                          stat.data_ptr() if train else None, bf16=v.dtype == torch.bfloat16)
+                          stat.data_ptr() if train else None, bf16=bf16)
     finally:
         transport.finish()
     del keep
@@ -148,7 +148,7 @@ def _mix_ring_backward(handle: int, group: str, q: torch.Tensor, k: torch.Tensor
     b, n = v.shape[0], v.shape[1]
     seq = _seq_of(n, pg)
     transport = _GroupTransport(pg)
-    qc, kc, vc, oc, doc = _f32(q), _f32(k), _f32(v), _f32(o), _f32(d_o)
+    (qc, kc, vc, _), oc, doc = m._qkv(q, k, v), _f32(o), _f32(d_o)
     statc = stat.detach().to(torch.float64).contiguous()
     args, keep = _extra_args(m, extras)
     dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32) for t in (qc, kc, vc))
@@ -176,9 +176,12 @@ def _mix_ring_backward_fake(handle, group, q, k, v, extras, o, stat, d_o):
 
 
 def _setup_ring(ctx, inputs, output):
+    from . import _MIXERS
+
     handle, group, q, k, v, extras, train = inputs
     o, stat = output
     ctx.handle, ctx.group, ctx.train = handle, group, train
+    ctx.owner = _MIXERS[handle]  # the backward finds it even for a temporary mixer
     ctx.save_for_backward(q, k, v, o, stat, *extras)
 
 
@@ -282,9 +285,12 @@ def _block_ring_backward_fake(handle, group, x, extras, weights, saved, d_out):
 
 
 def _setup_block_ring(ctx, inputs, output):
+    from . import _BLOCKS
+
     handle, group, x, extras, weights, train = inputs
     _, saved = output
     ctx.handle, ctx.group, ctx.train = handle, group, train
+    ctx.owner = _BLOCKS[handle]  # the backward finds it even for a temporary block
     ctx.n_extra, ctx.n_weights = len(extras), len(weights)
     ctx.save_for_backward(x, *extras, *weights, *saved)
 
