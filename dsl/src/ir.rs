@@ -1324,6 +1324,18 @@ pub enum ShapeError {
     Decay { heads: u32, head: u32, gamma: f64 },
 }
 
+/// What a parsed spec always satisfies and a hand-built `MixerSpec` may
+/// break ([`MixerSpec::check_invariants`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvariantError {
+    #[error("mixer `{0}`: {1}")]
+    Shape(String, ShapeError),
+    #[error("mixer `{0}`: decay and filter scores need a mask that implies causal (j <= i)")]
+    NeedsCausal(String),
+    #[error("mixer `{0}`: reads input `{1}` that it does not declare")]
+    Undeclared(String, String),
+}
+
 impl MixerSpec {
     /// The spec with other head counts or widths (`shape`), one spec file
     /// serving a small test and a model-sized run: the spec's arithmetic
@@ -1346,12 +1358,7 @@ impl MixerSpec {
             None if self.value_dim == self.head_dim => s.head_dim,
             None => self.value_dim,
         };
-        if !s.heads.is_multiple_of(s.kv_heads) {
-            return Err(ShapeError::KvHeads {
-                heads: s.heads,
-                kv_heads: s.kv_heads,
-            });
-        }
+        s.check_shape()?;
         if let Decay::PerHead(gamma) = &s.decay {
             let lookup = |_: &str, _: &[i64]| 0.0;
             for h in 0..s.heads {
@@ -1373,6 +1380,66 @@ impl MixerSpec {
             };
         }
         Ok(s)
+    }
+
+    /// Head counts and widths within the language's limits, `kv_heads`
+    /// dividing `heads`.
+    fn check_shape(&self) -> Result<(), ShapeError> {
+        let (heads, dims) = (crate::check::MAX_HEADS, crate::check::MAX_HEAD_DIM);
+        for (key, value, max) in [
+            ("heads", self.heads, heads),
+            ("kv_heads", self.kv_heads, heads),
+            ("head_dim", self.head_dim, dims),
+            ("value_dim", self.value_dim, dims),
+        ] {
+            if value == 0 || u64::from(value) > max {
+                return Err(ShapeError::OutOfRange {
+                    key: key.to_string(),
+                    value: u64::from(value),
+                    max,
+                });
+            }
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(ShapeError::KvHeads {
+                heads: self.heads,
+                kv_heads: self.kv_heads,
+            });
+        }
+        Ok(())
+    }
+
+    /// What validation guarantees for parsed specs but a hand-built one may
+    /// break, checked by every backend before it indexes anything: the
+    /// shape ([`MixerSpec::with_shape`]'s limits), decay and filter scores
+    /// under a mask that implies causal, every input read declared.
+    pub fn check_invariants(&self) -> Result<(), InvariantError> {
+        let name = || self.name.clone();
+        self.check_shape()
+            .map_err(|e| InvariantError::Shape(name(), e))?;
+        let causal_only =
+            !matches!(self.decay, Decay::None) || matches!(self.score, Score::Filter { .. });
+        if causal_only && !self.mask.implies_causal() {
+            return Err(InvariantError::NeedsCausal(name()));
+        }
+        let mut read = Vec::new();
+        for e in [&self.bias, &self.transform].into_iter().flatten() {
+            e.inputs_read(&mut read);
+        }
+        match &self.decay {
+            Decay::PerHead(e) => e.inputs_read(&mut read),
+            Decay::Gate { input } => read.push(input.clone()),
+            Decay::None => {}
+        }
+        if let Score::Filter { input } = &self.score {
+            read.push(input.clone());
+        }
+        self.mask.segment_inputs(&mut read);
+        self.mask.inputs_read(&mut read);
+        match read.into_iter().find(|n| self.input(n).is_none()) {
+            Some(input) => Err(InvariantError::Undeclared(name(), input)),
+            None => Ok(()),
+        }
     }
 
     /// Query heads per kv head.

@@ -39,6 +39,7 @@ fn runtime_err(e: mixc::Error) -> PyErr {
         }
         E::Unsupported { .. } | E::NoGpu { .. } => PyNotImplementedError::new_err(e.to_string()),
         E::Spec(m) => SpecError::new_err(m),
+        E::SpecInvariant(i) => SpecError::new_err(i.to_string()),
         e => PyRuntimeError::new_err(e.to_string()),
     }
 }

@@ -20,6 +20,9 @@ pub enum RuntimeError {
     /// `file:line:col` diagnostics.
     #[error("{0}")]
     Spec(String),
+    /// A hand-built spec breaks what validation guarantees.
+    #[error(transparent)]
+    SpecInvariant(#[from] mixc_dsl::InvariantError),
     /// No GPU the CUDA backend can use, and why.
     #[error("CUDA backend unavailable: {reason}")]
     NoGpu { reason: String },

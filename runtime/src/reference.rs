@@ -86,37 +86,7 @@ pub fn evaluate_with_lse(
 /// parsed specs but hand-built `MixerSpec` values may break; failing here
 /// beats indexing out of range later.
 fn check_spec(spec: &MixerSpec) -> Result<()> {
-    let invalid = |m: String| Err(RuntimeError::Invalid(format!("mixer `{}`: {m}", spec.name)));
-    if spec.kv_heads == 0 || !spec.heads.is_multiple_of(spec.kv_heads) {
-        return invalid(format!(
-            "kv_heads = {} must divide heads = {}",
-            spec.kv_heads, spec.heads
-        ));
-    }
-    let decays = !matches!(spec.decay, Decay::None);
-    let filters = matches!(spec.score, Score::Filter { .. });
-    if (decays || filters) && !spec.mask.implies_causal() {
-        return invalid(
-            "decay and filter scores are only defined for causal masks (j <= i)".into(),
-        );
-    }
-    let mut read = Vec::new();
-    for e in [&spec.bias, &spec.transform].into_iter().flatten() {
-        e.inputs_read(&mut read);
-    }
-    match &spec.decay {
-        Decay::PerHead(e) => e.inputs_read(&mut read),
-        Decay::Gate { input } => read.push(input.clone()),
-        Decay::None => {}
-    }
-    if let Score::Filter { input } = &spec.score {
-        read.push(input.clone());
-    }
-    spec.mask.segment_inputs(&mut read);
-    if let Some(name) = read.iter().find(|n| spec.input(n).is_none()) {
-        return invalid(format!("reads input `{name}` that it does not declare"));
-    }
-    Ok(())
+    Ok(spec.check_invariants()?)
 }
 
 /// Evaluates the listed rows and heads; returns (output, lse). The lse is

@@ -646,7 +646,9 @@ fn bad_inputs_are_errors_not_panics() {
     s3.mask = Mask::All;
     assert!(matches!(
         evaluate(&s3, &good),
-        Err(RuntimeError::Invalid(_))
+        Err(RuntimeError::SpecInvariant(
+            mixc_dsl::InvariantError::NeedsCausal(_)
+        ))
     ));
     // Non-finite values.
     let mut inp = good.clone();

@@ -650,43 +650,7 @@ pub fn supports(spec: &MixerSpec) -> std::result::Result<(), String> {
 /// What validation guarantees for parsed specs but hand-built ones may break;
 /// checked so a bad spec is an error, not an out-of-range panic.
 fn check_spec(spec: &MixerSpec) -> Result<()> {
-    let bad = |m: String| Err(RuntimeError::Invalid(format!("mixer `{}`: {m}", spec.name)));
-    if spec.heads == 0 || spec.kv_heads == 0 || !spec.heads.is_multiple_of(spec.kv_heads) {
-        return bad(format!(
-            "kv_heads = {} must divide heads = {}",
-            spec.kv_heads, spec.heads
-        ));
-    }
-    // The tile kernels split rows by these widths.
-    if spec.head_dim == 0 || spec.value_dim == 0 {
-        return bad(format!(
-            "head_dim = {} and value_dim = {} must be at least 1",
-            spec.head_dim, spec.value_dim
-        ));
-    }
-    let causal_only =
-        !matches!(spec.decay, Decay::None) || matches!(spec.score, Score::Filter { .. });
-    if causal_only && !spec.mask.implies_causal() {
-        return bad("decay and filter scores need a mask that implies causal".into());
-    }
-    let mut read = Vec::new();
-    for e in [&spec.bias, &spec.transform].into_iter().flatten() {
-        e.inputs_read(&mut read);
-    }
-    match &spec.decay {
-        Decay::PerHead(e) => e.inputs_read(&mut read),
-        Decay::Gate { input } => read.push(input.clone()),
-        Decay::None => {}
-    }
-    if let Score::Filter { input } = &spec.score {
-        read.push(input.clone());
-    }
-    spec.mask.segment_inputs(&mut read);
-    spec.mask.inputs_read(&mut read);
-    if let Some(name) = read.iter().find(|n| spec.input(n).is_none()) {
-        return bad(format!("reads input `{name}` that it does not declare"));
-    }
-    Ok(())
+    Ok(spec.check_invariants()?)
 }
 
 /// Read-only state shared by every rank of one run.
