@@ -264,6 +264,14 @@ def _expect(name, t, shape, dtype=None):
         raise TypeError(f"`{name}` holds {t.dtype}, expected a floating-point tensor")
 
 
+def _expect_extras(inputs, extras, batch, seq):
+    """Each extra input has its declared shape (`batch` and `seq` axes bound)
+    and dtype; `inputs` is a mixer info's."""
+    for spec_in, t in zip(inputs, extras):
+        shape = [batch if d == "batch" else seq if d == "seq" else d for d in spec_in["dims"]]
+        _expect(spec_in["name"], t, shape, spec_in["dtype"])
+
+
 def _lengths(m, q, v):
     """(batch, seq, kv_seq): queries from q (from v for the convolution
     family, which reads no q), keys from v."""
@@ -284,9 +292,7 @@ def _validate(m, q, k, v, extras, q_offset):
         _expect("q", q, (b, seq, h, dk))
         _expect("k", k, (b, kv_seq, kvh, dk))
     _expect("v", v, (b, kv_seq, kvh, dv))
-    for spec_in, t in zip(info["inputs"], extras):
-        shape = [b if d == "batch" else kv_seq if d == "seq" else d for d in spec_in["dims"]]
-        _expect(spec_in["name"], t, shape, spec_in["dtype"])
+    _expect_extras(info["inputs"], extras, b, kv_seq)
     for name, t in (("q", q), ("k", k)):
         if info["reads_qk"] and t.dtype != v.dtype:
             raise TypeError(f"`{name}` holds {t.dtype} but `v` holds {v.dtype}")
@@ -667,9 +673,7 @@ class Block(torch.nn.Module):
         if group is None:
             # (With a group, the whole sequence's length is known only
             # inside the ring op, which checks the extras then.)
-            for spec_in, t in zip(inputs, extras):
-                shape = [b if d == "batch" else seq if d == "seq" else d for d in spec_in["dims"]]
-                _expect(spec_in["name"], t, shape, spec_in["dtype"])
+            _expect_extras(inputs, extras, b, seq)
         weights = self._weights()
         train = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)
                                              or any(t.requires_grad for t in extras))

@@ -91,16 +91,15 @@ def _group(name):
     return _resolve_process_group(name)
 
 
-def _ring_seq(m, group, b, n, extras):
+def _ring_seq(inputs, sharding, group, b, n, extras):
     """The whole sequence's length (one all-reduce), after checking that
-    this rank's `n` positions are its shard and the extras are whole."""
-    from . import _expect
+    this rank's `n` positions are its shard under `sharding` and the extras
+    (declared by `inputs`, a mixer info's) are whole."""
+    from . import _expect_extras
 
     seq = _seq_of(n, group)
-    check_shard(n, seq, group, m.info["sharding"])
-    for spec_in, t in zip(m.info["inputs"], extras):
-        shape = [b if d == "batch" else seq if d == "seq" else d for d in spec_in["dims"]]
-        _expect(spec_in["name"], t, shape, spec_in["dtype"])
+    check_shard(n, seq, group, sharding)
+    _expect_extras(inputs, extras, b, seq)
     return seq
 
 
@@ -111,7 +110,7 @@ def _mix_ring(handle: int, group: str, q: torch.Tensor, k: torch.Tensor, v: torc
 
     m, pg = _MIXERS[handle], _group(group)
     b, n = v.shape[0], v.shape[1]
-    seq = _ring_seq(m, pg, b, n, extras)
+    seq = _ring_seq(m.info["inputs"], m.info["sharding"], pg, b, n, extras)
     transport = _GroupTransport(pg)
     info = m.info
     qc, kc, vc, bf16 = m._qkv(q, k, v)
@@ -220,15 +219,11 @@ def _block_ring(handle: int, group: str, x: torch.Tensor, extras: list[torch.Ten
     """This rank's rows of a block's output, the block's ring over the
     group named `group`; with `train`, what its backward needs (this rank's
     rows of q, k, v, o and of the statistic)."""
-    from . import _BLOCKS, _expect, _extra_args_of, _f32, _saved_shapes
+    from . import _BLOCKS, _extra_args_of, _f32, _saved_shapes
 
     block, pg = _BLOCKS[handle], _group(group)
     b, n = x.shape[0], x.shape[1]
-    seq = _seq_of(n, pg)
-    check_shard(n, seq, pg, block.info["sharding"])
-    for spec_in, t in zip(block.info["mixer"]["inputs"], extras):
-        shape = [b if d == "batch" else seq if d == "seq" else d for d in spec_in["dims"]]
-        _expect(spec_in["name"], t, shape, spec_in["dtype"])
+    seq = _ring_seq(block.info["mixer"]["inputs"], block.info["sharding"], pg, b, n, extras)
     transport = _GroupTransport(pg)
     xc = _f32(x)
     ws = [_f32(w) for w in weights]

@@ -83,25 +83,13 @@ def run_case(name, seq, rank, world, spec_text=None, sharding=None):
         raise AssertionError(f"{name}: unshard of the gathered shards differs")
 
 
-# Blocks around a ring (test_block's blocks): Llama-style with GQA and
-# rope (zigzag), and packed documents with a learned slope table (a whole
-# extra input whose gradient is summed over the ranks).
-BLOCK_CASES = [
-    ("""
-mixer attn { heads = 4; kv_heads = 2; head_dim = 8; mask = causal; }
-block llama { width = 24; norm = rmsnorm(1e-6); ffn = swiglu(40); rope = 10000; }
-""", 29, None),
-    ("""
-mixer attn {
-    heads = 4; kv_heads = 2; head_dim = 8;
-    input doc: i32[batch, seq];
-    input slopes: f32[heads];
-    bias = -slopes[h] * (i - j);
-    mask = causal && segment(doc);
-}
-block packed { width = 24; norm = rmsnorm(1e-6); ffn = swiglu(40); rope = 10000; }
-""", 31, "contiguous"),
-]
+def block_cases():
+    """Blocks around a ring: test_block's Llama-style block (GQA, rope;
+    zigzag) and its packed-documents block with a learned slope table (a
+    whole extra input whose gradient is summed over the ranks; contiguous)."""
+    from test_block import DOCS, LLAMA
+
+    return [(LLAMA, 29, None), (DOCS, 31, "contiguous")]
 
 
 def run_block_case(text, seq, rank, world, sharding):
@@ -176,7 +164,7 @@ def run_compiled(rank, world):
         raise AssertionError(f"rank {rank}/{world} compiled ring: {errs}")
 
     # A block's ring (the op mixc::block_ring) too: x's and every weight's gradient.
-    text, bseq, _ = BLOCK_CASES[0]
+    text, bseq, _ = block_cases()[0]
     block = mixc.Block(text, threads=1, block_rows=8)
     x = mixc.shard(torch.randn(2, bseq, block.width, generator=gen), rank, world,
                    sharding=block.info["sharding"])
@@ -206,7 +194,7 @@ def main():
             run_case(name, seq, rank, world)
         # Contiguous sharding of a causal mixer (the sharding is the mixer's).
         run_case("causal_gqa_llama3", 33, rank, world, sharding="contiguous")
-        for text, seq, sharding in BLOCK_CASES:
+        for text, seq, sharding in block_cases():
             run_block_case(text, seq, rank, world, sharding)
         run_compiled(rank, world)
         # A shard that is not this rank's is refused, naming the fix.
