@@ -228,6 +228,16 @@ enum Prepared {
     Shared(Arc<Ready>),
 }
 
+impl Prepared {
+    /// The preparation that runs: a shared one's base.
+    fn runs(&self) -> &Prepared {
+        match self {
+            Prepared::Shared(base) => &base.prepared,
+            p => p,
+        }
+    }
+}
+
 /// A preparation with the description and source of its tiles.
 struct Ready {
     prepared: Prepared,
@@ -849,10 +859,7 @@ impl Mixer {
         state: Option<&crate::cpu::RecurrentState>,
     ) -> Result<(Output, crate::cpu::RecurrentState)> {
         let ready = self.ready_for(inputs.batch, inputs.seq, Pass::Fwd)?;
-        let prepared = match &ready.prepared {
-            Prepared::Shared(base) => &base.prepared,
-            p => p,
-        };
+        let prepared = ready.prepared.runs();
         let Prepared::Cpu(m) = prepared else {
             return Err(RuntimeError::Unsupported {
                 backend: self.backend.name(),
@@ -931,10 +938,7 @@ impl Mixer {
             crate::memory::admit_host(need)?;
         }
         let ready = self.ready_for(inputs.batch, inputs.seq, Pass::Bwd)?;
-        let prepared = match &ready.prepared {
-            Prepared::Shared(base) => &base.prepared,
-            p => p,
-        };
+        let prepared = ready.prepared.runs();
         let grads = match prepared {
             Prepared::Cpu(m) => match remote {
                 Some(t) => m.backward_rank(inputs, o, &residuals.stat, d_o, t)?,
@@ -1049,10 +1053,7 @@ impl Mixer {
             crate::memory::admit_host(rest)?;
         }
         let ready = self.ready_for(inputs.batch, inputs.seq, Pass::Fwd)?;
-        let prepared = match &ready.prepared {
-            Prepared::Shared(base) => &base.prepared,
-            p => p,
-        };
+        let prepared = ready.prepared.runs();
         let mut stat = None;
         if remote.is_some() && !matches!(prepared, Prepared::Cpu(_)) {
             return Err(self.remote_unsupported());
@@ -1200,10 +1201,7 @@ impl Mixer {
     /// A CUDA mixer's share of [`Mixer::admit`]: the forward's device
     /// bytes against each GPU's free memory (`CudaMixer::admit`).
     fn admit_device(&self, batch: usize, seq: usize) -> Result<()> {
-        let prepared = match &self.base.prepared {
-            Prepared::Shared(base) => &base.prepared,
-            p => p,
-        };
+        let prepared = self.base.prepared.runs();
         match prepared {
             Prepared::Cuda(m) => m.admit(batch, seq),
             _ => Ok(()),

@@ -937,7 +937,11 @@ fn run_typed<T: Real>(
         // rank's rows of those positions go into `out` and then their pages
         // go back, so the rank's result and the output never both exist
         // whole (one output-sized buffer less at the peak).
+        // Only large results: a released page faults in again on the next
+        // call, which a bench loop on a mid-sized run would pay each time.
         const POSITIONS_PER_PASS: usize = 4096;
+        const RELEASE_ABOVE_BYTES: usize = 256 << 20;
+        let release = std::mem::size_of_val(o.y.as_slice()) >= RELEASE_ABOVE_BYTES;
         for t0 in (0..n).step_by(POSITIONS_PER_PASS) {
             let t1 = (t0 + POSITIONS_PER_PASS).min(n);
             for x in 0..inputs.batch * heads {
@@ -952,7 +956,9 @@ fn run_typed<T: Real>(
                         stat.data[x * inputs.seq + row] = o.stat[x * n + t];
                     }
                 }
-                crate::memory::release_pages(&mut o.y[(x * n + t0) * dv..(x * n + t1) * dv]);
+                if release {
+                    crate::memory::release_pages(&mut o.y[(x * n + t0) * dv..(x * n + t1) * dv]);
+                }
             }
         }
         stats.pairs_per_rank.push(o.stats.pairs);
