@@ -68,9 +68,10 @@ pub use mixc_runtime::paged::{PagedKv, Pages};
 pub use mixc_runtime::ring::{RingSchedule, Sharding, Transport};
 pub use mixc_runtime::tune::CpuTiles;
 pub use mixc_runtime::varlen::Varlen;
+pub use mixc_runtime::{bf16, f16};
 pub use mixc_runtime::{
-    BackendKind, BackwardOutput, ConfigSource, Device, ExtraTensor, Gradients, Mixer, MixerInputs,
-    Options, Output, Residuals, Tensor, Tiles,
+    BackendKind, BackwardOutput, ConfigSource, Device, ExtraTensor, Gradients, HostElem, Mixer,
+    MixerInputs, Options, OutElem, Output, Residuals, Tensor, Tiles,
 };
 
 /// `Result<T, mixc::Error>`.

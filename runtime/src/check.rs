@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::error::{Result, RuntimeError};
 use crate::reference;
 use crate::ring::RingSchedule;
-use crate::tensor::{MixerInputs, Tensor};
+use crate::tensor::{HostElem, MixerInputs, Tensor};
 
 /// Positions a sampled check compares (when the sequence is longer).
 pub const SAMPLE_ROWS: usize = 256;
@@ -172,10 +172,10 @@ impl CheckReport {
 /// on the rows and heads of `plan`; `compute` is the type the backend
 /// computed in (its tolerance applies). `progress(done, total)` is called as
 /// reference rows finish.
-pub fn compare(
+pub fn compare<E: HostElem>(
     spec: &MixerSpec,
-    inputs: &MixerInputs,
-    output: &Tensor<f32>,
+    inputs: &MixerInputs<E>,
+    output: &Tensor<E>,
     plan: &CheckPlan,
     compute: DType,
     progress: &(dyn Fn(u64, u64) + Sync),
@@ -204,7 +204,7 @@ pub fn compare(
         for (ri, &row) in plan.rows.iter().enumerate() {
             for (hi, &head) in plan.heads.iter().enumerate() {
                 for c in 0..dv {
-                    let got = output.data[((bi * seq + row) * h + head) * dv + c] as f64;
+                    let got = output.data[((bi * seq + row) * h + head) * dv + c].to_f64();
                     non_finite += u64::from(!got.is_finite());
                     let w = want.data[((bi * plan.rows.len() + ri) * nh + hi) * dv + c];
                     // NaN in the output must surface, so no f64::max here.
@@ -223,7 +223,8 @@ pub fn compare(
         } else {
             max_err
         },
-        tolerance: reference::check_tolerance(compute),
+        // A 16-bit output is rounded once more than the computation.
+        tolerance: reference::check_tolerance(compute).max(reference::check_tolerance(E::DTYPE)),
         compared: plan.describe(),
         full: plan.is_full(),
         non_finite,

@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
 use crate::error::{Result, RuntimeError};
-use crate::tensor::{ExtraTensor, MixerInputs, Tensor};
+use crate::tensor::{ExtraTensor, HostElem, MixerInputs, Tensor};
 
 /// The largest query position (`q_offset + seq`) a run may use: masks and
 /// the block plan compute with positions as `i64` differences, and the
@@ -36,9 +36,24 @@ pub(crate) fn stream(seed: u64, name: &str) -> ChaCha8Rng {
 /// Standard normal samples rounded to f32 (so the f32 data and the f64
 /// reference read exactly the same numbers).
 pub(crate) fn normal_tensor(rng: &mut ChaCha8Rng, shape: Vec<usize>, scale: f64) -> Tensor<f32> {
+    normal_tensor_as(rng, shape, scale, false)
+}
+
+/// [`normal_tensor`] stored as `E` (each sample rounded to f32, then to
+/// `E`: the values [`round_to_dtype`] gives the f32 tensor), `|x|` with
+/// `non_negative`.
+fn normal_tensor_as<E: HostElem>(
+    rng: &mut ChaCha8Rng,
+    shape: Vec<usize>,
+    scale: f64,
+    non_negative: bool,
+) -> Tensor<E> {
     let n = shape.iter().product();
     let data = (0..n)
-        .map(|_| (rng.sample::<f64, _>(StandardNormal) * scale) as f32)
+        .map(|_| {
+            let x = (rng.sample::<f64, _>(StandardNormal) * scale) as f32;
+            E::from_f32(if non_negative { x.abs() } else { x })
+        })
         .collect();
     Tensor::new(shape, data)
 }
@@ -141,6 +156,19 @@ pub fn random_inputs_kv(
     kv_seq: usize,
     seed: u64,
 ) -> MixerInputs {
+    random_inputs_kv_as(spec, batch, seq, kv_seq, seed)
+}
+
+/// [`random_inputs_kv`] with q, k and v stored as `E`: the same values
+/// rounded to `E` (as [`round_to_dtype`] rounds them), made without an f32
+/// copy (a 1M-token bf16 run never holds its inputs in f32).
+pub fn random_inputs_kv_as<E: HostElem>(
+    spec: &MixerSpec,
+    batch: usize,
+    seq: usize,
+    kv_seq: usize,
+    seed: u64,
+) -> MixerInputs<E> {
     let shapes = spec.tensor_shapes_kv(batch, seq, kv_seq);
     // Under `norm = sum` a signed score makes the denominator cross zero, and
     // the output near such a row is ill-conditioned whatever computes it: a
@@ -154,14 +182,13 @@ pub fn random_inputs_kv(
         _ => false,
     };
     let qkv = |name: &str| match shapes.get(name) {
-        Some(shape) => {
-            let mut t = normal_tensor(&mut stream(seed, name), shape.clone(), 1.0);
-            if non_negative(name) {
-                t.data.iter_mut().for_each(|x| *x = x.abs());
-            }
-            t
-        }
-        None => empty_tensor(),
+        Some(shape) => normal_tensor_as(
+            &mut stream(seed, name),
+            shape.clone(),
+            1.0,
+            non_negative(name),
+        ),
+        None => Tensor::new(vec![0], Vec::new()),
     };
     let (q, k, v) = (qkv("q"), qkv("k"), qkv("v"));
     let extra: BTreeMap<String, ExtraTensor> = spec
@@ -279,12 +306,12 @@ fn bad(name: &str, problem: impl Into<String>) -> RuntimeError {
     }
 }
 
-fn check_shape<T>(
+fn check_shape<T, E: HostElem>(
     spec: &MixerSpec,
     name: &str,
     t: &Tensor<T>,
     expected: &[usize],
-    inputs: &MixerInputs,
+    inputs: &MixerInputs<E>,
 ) -> Result<()> {
     if t.shape != expected {
         return Err(bad(
@@ -315,15 +342,11 @@ fn check_shape<T>(
 /// branch-free vectorised scan over chunks, spread over threads for large
 /// tensors; only a chunk that holds a bad value is searched element by
 /// element.
-pub(crate) fn first_non_finite(data: &[f32]) -> Option<usize> {
+pub(crate) fn first_non_finite<E: HostElem>(data: &[E]) -> Option<usize> {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 14;
     // Exponent all ones: NaN or infinity (no early exit, so it vectorises).
-    let bad = |c: &[f32]| {
-        c.iter().fold(0u32, |a, x| {
-            a | u32::from(x.to_bits() & 0x7f80_0000 == 0x7f80_0000)
-        }) != 0
-    };
+    let bad = |c: &[E]| c.iter().fold(false, |a, x| a | x.non_finite());
     let chunk = if data.len() >= 1 << 22 {
         data.par_chunks(CHUNK).position_first(bad)
     } else {
@@ -332,15 +355,18 @@ pub(crate) fn first_non_finite(data: &[f32]) -> Option<usize> {
     let start = chunk * CHUNK;
     data[start..]
         .iter()
-        .position(|x| !x.is_finite())
+        .position(|x| x.non_finite())
         .map(|i| start + i)
 }
 
-fn check_finite(name: &str, t: &Tensor<f32>) -> Result<()> {
+fn check_finite<E: HostElem>(name: &str, t: &Tensor<E>) -> Result<()> {
     match first_non_finite(&t.data) {
         Some(at) => Err(bad(
             name,
-            format!("element {at} is {} (inputs must be finite)", t.data[at]),
+            format!(
+                "element {at} is {} (inputs must be finite)",
+                t.data[at].to_f32()
+            ),
         )),
         None => Ok(()),
     }
@@ -388,7 +414,7 @@ fn check_no_nan_or_pos_inf(name: &str, t: &Tensor<f32>) -> Result<()> {
 /// Segment ids may be any i32 values in any order: the mask only compares
 /// them for equality. Sorted ids (packed documents) are what lets kernels skip
 /// whole blocks, so unsorted ids are correct but slow.
-pub fn validate_inputs(spec: &MixerSpec, inputs: &MixerInputs) -> Result<()> {
+pub fn validate_inputs<E: HostElem>(spec: &MixerSpec, inputs: &MixerInputs<E>) -> Result<()> {
     let shapes = spec.tensor_shapes_kv(inputs.batch, inputs.seq, inputs.kv_seq);
     if !matches!(spec.score, Score::Dot { .. }) && !inputs.is_self_aligned() {
         return Err(RuntimeError::Invalid(format!(
@@ -542,6 +568,14 @@ pub fn round_to_dtype(inputs: &mut MixerInputs, dtype: DType) -> Result<()> {
         t.data.iter_mut().for_each(|x| *x = round(*x));
     }
     Ok(())
+}
+
+/// Inputs read (from a file, or made in f32) for a run that stores q, k and
+/// v as `E`: rounded to `dtype` as [`round_to_dtype`] rounds them (values
+/// `dtype` cannot hold are refused), then converted, a tensor at a time.
+pub fn into_storage<E: HostElem>(mut inputs: MixerInputs, dtype: DType) -> Result<MixerInputs<E>> {
+    round_to_dtype(&mut inputs, dtype)?;
+    Ok(inputs.convert())
 }
 
 #[cfg(test)]

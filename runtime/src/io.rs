@@ -12,13 +12,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use mixc_dsl::{ElemType, MixerSpec, Score};
+use mixc_dsl::{DType, ElemType, MixerSpec, Score};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Result, RuntimeError};
 use crate::inputs::{describe_shape_symbolic, empty_tensor, validate_inputs};
-use crate::tensor::{ExtraTensor, MixerInputs, Tensor};
+use crate::tensor::{ExtraTensor, HostElem, MixerInputs, Tensor};
 
 fn bad_file(path: &Path, problem: impl Into<String>) -> RuntimeError {
     RuntimeError::BadFile {
@@ -251,10 +251,34 @@ struct Owned {
 
 impl Owned {
     fn f32(t: &Tensor<f32>) -> Self {
+        Owned::elem(t)
+    }
+    /// q, k, v or the output in its storage type (F32, BF16 or F16).
+    fn elem<E: HostElem>(t: &Tensor<E>) -> Self {
+        let dtype = match E::DTYPE {
+            DType::F32 => Dtype::F32,
+            DType::Bf16 => Dtype::BF16,
+            DType::F16 => Dtype::F16,
+        };
+        // Little-endian bytes, as safetensors stores them.
+        let bytes = if cfg!(target_endian = "little") {
+            bytemuck::cast_slice(&t.data).to_vec()
+        } else {
+            t.data
+                .iter()
+                .flat_map(|x| {
+                    bytemuck::bytes_of(x)
+                        .iter()
+                        .rev()
+                        .copied()
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
         Owned {
-            dtype: Dtype::F32,
+            dtype,
             shape: t.shape.clone(),
-            bytes: t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            bytes,
         }
     }
     fn i32(t: &Tensor<i32>) -> Self {
@@ -291,19 +315,22 @@ pub fn save_tensors(path: &Path, inputs: Option<&MixerInputs>, output: &Tensor<f
 
 /// [`save_tensors`], plus more f32 tensors under their names (gradients
 /// `dq`, `dk`, ..., the upstream gradient `do`).
-pub fn save_tensors_with(
+///
+/// q, k, v and `o` are written in their storage type (F32, BF16 or F16);
+/// `--inputs` reads any of them back.
+pub fn save_tensors_with<E: HostElem>(
     path: &Path,
-    inputs: Option<&MixerInputs>,
-    output: &Tensor<f32>,
+    inputs: Option<&MixerInputs<E>>,
+    output: &Tensor<E>,
     more: &[(String, &Tensor<f32>)],
 ) -> Result<()> {
-    let mut tensors: Vec<(String, Owned)> = vec![("o".into(), Owned::f32(output))];
+    let mut tensors: Vec<(String, Owned)> = vec![("o".into(), Owned::elem(output))];
     tensors.extend(more.iter().map(|(n, t)| (n.clone(), Owned::f32(t))));
     if let Some(inp) = inputs {
         for (name, t) in [("q", &inp.q), ("k", &inp.k), ("v", &inp.v)] {
             // q and k are empty for the convolution family: nothing to save.
             if !t.data.is_empty() {
-                tensors.push((name.into(), Owned::f32(t)));
+                tensors.push((name.into(), Owned::elem(t)));
             }
         }
         for (name, t) in &inp.extra {

@@ -8,7 +8,10 @@
 
 pub mod tensor;
 
-pub use tensor::{ExtraTensor, MixerInputs, MixerOutput, Tensor};
+pub use cpu::OutElem;
+/// The 16-bit host element types ([`HostElem`]).
+pub use half::{bf16, f16};
+pub use tensor::{ExtraTensor, HostElem, InputsMeta, MixerInputs, MixerOutput, Tensor};
 pub mod error;
 pub mod grad;
 pub use error::{Result, RuntimeError};

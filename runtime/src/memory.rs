@@ -46,10 +46,12 @@ pub fn run_host_bytes(
     f64_out: bool,
     scratch_copies: u64,
 ) -> Result<(u64, u64)> {
-    run_host_bytes_kv(spec, batch, seq, seq, f64_out, scratch_copies)
+    run_host_bytes_kv(spec, batch, seq, seq, f64_out, scratch_copies, 4)
 }
 
-/// [`run_host_bytes`] for `seq` queries against `kv_seq` keys.
+/// [`run_host_bytes`] for `seq` queries against `kv_seq` keys, with q, k
+/// and v stored in `elem_bytes` each (2 for bf16 or f16; the output is
+/// counted as f32 rows, which each rank computes before they are stored).
 pub fn run_host_bytes_kv(
     spec: &MixerSpec,
     batch: usize,
@@ -57,6 +59,7 @@ pub fn run_host_bytes_kv(
     kv_seq: usize,
     f64_out: bool,
     scratch_copies: u64,
+    elem_bytes: usize,
 ) -> Result<(u64, u64)> {
     let mut inputs = 0u64;
     let mut kv = 0u64;
@@ -66,7 +69,12 @@ pub fn run_host_bytes_kv(
             .zip(axis_names(&name, shape.len()))
             .map(|(&d, n)| (n, d))
             .collect();
-        let b = checked_bytes(&format!("input `{name}`"), &dims, 4)?;
+        let size = if matches!(name.as_str(), "q" | "k" | "v") {
+            elem_bytes
+        } else {
+            4
+        };
+        let b = checked_bytes(&format!("input `{name}`"), &dims, size)?;
         if name == "k" || name == "v" {
             kv = kv.saturating_add(b);
         }

@@ -22,13 +22,14 @@ use mixc_dsl::ir::{DType, MixerSpec};
 use serde::Serialize;
 
 use crate::check::{CheckPlan, CheckReport, GradCheckPlan, GradCheckReport};
+use crate::cpu::OutElem;
 use crate::cpu::{CpuConfig, CpuMixer, Precision};
 use crate::cuda::{dist::DistEnv, CudaMixer, CudaOptions};
 use crate::error::{Result, RuntimeError};
 use crate::grad::Gradients;
 use crate::reference;
 use crate::ring::{RingSchedule, Sharding, Transport};
-use crate::tensor::{MixerInputs, Tensor};
+use crate::tensor::{HostElem, MixerInputs, Tensor};
 use crate::tune::{self, CpuTiles, Pass};
 use crate::varlen::Varlen;
 
@@ -155,10 +156,11 @@ pub enum ConfigSource {
 
 /// What [`Mixer::forward`] returns.
 #[derive(Debug, Clone)]
-pub struct Output {
-    /// `[batch, seq, heads, value_dim]`, f32. In a multi-process run only
-    /// rank 0 holds the whole output ([`Output::dist_rank`]).
-    pub o: Tensor<f32>,
+pub struct Output<E: HostElem = f32> {
+    /// `[batch, seq, heads, value_dim]`, in the inputs' storage type. In a
+    /// multi-process run only rank 0 holds the whole output
+    /// ([`Output::dist_rank`]).
+    pub o: Tensor<E>,
     /// Compute time in seconds: CPU wall clock of the run, or the GPU time of
     /// the launches (CUDA events).
     pub seconds: f64,
@@ -172,6 +174,21 @@ pub struct Output {
     pub config_source: ConfigSource,
     /// `(rank, world size)` of a multi-process run.
     pub dist_rank: Option<(usize, usize)>,
+}
+
+impl Output {
+    /// This output with `o` in the storage type `E` (moved when it is `E`).
+    pub fn into_elem<E: HostElem>(self) -> Output<E> {
+        Output {
+            o: self.o.into_elem(),
+            seconds: self.seconds,
+            wall_seconds: self.wall_seconds,
+            pairs_per_rank: self.pairs_per_rank,
+            config: self.config,
+            config_source: self.config_source,
+            dist_rank: self.dist_rank,
+        }
+    }
 }
 
 /// What [`Mixer::forward_train`] keeps for [`Mixer::backward`] besides the
@@ -382,6 +399,17 @@ impl Mixer {
         self.dtype
     }
 
+    /// The type to keep q, k, v and the output in on the host, for calls of
+    /// [`Mixer::forward`]: the dtype on the CPU and reference backends (they
+    /// read 16-bit inputs in place: half the bytes of f32), f32 on CUDA
+    /// (the upload converts from f32).
+    pub fn host_dtype(&self) -> DType {
+        match self.backend {
+            BackendKind::Cuda => DType::F32,
+            BackendKind::Cpu | BackendKind::Reference => self.dtype,
+        }
+    }
+
     /// The arithmetic type of the backend (what [`reference::check_tolerance`]
     /// is judged on): the storage type on CUDA; on the CPU bf16 for bf16
     /// storage where the CPU multiplies in bf16 ([`crate::cpu::bf16::enabled`]),
@@ -573,7 +601,12 @@ impl Mixer {
     /// fewer or more than keys and sit at any position
     /// ([`MixerInputs::q_offset`]: a decode step, a prefill chunk,
     /// cross-attention) on the CPU and reference backends.
-    pub fn forward(&self, inputs: &MixerInputs) -> Result<Output> {
+    ///
+    /// q, k and v may be stored in f32, bf16 or f16 ([`HostElem`]); the
+    /// output comes back in the same type. 16-bit inputs hold half the
+    /// bytes; the CPU backend reads them in place and computes in f32 (bf16
+    /// tile products where the mixer's dtype is bf16 and the CPU has them).
+    pub fn forward<E: HostElem + OutElem>(&self, inputs: &MixerInputs<E>) -> Result<Output<E>> {
         Ok(self.forward_impl(inputs, false, None)?.0)
     }
 
@@ -1024,12 +1057,12 @@ impl Mixer {
         )
     }
 
-    fn forward_impl(
+    fn forward_impl<E: HostElem + OutElem>(
         &self,
-        inputs: &MixerInputs,
+        inputs: &MixerInputs<E>,
         keep_stat: bool,
         remote: Option<&Arc<dyn Transport>>,
-    ) -> Result<(Output, Option<Tensor<f64>>)> {
+    ) -> Result<(Output<E>, Option<Tensor<f64>>)> {
         let start = Instant::now();
         // What the call allocates beyond its inputs must fit; small calls
         // skip the look at /proc (no file I/O on the hot path). The inputs
@@ -1045,9 +1078,11 @@ impl Mixer {
             ],
         )? as u64;
         let (f64_out, copies) = self.host_scratch();
-        let kv = (inputs.k.numel() + inputs.v.numel()) as u64 * 4;
+        let elem = std::mem::size_of::<E>() as u64;
+        let kv = (inputs.k.numel() + inputs.v.numel()) as u64 * elem;
+        // The output, and each rank's f32 rows of it on their way there.
         let rest = o_elems
-            .saturating_mul(if f64_out { 12 } else { 4 })
+            .saturating_mul(if f64_out { 8 + elem } else { 4 + elem })
             .saturating_add(kv.saturating_mul(copies));
         if rest > ADMIT_ABOVE_BYTES {
             crate::memory::admit_host(rest)?;
@@ -1063,7 +1098,7 @@ impl Mixer {
                 let out64 = reference::evaluate(&self.spec, inputs)?;
                 let o = Tensor::new(
                     out64.shape.clone(),
-                    out64.data.iter().map(|&x| x as f32).collect(),
+                    out64.data.iter().map(|&x| E::from_f32(x as f32)).collect(),
                 );
                 (o, None, None, None)
             }
@@ -1077,17 +1112,18 @@ impl Mixer {
                     stat = Some(run.stat);
                 }
                 (
-                    run.output.into_f32(),
+                    run.output.into_elem(),
                     Some(run.stats.elapsed.as_secs_f64()),
                     Some(run.stats.pairs_per_rank),
                     remote.map(|t| (t.rank(), t.ranks())),
                 )
             }
             Prepared::Cuda(m) => {
+                let inputs = inputs.to_f32();
                 let run = if keep_stat {
-                    m.run_train(inputs)?
+                    m.run_train(&inputs)?
                 } else {
-                    m.run(inputs)?
+                    m.run(&inputs)?
                 };
                 if keep_stat {
                     stat = run.lse.as_ref().map(|l| {
@@ -1095,7 +1131,7 @@ impl Mixer {
                     });
                 }
                 (
-                    run.output,
+                    run.output.into_elem(),
                     Some(run.kernel_seconds),
                     run.pairs_per_rank,
                     run.dist_rank,
@@ -1131,7 +1167,8 @@ impl Mixer {
     /// decode step, a prefill chunk, cross-attention).
     pub fn host_bytes_kv(&self, batch: usize, seq: usize, kv_seq: usize) -> Result<(u64, u64)> {
         let (f64_out, copies) = self.host_scratch();
-        crate::memory::run_host_bytes_kv(&self.spec, batch, seq, kv_seq, f64_out, copies)
+        let elem = self.host_dtype().size_bytes();
+        crate::memory::run_host_bytes_kv(&self.spec, batch, seq, kv_seq, f64_out, copies, elem)
     }
 
     /// What the backend allocates on the host beyond the output: whether
@@ -1257,10 +1294,10 @@ impl Mixer {
     /// Compares `o` (this mixer's output for `inputs`) with the f64
     /// reference over `plan`, judged on the tolerance of
     /// [`Mixer::compute_dtype`]. `progress(done, total)` reports reference rows.
-    pub fn check(
+    pub fn check<E: HostElem>(
         &self,
-        inputs: &MixerInputs,
-        o: &Tensor<f32>,
+        inputs: &MixerInputs<E>,
+        o: &Tensor<E>,
         plan: &CheckPlan,
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<CheckReport> {

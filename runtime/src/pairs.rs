@@ -6,14 +6,14 @@
 use mixc_codegen::plan::{At, BlockClass, BlockPlan, SegmentSummaries, SegmentSummary, Tiling};
 use mixc_dsl::ir::{EvalEnv, MixerSpec, Var};
 
-use crate::tensor::MixerInputs;
+use crate::tensor::{HostElem, MixerInputs};
 
 /// Unmasked (query, key) pairs of one head over the batch, counted exactly:
 /// the block plan classifies 64 x 64 tiles, `Full` tiles count whole and only
 /// `Partial` ones test the mask per pair, so a causal count costs O(L * 64)
 /// mask tests, not O(L^2). Query blocks are split over threads for masks
 /// (like `dilated`) whose tiles are mostly `Partial`.
-pub fn useful_pairs_per_head(spec: &MixerSpec, inputs: &MixerInputs) -> u64 {
+pub fn useful_pairs_per_head<E: HostElem>(spec: &MixerSpec, inputs: &MixerInputs<E>) -> u64 {
     let (seq, kv_seq, q0) = (inputs.seq, inputs.kv_seq, inputs.q_offset);
     let mut seg_names = Vec::new();
     spec.mask.segment_inputs(&mut seg_names);

@@ -27,10 +27,10 @@ use mixc_dsl::{Decay, Expr, MixerSpec, Norm, Score};
 
 use crate::error::{Result, RuntimeError};
 use crate::inputs::validate_inputs;
-use crate::tensor::{MixerInputs, Tensor};
+use crate::tensor::{HostElem, MixerInputs, Tensor};
 
 /// The mixer output `[batch, seq, heads, value_dim]` in f64.
-pub fn evaluate(spec: &MixerSpec, inputs: &MixerInputs) -> Result<Tensor<f64>> {
+pub fn evaluate<E: HostElem>(spec: &MixerSpec, inputs: &MixerInputs<E>) -> Result<Tensor<f64>> {
     let rows: Vec<usize> = (0..inputs.seq).collect();
     Ok(run(spec, inputs, &rows, &all_heads(spec), &|_| {})?.0)
 }
@@ -43,9 +43,9 @@ fn all_heads(spec: &MixerSpec) -> Vec<usize> {
 /// `[batch, rows.len(), heads.len(), value_dim]`. `progress` is called with
 /// the number of (batch row, position) rows finished so far (from worker
 /// threads, in no particular order of calls), out of `batch * rows.len()`.
-pub fn evaluate_sample(
+pub fn evaluate_sample<E: HostElem>(
     spec: &MixerSpec,
-    inputs: &MixerInputs,
+    inputs: &MixerInputs<E>,
     rows: &[usize],
     heads: &[usize],
     progress: &(dyn Fn(u64) + Sync),
@@ -56,9 +56,9 @@ pub fn evaluate_sample(
 /// The output for the listed query positions only:
 /// `[batch, rows.len(), heads, value_dim]`, row `r` being position `rows[r]`.
 /// Lets tests check long sequences on a sample of rows at O(rows * seq) cost.
-pub fn evaluate_rows(
+pub fn evaluate_rows<E: HostElem>(
     spec: &MixerSpec,
-    inputs: &MixerInputs,
+    inputs: &MixerInputs<E>,
     rows: &[usize],
 ) -> Result<Tensor<f64>> {
     Ok(run(spec, inputs, rows, &all_heads(spec), &|_| {})?.0)
@@ -68,9 +68,9 @@ pub fn evaluate_rows(
 /// row's weights, `lse[b, i, h] = m + ln(sum_j exp(a_ij - m))`, shape
 /// `[batch, seq, heads]` (`-inf` for a row with no visible key). This is the
 /// statistic kernels emit so partial results can be merged later.
-pub fn evaluate_with_lse(
+pub fn evaluate_with_lse<E: HostElem>(
     spec: &MixerSpec,
-    inputs: &MixerInputs,
+    inputs: &MixerInputs<E>,
 ) -> Result<(Tensor<f64>, Tensor<f64>)> {
     if !matches!(spec.norm, Norm::Softmax) {
         return Err(RuntimeError::Invalid(format!(
@@ -92,9 +92,9 @@ fn check_spec(spec: &MixerSpec) -> Result<()> {
 /// Evaluates the listed rows and heads; returns (output, lse). The lse is
 /// only meaningful for softmax and is left 0 otherwise. Rows are independent,
 /// so they are spread over worker threads; each row is the plain loops.
-fn run(
+fn run<E: HostElem>(
     spec: &MixerSpec,
-    inputs: &MixerInputs,
+    inputs: &MixerInputs<E>,
     rows: &[usize],
     heads: &[usize],
     progress: &(dyn Fn(u64) + Sync),
@@ -157,7 +157,7 @@ struct Row {
 }
 
 impl Row {
-    fn new(inputs: &MixerInputs, b: usize, r: usize) -> Row {
+    fn new<E: HostElem>(inputs: &MixerInputs<E>, b: usize, r: usize) -> Row {
         Row {
             b,
             r,
@@ -169,7 +169,13 @@ impl Row {
 /// `decay[j] = D(i, j) = prod_{l=j+1..i} gamma_l` for the keys `j <= i`,
 /// built from the last such key downwards so each entry costs one multiply.
 /// Entries `j > i` are unused (decay requires a causal mask).
-fn fill_decay(spec: &MixerSpec, inputs: &MixerInputs, row: Row, h: usize, decay: &mut [f64]) {
+fn fill_decay<E: HostElem>(
+    spec: &MixerSpec,
+    inputs: &MixerInputs<E>,
+    row: Row,
+    h: usize,
+    decay: &mut [f64],
+) {
     let (b, i) = (row.b, row.i);
     let gamma_at: Box<dyn Fn(usize) -> f64 + '_> = match &spec.decay {
         Decay::None => return,
@@ -195,9 +201,9 @@ fn fill_decay(spec: &MixerSpec, inputs: &MixerInputs, row: Row, h: usize, decay:
 
 /// Evaluates a scalar expression at (i, j, h) with score `s`; tables are
 /// read with the language's clamped indexing.
-fn eval_expr(
+fn eval_expr<E: HostElem>(
     spec: &MixerSpec,
-    inputs: &MixerInputs,
+    inputs: &MixerInputs<E>,
     e: &Expr,
     (b, i, j, h): (usize, usize, usize, usize),
     s: f64,
@@ -211,9 +217,9 @@ fn eval_expr(
 
 /// The weight `a(i, j)` of every key for one query row, `None` where the mask
 /// hides the key.
-fn row_weights(
+fn row_weights<E: HostElem>(
     spec: &MixerSpec,
-    inputs: &MixerInputs,
+    inputs: &MixerInputs<E>,
     row: Row,
     h: usize,
     decay: &[f64],
@@ -245,8 +251,8 @@ fn row_weights(
                 let ko = inputs.k.offset(&[b, j, kvh, 0]);
                 let dot: f64 = (0..dk)
                     .map(|d| {
-                        q_map.apply(inputs.q.data[qo + d] as f64)
-                            * k_map.apply(inputs.k.data[ko + d] as f64)
+                        q_map.apply(inputs.q.data[qo + d].to_f64())
+                            * k_map.apply(inputs.k.data[ko + d].to_f64())
                     })
                     .sum();
                 let mut s = scale * dot;
@@ -269,9 +275,9 @@ fn row_weights(
 
 /// Normalises one row into `y` (length value_dim); returns the row's
 /// log-sum-exp for softmax (0 for the other norms).
-fn normalise(
+fn normalise<E: HostElem>(
     norm: Norm,
-    inputs: &MixerInputs,
+    inputs: &MixerInputs<E>,
     b: usize,
     kvh: usize,
     weights: &[Option<f64>],
@@ -296,7 +302,7 @@ fn normalise(
             let w = f(a);
             total += w;
             for (yd, &vd) in y.iter_mut().zip(v_row(j)) {
-                *yd += w * vd as f64;
+                *yd += w * vd.to_f64();
             }
         }
         total

@@ -153,8 +153,8 @@ impl RingSchedule {
     }
 
     /// [`RingSchedule::two_lengths`] with the lengths and offset of `x`.
-    pub fn for_inputs(
-        x: &crate::tensor::MixerInputs,
+    pub fn for_inputs<E: crate::tensor::HostElem>(
+        x: &crate::tensor::MixerInputs<E>,
         ranks: usize,
         sharding: Sharding,
     ) -> Result<Self> {

@@ -1,9 +1,159 @@
-//! Host tensors and the input bundle of one mixer run. Storage is f32 (what
-//! safetensors files and the GPU upload path carry); the reference widens to
-//! f64 on read, the CPU backend computes in f32 or f64.
+//! Host tensors and the input bundle of one mixer run. q, k, v and the
+//! output are stored in f32, bf16 or f16 ([`HostElem`]: a bf16 run keeps
+//! half the bytes on the host); extra inputs are f32 or i32. The reference
+//! widens to f64 on read, the CPU backend computes in f32 (or f64).
 
-use mixc_dsl::ir::EvalEnv;
+use mixc_dsl::ir::{DType, EvalEnv};
 use std::collections::BTreeMap;
+
+/// The element type of q, k, v and the output on the host: `f32`,
+/// [`half::bf16`] or [`half::f16`]. Computation widens each element to f32
+/// (f64 in the reference), so a 16-bit run holds half the bytes and computes
+/// on exactly the values a GPU run of that dtype stores.
+pub trait HostElem:
+    Copy + Default + PartialEq + std::fmt::Debug + Send + Sync + bytemuck::Pod + 'static
+{
+    /// The dtype this element stores.
+    const DTYPE: DType;
+    fn to_f32(self) -> f32;
+    /// The nearest value (ties to even); beyond the type's range: infinite.
+    fn from_f32(x: f32) -> Self;
+    #[inline]
+    fn to_f64(self) -> f64 {
+        self.to_f32() as f64
+    }
+    /// Whether this is a NaN or an infinity, from the bits alone
+    /// (branch-free, so a scan over a tensor vectorises).
+    fn non_finite(self) -> bool;
+    /// Rows of this type read as f32: `src` itself for f32, else widened
+    /// into `scratch`.
+    fn as_f32<'s>(src: &'s [Self], scratch: &'s mut Vec<f32>) -> &'s [f32];
+    /// The elements as a type-erased view ([`Elems`]).
+    fn elems(src: &[Self]) -> Elems<'_>;
+}
+
+impl HostElem for f32 {
+    const DTYPE: DType = DType::F32;
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[inline]
+    fn non_finite(self) -> bool {
+        self.to_bits() & 0x7f80_0000 == 0x7f80_0000
+    }
+    #[inline]
+    fn as_f32<'s>(src: &'s [Self], _: &'s mut Vec<f32>) -> &'s [f32] {
+        src
+    }
+    fn elems(src: &[Self]) -> Elems<'_> {
+        Elems::F32(src)
+    }
+}
+
+macro_rules! half_elem {
+    ($t:ty, $dtype:expr, $variant:ident, $exponent:expr) => {
+        impl HostElem for $t {
+            const DTYPE: DType = $dtype;
+            #[inline]
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+            #[inline]
+            fn from_f32(x: f32) -> Self {
+                <$t>::from_f32(x)
+            }
+            #[inline]
+            fn non_finite(self) -> bool {
+                self.to_bits() & $exponent == $exponent
+            }
+            fn as_f32<'s>(src: &'s [Self], scratch: &'s mut Vec<f32>) -> &'s [f32] {
+                scratch.clear();
+                scratch.extend(src.iter().map(|x| x.to_f32()));
+                scratch
+            }
+            fn elems(src: &[Self]) -> Elems<'_> {
+                Elems::$variant(src)
+            }
+        }
+    };
+}
+half_elem!(half::bf16, DType::Bf16, Bf16, 0x7f80);
+half_elem!(half::f16, DType::F16, F16, 0x7c00);
+
+/// A slice of q, k or v of any [`HostElem`] type, for code that handles
+/// all of them without being generic (the CPU backend's context).
+#[derive(Debug, Clone, Copy)]
+pub enum Elems<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+    F16(&'a [half::f16]),
+}
+
+impl<'a> Elems<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            Elems::F32(x) => x.len(),
+            Elems::Bf16(x) => x.len(),
+            Elems::F16(x) => x.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Elements `at..at + len` as f32: in place for f32 storage, else
+    /// widened into `scratch`.
+    #[inline]
+    pub fn row<'s>(&'s self, at: usize, len: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+        match self {
+            Elems::F32(x) => &x[at..at + len],
+            Elems::Bf16(x) => HostElem::as_f32(&x[at..at + len], scratch),
+            Elems::F16(x) => HostElem::as_f32(&x[at..at + len], scratch),
+        }
+    }
+    /// `dst[d] = f(element at + d)` over `dst`, elements widened to f32
+    /// (one dispatch per row, a plain loop per type).
+    #[inline]
+    pub fn map_into<T>(&self, at: usize, dst: &mut [T], f: impl Fn(f32) -> T) {
+        let n = dst.len();
+        match self {
+            Elems::F32(x) => dst
+                .iter_mut()
+                .zip(&x[at..at + n])
+                .for_each(|(d, &s)| *d = f(s)),
+            Elems::Bf16(x) => dst
+                .iter_mut()
+                .zip(&x[at..at + n])
+                .for_each(|(d, &s)| *d = f(s.to_f32())),
+            Elems::F16(x) => dst
+                .iter_mut()
+                .zip(&x[at..at + n])
+                .for_each(|(d, &s)| *d = f(s.to_f32())),
+        }
+    }
+    /// Element `at`, widened.
+    #[inline]
+    pub fn get(&self, at: usize) -> f32 {
+        match self {
+            Elems::F32(x) => x[at],
+            Elems::Bf16(x) => x[at].to_f32(),
+            Elems::F16(x) => x[at].to_f32(),
+        }
+    }
+    /// The bytes of elements `at..at + len` (for prefetching).
+    #[inline]
+    pub fn bytes(&self, at: usize, len: usize) -> &'a [u8] {
+        match *self {
+            Elems::F32(x) => bytemuck::cast_slice(&x[at..at + len]),
+            Elems::Bf16(x) => bytemuck::cast_slice(&x[at..at + len]),
+            Elems::F16(x) => bytemuck::cast_slice(&x[at..at + len]),
+        }
+    }
+}
 
 /// A dense row-major tensor.
 #[derive(Debug, Clone, PartialEq)]
@@ -157,6 +307,23 @@ impl<T: Copy + Default> Tensor<T> {
     }
 }
 
+impl<E: HostElem> Tensor<E> {
+    /// The elements converted to `F` (rounded to the nearest).
+    pub fn convert<F: HostElem>(&self) -> Tensor<F> {
+        let data = self.data.iter().map(|&x| F::from_f32(x.to_f32())).collect();
+        Tensor::new(self.shape.clone(), data)
+    }
+    /// This tensor as `F`: moved when it already is `F` (no copy of a
+    /// large output), else converted.
+    pub fn into_elem<F: HostElem>(self) -> Tensor<F> {
+        let mut slot = Some(self);
+        match (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<Tensor<F>>>() {
+            Some(same) => same.take().expect("filled above"),
+            None => slot.expect("not taken").convert(),
+        }
+    }
+}
+
 impl<T> Tensor<T> {
     pub fn new(shape: Vec<usize>, data: Vec<T>) -> Self {
         assert_eq!(
@@ -262,8 +429,12 @@ pub fn clamped_offset(shape: &[usize], idx: &[i64]) -> usize {
 /// positions (`q_offset = kv_seq - seq`, the default [`MixerInputs::new`]
 /// picks: "bottom-right" alignment, as FlashAttention and FlexDecoding do);
 /// cross-attention has unrelated lengths.
+///
+/// **Storage.** q, k and v are f32 unless `E` says otherwise ([`HostElem`]:
+/// bf16 or f16 inputs hold half the bytes; the output of a run comes back in
+/// the same type).
 #[derive(Debug, Clone, PartialEq)]
-pub struct MixerInputs {
+pub struct MixerInputs<E: HostElem = f32> {
     pub batch: usize,
     /// Queries (and output rows) per batch row.
     pub seq: usize,
@@ -271,15 +442,33 @@ pub struct MixerInputs {
     pub kv_seq: usize,
     /// Position of query 0 among the key positions.
     pub q_offset: usize,
-    pub q: Tensor<f32>,
-    pub k: Tensor<f32>,
-    pub v: Tensor<f32>,
+    pub q: Tensor<E>,
+    pub k: Tensor<E>,
+    pub v: Tensor<E>,
     pub extra: BTreeMap<String, ExtraTensor>,
 }
 
-impl mixc_dsl::bounds::TableRead for MixerInputs {
+impl<E: HostElem> mixc_dsl::bounds::TableRead for MixerInputs<E> {
     /// Element of an extra input at clamped indices (0 for an absent name:
     /// inputs are validated before plans read them).
+    fn read(&self, input: &str, indices: &[i64]) -> f64 {
+        self.meta().read(input, indices)
+    }
+}
+
+/// Everything of a [`MixerInputs`] but q, k and v (whatever their element
+/// type): the lengths and the extra inputs, which masks, biases, decays and
+/// the block plan read.
+#[derive(Debug, Clone, Copy)]
+pub struct InputsMeta<'a> {
+    pub batch: usize,
+    pub seq: usize,
+    pub kv_seq: usize,
+    pub q_offset: usize,
+    pub extra: &'a BTreeMap<String, ExtraTensor>,
+}
+
+impl mixc_dsl::bounds::TableRead for InputsMeta<'_> {
     fn read(&self, input: &str, indices: &[i64]) -> f64 {
         self.extra
             .get(input)
@@ -287,10 +476,8 @@ impl mixc_dsl::bounds::TableRead for MixerInputs {
     }
 }
 
-impl MixerInputs {
-    /// What the block plan may know of the tiles of batch row `b` (and head
-    /// `h`, when given) under these inputs: the variables an expression
-    /// mask reads, with the lengths as [`MixerInputs::eval_env`] gives them.
+impl InputsMeta<'_> {
+    /// See [`MixerInputs::known`].
     pub fn known(&self, heads: u32, b: usize, h: Option<usize>) -> mixc_dsl::bounds::Known {
         mixc_dsl::bounds::Known {
             batch: Some(b as i64),
@@ -301,15 +488,40 @@ impl MixerInputs {
         }
     }
 
+    /// See [`MixerInputs::eval_env`].
+    pub fn eval_env<'l>(&self, heads: u32, lookup: &'l dyn Fn(&str, &[i64]) -> f64) -> EvalEnv<'l> {
+        let mut env = EvalEnv::for_head(0, heads, lookup);
+        env.seq = (self.q_offset + self.seq) as i64;
+        env.kv_seq = self.kv_seq as i64;
+        env
+    }
+}
+
+impl<E: HostElem> MixerInputs<E> {
+    /// The lengths and extra inputs ([`InputsMeta`]).
+    pub fn meta(&self) -> InputsMeta<'_> {
+        InputsMeta {
+            batch: self.batch,
+            seq: self.seq,
+            kv_seq: self.kv_seq,
+            q_offset: self.q_offset,
+            extra: &self.extra,
+        }
+    }
+
+    /// What the block plan may know of the tiles of batch row `b` (and head
+    /// `h`, when given) under these inputs: the variables an expression
+    /// mask reads, with the lengths as [`MixerInputs::eval_env`] gives them.
+    pub fn known(&self, heads: u32, b: usize, h: Option<usize>) -> mixc_dsl::bounds::Known {
+        self.meta().known(heads, b, h)
+    }
+
     /// The expression environment of these inputs at pair (0, 0), head 0,
     /// batch row 0 (callers set `i`, `j`, `h`, `b`, `s`): `seq` is the length
     /// of the query sequence including a cached prefix (`q_offset + seq`),
     /// `kv_seq` the number of keys.
     pub fn eval_env<'a>(&self, heads: u32, lookup: &'a dyn Fn(&str, &[i64]) -> f64) -> EvalEnv<'a> {
-        let mut env = EvalEnv::for_head(0, heads, lookup);
-        env.seq = (self.q_offset + self.seq) as i64;
-        env.kv_seq = self.kv_seq as i64;
-        env
+        self.meta().eval_env(heads, lookup)
     }
 
     /// Inputs from q `[batch, seq, heads, head_dim]`, k `[batch, kv_seq,
@@ -319,8 +531,8 @@ impl MixerInputs {
     /// are the last positions (`q_offset = kv_seq - seq`, or 0 when there
     /// are more queries than keys). Shapes are checked against the spec
     /// when the inputs are used.
-    pub fn new(q: Tensor<f32>, k: Tensor<f32>, v: Tensor<f32>) -> MixerInputs {
-        let dims = |t: &Tensor<f32>| (t.shape.first().copied(), t.shape.get(1).copied());
+    pub fn new(q: Tensor<E>, k: Tensor<E>, v: Tensor<E>) -> MixerInputs<E> {
+        let dims = |t: &Tensor<E>| (t.shape.first().copied(), t.shape.get(1).copied());
         let (batch, kv_seq) = match (dims(&v), dims(&q)) {
             ((Some(b), Some(s)), _) | (_, (Some(b), Some(s))) => (b, s),
             _ => (0, 0),
@@ -346,11 +558,11 @@ impl MixerInputs {
     pub fn self_attention(
         batch: usize,
         seq: usize,
-        q: Tensor<f32>,
-        k: Tensor<f32>,
-        v: Tensor<f32>,
+        q: Tensor<E>,
+        k: Tensor<E>,
+        v: Tensor<E>,
         extra: BTreeMap<String, ExtraTensor>,
-    ) -> MixerInputs {
+    ) -> MixerInputs<E> {
         MixerInputs {
             batch,
             seq,
@@ -364,7 +576,7 @@ impl MixerInputs {
     }
 
     /// The same inputs with query 0 at key position `q_offset`.
-    pub fn with_q_offset(mut self, q_offset: usize) -> MixerInputs {
+    pub fn with_q_offset(mut self, q_offset: usize) -> MixerInputs<E> {
         self.q_offset = q_offset;
         self
     }
@@ -385,9 +597,60 @@ impl MixerInputs {
 
     /// Adds the extra input `name` (a table, gate, filter or id tensor the
     /// spec declares).
-    pub fn with_extra(mut self, name: &str, t: ExtraTensor) -> MixerInputs {
+    pub fn with_extra(mut self, name: &str, t: ExtraTensor) -> MixerInputs<E> {
         self.extra.insert(name.to_string(), t);
         self
+    }
+
+    /// Bytes of q, k and v as stored.
+    pub fn qkv_bytes(&self) -> usize {
+        (self.q.numel() + self.k.numel() + self.v.numel()) * std::mem::size_of::<E>()
+    }
+
+    /// The same inputs with q, k and v converted to `F` (rounded to the
+    /// nearest; [`crate::inputs::to_elem`] refuses values `F` cannot hold).
+    /// Each tensor is dropped once converted.
+    pub fn convert<F: HostElem>(self) -> MixerInputs<F> {
+        let conv = |t: Tensor<E>| t.convert::<F>();
+        let MixerInputs {
+            batch,
+            seq,
+            kv_seq,
+            q_offset,
+            q,
+            k,
+            v,
+            extra,
+        } = self;
+        let (q, k, v) = (conv(q), conv(k), conv(v));
+        MixerInputs {
+            batch,
+            seq,
+            kv_seq,
+            q_offset,
+            q,
+            k,
+            v,
+            extra,
+        }
+    }
+
+    /// These inputs read as f32 (a copy unless they are f32), for code that
+    /// reads only f32 (the CUDA upload, the backward passes).
+    pub fn to_f32(&self) -> std::borrow::Cow<'_, MixerInputs<f32>> {
+        match (self as &dyn std::any::Any).downcast_ref::<MixerInputs<f32>>() {
+            Some(x) => std::borrow::Cow::Borrowed(x),
+            None => std::borrow::Cow::Owned(MixerInputs {
+                batch: self.batch,
+                seq: self.seq,
+                kv_seq: self.kv_seq,
+                q_offset: self.q_offset,
+                q: self.q.convert(),
+                k: self.k.convert(),
+                v: self.v.convert(),
+                extra: self.extra.clone(),
+            }),
+        }
     }
 
     /// The declared extra input `name`, or a `BadInput` error naming it.

@@ -12,6 +12,7 @@ use crate::report;
 use anyhow::{bail, Context, Result};
 use mixc::dsl::{BlockSpec, DType, MixerSpec, SpecFile};
 use mixc::runtime::inputs;
+use mixc::{HostElem, Mixer, MixerInputs, OutElem};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -248,7 +249,30 @@ fn measure(
     // Compiled once per point (every repetition calls the same mixer), and
     // its memory estimated before the inputs are made.
     let mixer = run::build_mixer(spec, &opts)?;
-    let mut inputs = match *source {
+    // A forward on the CPU keeps q, k, v and o in a 16-bit dtype as such,
+    // as `mixc run` does.
+    match (mixer.host_dtype(), plan.pass) {
+        (DType::Bf16, Pass::Fwd) => {
+            measure_stored::<mixc::bf16>(plan, file, spec, source, &mixer, per_point)
+        }
+        (DType::F16, Pass::Fwd) => {
+            measure_stored::<mixc::f16>(plan, file, spec, source, &mixer, per_point)
+        }
+        _ => measure_stored::<f32>(plan, file, spec, source, &mixer, per_point),
+    }
+}
+
+/// [`measure`] with q, k, v and the output stored as `E`.
+fn measure_stored<E: HostElem + OutElem>(
+    plan: &Plan,
+    file: &str,
+    spec: &MixerSpec,
+    source: &Source,
+    mixer: &Mixer,
+    per_point: bool,
+) -> Result<Row> {
+    let dtype = mixer.dtype();
+    let inputs: MixerInputs<E> = match *source {
         Source::Random { seq, queries, seed } => {
             let nq = queries.unwrap_or(seq);
             if plan.pass == Pass::Fwd {
@@ -256,11 +280,17 @@ fn measure(
             } else {
                 mixer.admit_train(plan.batch, seq)?;
             }
-            inputs::random_inputs_kv(spec, plan.batch, nq, seq, seed)
+            let x: MixerInputs<E> = inputs::random_inputs_kv_as(spec, plan.batch, nq, seq, seed);
+            if E::DTYPE == dtype {
+                x
+            } else {
+                inputs::into_storage(x.convert(), dtype)?
+            }
         }
-        Source::File(path) => mixc::runtime::io::load_inputs(path, spec)?,
+        Source::File(path) => {
+            inputs::into_storage(mixc::runtime::io::load_inputs(path, spec)?, dtype)?
+        }
     };
-    mixc::runtime::inputs::round_to_dtype(&mut inputs, dtype)?;
     let (batch, seq) = (inputs.batch, inputs.seq);
     if plan.opts_base.ranks > inputs.kv_seq {
         bail!(
@@ -285,24 +315,25 @@ fn measure(
     // the pass; the first also records the point's facts and checks.
     let mut once = || -> Result<(f64, f64)> {
         let (exec, back) = match &d_o {
-            None => (run::execute(&mixer, &inputs)?, None),
+            None => (run::execute(mixer, &inputs)?, None),
             Some(d_o) => {
-                let (exec, saved) = mixer.forward_train(&inputs)?;
-                let back = mixer.backward(&inputs, &exec.o, &saved, d_o)?;
-                (exec, Some((d_o, back)))
+                let x = inputs.to_f32();
+                let (exec, saved) = mixer.forward_train(&x)?;
+                let back = mixer.backward(&x, &exec.o, &saved, d_o)?;
+                (exec.into_elem(), Some((d_o, back)))
             }
         };
         if first {
             first = false;
-            output_bytes = exec.o.numel() * 4;
+            output_bytes = exec.o.numel() * std::mem::size_of::<E>();
             config = Some((exec.config.clone(), run::source_text(&exec.config_source)));
             computed_pairs = exec.pairs_per_rank.as_ref().map(|p| p.iter().sum());
             if plan.check {
                 max_rel_error = Some(match &back {
-                    None => run::check_output(&mixer, &inputs, &exec.o, false, true)?.max_rel_error,
+                    None => run::check_output(mixer, &inputs, &exec.o, false, true)?.max_rel_error,
                     Some((d_o, back)) => mixer
                         .check_gradients(
-                            &inputs,
+                            &inputs.to_f32(),
                             d_o,
                             &back.grads,
                             &mixer.grad_check_plan(false),
@@ -355,7 +386,8 @@ fn measure(
         peak_rss_is_per_point: per_point,
         max_rel_error,
         tolerance: plan.check.then(|| match plan.pass {
-            Pass::Fwd => run::check_tolerance(compute),
+            // A 16-bit output is rounded once more (see `check::compare`).
+            Pass::Fwd => run::check_tolerance(compute).max(run::check_tolerance(E::DTYPE)),
             _ => mixc::runtime::check::grad_tolerance(compute),
         }),
         error: None,

@@ -4,7 +4,7 @@ use mixc::dsl::{DType, MixerSpec};
 use mixc::runtime::check::{CheckReport, GradCheckReport};
 use mixc::runtime::ring::Sharding;
 use mixc::runtime::{inputs, io, reference, MixerInputs, Tensor};
-use mixc::{ConfigSource, Device, Gradients, Mixer, Options, Output};
+use mixc::{ConfigSource, Device, Gradients, HostElem, Mixer, Options, OutElem, Output};
 use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -90,7 +90,7 @@ pub fn build_mixer(spec: &MixerSpec, opts: &ExecOptions) -> Result<Mixer> {
 
 /// One call of `mixer`; a tuning-cache note (an unusable entry) becomes a
 /// warning on stderr.
-pub fn execute(mixer: &Mixer, inputs: &MixerInputs) -> Result<Output> {
+pub fn execute<E: HostElem + OutElem>(mixer: &Mixer, inputs: &MixerInputs<E>) -> Result<Output<E>> {
     let out = mixer.forward(inputs)?;
     if let ConfigSource::Default { note: Some(note) } = &out.config_source {
         eprintln!("warning: {note}");
@@ -294,10 +294,10 @@ fn run_varlen(
     }
 }
 
-pub fn check_output(
+pub fn check_output<E: HostElem>(
     mixer: &Mixer,
-    inputs: &MixerInputs,
-    output: &Tensor<f32>,
+    inputs: &MixerInputs<E>,
+    output: &Tensor<E>,
     full: bool,
     quiet: bool,
 ) -> Result<CheckReport> {
@@ -434,7 +434,7 @@ pub use mixc::runtime::reference::check_tolerance;
 
 /// `seq 300`, or `seq 4 x kv_seq 4096` (with `@ offset` when the queries
 /// are not the last positions).
-fn lengths(x: &MixerInputs) -> String {
+fn lengths<E: HostElem>(x: &MixerInputs<E>) -> String {
     if x.is_self_aligned() {
         format!("seq {}", x.seq)
     } else if x.q_offset == x.kv_seq.saturating_sub(x.seq) {
@@ -490,10 +490,28 @@ pub fn main(args: Args) -> Result<ExitCode> {
     if args.paged == Some(0) {
         bail!("--paged takes a page size of at least 1 position");
     }
+    // A forward on the CPU keeps q, k, v and o in a 16-bit dtype as such
+    // (half the host memory); gradients and paged runs take f32 tensors.
+    let plain = !args.grad && args.paged.is_none();
+    match mixer.host_dtype() {
+        DType::Bf16 if plain => run_stored::<mixc::bf16>(&args, &spec, &mixer, &opts),
+        DType::F16 if plain => run_stored::<mixc::f16>(&args, &spec, &mixer, &opts),
+        _ => run_stored::<f32>(&args, &spec, &mixer, &opts),
+    }
+}
+
+/// `mixc run` of one input set whose q, k, v and output are stored as `E`.
+fn run_stored<E: HostElem + OutElem>(
+    args: &Args,
+    spec: &mixc::MixerSpec,
+    mixer: &Mixer,
+    opts: &ExecOptions,
+) -> Result<ExitCode> {
+    let dtype = opts.dtype;
     let mut d_o_file = None;
-    let mut inputs: MixerInputs = match &args.inputs {
+    let inputs: MixerInputs<E> = match &args.inputs {
         Some(path) => {
-            let (inputs, mut more) = io::load_inputs_with(path, &spec, &["do"])?;
+            let (inputs, mut more) = io::load_inputs_with(path, spec, &["do"])?;
             d_o_file = more.remove("do");
             if inputs.batch == 0 || inputs.seq == 0 || inputs.kv_seq == 0 {
                 bail!(
@@ -505,7 +523,9 @@ pub fn main(args: Args) -> Result<ExitCode> {
                     inputs.kv_seq
                 );
             }
-            inputs
+            // Given inputs hold what the storage type can: every backend and
+            // the reference see the values a GPU run stores.
+            inputs::into_storage(inputs, dtype)?
         }
         None => {
             let seq = args.seq.context("--seq is required without --inputs")?;
@@ -518,12 +538,16 @@ pub fn main(args: Args) -> Result<ExitCode> {
             } else {
                 mixer.admit_kv(args.batch, seq, kv_seq)?;
             }
-            inputs::random_inputs_kv(&spec, args.batch, seq, kv_seq, args.seed)
+            // Rounded to the dtype as made (see `into_storage`).
+            let x: MixerInputs<E> =
+                inputs::random_inputs_kv_as(spec, args.batch, seq, kv_seq, args.seed);
+            if E::DTYPE == dtype {
+                x
+            } else {
+                inputs::into_storage(x.convert(), dtype)?
+            }
         }
     };
-    // Given and random inputs alike hold what the storage type can: every
-    // backend and the reference see the values a GPU run stores.
-    inputs::round_to_dtype(&mut inputs, dtype)?;
     let inputs = match args.q_offset {
         Some(offset) => inputs.with_q_offset(offset),
         None => inputs,
@@ -545,21 +569,25 @@ pub fn main(args: Args) -> Result<ExitCode> {
     let (run, backward) = if args.grad {
         let d_o = match d_o_file {
             Some(d) => d,
-            None => inputs::random_upstream(&spec, inputs.batch, inputs.seq, args.seed),
+            None => inputs::random_upstream(spec, inputs.batch, inputs.seq, args.seed),
         };
         let (run, back) = with_spinner(&what, args.json, || -> Result<_> {
-            let (run, saved) = mixer.forward_train(&inputs)?;
-            let back = mixer.backward(&inputs, &run.o, &saved, &d_o)?;
-            Ok((run, back))
+            let x = inputs.to_f32();
+            let (run, saved) = mixer.forward_train(&x)?;
+            let back = mixer.backward(&x, &run.o, &saved, &d_o)?;
+            Ok((run.into_elem(), back))
         })?;
         (run, Some((d_o, back)))
     } else {
         let run = match args.paged {
             Some(page) => with_spinner(&what, args.json, || -> Result<_> {
-                let pages = mixc::Pages::from_contiguous(&inputs.k, &inputs.v, page, args.seed)?;
-                Ok(mixer.forward_paged(&inputs.q, &pages.as_paged(), &inputs.extra)?)
+                let x = inputs.to_f32();
+                let pages = mixc::Pages::from_contiguous(&x.k, &x.v, page, args.seed)?;
+                Ok(mixer
+                    .forward_paged(&x.q, &pages.as_paged(), &x.extra)?
+                    .into_elem())
             })?,
-            None => with_spinner(&what, args.json, || execute(&mixer, &inputs))?,
+            None => with_spinner(&what, args.json, || execute(mixer, &inputs))?,
         };
         (run, None)
     };
@@ -571,7 +599,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
     let (output, seconds) = (&run.o, run.seconds);
     let check = match args.check.as_deref() {
         Some(mode) => Some(check_output(
-            &mixer,
+            mixer,
             &inputs,
             output,
             mode == "full",
@@ -579,11 +607,14 @@ pub fn main(args: Args) -> Result<ExitCode> {
         )?),
         None => None,
     };
-    let tolerance = reference::check_tolerance(mixer.compute_dtype());
+    let tolerance = check.as_ref().map_or_else(
+        || reference::check_tolerance(mixer.compute_dtype()),
+        |c| c.tolerance,
+    );
     let grad_check = match (&backward, args.check.as_deref()) {
         (Some((d_o, back)), Some(mode)) => Some(check_grads(
-            &mixer,
-            &inputs,
+            mixer,
+            &inputs.to_f32(),
             d_o,
             &back.grads,
             mode == "full",
@@ -616,7 +647,7 @@ pub fn main(args: Args) -> Result<ExitCode> {
     let backend = opts.backend.name();
     let tokens = (inputs.batch * inputs.seq) as f64;
     let useful_pairs =
-        mixc::runtime::pairs::useful_pairs_per_head(&spec, &inputs) * u64::from(spec.heads);
+        mixc::runtime::pairs::useful_pairs_per_head(spec, &inputs) * u64::from(spec.heads);
     let max_rel_error = check.as_ref().map(|c| c.max_rel_error);
     let summary = json!({
         "spec": spec.name,
@@ -640,10 +671,10 @@ pub fn main(args: Args) -> Result<ExitCode> {
         // One definition with `bench`: useful (unmasked) pairs, not the
         // pairs of the tiles computed (those are `pairs_per_rank`).
         "useful_pairs": useful_pairs,
-        "useful_tflops": useful_pairs as f64 * report::flops_per_pair(&spec) / seconds / 1e12,
+        "useful_tflops": useful_pairs as f64 * report::flops_per_pair(spec) / seconds / 1e12,
         "pairs_per_rank": run.pairs_per_rank,
         "input_bytes": input_bytes(&inputs),
-        "output_bytes": output.numel() * 4,
+        "output_bytes": output.numel() * std::mem::size_of::<E>(),
         "max_rel_error": max_rel_error,
         "tolerance": check.is_some().then_some(tolerance),
         "compute_dtype": mixer.compute_dtype().name(),
@@ -763,8 +794,8 @@ pub fn main(args: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn input_bytes(inputs: &MixerInputs) -> usize {
-    (inputs.q.numel() + inputs.k.numel() + inputs.v.numel()) * 4 + inputs.extra_bytes()
+pub fn input_bytes<E: HostElem>(inputs: &MixerInputs<E>) -> usize {
+    inputs.qkv_bytes() + inputs.extra_bytes()
 }
 
 /// `out.safetensors` -> `out.failed.safetensors` (beside it).

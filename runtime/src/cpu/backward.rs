@@ -146,13 +146,14 @@ pub(super) fn q_side<T: Real>(
     let mut big_d = written(bh * nq, T::ZERO);
     let mut lse = written(bh * nq, T::ZERO);
     let positions = || ranges.iter().flat_map(|r| r.clone()).enumerate();
+    let mut widened = Vec::new();
     for x in 0..bh {
         let (b, h) = (x / ctx.heads, x % ctx.heads);
         for (t, p) in positions() {
             let (row, i) = (x * nq + t, p - ctx.q_offset);
             if dot_score {
-                let src = ctx.inputs.q.offset(&[b, i, h, 0]);
-                for (d, &y) in ctx.inputs.q.data[src..src + dk].iter().enumerate() {
+                let q = ctx.q.row(ctx.q_at(b, i, h), dk, &mut widened);
+                for (d, &y) in q.iter().enumerate() {
                     qs[row * dk + d] = feature::<T>(q_map, y) * T::from_f64(scale);
                 }
             }
@@ -886,9 +887,11 @@ pub(super) fn assemble<T: Real>(
         Score::Filter { .. } => (FeatureMap::Identity, FeatureMap::Identity, 0.0),
     };
     let dot_score = matches!(ctx.spec.score, Score::Dot { .. });
-    let mut dq = Tensor::<T>::zeros(&inputs.q.shape);
-    let mut dkt = Tensor::<T>::zeros(&inputs.k.shape);
-    let mut dvt = Tensor::<T>::zeros(&inputs.v.shape);
+    let [q_shape, k_shape, v_shape] = ctx.shapes;
+    let mut dq = Tensor::<T>::zeros(q_shape);
+    let mut dkt = Tensor::<T>::zeros(k_shape);
+    let mut dvt = Tensor::<T>::zeros(v_shape);
+    let mut widened = Vec::new();
     let gated = matches!(ctx.spec.decay, Decay::Gate { .. });
     // dC[b][h][p]: gradient of the cumulative log-gate at p.
     let mut d_cum = vec![0.0f64; if gated { batch * heads * positions } else { 0 }];
@@ -901,8 +904,8 @@ pub(super) fn assemble<T: Real>(
             for (t, &i) in q_pos.iter().enumerate() {
                 if dot_score {
                     let src = &rg.dq[(x * nq + t) * dk..][..dk];
-                    let o = inputs.q.offset(&[b, i - ctx.q_offset, h, 0]);
-                    let (dst, x) = (&mut dq.data[o..o + dk], &inputs.q.data[o..o + dk]);
+                    let o = ctx.q_at(b, i - ctx.q_offset, h);
+                    let (dst, x) = (&mut dq.data[o..o + dk], ctx.q.row(o, dk, &mut widened));
                     for ((g, &s), &qx) in dst.iter_mut().zip(src).zip(x) {
                         *g = T::from_f64(s.to_f64() * scale * q_map.derivative(qx as f64));
                     }
@@ -922,13 +925,13 @@ pub(super) fn assemble<T: Real>(
             for (t, &j) in k_pos.iter().enumerate() {
                 if dot_score {
                     let src = &home.dk[(y * n + t) * dk..][..dk];
-                    let o = inputs.k.offset(&[b, j, kvh, 0]);
-                    let (dst, x) = (&mut dkt.data[o..o + dk], &inputs.k.data[o..o + dk]);
+                    let o = ctx.k_at(b, j, kvh);
+                    let (dst, x) = (&mut dkt.data[o..o + dk], ctx.k.row(o, dk, &mut widened));
                     for ((g, &s), &kx) in dst.iter_mut().zip(src).zip(x) {
                         *g = T::from_f64(s.to_f64() * k_map.derivative(kx as f64));
                     }
                 }
-                let o = inputs.v.offset(&[b, j, kvh, 0]);
+                let o = ctx.v_at(b, j, kvh);
                 dvt.data[o..o + dv].copy_from_slice(&home.dv[(y * n + t) * dv..][..dv]);
                 if gated {
                     for g in 0..group {

@@ -122,14 +122,12 @@ fn cum<T>(ctx: &Ctx<'_, T>, b: usize, h: usize, p: isize) -> f64 {
 
 /// `psi(k)` and `v` rows of kv head `kvh` at `pos`.
 fn kv_rows<T: Real>(ctx: &Ctx<'_, T>, b: usize, kvh: usize, pos: usize, k: &mut [T], v: &mut [T]) {
-    let ko = ctx.inputs.k.offset(&[b, pos, kvh, 0]);
-    for (x, &y) in k.iter_mut().zip(&ctx.inputs.k.data[ko..ko + ctx.dk]) {
-        *x = feature::<T>(ctx.k_map, y);
-    }
-    let vo = ctx.inputs.v.offset(&[b, pos, kvh, 0]);
-    for (x, &y) in v.iter_mut().zip(&ctx.inputs.v.data[vo..vo + ctx.dv]) {
-        *x = T::from_f64(y as f64);
-    }
+    let k = &mut k[..ctx.dk];
+    ctx.k
+        .map_into(ctx.k_at(b, pos, kvh), k, |y| feature::<T>(ctx.k_map, y));
+    let v = &mut v[..ctx.dv];
+    ctx.v
+        .map_into(ctx.v_at(b, pos, kvh), v, |y| T::from_f64(y as f64));
 }
 
 /// What one (batch, head) needs of a range: its queries' `qs`, `u`, `c`

@@ -69,17 +69,14 @@ impl PairShard {
         let fill = |&(ri, t0, t1): &(usize, usize, usize)| {
             let (r, off) = (&ranges[ri], offs[ri]);
             let mut mapped = vec![0.0f32; dk];
+            let (mut wk, mut wv, mut wnext) = (Vec::new(), Vec::new(), Vec::new());
             for b in 0..b_ {
                 for t in t0..t1 {
                     let pos = r.start + t;
-                    let src = ctx.inputs.k.offset(&[b, pos, 0, 0]);
-                    let keys = &ctx.inputs.k.data[src..src + kvh_ * dk];
-                    let vsrc = ctx.inputs.v.offset(&[b, pos, 0, 0]);
-                    let vals = &ctx.inputs.v.data[vsrc..vsrc + kvh_ * dv];
-                    let next = (pos + 1 < r.end && t % 2 == 0).then(|| {
-                        let s = ctx.inputs.v.offset(&[b, pos + 1, 0, 0]);
-                        &ctx.inputs.v.data[s..s + kvh_ * dv]
-                    });
+                    let keys = ctx.k.row(ctx.k_at(b, pos, 0), kvh_ * dk, &mut wk);
+                    let vals = ctx.v.row(ctx.v_at(b, pos, 0), kvh_ * dv, &mut wv);
+                    let next = (pos + 1 < r.end && t % 2 == 0)
+                        .then(|| ctx.v.row(ctx.v_at(b, pos + 1, 0), kvh_ * dv, &mut wnext));
                     for kvh in 0..kvh_ {
                         let blk = b * kvh_ + kvh;
                         let row = map_row(ctx.k_map, &keys[kvh * dk..][..dk], &mut mapped);
@@ -213,14 +210,13 @@ impl<T: Real> KvShard<T> {
         let (kp, vp) = (Shared(k.as_mut_ptr()), Shared(v.as_mut_ptr()));
         let fill = |&(ri, t0, t1): &(usize, usize, usize)| {
             let (r, off, kn) = (&ranges[ri], offs[ri], t1 - t0);
+            let (mut wk, mut wv) = (Vec::new(), Vec::new());
             for b in 0..b_ {
                 for c in 0..kn {
                     let pos = r.start + t0 + c;
-                    let vsrc = ctx.inputs.v.offset(&[b, pos, 0, 0]);
-                    let vals = &ctx.inputs.v.data[vsrc..vsrc + kvh_ * dv];
+                    let vals = ctx.v.row(ctx.v_at(b, pos, 0), kvh_ * dv, &mut wv);
                     let keys: &[f32] = if with_k {
-                        let ksrc = ctx.inputs.k.offset(&[b, pos, 0, 0]);
-                        &ctx.inputs.k.data[ksrc..ksrc + kvh_ * dk]
+                        ctx.k.row(ctx.k_at(b, pos, 0), kvh_ * dk, &mut wk)
                     } else {
                         &[]
                     };
@@ -652,18 +648,16 @@ fn compute_item<T: Real>(
         // A head's query rows lie a page or more apart in the input, where
         // the hardware prefetchers stop: fetch a few rows ahead by hand.
         const AHEAD: usize = 8;
-        let q_row = |i: usize| {
-            let src = ctx.inputs.q.offset(&[b, i - ctx.q_offset, h, 0]);
-            &ctx.inputs.q.data[src..src + dk]
-        };
+        let q_at = |i: usize| ctx.q_at(b, i - ctx.q_offset, h);
         for i in q.clone().take(AHEAD) {
-            prefetch(q_row(i));
+            prefetch(ctx.q.bytes(q_at(i), dk));
         }
+        let mut widened = Vec::new();
         for (r, i) in q.clone().enumerate() {
             if i + AHEAD < q.end {
-                prefetch(q_row(i + AHEAD));
+                prefetch(ctx.q.bytes(q_at(i + AHEAD), dk));
             }
-            let row = q_row(i);
+            let row = ctx.q.row(q_at(i), dk, &mut widened);
             if pairs.is_some() {
                 let (mapped, row_pairs) = (&mut scratch.q_row, &mut scratch.q_pairs);
                 mapped.resize(dk, 0.0);

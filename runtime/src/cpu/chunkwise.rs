@@ -224,31 +224,28 @@ fn local_pass<T: Real>(ctx: &Ctx<'_, T>, b: usize, h: usize, range: Range<usize>
     // by chunk (below), so a range holds no full-length copy of them.
     let mut q = vec![T::ZERO; n * dk];
     let mut cl = vec![0.0f64; n + 1];
+    let mut widened = Vec::new();
     for (t, pos) in range.clone().enumerate() {
-        let qo = ctx.inputs.q.offset(&[b, pos, h, 0]);
         feature_row(
             *q_map,
-            &ctx.inputs.q.data[qo..qo + dk],
+            ctx.q.row(ctx.q_at(b, pos, h), dk, &mut widened),
             T::from_f64(*qk_scale),
             &mut q[t * dk..(t + 1) * dk],
         );
         cl[t + 1] = cl[t] + log_gamma(ctx, b, h, pos);
     }
     let gather = |c: &Range<usize>, kc: &mut [T], vc: &mut [T]| {
+        let mut widened = Vec::new();
         for (u, pos) in c.clone().map(|t| range.start + t).enumerate() {
-            let (ko, vo) = (
-                ctx.inputs.k.offset(&[b, pos, kvh, 0]),
-                ctx.inputs.v.offset(&[b, pos, kvh, 0]),
-            );
             feature_row(
                 *k_map,
-                &ctx.inputs.k.data[ko..ko + dk],
+                ctx.k.row(ctx.k_at(b, pos, kvh), dk, &mut widened),
                 T::ONE,
                 &mut kc[u * dk..(u + 1) * dk],
             );
             feature_row(
                 FeatureMap::Identity,
-                &ctx.inputs.v.data[vo..vo + dv],
+                ctx.v.row(ctx.v_at(b, pos, kvh), dv, &mut widened),
                 T::ONE,
                 &mut vc[u * dv..(u + 1) * dv],
             );
@@ -455,19 +452,17 @@ pub(super) fn rank_main_global<T: Real>(
                 let mut z = vec![T::ZERO; dk];
                 let mut kt = vec![T::ZERO; dk * step];
                 let mut krow = vec![T::ZERO; dk];
+                let mut widened = Vec::new();
                 let mut v = vec![T::ZERO; step * dv];
                 let all: Vec<usize> = positions().collect();
                 for ch in all.chunks(step) {
                     let nc = ch.len();
                     for (u, &pos) in ch.iter().enumerate() {
-                        let (ko, vo) = (
-                            ctx.inputs.k.offset(&[b, pos, kvh, 0]),
-                            ctx.inputs.v.offset(&[b, pos, kvh, 0]),
-                        );
-                        for (d, x) in v[u * dv..(u + 1) * dv].iter_mut().enumerate() {
-                            *x = T::from_f64(ctx.inputs.v.data[vo + d] as f64);
-                        }
-                        feature_row(*k_map, &ctx.inputs.k.data[ko..ko + dk], T::ONE, &mut krow);
+                        let vrow = &mut v[u * dv..(u + 1) * dv];
+                        ctx.v
+                            .map_into(ctx.v_at(b, pos, kvh), vrow, |y| T::from_f64(y as f64));
+                        let k = ctx.k.row(ctx.k_at(b, pos, kvh), dk, &mut widened);
+                        feature_row(*k_map, k, T::ONE, &mut krow);
                         for (d, (zd, &kd)) in z.iter_mut().zip(&krow).enumerate() {
                             kt[d * nc + u] = kd;
                             *zd += kd;
@@ -505,6 +500,7 @@ pub(super) fn rank_main_global<T: Real>(
                 );
                 let all: Vec<usize> = positions().collect();
                 let mut q = vec![T::ZERO; step * dk];
+                let mut widened = Vec::new();
                 for ((ch, yc), sc) in all
                     .chunks(step)
                     .zip(yx.chunks_mut(step * dv))
@@ -512,10 +508,9 @@ pub(super) fn rank_main_global<T: Real>(
                 {
                     let nc = ch.len();
                     for (t, &pos) in ch.iter().enumerate() {
-                        let qo = ctx.inputs.q.offset(&[b, pos, h, 0]);
                         feature_row(
                             *q_map,
-                            &ctx.inputs.q.data[qo..qo + dk],
+                            ctx.q.row(ctx.q_at(b, pos, h), dk, &mut widened),
                             T::from_f64(*qk_scale),
                             &mut q[t * dk..(t + 1) * dk],
                         );

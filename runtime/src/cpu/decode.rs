@@ -205,11 +205,10 @@ fn compute<T: Real>(
     let qr = reset(&mut scratch.qr, heads * nq * dk, T::ZERO);
     for h in 0..heads {
         for (t, i) in q.clone().enumerate() {
-            let src = ctx.inputs.q.offset(&[b, i - ctx.q_offset, h, 0]);
             let dst = &mut qr[(h * nq + t) * dk..(h * nq + t + 1) * dk];
-            for (y, &x) in dst.iter_mut().zip(&ctx.inputs.q.data[src..src + dk]) {
-                *y = feature::<T>(*q_map, x) * T::from_f64(*scale);
-            }
+            let src = ctx.q_at(b, i - ctx.q_offset, h);
+            ctx.q
+                .map_into(src, dst, |x| feature::<T>(*q_map, x) * T::from_f64(*scale));
         }
     }
     let qr = &*qr;
@@ -237,24 +236,19 @@ fn compute<T: Real>(
         let kc = reset(&mut scratch.kc, kvh_n * kn * dk, T::ZERO);
         let vc = reset(&mut scratch.vc, kvh_n * kn * dv, T::ZERO);
         for (c, j) in keys.clone().enumerate() {
-            let ko = ctx.inputs.k.offset(&[b, j, 0, 0]);
-            let vo = ctx.inputs.v.offset(&[b, j, 0, 0]);
+            let (ko, vo) = (ctx.k_at(b, j, 0), ctx.v_at(b, j, 0));
             for kvh in 0..kvh_n {
-                let krow = &ctx.inputs.k.data[ko + kvh * dk..ko + (kvh + 1) * dk];
                 let kdst = &mut kc[(kvh * kn + c) * dk..(kvh * kn + c + 1) * dk];
                 if identity {
-                    kdst.iter_mut()
-                        .zip(krow)
-                        .for_each(|(x, &y)| *x = T::from_f64(y as f64));
+                    ctx.k
+                        .map_into(ko + kvh * dk, kdst, |y| T::from_f64(y as f64));
                 } else {
-                    kdst.iter_mut()
-                        .zip(krow)
-                        .for_each(|(x, &y)| *x = feature::<T>(ctx.k_map, y));
+                    ctx.k
+                        .map_into(ko + kvh * dk, kdst, |y| feature::<T>(ctx.k_map, y));
                 }
-                vc[(kvh * kn + c) * dv..(kvh * kn + c + 1) * dv]
-                    .iter_mut()
-                    .zip(&ctx.inputs.v.data[vo + kvh * dv..vo + (kvh + 1) * dv])
-                    .for_each(|(x, &y)| *x = T::from_f64(y as f64));
+                let vdst = &mut vc[(kvh * kn + c) * dv..(kvh * kn + c + 1) * dv];
+                ctx.v
+                    .map_into(vo + kvh * dv, vdst, |y| T::from_f64(y as f64));
             }
         }
         for kvh in 0..kvh_n {

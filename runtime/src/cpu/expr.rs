@@ -17,7 +17,7 @@ use mixc_dsl::ir::{BinOp, EvalEnv, Expr, Func, ScalarType, UnOp, Value, Var};
 
 use super::microkernel::{detected_isa, Isa};
 use super::real::Real;
-use crate::tensor::{ExtraTensor, MixerInputs};
+use crate::tensor::{ExtraTensor, InputsMeta};
 
 /// A bias or transform specialised to one head.
 #[derive(Debug, Clone)]
@@ -108,7 +108,7 @@ fn reads_pair(e: &Expr) -> bool {
 
 struct Compiler<'a, 'e> {
     prog: Program<'a>,
-    inputs: &'a MixerInputs,
+    inputs: InputsMeta<'a>,
     env: EvalEnv<'e>,
 }
 
@@ -278,7 +278,7 @@ impl<'a> FastExpr<'a> {
     /// Specialises `e` to batch row `b` and head `h` (which, like the
     /// lengths, it folds). Every input it names must be present (inputs are
     /// validated before a run starts).
-    pub fn new(e: &Expr, b: usize, h: usize, heads: u32, inputs: &'a MixerInputs) -> FastExpr<'a> {
+    pub fn new(e: &Expr, b: usize, h: usize, heads: u32, inputs: InputsMeta<'a>) -> FastExpr<'a> {
         let lookup = |name: &str, idx: &[i64]| inputs.extra[name].get_clamped(idx);
         let mut env = inputs.eval_env(heads, &lookup);
         (env.b, env.h) = (b as i64, h as i64);
@@ -665,7 +665,7 @@ mod tests {
         Expr::Call(f, args)
     }
 
-    fn inputs() -> MixerInputs {
+    fn inputs() -> crate::tensor::MixerInputs {
         let rel = Tensor::new(
             vec![2, 4],
             vec![0.5f32, -1.0, 2.0, 0.25, 3.0, 1.5, -0.5, 7.0],
@@ -675,7 +675,7 @@ mod tests {
         extra.insert("rel".to_string(), ExtraTensor::F32(rel));
         extra.insert("ids".to_string(), ExtraTensor::I32(ids));
         let empty = || Tensor::new(vec![0], vec![]);
-        MixerInputs::self_attention(1, 4, empty(), empty(), empty(), extra)
+        crate::tensor::MixerInputs::self_attention(1, 4, empty(), empty(), empty(), extra)
     }
 
     /// The example biases / transforms plus every operator and function,
@@ -796,7 +796,7 @@ mod tests {
         let n = 7;
         for e in &exprs() {
             for h in 0..2 {
-                let fast = FastExpr::new(e, 0, h, 2, &inputs);
+                let fast = FastExpr::new(e, 0, h, 2, inputs.meta());
                 let (mut sc64, mut sc32) = (ExprScratch::<f64>::default(), ExprScratch::default());
                 for i0 in [-3i64, 0, 5] {
                     for j in -2..6i64 {
@@ -870,7 +870,7 @@ mod tests {
             }
         }
         for e in &exprs() {
-            let FastExpr::Program(p) = FastExpr::new(e, 0, 1, 2, &inputs) else {
+            let FastExpr::Program(p) = FastExpr::new(e, 0, 1, 2, inputs.meta()) else {
                 continue;
             };
             let s32: Vec<f32> = (0..n).map(|l| (l as f32 - 11.0) * 0.73).collect();
@@ -902,7 +902,7 @@ mod tests {
     fn head_only_parts_are_folded() {
         let inputs = inputs();
         let all = exprs();
-        let FastExpr::Program(p) = FastExpr::new(&all[0], 0, 1, 2, &inputs) else {
+        let FastExpr::Program(p) = FastExpr::new(&all[0], 0, 1, 2, inputs.meta()) else {
             panic!("ALiBi reads i and j");
         };
         assert!(!p
@@ -910,7 +910,7 @@ mod tests {
             .iter()
             .any(|o| matches!(o, Op::AlibiInt(..) | Op::CallFloat(..))));
         assert!(matches!(
-            FastExpr::new(&all[all.len() - 1], 0, 1, 2, &inputs),
+            FastExpr::new(&all[all.len() - 1], 0, 1, 2, inputs.meta()),
             FastExpr::Const(_)
         ));
     }

@@ -120,10 +120,8 @@ fn convolve<T: Real, F: FftReal>(ctx: &Ctx<'_, T>, y: &mut [T]) {
         // This head's values, rows in position order (one sequential read).
         let mut vals = vec![F::zero(); l * dv];
         for (i, row) in vals.chunks_exact_mut(dv).enumerate() {
-            let src = ctx.inputs.v.offset(&[b, i, kvh, 0]);
-            for (d, &s) in row.iter_mut().zip(&ctx.inputs.v.data[src..src + dv]) {
-                *d = F::of(s as f64);
-            }
+            ctx.v
+                .map_into(ctx.v_at(b, i, kvh), row, |s| F::of(s as f64));
         }
         for c in 0..dv {
             for (i, t) in time.iter_mut().enumerate() {

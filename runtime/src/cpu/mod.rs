@@ -45,7 +45,7 @@ use crate::grad::Gradients;
 use crate::inputs::validate_inputs;
 pub use crate::ring::Sharding;
 use crate::ring::{endpoints, RingSchedule, Transport};
-use crate::tensor::{MixerInputs, Tensor};
+use crate::tensor::{Elems, HostElem, InputsMeta, MixerInputs, Tensor};
 use expr::FastExpr;
 use real::Real;
 use std::sync::Arc;
@@ -144,10 +144,15 @@ pub fn path_for(spec: &MixerSpec) -> CpuPath {
 }
 
 /// The output of a CPU run, `[batch, seq, heads, value_dim]`.
+///
+/// f32 and f64 runs on f32 inputs give f32 and f64; f32 runs on bf16 or f16
+/// inputs give the inputs' type (rounded once, from the f32 result).
 #[derive(Debug, Clone, PartialEq)]
 pub enum CpuOutput {
     F32(Tensor<f32>),
     F64(Tensor<f64>),
+    Bf16(Tensor<half::bf16>),
+    F16(Tensor<half::f16>),
 }
 
 impl CpuOutput {
@@ -155,33 +160,72 @@ impl CpuOutput {
         match self {
             CpuOutput::F32(t) => &t.shape,
             CpuOutput::F64(t) => &t.shape,
+            CpuOutput::Bf16(t) => &t.shape,
+            CpuOutput::F16(t) => &t.shape,
         }
     }
     pub fn to_f64(&self) -> Tensor<f64> {
+        let widen = |shape: &[usize], x: &mut dyn Iterator<Item = f64>| {
+            Tensor::new(shape.to_vec(), x.collect())
+        };
         match self {
-            CpuOutput::F32(t) => {
-                Tensor::new(t.shape.clone(), t.data.iter().map(|&x| x as f64).collect())
-            }
+            CpuOutput::F32(t) => widen(&t.shape, &mut t.data.iter().map(|&x| x as f64)),
             CpuOutput::F64(t) => t.clone(),
+            CpuOutput::Bf16(t) => widen(&t.shape, &mut t.data.iter().map(|x| x.to_f64())),
+            CpuOutput::F16(t) => widen(&t.shape, &mut t.data.iter().map(|x| x.to_f64())),
         }
     }
     /// The output as f32 without copying an f32 output (a 1M-token output is
     /// gigabytes; a clone would count against the run's peak memory).
     pub fn into_f32(self) -> Tensor<f32> {
-        match self {
-            CpuOutput::F32(t) => t,
-            other => other.to_f32(),
-        }
+        self.into_elem()
     }
     pub fn to_f32(&self) -> Tensor<f32> {
+        self.clone().into_elem()
+    }
+    /// The output in the storage type `E`: moved when it already is `E`,
+    /// else converted (rounded to the nearest).
+    pub fn into_elem<E: HostElem>(self) -> Tensor<E> {
         match self {
-            CpuOutput::F32(t) => t.clone(),
-            CpuOutput::F64(t) => {
-                Tensor::new(t.shape.clone(), t.data.iter().map(|&x| x as f32).collect())
-            }
+            CpuOutput::F32(t) => t.into_elem(),
+            CpuOutput::Bf16(t) => t.into_elem(),
+            CpuOutput::F16(t) => t.into_elem(),
+            CpuOutput::F64(t) => Tensor::new(
+                t.shape.clone(),
+                t.data.iter().map(|&x| E::from_f32(x as f32)).collect(),
+            ),
         }
     }
 }
+
+/// The element a run's output rows are assembled in (see [`CpuOutput`]):
+/// f32, f64, bf16 and f16.
+pub trait OutElem: Copy + Default + Send + Sync + 'static {
+    fn from_real<T: Real>(x: T) -> Self;
+    fn wrap(t: Tensor<Self>) -> CpuOutput;
+}
+
+macro_rules! out_elem {
+    ($t:ty, $variant:ident, |$x:ident| $conv:expr) => {
+        impl OutElem for $t {
+            #[inline(always)]
+            fn from_real<T: Real>($x: T) -> Self {
+                $conv
+            }
+            fn wrap(t: Tensor<Self>) -> CpuOutput {
+                CpuOutput::$variant(t)
+            }
+        }
+    };
+}
+out_elem!(f32, F32, |x| x.to_f64() as f32);
+out_elem!(f64, F64, |x| x.to_f64());
+out_elem!(
+    half::bf16,
+    Bf16,
+    |x| half::bf16::from_f32(x.to_f64() as f32)
+);
+out_elem!(half::f16, F16, |x| half::f16::from_f32(x.to_f64() as f32));
 
 /// What a run did, for load-balance and skipping reports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -361,14 +405,14 @@ impl CpuMixer {
     /// Runs one input set (any batch and sequence length of at least the
     /// ring's rank count). [`CpuRun::stat`] is left empty (see
     /// [`CpuMixer::run_train`]).
-    pub fn run(&self, inputs: &MixerInputs) -> Result<CpuRun> {
+    pub fn run<E: HostElem + OutElem>(&self, inputs: &MixerInputs<E>) -> Result<CpuRun> {
         self.run_keeping(inputs, false)
     }
 
     /// [`CpuMixer::run`] that also returns each row's statistic
     /// ([`CpuRun::stat`]), which [`CpuMixer::backward`] needs; inference
     /// skips it (at a million tokens it is hundreds of MiB).
-    pub fn run_train(&self, inputs: &MixerInputs) -> Result<CpuRun> {
+    pub fn run_train<E: HostElem + OutElem>(&self, inputs: &MixerInputs<E>) -> Result<CpuRun> {
         self.run_keeping(inputs, true)
     }
 
@@ -381,16 +425,20 @@ impl CpuMixer {
     /// touched). Only this rank's rows of the output (and statistic, with
     /// `keep_stat`) are written; the others are zeros. Extra inputs are
     /// whole. Queries and keys must be one sequence.
-    pub fn run_rank(
+    pub fn run_rank<E: HostElem + OutElem>(
         &self,
-        inputs: &MixerInputs,
+        inputs: &MixerInputs<E>,
         keep_stat: bool,
         transport: &Arc<dyn Transport>,
     ) -> Result<CpuRun> {
         self.run_on(inputs, keep_stat, Ranks::Remote(transport), None)
     }
 
-    fn run_keeping(&self, inputs: &MixerInputs, keep_stat: bool) -> Result<CpuRun> {
+    fn run_keeping<E: HostElem + OutElem>(
+        &self,
+        inputs: &MixerInputs<E>,
+        keep_stat: bool,
+    ) -> Result<CpuRun> {
         self.run_on(inputs, keep_stat, Ranks::Threads(self.cfg.ranks), None)
     }
 
@@ -400,9 +448,9 @@ impl CpuMixer {
     /// state after its last position ([`CpuRun::state`]): a prefill, then
     /// decode steps of a token or a few, each O(d_k d_v) per token. One
     /// rank; queries and keys one sequence.
-    pub fn run_state(
+    pub fn run_state<E: HostElem + OutElem>(
         &self,
-        inputs: &MixerInputs,
+        inputs: &MixerInputs<E>,
         state: Option<&RecurrentState>,
     ) -> Result<CpuRun> {
         let spec = &self.spec;
@@ -447,9 +495,9 @@ impl CpuMixer {
         self.run_on(inputs, false, Ranks::Threads(1), Some(state))
     }
 
-    fn run_on(
+    fn run_on<E: HostElem + OutElem>(
         &self,
-        inputs: &MixerInputs,
+        inputs: &MixerInputs<E>,
         keep_stat: bool,
         ranks: Ranks<'_>,
         state: Option<Option<&RecurrentState>>,
@@ -478,11 +526,11 @@ impl CpuMixer {
         };
         let (output, stat, mut stats, state) = match cfg.precision {
             Precision::F32 | Precision::Bf16 => {
-                let r = run_typed::<f32>(spec, inputs, cfg, pool, &run)?;
-                (CpuOutput::F32(r.out), r.stat, r.stats, r.state)
+                let r = run_typed::<f32, E, E>(spec, inputs, cfg, pool, &run)?;
+                (E::wrap(r.out), r.stat, r.stats, r.state)
             }
             Precision::F64 => {
-                let r = run_typed::<f64>(spec, inputs, cfg, pool, &run)?;
+                let r = run_typed::<f64, E, f64>(spec, inputs, cfg, pool, &run)?;
                 (CpuOutput::F64(r.out), r.stat, r.stats, r.state)
             }
         };
@@ -616,7 +664,7 @@ fn backward_typed<T: Real>(
 ) -> Result<Gradients<T>> {
     // (Built for the blocked path: its cumulative log-gates serve both.)
     // The backward's products are f32 (bf16 runs included).
-    let mut ctx = build_ctx::<T>(spec, inputs, cfg, pool, CpuPath::Blocked);
+    let mut ctx = build_ctx::<T, _>(spec, inputs, cfg, pool, CpuPath::Blocked);
     ctx.bf16 = false;
     let sched = run.sched;
     let ranks = match run.path {
@@ -637,7 +685,11 @@ fn backward_typed<T: Real>(
 
 /// Runs `spec` on `inputs` with the ring/blocked CPU algorithm (a one-off
 /// [`CpuMixer`]; build one to run many input sets).
-pub fn run(spec: &MixerSpec, inputs: &MixerInputs, cfg: &CpuConfig) -> Result<CpuRun> {
+pub fn run<E: HostElem + OutElem>(
+    spec: &MixerSpec,
+    inputs: &MixerInputs<E>,
+    cfg: &CpuConfig,
+) -> Result<CpuRun> {
     CpuMixer::new(spec, cfg)?.run(inputs)
 }
 
@@ -656,7 +708,17 @@ fn check_spec(spec: &MixerSpec) -> Result<()> {
 /// Read-only state shared by every rank of one run.
 pub(crate) struct Ctx<'a, T> {
     spec: &'a MixerSpec,
-    inputs: &'a MixerInputs,
+    /// The lengths and extra inputs.
+    inputs: InputsMeta<'a>,
+    /// q `[batch, seq, heads, dk]`, k `[batch, positions, kv_heads, dk]`,
+    /// v `[batch, positions, kv_heads, dv]`, in their storage type (read
+    /// through [`Ctx::q_at`] and friends).
+    q: Elems<'a>,
+    k: Elems<'a>,
+    v: Elems<'a>,
+    /// The shapes of q, k and v (q and k are `[0]` for the convolution
+    /// family).
+    shapes: [&'a [usize]; 3],
     pool: &'a rayon::ThreadPool,
     batch: usize,
     /// Queries per batch row.
@@ -723,6 +785,23 @@ impl<'a, T> Ctx<'a, T> {
         }
         self.mask_lanes[self.expr_slot(self.mask_lanes.len(), b, h)].as_ref()
     }
+    /// Where query row `row` (query position `row + q_offset`) of head `h`
+    /// of batch row `b` starts in `q`.
+    #[inline]
+    fn q_at(&self, b: usize, row: usize, h: usize) -> usize {
+        ((b * self.seq + row) * self.heads + h) * self.dk
+    }
+    /// Where key position `pos` of kv head `kvh` of batch row `b` starts in
+    /// `k` (`kvh = 0`: the position's first kv head; they follow each other).
+    #[inline]
+    fn k_at(&self, b: usize, pos: usize, kvh: usize) -> usize {
+        ((b * self.positions + pos) * self.kv_heads + kvh) * self.dk
+    }
+    /// As [`Ctx::k_at`], in `v`.
+    #[inline]
+    fn v_at(&self, b: usize, pos: usize, kvh: usize) -> usize {
+        ((b * self.positions + pos) * self.kv_heads + kvh) * self.dv
+    }
     fn expr_slot(&self, len: usize, b: usize, h: usize) -> usize {
         if len > self.heads {
             b * self.heads + h
@@ -736,7 +815,7 @@ impl<'a, T> Ctx<'a, T> {
     fn tiles_of(&self, b: usize, h: Option<usize>) -> At<'_> {
         At {
             segs: &self.segs[b],
-            tables: Some(self.inputs),
+            tables: Some(&self.inputs),
             known: self.inputs.known(self.spec.heads, b, h),
         }
     }
@@ -763,9 +842,9 @@ pub(crate) struct RankStats {
     tiles: ClassCounts,
 }
 
-fn build_ctx<'a, T: Real>(
+fn build_ctx<'a, T: Real, E: HostElem>(
     spec: &'a MixerSpec,
-    inputs: &'a MixerInputs,
+    inputs: &'a MixerInputs<E>,
     cfg: &CpuConfig,
     pool: &'a rayon::ThreadPool,
     path: CpuPath,
@@ -781,7 +860,7 @@ fn build_ctx<'a, T: Real>(
         (0..rows * heads)
             .map(|x| {
                 e.as_ref()
-                    .map(|e| FastExpr::new(e, x / heads, x % heads, spec.heads, inputs))
+                    .map(|e| FastExpr::new(e, x / heads, x % heads, spec.heads, inputs.meta()))
             })
             .collect()
     };
@@ -842,7 +921,11 @@ fn build_ctx<'a, T: Real>(
         .collect();
     Ctx {
         spec,
-        inputs,
+        inputs: inputs.meta(),
+        q: E::elems(&inputs.q.data),
+        k: E::elems(&inputs.k.data),
+        v: E::elems(&inputs.v.data),
+        shapes: [&inputs.q.shape, &inputs.k.shape, &inputs.v.shape],
         pool,
         batch,
         seq,
@@ -887,15 +970,15 @@ fn build_ctx<'a, T: Real>(
     }
 }
 
-fn run_typed<T: Real>(
+fn run_typed<T: Real, E: HostElem, O: OutElem>(
     spec: &MixerSpec,
-    inputs: &MixerInputs,
+    inputs: &MixerInputs<E>,
     cfg: &CpuConfig,
     pool: &rayon::ThreadPool,
     run: &RunOn<'_>,
-) -> Result<TypedRun<T>> {
+) -> Result<TypedRun<O>> {
     let (sched, path, keep_stat) = (run.sched, run.path, run.keep_stat);
-    let mut ctx = build_ctx::<T>(spec, inputs, cfg, pool, path);
+    let mut ctx = build_ctx::<T, _>(spec, inputs, cfg, pool, path);
     ctx.keep_stat = keep_stat;
     if let Some(state) = run.state {
         ctx.state_in = state.map(RecurrentState::to_prefix);
@@ -910,7 +993,7 @@ fn run_typed<T: Real>(
             .run(|ep| chunkwise::rank_main_global(&ctx, sched, ep)),
     };
     let (heads, dv) = (ctx.heads, ctx.dv);
-    let mut out = Tensor::<T>::zeros(&[inputs.batch, inputs.seq, heads, dv]);
+    let mut out = Tensor::<O>::zeros(&[inputs.batch, inputs.seq, heads, dv]);
     let mut stat = if keep_stat {
         Tensor::<f64>::zeros(&[inputs.batch, heads, inputs.seq])
     } else {
@@ -951,7 +1034,9 @@ fn run_typed<T: Real>(
                     // Rank ranges hold query positions; rows are query indices.
                     let row = pos - inputs.q_offset;
                     let dst = out.offset(&[b, row, h, 0]);
-                    out.data[dst..dst + dv].copy_from_slice(src);
+                    for (d, &s) in out.data[dst..dst + dv].iter_mut().zip(src) {
+                        *d = O::from_real(s);
+                    }
                     if keep_stat {
                         stat.data[x * inputs.seq + row] = o.stat[x * n + t];
                     }
@@ -1017,7 +1102,7 @@ impl Ranks<'_> {
         }
     }
 
-    fn check(self, inputs: &MixerInputs) -> Result<()> {
+    fn check<E: HostElem>(self, inputs: &MixerInputs<E>) -> Result<()> {
         match self {
             Ranks::Remote(t) if t.rank() >= t.ranks() => Err(RuntimeError::Invalid(format!(
                 "rank {} of a ring of {} ranks",
