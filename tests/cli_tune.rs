@@ -221,7 +221,11 @@ fn run_uses_the_tuned_choice_and_falls_back_with_a_warning() {
         source.starts_with("tuned") && source.contains(path.file_name().unwrap().to_str().unwrap()),
         "{after}"
     );
-    assert!(after["max_rel_error"].as_f64().unwrap() < 2e-4);
+    // Within the run's own tolerance (the spec stores bf16: the output too).
+    assert!(
+        after["max_rel_error"].as_f64().unwrap() <= after["tolerance"].as_f64().unwrap(),
+        "{after}"
+    );
 
     // A corrupt entry: a warning, the default, and still a correct result.
     std::fs::write(&path, "not json").unwrap();
