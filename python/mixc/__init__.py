@@ -454,15 +454,36 @@ def _mix(handle: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
          extras: list[torch.Tensor], q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     m = _MIXERS[handle]
     b, seq, kv_seq = _lengths(m, q, v)
-    qc, kc, vc, bf16 = m._qkv(q, k, v)
+    stored = _stored_in_place(m, q, k, v)
+    if stored is not None:
+        # bf16 / f16 tensors in the storage type: read in place, `o` written
+        # in that type (no f32 copies: half the memory of widening them).
+        qc, kc, vc = (t.detach().contiguous() for t in (q, k, v))
+        bf16, elem, o_dtype = stored == torch.bfloat16, _ELEM[stored], stored
+    else:
+        qc, kc, vc, bf16 = m._qkv(q, k, v)
+        elem, o_dtype = "f32", torch.float32
     args, keep = _extra_args(m, extras)
-    o = torch.empty(_out_shape(m, q, v), dtype=torch.float32)
+    o = torch.empty(_out_shape(m, q, v), dtype=o_dtype)
     stat = torch.zeros(_stat_shape(m, q, v), dtype=torch.float64)
     # bf16 storage: bf16 tile products where the CPU has them.
     m._m.forward((b, seq, kv_seq, q_offset), qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), args,
-                 o.data_ptr(), stat.data_ptr(), bf16=bf16)
+                 o.data_ptr(), stat.data_ptr(), bf16=bf16, elem=elem)
     del keep
     return o.to(v.dtype), stat
+
+
+_ELEM = {torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def _stored_in_place(m, q, k, v):
+    """The 16-bit storage type when q, k and v (q and k may be empty for a
+    convolution) all hold it, so the native forward reads them as they are;
+    else None (they are widened to f32)."""
+    storage = m.dtype or v.dtype
+    if storage not in _ELEM or any(t.numel() and t.dtype != storage for t in (q, k, v)):
+        return None
+    return storage
 
 
 @_mix.register_fake

@@ -262,11 +262,26 @@ impl Mixer {
         qkv: (usize, usize, usize),
         extras: &[ExtraArg],
     ) -> MixerInputs {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.inputs_as::<f32>(lengths, qkv, extras) }
+    }
+
+    /// [`Mixer::inputs`] with q, k and v stored as `E` (bf16 or f16 torch
+    /// tensors, read in place).
+    ///
+    /// # Safety
+    /// As [`Mixer::inputs`], with `E` elements at q, k and v.
+    unsafe fn inputs_as<E: mixc::HostElem>(
+        &self,
+        lengths: Lengths,
+        qkv: (usize, usize, usize),
+        extras: &[ExtraArg],
+    ) -> MixerInputs<E> {
         let shapes = self.shapes(lengths);
-        let tensor = |name: &str, addr: usize| -> Tensor<f32> {
+        let tensor = |name: &str, addr: usize| -> Tensor<E> {
             match shapes.get(name) {
                 // SAFETY: forwarded from this function's contract.
-                Some(s) => unsafe { Tensor::borrowed(s.clone(), addr as *const f32) },
+                Some(s) => unsafe { Tensor::borrowed(s.clone(), addr as *const E) },
                 None => Tensor::new(vec![0], Vec::new()),
             }
         };
@@ -276,6 +291,42 @@ impl Mixer {
         // SAFETY: as above.
         x.extra = unsafe { borrow_extras(&shapes, extras) };
         x
+    }
+}
+
+/// One forward call's addresses: `(q, k, v)`, `o`, `stat` (when the
+/// residuals are kept) and whether bf16 products may run.
+type ForwardCall = ((usize, usize, usize), usize, Option<usize>, bool);
+
+impl Mixer {
+    /// [`Mixer::forward`] on q, k, v and `o` of element type `E`.
+    fn forward_as<E: mixc::HostElem + mixc::OutElem>(
+        &self,
+        py: Python<'_>,
+        lengths: Lengths,
+        (qkv, o, stat, bf16): ForwardCall,
+        extras: &[ExtraArg],
+    ) -> PyResult<()> {
+        // SAFETY: the documented contract, checked by the Python side.
+        let x = unsafe { self.inputs_as::<E>(lengths, qkv, extras) };
+        let (batch, seq) = (lengths.0, lengths.1);
+        let m = self.for_call(bf16)?;
+        let (out, saved) = py
+            .detach(|| match stat {
+                Some(_) => m.forward_train(&x).map(|(o, r)| (o, Some(r))),
+                None => m.forward(&x).map(|o| (o, None)),
+            })
+            .map_err(runtime_err)?;
+        // SAFETY: `o` holds batch * seq * heads * value_dim `E` (checked).
+        unsafe { write(o, &out.o.data) };
+        if let (Some(addr), Some(r)) = (stat, saved) {
+            let want = batch * self.spec.heads as usize * seq;
+            if r.stat.data.len() == want {
+                // SAFETY: `stat` holds batch * heads * seq f64 (checked).
+                unsafe { write(addr, &r.stat.data) };
+            }
+        }
+        Ok(())
     }
 }
 
@@ -480,17 +531,19 @@ impl Mixer {
 
     /// The forward pass (with `bf16`: q, k and v hold bf16 values, so the
     /// tile products may run in bf16, see `cpu_bf16_products`): writes `o`
-    /// (f32 `[batch, seq, heads, value_dim]`)
+    /// (`[batch, seq, heads, value_dim]`, of `elem`'s type)
     /// and, when `stat` is given, each row's statistic for the backward
     /// (f64 `[batch, heads, seq]`). `lengths` is `(batch, seq, kv_seq,
     /// q_offset)`: queries, keys and the position of query 0 among the keys.
     ///
-    /// Addresses: `q` f32 `[batch, seq, heads, head_dim]`, `k`, `v` f32
-    /// `[batch, kv_seq, kv_heads, dim]` (q and k ignored for the
+    /// Addresses: `q` `[batch, seq, heads, head_dim]`, `k`, `v`
+    /// `[batch, kv_seq, kv_heads, dim]`, of `elem`'s type (`"f32"`,
+    /// `"bf16"` or `"f16"`: 16-bit tensors are read in place and `o` is
+    /// written in their type) (q and k ignored for the
     /// convolution family); `extras` by name, int32 or f32 in their declared
     /// shapes (a `seq` axis has kv_seq entries). Every one live, contiguous
     /// and as large as the shapes say (the Python package checks it).
-    #[pyo3(signature = (lengths, q, k, v, extras, o, stat = None, bf16 = false))]
+    #[pyo3(signature = (lengths, q, k, v, extras, o, stat = None, bf16 = false, elem = "f32"))]
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -503,27 +556,17 @@ impl Mixer {
         o: usize,
         stat: Option<usize>,
         bf16: bool,
+        elem: &str,
     ) -> PyResult<()> {
-        // SAFETY: the documented contract, checked by the Python side.
-        let x = unsafe { self.inputs(lengths, (q, k, v), &extras) };
-        let (batch, seq) = (lengths.0, lengths.1);
-        let m = self.for_call(bf16)?;
-        let (out, saved) = py
-            .detach(|| match stat {
-                Some(_) => m.forward_train(&x).map(|(o, r)| (o, Some(r))),
-                None => m.forward(&x).map(|o| (o, None)),
-            })
-            .map_err(runtime_err)?;
-        // SAFETY: `o` holds batch * seq * heads * value_dim f32 (checked).
-        unsafe { write(o, &out.o.data) };
-        if let (Some(addr), Some(r)) = (stat, saved) {
-            let want = batch * self.spec.heads as usize * seq;
-            if r.stat.data.len() == want {
-                // SAFETY: `stat` holds batch * heads * seq f64 (checked).
-                unsafe { write(addr, &r.stat.data) };
-            }
+        let call = ((q, k, v), o, stat, bf16);
+        match elem {
+            "f32" => self.forward_as::<f32>(py, lengths, call, &extras),
+            "bf16" => self.forward_as::<mixc::bf16>(py, lengths, call, &extras),
+            "f16" => self.forward_as::<mixc::f16>(py, lengths, call, &extras),
+            _ => Err(PyValueError::new_err(format!(
+                "elem `{elem}`: expected f32, bf16 or f16"
+            ))),
         }
-        Ok(())
     }
 
     /// The backward pass: writes the gradients of `sum(o * do)` into `dq`,

@@ -295,6 +295,27 @@ def test_bf16_tensors_use_bf16_products_where_the_cpu_has_them():
     assert (not torch.equal(o, o32.to(torch.bfloat16).double())) == mixc.cpu_bf16_products()
 
 
+def test_16_bit_tensors_are_read_in_place_and_match_the_f32_run_rounded():
+    """bf16 and f16 tensors of a mixer without a dtype go to the native
+    forward as they are (no f32 copies) and `o` comes back in their type:
+    the f32 run of the same values, rounded once (f16 takes f32 products;
+    bf16 its own where the CPU has them, the f32 ones with MIXC's f32
+    mixer)."""
+    spec = "mixer c { heads = 4; kv_heads = 2; head_dim = 32; mask = causal; }"
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 70, 4, 32, generator=g)
+    k, v = (torch.randn(2, 70, 2, 32, generator=g) for _ in range(2))
+    plain, f32 = mixc.Mixer(spec), mixc.Mixer(spec, dtype="f32")
+    with torch.no_grad():
+        h = plain(q.half(), k.half(), v.half())
+        assert h.dtype == torch.float16
+        assert torch.equal(h, f32(q.half().float(), k.half().float(), v.half().float()).half())
+        b = plain(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        assert b.dtype == torch.bfloat16
+        if not mixc.cpu_bf16_products():
+            assert torch.equal(b, f32(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float()).bfloat16())
+
+
 def test_dtype_fixes_the_storage_type_whatever_the_tensors():
     """`Mixer(dtype=)`: a bf16 mixer on f32 tensors computes what the
     default mixer computes on the same values as bf16 tensors (rounded

@@ -211,7 +211,7 @@ impl Residuals {
     }
 
     /// What a forward of `inputs` kept (nothing: an empty statistic).
-    fn kept(stat: Option<Tensor<f64>>, inputs: &MixerInputs) -> Residuals {
+    fn kept<E: HostElem>(stat: Option<Tensor<f64>>, inputs: &MixerInputs<E>) -> Residuals {
         let stat = stat.unwrap_or_else(|| Tensor::new(vec![0], Vec::new()));
         Residuals::from_stat(stat, inputs.batch, inputs.seq)
     }
@@ -613,7 +613,12 @@ impl Mixer {
     /// [`Mixer::forward`] for training: also returns what
     /// [`Mixer::backward`] needs besides the inputs and `o` (each row's
     /// log-sum-exp or weight sum; O(batch * heads * seq)).
-    pub fn forward_train(&self, inputs: &MixerInputs) -> Result<(Output, Residuals)> {
+    /// Inputs may be stored in any [`HostElem`] type, as for
+    /// [`Mixer::forward`]; [`Mixer::backward`] reads f32 inputs.
+    pub fn forward_train<E: HostElem + OutElem>(
+        &self,
+        inputs: &MixerInputs<E>,
+    ) -> Result<(Output<E>, Residuals)> {
         self.backward_support()?;
         let (out, stat) = self.forward_impl(inputs, true, None)?;
         Ok((out, Residuals::kept(stat, inputs)))
