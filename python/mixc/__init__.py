@@ -21,8 +21,9 @@ segment ids) are keyword arguments by their spec names. The operator is a
 autograd formula, so models using it run under `torch.compile(fullgraph=True)`.
 
 CPU tensors run on mixc's CPU backend, which computes in f32: contiguous
-f32 inputs are read in place (bf16/f16 are widened by torch), and the
-output is returned in the inputs' dtype. CUDA tensors are not supported by the
+f32, bf16 and f16 inputs are read in place in the forward (16-bit ones
+when they are the mixer's storage type), and the output is returned in the
+inputs' dtype. CUDA tensors are not supported by the
 package yet (the CLI and the Rust library run the CUDA backend).
 
 `mixc.transformers.register()` makes mixc a Hugging Face transformers
