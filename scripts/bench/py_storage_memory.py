@@ -6,19 +6,19 @@ place (`inplace`) or widened to f32 first (`widened`: `Mixer(dtype="f32")`).
 
 Run each mode in its own process (the peak is the process's high-water mark).
 """
+import argparse
 import resource
-import sys
-
-import torch
-
-import mixc
 
 
 def main():
-    mode = sys.argv[1] if len(sys.argv) > 1 else "inplace"
-    if mode not in ("inplace", "widened"):
-        sys.exit(f"mode must be inplace or widened, not {mode!r}")
-    seq = int(sys.argv[2]) if len(sys.argv) > 2 else 16384
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", choices=["inplace", "widened"])
+    ap.add_argument("seq", nargs="?", type=int, default=16384)
+    args = ap.parse_args()
+    mode, seq = args.mode, args.seq
+    import torch
+
+    import mixc
     spec = "mixer c { heads = 8; head_dim = 128; mask = causal && window(256); }"
     q, k, v = (torch.randn(1, seq, 8, 128).bfloat16() for _ in range(3))
     m = mixc.Mixer(spec, dtype=None if mode == "inplace" else "f32")
