@@ -312,6 +312,26 @@ macro_rules! avx512_blocks {
         const R: usize = 8;
         let m_main = g.m / R * R;
         let mut j = 0;
+        // 6 x 64 blocks where the columns allow: 24 accumulators, four
+        // vectors of a row of `b` and one broadcast (29 of the 32
+        // registers), a broadcast per four FMAs.
+        const R6: usize = 6;
+        let m6 = g.m / R6 * R6;
+        while j + 64 <= g.n {
+            for i in (0..m6).step_by(R6) {
+                $tile::<R6, 4, $ta>(g, i, j, 0xffff);
+            }
+            let mut i = m6;
+            if i + 4 <= g.m {
+                $tile::<4, 4, $ta>(g, i, j, 0xffff);
+                i += 4;
+            }
+            while i < g.m {
+                $tile::<1, 4, $ta>(g, i, j, 0xffff);
+                i += 1;
+            }
+            j += 64;
+        }
         while j + 32 <= g.n {
             for i in (0..m_main).step_by(R) {
                 $tile::<R, 2, $ta>(g, i, j, 0xffff);
@@ -828,6 +848,10 @@ mod tests {
             // Rows as 6-blocks, a 4-block and single rows (AVX2).
             (10, 17, 6),
             (11, 32, 9),
+            // AVX-512: 64-column passes with 6-, 4- and single-row blocks,
+            // then a 16-column and a masked pass.
+            (11, 150, 5),
+            (17, 64, 4),
         ];
         for isa in supported_isas() {
             for &(m, n, k) in &shapes {
