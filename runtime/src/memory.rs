@@ -35,6 +35,33 @@ pub(crate) fn checked_bytes(
     Ok(checked_elems(what, &with_bytes)? as u64)
 }
 
+/// How a run keeps its tensors on the host, for [`run_host_bytes_kv`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostLayout {
+    /// Bytes of an element of q, k and v (4 for f32, 2 for bf16 or f16).
+    pub elem_bytes: usize,
+    /// Bytes per output element at the peak: the output in its type, plus
+    /// 4 where each rank first keeps its rows in f32 (a ring).
+    pub out_bytes: usize,
+    /// The reference's f64 output besides.
+    pub f64_out: bool,
+    /// Copies of k and v (at `elem_bytes`) the backend makes: the CPU
+    /// ring's shards, CUDA's encoded copies on their way up.
+    pub kv_copies: u64,
+}
+
+impl HostLayout {
+    /// Everything f32.
+    pub fn f32(f64_out: bool, kv_copies: u64) -> HostLayout {
+        HostLayout {
+            elem_bytes: 4,
+            out_bytes: 4,
+            f64_out,
+            kv_copies,
+        }
+    }
+}
+
 /// Host bytes of a run of `spec` at `batch x seq`: `(inputs, the rest)`.
 /// Inputs are every tensor the spec reads, stored as f32 (or i32); the rest
 /// is the output `o` (f32) plus, for `f64_out`, the reference's f64 output,
@@ -46,20 +73,23 @@ pub fn run_host_bytes(
     f64_out: bool,
     scratch_copies: u64,
 ) -> Result<(u64, u64)> {
-    run_host_bytes_kv(spec, batch, seq, seq, f64_out, scratch_copies, 4)
+    run_host_bytes_kv(
+        spec,
+        batch,
+        seq,
+        seq,
+        HostLayout::f32(f64_out, scratch_copies),
+    )
 }
 
-/// [`run_host_bytes`] for `seq` queries against `kv_seq` keys, with q, k
-/// and v stored in `elem_bytes` each (2 for bf16 or f16; the output is
-/// counted as f32 rows, which each rank computes before they are stored).
+/// [`run_host_bytes`] for `seq` queries against `kv_seq` keys, with the
+/// tensors kept as `layout` says.
 pub fn run_host_bytes_kv(
     spec: &MixerSpec,
     batch: usize,
     seq: usize,
     kv_seq: usize,
-    f64_out: bool,
-    scratch_copies: u64,
-    elem_bytes: usize,
+    layout: HostLayout,
 ) -> Result<(u64, u64)> {
     let mut inputs = 0u64;
     let mut kv = 0u64;
@@ -70,7 +100,7 @@ pub fn run_host_bytes_kv(
             .map(|(&d, n)| (n, d))
             .collect();
         let size = if matches!(name.as_str(), "q" | "k" | "v") {
-            elem_bytes
+            layout.elem_bytes
         } else {
             4
         };
@@ -86,11 +116,11 @@ pub fn run_host_bytes_kv(
         ("heads", spec.heads as usize),
         ("value_dim", spec.value_dim as usize),
     ];
-    let mut rest = checked_bytes("the output `o`", &out_dims, 4)?;
-    if f64_out {
+    let mut rest = checked_bytes("the output `o`", &out_dims, layout.out_bytes)?;
+    if layout.f64_out {
         rest = rest.saturating_add(checked_bytes("the reference output", &out_dims, 8)?);
     }
-    rest = rest.saturating_add(kv.saturating_mul(scratch_copies));
+    rest = rest.saturating_add(kv.saturating_mul(layout.kv_copies));
     Ok((inputs, rest))
 }
 

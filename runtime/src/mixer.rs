@@ -1086,8 +1086,9 @@ impl Mixer {
         let elem = std::mem::size_of::<E>() as u64;
         let kv = (inputs.k.numel() + inputs.v.numel()) as u64 * elem;
         // The output, and each rank's f32 rows of it on their way there.
+        let rank_rows = self.rank_row_bytes() as u64;
         let rest = o_elems
-            .saturating_mul(if f64_out { 8 + elem } else { 4 + elem })
+            .saturating_mul(elem + rank_rows + if f64_out { 8 } else { 0 })
             .saturating_add(kv.saturating_mul(copies));
         if rest > ADMIT_ABOVE_BYTES {
             crate::memory::admit_host(rest)?;
@@ -1172,8 +1173,26 @@ impl Mixer {
     /// decode step, a prefill chunk, cross-attention).
     pub fn host_bytes_kv(&self, batch: usize, seq: usize, kv_seq: usize) -> Result<(u64, u64)> {
         let (f64_out, copies) = self.host_scratch();
-        let elem = self.host_dtype().size_bytes();
-        crate::memory::run_host_bytes_kv(&self.spec, batch, seq, kv_seq, f64_out, copies, elem)
+        let elem_bytes = self.host_dtype().size_bytes();
+        let layout = crate::memory::HostLayout {
+            elem_bytes,
+            out_bytes: elem_bytes + self.rank_row_bytes(),
+            f64_out,
+            kv_copies: copies,
+        };
+        crate::memory::run_host_bytes_kv(&self.spec, batch, seq, kv_seq, layout)
+    }
+
+    /// Bytes per output element a call keeps besides the output itself: a
+    /// ring's ranks (and the CUDA download) hold their rows in f32 before
+    /// the output takes them; one CPU rank writes them into the output
+    /// directly.
+    fn rank_row_bytes(&self) -> usize {
+        if self.opts.ranks > 1 || self.backend != BackendKind::Cpu {
+            4
+        } else {
+            0
+        }
     }
 
     /// What the backend allocates on the host beyond the output: whether

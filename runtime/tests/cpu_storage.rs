@@ -190,8 +190,9 @@ fn a_bf16_run_takes_much_less_memory_than_f32() {
         mib(h),
         h as f64 / f as f64
     );
-    // The f32 accumulator of each rank's rows is the same in every type;
-    // everything else halves.
-    assert!(b as f64 <= 0.7 * f as f64, "bf16 {b} vs f32 {f}");
-    assert!(h as f64 <= 0.85 * f as f64, "f16 {h} vs f32 {f}");
+    // One rank writes its rows straight into the output, in its type, so
+    // a bf16 run holds half the bytes (its K/V shards are bf16 pairs); f16
+    // keeps f32 shards for its f32 products.
+    assert!(b as f64 <= 0.56 * f as f64, "bf16 {b} vs f32 {f}");
+    assert!(h as f64 <= 0.75 * f as f64, "f16 {h} vs f32 {f}");
 }

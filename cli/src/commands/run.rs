@@ -383,8 +383,10 @@ pub struct Args {
     /// Read q, k, v and the declared inputs from a safetensors file.
     #[arg(long, conflicts_with_all = ["seq", "batch", "seed"])]
     pub(crate) inputs: Option<PathBuf>,
-    /// Write the output `o` ([batch, seq, heads, value_dim], f32) and the
-    /// inputs to a safetensors file (with --grad also `do` and the gradients
+    /// Write the output `o` ([batch, seq, heads, value_dim]) and the
+    /// inputs to a safetensors file (q, k, v and o in the run's storage
+    /// type: bf16 or f16 for a CPU forward of that --dtype, else f32; with
+    /// --grad also `do` and the gradients
     /// `dq`, `dk`, `dv`, `d<input>`, each in its input's layout). Block
     /// files: `x`, `out` ([batch, seq, width]), every weight under its name,
     /// and with --grad `dout` and `grad.<name>` for x and each weight.

@@ -361,8 +361,12 @@ pub(super) fn rank_main<T: Real>(
     let q_ranges = sched.shard(r).to_vec();
     let (_, nq) = offsets(&q_ranges);
     let (bh, dv) = (ctx.batch * ctx.heads, ctx.dv);
+    // One step (one rank): each query block's rows are final when its item
+    // ends, and go to the output directly (`Ctx::direct`), so no buffer of
+    // every row is kept.
+    let direct = ctx.direct.is_some() && sched.ranks == 1;
     let mut acc = Acc {
-        o: written(bh * nq * dv, T::ZERO),
+        o: written(if direct { 0 } else { bh * nq * dv }, T::ZERO),
         m: vec![T::NEG_INF; bh * nq],
         l: written(bh * nq, T::ZERO),
     };
@@ -411,6 +415,7 @@ pub(super) fn rank_main<T: Real>(
             held = ep.recv()?;
         }
     }
+    stats.direct = direct;
     let (y, stat) = finalize(ctx, acc, nq);
     Ok(RankOutput {
         ranges: q_ranges,
@@ -453,22 +458,27 @@ pub(super) fn finalize<T: Real>(ctx: &Ctx<'_, T>, acc: Acc<T>, nq: usize) -> (Ve
     };
     let mut y = acc.o;
     for (row, yr) in y.chunks_mut(dv).enumerate() {
-        let l = acc.l[row];
-        match ctx.spec.norm {
-            Norm::Softmax => {
-                // No visible key: m stays -inf and the row is exactly 0.
-                if acc.m[row] == T::NEG_INF || l == T::ZERO {
-                    yr.iter_mut().for_each(|x| *x = T::ZERO);
-                } else {
-                    scale(yr, T::ONE / l);
-                }
-            }
-            Norm::Sum { eps } => scale(yr, T::ONE / (l + T::from_f64(eps))),
-            Norm::None => {}
-        }
+        normalise_row(ctx.spec.norm, yr, acc.m[row], acc.l[row]);
     }
-    debug_assert_eq!(y.len(), ctx.batch * ctx.heads * nq * dv);
+    debug_assert!(y.is_empty() || y.len() == ctx.batch * ctx.heads * nq * dv);
     (y, stat)
+}
+
+/// A finished row of weighted values `y`, with its running max `m` and
+/// weight sum `l`, normalised as `norm` says.
+fn normalise_row<T: Real>(norm: Norm, y: &mut [T], m: T, l: T) {
+    match norm {
+        Norm::Softmax => {
+            // No visible key: m stays -inf and the row is exactly 0.
+            if m == T::NEG_INF || l == T::ZERO {
+                y.iter_mut().for_each(|x| *x = T::ZERO);
+            } else {
+                scale(y, T::ONE / l);
+            }
+        }
+        Norm::Sum { eps } => scale(y, T::ONE / (l + T::from_f64(eps))),
+        Norm::None => {}
+    }
 }
 
 #[derive(Default)]
@@ -486,17 +496,20 @@ fn step_compute<T: Real>(
 ) -> StepStats {
     let dv = ctx.dv;
     let mut items = Vec::new();
-    let per_bh = acc
-        .o
-        .chunks_mut(nq * dv)
-        .zip(acc.m.chunks_mut(nq))
-        .zip(acc.l.chunks_mut(nq));
-    for (bh, ((mut o, mut m), mut l)) in per_bh.enumerate() {
+    // No accumulator when the rows go to the output directly: every item
+    // then takes an empty one.
+    let o_len = if acc.o.is_empty() { 0 } else { nq * dv };
+    let mut o_rest: &mut [T] = &mut acc.o;
+    let per_bh = acc.m.chunks_mut(nq).zip(acc.l.chunks_mut(nq));
+    for (bh, (mut m, mut l)) in per_bh.enumerate() {
+        let (mut o, rest) = std::mem::take(&mut o_rest).split_at_mut(o_len);
+        o_rest = rest;
         for (qr, row_plans) in plans.iter().enumerate() {
             let plan = &row_plans[0];
             for qb in 0..plan.num_query_blocks() {
                 let len = plan.query_block(qb).len();
-                let (o1, o2) = std::mem::take(&mut o).split_at_mut(len * dv);
+                let o_len = if o.is_empty() { 0 } else { len * dv };
+                let (o1, o2) = std::mem::take(&mut o).split_at_mut(o_len);
                 let (m1, m2) = std::mem::take(&mut m).split_at_mut(len);
                 let (l1, l2) = std::mem::take(&mut l).split_at_mut(len);
                 (o, m, l) = (o2, m2, l2);
@@ -764,7 +777,19 @@ fn compute_item<T: Real>(
             }
         }
     }
-    merge(softmax, po, pm, pl, it.o, it.m, it.l, dv);
+    match ctx.direct {
+        Some(sink) if it.o.is_empty() => {
+            // The block's rows are final: normalise them into the output.
+            it.m.copy_from_slice(pm);
+            it.l.copy_from_slice(pl);
+            for (r, i) in q.clone().enumerate() {
+                let y = &mut po[r * dv..(r + 1) * dv];
+                normalise_row(ctx.spec.norm, y, pm[r], pl[r]);
+                sink(b, i - ctx.q_offset, h, y);
+            }
+        }
+        _ => merge(softmax, po, pm, pl, it.o, it.m, it.l, dv),
+    }
     stats
 }
 

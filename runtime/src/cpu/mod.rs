@@ -758,6 +758,10 @@ pub(crate) struct Ctx<'a, T> {
     segs: Vec<SegmentSummaries>,
     /// Whether the ranks report each row's statistic (training).
     keep_stat: bool,
+    /// A one-rank blocked run writes each finished query row here (batch
+    /// row, query row, head, the normalised row) instead of keeping its
+    /// rows in an f32 buffer the size of the output (see [`RowSink`]).
+    direct: Option<&'a RowSink<'a, T>>,
     /// Whether the blocked path's tile products run in bf16 ([`bf16`]):
     /// a bf16 run on a CPU that has the instructions, dot scores, an even
     /// `block_n` (key pairs never straddle two tiles).
@@ -821,6 +825,11 @@ impl<'a, T> Ctx<'a, T> {
     }
 }
 
+/// Where a one-rank blocked run puts its finished rows: straight into
+/// the output tensor, in its storage type (a bf16 run never holds an f32
+/// copy of its output). Each call writes one disjoint row.
+pub(crate) type RowSink<'a, T> = dyn Fn(usize, usize, usize, &[T]) + Sync + 'a;
+
 /// A rank's share of the output and what it did.
 pub(crate) struct RankOutput<T> {
     ranges: Vec<std::ops::Range<usize>>,
@@ -834,6 +843,9 @@ pub(crate) struct RankOutput<T> {
 
 #[derive(Debug, Clone, Default)]
 pub(crate) struct RankStats {
+    /// The rank wrote its rows into the output itself (`Ctx::direct`):
+    /// its `y` is empty.
+    direct: bool,
     decode: bool,
     fft: bool,
     pairs: u64,
@@ -960,6 +972,7 @@ fn build_ctx<'a, T: Real, E: HostElem>(
         gate_cum,
         segs,
         keep_stat: false,
+        direct: None,
         bf16: cfg.precision == Precision::Bf16
             && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
             && matches!(spec.score, Score::Dot { .. })
@@ -980,6 +993,24 @@ fn run_typed<T: Real, E: HostElem, O: OutElem>(
     let (sched, path, keep_stat) = (run.sched, run.path, run.keep_stat);
     let mut ctx = build_ctx::<T, _>(spec, inputs, cfg, pool, path);
     ctx.keep_stat = keep_stat;
+    let (heads, dv) = (ctx.heads, ctx.dv);
+    let mut out = Tensor::<O>::zeros(&[inputs.batch, inputs.seq, heads, dv]);
+    // One rank on threads: its rows go straight into `out` (rows of no
+    // visible key stay 0, which is their output).
+    let out_ptr = OutRows(out.data.as_mut_ptr());
+    let sink = move |b: usize, row: usize, h: usize, y: &[T]| {
+        let at = ((b * inputs.seq + row) * heads + h) * dv;
+        // SAFETY: `(b, row, h)` lies inside `out` (`[batch, seq, heads,
+        // dv]`), each row is written by one item alone, and the ranks end
+        // before `out` is read or moved.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(at), dv) };
+        for (d, &x) in dst.iter_mut().zip(y) {
+            *d = O::from_real(x);
+        }
+    };
+    if sched.ranks == 1 && matches!(run.ranks, Ranks::Threads(_)) && path == CpuPath::Blocked {
+        ctx.direct = Some(&sink);
+    }
     if let Some(state) = run.state {
         ctx.state_in = state.map(RecurrentState::to_prefix);
         ctx.state_out = Some(std::sync::Mutex::new(None));
@@ -992,8 +1023,6 @@ fn run_typed<T: Real, E: HostElem, O: OutElem>(
             .ranks
             .run(|ep| chunkwise::rank_main_global(&ctx, sched, ep)),
     };
-    let (heads, dv) = (ctx.heads, ctx.dv);
-    let mut out = Tensor::<O>::zeros(&[inputs.batch, inputs.seq, heads, dv]);
     let mut stat = if keep_stat {
         Tensor::<f64>::zeros(&[inputs.batch, heads, inputs.seq])
     } else {
@@ -1030,12 +1059,16 @@ fn run_typed<T: Real, E: HostElem, O: OutElem>(
             for x in 0..inputs.batch * heads {
                 let (b, h) = (x / heads, x % heads);
                 for (t, &pos) in positions.iter().enumerate().take(t1).skip(t0) {
-                    let src = &o.y[(x * n + t) * dv..(x * n + t + 1) * dv];
                     // Rank ranges hold query positions; rows are query indices.
                     let row = pos - inputs.q_offset;
-                    let dst = out.offset(&[b, row, h, 0]);
-                    for (d, &s) in out.data[dst..dst + dv].iter_mut().zip(src) {
-                        *d = O::from_real(s);
+                    // A rank that wrote its rows into `out` (`Ctx::direct`)
+                    // brings only their statistic.
+                    if !o.stats.direct {
+                        let src = &o.y[(x * n + t) * dv..(x * n + t + 1) * dv];
+                        let dst = out.offset(&[b, row, h, 0]);
+                        for (d, &s) in out.data[dst..dst + dv].iter_mut().zip(src) {
+                            *d = O::from_real(s);
+                        }
                     }
                     if keep_stat {
                         stat.data[x * inputs.seq + row] = o.stat[x * n + t];
@@ -1073,6 +1106,22 @@ fn run_typed<T: Real, E: HostElem, O: OutElem>(
         stats,
         state,
     })
+}
+
+/// The output's elements, written row by row by a one-rank run's workers.
+#[derive(Clone, Copy)]
+struct OutRows<O>(*mut O);
+// SAFETY: only used for writes to disjoint rows, by workers that end before
+// the output is read or moved.
+unsafe impl<O> Send for OutRows<O> {}
+unsafe impl<O> Sync for OutRows<O> {}
+impl<O> OutRows<O> {
+    /// # Safety
+    /// `i` is inside the allocation.
+    unsafe fn at(self, i: usize) -> *mut O {
+        // SAFETY: the caller's contract.
+        unsafe { self.0.add(i) }
+    }
 }
 
 /// What [`run_typed`] returns: the output in the run's precision, the row
