@@ -211,6 +211,11 @@ fn decaying_mixers_with_two_lengths_match_finite_differences() {
             check_inputs(&spec, on_grid(x), 19);
         }
     }
+    // Queries past the last key (positions 8..11 against keys 0..5): the
+    // decay multiplies the per-head gamma of positions no key holds.
+    let spec = mixc_dsl::parse_str(specs[0]).unwrap();
+    let x = mixc_runtime::inputs::random_inputs_kv(&spec, 2, 3, 5, 17).with_q_offset(8);
+    check_inputs(&spec, on_grid(x), 19);
 }
 
 #[test]

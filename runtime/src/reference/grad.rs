@@ -162,9 +162,13 @@ fn head_gradients(
     let (dk, dv) = (spec.head_dim as usize, spec.value_dim as usize);
     let kvh = spec.kv_head_of(h as u32) as usize;
     let lookup = |name: &str, idx: &[i64]| inputs.extra[name].get_clamped(idx);
-    let (mut weights, mut decay) = (vec![None; kv_seq], vec![1.0f64; kv_seq]);
-    // dD(i, j) of the current row, 0 where masked.
-    let mut d_decay = vec![0.0f64; kv_seq];
+    // D(i, l) for every position up to the last query's: a per-head decay
+    // multiplies the gammas of positions past the keys too, when the
+    // queries are (gates cover every query position: validated).
+    let positions = kv_seq.max(inputs.q_offset + inputs.seq);
+    let (mut weights, mut decay) = (vec![None; kv_seq], vec![1.0f64; positions]);
+    // dD(i, j) of the current row, 0 where masked (and past the keys).
+    let mut d_decay = vec![0.0f64; positions];
     let (mut y, mut u) = (vec![0.0f64; dv], vec![0.0f64; dv]);
     // d gamma of a per-head decay, summed over the rows.
     let mut d_gamma_head = 0.0;
