@@ -11,22 +11,12 @@ mod cpu_support;
 use cpu_support::*;
 use mixc_dsl::ir::{MixerSpec, Score};
 use mixc_dsl::DType;
-use mixc_runtime::cpu::{self, bf16, path_for, CpuConfig, CpuPath, Precision, Sharding};
+use mixc_runtime::cpu::{self, bf16, path_for, CpuConfig, CpuPath, Precision};
 use mixc_runtime::inputs::{random_inputs_kv, round_to_dtype};
 use mixc_runtime::reference;
 use mixc_runtime::MixerInputs;
 
-fn cfg(ranks: usize, block: usize, precision: Precision) -> CpuConfig {
-    CpuConfig {
-        ranks,
-        sharding: Sharding::Zigzag,
-        block_m: block,
-        block_n: block,
-        chunk: 16,
-        threads: 2,
-        precision,
-    }
-}
+use cpu_support::square_cfg as cfg;
 
 fn bf16_inputs(spec: &MixerSpec, seq: usize, kv_seq: usize, seed: u64) -> MixerInputs {
     let mut inputs = random_inputs_kv(spec, 2, seq, kv_seq, seed);

@@ -8,8 +8,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cpu_support::*;
 use mixc_dsl::ir::Mask;
+use mixc_dsl::ir::MixerSpec;
 use mixc_runtime::cpu::{self, CpuConfig, Precision, Sharding};
-use mixc_runtime::inputs::random_inputs;
+use mixc_runtime::inputs::{random_inputs, random_inputs_kv_as};
+use mixc_runtime::{bf16, f16, HostElem, MixerInputs, OutElem, Tensor};
 
 struct Counting;
 static NOW: AtomicUsize = AtomicUsize::new(0);
@@ -33,8 +35,16 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static A: Counting = Counting;
 
+/// The counts are process-wide: the tests of this file measure one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn measuring() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn peak_memory_grows_with_seq_not_seq_squared() {
+    let _one = measuring();
     const SEQ: usize = 16384;
     let mut window = example_specs()
         .into_iter()
@@ -82,4 +92,48 @@ fn peak_memory_grows_with_seq_not_seq_squared() {
             );
         }
     }
+}
+
+/// A bf16 run holds q, k, v and its output in half the bytes: its peak heap
+/// use, inputs included, is measured against the f32 run's at a length
+/// where the per-position buffers dominate.
+#[test]
+fn a_bf16_run_takes_much_less_memory_than_f32() {
+    let _one = measuring();
+    const SEQ: usize = 8192;
+    let mut spec = example_specs()
+        .into_iter()
+        .find(|s| s.name == "sliding_window_mistral")
+        .unwrap();
+    (spec.heads, spec.kv_heads, spec.head_dim, spec.value_dim) = (8, 8, 128, 128);
+    spec.mask = Mask::And(Box::new(Mask::Causal), Box::new(Mask::Window { size: 64 }));
+    fn peak<E: HostElem + OutElem>(spec: &MixerSpec, precision: Precision) -> usize {
+        let base = NOW.load(Ordering::Relaxed);
+        PEAK.store(base, Ordering::Relaxed);
+        let x: MixerInputs<E> = random_inputs_kv_as(spec, 1, SEQ, SEQ, 1);
+        let out: Tensor<E> = cpu::run(spec, &x, &square_cfg(1, 64, precision))
+            .unwrap()
+            .output
+            .into_elem();
+        assert_eq!(out.numel(), x.q.numel());
+        drop((x, out));
+        PEAK.load(Ordering::Relaxed) - base
+    }
+    let f = peak::<f32>(&spec, Precision::F32);
+    let b = peak::<bf16>(&spec, Precision::Bf16);
+    let h = peak::<f16>(&spec, Precision::F32);
+    let mib = |x: usize| x as f64 / (1 << 20) as f64;
+    println!(
+        "peak heap at L={SEQ}, 8 heads, d 128: f32 {:.1} MiB, bf16 {:.1} MiB ({:.2}x), f16 {:.1} MiB ({:.2}x)",
+        mib(f),
+        mib(b),
+        b as f64 / f as f64,
+        mib(h),
+        h as f64 / f as f64
+    );
+    // One rank writes its rows straight into the output, in its type, so
+    // a bf16 run holds half the bytes (its K/V shards are bf16 pairs); f16
+    // keeps f32 shards for its f32 products.
+    assert!(b as f64 <= 0.56 * f as f64, "bf16 {b} vs f32 {f}");
+    assert!(h as f64 <= 0.75 * f as f64, "f16 {h} vs f32 {f}");
 }

@@ -3,54 +3,18 @@
 //! place and computes exactly what it computes on the same values in f32,
 //! so every example at ragged lengths and rings gives the f32 run's output
 //! rounded once to the storage type, bit for bit; and the f64 reference
-//! reads them too. Their peak memory is measured against an f32 run's.
+//! reads them too. (Their peak memory: `cpu_memory.rs`.)
 
 mod cpu_support;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use cpu_support::*;
-use mixc_dsl::ir::{Mask, MixerSpec};
+use mixc_dsl::ir::MixerSpec;
 use mixc_dsl::DType;
-use mixc_runtime::cpu::{self, CpuConfig, Precision, Sharding};
+use mixc_runtime::cpu::{self, CpuConfig, Precision};
 use mixc_runtime::inputs::{into_storage, random_inputs_kv, random_inputs_kv_as};
 use mixc_runtime::{bf16, f16, reference, HostElem, MixerInputs, OutElem, Tensor};
 
-struct Counting;
-static NOW: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = System.alloc(l);
-        if !p.is_null() {
-            let now = NOW.fetch_add(l.size(), Ordering::Relaxed) + l.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l);
-        NOW.fetch_sub(l.size(), Ordering::Relaxed);
-    }
-}
-
-#[global_allocator]
-static A: Counting = Counting;
-
-fn cfg(ranks: usize, block: usize, precision: Precision) -> CpuConfig {
-    CpuConfig {
-        ranks,
-        sharding: Sharding::Zigzag,
-        block_m: block,
-        block_n: block,
-        chunk: 16,
-        threads: 2,
-        precision,
-    }
-}
+use cpu_support::square_cfg as cfg;
 
 /// The run of `x` (stored as `E`) is the f32 run of the same values with
 /// its output rounded to `E`, bit for bit; and it is within the storage
@@ -152,47 +116,4 @@ fn inputs_made_in_16_bits_are_the_f32_ones_rounded() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("q") && err.contains("65504"), "{err}");
-}
-
-/// A bf16 run holds q, k, v and its output in half the bytes: its peak heap
-/// use, inputs included, is measured against the f32 run's at a length
-/// where the per-position buffers dominate.
-#[test]
-fn a_bf16_run_takes_much_less_memory_than_f32() {
-    const SEQ: usize = 8192;
-    let mut spec = example_specs()
-        .into_iter()
-        .find(|s| s.name == "sliding_window_mistral")
-        .unwrap();
-    (spec.heads, spec.kv_heads, spec.head_dim, spec.value_dim) = (8, 8, 128, 128);
-    spec.mask = Mask::And(Box::new(Mask::Causal), Box::new(Mask::Window { size: 64 }));
-    fn peak<E: HostElem + OutElem>(spec: &MixerSpec, precision: Precision) -> usize {
-        let base = NOW.load(Ordering::Relaxed);
-        PEAK.store(base, Ordering::Relaxed);
-        let x: MixerInputs<E> = random_inputs_kv_as(spec, 1, SEQ, SEQ, 1);
-        let out: Tensor<E> = cpu::run(spec, &x, &cfg(1, 64, precision))
-            .unwrap()
-            .output
-            .into_elem();
-        assert_eq!(out.numel(), x.q.numel());
-        drop((x, out));
-        PEAK.load(Ordering::Relaxed) - base
-    }
-    let f = peak::<f32>(&spec, Precision::F32);
-    let b = peak::<bf16>(&spec, Precision::Bf16);
-    let h = peak::<f16>(&spec, Precision::F32);
-    let mib = |x: usize| x as f64 / (1 << 20) as f64;
-    println!(
-        "peak heap at L={SEQ}, 8 heads, d 128: f32 {:.1} MiB, bf16 {:.1} MiB ({:.2}x), f16 {:.1} MiB ({:.2}x)",
-        mib(f),
-        mib(b),
-        b as f64 / f as f64,
-        mib(h),
-        h as f64 / f as f64
-    );
-    // One rank writes its rows straight into the output, in its type, so
-    // a bf16 run holds half the bytes (its K/V shards are bf16 pairs); f16
-    // keeps f32 shards for its f32 products.
-    assert!(b as f64 <= 0.56 * f as f64, "bf16 {b} vs f32 {f}");
-    assert!(h as f64 <= 0.75 * f as f64, "f16 {h} vs f32 {f}");
 }

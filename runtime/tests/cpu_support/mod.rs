@@ -117,3 +117,22 @@ pub fn rel_err(a: &Tensor<f64>, b: &Tensor<f64>) -> f64 {
         err / scale
     }
 }
+
+/// A CPU configuration of `ranks` zigzag ranks, square `block` tiles,
+/// chunk 16, 2 threads, in `precision`.
+#[allow(dead_code)]
+pub fn square_cfg(
+    ranks: usize,
+    block: usize,
+    precision: mixc_runtime::cpu::Precision,
+) -> mixc_runtime::cpu::CpuConfig {
+    mixc_runtime::cpu::CpuConfig {
+        ranks,
+        sharding: mixc_runtime::cpu::Sharding::Zigzag,
+        block_m: block,
+        block_n: block,
+        chunk: 16,
+        threads: 2,
+        precision,
+    }
+}
