@@ -50,8 +50,27 @@
 //! head_dim]`, `k [batch, seq, kv_heads, head_dim]`, `v [batch, seq,
 //! kv_heads, value_dim]`, extra inputs by their spec names
 //! ([`MixerInputs::new`], [`MixerInputs::with_extra`]); the output is `o
-//! [batch, seq, heads, value_dim]` in f32. `docs/api.md` walks through the
+//! [batch, seq, heads, value_dim]`. `docs/api.md` walks through the
 //! options, the backends and the errors.
+//!
+//! q, k, v and `o` are f32 unless the inputs say otherwise: a
+//! `MixerInputs<mixc::bf16>` (or `mixc::f16`) holds half the bytes, is read in
+//! place by the CPU backend and the reference, and comes back as an
+//! `Output<mixc::bf16>` ([`HostElem`]; [`Mixer::host_dtype`] says which
+//! type a mixer's callers should keep):
+//!
+//! ```
+//! use mixc::{bf16, Device, Mixer, MixerInputs, Options};
+//!
+//! let spec = mixc::parse("mixer m { heads = 2; head_dim = 16; mask = causal; dtype = bf16; }").unwrap();
+//! let mixer = Mixer::new(&spec, Options::on(Device::Cpu))?;
+//! let inputs: MixerInputs<bf16> = mixc::runtime::inputs::random_inputs_kv_as(&spec, 1, 50, 50, 0);
+//! let out = mixer.forward(&inputs)?;
+//! assert_eq!(out.o.data.len(), 50 * 2 * 16);
+//! let first: bf16 = out.o.data[0];
+//! assert!(first.to_f32().is_finite());
+//! # Ok::<(), mixc::Error>(())
+//! ```
 //!
 //! The crates behind the facade are re-exported for what it does not cover:
 //! [`dsl`] (the language and its IR), [`codegen`] (block plan and CUDA
