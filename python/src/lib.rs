@@ -298,7 +298,42 @@ impl Mixer {
 /// residuals are kept) and whether bf16 products may run.
 type ForwardCall = ((usize, usize, usize), usize, Option<usize>, bool);
 
+/// Where one rank's call sits in its ring: its rows, the batch, and the
+/// transport to the other ranks.
+struct RankCall<'a> {
+    rows: &'a RankRows,
+    batch: usize,
+    transport: &'a Arc<dyn mixc::Transport>,
+}
+
 impl Mixer {
+    /// [`Mixer::forward_rank`] on q, k, v and `o` of element type `E`.
+    fn forward_rank_as<E: mixc::HostElem + mixc::OutElem>(
+        &self,
+        py: Python<'_>,
+        at: RankCall<'_>,
+        (qkv, o, stat, bf16): ForwardCall,
+        extras: &[ExtraArg],
+    ) -> PyResult<()> {
+        let rows = at.rows;
+        // SAFETY: the documented contract, checked by the Python side.
+        let x = unsafe { self.rank_inputs_as::<E>(rows, at.batch, qkv, extras) };
+        let m = self.for_call(bf16)?;
+        let (out, saved) = py
+            .detach(|| m.forward_rank(&x, stat.is_some(), at.transport))
+            .map_err(runtime_err)?;
+        drop(x);
+        // SAFETY: `o` holds batch * n * heads * value_dim `E` (checked).
+        unsafe { write(o, &rows.gather(&out.o)) };
+        if let Some(addr) = stat {
+            if !saved.stat.data.is_empty() {
+                // SAFETY: `stat` holds batch * heads * n f64 (checked).
+                unsafe { write(addr, &rows.gather_stat(&saved.stat.data)) };
+            }
+        }
+        Ok(())
+    }
+
     /// [`Mixer::forward`] on q, k, v and `o` of element type `E`.
     fn forward_as<E: mixc::HostElem + mixc::OutElem>(
         &self,
@@ -427,14 +462,29 @@ impl Mixer {
         qkv: (usize, usize, usize),
         extras: &[ExtraArg],
     ) -> MixerInputs {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.rank_inputs_as::<f32>(rows, batch, qkv, extras) }
+    }
+
+    /// [`Mixer::rank_inputs`] with q, k and v stored as `E`.
+    ///
+    /// # Safety
+    /// As [`Mixer::rank_inputs`], with `E` elements at q, k and v.
+    unsafe fn rank_inputs_as<E: mixc::HostElem>(
+        &self,
+        rows: &RankRows,
+        batch: usize,
+        qkv: (usize, usize, usize),
+        extras: &[ExtraArg],
+    ) -> MixerInputs<E> {
         let (seq, n) = (rows.seq, rows.positions.len());
         let shapes = self.shapes((batch, seq, seq, 0));
-        let tensor = |name: &str, addr: usize| -> Tensor<f32> {
+        let tensor = |name: &str, addr: usize| -> Tensor<E> {
             match shapes.get(name) {
                 Some(s) => {
                     let count = batch * n * s[2..].iter().product::<usize>();
                     // SAFETY: forwarded from this function's contract.
-                    rows.scatter(unsafe { view::<f32>(addr, count) }, s)
+                    rows.scatter(unsafe { view::<E>(addr, count) }, s)
                 }
                 None => Tensor::new(vec![0], Vec::new()),
             }
@@ -809,7 +859,9 @@ impl Mixer {
     /// seq)`, `seq` the whole sequence's length; q, k and v hold this rank's
     /// rows (`[batch, n, heads, dim]`, its positions in order), extras are
     /// whole; `o` (and `stat`, `[batch, heads, n]` f64) get this rank's rows.
-    #[pyo3(signature = (lengths, rank, ranks, transport, q, k, v, extras, o, stat = None, bf16 = false))]
+    /// q, k, v and `o` are of `elem`'s type (`"f32"`, `"bf16"`, `"f16"`),
+    /// as for [`Mixer::forward`].
+    #[pyo3(signature = (lengths, rank, ranks, transport, q, k, v, extras, o, stat = None, bf16 = false, elem = "f32"))]
     #[allow(clippy::too_many_arguments)]
     fn forward_rank(
         &self,
@@ -825,26 +877,25 @@ impl Mixer {
         o: usize,
         stat: Option<usize>,
         bf16: bool,
+        elem: &str,
     ) -> PyResult<()> {
         let (batch, seq) = lengths;
         let rows = RankRows::new(seq, ranks, rank, self.inner.sharding()).map_err(runtime_err)?;
-        // SAFETY: the documented contract, checked by the Python side.
-        let x = unsafe { self.rank_inputs(&rows, batch, (q, k, v), &extras) };
-        let m = self.for_call(bf16)?;
         let t = group_transport(transport, rank, ranks);
-        let (out, saved) = py
-            .detach(|| m.forward_rank(&x, stat.is_some(), &t))
-            .map_err(runtime_err)?;
-        drop(x);
-        // SAFETY: `o` holds batch * n * heads * value_dim f32 (checked).
-        unsafe { write(o, &rows.gather(&out.o)) };
-        if let Some(addr) = stat {
-            if !saved.stat.data.is_empty() {
-                // SAFETY: `stat` holds batch * heads * n f64 (checked).
-                unsafe { write(addr, &rows.gather_stat(&saved.stat.data)) };
-            }
+        let call = ((q, k, v), o, stat, bf16);
+        let at = RankCall {
+            rows: &rows,
+            batch,
+            transport: &t,
+        };
+        match elem {
+            "f32" => self.forward_rank_as::<f32>(py, at, call, &extras),
+            "bf16" => self.forward_rank_as::<mixc::bf16>(py, at, call, &extras),
+            "f16" => self.forward_rank_as::<mixc::f16>(py, at, call, &extras),
+            _ => Err(PyValueError::new_err(format!(
+                "elem `{elem}`: expected f32, bf16 or f16"
+            ))),
         }
-        Ok(())
     }
 
     /// The backward of [`Mixer::forward_rank`]: this rank's rows of q, k,

@@ -83,6 +83,27 @@ def run_case(name, seq, rank, world, spec_text=None, sharding=None):
         raise AssertionError(f"{name}: unshard of the gathered shards differs")
 
 
+def run_bf16_case(rank, world):
+    """bf16 shards go through the ring as they are (read in place, `o` in
+    bf16): the gathered output is the whole sequence's bf16 output within
+    the bf16 tolerance, and its gradients flow."""
+    m = mixc.Mixer(os.path.join(ROOT, "examples", "causal_gqa_llama3.mix"), threads=1)
+    sharding = m.info["sharding"]
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 70, 32, 128, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 70, 8, 128, generator=gen).bfloat16() for _ in range(2))
+    with torch.no_grad():
+        want = m(q, k, v)
+        got = m(*(mixc.shard(t, rank, world, sharding=sharding) for t in (q, k, v)), group=dist.group.WORLD)
+    assert got.dtype == torch.bfloat16, got.dtype
+    e = rel(got.float(), mixc.shard(want, rank, world, sharding=sharding).float())
+    if not e < 1e-2:
+        raise AssertionError(f"rank {rank}/{world} bf16 ring: {e}")
+    mine = [mixc.shard(t, rank, world, sharding=sharding).requires_grad_() for t in (q, k, v)]
+    m(*mine, group=dist.group.WORLD).float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in mine)
+
+
 def block_cases():
     """Blocks around a ring: test_block's Llama-style block (GQA, rope;
     zigzag) and its packed-documents block with a learned slope table (a
@@ -194,6 +215,7 @@ def main():
             run_case(name, seq, rank, world)
         # Contiguous sharding of a causal mixer (the sharding is the mixer's).
         run_case("causal_gqa_llama3", 33, rank, world, sharding="contiguous")
+        run_bf16_case(rank, world)
         for text, seq, sharding in block_cases():
             run_block_case(text, seq, rank, world, sharding)
         run_compiled(rank, world)

@@ -636,12 +636,12 @@ impl Mixer {
     /// pages nobody touches). Extra inputs are whole on every rank. Only
     /// this rank's rows of `o` (and of the residuals, with `train`) are
     /// written. Queries and keys must be one sequence. CPU backend only.
-    pub fn forward_rank(
+    pub fn forward_rank<E: HostElem + OutElem>(
         &self,
-        inputs: &MixerInputs,
+        inputs: &MixerInputs<E>,
         train: bool,
         transport: &Arc<dyn Transport>,
-    ) -> Result<(Output, Residuals)> {
+    ) -> Result<(Output<E>, Residuals)> {
         if train {
             self.backward_support()?;
         }

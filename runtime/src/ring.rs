@@ -427,8 +427,8 @@ impl RankRows {
     /// A `[batch, seq, rest...]` tensor of the whole sequence, zero except
     /// this rank's rows, which come from `local` (`[batch, n, rest...]`).
     /// The zeros are a zeroed allocation: pages never written cost nothing.
-    pub fn scatter(&self, local: &[f32], shape: &[usize]) -> Tensor<f32> {
-        let mut full = Tensor::<f32>::zeros(shape);
+    pub fn scatter<T: Copy + Default>(&self, local: &[T], shape: &[usize]) -> Tensor<T> {
+        let mut full = Tensor::<T>::zeros(shape);
         let (batch, n) = (shape[0], self.positions.len());
         let row: usize = shape[2..].iter().product();
         for b in 0..batch {
