@@ -177,13 +177,17 @@ fn fill_decay<E: HostElem>(
     decay: &mut [f64],
 ) {
     let (b, i) = (row.b, row.i);
-    let gamma_at: Box<dyn Fn(usize) -> f64 + '_> = match &spec.decay {
-        Decay::None => return,
-        Decay::PerHead(e) => {
-            let g = eval_expr(spec, inputs, e, (0, 0, 0, h), 0.0);
+    let head_gamma = match &spec.decay {
+        Decay::PerHead(e) => Some(eval_expr(spec, inputs, e, (0, 0, 0, h), 0.0)),
+        _ => None,
+    };
+    let gamma_at: Box<dyn Fn(usize) -> f64 + '_> = match (&spec.decay, head_gamma) {
+        (Decay::None, _) => return,
+        (Decay::PerHead(_), g) => {
+            let g = g.unwrap_or(1.0);
             Box::new(move |_| g)
         }
-        Decay::Gate { input } => {
+        (Decay::Gate { input }, _) => {
             let gates = &inputs.extra[input];
             Box::new(move |l| gates.get_clamped(&[b as i64, l as i64, h as i64]))
         }
@@ -191,9 +195,13 @@ fn fill_decay<E: HostElem>(
     let Some(last) = decay.len().checked_sub(1).map(|n| n.min(i)) else {
         return;
     };
-    // D(i, last): gates are validated to cover every query position, and a
-    // per-head decay reads no position, so `i` past the keys is fine.
-    decay[last] = (last + 1..=i).map(&gamma_at).product();
+    // D(i, last): gates are validated to cover every query position; a
+    // per-head decay reads no position, so `i` may lie far past the keys
+    // (a power, not a product over the positions between).
+    decay[last] = match head_gamma {
+        Some(g) => g.powf((i - last) as f64),
+        None => (last + 1..=i).map(&gamma_at).product(),
+    };
     for j in (0..last).rev() {
         decay[j] = decay[j + 1] * gamma_at(j + 1);
     }

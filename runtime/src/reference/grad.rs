@@ -162,13 +162,9 @@ fn head_gradients(
     let (dk, dv) = (spec.head_dim as usize, spec.value_dim as usize);
     let kvh = spec.kv_head_of(h as u32) as usize;
     let lookup = |name: &str, idx: &[i64]| inputs.extra[name].get_clamped(idx);
-    // D(i, l) for every position up to the last query's: a per-head decay
-    // multiplies the gammas of positions past the keys too, when the
-    // queries are (gates cover every query position: validated).
-    let positions = kv_seq.max(inputs.q_offset + inputs.seq);
-    let (mut weights, mut decay) = (vec![None; kv_seq], vec![1.0f64; positions]);
-    // dD(i, j) of the current row, 0 where masked (and past the keys).
-    let mut d_decay = vec![0.0f64; positions];
+    let (mut weights, mut decay) = (vec![None; kv_seq], vec![1.0f64; kv_seq]);
+    // dD(i, j) of the current row, 0 where masked.
+    let mut d_decay = vec![0.0f64; kv_seq];
     let (mut y, mut u) = (vec![0.0f64; dv], vec![0.0f64; dv]);
     // d gamma of a per-head decay, summed over the rows.
     let mut d_gamma_head = 0.0;
@@ -234,9 +230,10 @@ fn head_gradients(
             }
             _ => gamma_head,
         };
-        if !matches!(spec.decay, Decay::None) {
+        if !matches!(spec.decay, Decay::None) && kv_seq > 0 {
             let mut carry = 0.0; // B_l
-            for l in 1..=i {
+            let n = kv_seq;
+            for l in 1..=i.min(n - 1) {
                 carry = if l == 1 {
                     d_decay[0]
                 } else {
@@ -252,6 +249,19 @@ fn head_gradients(
                     }
                     _ => d_gamma_head += d_gamma,
                 }
+            }
+            if i >= n {
+                // Queries past the last key (a per-head decay: gates cover
+                // every query position). No key lies at l >= n, so from
+                // B_n on each B_l is gamma B_(l-1), and every l in n..=i
+                // adds D(i, l) B_l = gamma^(i-n) B_n: in closed form, since
+                // i may lie far past the keys.
+                let carry_n = if n == 1 {
+                    d_decay[0]
+                } else {
+                    gamma_at(n - 1) * carry + d_decay[n - 1]
+                };
+                d_gamma_head += (i - n + 1) as f64 * gamma_head.powf((i - n) as f64) * carry_n;
             }
         }
     }
