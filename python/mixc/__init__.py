@@ -455,15 +455,7 @@ def _mix(handle: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
          extras: list[torch.Tensor], q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     m = _MIXERS[handle]
     b, seq, kv_seq = _lengths(m, q, v)
-    stored = _stored_in_place(m, q, k, v)
-    if stored is not None:
-        # bf16 / f16 tensors in the storage type: read in place, `o` written
-        # in that type (no f32 copies: half the memory of widening them).
-        qc, kc, vc = (t.detach().contiguous() for t in (q, k, v))
-        bf16, elem, o_dtype = stored == torch.bfloat16, _ELEM[stored], stored
-    else:
-        qc, kc, vc, bf16 = m._qkv(q, k, v)
-        elem, o_dtype = "f32", torch.float32
+    qc, kc, vc, bf16, elem, o_dtype = _forward_operands(m, q, k, v)
     args, keep = _extra_args(m, extras)
     o = torch.empty(_out_shape(m, q, v), dtype=o_dtype)
     stat = torch.zeros(_stat_shape(m, q, v), dtype=torch.float64)
@@ -475,6 +467,19 @@ def _mix(handle: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 _ELEM = {torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def _forward_operands(m, q, k, v):
+    """What a forward hands the native side: q, k, v (bf16 / f16 tensors in
+    the storage type as they are, read in place with `o` written in that
+    type, no f32 copies; else widened to f32), whether bf16 products may
+    run, the element name and `o`'s dtype."""
+    stored = _stored_in_place(m, q, k, v)
+    if stored is None:
+        qc, kc, vc, bf16 = m._qkv(q, k, v)
+        return qc, kc, vc, bf16, "f32", torch.float32
+    qc, kc, vc = (t.detach().contiguous() for t in (q, k, v))
+    return qc, kc, vc, stored == torch.bfloat16, _ELEM[stored], stored
 
 
 def _stored_in_place(m, q, k, v):

@@ -106,21 +106,14 @@ def _ring_seq(inputs, sharding, group, b, n, extras):
 @torch.library.custom_op("mixc::mix_ring", mutates_args=())
 def _mix_ring(handle: int, group: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               extras: list[torch.Tensor], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from . import _ELEM, _MIXERS, _extra_args, _stored_in_place
+    from . import _MIXERS, _extra_args, _forward_operands
 
     m, pg = _MIXERS[handle], _group(group)
     b, n = v.shape[0], v.shape[1]
     seq = _ring_seq(m.info["inputs"], m.info["sharding"], pg, b, n, extras)
     transport = _GroupTransport(pg)
     info = m.info
-    stored = _stored_in_place(m, q, k, v)
-    if stored is not None:
-        # 16-bit shards in the storage type: read as they are, `o` in that type.
-        qc, kc, vc = (t.detach().contiguous() for t in (q, k, v))
-        bf16, elem, o_dtype = stored == torch.bfloat16, _ELEM[stored], stored
-    else:
-        qc, kc, vc, bf16 = m._qkv(q, k, v)
-        elem, o_dtype = "f32", torch.float32
+    qc, kc, vc, bf16, elem, o_dtype = _forward_operands(m, q, k, v)
     args, keep = _extra_args(m, extras)
     o = torch.empty((b, n, info["heads"], info["value_dim"]), dtype=o_dtype)
     stat = torch.zeros((b, info["heads"], n) if train else (0,), dtype=torch.float64)
