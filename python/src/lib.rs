@@ -294,6 +294,31 @@ impl Mixer {
     }
 }
 
+/// Runs `$call` with `$e` the element type named by `$elem` (`"f32"`,
+/// `"bf16"` or `"f16"`, as the Python side passes it); any other name is a
+/// `ValueError`.
+macro_rules! with_elem {
+    ($elem:expr, $e:ident => $call:expr) => {
+        match $elem {
+            "f32" => {
+                type $e = f32;
+                $call
+            }
+            "bf16" => {
+                type $e = mixc::bf16;
+                $call
+            }
+            "f16" => {
+                type $e = mixc::f16;
+                $call
+            }
+            other => Err(PyValueError::new_err(format!(
+                "elem `{other}`: expected f32, bf16 or f16"
+            ))),
+        }
+    };
+}
+
 /// One forward call's addresses: `(q, k, v)`, `o`, `stat` (when the
 /// residuals are kept) and whether bf16 products may run.
 type ForwardCall = ((usize, usize, usize), usize, Option<usize>, bool);
@@ -609,14 +634,7 @@ impl Mixer {
         elem: &str,
     ) -> PyResult<()> {
         let call = ((q, k, v), o, stat, bf16);
-        match elem {
-            "f32" => self.forward_as::<f32>(py, lengths, call, &extras),
-            "bf16" => self.forward_as::<mixc::bf16>(py, lengths, call, &extras),
-            "f16" => self.forward_as::<mixc::f16>(py, lengths, call, &extras),
-            _ => Err(PyValueError::new_err(format!(
-                "elem `{elem}`: expected f32, bf16 or f16"
-            ))),
-        }
+        with_elem!(elem, E => self.forward_as::<E>(py, lengths, call, &extras))
     }
 
     /// The backward pass: writes the gradients of `sum(o * do)` into `dq`,
@@ -888,14 +906,7 @@ impl Mixer {
             batch,
             transport: &t,
         };
-        match elem {
-            "f32" => self.forward_rank_as::<f32>(py, at, call, &extras),
-            "bf16" => self.forward_rank_as::<mixc::bf16>(py, at, call, &extras),
-            "f16" => self.forward_rank_as::<mixc::f16>(py, at, call, &extras),
-            _ => Err(PyValueError::new_err(format!(
-                "elem `{elem}`: expected f32, bf16 or f16"
-            ))),
-        }
+        with_elem!(elem, E => self.forward_rank_as::<E>(py, at, call, &extras))
     }
 
     /// The backward of [`Mixer::forward_rank`]: this rank's rows of q, k,

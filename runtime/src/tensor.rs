@@ -95,16 +95,6 @@ pub enum Elems<'a> {
 }
 
 impl<'a> Elems<'a> {
-    pub fn len(&self) -> usize {
-        match self {
-            Elems::F32(x) => x.len(),
-            Elems::Bf16(x) => x.len(),
-            Elems::F16(x) => x.len(),
-        }
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
     /// Elements `at..at + len` as f32: in place for f32 storage, else
     /// widened into `scratch`.
     #[inline]
@@ -133,15 +123,6 @@ impl<'a> Elems<'a> {
                 .iter_mut()
                 .zip(&x[at..at + n])
                 .for_each(|(d, &s)| *d = f(s.to_f32())),
-        }
-    }
-    /// Element `at`, widened.
-    #[inline]
-    pub fn get(&self, at: usize) -> f32 {
-        match self {
-            Elems::F32(x) => x[at],
-            Elems::Bf16(x) => x[at].to_f32(),
-            Elems::F16(x) => x[at].to_f32(),
         }
     }
     /// The bytes of elements `at..at + len` (for prefetching).

@@ -181,7 +181,14 @@ impl CpuOutput {
         self.into_elem()
     }
     pub fn to_f32(&self) -> Tensor<f32> {
-        self.clone().into_elem()
+        match self {
+            CpuOutput::F32(t) => t.clone(),
+            CpuOutput::Bf16(t) => t.convert(),
+            CpuOutput::F16(t) => t.convert(),
+            CpuOutput::F64(t) => {
+                Tensor::new(t.shape.clone(), t.data.iter().map(|&x| x as f32).collect())
+            }
+        }
     }
     /// The output in the storage type `E`: moved when it already is `E`,
     /// else converted (rounded to the nearest).
