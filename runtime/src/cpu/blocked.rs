@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::bf16;
 use super::expr::ExprScratch;
 use super::microkernel::{col_sums_add, gemm_tn, softmax_cols, Mat, MatMut};
-use super::real::{feature, feature_row, scale, Real};
+use super::real::{feature_row, scale, Real};
 use super::{Ctx, RankOutput, RankStats};
 use crate::error::Result;
 use crate::ring::{wire, Endpoint, RingSchedule, Wire};
@@ -211,38 +211,51 @@ impl<T: Real> KvShard<T> {
         let fill = |&(ri, t0, t1): &(usize, usize, usize)| {
             let (r, off, kn) = (&ranges[ri], offs[ri], t1 - t0);
             let (mut wk, mut wv) = (Vec::new(), Vec::new());
+            // `ROWS` keys of every kv head, mapped, on their way into the
+            // transposed tiles.
+            let mut mapped = vec![T::ZERO; if with_k { kvh_ * ROWS * dk } else { 0 }];
             for b in 0..b_ {
-                for c in 0..kn {
-                    let pos = r.start + t0 + c;
-                    let vals = ctx.v.row(ctx.v_at(b, pos, 0), kvh_ * dv, &mut wv);
-                    let keys: &[f32] = if with_k {
-                        ctx.k.row(ctx.k_at(b, pos, 0), kvh_ * dk, &mut wk)
-                    } else {
-                        &[]
-                    };
+                for c0 in (0..kn).step_by(ROWS) {
+                    let cn = ROWS.min(kn - c0);
+                    for c in c0..c0 + cn {
+                        let pos = r.start + t0 + c;
+                        let vals = ctx.v.row(ctx.v_at(b, pos, 0), kvh_ * dv, &mut wv);
+                        for kvh in 0..kvh_ {
+                            let blk = b * kvh_ + kvh;
+                            // SAFETY: rows `off + t0..off + t1` of every block
+                            // belong to this task alone, inside `v`.
+                            let vrow = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    vp.at((blk * n + off + t0 + c) * dv),
+                                    dv,
+                                )
+                            };
+                            for (x, &y) in vrow.iter_mut().zip(&vals[kvh * dv..][..dv]) {
+                                *x = T::from_f64(y as f64);
+                            }
+                        }
+                        if with_k {
+                            let keys = ctx.k.row(ctx.k_at(b, pos, 0), kvh_ * dk, &mut wk);
+                            for kvh in 0..kvh_ {
+                                let dst = &mut mapped[(kvh * ROWS + c - c0) * dk..][..dk];
+                                feature_row(ctx.k_map, &keys[kvh * dk..][..dk], T::ONE, dst);
+                            }
+                        }
+                    }
+                    if !with_k {
+                        continue;
+                    }
                     for kvh in 0..kvh_ {
                         let blk = b * kvh_ + kvh;
-                        // SAFETY: rows `off + t0..off + t1` of every block
-                        // belong to this task alone, inside `k` / `v`.
-                        let vrow = unsafe {
-                            std::slice::from_raw_parts_mut(vp.at((blk * n + off + t0 + c) * dv), dv)
-                        };
-                        for (x, &y) in vrow.iter_mut().zip(&vals[kvh * dv..][..dv]) {
-                            *x = T::from_f64(y as f64);
-                        }
-                        if !with_k {
-                            continue;
-                        }
                         // The tile transposed: `d_k x kn`, key `c` in column `c`.
+                        // SAFETY: as for `vrow`, inside `k`.
                         let tile = unsafe {
                             std::slice::from_raw_parts_mut(
                                 kp.at((blk * n + off + t0) * dk),
                                 kn * dk,
                             )
                         };
-                        for (d, &y) in keys[kvh * dk..][..dk].iter().enumerate() {
-                            tile[d * kn + c] = feature::<T>(ctx.k_map, y);
-                        }
+                        put_columns(&mapped[kvh * ROWS * dk..][..cn * dk], dk, tile, kn, c0);
                     }
                 }
             }
@@ -314,6 +327,22 @@ fn prefetch<T>(x: &[T]) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = x;
+}
+
+/// Rows per step of the transposes into tiles ([`put_columns`]).
+const ROWS: usize = 8;
+
+/// Columns `c0 ..` of `dst` (`d` rows of stride `ld`) set to the rows of
+/// `rows` (each `d` long): a small transpose whose inner loop writes
+/// consecutive values (a few rows at a time, all in cache).
+fn put_columns<T: Copy>(rows: &[T], d: usize, dst: &mut [T], ld: usize, c0: usize) {
+    let n = rows.len() / d.max(1);
+    for dd in 0..d {
+        let out = &mut dst[dd * ld + c0..][..n];
+        for (x, row) in out.iter_mut().zip(rows.chunks_exact(d)) {
+            *x = row[dd];
+        }
+    }
 }
 
 /// `row` with the feature map applied (into `buf`), or `row` itself for
@@ -576,6 +605,9 @@ struct Scratch<T> {
     p16: Vec<u32>,
     q_row: Vec<f32>,
     q_pairs: Vec<u32>,
+    /// f32/f64 products: up to [`ROWS`] query rows, mapped and scaled, on
+    /// their way into `q`.
+    q_mapped: Vec<T>,
 }
 
 impl<T> Default for Scratch<T> {
@@ -591,6 +623,7 @@ impl<T> Default for Scratch<T> {
             p16: Vec::new(),
             q_row: Vec::new(),
             q_pairs: Vec::new(),
+            q_mapped: Vec::new(),
         }
     }
 }
@@ -666,22 +699,32 @@ fn compute_item<T: Real>(
             prefetch(ctx.q.bytes(q_at(i), dk));
         }
         let mut widened = Vec::new();
+        let scale_t = T::from_f64(*scale);
+        let mapped = reset(
+            &mut scratch.q_mapped,
+            if pairs.is_some() { 0 } else { ROWS * dk },
+            T::ZERO,
+        );
         for (r, i) in q.clone().enumerate() {
             if i + AHEAD < q.end {
                 prefetch(ctx.q.bytes(q_at(i + AHEAD), dk));
             }
             let row = ctx.q.row(q_at(i), dk, &mut widened);
-            if pairs.is_some() {
+            if pairs.is_none() {
+                // Mapped and scaled a row at a time, transposed `ROWS` rows
+                // at a time.
+                let at = r % ROWS;
+                feature_row(*q_map, row, scale_t, &mut mapped[at * dk..][..dk]);
+                if at + 1 == ROWS || r + 1 == nrows {
+                    put_columns(&mapped[..(at + 1) * dk], dk, qt, nrows, r - at);
+                }
+            } else {
                 let (mapped, row_pairs) = (&mut scratch.q_row, &mut scratch.q_pairs);
                 mapped.resize(dk, 0.0);
                 row_pairs.resize(dk.div_ceil(2), 0);
                 bf16::pack_row(map_row(*q_map, row, mapped), row_pairs);
                 for (p, &x) in row_pairs.iter().enumerate() {
                     q16[p * nrows + r] = x;
-                }
-            } else {
-                for (d, &x) in row.iter().enumerate() {
-                    qt[d * nrows + r] = feature::<T>(*q_map, x) * T::from_f64(*scale);
                 }
             }
         }

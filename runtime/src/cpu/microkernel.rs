@@ -412,6 +412,134 @@ mod x86 {
         }
     }
 
+    /// [`super::softmax_cols`] for f32 on AVX-512: a key row's queries in
+    /// up to four vectors at a time (four independent max, exp and sum
+    /// chains, the tile read in memory order), and `e^x` as
+    /// [`exp_f32x16`] computes it.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn softmax_f32_avx512(
+        st: &mut [f32],
+        kn: usize,
+        m: &mut [f32],
+        l: &mut [f32],
+        o: &mut [f32],
+    ) {
+        let rows = m.len();
+        let mut r0 = 0;
+        while r0 < rows {
+            let w = (rows - r0).min(64);
+            match w.div_ceil(16) {
+                4 => softmax_group::<4>(st, kn, r0, w, m, l, o),
+                3 => softmax_group::<3>(st, kn, r0, w, m, l, o),
+                2 => softmax_group::<2>(st, kn, r0, w, m, l, o),
+                _ => softmax_group::<1>(st, kn, r0, w, m, l, o),
+            }
+            r0 += w;
+        }
+    }
+
+    /// Queries `r0 .. r0 + w` (`w <= 16 G`) of [`softmax_f32_avx512`].
+    #[inline(always)]
+    unsafe fn softmax_group<const G: usize>(
+        st: &mut [f32],
+        kn: usize,
+        r0: usize,
+        w: usize,
+        m: &mut [f32],
+        l: &mut [f32],
+        o: &mut [f32],
+    ) {
+        let rows = m.len();
+        debug_assert!(w <= 16 * G && r0 + w <= rows && st.len() >= kn * rows);
+        let lanes: [__mmask16; G] = std::array::from_fn(|g| {
+            let n = w.saturating_sub(16 * g).min(16);
+            ((1u32 << n) - 1) as __mmask16
+        });
+        let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let sp = st.as_mut_ptr().add(r0);
+        let mut mx = [neg_inf; G];
+        for c in 0..kn {
+            let row = sp.add(c * rows);
+            for g in 0..G {
+                let x = _mm512_mask_loadu_ps(neg_inf, lanes[g], row.add(16 * g));
+                mx[g] = _mm512_max_ps(mx[g], x);
+            }
+        }
+        let mut shift = [neg_inf; G];
+        let mut alpha = [neg_inf; G];
+        for g in 0..G {
+            let old = _mm512_mask_loadu_ps(neg_inf, lanes[g], m.as_ptr().add(r0 + 16 * g));
+            let m_new = _mm512_max_ps(old, mx[g]);
+            // Nothing seen yet: subtract 0 so masked scores give e^-inf = 0, not NaN.
+            let seen = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(m_new, neg_inf);
+            shift[g] = _mm512_maskz_mov_ps(seen, m_new);
+            alpha[g] = exp_f32x16(_mm512_sub_ps(old, shift[g]));
+        }
+        let mut sum = [_mm512_setzero_ps(); G];
+        for c in 0..kn {
+            let row = sp.add(c * rows);
+            for g in 0..G {
+                let x = _mm512_maskz_loadu_ps(lanes[g], row.add(16 * g));
+                let p = exp_f32x16(_mm512_sub_ps(x, shift[g]));
+                _mm512_mask_storeu_ps(row.add(16 * g), lanes[g], p);
+                sum[g] = _mm512_add_ps(sum[g], p);
+            }
+        }
+        let (mut mxs, mut alphas, mut sums) = ([0f32; 64], [0f32; 64], [0f32; 64]);
+        for g in 0..G {
+            _mm512_storeu_ps(mxs.as_mut_ptr().add(16 * g), mx[g]);
+            _mm512_storeu_ps(alphas.as_mut_ptr().add(16 * g), alpha[g]);
+            _mm512_storeu_ps(sums.as_mut_ptr().add(16 * g), sum[g]);
+        }
+        let dv = o.len() / rows;
+        for q in 0..w {
+            let r = r0 + q;
+            if mxs[q] == f32::NEG_INFINITY {
+                continue; // no finite score: keep the state (and p is 0)
+            }
+            if alphas[q] != 1.0 {
+                o[r * dv..(r + 1) * dv]
+                    .iter_mut()
+                    .for_each(|x| *x *= alphas[q]);
+                l[r] *= alphas[q];
+            }
+            l[r] += sums[q];
+            m[r] = m[r].max(mxs[q]);
+        }
+    }
+
+    /// `e^x` on 16 lanes, as [`crate::cpu::real::exp_f32`] computes it but
+    /// with AVX-512's own steps: `n = round(x log2 e)` by `vrndscaleps`,
+    /// `e^r` on `|r| <= ln2 / 2` by a degree-6 polynomial fitted to the
+    /// relative error (about 1e-7 evaluated in f32), and `2^n` applied by
+    /// `vscalefps`. Lanes below -87.3 (where `e^x` is subnormal), `-inf`
+    /// among them, give 0; NaN stays NaN.
+    #[inline(always)]
+    pub(super) unsafe fn exp_f32x16(x: __m512) -> __m512 {
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        const C: [f32; 7] = [
+            1.0,
+            1.0,
+            0.499_999_9,
+            0.166_664_2,
+            0.041_668_225,
+            0.008_374_816,
+            0.001_383_680_4,
+        ];
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let mut p = _mm512_set1_ps(C[6]);
+        for &c in C[..6].iter().rev() {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let live = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(-87.3));
+        _mm512_maskz_scalef_ps(live, p, n)
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn gemm_f32_avx2<const TA: bool>(g: &Gemm<f32>) {
         const R: usize = 4;
@@ -632,6 +760,15 @@ pub fn softmax_cols_on<T: Real>(
     let st = &mut st[..rows * kn];
     // SAFETY: a variant runs only on a CPU that reported its features.
     unsafe {
+        #[cfg(target_arch = "x86_64")]
+        if let (Isa::Avx512, Some(st32)) = (isa, as_f32s(st)) {
+            let (m, l, o) = (
+                as_f32s(m).unwrap(),
+                as_f32s(l).unwrap(),
+                as_f32s(o).unwrap(),
+            );
+            return x86::softmax_f32_avx512(st32, kn, m, l, o);
+        }
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => softmax_avx512(st, kn, m, l, o),
@@ -640,6 +777,14 @@ pub fn softmax_cols_on<T: Real>(
             _ => softmax_body::<T, false>(st, kn, m, l, o),
         }
     }
+}
+
+/// `x` as f32 when `T` is f32.
+fn as_f32s<T: 'static>(x: &mut [T]) -> Option<&mut [f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| {
+        // SAFETY: `T` is `f32`, so the slice is reinterpreted as itself.
+        unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut f32, x.len()) }
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1054,6 +1199,107 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The f32 update (the AVX-512 one where the CPU has it: whole key rows
+    /// of up to 64 queries, ragged groups masked) against the definition in
+    /// f64, at widths that leave a partial vector and a partial group.
+    #[test]
+    fn softmax_cols_f32_matches_the_definition() {
+        let (kn, dv) = (29, 5);
+        for isa in supported_isas() {
+            for rows in [1, 16, 21, 64, 70, 131] {
+                let score = |c: usize, r: usize| {
+                    if (c * 7 + r) % 11 == 3 || (r % 9 == 5 && c < kn) {
+                        f64::NEG_INFINITY
+                    } else {
+                        ((c * 17 + r * 5) % 29) as f64 / 3.0 - 4.0 + (r % 3) as f64 * 20.0
+                    }
+                };
+                let v: Vec<f32> = (0..2 * kn * dv)
+                    .map(|x| ((x * 7) % 13) as f32 - 6.0)
+                    .collect();
+                let (mut m, mut l, mut o) = (
+                    vec![f32::NEG_INFINITY; rows],
+                    vec![0.0f32; rows],
+                    vec![0.0f32; rows * dv],
+                );
+                for t in 0..2 {
+                    let mut st: Vec<f32> = (0..kn)
+                        .flat_map(|c| (0..rows).map(move |r| score(t * kn + c, r) as f32))
+                        .collect();
+                    softmax_cols_on(isa, &mut st, kn, &mut m, &mut l, &mut o);
+                    gemm_on(
+                        isa,
+                        true,
+                        Mat::dense(&st, kn, rows),
+                        Mat::dense(&v[t * kn * dv..], kn, dv),
+                        MatMut::dense(&mut o, rows, dv),
+                        true,
+                    );
+                }
+                for r in 0..rows {
+                    let s: Vec<f64> = (0..2 * kn).map(|c| score(c, r) as f32 as f64).collect();
+                    let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = s.iter().map(|&x| (x - mx).exp()).collect();
+                    let sum: f64 = w.iter().sum();
+                    assert!(
+                        m[r] as f64 == mx && (l[r] as f64 - sum).abs() < 2e-6 * sum,
+                        "{isa:?} {rows} rows, query {r}: m {} vs {mx}, l {} vs {sum}",
+                        m[r],
+                        l[r]
+                    );
+                    for d in 0..dv {
+                        let want: f64 = (0..2 * kn).map(|c| w[c] * v[c * dv + d] as f64).sum();
+                        let scale: f64 = (0..2 * kn).map(|c| w[c] * 6.0).sum();
+                        assert!(
+                            (o[r * dv + d] as f64 - want).abs() < 2e-6 * scale,
+                            "{isa:?} {rows} rows ({r},{d}): {} vs {want}",
+                            o[r * dv + d]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx512_exp_is_accurate_and_zero_below_range() {
+        use std::arch::x86_64::*;
+        if detected_isa() != Isa::Avx512 {
+            eprintln!("SKIPPED: no AVX-512 on this CPU");
+            return;
+        }
+        let exp16 = |xs: [f32; 16]| -> [f32; 16] {
+            let mut out = [0f32; 16];
+            // SAFETY: the CPU has AVX-512 (checked above).
+            unsafe {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn go(xs: &[f32; 16], out: &mut [f32; 16]) {
+                    let y = x86::exp_f32x16(_mm512_loadu_ps(xs.as_ptr()));
+                    _mm512_storeu_ps(out.as_mut_ptr(), y);
+                }
+                go(&xs, &mut out);
+            }
+            out
+        };
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x <= 10.0 {
+            let xs: [f32; 16] = std::array::from_fn(|i| x + i as f32 * 0.00071);
+            for (&xi, &got) in xs.iter().zip(&exp16(xs)) {
+                let want = (xi as f64).exp();
+                worst = worst.max((got as f64 - want).abs() / want);
+            }
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst:e}");
+        let mut special = [0f32; 16];
+        special[..6].copy_from_slice(&[f32::NEG_INFINITY, -200.0, -87.4, 0.0, f32::NAN, -1e-30]);
+        let got = exp16(special);
+        assert_eq!(&got[..4], &[0.0, 0.0, 0.0, 1.0]);
+        assert!(got[4].is_nan() && got[5] == 1.0, "{got:?}");
     }
 
     #[test]
