@@ -78,28 +78,59 @@ pub(super) fn rank_main<T: Real>(
     let (dk, dv) = (ctx.dk, ctx.dv);
     // Laid out as the blocked path does: `[bh][position in shard order][dv]`.
     let n: usize = ranges.iter().map(|r| r.len()).sum();
-    let mut y_all = written(bh * n * dv, T::ZERO);
+    // One rank: rows go to the output as each (batch, head) finishes them
+    // (`Ctx::direct`), so no buffer of every row is kept.
+    let direct = ctx.direct.is_some() && sched.ranks == 1;
+    let mut y_all = written(if direct { 0 } else { bh * n * dv }, T::ZERO);
     let mut stat = vec![0.0f64; if ctx.keep_stat { bh * n } else { 0 }];
     let mut off = 0;
     // A state this rank sent to itself (zigzag: the two middle chunks are adjacent).
     let mut kept: Option<PrefixState<T>> = None;
     let mut early: Vec<PrefixState<T>> = Vec::new();
     for range in &ranges {
-        let mut locals: Vec<Local<T>> = ctx.pool.install(|| {
-            (0..bh)
-                .into_par_iter()
-                .map(|x| local_pass(ctx, x / ctx.heads, x % ctx.heads, range.clone()))
-                .collect()
-        });
-        stats.pairs += locals.iter().map(|l| l.pairs).sum::<u64>();
-        stats.steps_computed += 1;
-        let prefix = if range.start == 0 {
-            // A caller's state from before this call (`CpuMixer::run_state`).
+        // The state before this range when this rank has it already (a
+        // caller's state from before this call, `CpuMixer::run_state`, or
+        // its own previous range's): the local pass starts from it.
+        // Otherwise it comes from another rank after the local pass.
+        let seed = if range.start == 0 {
             ctx.state_in.clone()
         } else if kept.as_ref().is_some_and(|p| p.start == range.start) {
             kept.take()
         } else {
+            None
+        };
+        let later = seed.is_none() && range.start != 0;
+        // Nothing to add afterwards: each (batch, head) finishes its rows
+        // at once and keeps neither its queries nor its outputs.
+        let stream = direct && !later;
+        let mut locals: Vec<Local<T>> = ctx.pool.install(|| {
+            (0..bh)
+                .into_par_iter()
+                .map(|x| {
+                    let before = match &seed {
+                        Some(p) => Before::Seed(
+                            &p.s[x * dk * dv..(x + 1) * dk * dv],
+                            &p.z[x * dk..(x + 1) * dk],
+                        ),
+                        None if later => Before::Later,
+                        None => Before::Nothing,
+                    };
+                    let (b, h) = (x / ctx.heads, x % ctx.heads);
+                    let mut loc = local_pass(ctx, b, h, range.clone(), before);
+                    if stream {
+                        finish_local(ctx, x, range.start, &mut loc, &mut []);
+                        loc.o = Vec::new();
+                    }
+                    loc
+                })
+                .collect()
+        });
+        stats.pairs += locals.iter().map(|l| l.pairs).sum::<u64>();
+        stats.steps_computed += 1;
+        let prefix = if later {
             Some(recv_for(&ep, range.start, &mut early)?)
+        } else {
+            None
         };
         if let Some(p) = &prefix {
             ctx.pool.install(|| {
@@ -124,7 +155,8 @@ pub(super) fn rank_main<T: Real>(
                 let s = &mut next.s[x * dk * dv..(x + 1) * dk * dv];
                 let z = &mut next.z[x * dk..(x + 1) * dk];
                 let total = T::from_f64(loc.cl[range.len()].exp());
-                // Decay the incoming state across this range, then add the range's own.
+                // Decay the incoming state across this range, then add the
+                // range's own (a seeded pass's state holds both already).
                 if let Some(p) = &prefix {
                     for (a, b) in s.iter_mut().zip(&p.s[x * dk * dv..(x + 1) * dk * dv]) {
                         *a = total * *b;
@@ -155,7 +187,16 @@ pub(super) fn rank_main<T: Real>(
                 }
             }
         }
-        finish(ctx, &locals, range.len(), &mut y_all, n, off);
+        if !stream {
+            for (x, loc) in locals.iter_mut().enumerate() {
+                let dst = if direct {
+                    &mut [][..]
+                } else {
+                    &mut y_all[(x * n + off) * dv..(x * n + off + range.len()) * dv]
+                };
+                finish_local(ctx, x, range.start, loc, dst);
+            }
+        }
         if ctx.keep_stat && matches!(ctx.spec.norm, Norm::Sum { .. }) {
             for (x, loc) in locals.iter().enumerate() {
                 for (d, &l) in stat[x * n + off..].iter_mut().zip(&loc.l[..range.len()]) {
@@ -165,6 +206,7 @@ pub(super) fn rank_main<T: Real>(
         }
         off += range.len();
     }
+    stats.direct = direct;
     Ok(RankOutput {
         ranges,
         y: y_all,
@@ -209,7 +251,25 @@ fn log_gamma<T: Real>(ctx: &Ctx<'_, T>, b: usize, h: usize, pos: usize) -> f64 {
 /// `O_c = (w Q_c) S + (Q_c K_cᵀ ⊙ D) V_c`, then `S = d_c S + K_cᵀ (w' V_c)`,
 /// with `w`, `w'`, `D`, `d_c` the decays from the chunk start, to the chunk
 /// end, between pairs, and across the chunk (all 1 without decay).
-fn local_pass<T: Real>(ctx: &Ctx<'_, T>, b: usize, h: usize, range: Range<usize>) -> Local<T> {
+/// What a range's local pass knows of the positions before it.
+enum Before<'p, T> {
+    /// Nothing comes before (position 0, no earlier state).
+    Nothing,
+    /// Their state (`s`, `z`, decayed to the range's first position - 1):
+    /// the pass starts from it.
+    Seed(&'p [T], &'p [T]),
+    /// Their state arrives after the pass ([`apply_prefix`]), which then
+    /// needs the range's queries: the pass keeps them.
+    Later,
+}
+
+fn local_pass<T: Real>(
+    ctx: &Ctx<'_, T>,
+    b: usize,
+    h: usize,
+    range: Range<usize>,
+    before: Before<'_, T>,
+) -> Local<T> {
     let (dk, dv, n) = (ctx.dk, ctx.dv, range.len());
     let kvh = ctx.spec.kv_head_of(h as u32) as usize;
     let Score::Dot {
@@ -220,20 +280,26 @@ fn local_pass<T: Real>(ctx: &Ctx<'_, T>, b: usize, h: usize, range: Range<usize>
     else {
         unreachable!("the chunkwise path is only chosen for dot scores");
     };
-    // Queries stay for the prefix pass; keys and values are gathered chunk
-    // by chunk (below), so a range holds no full-length copy of them.
-    let mut q = vec![T::ZERO; n * dk];
+    // Queries, keys and values are gathered chunk by chunk (below), so a
+    // range holds no full-length copy of them; the queries stay only for a
+    // prefix that arrives later.
+    let keep_q = matches!(before, Before::Later);
+    let mut q = vec![T::ZERO; if keep_q { n * dk } else { 0 }];
     let mut cl = vec![0.0f64; n + 1];
-    let mut widened = Vec::new();
     for (t, pos) in range.clone().enumerate() {
-        feature_row(
-            *q_map,
-            ctx.q.row(ctx.q_at(b, pos, h), dk, &mut widened),
-            T::from_f64(*qk_scale),
-            &mut q[t * dk..(t + 1) * dk],
-        );
         cl[t + 1] = cl[t] + log_gamma(ctx, b, h, pos);
     }
+    let gather_q = |c: &Range<usize>, qc: &mut [T]| {
+        let mut widened = Vec::new();
+        for (u, pos) in c.clone().map(|t| range.start + t).enumerate() {
+            feature_row(
+                *q_map,
+                ctx.q.row(ctx.q_at(b, pos, h), dk, &mut widened),
+                T::from_f64(*qk_scale),
+                &mut qc[u * dk..(u + 1) * dk],
+            );
+        }
+    };
     let gather = |c: &Range<usize>, kc: &mut [T], vc: &mut [T]| {
         let mut widened = Vec::new();
         for (u, pos) in c.clone().map(|t| range.start + t).enumerate() {
@@ -270,10 +336,13 @@ fn local_pass<T: Real>(ctx: &Ctx<'_, T>, b: usize, h: usize, range: Range<usize>
     // (see `written`).
     let mut o = written(n * dv, T::ZERO);
     let mut l = written(n, T::ZERO);
-    let mut s = vec![T::ZERO; dk * dv];
-    let mut z = vec![T::ZERO; dk];
+    let (mut s, mut z, seeded) = match before {
+        Before::Seed(ps, pz) => (ps.to_vec(), pz.to_vec(), true),
+        _ => (vec![T::ZERO; dk * dv], vec![T::ZERO; dk], false),
+    };
     let mut pairs = 0u64;
     let cmax = ctx.chunk.min(n);
+    let mut qbuf = vec![T::ZERO; if keep_q { 0 } else { cmax * dk }];
     // Chunk scratch: K, V, Kᵀ, the pair matrix, decayed queries and values.
     let (mut kbuf, mut vbuf) = (vec![T::ZERO; cmax * dk], vec![T::ZERO; cmax * dv]);
     let mut kt = vec![T::ZERO; dk * cmax];
@@ -282,14 +351,21 @@ fn local_pass<T: Real>(ctx: &Ctx<'_, T>, b: usize, h: usize, range: Range<usize>
     let mut vw = vec![T::ZERO; cmax * dv];
     for c in chunks(0..n, ctx.chunk) {
         let (c0, nc) = (c.start, c.len());
-        let qc = &q[c0 * dk..c.end * dk];
+        let qc = if keep_q {
+            &mut q[c0 * dk..c.end * dk]
+        } else {
+            &mut qbuf[..nc * dk]
+        };
+        gather_q(&c, qc);
+        let qc = &*qc;
         let (kc, vc) = (&mut kbuf[..nc * dk], &mut vbuf[..nc * dv]);
         gather(&c, kc, vc);
         let (kc, vc) = (&*kc, &*vc);
         let oc = &mut o[c0 * dv..c.end * dv];
         let lc = &mut l[c.clone()];
-        // Earlier chunks of this range, through the state.
-        if c0 > 0 {
+        // Earlier chunks of this range (and a seed's positions), through
+        // the state.
+        if c0 > 0 || seeded {
             let qw = &mut qw[..nc * dk];
             qw.copy_from_slice(qc);
             if decays {
@@ -397,24 +473,26 @@ fn apply_prefix<T: Real>(ctx: &Ctx<'_, T>, loc: &mut Local<T>, ps: &[T], pz: &[T
     }
 }
 
-/// Writes the normalised outputs of one range (`len` positions at shard
-/// offset `off`) into the rank's `[bh][n][dv]` output.
-fn finish<T: Real>(
+/// Normalises one (batch, head)'s rows of a range (`x = b * heads + h`,
+/// first position `start`) and writes them into `dst` (`len x dv`), or to
+/// the output directly when `dst` is empty (`Ctx::direct`).
+fn finish_local<T: Real>(
     ctx: &Ctx<'_, T>,
-    locals: &[Local<T>],
-    len: usize,
-    y: &mut [T],
-    n: usize,
-    off: usize,
+    x: usize,
+    start: usize,
+    loc: &mut Local<T>,
+    dst: &mut [T],
 ) {
     let dv = ctx.dv;
-    for (x, loc) in locals.iter().enumerate() {
-        let dst = &mut y[(x * n + off) * dv..(x * n + off + len) * dv];
-        dst.copy_from_slice(&loc.o[..len * dv]);
+    let (b, h) = (x / ctx.heads, x % ctx.heads);
+    let rows = loc.o.chunks_exact_mut(dv).zip(&loc.l).enumerate();
+    for (t, (row, &l)) in rows {
         if let Norm::Sum { eps } = ctx.spec.norm {
-            for (row, &l) in dst.chunks_exact_mut(dv).zip(&loc.l) {
-                scale(row, T::ONE / (l + T::from_f64(eps)));
-            }
+            scale(row, T::ONE / (l + T::from_f64(eps)));
+        }
+        match ctx.direct {
+            Some(sink) if dst.is_empty() => sink(b, start + t - ctx.q_offset, h, row),
+            _ => dst[t * dv..(t + 1) * dv].copy_from_slice(row),
         }
     }
 }

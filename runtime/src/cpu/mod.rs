@@ -765,9 +765,10 @@ pub(crate) struct Ctx<'a, T> {
     segs: Vec<SegmentSummaries>,
     /// Whether the ranks report each row's statistic (training).
     keep_stat: bool,
-    /// A one-rank blocked run writes each finished query row here (batch
-    /// row, query row, head, the normalised row) instead of keeping its
-    /// rows in an f32 buffer the size of the output (see [`RowSink`]).
+    /// A one-rank blocked or chunkwise run writes each finished query row
+    /// here (batch row, query row, head, the normalised row) instead of
+    /// keeping its rows in an f32 buffer the size of the output (see
+    /// [`RowSink`]).
     direct: Option<&'a RowSink<'a, T>>,
     /// Whether the blocked path's tile products run in bf16 ([`bf16`]):
     /// a bf16 run on a CPU that has the instructions, dot scores, an even
@@ -1015,7 +1016,10 @@ fn run_typed<T: Real, E: HostElem, O: OutElem>(
             *d = O::from_real(x);
         }
     };
-    if sched.ranks == 1 && matches!(run.ranks, Ranks::Threads(_)) && path == CpuPath::Blocked {
+    if sched.ranks == 1
+        && matches!(run.ranks, Ranks::Threads(_))
+        && matches!(path, CpuPath::Blocked | CpuPath::Chunkwise)
+    {
         ctx.direct = Some(&sink);
     }
     if let Some(state) = run.state {
