@@ -42,7 +42,7 @@ use rayon::prelude::*;
 use super::blocked::{offsets, written, KvShard};
 use super::expr::{ExprScratch, FastExpr};
 use super::microkernel::{gemm, gemm_tn, softmax_grad_cols, Mat, MatMut};
-use super::real::{feature, Real};
+use super::real::{feature_row, Real};
 use super::Ctx;
 use crate::error::Result;
 use crate::grad::{differentiable_inputs, Gradients};
@@ -146,16 +146,15 @@ pub(super) fn q_side<T: Real>(
     let mut big_d = written(bh * nq, T::ZERO);
     let mut lse = written(bh * nq, T::ZERO);
     let positions = || ranges.iter().flat_map(|r| r.clone()).enumerate();
-    let mut widened = Vec::new();
-    for x in 0..bh {
+    // One (batch, head) per task, on every worker.
+    let row = |x: usize, qs: &mut [T], u: &mut [T], big_d: &mut [T], lse: &mut [T]| {
         let (b, h) = (x / ctx.heads, x % ctx.heads);
+        let mut widened = Vec::new();
         for (t, p) in positions() {
-            let (row, i) = (x * nq + t, p - ctx.q_offset);
+            let i = p - ctx.q_offset;
             if dot_score {
                 let q = ctx.q.row(ctx.q_at(b, i, h), dk, &mut widened);
-                for (d, &y) in q.iter().enumerate() {
-                    qs[row * dk + d] = feature::<T>(q_map, y) * T::from_f64(scale);
-                }
+                feature_row(q_map, q, T::from_f64(scale), &mut qs[t * dk..(t + 1) * dk]);
             }
             let stat = up.stat.data[x * ctx.seq + i];
             let div = match ctx.spec.norm {
@@ -164,21 +163,35 @@ pub(super) fn q_side<T: Real>(
             };
             let oo = up.o.offset(&[b, i, h, 0]);
             let mut dd = 0.0;
-            for d in 0..dv {
-                let g = up.d_o.data[oo + d] as f64 / div;
-                u[row * dv + d] = T::from_f64(g);
-                dd += g * up.o.data[oo + d] as f64;
+            let (d_o, o) = (&up.d_o.data[oo..oo + dv], &up.o.data[oo..oo + dv]);
+            for ((ud, &g), &y) in u[t * dv..(t + 1) * dv].iter_mut().zip(d_o).zip(o) {
+                let g = g as f64 / div;
+                *ud = T::from_f64(g);
+                dd += g * y as f64;
             }
             if !matches!(ctx.spec.norm, Norm::None) {
-                big_d[row] = T::from_f64(dd);
+                big_d[t] = T::from_f64(dd);
             }
-            lse[row] = T::from_f64(if stat == f64::NEG_INFINITY {
+            lse[t] = T::from_f64(if stat == f64::NEG_INFINITY {
                 f64::INFINITY
             } else {
                 stat
             });
         }
-    }
+    };
+    let mut qs_rows: Vec<&mut [T]> = qs.chunks_mut((nq * dk).max(1)).collect();
+    qs_rows.resize_with(bh, Default::default);
+    let tasks: Vec<_> = qs_rows
+        .into_iter()
+        .zip(u.chunks_mut((nq * dv).max(1)))
+        .zip(big_d.chunks_mut(nq.max(1)).zip(lse.chunks_mut(nq.max(1))))
+        .enumerate()
+        .collect();
+    ctx.pool.install(|| {
+        tasks
+            .into_par_iter()
+            .for_each(|(x, ((qs, u), (big_d, lse)))| row(x, qs, u, big_d, lse))
+    });
     QSide {
         ranges: ranges.to_vec(),
         nq,

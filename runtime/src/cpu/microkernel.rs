@@ -508,6 +508,36 @@ mod x86 {
         }
     }
 
+    /// [`super::softmax_grad_cols`] for f32 on AVX-512, with
+    /// [`exp_f32x16`]: per key row, 16 queries at a time (the last vector
+    /// masked).
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn softmax_grad_f32_avx512(
+        a: &[f32],
+        lse: &[f32],
+        d: &[f32],
+        p: &mut [f32],
+        dp: &mut [f32],
+    ) {
+        let rows = lse.len();
+        for c in 0..a.len() / rows.max(1) {
+            let at = c * rows;
+            for r0 in (0..rows).step_by(16) {
+                let n = (rows - r0).min(16);
+                let m = ((1u32 << n) - 1) as __mmask16;
+                let x = _mm512_maskz_loadu_ps(m, a.as_ptr().add(at + r0));
+                let l = _mm512_maskz_loadu_ps(m, lse.as_ptr().add(r0));
+                let e = exp_f32x16(_mm512_sub_ps(x, l));
+                _mm512_mask_storeu_ps(p.as_mut_ptr().add(at + r0), m, e);
+                let g = _mm512_sub_ps(
+                    _mm512_maskz_loadu_ps(m, dp.as_ptr().add(at + r0)),
+                    _mm512_maskz_loadu_ps(m, d.as_ptr().add(r0)),
+                );
+                _mm512_mask_storeu_ps(dp.as_mut_ptr().add(at + r0), m, _mm512_mul_ps(e, g));
+            }
+        }
+    }
+
     /// `e^x` on 16 lanes, as [`crate::cpu::real::exp_f32`] computes it but
     /// with AVX-512's own steps: `n = round(x log2 e)` by `vrndscaleps`,
     /// `e^r` on `|r| <= ln2 / 2` by a degree-6 polynomial fitted to the
@@ -890,6 +920,13 @@ pub fn softmax_grad_cols<T: Real>(a: &[T], lse: &[T], d: &[T], p: &mut [T], dp: 
     );
     // SAFETY: a variant runs only on a CPU that reported its features.
     unsafe {
+        #[cfg(target_arch = "x86_64")]
+        if detected_isa() == Isa::Avx512 {
+            if let (Some(p32), Some(dp32)) = (as_f32s(p), as_f32s(dp)) {
+                let f32s = |x: &[T]| std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len());
+                return x86::softmax_grad_f32_avx512(f32s(a), f32s(lse), f32s(d), p32, dp32);
+            }
+        }
         match detected_isa() {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => softmax_grad_avx512(a, lse, d, p, dp),
@@ -1300,6 +1337,51 @@ mod tests {
         let got = exp16(special);
         assert_eq!(&got[..4], &[0.0, 0.0, 0.0, 1.0]);
         assert!(got[4].is_nan() && got[5] == 1.0, "{got:?}");
+    }
+
+    #[test]
+    fn softmax_grad_cols_matches_the_definition() {
+        for rows in [1, 16, 21, 64] {
+            let kn = 7;
+            let a: Vec<f32> = (0..kn * rows)
+                .map(|x| {
+                    if x % 5 == 2 {
+                        f32::NEG_INFINITY
+                    } else {
+                        (x % 13) as f32 * 0.3 - 2.0
+                    }
+                })
+                .collect();
+            // Query 3 sees nothing (lse = +inf).
+            let lse: Vec<f32> = (0..rows)
+                .map(|r| {
+                    if r == 3 {
+                        f32::INFINITY
+                    } else {
+                        1.5 + r as f32 * 0.01
+                    }
+                })
+                .collect();
+            let d: Vec<f32> = (0..rows).map(|r| r as f32 * 0.1 - 0.5).collect();
+            let dp0: Vec<f32> = (0..kn * rows).map(|x| (x % 7) as f32 * 0.2 - 0.6).collect();
+            let (mut p, mut dp) = (vec![f32::NAN; kn * rows], dp0.clone());
+            softmax_grad_cols(&a, &lse, &d, &mut p, &mut dp);
+            for x in 0..kn * rows {
+                let r = x % rows;
+                let e = (a[x] as f64 - lse[r] as f64).exp();
+                let want = e * (dp0[x] as f64 - d[r] as f64);
+                assert!(
+                    (p[x] as f64 - e).abs() <= 3e-7 * e,
+                    "{rows} rows, p at {x}: {} vs {e}",
+                    p[x]
+                );
+                assert!(
+                    (dp[x] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                    "{rows} rows, da at {x}: {} vs {want}",
+                    dp[x]
+                );
+            }
+        }
     }
 
     #[test]
