@@ -1177,125 +1177,105 @@ mod tests {
         x.exp_fast::<false>()
     }
 
-    /// The tile update equals the definition: feeding each query's scores in
-    /// two tiles gives the same (m, l, o) as one softmax over all of them,
-    /// including a query whose first tile is entirely masked.
-    #[test]
-    fn softmax_cols_matches_the_definition() {
-        let (rows, kn, dv) = (21, 37, 3);
-        for isa in supported_isas() {
-            // score(c, r) over 2 kn keys; query 5 sees nothing in the first tile.
-            let score = |c: usize, r: usize| {
-                if (c * 7 + r) % 11 == 3 || (r == 5 && c < kn) {
-                    f64::NEG_INFINITY
-                } else {
-                    ((c * 17 + r * 5) % 29) as f64 / 5.0 - 3.0
-                }
-            };
-            let v: Vec<f64> = (0..2 * kn * dv)
-                .map(|x| ((x * 7) % 13) as f64 - 6.0)
+    /// Feeds each query's scores (`score(c, r)` over `2 kn` keys, `-inf`
+    /// masked) in two tiles through the update and the `P V` product, and
+    /// compares `(m, l, o)` with one softmax over all of them in f64 (`tol`
+    /// relative to the row's weight). A query whose first tile is entirely
+    /// masked keeps `m = -inf` and gets `p = 0` there.
+    fn check_softmax_cols<T: Real>(
+        isa: Isa,
+        rows: usize,
+        kn: usize,
+        score: impl Fn(usize, usize) -> f64,
+        tol: f64,
+    ) {
+        let dv = 5;
+        let s = |c: usize, r: usize| T::from_f64(score(c, r));
+        let v: Vec<T> = (0..2 * kn * dv)
+            .map(|x| T::from_f64(((x * 7) % 13) as f64 - 6.0))
+            .collect();
+        let (mut m, mut l, mut o) = (
+            vec![T::NEG_INF; rows],
+            vec![T::ZERO; rows],
+            vec![T::ZERO; rows * dv],
+        );
+        for t in 0..2 {
+            let mut st: Vec<T> = (0..kn)
+                .flat_map(|c| (0..rows).map(move |r| (t * kn + c, r)))
+                .map(|(c, r)| s(c, r))
                 .collect();
-            let (mut m, mut l, mut o) = (
-                vec![f64::NEG_INFINITY; rows],
-                vec![0.0; rows],
-                vec![0.0; rows * dv],
-            );
-            for t in 0..2 {
-                let mut st: Vec<f64> = (0..kn)
-                    .flat_map(|c| (0..rows).map(move |r| (t * kn + c, r)))
-                    .map(|(c, r)| score(c, r))
-                    .collect();
-                softmax_cols_on(isa, &mut st, kn, &mut m, &mut l, &mut o);
-                if t == 0 {
-                    assert!(m[5] == f64::NEG_INFINITY && (0..kn).all(|c| st[c * rows + 5] == 0.0));
-                }
-                gemm_on(
-                    isa,
-                    true,
-                    Mat::dense(&st, kn, rows),
-                    Mat::dense(&v[t * kn * dv..], kn, dv),
-                    MatMut::dense(&mut o, rows, dv),
-                    true,
-                );
+            softmax_cols_on(isa, &mut st, kn, &mut m, &mut l, &mut o);
+            for r in (0..rows).filter(|&r| t == 0 && (0..kn).all(|c| s(c, r) == T::NEG_INF)) {
+                assert!(m[r] == T::NEG_INF && (0..kn).all(|c| st[c * rows + r] == T::ZERO));
             }
-            for r in 0..rows {
-                let s: Vec<f64> = (0..2 * kn).map(|c| score(c, r)).collect();
-                let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let w: Vec<f64> = s.iter().map(|&x| (x - mx).exp()).collect();
-                let sum: f64 = w.iter().sum();
+            gemm_on(
+                isa,
+                true,
+                Mat::dense(&st, kn, rows),
+                Mat::dense(&v[t * kn * dv..], kn, dv),
+                MatMut::dense(&mut o, rows, dv),
+                true,
+            );
+        }
+        for r in 0..rows {
+            let sr: Vec<f64> = (0..2 * kn).map(|c| s(c, r).to_f64()).collect();
+            let mx = sr.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = sr.iter().map(|&x| (x - mx).exp()).collect();
+            let sum: f64 = w.iter().sum();
+            assert!(
+                m[r].to_f64() == mx && (l[r].to_f64() - sum).abs() <= tol * sum,
+                "{isa:?} {rows} rows, query {r}: m {:?} vs {mx}, l {:?} vs {sum}",
+                m[r],
+                l[r]
+            );
+            for d in 0..dv {
+                let want: f64 = (0..2 * kn).map(|c| w[c] * v[c * dv + d].to_f64()).sum();
                 assert!(
-                    (m[r] - mx).abs() < 1e-12 && (l[r] - sum).abs() < 1e-9 * sum,
-                    "{isa:?} query {r}"
+                    (o[r * dv + d].to_f64() - want).abs() <= tol * 6.0 * sum,
+                    "{isa:?} {rows} rows ({r},{d}): {:?} vs {want}",
+                    o[r * dv + d]
                 );
-                for d in 0..dv {
-                    let want: f64 = (0..2 * kn).map(|c| w[c] * v[c * dv + d]).sum();
-                    assert!(
-                        (o[r * dv + d] - want).abs() < 1e-9 * (1.0 + want.abs()),
-                        "{isa:?} ({r},{d})"
-                    );
-                }
             }
         }
     }
 
-    /// The f32 update (the AVX-512 one where the CPU has it: whole key rows
-    /// of up to 64 queries, ragged groups masked) against the definition in
-    /// f64, at widths that leave a partial vector and a partial group.
+    /// The tile update equals the definition, in f64 and in f32 (the
+    /// AVX-512 one where the CPU has it: whole key rows of up to 64
+    /// queries, ragged groups masked), at widths that leave a partial
+    /// vector and a partial group, with fully masked first tiles.
     #[test]
-    fn softmax_cols_f32_matches_the_definition() {
-        let (kn, dv) = (29, 5);
+    fn softmax_cols_matches_the_definition() {
         for isa in supported_isas() {
-            for rows in [1, 16, 21, 64, 70, 131] {
-                let score = |c: usize, r: usize| {
-                    if (c * 7 + r) % 11 == 3 || (r % 9 == 5 && c < kn) {
+            let kn = 37;
+            // Query 5 sees nothing in the first tile.
+            check_softmax_cols::<f64>(
+                isa,
+                21,
+                kn,
+                |c, r| {
+                    if (c * 7 + r) % 11 == 3 || (r == 5 && c < kn) {
                         f64::NEG_INFINITY
                     } else {
-                        ((c * 17 + r * 5) % 29) as f64 / 3.0 - 4.0 + (r % 3) as f64 * 20.0
+                        ((c * 17 + r * 5) % 29) as f64 / 5.0 - 3.0
                     }
-                };
-                let v: Vec<f32> = (0..2 * kn * dv)
-                    .map(|x| ((x * 7) % 13) as f32 - 6.0)
-                    .collect();
-                let (mut m, mut l, mut o) = (
-                    vec![f32::NEG_INFINITY; rows],
-                    vec![0.0f32; rows],
-                    vec![0.0f32; rows * dv],
+                },
+                1e-9,
+            );
+            let kn = 29;
+            for rows in [1, 16, 21, 64, 70, 131] {
+                check_softmax_cols::<f32>(
+                    isa,
+                    rows,
+                    kn,
+                    |c, r| {
+                        if (c * 7 + r) % 11 == 3 || (r % 9 == 5 && c < kn) {
+                            f64::NEG_INFINITY
+                        } else {
+                            ((c * 17 + r * 5) % 29) as f64 / 3.0 - 4.0 + (r % 3) as f64 * 20.0
+                        }
+                    },
+                    2e-6,
                 );
-                for t in 0..2 {
-                    let mut st: Vec<f32> = (0..kn)
-                        .flat_map(|c| (0..rows).map(move |r| score(t * kn + c, r) as f32))
-                        .collect();
-                    softmax_cols_on(isa, &mut st, kn, &mut m, &mut l, &mut o);
-                    gemm_on(
-                        isa,
-                        true,
-                        Mat::dense(&st, kn, rows),
-                        Mat::dense(&v[t * kn * dv..], kn, dv),
-                        MatMut::dense(&mut o, rows, dv),
-                        true,
-                    );
-                }
-                for r in 0..rows {
-                    let s: Vec<f64> = (0..2 * kn).map(|c| score(c, r) as f32 as f64).collect();
-                    let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let w: Vec<f64> = s.iter().map(|&x| (x - mx).exp()).collect();
-                    let sum: f64 = w.iter().sum();
-                    assert!(
-                        m[r] as f64 == mx && (l[r] as f64 - sum).abs() < 2e-6 * sum,
-                        "{isa:?} {rows} rows, query {r}: m {} vs {mx}, l {} vs {sum}",
-                        m[r],
-                        l[r]
-                    );
-                    for d in 0..dv {
-                        let want: f64 = (0..2 * kn).map(|c| w[c] * v[c * dv + d] as f64).sum();
-                        let scale: f64 = (0..2 * kn).map(|c| w[c] * 6.0).sum();
-                        assert!(
-                            (o[r * dv + d] as f64 - want).abs() < 2e-6 * scale,
-                            "{isa:?} {rows} rows ({r},{d}): {} vs {want}",
-                            o[r * dv + d]
-                        );
-                    }
-                }
             }
         }
     }
