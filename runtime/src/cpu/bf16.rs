@@ -304,7 +304,7 @@ mod x86 {
         let mut c = 0;
         while c < cols {
             let w = (cols - c).min(16);
-            let m: __mmask16 = if w == 16 { 0xffff } else { (1u16 << w) - 1 };
+            let m = crate::cpu::microkernel::lane_mask(w);
             let a = _mm512_maskz_loadu_ps(m, lo.add(c));
             let b = match hi {
                 Some(h) => _mm512_maskz_loadu_ps(m, h.add(c)),
@@ -330,7 +330,7 @@ mod x86 {
         let mut i = 0;
         while i < 2 * out.len() {
             let w = n.saturating_sub(i).min(16);
-            let m: __mmask16 = if w == 16 { 0xffff } else { (1u16 << w) - 1 };
+            let m = crate::cpu::microkernel::lane_mask(w);
             let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
             let h = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
             // Whole pairs only: an odd tail's partner lane is 0 from the load.

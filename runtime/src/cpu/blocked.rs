@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::bf16;
 use super::expr::ExprScratch;
 use super::microkernel::{col_sums_add, gemm_tn, softmax_cols, Mat, MatMut};
-use super::real::{feature_row, scale, Real};
+use super::real::{feature_row, put_columns, scale, Real};
 use super::{Ctx, RankOutput, RankStats};
 use crate::error::Result;
 use crate::ring::{wire, Endpoint, RingSchedule, Wire};
@@ -331,19 +331,6 @@ fn prefetch<T>(x: &[T]) {
 
 /// Rows per step of the transposes into tiles ([`put_columns`]).
 const ROWS: usize = 8;
-
-/// Columns `c0 ..` of `dst` (`d` rows of stride `ld`) set to the rows of
-/// `rows` (each `d` long): a small transpose whose inner loop writes
-/// consecutive values (a few rows at a time, all in cache).
-fn put_columns<T: Copy>(rows: &[T], d: usize, dst: &mut [T], ld: usize, c0: usize) {
-    let n = rows.len() / d.max(1);
-    for dd in 0..d {
-        let out = &mut dst[dd * ld + c0..][..n];
-        for (x, row) in out.iter_mut().zip(rows.chunks_exact(d)) {
-            *x = row[dd];
-        }
-    }
-}
 
 /// `row` with the feature map applied (into `buf`), or `row` itself for
 /// the identity map.

@@ -118,7 +118,7 @@ pub(super) fn rank_main<T: Real>(
                     let (b, h) = (x / ctx.heads, x % ctx.heads);
                     let mut loc = local_pass(ctx, b, h, range.clone(), before);
                     if stream {
-                        finish_local(ctx, x, range.start, &mut loc, &mut []);
+                        finish_local(ctx, x, range.start, &mut loc, None);
                         loc.o = Vec::new();
                     }
                     loc
@@ -189,11 +189,8 @@ pub(super) fn rank_main<T: Real>(
         }
         if !stream {
             for (x, loc) in locals.iter_mut().enumerate() {
-                let dst = if direct {
-                    &mut [][..]
-                } else {
-                    &mut y_all[(x * n + off) * dv..(x * n + off + range.len()) * dv]
-                };
+                let dst = (!direct)
+                    .then(|| &mut y_all[(x * n + off) * dv..(x * n + off + range.len()) * dv]);
                 finish_local(ctx, x, range.start, loc, dst);
             }
         }
@@ -245,12 +242,6 @@ fn log_gamma<T: Real>(ctx: &Ctx<'_, T>, b: usize, h: usize, pos: usize) -> f64 {
     }
 }
 
-/// Everything one (batch, head) can compute on `range` without the prefix:
-/// intra-chunk products, inter-chunk state within the range, the range state.
-/// Per chunk `c` (rows `t`, keys `u`, all matrix products):
-/// `O_c = (w Q_c) S + (Q_c K_cᵀ ⊙ D) V_c`, then `S = d_c S + K_cᵀ (w' V_c)`,
-/// with `w`, `w'`, `D`, `d_c` the decays from the chunk start, to the chunk
-/// end, between pairs, and across the chunk (all 1 without decay).
 /// What a range's local pass knows of the positions before it.
 enum Before<'p, T> {
     /// Nothing comes before (position 0, no earlier state).
@@ -263,6 +254,13 @@ enum Before<'p, T> {
     Later,
 }
 
+/// Everything one (batch, head) can compute on `range` with what it knows
+/// of the positions before it (`before`): intra-chunk products, inter-chunk
+/// state within the range (from a seed's state, if given), the range state.
+/// Per chunk `c` (rows `t`, keys `u`, all matrix products):
+/// `O_c = (w Q_c) S + (Q_c K_cᵀ ⊙ D) V_c`, then `S = d_c S + K_cᵀ (w' V_c)`,
+/// with `w`, `w'`, `D`, `d_c` the decays from the chunk start, to the chunk
+/// end, between pairs, and across the chunk (all 1 without decay).
 fn local_pass<T: Real>(
     ctx: &Ctx<'_, T>,
     b: usize,
@@ -474,14 +472,14 @@ fn apply_prefix<T: Real>(ctx: &Ctx<'_, T>, loc: &mut Local<T>, ps: &[T], pz: &[T
 }
 
 /// Normalises one (batch, head)'s rows of a range (`x = b * heads + h`,
-/// first position `start`) and writes them into `dst` (`len x dv`), or to
-/// the output directly when `dst` is empty (`Ctx::direct`).
+/// first position `start`) and writes them into `dst` (`len x dv`), or,
+/// without one, to the output directly (`Ctx::direct`).
 fn finish_local<T: Real>(
     ctx: &Ctx<'_, T>,
     x: usize,
     start: usize,
     loc: &mut Local<T>,
-    dst: &mut [T],
+    mut dst: Option<&mut [T]>,
 ) {
     let dv = ctx.dv;
     let (b, h) = (x / ctx.heads, x % ctx.heads);
@@ -490,9 +488,10 @@ fn finish_local<T: Real>(
         if let Norm::Sum { eps } = ctx.spec.norm {
             scale(row, T::ONE / (l + T::from_f64(eps)));
         }
-        match ctx.direct {
-            Some(sink) if dst.is_empty() => sink(b, start + t - ctx.q_offset, h, row),
-            _ => dst[t * dv..(t + 1) * dv].copy_from_slice(row),
+        match (dst.as_deref_mut(), ctx.direct) {
+            (Some(dst), _) => dst[t * dv..(t + 1) * dv].copy_from_slice(row),
+            (None, Some(sink)) => sink(b, start + t - ctx.q_offset, h, row),
+            (None, None) => unreachable!("rows with nowhere to go"),
         }
     }
 }

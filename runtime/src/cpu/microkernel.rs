@@ -343,7 +343,7 @@ macro_rules! avx512_blocks {
         }
         while j < g.n {
             let w = (g.n - j).min(16);
-            let mask: __mmask16 = if w == 16 { 0xffff } else { (1u16 << w) - 1 };
+            let mask = $crate::cpu::microkernel::lane_mask(w);
             for i in (0..m_main).step_by(R) {
                 $tile::<R, 1, $ta>(g, i, j, mask);
             }
@@ -356,6 +356,14 @@ macro_rules! avx512_blocks {
 }
 #[cfg(target_arch = "x86_64")]
 pub(super) use avx512_blocks;
+
+/// The AVX-512 lane mask of the first `n` of 16 lanes (`n <= 16`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn lane_mask(n: usize) -> std::arch::x86_64::__mmask16 {
+    debug_assert!(n <= 16);
+    ((1u32 << n) - 1) as u16
+}
 
 /// f32 products written with intrinsics: the autovectorised generic loop
 /// keeps its accumulators in memory, these keep them in registers. Shapes:
@@ -451,10 +459,8 @@ mod x86 {
     ) {
         let rows = m.len();
         debug_assert!(w <= 16 * G && r0 + w <= rows && st.len() >= kn * rows);
-        let lanes: [__mmask16; G] = std::array::from_fn(|g| {
-            let n = w.saturating_sub(16 * g).min(16);
-            ((1u32 << n) - 1) as __mmask16
-        });
+        let lanes: [__mmask16; G] =
+            std::array::from_fn(|g| super::lane_mask(w.saturating_sub(16 * g).min(16)));
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
         let sp = st.as_mut_ptr().add(r0);
         let mut mx = [neg_inf; G];
@@ -524,7 +530,7 @@ mod x86 {
             let at = c * rows;
             for r0 in (0..rows).step_by(16) {
                 let n = (rows - r0).min(16);
-                let m = ((1u32 << n) - 1) as __mmask16;
+                let m = super::lane_mask(n);
                 let x = _mm512_maskz_loadu_ps(m, a.as_ptr().add(at + r0));
                 let l = _mm512_maskz_loadu_ps(m, lse.as_ptr().add(r0));
                 let e = exp_f32x16(_mm512_sub_ps(x, l));

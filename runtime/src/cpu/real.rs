@@ -198,9 +198,19 @@ pub fn scale<T: Real>(y: &mut [T], a: T) {
 
 /// Transposes a `rows x cols` row-major tile into `out` (`cols x rows`).
 pub fn transpose<T: Real>(a: &[T], rows: usize, cols: usize, out: &mut [T]) {
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = a[r * cols + c];
+    put_columns(&a[..rows * cols], cols, out, rows, 0)
+}
+
+/// Columns `c0 ..` of `dst` (`d` rows of stride `ld`) set to the rows of
+/// `rows` (each `d` long): a transpose into part of a wider tile, whose
+/// inner loop writes consecutive values (callers pass a few rows at a
+/// time, all in cache).
+pub fn put_columns<T: Copy>(rows: &[T], d: usize, dst: &mut [T], ld: usize, c0: usize) {
+    let n = rows.len() / d.max(1);
+    for dd in 0..d {
+        let out = &mut dst[dd * ld + c0..][..n];
+        for (x, row) in out.iter_mut().zip(rows.chunks_exact(d)) {
+            *x = row[dd];
         }
     }
 }
